@@ -1,0 +1,2 @@
+//! `barrage` binary: placeholder until the CLI lands.
+fn main() {}
