@@ -1,7 +1,9 @@
 //! Business API: the private HTTP/1.1 listener that business servers use to publish to rooms,
 //! read room info and scrape metrics. `http` turns bytes into requests and responses into bytes;
-//! the server (next) owns the sockets and threads.
+//! `server` owns the sockets and threads and calls a [`Handler`] per request.
 pub mod http;
 // pub mod routes; — the handler: API key check, routes, JSON/protobuf bodies, gateway glue.
+pub mod server;
 
 pub use http::{HttpError, Limits, Method, Progress, Request, RequestReader, Response};
+pub use server::{Handler, Server, ServerConfig, ServerStats};

@@ -1,0 +1,849 @@
+//! Business API, socket layer: accepts API connections, moves bytes between each socket and the
+//! sans-IO [`RequestReader`], and writes the [`Handler`]'s responses. Blocking std::net, one
+//! thread per connection: the API carries a few business clients, not the viewers (those are
+//! on the io_uring shards), so simplicity beats density here.
+#![forbid(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::http::{
+    CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestReader, Response,
+};
+
+/// Bytes asked of the kernel per read. The buffer grows by at most this past the reader's limits.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Capacity a connection's buffer keeps between requests; a large body's buffer shrinks back.
+const BUF_RETAINED_BYTES: usize = 64 * 1024;
+/// How often a blocked read wakes to look at the stop flag and the idle deadline.
+const STOP_POLL: Duration = Duration::from_millis(200);
+/// After an error response: how long and how much to drain before closing (see `linger_close`).
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES_MAX: usize = 1024 * 1024;
+/// Bounds the acceptor's write of a 503, so a peer that does not read cannot stall accepting.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
+/// Pause after an accept error such as EMFILE, so the acceptor does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// The routes: called for each complete request. `peer` is the client's address (the routes
+/// layer refuses non-loopback peers when no API key is configured).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: &Request, peer: SocketAddr) -> Response;
+}
+
+/// A plain function or closure is a handler (tests, small tools).
+impl<F> Handler for F
+where
+    F: Fn(&Request, SocketAddr) -> Response + Send + Sync + 'static,
+{
+    fn handle(&self, request: &Request, peer: SocketAddr) -> Response {
+        self(request, peer)
+    }
+}
+
+/// Worst-case memory: `connections_max` × (`head_bytes_max` + `body_bytes_max` + 16 KiB read
+/// chunk + the thread's touched stack). With the defaults: 64 × ~1.1 MiB ≈ 70 MiB, reached only
+/// if every connection sends a maximal body at once; idle connections keep ≤ 64 KiB of buffer.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once, one thread each. Over it a new connection gets 503 and is
+    /// closed (counted in `connections_refused`).
+    pub connections_max: usize,
+    /// Each request must arrive whole within this long of the connection's accept or its
+    /// previous response; otherwise the connection is closed. Bounds idle keep-alive
+    /// connections and slow senders alike.
+    pub idle_timeout_ms: u64,
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    /// 64 connections are plenty for business servers with keep-alive pools; 30 s of idle
+    /// matches common client pool timeouts.
+    fn default() -> Self {
+        ServerConfig {
+            connections_max: 64,
+            idle_timeout_ms: 30_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Counter snapshots for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    pub connections_accepted: u64,
+    /// Gauge: connections being served now.
+    pub connections_active: u64,
+    /// Refused with 503 because `connections_max` were being served.
+    pub connections_refused: u64,
+    /// Closed because a request did not arrive within `idle_timeout_ms`.
+    pub connections_timed_out: u64,
+    /// Requests answered by the handler.
+    pub requests: u64,
+    /// Handler panics, answered 500 (a bug in the routes).
+    pub handler_panics: u64,
+    /// Requests refused by the reader, by status: 400, 411, 413, 431.
+    pub requests_malformed: u64,
+    pub requests_length_required: u64,
+    pub requests_body_too_large: u64,
+    pub requests_head_too_large: u64,
+}
+
+impl ServerStats {
+    /// The refused-request counters as (status, count), for a `status` label.
+    pub fn requests_refused_by_status(&self) -> [(u16, u64); 4] {
+        [
+            (400, self.requests_malformed),
+            (411, self.requests_length_required),
+            (413, self.requests_body_too_large),
+            (431, self.requests_head_too_large),
+        ]
+    }
+}
+
+/// A running API listener. Stopping: [`Server::stop`], or drop.
+pub struct Server {
+    local_addr: SocketAddr,
+    /// The listening socket, kept to wake the acceptor (shutdown) when stopping.
+    listener: Socket,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// What the acceptor and the connection threads share.
+struct Shared {
+    config: ServerConfig,
+    handler: Arc<dyn Handler>,
+    stop: AtomicBool,
+    active: AtomicUsize,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_timed_out: AtomicU64,
+    requests: AtomicU64,
+    handler_panics: AtomicU64,
+    requests_malformed: AtomicU64,
+    requests_length_required: AtomicU64,
+    requests_body_too_large: AtomicU64,
+    requests_head_too_large: AtomicU64,
+}
+
+impl Server {
+    /// Binds (SO_REUSEADDR) and starts an acceptor thread; each accepted connection gets its own
+    /// thread (at most `connections_max` at once; over that, the new connection is answered 503
+    /// with a JSON error and closed, and a counter incremented).
+    pub fn start(
+        addr: SocketAddr,
+        config: ServerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> io::Result<Server> {
+        validate(&config)?;
+        let listener = bind(addr)?;
+        let std_listener: TcpListener = listener.try_clone()?.into();
+        let local_addr = std_listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            handler,
+            stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            counters: Counters::default(),
+        });
+        let acceptor_shared = Arc::clone(&shared);
+        let acceptor = thread::Builder::new()
+            .name("api-acceptor".into())
+            .spawn(move || accept_loop(&std_listener, &acceptor_shared))?;
+        Ok(Server {
+            local_addr,
+            listener,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Counters for metrics: connections refused over the cap, requests refused by HttpError
+    /// (by status), and the rest of [`ServerStats`].
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ServerStats {
+            connections_accepted: load(&c.connections_accepted),
+            connections_active: self.shared.active.load(Ordering::Relaxed) as u64,
+            connections_refused: load(&c.connections_refused),
+            connections_timed_out: load(&c.connections_timed_out),
+            requests: load(&c.requests),
+            handler_panics: load(&c.handler_panics),
+            requests_malformed: load(&c.requests_malformed),
+            requests_length_required: load(&c.requests_length_required),
+            requests_body_too_large: load(&c.requests_body_too_large),
+            requests_head_too_large: load(&c.requests_head_too_large),
+        }
+    }
+
+    /// Stops accepting, wakes the acceptor and joins it. Connection threads finish their
+    /// current request (answered with `Connection: close`) and exit; an idle one notices
+    /// within 200 ms.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        let Some(acceptor) = self.acceptor.take() else {
+            return;
+        };
+        self.shared.stop.store(true, Ordering::Release);
+        // On Linux, shutting down a listening socket wakes a blocked accept() with EINVAL.
+        // Elsewhere it may fail; a connection to ourselves wakes it instead.
+        if self.listener.shutdown(Shutdown::Both).is_err() {
+            let _ = TcpStream::connect_timeout(&wake_addr(self.local_addr), Duration::from_secs(1));
+        }
+        let _ = acceptor.join();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn validate(config: &ServerConfig) -> io::Result<()> {
+    let invalid = |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, what.to_owned()));
+    if config.connections_max == 0 {
+        return invalid("api: connections_max must be at least 1");
+    }
+    if config.idle_timeout_ms == 0 {
+        return invalid("api: idle_timeout_ms must be at least 1");
+    }
+    let limits = &config.limits;
+    if limits.head_bytes_max == 0 || limits.headers_max == 0 {
+        return invalid("api: head_bytes_max and headers_max must be at least 1");
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A restarted gateway rebinds at once even while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// Where to connect to reach a listener bound to `addr` (an unspecified IP means loopback).
+fn wake_addr(addr: SocketAddr) -> SocketAddr {
+    let mut target = addr;
+    if addr.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    target
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => admit(stream, peer, shared),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            // EMFILE, ENOBUFS and the like: wait for resources rather than spin.
+            Err(_) => thread::sleep(ACCEPT_ERROR_PAUSE),
+        }
+    }
+}
+
+/// Frees a connection slot when the connection thread ends, however it ends (or when the
+/// thread could not be spawned and the closure holding it is dropped).
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    shared
+        .counters
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    // Take the slot before checking, so the count can never exceed the cap.
+    if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.config.connections_max {
+        shared.active.fetch_sub(1, Ordering::AcqRel);
+        refuse_connection(stream, shared);
+        return;
+    }
+    let slot = Slot(Arc::clone(shared));
+    let spawned = thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            let shared = &slot.0;
+            // An io error here is the peer going away or timing out on write: nothing to answer.
+            let _ = serve(stream, peer, shared);
+        });
+    if spawned.is_err() {
+        // The closure, with its slot and stream, was dropped: the peer sees the close.
+        shared
+            .counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// 503 from the acceptor thread: bounded write, half-close, no waiting.
+fn refuse_connection(mut stream: TcpStream, shared: &Shared) {
+    shared
+        .counters
+        .connections_refused
+        .fetch_add(1, Ordering::Relaxed);
+    let response = Response::error(503, "too many API connections").to_bytes(false, false);
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    if stream.write_all(&response).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+        // Unread request bytes would turn our close into a RST that can destroy the 503 in
+        // flight; take what has already arrived without waiting for more.
+        let _ = stream.set_nonblocking(true);
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Serves one connection until it closes, idles out, errs, or the server stops.
+fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()> {
+    let idle = Duration::from_millis(shared.config.idle_timeout_ms);
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(idle.min(STOP_POLL)))?;
+    stream.set_write_timeout(Some(idle))?;
+    let mut reader = RequestReader::new(shared.config.limits);
+    let mut buf = Vec::new();
+    let mut deadline = Instant::now() + idle;
+    loop {
+        match reader.read(&buf) {
+            Ok(Progress::Complete { request, consumed }) => {
+                let keep_alive = respond(&mut stream, &request, peer, shared)?;
+                compact(&mut buf, consumed);
+                if !keep_alive {
+                    close_quietly(&mut stream);
+                    return Ok(());
+                }
+                deadline = Instant::now() + idle;
+            }
+            Ok(Progress::Continue100) => {
+                stream.write_all(CONTINUE_100)?;
+                if !fill(&mut stream, &mut buf, deadline, shared)? {
+                    return Ok(());
+                }
+            }
+            Ok(Progress::Partial) => {
+                if !fill(&mut stream, &mut buf, deadline, shared)? {
+                    return Ok(());
+                }
+            }
+            Err(error) => {
+                refuse_request(stream, error, shared);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Calls the handler and writes its response; returns whether the connection stays open.
+fn respond(
+    stream: &mut TcpStream,
+    request: &Request,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> io::Result<bool> {
+    let handled = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.handle(request, peer)));
+    let (response, healthy) = match handled {
+        Ok(response) => (response, true),
+        Err(_) => {
+            shared
+                .counters
+                .handler_panics
+                .fetch_add(1, Ordering::Relaxed);
+            (Response::error(500, "internal error"), false)
+        }
+    };
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let keep_alive = healthy && request.keep_alive && !shared.stop.load(Ordering::Acquire);
+    stream.write_all(&response.to_bytes(keep_alive, request.method == Method::Head))?;
+    Ok(keep_alive)
+}
+
+/// Reads once more into `buf`. False: the peer closed, the request did not arrive by
+/// `deadline`, or the server is stopping and no request is under way.
+fn fill(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    shared: &Shared,
+) -> io::Result<bool> {
+    loop {
+        let start = buf.len();
+        buf.resize(start + READ_CHUNK_BYTES, 0);
+        let read = stream.read(&mut buf[start..]);
+        let n = match &read {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        buf.truncate(start + n);
+        match read {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if buf.is_empty() && shared.stop.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
+                if Instant::now() >= deadline {
+                    shared
+                        .counters
+                        .connections_timed_out
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Drops a finished request's bytes; the buffer keeps only a modest capacity between requests,
+/// so one large body does not pin a megabyte to an idle connection.
+fn compact(buf: &mut Vec<u8>, consumed: usize) {
+    buf.drain(..consumed.min(buf.len()));
+    if buf.capacity() > BUF_RETAINED_BYTES {
+        buf.shrink_to(BUF_RETAINED_BYTES);
+    }
+}
+
+/// Answers a refused request with its status and closes.
+fn refuse_request(mut stream: TcpStream, error: HttpError, shared: &Shared) {
+    let c = &shared.counters;
+    let counter = match error {
+        HttpError::Malformed => &c.requests_malformed,
+        HttpError::LengthRequired => &c.requests_length_required,
+        HttpError::BodyTooLarge => &c.requests_body_too_large,
+        HttpError::HeadTooLarge => &c.requests_head_too_large,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let response = Response::error(error.status(), error.message()).to_bytes(false, false);
+    if stream.write_all(&response).is_ok() {
+        linger_close(stream);
+    }
+}
+
+/// Closing with unread bytes queued makes the kernel send RST, and a client still sending (an
+/// oversize body, say) may then lose our error response. So half-close, and drain what the
+/// client still sends for a bounded time and amount, before closing.
+fn linger_close(mut stream: TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let deadline = Instant::now() + LINGER;
+    let (mut sink, mut drained) = ([0u8; 4096], 0);
+    while Instant::now() < deadline && drained < LINGER_BYTES_MAX {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
+}
+
+/// After a `Connection: close` response: half-close and drop what has already arrived, so a
+/// pipelined request the client sent anyway does not turn the close into a RST.
+fn close_quietly(stream: &mut TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_nonblocking(true);
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::io::BufReader;
+
+    /// Echoes method, path, query, key and body as JSON.
+    fn echo(request: &Request, _peer: SocketAddr) -> Response {
+        Response::json(
+            200,
+            &serde_json::json!({
+                "method": format!("{:?}", request.method),
+                "path": request.path,
+                "query": request.query,
+                "key": request.api_key,
+                "body": String::from_utf8_lossy(&request.body),
+            }),
+        )
+    }
+
+    fn start_with(config: ServerConfig) -> Server {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Server::start(addr, config, Arc::new(echo)).unwrap()
+    }
+
+    fn start() -> Server {
+        start_with(ServerConfig::default())
+    }
+
+    fn connect(server: &Server) -> TcpStream {
+        let stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+    }
+
+    /// One response read off the stream: status, headers (lowercase names), body.
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.body).unwrap()
+        }
+    }
+
+    fn read_reply(reader: &mut BufReader<TcpStream>) -> Reply {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let Some((name, value)) = line.trim_end().split_once(": ") else {
+                break;
+            };
+            headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        }
+        let mut reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let length: usize = reply
+            .header("content-length")
+            .map_or(0, |v| v.parse().unwrap());
+        reply.body.resize(length, 0);
+        reader.read_exact(&mut reply.body).unwrap();
+        reply
+    }
+
+    fn assert_closed(reader: &mut BufReader<TcpStream>) {
+        let mut rest = Vec::new();
+        match reader.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "unexpected bytes: {rest:?}"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+
+    #[test]
+    fn echo_round_trip() {
+        let server = start();
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"POST /v1/rooms/r1/messages?x=1 HTTP/1.1\r\nX-Api-Key: k\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap();
+        let reply = read_reply(&mut BufReader::new(stream));
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        assert_eq!(reply.header("connection"), Some("keep-alive"));
+        assert_eq!(
+            reply.json(),
+            serde_json::json!({"method": "Post", "path": "/v1/rooms/r1/messages", "query": "x=1", "key": "k", "body": "hello"})
+        );
+        assert_eq!(server.stats().requests, 1);
+        server.stop();
+    }
+
+    #[test]
+    fn keep_alive_serves_two_requests_on_one_connection() {
+        let server = start();
+        let mut stream = connect(&server);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream.write_all(b"GET /one HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut reader).json()["path"], "/one");
+        stream
+            .write_all(b"GET /two HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let reply = read_reply(&mut reader);
+        assert_eq!(
+            (reply.json()["path"].as_str(), reply.header("connection")),
+            (Some("/two"), Some("close"))
+        );
+        assert_closed(&mut reader);
+        assert_eq!(server.stats().connections_accepted, 1);
+        server.stop();
+    }
+
+    #[test]
+    fn pipelined_requests_answered_in_order() {
+        let server = start();
+        let mut stream = connect(&server);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream
+            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let a = read_reply(&mut reader);
+        assert_eq!(
+            (a.json()["path"].as_str(), a.json()["body"].as_str()),
+            (Some("/a"), Some("x"))
+        );
+        assert_eq!(read_reply(&mut reader).json()["path"], "/b");
+        // HEAD: a Content-Length but no body bytes; then the connection is still usable.
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "HTTP/1.1 200 OK\r\n");
+        while line != "\r\n" {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+        stream.write_all(b"GET /d HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut reader).json()["path"], "/d");
+        server.stop();
+    }
+
+    #[test]
+    fn expect_100_continue() {
+        let server = start();
+        let mut stream = connect(&server);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .unwrap();
+        let mut interim = [0u8; CONTINUE_100.len()];
+        reader.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, CONTINUE_100);
+        stream.write_all(b"body").unwrap();
+        let reply = read_reply(&mut reader);
+        assert_eq!(
+            (reply.status, reply.json()["body"].as_str()),
+            (200, Some("body"))
+        );
+        server.stop();
+    }
+
+    #[test]
+    fn oversize_body_is_413_and_closed() {
+        let limits = Limits {
+            body_bytes_max: 1000,
+            ..Limits::default()
+        };
+        let server = start_with(ServerConfig {
+            limits,
+            ..ServerConfig::default()
+        });
+        let mut stream = connect(&server);
+        // The client starts sending the body without waiting: the 413 must still arrive.
+        stream
+            .write_all(b"POST /big HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+            .unwrap();
+        let _ = stream.write_all(&[b'x'; 20_000]);
+        let mut reader = BufReader::new(stream);
+        let reply = read_reply(&mut reader);
+        assert_eq!(
+            (reply.status, reply.header("connection")),
+            (413, Some("close"))
+        );
+        assert_eq!(
+            reply.json(),
+            serde_json::json!({"error": "request body too large"})
+        );
+        assert_closed(&mut reader);
+        assert_eq!(server.stats().requests_body_too_large, 1);
+        assert_eq!(server.stats().requests, 0);
+        server.stop();
+    }
+
+    #[test]
+    fn refused_requests_get_their_status() {
+        let server = start();
+        for (raw, status) in [
+            (
+                &b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                411,
+            ),
+            (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        ] {
+            let mut stream = connect(&server);
+            stream.write_all(raw).unwrap();
+            let mut reader = BufReader::new(stream);
+            let reply = read_reply(&mut reader);
+            assert_eq!(reply.status, status);
+            assert!(reply.json()["error"].is_string());
+            assert_closed(&mut reader);
+        }
+        let stats = server.stats();
+        let by_status = stats.requests_refused_by_status();
+        assert_eq!(by_status, [(400, 1), (411, 1), (413, 0), (431, 0)]);
+        server.stop();
+    }
+
+    #[test]
+    fn connection_cap_answers_503() {
+        let server = start_with(ServerConfig {
+            connections_max: 1,
+            ..ServerConfig::default()
+        });
+        // The first connection holds the only slot (a completed request proves it was admitted).
+        let mut first = connect(&server);
+        let mut first_reader = BufReader::new(first.try_clone().unwrap());
+        first.write_all(b"GET /hold HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut first_reader).status, 200);
+        let mut second = BufReader::new(connect(&server));
+        let reply = read_reply(&mut second);
+        assert_eq!(
+            (reply.status, reply.header("connection")),
+            (503, Some("close"))
+        );
+        assert!(reply.json()["error"].is_string());
+        assert_closed(&mut second);
+        assert_eq!(server.stats().connections_refused, 1);
+        // The slot frees when the first connection ends.
+        drop((first, first_reader));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.stats().connections_active > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut third = connect(&server);
+        third.write_all(b"GET /again HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut BufReader::new(third)).status, 200);
+        server.stop();
+    }
+
+    #[test]
+    fn idle_connection_is_closed() {
+        let server = start_with(ServerConfig {
+            idle_timeout_ms: 100,
+            ..ServerConfig::default()
+        });
+        let stream = connect(&server);
+        // A partial request does not keep the connection: the whole request must come in time.
+        (&stream).write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        assert_closed(&mut BufReader::new(stream));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(server.stats().connections_timed_out, 1);
+        server.stop();
+    }
+
+    #[test]
+    fn handler_panic_is_500_and_close() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let handler = |_: &Request, _: SocketAddr| -> Response { panic!("route bug") };
+        let server = Server::start(addr, ServerConfig::default(), Arc::new(handler)).unwrap();
+        let mut stream = connect(&server);
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut reader = BufReader::new(stream);
+        assert_eq!(read_reply(&mut reader).status, 500);
+        assert_closed(&mut reader);
+        assert_eq!(server.stats().handler_panics, 1);
+        server.stop();
+    }
+
+    #[test]
+    fn stop_returns_promptly_and_closes_idle_connections() {
+        let server = start();
+        let addr = server.local_addr();
+        let mut idle = connect(&server);
+        let mut reader = BufReader::new(idle.try_clone().unwrap());
+        idle.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut reader).status, 200);
+        let started = Instant::now();
+        server.stop();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "stop took {:?}",
+            started.elapsed()
+        );
+        // The idle keep-alive connection sees the close within the stop poll.
+        assert_closed(&mut reader);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "still accepting after stop"
+        );
+    }
+
+    #[test]
+    fn invalid_config_is_refused() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for config in [
+            ServerConfig {
+                connections_max: 0,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                idle_timeout_ms: 0,
+                ..ServerConfig::default()
+            },
+        ] {
+            let error = Server::start(addr, config, Arc::new(echo)).err().unwrap();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    #[test]
+    fn wake_addr_maps_unspecified_to_loopback() {
+        assert_eq!(
+            wake_addr("0.0.0.0:9090".parse().unwrap()),
+            "127.0.0.1:9090".parse().unwrap()
+        );
+        assert_eq!(
+            wake_addr("[::]:9090".parse().unwrap()),
+            "[::1]:9090".parse().unwrap()
+        );
+        assert_eq!(
+            wake_addr("10.0.0.1:1".parse().unwrap()),
+            "10.0.0.1:1".parse().unwrap()
+        );
+    }
+}
