@@ -1,4 +1,19 @@
 //! barrage: an io_uring, thread-per-core WebSocket message edge for live rooms.
+//!
+//! Data flow: `shard` (io_uring: accept, receive, send) → `hub` (one shard's connections and
+//! rooms, sans-IO) → `wire` (RFC 6455 bytes ↔ events) → `envelope` (events ↔ protobuf/JSON
+//! frames) → `room` (owners' mixers cut blocks) → `hub::outbox` (one encoded frame, many
+//! queues) → `shard` (one send per connection). `api` feeds the shards over the `shard::mesh`.
 pub mod api;
 pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod gateway;
+pub mod hub;
+pub mod ids;
+pub mod metrics;
 pub mod proto;
+pub mod room;
+pub mod shard;
+pub mod wire;

@@ -1,2 +1,4 @@
-//! `barrage` binary: placeholder until the CLI lands.
-fn main() {}
+//! The `barrage` binary: see `cli.rs`.
+fn main() {
+    std::process::exit(barrage::cli::main());
+}

@@ -2,7 +2,7 @@
 //! read room info and scrape metrics. `http` turns bytes into requests and responses into bytes;
 //! `server` owns the sockets and threads and calls a [`Handler`] per request.
 pub mod http;
-// pub mod routes; — the handler: API key check, routes, JSON/protobuf bodies, gateway glue.
+pub mod routes;
 pub mod server;
 
 pub use http::{HttpError, Limits, Method, Progress, Request, RequestReader, Response};

@@ -1,0 +1,124 @@
+//! The command line: `serve` (the default) runs the gateway; `token` mints a client token for
+//! trying things out. Flags and `BARRAGE_*` env vars override the TOML file, which overrides
+//! the embedded defaults.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::{Config, Overrides};
+use crate::gateway::Gateway;
+
+#[derive(Parser, Debug)]
+#[command(name = "barrage", version, about = "io_uring WebSocket message edge for live rooms")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `barrage [FLAGS]` is `barrage serve [FLAGS]`.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve(ServeArgs),
+    /// Print an HS256 client token (JWT) for a user.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML config file; flags and env vars override its values.
+    #[arg(long, short = 'c', env = "BARRAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The HS256 secret (the gateway's auth.jwt_secret).
+    #[arg(long, env = "BARRAGE_JWT_SECRET")]
+    secret: String,
+    /// User id (the `sub` claim).
+    #[arg(long)]
+    user: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_s: u64,
+    /// Make a token that may only watch (claim `send: false`).
+    #[arg(long)]
+    no_send: bool,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Token(args)) => token(&args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("barrage: {e}");
+            1
+        }
+    }
+}
+
+fn load(args: &ServeArgs) -> Result<Config, Box<dyn std::error::Error>> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+            Config::from_toml(&text)?
+        }
+        None => Config::default(),
+    };
+    config.apply(&args.overrides);
+    config.validate()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = load(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let mut gateway = Gateway::start(&config)?;
+    println!(
+        "barrage {}: {} shards, {} direct descriptors per ring",
+        env!("CARGO_PKG_VERSION"),
+        gateway.shard_count,
+        gateway.ring_files_max
+    );
+    println!("  WebSocket  ws://{}/ws  (subprotocols barrage.v1.proto, barrage.v1.json)", gateway.public_addr);
+    println!("  API        http://{}  (POST /v1/rooms/ROOM/messages, GET /metrics)", gateway.api_addr);
+    if !config.websocket.echo_path.is_empty() {
+        println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);
+    }
+    if let Some(sig) = signals.forever().next() {
+        println!("barrage: signal {sig}, closing connections");
+    }
+    gateway.stop();
+    println!("barrage: stopped");
+    Ok(())
+}
+
+fn token(args: &TokenArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = serde_json::json!({"sub": args.user, "exp": now + args.ttl_s, "send": !args.no_send});
+    println!("{}", crate::auth::sign_hs256(args.secret.as_bytes(), &claims));
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Configuration: embedded defaults < TOML file < `BARRAGE_*` env < long flags, validated once
+//! at start. Every bound the gateway enforces is a knob here, with its default, its reason and
+//! what it costs.
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Declares the config sections, their TOML keys and defaults, and one `--flag` / env var per key
+/// from a single table, so `barrage serve --help` always lists every knob.
+macro_rules! config {
+    ($(
+        $(#[doc = $sdoc:literal])*
+        $section:ident : $Section:ident {
+            $( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, $flag:ident, $env:literal; )*
+        }
+    )*) => {
+        /// The whole configuration, one struct per TOML section.
+        #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Config { $( $(#[doc = $sdoc])* #[serde(default)] pub $section: $Section, )* }
+
+        $(
+            $(#[doc = $sdoc])*
+            #[derive(Debug, Clone, Deserialize, Serialize)]
+            #[serde(default, deny_unknown_fields)]
+            pub struct $Section { $( $(#[doc = $doc])* pub $field: $ty, )* }
+
+            impl Default for $Section {
+                fn default() -> Self { Self { $( $field: $default, )* } }
+            }
+        )*
+
+        /// Command-line and environment overrides of single config keys.
+        #[derive(clap::Args, Debug, Default, Clone)]
+        pub struct Overrides {
+            $($(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env, help_heading = stringify!($section))]
+                pub $flag: Option<$ty>,
+            )*)*
+        }
+
+        impl Config {
+            /// Applies flags and env vars over the file's values.
+            pub fn apply(&mut self, o: &Overrides) {
+                $($( if let Some(v) = &o.$flag { self.$section.$field = v.clone(); } )*)*
+            }
+        }
+    };
+}
+
+config! {
+    /// Shards, listeners and io_uring resources.
+    server: Server {
+        /// Public listener: WebSocket upgrades and short polling.
+        listen: SocketAddr = addr("0.0.0.0:8080"), listen, "BARRAGE_LISTEN";
+        /// Shard threads, one per core; 0 = one per available core.
+        shards: usize = 0, shards, "BARRAGE_SHARDS";
+        /// Pin each shard to its own core.
+        pin_cores: bool = true, pin_cores, "BARRAGE_PIN_CORES";
+        /// listen(2) backlog of each shard's SO_REUSEPORT socket (the kernel clamps it to
+        /// net.core.somaxconn). Large so connect storms queue instead of being refused.
+        listen_backlog: u32 = 65535, listen_backlog, "BARRAGE_LISTEN_BACKLOG";
+        /// Concurrent connections for the whole process, split evenly over shards; over it a new
+        /// connection is closed at once and counted. Costs nothing until used: rings and slab
+        /// entries grow on demand (about 100 B of user memory per connection).
+        connections_max: usize = 1_000_000, connections_max, "BARRAGE_CONNECTIONS_MAX";
+        /// Direct descriptors per io_uring ring; the kernel caps a ring's table at RLIMIT_NOFILE,
+        /// so a shard opens more rings as connections grow. 0 = RLIMIT_NOFILE minus 1024.
+        ring_files_max: u32 = 0, ring_files_max, "BARRAGE_RING_FILES_MAX";
+        /// Submission queue entries per ring (completion queue is 4x). About 64 B + 64 B each.
+        ring_entries: u32 = 4096, ring_entries, "BARRAGE_RING_ENTRIES";
+        /// Provided receive buffers per ring, shared by all its connections: an idle connection
+        /// holds none. Costs recv_buffers * recv_buffer_bytes per ring.
+        recv_buffers: u16 = 256, recv_buffers, "BARRAGE_RECV_BUFFERS";
+        /// Size of one provided receive buffer (a power of two).
+        recv_buffer_bytes: u32 = 4096, recv_buffer_bytes, "BARRAGE_RECV_BUFFER_BYTES";
+        /// Slots in each cross-shard queue (one per sender and receiver). About 64 B each.
+        mesh_queue_len: usize = 65536, mesh_queue_len, "BARRAGE_MESH_QUEUE_LEN";
+        /// Frames per connection waiting to be sent. A reader that falls further behind loses
+        /// its oldest non-whitelist frames first and is closed when nothing more can go (1008).
+        send_queue_frames_max: u32 = 16, send_queue_frames_max, "BARRAGE_SEND_QUEUE_FRAMES_MAX";
+    }
+
+    /// WebSocket handshake and framing limits.
+    websocket: WebSocket {
+        /// Bytes of an HTTP upgrade request head; over it the request gets 431.
+        handshake_bytes_max: usize = 4096, handshake_bytes_max, "BARRAGE_HANDSHAKE_BYTES_MAX";
+        /// Headers in an upgrade request; over it the request gets 431.
+        handshake_headers_max: usize = 32, handshake_headers_max, "BARRAGE_HANDSHAKE_HEADERS_MAX";
+        /// A connection that has not completed its handshake by then is closed and counted.
+        handshake_timeout_ms: u64 = 10_000, handshake_timeout_ms, "BARRAGE_HANDSHAKE_TIMEOUT_MS";
+        /// Payload of one client frame; over it the connection is closed with 1009.
+        frame_bytes_max: usize = 65536, frame_bytes_max, "BARRAGE_FRAME_BYTES_MAX";
+        /// A reassembled (fragmented) client message; over it the connection is closed with 1009.
+        /// A connection holds at most this much while a message is partial.
+        message_bytes_max: usize = 65536, message_bytes_max, "BARRAGE_MESSAGE_BYTES_MAX";
+        /// Heartbeat interval told to clients in welcome: send a ping at least this often.
+        heartbeat_ms: u32 = 30_000, heartbeat_ms, "BARRAGE_HEARTBEAT_MS";
+        /// A connection silent for this long is closed (1001) and counted.
+        idle_timeout_ms: u64 = 90_000, idle_timeout_ms, "BARRAGE_IDLE_TIMEOUT_MS";
+        /// After the server sends Close, how long it waits for the client's Close.
+        close_timeout_ms: u64 = 3_000, close_timeout_ms, "BARRAGE_CLOSE_TIMEOUT_MS";
+        /// Let clients connect without a token, as read-only viewers.
+        allow_anonymous: bool = true, allow_anonymous, "BARRAGE_ALLOW_ANONYMOUS";
+        /// Path of a raw echo endpoint for conformance testing (Autobahn); "" = off.
+        echo_path: String = String::new(), echo_path, "BARRAGE_ECHO_PATH";
+    }
+
+    /// Client authentication.
+    auth: Auth {
+        /// HS256 secret for client tokens (JWT, `sub` = user id). "" = tokens are not accepted
+        /// and every client is an anonymous viewer (if allowed).
+        jwt_secret: String = String::new(), jwt_secret, "BARRAGE_JWT_SECRET";
+        /// Clock skew tolerated on `exp` and `nbf`.
+        jwt_leeway_s: u64 = 30, jwt_leeway_s, "BARRAGE_JWT_LEEWAY_S";
+    }
+
+    /// Rooms and their merged blocks.
+    rooms: Rooms {
+        /// How often a room with pending messages sends a block.
+        block_interval_ms: u64 = 1000, block_interval_ms, "BARRAGE_BLOCK_INTERVAL_MS";
+        /// Messages in one block: a client renders about 15-20 a second.
+        block_messages_max: usize = 20, block_messages_max, "BARRAGE_BLOCK_MESSAGES_MAX";
+        /// Pending messages of one room waiting for the next block; over it a publish is refused
+        /// (429 / error frame). Costs up to this many messages of data per busy room.
+        pending_messages_max: usize = 1000, pending_messages_max, "BARRAGE_PENDING_MESSAGES_MAX";
+        /// Rooms the node tracks; a join or publish for a new room over it is refused.
+        rooms_max: usize = 100_000, rooms_max, "BARRAGE_ROOMS_MAX";
+        /// Bytes of a room name (and of a user id in API paths).
+        name_bytes_max: usize = 64, name_bytes_max, "BARRAGE_NAME_BYTES_MAX";
+        /// Bytes of one message's data.
+        data_bytes_max: usize = 4096, data_bytes_max, "BARRAGE_DATA_BYTES_MAX";
+    }
+
+    /// The private business API.
+    api: Api {
+        /// Business API listener (keep it private).
+        listen: SocketAddr = addr("127.0.0.1:9090"), api_listen, "BARRAGE_API_LISTEN";
+        /// API key (Authorization: Bearer or X-Api-Key). "" = only loopback peers are served.
+        key: String = String::new(), api_key, "BARRAGE_API_KEY";
+        /// Concurrent API connections (one thread each); over it a connection gets 503.
+        connections_max: usize = 256, api_connections_max, "BARRAGE_API_CONNECTIONS_MAX";
+        /// Bytes of one API request body.
+        body_bytes_max: usize = 1 << 20, api_body_bytes_max, "BARRAGE_API_BODY_BYTES_MAX";
+        /// An idle keep-alive API connection is closed after this long.
+        idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    // The literals above are valid addresses; a typo fails every test at once.
+    s.parse().unwrap_or_else(|_| panic!("bad default address {s}"))
+}
+
+/// A config that cannot work, said plainly.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads a TOML file (unknown keys are errors, so typos do not pass silently).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(format!("config: {e}")))
+    }
+
+    /// Checks every bound and the relations between them, once, with a clear error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let w = &self.websocket;
+        let r = &self.rooms;
+        let checks: [(bool, &str); 16] = [
+            (s.connections_max >= 1, "server.connections_max must be at least 1"),
+            (s.shards <= 256, "server.shards must be at most 256"),
+            (s.ring_entries.is_power_of_two() && (64..=32768).contains(&s.ring_entries),
+                "server.ring_entries must be a power of two in 64..=32768"),
+            (s.recv_buffers.is_power_of_two() && s.recv_buffers >= 8,
+                "server.recv_buffers must be a power of two, at least 8"),
+            (s.recv_buffer_bytes.is_power_of_two() && (256..=1 << 20).contains(&s.recv_buffer_bytes),
+                "server.recv_buffer_bytes must be a power of two in 256..=1048576"),
+            (s.mesh_queue_len >= 64, "server.mesh_queue_len must be at least 64"),
+            ((2..=1024).contains(&s.send_queue_frames_max),
+                "server.send_queue_frames_max must be in 2..=1024"),
+            (w.handshake_bytes_max >= 256, "websocket.handshake_bytes_max must be at least 256"),
+            (w.handshake_headers_max >= 8, "websocket.handshake_headers_max must be at least 8"),
+            (w.frame_bytes_max >= 125, "websocket.frame_bytes_max must be at least 125"),
+            (w.message_bytes_max >= w.frame_bytes_max,
+                "websocket.message_bytes_max must be at least websocket.frame_bytes_max"),
+            (w.idle_timeout_ms > u64::from(w.heartbeat_ms),
+                "websocket.idle_timeout_ms must exceed websocket.heartbeat_ms"),
+            (r.block_interval_ms >= 1 && r.block_interval_ms <= 60_000,
+                "rooms.block_interval_ms must be in 1..=60000"),
+            ((1..=1000).contains(&r.block_messages_max), "rooms.block_messages_max must be in 1..=1000"),
+            (r.pending_messages_max >= r.block_messages_max,
+                "rooms.pending_messages_max must be at least rooms.block_messages_max"),
+            ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
+        ];
+        if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(ConfigError((*msg).to_string()));
+        }
+        if r.rooms_max == 0 {
+            return Err(ConfigError("rooms.rooms_max must be at least 1".into()));
+        }
+        if r.data_bytes_max == 0 || r.data_bytes_max > 1 << 20 {
+            return Err(ConfigError("rooms.data_bytes_max must be in 1..=1048576".into()));
+        }
+        if !w.echo_path.is_empty() && !w.echo_path.starts_with('/') {
+            return Err(ConfigError("websocket.echo_path must start with '/'".into()));
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 to the available cores.
+    pub fn shard_count(&self) -> usize {
+        match self.server.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c = Config::from_toml("[rooms]\nblock_messages_max = 5\n").unwrap();
+        assert_eq!(c.rooms.block_messages_max, 5);
+        assert_eq!(c.rooms.block_interval_ms, 1000);
+        let e = Config::from_toml("[rooms]\nblock_mesages_max = 5\n").unwrap_err();
+        assert!(e.0.contains("block_mesages_max"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let mut c = Config::from_toml("[api]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let o = Overrides { api_listen: Some(addr("127.0.0.1:2")), ..Default::default() };
+        c.apply(&o);
+        assert_eq!(c.api.listen, addr("127.0.0.1:2"));
+    }
+
+    #[test]
+    fn relations_are_checked() {
+        let mut c = Config::default();
+        c.websocket.message_bytes_max = c.websocket.frame_bytes_max - 1;
+        assert!(c.validate().unwrap_err().0.contains("message_bytes_max"));
+        let mut c = Config::default();
+        c.rooms.pending_messages_max = 1;
+        assert!(c.validate().unwrap_err().0.contains("pending_messages_max"));
+        let mut c = Config::default();
+        c.server.recv_buffer_bytes = 1000;
+        assert!(c.validate().unwrap_err().0.contains("recv_buffer_bytes"));
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting and stopping the whole gateway: the mesh, one pinned thread per shard (each binds
+//! its own SO_REUSEPORT listener and builds its rings on its own thread), and the business API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::api::routes::Routes;
+use crate::api::{Server, ServerConfig};
+use crate::config::{Config, ConfigError};
+use crate::hub::HubConfig;
+use crate::hub::mail::Mail;
+use crate::ids::ShardId;
+use crate::metrics::Snapshot;
+use crate::shard::driver::RingParams;
+use crate::shard::mesh::Mesh;
+use crate::shard::{Shard, ShardParams, listener, sys};
+
+/// A running gateway.
+pub struct Gateway {
+    mesh: Arc<Mesh>,
+    shards: Vec<JoinHandle<std::io::Result<()>>>,
+    api: Option<Server>,
+    pub public_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub shard_count: usize,
+    pub ring_files_max: u32,
+}
+
+/// Why the gateway did not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError(e.0)
+    }
+}
+
+impl Gateway {
+    /// Validates the config and starts every shard and the API; returns once all listen.
+    pub fn start(config: &Config) -> Result<Gateway, StartError> {
+        config.validate()?;
+        let shards = config.shard_count();
+        let files_max = ring_files_max(config)?;
+        let per_shard = config.server.connections_max.div_ceil(shards);
+        let (listen, _port_hold) = resolve_port(config.server.listen)?;
+        let params = ShardParams {
+            listen,
+            backlog: config.server.listen_backlog,
+            ring: RingParams {
+                entries: config.server.ring_entries,
+                files_max,
+                recv_buffers: config.server.recv_buffers,
+                recv_buffer_bytes: config.server.recv_buffer_bytes,
+            },
+            // One spare ring so accepting can move on while slots are being recycled.
+            rings_max: per_shard.div_ceil(files_max as usize) + 1,
+            sendmsg_slots_max: per_shard.clamp(256, 16_384),
+            mesh_backlog_max: config.server.mesh_queue_len,
+            stop_grace: Duration::from_millis(config.websocket.close_timeout_ms + 1000),
+        };
+        let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
+        let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(shards);
+        for i in 0..shards {
+            let hub = HubConfig::new(config, ShardId(i as u16), shards);
+            let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
+            let (params, mesh, metrics, ready) = (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    match Shard::new(hub, params, mesh, metrics) {
+                        Ok(shard) => {
+                            let _ = ready.send(Ok(()));
+                            shard.run()
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("shard {i}: {e}")));
+                            Err(e)
+                        }
+                    }
+                })
+                .map_err(|e| StartError(format!("spawn shard {i}: {e}")))?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let mut failure = None;
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some("a shard exited during start".into()),
+            }
+        }
+        let mut gateway = Gateway {
+            mesh,
+            shards: handles,
+            api: None,
+            public_addr: params.listen,
+            api_addr: config.api.listen,
+            shard_count: shards,
+            ring_files_max: files_max,
+        };
+        if let Some(e) = failure {
+            gateway.stop();
+            return Err(StartError(e));
+        }
+        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics);
+        let api_config = ServerConfig {
+            connections_max: config.api.connections_max,
+            idle_timeout_ms: config.api.idle_timeout_ms,
+            limits: crate::api::Limits { body_bytes_max: config.api.body_bytes_max, ..crate::api::Limits::default() },
+        };
+        match Server::start(config.api.listen, api_config, Arc::new(routes)) {
+            Ok(server) => {
+                gateway.api_addr = server.local_addr();
+                gateway.api = Some(server);
+                Ok(gateway)
+            }
+            Err(e) => {
+                gateway.stop();
+                Err(StartError(format!("API listener {}: {e}", config.api.listen)))
+            }
+        }
+    }
+
+    /// Closes every connection with 1001 and waits for the shards and the API to end.
+    pub fn stop(&mut self) {
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+        for i in 0..self.mesh.shards() {
+            let to = ShardId(i as u16);
+            // Keep trying while the inbox is full: Stop must arrive.
+            let mut mail = Mail::Stop;
+            while let Err(back) = self.mesh.send(to, mail) {
+                mail = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.mesh.wake(to);
+        }
+        for h in self.shards.drain(..) {
+            match h.join() {
+                Ok(Err(e)) => eprintln!("barrage: shard ended with an error: {e}"),
+                Err(_) => eprintln!("barrage: a shard panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Direct descriptors per ring: the configured value, or RLIMIT_NOFILE less a reserve for the
+/// process's own descriptors (the kernel refuses a larger table).
+fn ring_files_max(config: &Config) -> Result<u32, StartError> {
+    let limit = sys::raise_nofile_limit().map_err(|e| StartError(format!("RLIMIT_NOFILE: {e}")))?;
+    let ceiling = limit.min(u64::from(u32::MAX)) as u32;
+    match config.server.ring_files_max {
+        0 => Ok(ceiling.saturating_sub(1024).max(1024.min(ceiling / 2))),
+        n if n > ceiling => Err(StartError(format!(
+            "server.ring_files_max = {n} exceeds RLIMIT_NOFILE = {ceiling} (the kernel caps a ring's table at it)"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// Port 0 means "any": pick one now so every shard binds the same port. The returned socket
+/// holds the port until the shards have bound it.
+fn resolve_port(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>), StartError> {
+    if addr.port() != 0 {
+        return Ok((addr, None));
+    }
+    let (probe, local) = listener::reserve_port(addr).map_err(|e| StartError(format!("listen {addr}: {e}")))?;
+    Ok((local, Some(probe)))
+}

@@ -1,0 +1,216 @@
+//! The hub's side of the upgrade: route the request (`/ws`, the echo path, or plain HTTP),
+//! authenticate the token, validate the room, then answer 101 + welcome or refuse with a
+//! status and close.
+
+use super::conn::{State, flag};
+use super::{Hub, Now};
+use crate::auth::Claims;
+use crate::envelope::Format;
+use crate::metrics::Series;
+use crate::proto::{ServerFrame, Welcome, server_frame};
+use crate::room::RoomName;
+use crate::wire::handshake::{self as wire, HandshakeError, Parsed, Request, Upgrade};
+
+/// Path of the WebSocket endpoint.
+pub const WS_PATH: &str = "/ws";
+
+/// Who a handshake turned out to be.
+struct Identity {
+    user: Option<String>,
+    can_send: bool,
+}
+
+/// A refused upgrade: status, reason and the counter it bumps.
+struct Refusal {
+    status: u16,
+    message: String,
+    series: Series,
+}
+
+impl Hub {
+    /// Handshake phase: accumulate the request head; act once it is complete.
+    pub(super) fn read_handshake(&mut self, key: u32, data: &mut [u8], now: Now) {
+        let limits = self.cfg.handshake;
+        match self.heads.remove(&key) {
+            None => match wire::parse_request(data, &limits) {
+                Ok(Parsed::Partial) => {
+                    self.heads.insert(key, data.to_vec());
+                }
+                Ok(Parsed::Complete { request, consumed }) => {
+                    self.route(key, request, now);
+                    self.read_after_head(key, &mut data[consumed..], now);
+                }
+                Err(e) => self.refuse_malformed(key, &e, now),
+            },
+            Some(mut head) => {
+                head.extend_from_slice(data);
+                match wire::parse_request(&head, &limits) {
+                    Ok(Parsed::Partial) => {
+                        self.heads.insert(key, head);
+                    }
+                    Ok(Parsed::Complete { request, consumed }) => {
+                        self.route(key, request, now);
+                        self.read_after_head(key, &mut head[consumed..], now);
+                    }
+                    Err(e) => self.refuse_malformed(key, &e, now),
+                }
+            }
+        }
+    }
+
+    /// Frames a client sent right behind its request head.
+    fn read_after_head(&mut self, key: u32, rest: &mut [u8], now: Now) {
+        let open = self.conns.get(key as usize).is_some_and(|c| c.state == State::Open);
+        if open && !rest.is_empty() {
+            self.read_frames(key, rest, now);
+        }
+    }
+
+    fn route(&mut self, key: u32, mut request: Request, now: Now) {
+        let upgrade = match request.websocket.take() {
+            None => return self.plain_http(key, &request, now),
+            Some(Err(e)) => return self.refuse_malformed(key, &e, now),
+            Some(Ok(upgrade)) => upgrade,
+        };
+        let echo = !self.cfg.echo_path.is_empty() && request.path == self.cfg.echo_path;
+        if !echo && request.path != WS_PATH {
+            let r = Refusal { status: 404, message: format!("no WebSocket at {}", request.path), series: Series::HsPath };
+            return self.refuse(key, r, now);
+        }
+        let decided = self.identify(&request, now).and_then(|id| {
+            let room = match wire::query_param(&request.query, "room") {
+                Some(name) if !echo => Some(RoomName::parse(&name, self.cfg.name_bytes_max).map_err(|e| Refusal {
+                    status: 400,
+                    message: e.message().into(),
+                    series: Series::HsRoom,
+                })?),
+                _ => None,
+            };
+            Ok((id, room))
+        });
+        match decided {
+            Ok((id, room)) => self.accept(key, &upgrade, id, room, echo, now),
+            Err(r) => self.refuse(key, r, now),
+        }
+    }
+
+    /// Token from `?token=` or `Authorization: Bearer`; anonymous when allowed.
+    fn identify(&self, request: &Request, now: Now) -> Result<Identity, Refusal> {
+        let token = wire::query_param(&request.query, "token")
+            .map(|t| t.into_owned())
+            .or_else(|| request.bearer.clone())
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            if self.cfg.allow_anonymous {
+                return Ok(Identity { user: None, can_send: false });
+            }
+            let message = "a token is required".into();
+            return Err(Refusal { status: 401, message, series: Series::HsAnonymous });
+        };
+        let Some(verifier) = &self.verifier else {
+            let message = "tokens are not accepted: no jwt_secret is configured".into();
+            return Err(Refusal { status: 401, message, series: Series::HsToken });
+        };
+        let now_s = (now.unix.0.max(0) / 1000) as u64;
+        match verifier.verify(&token, now_s) {
+            Ok(Claims { sub, send, .. }) => Ok(Identity { user: Some(sub), can_send: send }),
+            Err(e) => {
+                let message = format!("bad token: {}", e.reason());
+                Err(Refusal { status: 401, message, series: Series::HsToken })
+            }
+        }
+    }
+
+    fn accept(&mut self, key: u32, upgrade: &Upgrade, id: Identity, room: Option<RoomName>, echo: bool, now: Now) {
+        let idle = now.tick_after(self.cfg.idle_timeout_ms);
+        let format = Format::from(upgrade.protocol);
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        conn.state = State::Open;
+        conn.flags |= flag::OPENED;
+        conn.deadline = idle;
+        if format == Format::Json {
+            conn.flags |= flag::JSON;
+        }
+        if echo {
+            conn.flags |= flag::ECHO;
+        }
+        if id.user.is_some() {
+            conn.flags |= flag::SIGNED_IN;
+            if id.can_send {
+                conn.flags |= flag::CAN_SEND;
+            }
+        }
+        self.websockets += 1;
+        self.counters.inc(Series::HandshakeOk);
+        if let Some(user) = &id.user {
+            let u = self.users.add(user, key);
+            if let Some(conn) = self.conns.get_mut(key as usize) {
+                conn.user = u;
+            }
+        }
+        if !self.enqueue_owned(key, wire::response_101(upgrade)) || echo {
+            return;
+        }
+        let welcome = Welcome {
+            conn_id: (u64::from(self.cfg.shard.0) << 32) | (u64::from(key) + 1),
+            user: id.user.unwrap_or_default(),
+            heartbeat_ms: self.cfg.heartbeat_ms,
+            server_ms: now.unix.0,
+            room: room.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
+        };
+        let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
+        if let Some(bytes) = self.encode_for(key, &frame)
+            && self.enqueue_owned(key, bytes)
+            && let Some(room) = room
+        {
+            self.join(key, &room);
+        }
+    }
+
+    /// A request on the public listener that is not an upgrade.
+    fn plain_http(&mut self, key: u32, request: &Request, now: Now) {
+        self.counters.inc(Series::HttpRequests);
+        let body = format!("{{\"error\":\"no such resource: {}\"}}", json_escape(&request.path));
+        let bytes = wire::http_response(404, "application/json", &[], body.as_bytes());
+        self.flush_then_close(key, bytes, now);
+    }
+
+    fn refuse_malformed(&mut self, key: u32, e: &HandshakeError, now: Now) {
+        self.counters.inc(handshake_series(e));
+        self.flush_then_close(key, wire::refusal(e), now);
+    }
+
+    fn refuse(&mut self, key: u32, r: Refusal, now: Now) {
+        self.counters.inc(r.series);
+        let body = format!("{{\"error\":\"{}\"}}", json_escape(&r.message));
+        let bytes = wire::http_response(r.status, "application/json", &[], body.as_bytes());
+        self.flush_then_close(key, bytes, now);
+    }
+
+    /// Sends a final HTTP answer, then closes (input from now on is discarded).
+    fn flush_then_close(&mut self, key: u32, bytes: Vec<u8>, now: Now) {
+        let deadline = now.tick_after(self.cfg.close_timeout_ms);
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        conn.state = State::Flushing;
+        conn.deadline = deadline;
+        self.enqueue_owned(key, bytes);
+    }
+}
+
+fn handshake_series(e: &HandshakeError) -> Series {
+    match e {
+        HandshakeError::TooLarge => Series::HsTooLarge,
+        HandshakeError::Malformed => Series::HsMalformed,
+        HandshakeError::Method => Series::HsMethod,
+        HandshakeError::NotUpgrade => Series::HsNotUpgrade,
+        HandshakeError::Version => Series::HsVersion,
+        HandshakeError::Key => Series::HsKey,
+        HandshakeError::Subprotocol => Series::HsSubprotocol,
+    }
+}
+
+/// Escapes text for a JSON string literal.
+pub(crate) fn json_escape(s: &str) -> String {
+    let quoted = serde_json::Value::String(s.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}

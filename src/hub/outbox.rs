@@ -1,0 +1,370 @@
+//! Outbound frames of one shard and the send queue of each connection. A frame fanned out to
+//! many connections is stored once with a count of the queues holding it; a queue is a chain of
+//! 8-byte nodes from a shard-wide pool, so an idle connection holds no queue memory and a
+//! delivery allocates nothing per member. Frames at the head of a queue that a send operation
+//! is writing are "in flight": they are never dropped or freed until that send completes.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::envelope::Format;
+use crate::room::owner::SharedFrame;
+
+const NIL: u32 = u32::MAX;
+
+/// A frame stored in the outbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameId(u32);
+
+enum Body {
+    Shared(Arc<SharedFrame>),
+    Owned(Box<[u8]>),
+}
+
+struct Entry {
+    body: Body,
+    /// Queue nodes pointing here.
+    refs: u32,
+    /// Never dropped to make room (whitelist blocks, control frames, handshake replies).
+    keep: bool,
+}
+
+struct Node {
+    frame: u32,
+    next: u32,
+}
+
+/// One connection's send queue: 12 bytes inline in the connection.
+#[derive(Debug)]
+pub struct Queue {
+    head: u32,
+    tail: u32,
+    len: u16,
+    /// Frames at the head handed to the in-flight send.
+    inflight: u16,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue { head: NIL, tail: NIL, len: 0, inflight: 0 }
+    }
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether a send holds frames of this queue.
+    pub fn in_flight(&self) -> bool {
+        self.inflight > 0
+    }
+}
+
+/// What `push` did when the queue was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued without loss.
+    Queued,
+    /// Queued after dropping the oldest droppable frame.
+    DroppedOldest,
+    /// Nothing droppable: the frame was not queued (the reader is hopelessly behind).
+    Full,
+}
+
+/// The shard's outbound frames and queue nodes.
+#[derive(Default)]
+pub struct Outbox {
+    frames: Slab<Entry>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+}
+
+impl Outbox {
+    /// Stores a shared frame; it lives while queues hold it (call `forget_if_unused` if none
+    /// took it).
+    pub fn add_shared(&mut self, frame: Arc<SharedFrame>) -> FrameId {
+        let keep = frame.whitelist;
+        FrameId(self.frames.insert(Entry { body: Body::Shared(frame), refs: 0, keep }) as u32)
+    }
+
+    /// Stores bytes for one connection (handshake reply, welcome, pong, close, echo).
+    pub fn add_owned(&mut self, bytes: Vec<u8>, keep: bool) -> FrameId {
+        let body = Body::Owned(bytes.into_boxed_slice());
+        FrameId(self.frames.insert(Entry { body, refs: 0, keep }) as u32)
+    }
+
+    /// Frees a frame no queue took.
+    pub fn forget_if_unused(&mut self, id: FrameId) {
+        if self.frames.get(id.0 as usize).is_some_and(|e| e.refs == 0) {
+            self.frames.remove(id.0 as usize);
+        }
+    }
+
+    /// Frames stored (for tests and gauges).
+    pub fn frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether a connection of this format can be sent this frame.
+    pub fn has_format(&self, id: FrameId, format: Format) -> bool {
+        match self.frames.get(id.0 as usize).map(|e| &e.body) {
+            Some(Body::Shared(f)) => f.bytes(format).is_some(),
+            Some(Body::Owned(_)) => true,
+            None => false,
+        }
+    }
+
+    /// Appends a frame to a queue bounded at `max`. When full, drops the oldest frame that is
+    /// not in flight and not kept; a kept frame may also push out a droppable one.
+    pub fn push(&mut self, q: &mut Queue, id: FrameId, max: usize) -> Pushed {
+        let mut result = Pushed::Queued;
+        if q.len() >= max {
+            if !self.drop_oldest_droppable(q) {
+                return Pushed::Full;
+            }
+            result = Pushed::DroppedOldest;
+        }
+        let node = self.alloc_node(id.0);
+        if q.tail == NIL {
+            q.head = node;
+        } else {
+            self.nodes[q.tail as usize].next = node;
+        }
+        q.tail = node;
+        q.len += 1;
+        if let Some(e) = self.frames.get_mut(id.0 as usize) {
+            e.refs += 1;
+        }
+        result
+    }
+
+    /// Fills `iov` with the queued frames (the first from `offset`) for one send, marks them in
+    /// flight and returns how many slices it filled.
+    pub fn gather<'a>(&'a self, q: &mut Queue, format: Format, offset: usize, iov: &mut [IoSlice<'a>]) -> usize {
+        assert!(!q.in_flight(), "one send per connection at a time");
+        let mut n = 0;
+        let mut node = q.head;
+        while node != NIL && n < iov.len() {
+            let Node { frame, next } = self.nodes[node as usize];
+            let bytes = self.bytes(frame, format);
+            let skip = if n == 0 { offset.min(bytes.len()) } else { 0 };
+            iov[n] = IoSlice::new(&bytes[skip..]);
+            n += 1;
+            node = next;
+        }
+        q.inflight = n as u16;
+        n
+    }
+
+    /// Accounts a completed send of `written` bytes that started `offset` bytes into the head
+    /// frame: pops the frames fully written and returns the offset into the new head.
+    pub fn sent(&mut self, q: &mut Queue, format: Format, mut offset: usize, written: usize) -> usize {
+        let mut left = written;
+        while q.head != NIL && q.inflight > 0 {
+            let frame = self.nodes[q.head as usize].frame;
+            let remaining = self.bytes(frame, format).len().saturating_sub(offset);
+            if left < remaining {
+                q.inflight = 0;
+                return offset + left;
+            }
+            left -= remaining;
+            offset = 0;
+            self.pop_front(q);
+            q.inflight -= 1;
+        }
+        q.inflight = 0;
+        0
+    }
+
+    /// Ends the in-flight mark without progress (a failed send before the connection closes).
+    pub fn abort(&mut self, q: &mut Queue) {
+        q.inflight = 0;
+    }
+
+    /// Drops every queued frame that is not in flight.
+    pub fn clear(&mut self, q: &mut Queue) {
+        // In-flight frames sit at the head; keep them until their send completes.
+        let keep = usize::from(q.inflight);
+        let mut prev = NIL;
+        let mut node = q.head;
+        for _ in 0..keep {
+            prev = node;
+            node = self.nodes[node as usize].next;
+        }
+        while node != NIL {
+            let next = self.nodes[node as usize].next;
+            self.release_node(node);
+            q.len -= 1;
+            node = next;
+        }
+        if prev == NIL {
+            q.head = NIL;
+            q.tail = NIL;
+        } else {
+            self.nodes[prev as usize].next = NIL;
+            q.tail = prev;
+        }
+    }
+
+    fn bytes(&self, frame: u32, format: Format) -> &[u8] {
+        match self.frames.get(frame as usize).map(|e| &e.body) {
+            Some(Body::Shared(f)) => f.bytes(format).unwrap_or(&f.proto),
+            Some(Body::Owned(b)) => b,
+            None => &[],
+        }
+    }
+
+    fn pop_front(&mut self, q: &mut Queue) {
+        let node = q.head;
+        q.head = self.nodes[node as usize].next;
+        if q.head == NIL {
+            q.tail = NIL;
+        }
+        q.len -= 1;
+        self.release_node(node);
+    }
+
+    fn drop_oldest_droppable(&mut self, q: &mut Queue) -> bool {
+        let mut prev = NIL;
+        let mut node = q.head;
+        let mut index = 0;
+        while node != NIL {
+            let Node { frame, next } = self.nodes[node as usize];
+            let keep = self.frames.get(frame as usize).is_none_or(|e| e.keep);
+            if index >= usize::from(q.inflight) && !keep {
+                if prev == NIL {
+                    q.head = next;
+                } else {
+                    self.nodes[prev as usize].next = next;
+                }
+                if q.tail == node {
+                    q.tail = prev;
+                }
+                q.len -= 1;
+                self.release_node(node);
+                return true;
+            }
+            prev = node;
+            node = next;
+            index += 1;
+        }
+        false
+    }
+
+    fn alloc_node(&mut self, frame: u32) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = Node { frame, next: NIL };
+                i
+            }
+            None => {
+                self.nodes.push(Node { frame, next: NIL });
+                (self.nodes.len() - 1) as u32
+            }
+        }
+    }
+
+    fn release_node(&mut self, node: u32) {
+        let frame = self.nodes[node as usize].frame as usize;
+        if let Some(e) = self.frames.get_mut(frame) {
+            e.refs -= 1;
+            if e.refs == 0 {
+                self.frames.remove(frame);
+            }
+        }
+        self.free.push(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(bytes: &[u8], whitelist: bool) -> Arc<SharedFrame> {
+        Arc::new(SharedFrame { proto: bytes.into(), json: None, whitelist })
+    }
+
+    fn drain(o: &mut Outbox, q: &mut Queue) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while !q.is_empty() {
+            let mut iov = [IoSlice::new(&[]); 2];
+            let n = o.gather(q, Format::Proto, offset, &mut iov);
+            let chunk: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            // Write at most 3 bytes per send to exercise partial sends.
+            let written = chunk.len().min(3);
+            out.extend_from_slice(&chunk[..written]);
+            offset = o.sent(q, Format::Proto, offset, written);
+        }
+        out
+    }
+
+    #[test]
+    fn one_frame_many_queues_and_partial_sends() {
+        let mut o = Outbox::default();
+        let f = o.add_shared(shared(b"hello", false));
+        let mut qs: Vec<Queue> = (0..3).map(|_| Queue::default()).collect();
+        for q in &mut qs {
+            assert_eq!(o.push(q, f, 4), Pushed::Queued);
+        }
+        let g = o.add_owned(b"-bye".to_vec(), true);
+        o.push(&mut qs[0], g, 4);
+        assert_eq!(drain(&mut o, &mut qs[0]), b"hello-bye");
+        assert_eq!(o.frames(), 1, "still held by two queues");
+        assert_eq!(drain(&mut o, &mut qs[1]), b"hello");
+        assert_eq!(drain(&mut o, &mut qs[2]), b"hello");
+        assert_eq!(o.frames(), 0, "freed with its last reference");
+    }
+
+    #[test]
+    fn full_queue_drops_oldest_droppable_but_never_in_flight_or_kept() {
+        let mut o = Outbox::default();
+        let mut q = Queue::default();
+        let ids: Vec<FrameId> = (0..3).map(|i| o.add_shared(shared(&[b'a' + i], i == 1))).collect();
+        for &id in &ids {
+            o.push(&mut q, id, 3);
+        }
+        let mut iov = [IoSlice::new(&[]); 1];
+        assert_eq!(o.gather(&mut q, Format::Proto, 0, &mut iov), 1); // 'a' in flight
+        let d = o.add_shared(shared(b"d", false));
+        assert_eq!(o.push(&mut q, d, 3), Pushed::DroppedOldest); // drops 'c' (a in flight, b kept)
+        let e = o.add_shared(shared(b"e", false));
+        assert_eq!(o.push(&mut q, e, 3), Pushed::DroppedOldest); // drops 'd'
+        o.sent(&mut q, Format::Proto, 0, 1);
+        assert_eq!(drain(&mut o, &mut q), b"be");
+        let mut q = Queue::default();
+        for _ in 0..2 {
+            let k = o.add_owned(b"k".to_vec(), true);
+            o.push(&mut q, k, 2);
+        }
+        let k = o.add_owned(b"k".to_vec(), true);
+        assert_eq!(o.push(&mut q, k, 2), Pushed::Full);
+        o.forget_if_unused(k);
+        o.clear(&mut q);
+        assert_eq!(o.frames(), 0);
+    }
+
+    #[test]
+    fn clear_keeps_in_flight_head() {
+        let mut o = Outbox::default();
+        let mut q = Queue::default();
+        for b in [b"x", b"y", b"z"] {
+            let id = o.add_owned(b.to_vec(), false);
+            o.push(&mut q, id, 8);
+        }
+        let mut iov = [IoSlice::new(&[]); 1];
+        o.gather(&mut q, Format::Proto, 0, &mut iov);
+        o.clear(&mut q);
+        assert_eq!(q.len(), 1);
+        assert_eq!(o.sent(&mut q, Format::Proto, 0, 1), 0);
+        assert!(q.is_empty());
+        assert_eq!(o.frames(), 0);
+    }
+}

@@ -1,0 +1,192 @@
+//! Counters: each shard bumps plain integers on its own core and publishes a copy to shared
+//! atomics once per loop turn, so nothing atomic sits on the per-connection path. The API thread
+//! reads the copies and renders Prometheus text.
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Declares every series once: variant, metric name, label (or none), help text.
+macro_rules! series {
+    ($( $variant:ident => $name:literal $( { $lk:literal = $lv:literal } )?, $kind:literal, $help:literal; )*) => {
+        /// One series of one metric (a metric with labels has one variant per label value).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Series { $( $variant, )* }
+
+        impl Series {
+            /// Every series, in declaration order.
+            pub const ALL: &'static [Series] = &[ $( Series::$variant, )* ];
+            /// Number of series.
+            pub const COUNT: usize = Self::ALL.len();
+
+            fn meta(self) -> (&'static str, Option<(&'static str, &'static str)>, &'static str, &'static str) {
+                match self { $( Series::$variant => ($name, series!(@label $( $lk, $lv )?), $kind, $help), )* }
+            }
+        }
+    };
+    (@label) => { None };
+    (@label $k:literal, $v:literal) => { Some(($k, $v)) };
+}
+
+series! {
+    Connections => "barrage_connections", "gauge", "Open connections (any phase).";
+    ConnectionsOpen => "barrage_websockets", "gauge", "Connections past the WebSocket handshake.";
+    Rings => "barrage_rings", "gauge", "io_uring rings driven by the shard.";
+    Accepted => "barrage_accepted_total", "counter", "TCP connections accepted.";
+    RefusedFull => "barrage_refused_total" {"reason" = "connections_max"}, "counter", "Connections closed at once because the shard was full.";
+    RefusedNoSlot => "barrage_refused_total" {"reason" = "ring_full"}, "counter", "Accepts that failed for want of a direct-descriptor slot.";
+    HandshakeOk => "barrage_handshakes_total" {"result" = "ok"}, "counter", "WebSocket handshakes by result.";
+    HsTooLarge => "barrage_handshakes_total" {"result" = "too_large"}, "counter", "";
+    HsMalformed => "barrage_handshakes_total" {"result" = "malformed"}, "counter", "";
+    HsMethod => "barrage_handshakes_total" {"result" = "method"}, "counter", "";
+    HsNotUpgrade => "barrage_handshakes_total" {"result" = "not_upgrade"}, "counter", "";
+    HsVersion => "barrage_handshakes_total" {"result" = "version"}, "counter", "";
+    HsKey => "barrage_handshakes_total" {"result" = "key"}, "counter", "";
+    HsSubprotocol => "barrage_handshakes_total" {"result" = "subprotocol"}, "counter", "";
+    HsPath => "barrage_handshakes_total" {"result" = "path"}, "counter", "";
+    HsToken => "barrage_handshakes_total" {"result" = "token"}, "counter", "";
+    HsAnonymous => "barrage_handshakes_total" {"result" = "anonymous"}, "counter", "";
+    HsRoom => "barrage_handshakes_total" {"result" = "room"}, "counter", "";
+    HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
+    HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
+    FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
+    BytesIn => "barrage_bytes_in_total", "counter", "Bytes received on the public listener.";
+    FramesOut => "barrage_frames_out_total", "counter", "Frames (and HTTP responses) written.";
+    BytesOut => "barrage_bytes_out_total", "counter", "Bytes written on the public listener.";
+    Sends => "barrage_sends_total", "counter", "Send operations submitted (several queued frames leave in one).";
+    BlocksCut => "barrage_blocks_total", "counter", "Blocks cut by room owners (one encode per wire format each).";
+    BlockDeliveries => "barrage_block_deliveries_total", "counter", "Block frames queued to members.";
+    DirectDeliveries => "barrage_direct_deliveries_total", "counter", "Direct frames queued to a user's connections.";
+    BroadcastDeliveries => "barrage_broadcast_deliveries_total", "counter", "Broadcast frames queued.";
+    MessagesIn => "barrage_messages_accepted_total", "counter", "Room messages accepted by owners' mixers.";
+    MessagesOut => "barrage_messages_blocked_total", "counter", "Room messages placed in blocks.";
+    DropOverflow => "barrage_messages_dropped_total" {"reason" = "overflow"}, "counter", "Room messages dropped, by reason.";
+    DropBacklog => "barrage_messages_dropped_total" {"reason" = "backlog"}, "counter", "";
+    DropNoRoom => "barrage_messages_dropped_total" {"reason" = "rooms_max"}, "counter", "";
+    SendRefused => "barrage_client_sends_refused_total", "counter", "Client sends refused (anonymous, no room, too big).";
+    FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
+    FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";
+    MeshFull => "barrage_frames_dropped_total" {"reason" = "mesh_full"}, "counter", "";
+    ClosedPeer => "barrage_closed_total" {"reason" = "peer"}, "counter", "Connections closed, by reason.";
+    ClosedProtocol => "barrage_closed_total" {"reason" = "protocol"}, "counter", "";
+    ClosedUtf8 => "barrage_closed_total" {"reason" = "utf8"}, "counter", "";
+    ClosedTooBig => "barrage_closed_total" {"reason" = "too_big"}, "counter", "";
+    ClosedEnvelope => "barrage_closed_total" {"reason" = "envelope"}, "counter", "";
+    ClosedSlow => "barrage_closed_total" {"reason" = "slow_consumer"}, "counter", "";
+    ClosedIdle => "barrage_closed_total" {"reason" = "idle"}, "counter", "";
+    ClosedError => "barrage_closed_total" {"reason" = "io_error"}, "counter", "";
+    ClosedShutdown => "barrage_closed_total" {"reason" = "shutdown"}, "counter", "";
+    ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
+    RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
+    RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
+    RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
+    Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";
+}
+
+/// One shard's counters, bumped without atomics on its own core.
+pub struct Counters {
+    values: [u64; Series::COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { values: [0; Series::COUNT] }
+    }
+}
+
+impl Counters {
+    /// Adds to a counter.
+    #[inline]
+    pub fn add(&mut self, s: Series, n: u64) {
+        self.values[s as usize] += n;
+    }
+
+    /// Adds one.
+    #[inline]
+    pub fn inc(&mut self, s: Series) {
+        self.values[s as usize] += 1;
+    }
+
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(&mut self, s: Series, v: u64) {
+        self.values[s as usize] = v;
+    }
+
+    /// Current value.
+    pub fn get(&self, s: Series) -> u64 {
+        self.values[s as usize]
+    }
+
+    /// Copies every value to the shard's shared snapshot.
+    pub fn publish(&self, to: &Snapshot) {
+        for (slot, v) in to.values.iter().zip(self.values.iter()) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A shard's counters as last published, readable from any thread.
+pub struct Snapshot {
+    values: Box<[AtomicU64]>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self { values: (0..Series::COUNT).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl Snapshot {
+    /// Last published value.
+    pub fn get(&self, s: Series) -> u64 {
+        self.values[s as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Renders Prometheus text exposition: per-shard series with a `shard` label, plus `extra` lines
+/// (already formatted) from outside the shards.
+pub fn render(shards: &[Snapshot], extra: &str) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let mut last_name = "";
+    for &s in Series::ALL {
+        let (name, label, kind, help) = s.meta();
+        if name != last_name {
+            let help = if help.is_empty() { name } else { help };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            last_name = name;
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let v = shard.get(s);
+            match label {
+                Some((k, lv)) => {
+                    let _ = writeln!(out, "{name}{{shard=\"{i}\",{k}=\"{lv}\"}} {v}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {v}");
+                }
+            }
+        }
+    }
+    out.push_str(extra);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_then_render_shows_labelled_series() {
+        let mut c = Counters::default();
+        c.inc(Series::HsToken);
+        c.add(Series::BytesIn, 42);
+        let snaps = [Snapshot::default(), Snapshot::default()];
+        c.publish(&snaps[1]);
+        let text = render(&snaps, "");
+        assert!(text.contains("barrage_handshakes_total{shard=\"1\",result=\"token\"} 1\n"));
+        assert!(text.contains("barrage_bytes_in_total{shard=\"1\"} 42\n"));
+        assert!(text.contains("barrage_bytes_in_total{shard=\"0\"} 0\n"));
+        // One HELP/TYPE header per metric name, even with many label values.
+        assert_eq!(text.matches("# TYPE barrage_handshakes_total counter").count(), 1);
+    }
+}

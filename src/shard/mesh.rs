@@ -1,0 +1,102 @@
+//! The mesh: one bounded lock-free inbox per shard, written by other shards and the API threads,
+//! with an eventfd wake-up that is written only when the receiving shard is about to sleep.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_queue::ArrayQueue;
+
+use super::sys;
+use crate::hub::mail::Mail;
+use crate::ids::ShardId;
+
+/// One shard's inbox.
+pub struct Inbox {
+    queue: ArrayQueue<Mail>,
+    wake: File,
+    /// Set by the shard before it sleeps; a sender that clears it writes the eventfd.
+    sleeping: AtomicBool,
+}
+
+impl Inbox {
+    /// Next mail, if any.
+    pub fn pop(&self) -> Option<Mail> {
+        self.queue.pop()
+    }
+
+    /// Announces that the shard will sleep. Returns false if mail is already waiting (then the
+    /// shard must not sleep). Pairs with the SeqCst swap in `Mesh::send`: either the sender
+    /// sees `sleeping` and wakes us, or we see its mail here.
+    pub fn prepare_sleep(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.queue.is_empty() {
+            return true;
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// The shard is awake again.
+    pub fn woke(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+    }
+
+    /// The eventfd the shard's ring reads (sub-rings also signal it on completions).
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// Mail waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// Every shard's inbox.
+pub struct Mesh {
+    inboxes: Box<[Inbox]>,
+}
+
+impl Mesh {
+    /// Inboxes of `queue_len` slots for `shards` shards.
+    pub fn new(shards: usize, queue_len: usize) -> io::Result<Arc<Mesh>> {
+        let inboxes = (0..shards)
+            .map(|_| {
+                Ok(Inbox { queue: ArrayQueue::new(queue_len), wake: sys::eventfd()?, sleeping: AtomicBool::new(false) })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Arc::new(Mesh { inboxes: inboxes.into_boxed_slice() }))
+    }
+
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    pub fn inbox(&self, shard: ShardId) -> &Inbox {
+        &self.inboxes[shard.index()]
+    }
+
+    /// Posts mail to a shard; gives it back when the inbox is full.
+    pub fn send(&self, to: ShardId, mail: Mail) -> Result<(), Mail> {
+        let inbox = &self.inboxes[to.index()];
+        inbox.queue.push(mail)?;
+        if inbox.sleeping.load(Ordering::SeqCst) && inbox.sleeping.swap(false, Ordering::SeqCst) {
+            // Nonblocking eventfd write: it fails only if the counter would overflow, and then
+            // the shard is awake anyway.
+            let _ = (&inbox.wake).write(&1u64.to_ne_bytes());
+        }
+        Ok(())
+    }
+
+    /// Wakes a shard whatever it is doing (used to stop it).
+    pub fn wake(&self, to: ShardId) {
+        let _ = (&self.inboxes[to.index()].wake).write(&1u64.to_ne_bytes());
+    }
+}
