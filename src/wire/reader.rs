@@ -5,7 +5,7 @@
 //! Memory: an idle reader is one null pointer. A frame that arrives whole inside one read is
 //! handed out as a slice of that read, with no copy. Only a frame cut by the end of a read, or a
 //! fragmented message, goes to the spill box; the box is freed as soon as neither is pending.
-//! Worst case per connection: `message_bytes_max` of assembled payload plus ~200 bytes of box.
+//! Worst case per connection: `message_bytes_max` of assembled payload plus a 256-byte box.
 
 use std::fmt;
 
@@ -581,6 +581,8 @@ mod tests {
         );
         assert_eq!(reader.buffered_bytes(), 0);
         assert!(reader.spill.is_none());
+        // The module doc's memory sum counts the box at 256 bytes.
+        assert!(std::mem::size_of::<Spill>() <= 0x100);
     }
 
     #[test]
