@@ -158,8 +158,8 @@ pub fn header_len(payload_len: usize) -> usize {
 /// Appends an unmasked server frame header (FIN set) to `out`.
 pub fn write_header(out: &mut Vec<u8>, opcode: Opcode, payload_len: usize) {
     out.push(FIN | opcode as u8);
+    // header_len() picked the field the length fits in, so no `as` below truncates.
     match header_len(payload_len) {
-        // Fits the 7-bit field: the `as` cannot truncate.
         2 => out.push(payload_len as u8),
         4 => {
             out.push(LEN16_MARK);

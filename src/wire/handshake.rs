@@ -542,6 +542,9 @@ mod tests {
         );
         let long = b"GET / HTTP/1.1\r\nHost: a\r\n";
         assert_eq!(parse_request(long, &small), Err(HandshakeError::TooLarge));
+        // Complete, but longer than the limit: too large however the reads were cut.
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(parse_request(whole, &small), Err(HandshakeError::TooLarge));
         let wide = HandshakeLimits {
             request_bytes_max: 0x100,
             headers_max: 2,
