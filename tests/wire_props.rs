@@ -1,11 +1,22 @@
-//! Property tests for the sans-IO wire through its public API, the way the shard drives it:
-//! however the peer's bytes are cut into reads, the same events (and the same error) come out.
+//! The sans-IO wire through its public API, the way the shard drives it. Properties: however the
+//! peer's bytes are cut into reads, the same events (and the same error) come out. Interop: a
+//! third-party client (tungstenite), in memory, upgrades through us and reads our frames.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
 
 use barrage::wire::frame::{self, Opcode};
-use barrage::wire::handshake::{self, HandshakeLimits, Parsed};
-use barrage::wire::{Event, Flow, ReadError, ReadLimits, Reader};
+use barrage::wire::handshake::{self, HandshakeLimits, Parsed, Subprotocol};
+use barrage::wire::{CloseCode, Event, Flow, ReadError, ReadLimits, Reader};
 use proptest::collection::vec;
 use proptest::prelude::*;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode as TungCloseCode;
+use tungstenite::{Message as WsMessage, WebSocket};
 
 const LIMITS: ReadLimits = ReadLimits {
     frame_bytes_max: 0x2_0000,
@@ -282,7 +293,8 @@ proptest! {
                 break;
             }
         }
-        prop_assert!(reader.buffered_bytes() <= 0x80 + 0x7D + 0x0E);
+        let held_max = small.message_bytes_max + frame::CONTROL_PAYLOAD_MAX + frame::HEADER_BYTES_MAX;
+        prop_assert!(reader.buffered_bytes() <= held_max);
     }
 }
 
@@ -415,4 +427,141 @@ proptest! {
     fn query_param_never_panics(query in "[a-z%=&+0-9A-F\u{e9}]{0,40}", name in "[a-z]{0,3}") {
         let _ = handshake::query_param(&query, &name);
     }
+}
+
+// ---- interop with tungstenite ----
+
+/// Both directions of a connection as byte queues; reads with nothing queued would block.
+#[derive(Clone, Default)]
+struct Pipe {
+    to_client: Rc<RefCell<VecDeque<u8>>>,
+    to_server: Rc<RefCell<Vec<u8>>>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut queue = self.to_client.borrow_mut();
+        if queue.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = queue.read(buf)?;
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.to_server.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A tungstenite client that asked for `protocols`, upgraded by our handshake code.
+fn connect(protocols: Option<&str>) -> (WebSocket<Pipe>, Pipe, Subprotocol) {
+    let pipe = Pipe::default();
+    let mut request = "ws://example.com/rooms/7?token=t"
+        .into_client_request()
+        .unwrap();
+    if let Some(protocols) = protocols {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    }
+    let Err(HandshakeError::Interrupted(mid)) = tungstenite::client(request, pipe.clone()) else {
+        panic!("the client should wait for our response");
+    };
+    let sent = std::mem::take(&mut *pipe.to_server.borrow_mut());
+    let Ok(Parsed::Complete { request, consumed }) = handshake::parse_request(&sent, &HANDSHAKE)
+    else {
+        panic!("request did not parse: {}", String::from_utf8_lossy(&sent));
+    };
+    assert_eq!((consumed, request.path.as_str()), (sent.len(), "/rooms/7"));
+    let upgrade = request.websocket.unwrap().unwrap();
+    pipe.to_client
+        .borrow_mut()
+        .extend(handshake::response_101(&upgrade));
+    let (client, _response) = mid.handshake().expect("client accepts our 101");
+    (client, pipe, upgrade.protocol)
+}
+
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Close(Option<u16>, String),
+    Other,
+}
+
+fn read_all(bytes: &mut [u8], chunk: usize) -> Vec<Seen> {
+    let mut reader = Reader::default();
+    let mut events = Vec::new();
+    for read in bytes.chunks_mut(chunk) {
+        let result = reader.feed(read, &LIMITS, &mut |event| {
+            events.push(match event {
+                Event::Text(text) => Seen::Text(text.to_owned()),
+                Event::Binary(bytes) => Seen::Binary(bytes.to_vec()),
+                Event::Ping(bytes) => Seen::Ping(bytes.to_vec()),
+                Event::Close { code, reason } => Seen::Close(code.map(|c| c.0), reason.into()),
+                Event::Pong(_) => Seen::Other,
+            });
+            Flow::Continue
+        });
+        assert_eq!(result, Ok(()));
+    }
+    assert_eq!(reader.buffered_bytes(), 0);
+    events
+}
+
+#[test]
+fn tungstenite_client_upgrades_and_its_frames_read_back() {
+    let (mut client, pipe, protocol) = connect(Some("chat, barrage.v1.json"));
+    assert_eq!(protocol, Subprotocol::Json);
+    let big = vec![0xA5; 70_000];
+    client.send(WsMessage::text("héllo")).unwrap();
+    client.send(WsMessage::binary(big.clone())).unwrap();
+    client.send(WsMessage::Ping(vec![1, 2, 3].into())).unwrap();
+    let close = CloseFrame {
+        code: TungCloseCode::Away,
+        reason: "bye".into(),
+    };
+    client.close(Some(close)).unwrap();
+    let _ = client.flush();
+    let sent = pipe.to_server.borrow().clone();
+    let expected = [
+        Seen::Text("héllo".into()),
+        Seen::Binary(big),
+        Seen::Ping(vec![1, 2, 3]),
+        Seen::Close(Some(1001), "bye".into()),
+    ];
+    for chunk in [sent.len(), 1, 7, 1000] {
+        assert_eq!(
+            read_all(&mut sent.clone(), chunk),
+            expected,
+            "reads of {chunk}"
+        );
+    }
+}
+
+#[test]
+fn tungstenite_client_reads_our_frames() {
+    let (mut client, pipe, protocol) = connect(None);
+    assert_eq!(protocol, Subprotocol::Proto);
+    let mut out = frame::frame(Opcode::Text, "hi".as_bytes());
+    out.extend(frame::frame(Opcode::Binary, &[7; 300]));
+    out.extend(frame::close_frame(CloseCode::TRY_AGAIN, "overloaded"));
+    pipe.to_client.borrow_mut().extend(out);
+    assert_eq!(client.read().unwrap(), WsMessage::text("hi"));
+    assert_eq!(client.read().unwrap(), WsMessage::binary(vec![7; 300]));
+    let WsMessage::Close(Some(close)) = client.read().unwrap() else {
+        panic!("expected a close frame");
+    };
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1013, "overloaded")
+    );
 }
