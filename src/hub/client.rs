@@ -42,7 +42,7 @@ impl Hub {
             conn.reader = reader;
         }
         if let Err(e) = result {
-            self.close(key, e.close_code(), e.reason(), read_error_series(&e), now);
+            self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);
         }
     }
 
@@ -235,6 +235,17 @@ impl Hub {
         self.outbox.clear(&mut conn.queue);
         self.leave_room(key);
         self.enqueue_owned(key, frame::close_frame(code, reason));
+    }
+
+    /// Fails the connection after a framing error: the stream can no longer be parsed, so send
+    /// Close and end once it is written, without waiting for the peer's Close.
+    fn fail(&mut self, key: u32, code: CloseCode, reason: &str, series: Series, now: Now) {
+        self.close(key, code, reason, series, now);
+        if let Some(conn) = self.conns.get_mut(key as usize)
+            && conn.state == State::Closing
+        {
+            conn.state = State::Flushing;
+        }
     }
 
     /// The peer sent Close: answer it (if we have not) and end once it is written.

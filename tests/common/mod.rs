@@ -1,0 +1,370 @@
+//! Test harness: starts the real `barrage` binary on free loopback ports, and talks to it over
+//! real sockets — a WebSocket client (tungstenite), a raw TCP client for malformed input, and a
+//! tiny HTTP client for the business API.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use barrage::proto::{ClientFrame, ServerFrame, client_frame, server_frame};
+use prost::Message as _;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
+use tungstenite::protocol::Message as WsMessage;
+use tungstenite::stream::MaybeTlsStream;
+
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// A running gateway process, stopped (SIGTERM, then kill) on drop.
+pub struct Gateway {
+    child: Child,
+    pub ws: SocketAddr,
+    pub api: SocketAddr,
+    pub stdout: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts with fast blocks (50 ms), a JWT secret, and the given extra flags.
+    /// `extra` holds flag/value pairs; a flag given there replaces its default.
+    pub fn start(extra: &[&str]) -> Gateway {
+        let mut args: Vec<(&str, &str)> = vec![
+            ("--listen", "127.0.0.1:0"),
+            ("--api-listen", "127.0.0.1:0"),
+            ("--block-interval-ms", "50"),
+            ("--jwt-secret", SECRET),
+            ("--shards", "2"),
+            ("--connections-max", "20000"),
+        ];
+        for pair in extra.chunks(2) {
+            let (flag, value) = (pair[0], pair.get(1).copied().unwrap_or(""));
+            match args.iter_mut().find(|(f, _)| *f == flag) {
+                Some(slot) => slot.1 = value,
+                None => args.push((flag, value)),
+            }
+        }
+        let flat: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).collect();
+        Self::start_raw(&flat)
+    }
+
+    /// Starts with exactly these flags.
+    pub fn start_raw(args: &[&str]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start barrage");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut ws, mut api, mut seen) = (None, None, Vec::new());
+        while ws.is_none() || api.is_none() {
+            let line = match lines.next() {
+                Some(Ok(l)) => l,
+                _ => panic!("barrage exited before listening; output: {seen:?}"),
+            };
+            if let Some(rest) = line.trim().strip_prefix("WebSocket  ws://") {
+                ws = rest.split('/').next().and_then(|a| a.parse().ok());
+            }
+            if let Some(rest) = line.trim().strip_prefix("API        http://") {
+                api = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+            seen.push(line);
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Gateway { child, ws: ws.unwrap(), api: api.unwrap(), stdout: seen }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        // SAFETY-free: kill(1) via the command line keeps tests free of unsafe.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self, query: &str) -> String {
+        format!("ws://{}/ws{}", self.ws, query)
+    }
+
+    /// Waits until the API reports `online` members in `room`.
+    pub fn wait_online(&self, room: &str, online: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = http(self.api, "GET", &format!("/v1/rooms/{room}"), None, &[]);
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["online"].as_u64() == Some(online) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "room {room} never reached {online} online: {body}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Publishes a JSON message to a room; returns (status, body).
+    pub fn publish(&self, room: &str, body: serde_json::Value) -> (u16, String) {
+        http(self.api, "POST", &format!("/v1/rooms/{room}/messages"), Some(&body.to_string()), &[])
+    }
+
+    /// The value of one Prometheus series summed over shards.
+    pub fn metric(&self, series: &str) -> u64 {
+        let (_, text) = http(self.api, "GET", "/metrics", None, &[]);
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                let matches = name == series || strip_shard(name) == series;
+                matches.then(|| value.parse::<u64>().ok()).flatten()
+            })
+            .sum()
+    }
+}
+
+/// `name{shard="0",k="v"}` → `name{k="v"}`; `name{shard="0"}` → `name`.
+fn strip_shard(name: &str) -> String {
+    let Some((base, labels)) = name.split_once('{') else { return name.to_string() };
+    let rest: Vec<&str> = labels.trim_end_matches('}').split(',').filter(|l| !l.starts_with("shard=")).collect();
+    if rest.is_empty() { base.to_string() } else { format!("{base}{{{}}}", rest.join(",")) }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect API");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A signed token for `user` valid for an hour.
+pub fn token(user: &str) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    barrage::auth::sign_hs256(SECRET.as_bytes(), &serde_json::json!({"sub": user, "exp": exp}))
+}
+
+pub type Socket = tungstenite::WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client speaking protobuf or JSON.
+pub struct Client {
+    pub ws: Socket,
+    pub json: bool,
+}
+
+impl Client {
+    pub fn connect(url: &str, protocol: Option<&str>) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(p) = protocol {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p).unwrap());
+        }
+        let (ws, _resp) = tungstenite::connect(req).expect("WebSocket connect");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        Client { ws, json: protocol == Some("barrage.v1.json") }
+    }
+
+    pub fn send(&mut self, frame: client_frame::Frame) {
+        let f = ClientFrame { frame: Some(frame) };
+        let msg = if self.json {
+            WsMessage::text(serde_json::to_string(&f).unwrap())
+        } else {
+            WsMessage::binary(f.encode_to_vec())
+        };
+        self.ws.send(msg).unwrap();
+    }
+
+    /// The next server frame (skipping WebSocket pings); panics on close or timeout.
+    pub fn recv(&mut self) -> server_frame::Frame {
+        loop {
+            match self.ws.read().expect("read a frame") {
+                WsMessage::Binary(b) => {
+                    assert!(!self.json, "binary frame on a JSON connection");
+                    return ServerFrame::decode(b.as_ref()).unwrap().frame.unwrap();
+                }
+                WsMessage::Text(t) => {
+                    assert!(self.json, "text frame on a protobuf connection");
+                    return serde_json::from_str::<ServerFrame>(t.as_str()).unwrap().frame.unwrap();
+                }
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, which must be a welcome.
+    pub fn welcome(&mut self) -> barrage::proto::Welcome {
+        match self.recv() {
+            server_frame::Frame::Welcome(w) => w,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// The next frame, which must be a block.
+    pub fn block(&mut self) -> barrage::proto::Block {
+        match self.recv() {
+            server_frame::Frame::Block(b) => b,
+            other => panic!("expected block, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(WsMessage::Close(c)) => return c.map(|c| u16::from(c.code)),
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return None,
+                Err(e) => panic!("read failed before close: {e}"),
+            }
+        }
+    }
+}
+
+/// A raw TCP client for bytes no WebSocket library would send.
+pub struct Raw {
+    pub s: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Raw { s }
+    }
+
+    /// Connects and completes a protobuf WebSocket handshake (the 101 head is consumed).
+    pub fn upgraded(addr: SocketAddr, query: &str) -> Raw {
+        let mut r = Raw::connect(addr);
+        r.write(&upgrade_request(&format!("/ws{query}"), &[]));
+        let head = r.read_head();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        r
+    }
+
+    pub fn write(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Reads an HTTP response head (through the blank line).
+    pub fn read_head(&mut self) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match self.s.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    /// Reads everything until the server closes the connection (or the timeout).
+    pub fn read_to_end(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = self.s.read_to_end(&mut out);
+        out
+    }
+
+    /// Reads one unmasked server frame: (opcode, payload).
+    pub fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        self.s.read_exact(&mut h).unwrap();
+        let mut len = u64::from(h[1] & 0x7F);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            self.s.read_exact(&mut b).unwrap();
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            self.s.read_exact(&mut b).unwrap();
+            len = u64::from_be_bytes(b);
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).unwrap();
+        (h[0] & 0x0F, payload)
+    }
+
+    /// Reads frames until a Close; returns its code.
+    pub fn close_code(&mut self) -> u16 {
+        loop {
+            let (op, payload) = self.read_frame();
+            if op == 0x8 {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+}
+
+/// A valid upgrade request head for `path` plus extra header lines.
+pub fn upgrade_request(path: &str, extra: &[&str]) -> Vec<u8> {
+    let mut s = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for h in extra {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    s.push_str("\r\n");
+    s.into_bytes()
+}
+
+/// A masked client frame.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Polls `f` until it returns true or 10 s pass.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

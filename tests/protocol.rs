@@ -1,0 +1,241 @@
+//! RFC 6455 and the gateway's limits over loopback through the real binary: handshake
+//! refusals with the right status, close codes for bad frames, the close handshake, timeouts,
+//! slow consumers, capacity limits and a clean SIGTERM.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use barrage::proto::{ClientFrame, Join, client_frame};
+use common::{Client, Gateway, Raw, client_frame as frame, eventually, http, token, upgrade_request};
+use prost::Message as _;
+use serde_json::json;
+
+fn status_of(gw: &Gateway, request: &[u8]) -> String {
+    let mut r = Raw::connect(gw.ws);
+    r.write(request);
+    r.read_head()
+}
+
+#[test]
+fn handshake_refusals_carry_the_right_status() {
+    let gw = Gateway::start(&[]);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (upgrade_request("/ws?token=nope", &[]), "401"),
+        (upgrade_request("/elsewhere", &[]), "404"),
+        (upgrade_request("/ws?room=bad%20name", &[]), "400"),
+        (upgrade_request("/ws", &["Sec-WebSocket-Protocol: mqtt"]), "400"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(), "400"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n".to_vec(), "426"),
+        (b"POST /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(), "405"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "404"),
+        (b"\x16\x03\x01 not http at all\r\n\r\n".to_vec(), "400"),
+    ];
+    for (request, status) in cases {
+        let head = status_of(&gw, &request);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{:?} -> {head}", String::from_utf8_lossy(&request));
+    }
+    let head = status_of(&gw, &upgrade_request("/ws", &["Sec-WebSocket-Version: 8"]));
+    assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+    eventually("refusals counted", || {
+        gw.metric("barrage_handshakes_total{result=\"token\"}") == 1
+            && gw.metric("barrage_handshakes_total{result=\"path\"}") == 1
+            && gw.metric("barrage_handshakes_total{result=\"version\"}") >= 1
+    });
+}
+
+#[test]
+fn bad_and_expired_tokens_are_refused_with_401() {
+    let gw = Gateway::start(&[]);
+    let expired = barrage::auth::sign_hs256(common::SECRET.as_bytes(), &json!({"sub": "u", "exp": 1000}));
+    let forged = barrage::auth::sign_hs256(b"another secret", &json!({"sub": "u", "exp": 4_000_000_000u64}));
+    for t in [expired, forged] {
+        let head = status_of(&gw, &upgrade_request(&format!("/ws?token={t}"), &[]));
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
+    // The same token in an Authorization header works.
+    let head = status_of(&gw, &upgrade_request("/ws", &[&format!("Authorization: Bearer {}", token("u"))]));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[test]
+fn anonymous_viewers_can_be_disallowed() {
+    let gw = Gateway::start(&["--allow-anonymous", "false"]);
+    let head = status_of(&gw, &upgrade_request("/ws", &[]));
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let head = status_of(&gw, &upgrade_request(&format!("/ws?token={}", token("u")), &[]));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[test]
+fn header_names_and_upgrade_tokens_in_any_case() {
+    let gw = Gateway::start(&[]);
+    let req = b"GET /ws HTTP/1.1\r\nhost: x\r\nUPGRADE: WebSocket\r\nconnection: keep-alive, Upgrade\r\n\
+sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nSEC-WEBSOCKET-VERSION: 13\r\n\r\n";
+    let head = status_of(&gw, req);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+}
+
+#[test]
+fn oversized_handshake_gets_431() {
+    let gw = Gateway::start(&["--handshake-bytes-max", "512"]);
+    let big = format!("X-Filler: {}", "a".repeat(600));
+    let head = status_of(&gw, &upgrade_request("/ws", &[&big]));
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    eventually("counted", || gw.metric("barrage_handshakes_total{result=\"too_large\"}") == 1);
+}
+
+#[test]
+fn close_handshake_is_answered_and_tcp_closed() {
+    let gw = Gateway::start(&[]);
+    let mut r = Raw::upgraded(gw.ws, "");
+    let (op, _welcome) = r.read_frame();
+    assert_eq!(op, 0x2);
+    r.write(&frame(true, 0x8, &[0x03, 0xE8, b'b', b'y', b'e']));
+    assert_eq!(r.close_code(), 1000);
+    assert!(r.read_to_end().is_empty(), "server closes TCP after the close handshake");
+}
+
+#[test]
+fn protocol_violations_close_with_the_right_code() {
+    let gw = Gateway::start(&["--frame-bytes-max", "1024", "--message-bytes-max", "2048"]);
+    // (bytes to send after the handshake, expected close code)
+    let mut unmasked = frame(true, 0x2, b"abc");
+    unmasked[1] &= 0x7F;
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (unmasked, 1002, "unmasked"),
+        (frame(true, 0x2, &vec![0; 2000]), 1009, "frame over frame_bytes_max"),
+        ([frame(false, 0x2, &[0; 1000]), frame(false, 0x0, &[0; 1000]), frame(true, 0x0, &[0; 1000])].concat(), 1009, "message over message_bytes_max"),
+        (frame(true, 0x3, b""), 1002, "reserved opcode"),
+        (frame(true, 0x0, b"x"), 1002, "continuation without a start"),
+        (frame(true, 0x1, b"{}"), 1003, "text on a protobuf connection"),
+        (frame(true, 0x2, &[0xFF, 0xFF, 0xFF]), 1007, "not a ClientFrame"),
+    ];
+    for (bytes, code, what) in cases {
+        let mut r = Raw::upgraded(gw.ws, "");
+        r.read_frame(); // welcome
+        r.write(&bytes);
+        assert_eq!(r.close_code(), code, "{what}");
+    }
+    // Invalid UTF-8 in a text frame on a JSON connection.
+    let mut r = Raw::connect(gw.ws);
+    r.write(&upgrade_request("/ws", &["Sec-WebSocket-Protocol: barrage.v1.json"]));
+    assert!(r.read_head().contains("Sec-WebSocket-Protocol: barrage.v1.json"));
+    r.read_frame();
+    r.write(&frame(true, 0x1, &[b'{', 0xC3, 0x28, b'}']));
+    assert_eq!(r.close_code(), 1007);
+    eventually("closes counted", || {
+        gw.metric("barrage_closed_total{reason=\"too_big\"}") == 2 && gw.metric("barrage_closed_total{reason=\"utf8\"}") == 1
+    });
+}
+
+#[test]
+fn fragments_and_interleaved_ping_are_reassembled() {
+    let gw = Gateway::start(&[]);
+    let mut r = Raw::upgraded(gw.ws, "");
+    r.read_frame();
+    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "frag".into() })) }.encode_to_vec();
+    let (a, b) = join.split_at(3);
+    let bytes = [frame(false, 0x2, a), frame(true, 0x9, b"are you there"), frame(true, 0x0, b)].concat();
+    // Deliver it a few bytes at a time.
+    for chunk in bytes.chunks(5) {
+        r.write(chunk);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (op, payload) = r.read_frame();
+    assert_eq!((op, payload.as_slice()), (0xA, &b"are you there"[..]), "pong echoes the ping payload");
+    gw.wait_online("frag", 1);
+}
+
+#[test]
+fn silent_connections_time_out() {
+    let gw = Gateway::start(&["--handshake-timeout-ms", "300", "--heartbeat-ms", "100", "--idle-timeout-ms", "600"]);
+    let mut quiet = Raw::connect(gw.ws);
+    let t = Instant::now();
+    assert!(quiet.read_to_end().is_empty());
+    assert!(t.elapsed() < Duration::from_secs(3), "handshake timeout closes the socket");
+    let mut idle = Raw::upgraded(gw.ws, "");
+    idle.read_frame();
+    assert_eq!(idle.close_code(), 1001, "idle timeout closes with 1001");
+    eventually("timeouts counted", || {
+        gw.metric("barrage_handshakes_total{result=\"timeout\"}") == 1 && gw.metric("barrage_closed_total{reason=\"idle\"}") == 1
+    });
+}
+
+#[test]
+fn traffic_keeps_a_connection_alive() {
+    let gw = Gateway::start(&["--heartbeat-ms", "100", "--idle-timeout-ms", "500"]);
+    let mut r = Raw::upgraded(gw.ws, "");
+    r.read_frame();
+    for _ in 0..10 {
+        r.write(&frame(true, 0x9, b"hb"));
+        assert_eq!(r.read_frame().0, 0xA);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_and_counted() {
+    let gw = Gateway::start(&["--shards", "1", "--connections-max", "2"]);
+    let _a = Client::connect(&gw.url(""), None);
+    let _b = Client::connect(&gw.url(""), None);
+    let mut c = Raw::connect(gw.ws);
+    c.write(&upgrade_request("/ws", &[]));
+    assert!(c.read_to_end().is_empty(), "the third connection is closed at once");
+    eventually("counted", || gw.metric("barrage_refused_total{reason=\"connections_max\"}") == 1);
+}
+
+#[test]
+fn a_reader_that_never_reads_is_dropped_and_closed() {
+    let gw = Gateway::start(&["--send-queue-frames-max", "4", "--data-bytes-max", "65536"]);
+    let t = token("slow");
+    let mut slow = Raw::connect(gw.ws);
+    slow.write(&upgrade_request(&format!("/ws?token={t}"), &[]));
+    let body = json!({"priority": "whitelist", "data_b64": base64_zeros(60_000)}).to_string();
+    let mut closed = false;
+    for _ in 0..2000 {
+        let (status, resp) = http(gw.api, "POST", "/v1/users/slow/messages", Some(&body), &[]);
+        assert_eq!(status, 202, "{resp}");
+        if resp.contains("\"connections\":0") {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the stalled reader was closed");
+    eventually("counted", || gw.metric("barrage_closed_total{reason=\"slow_consumer\"}") == 1);
+}
+
+#[test]
+fn room_backlog_and_room_count_are_bounded() {
+    let gw = Gateway::start(&["--block-interval-ms", "60000", "--pending-messages-max", "20", "--rooms-max", "1", "--shards", "1"]);
+    for _ in 0..20 {
+        assert_eq!(gw.publish("only", json!({"text": "x"})).0, 202);
+    }
+    let (status, body) = gw.publish("only", json!({"text": "x"}));
+    assert_eq!(status, 429, "{body}");
+    let (status, body) = gw.publish("second", json!({"text": "x"}));
+    assert_eq!(status, 503, "{body}");
+    eventually("counted", || gw.metric("barrage_messages_dropped_total{reason=\"backlog\"}") == 1);
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let mut gw = Gateway::start(&[]);
+    let mut a = Client::connect(&gw.url("?room=z"), Some("barrage.v1.json"));
+    a.welcome();
+    let mut b = Raw::upgraded(gw.ws, "");
+    b.read_frame();
+    let handle = std::thread::spawn(move || {
+        let code = b.close_code();
+        // Answer the close like a well-behaved client.
+        b.write(&frame(true, 0x8, &code.to_be_bytes()));
+        code
+    });
+    assert!(gw.terminate(), "clean exit");
+    assert_eq!(a.close_code(), Some(1001));
+    assert_eq!(handle.join().unwrap(), 1001);
+}
+
+fn base64_zeros(n: usize) -> String {
+    "A".repeat(n.div_ceil(3) * 4)
+}
