@@ -14,8 +14,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .compile_protos(&[schema], &["proto"])?;
     let set = std::fs::read(&descriptor_path)?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&set)?
-        .build(&[".barrage.v1"])?;
+    pbjson_build::Builder::new().register_descriptors(&set)?.build(&[".barrage.v1"])?;
     Ok(())
 }

@@ -81,9 +81,7 @@ pub struct Verifier {
 impl fmt::Debug for Verifier {
     // The keyed MAC state is derived from the secret: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier")
-            .field("leeway_s", &self.leeway_s)
-            .finish_non_exhaustive()
+        f.debug_struct("Verifier").field("leeway_s", &self.leeway_s).finish_non_exhaustive()
     }
 }
 
@@ -92,10 +90,7 @@ impl Verifier {
     /// skew between the token issuer and this host on both `exp` and `nbf`. Refusing an empty or
     /// short secret is config validation's job.
     pub fn new(secret: &[u8], leeway_s: u64) -> Self {
-        Verifier {
-            mac: keyed_mac(secret),
-            leeway_s,
-        }
+        Verifier { mac: keyed_mac(secret), leeway_s }
     }
 
     /// Verifies a compact JWS: header must say alg HS256 (typ optional, any other alg incl.
@@ -111,8 +106,7 @@ impl Verifier {
             return Err(TokenError::Malformed);
         }
         let (signing_input, signature_b64) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let (header_b64, payload_b64) =
-            signing_input.split_once('.').ok_or(TokenError::Malformed)?;
+        let (header_b64, payload_b64) = signing_input.split_once('.').ok_or(TokenError::Malformed)?;
         if payload_b64.contains('.') {
             return Err(TokenError::Malformed);
         }
@@ -127,8 +121,7 @@ impl Verifier {
         let mut mac = self.mac.clone();
         mac.update(signing_input);
         // verify_slice compares in constant time (subtle) and refuses a wrong length.
-        mac.verify_slice(signature)
-            .map_err(|_| TokenError::Signature)
+        mac.verify_slice(signature).map_err(|_| TokenError::Signature)
     }
 }
 
@@ -151,9 +144,7 @@ fn keyed_mac(secret: &[u8]) -> Hmac<Sha256> {
 
 /// Strict base64url: no padding, no whitespace, no non-zero trailing bits.
 fn decode_segment(segment: &str) -> Result<Vec<u8>, TokenError> {
-    URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| TokenError::Malformed)
+    URL_SAFE_NO_PAD.decode(segment).map_err(|_| TokenError::Malformed)
 }
 
 #[derive(Deserialize)]
@@ -256,11 +247,7 @@ mod tests {
 
     /// A token with any header, signed correctly with SECRET.
     fn token_with_header(header: &str, claims: &Value) -> String {
-        let signing_input = format!(
-            "{}.{}",
-            b64(header.as_bytes()),
-            b64(claims.to_string().as_bytes())
-        );
+        let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.to_string().as_bytes()));
         let mut mac = keyed_mac(SECRET);
         mac.update(signing_input.as_bytes());
         format!("{signing_input}.{}", b64(&mac.finalize().into_bytes()))
@@ -268,20 +255,9 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let token = sign_hs256(
-            SECRET,
-            &json!({"sub": "alice", "exp": NOW + 60, "nbf": NOW - 5}),
-        );
+        let token = sign_hs256(SECRET, &json!({"sub": "alice", "exp": NOW + 60, "nbf": NOW - 5}));
         let claims = verifier().verify(&token, NOW).unwrap();
-        assert_eq!(
-            claims,
-            Claims {
-                sub: "alice".into(),
-                exp: Some(NOW + 60),
-                nbf: Some(NOW - 5),
-                send: true
-            }
-        );
+        assert_eq!(claims, Claims { sub: "alice".into(), exp: Some(NOW + 60), nbf: Some(NOW - 5), send: true });
     }
 
     #[test]
@@ -290,9 +266,7 @@ mod tests {
         let token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
                      eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.\
                      SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
-        let claims = Verifier::new(b"your-256-bit-secret", 0)
-            .verify(token, NOW)
-            .unwrap();
+        let claims = Verifier::new(b"your-256-bit-secret", 0).verify(token, NOW).unwrap();
         assert_eq!(claims.sub, "1234567890");
         assert_eq!((claims.exp, claims.nbf, claims.send), (None, None, true));
     }
@@ -304,10 +278,7 @@ mod tests {
         let expected = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
                         eyJleHAiOjIwMDAwMDAwMDAsInNlbmQiOmZhbHNlLCJzdWIiOiJhbGljZSJ9.\
                         iqztyZyqqmEoKEUIz-cX1qG7hhaRgc96T-RIIMYzBFk";
-        let token = sign_hs256(
-            SECRET,
-            &json!({"sub": "alice", "exp": 2_000_000_000u64, "send": false}),
-        );
+        let token = sign_hs256(SECRET, &json!({"sub": "alice", "exp": 2_000_000_000u64, "send": false}));
         assert_eq!(token, expected);
         let claims = verifier().verify(expected, NOW).unwrap();
         assert!(!claims.send);
@@ -326,10 +297,7 @@ mod tests {
         let parts: Vec<&str> = token.split('.').collect();
         let forged = b64(json!({"sub": "alice", "send": true}).to_string().as_bytes());
         let tampered = format!("{}.{}.{}", parts[0], forged, parts[2]);
-        assert_eq!(
-            verifier().verify(&tampered, NOW),
-            Err(TokenError::Signature)
-        );
+        assert_eq!(verifier().verify(&tampered, NOW), Err(TokenError::Signature));
     }
 
     #[test]
@@ -341,10 +309,7 @@ mod tests {
         let flipped = format!("{input}.{}", b64(&bytes));
         assert_eq!(verifier().verify(&flipped, NOW), Err(TokenError::Signature));
         let truncated = format!("{input}.{}", b64(&bytes[..31]));
-        assert_eq!(
-            verifier().verify(&truncated, NOW),
-            Err(TokenError::Signature)
-        );
+        assert_eq!(verifier().verify(&truncated, NOW), Err(TokenError::Signature));
         let empty = format!("{input}.");
         assert_eq!(verifier().verify(&empty, NOW), Err(TokenError::Signature));
     }
@@ -361,32 +326,17 @@ mod tests {
             r#"{"typ":"JWT"}"#,
         ] {
             let token = token_with_header(header, &claims);
-            assert_eq!(
-                verifier().verify(&token, NOW),
-                Err(TokenError::Algorithm),
-                "{header}"
-            );
+            assert_eq!(verifier().verify(&token, NOW), Err(TokenError::Algorithm), "{header}");
         }
         // The classic "none" attack: no signature at all.
-        let unsigned = format!(
-            "{}.{}.",
-            b64(br#"{"alg":"none"}"#),
-            b64(claims.to_string().as_bytes())
-        );
-        assert_eq!(
-            verifier().verify(&unsigned, NOW),
-            Err(TokenError::Algorithm)
-        );
+        let unsigned = format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(claims.to_string().as_bytes()));
+        assert_eq!(verifier().verify(&unsigned, NOW), Err(TokenError::Algorithm));
     }
 
     #[test]
     fn typ_is_optional_and_crit_is_refused() {
         let claims = json!({"sub": "alice"});
-        assert!(
-            verifier()
-                .verify(&token_with_header(r#"{"alg":"HS256"}"#, &claims), NOW)
-                .is_ok()
-        );
+        assert!(verifier().verify(&token_with_header(r#"{"alg":"HS256"}"#, &claims), NOW).is_ok());
         let crit = token_with_header(r#"{"alg":"HS256","crit":["b64"],"b64":false}"#, &claims);
         assert_eq!(verifier().verify(&crit, NOW), Err(TokenError::Malformed));
     }
@@ -397,10 +347,7 @@ mod tests {
         let v = verifier(); // leeway 30 s
         assert!(v.verify(&token, NOW + 29).is_ok());
         assert_eq!(v.verify(&token, NOW + 30), Err(TokenError::Expired));
-        assert_eq!(
-            Verifier::new(SECRET, 0).verify(&token, NOW),
-            Err(TokenError::Expired)
-        );
+        assert_eq!(Verifier::new(SECRET, 0).verify(&token, NOW), Err(TokenError::Expired));
         assert!(Verifier::new(SECRET, 0).verify(&token, NOW - 1).is_ok());
     }
 
@@ -410,19 +357,13 @@ mod tests {
         let v = verifier(); // leeway 30 s
         assert_eq!(v.verify(&token, NOW + 69), Err(TokenError::NotYetValid));
         assert!(v.verify(&token, NOW + 70).is_ok());
-        assert_eq!(
-            Verifier::new(SECRET, 0).verify(&token, NOW + 99),
-            Err(TokenError::NotYetValid)
-        );
+        assert_eq!(Verifier::new(SECRET, 0).verify(&token, NOW + 99), Err(TokenError::NotYetValid));
         assert!(Verifier::new(SECRET, 0).verify(&token, NOW + 100).is_ok());
     }
 
     #[test]
     fn leeway_does_not_overflow() {
-        let token = sign_hs256(
-            SECRET,
-            &json!({"sub": "a", "exp": u64::MAX, "nbf": u64::MAX}),
-        );
+        let token = sign_hs256(SECRET, &json!({"sub": "a", "exp": u64::MAX, "nbf": u64::MAX}));
         let v = Verifier::new(SECRET, u64::MAX);
         assert!(v.verify(&token, u64::MAX).is_ok());
         let old = sign_hs256(SECRET, &json!({"sub": "a", "exp": 0}));
@@ -440,30 +381,16 @@ mod tests {
             json!({"sub": "a", "send": "yes"}),
         ] {
             let token = sign_hs256(SECRET, &claims);
-            assert_eq!(
-                verifier().verify(&token, NOW),
-                Err(TokenError::Malformed),
-                "{claims}"
-            );
+            assert_eq!(verifier().verify(&token, NOW), Err(TokenError::Malformed), "{claims}");
         }
     }
 
     #[test]
     fn subject_must_be_short_non_empty_string() {
         let long = "x".repeat(SUBJECT_BYTES_MAX + 1);
-        for claims in [
-            json!({}),
-            json!({"sub": ""}),
-            json!({"sub": null}),
-            json!({"sub": 42}),
-            json!({"sub": long}),
-        ] {
+        for claims in [json!({}), json!({"sub": ""}), json!({"sub": null}), json!({"sub": 42}), json!({"sub": long})] {
             let token = sign_hs256(SECRET, &claims);
-            assert_eq!(
-                verifier().verify(&token, NOW),
-                Err(TokenError::Subject),
-                "{claims}"
-            );
+            assert_eq!(verifier().verify(&token, NOW), Err(TokenError::Subject), "{claims}");
         }
         let max = "x".repeat(SUBJECT_BYTES_MAX);
         let token = sign_hs256(SECRET, &json!({"sub": max}));
@@ -486,10 +413,7 @@ mod tests {
         let token = format!("{signing_input}.{}", b64(&mac.finalize().into_bytes()));
         assert_eq!(verifier().verify(&token, NOW), Err(TokenError::Malformed));
         let array_header = token_with_header(r#"["HS256"]"#, &json!({"sub": "a"}));
-        assert_eq!(
-            verifier().verify(&array_header, NOW),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(verifier().verify(&array_header, NOW), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -539,19 +463,13 @@ mod tests {
             TokenError::Subject,
         ];
         let labels: Vec<&str> = all.iter().map(TokenError::reason).collect();
-        assert_eq!(
-            labels,
-            ["malformed", "alg", "signature", "expired", "nbf", "subject"]
-        );
+        assert_eq!(labels, ["malformed", "alg", "signature", "expired", "nbf", "subject"]);
     }
 
     #[test]
     fn debug_hides_the_secret() {
         let shown = format!("{:?}", Verifier::new(b"hunter2", 5));
-        assert!(
-            !shown.contains("hunter2") && shown.contains("leeway_s: 5"),
-            "{shown}"
-        );
+        assert!(!shown.contains("hunter2") && shown.contains("leeway_s: 5"), "{shown}");
     }
 
     proptest! {

@@ -78,7 +78,8 @@ config! {
         /// Slots in each cross-shard queue (one per sender and receiver). About 64 B each.
         mesh_queue_len: usize = 65536, mesh_queue_len, "BARRAGE_MESH_QUEUE_LEN";
         /// Frames per connection waiting to be sent. A reader that falls further behind loses
-        /// its oldest non-whitelist frames first and is closed when nothing more can go (1008).
+        /// its oldest non-whitelist frames first, and is closed (and counted) when only
+        /// undroppable frames are left. Bounds a stalled reader's memory to this many frames.
         send_queue_frames_max: u32 = 16, send_queue_frames_max, "BARRAGE_SEND_QUEUE_FRAMES_MAX";
     }
 
@@ -127,7 +128,7 @@ config! {
         pending_messages_max: usize = 1000, pending_messages_max, "BARRAGE_PENDING_MESSAGES_MAX";
         /// Rooms the node tracks; a join or publish for a new room over it is refused.
         rooms_max: usize = 100_000, rooms_max, "BARRAGE_ROOMS_MAX";
-        /// Bytes of a room name (and of a user id in API paths).
+        /// Bytes of a room name.
         name_bytes_max: usize = 64, name_bytes_max, "BARRAGE_NAME_BYTES_MAX";
         /// Bytes of one message's data.
         data_bytes_max: usize = 4096, data_bytes_max, "BARRAGE_DATA_BYTES_MAX";
@@ -179,27 +180,37 @@ impl Config {
         let checks: [(bool, &str); 16] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
-            (s.ring_entries.is_power_of_two() && (64..=32768).contains(&s.ring_entries),
-                "server.ring_entries must be a power of two in 64..=32768"),
-            (s.recv_buffers.is_power_of_two() && s.recv_buffers >= 8,
-                "server.recv_buffers must be a power of two, at least 8"),
-            (s.recv_buffer_bytes.is_power_of_two() && (256..=1 << 20).contains(&s.recv_buffer_bytes),
-                "server.recv_buffer_bytes must be a power of two in 256..=1048576"),
+            (
+                s.ring_entries.is_power_of_two() && (64..=32768).contains(&s.ring_entries),
+                "server.ring_entries must be a power of two in 64..=32768",
+            ),
+            (
+                s.recv_buffers.is_power_of_two() && s.recv_buffers >= 8,
+                "server.recv_buffers must be a power of two, at least 8",
+            ),
+            (
+                s.recv_buffer_bytes.is_power_of_two() && (256..=1 << 20).contains(&s.recv_buffer_bytes),
+                "server.recv_buffer_bytes must be a power of two in 256..=1048576",
+            ),
             (s.mesh_queue_len >= 64, "server.mesh_queue_len must be at least 64"),
-            ((2..=1024).contains(&s.send_queue_frames_max),
-                "server.send_queue_frames_max must be in 2..=1024"),
+            ((2..=1024).contains(&s.send_queue_frames_max), "server.send_queue_frames_max must be in 2..=1024"),
             (w.handshake_bytes_max >= 256, "websocket.handshake_bytes_max must be at least 256"),
             (w.handshake_headers_max >= 8, "websocket.handshake_headers_max must be at least 8"),
             (w.frame_bytes_max >= 125, "websocket.frame_bytes_max must be at least 125"),
-            (w.message_bytes_max >= w.frame_bytes_max,
-                "websocket.message_bytes_max must be at least websocket.frame_bytes_max"),
-            (w.idle_timeout_ms > u64::from(w.heartbeat_ms),
-                "websocket.idle_timeout_ms must exceed websocket.heartbeat_ms"),
-            (r.block_interval_ms >= 1 && r.block_interval_ms <= 60_000,
-                "rooms.block_interval_ms must be in 1..=60000"),
+            (
+                w.message_bytes_max >= w.frame_bytes_max,
+                "websocket.message_bytes_max must be at least websocket.frame_bytes_max",
+            ),
+            (
+                w.idle_timeout_ms > u64::from(w.heartbeat_ms),
+                "websocket.idle_timeout_ms must exceed websocket.heartbeat_ms",
+            ),
+            (r.block_interval_ms >= 1 && r.block_interval_ms <= 60_000, "rooms.block_interval_ms must be in 1..=60000"),
             ((1..=1000).contains(&r.block_messages_max), "rooms.block_messages_max must be in 1..=1000"),
-            (r.pending_messages_max >= r.block_messages_max,
-                "rooms.pending_messages_max must be at least rooms.block_messages_max"),
+            (
+                r.pending_messages_max >= r.block_messages_max,
+                "rooms.pending_messages_max must be at least rooms.block_messages_max",
+            ),
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {

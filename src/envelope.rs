@@ -55,8 +55,9 @@ impl EnvelopeError {
 /// Decodes one complete client message. `text` says whether it came in a text frame.
 pub fn decode(format: Format, text: bool, payload: &[u8]) -> Result<ClientFrame, EnvelopeError> {
     let frame = match (format, text) {
-        (Format::Proto, false) => ClientFrame::decode(payload)
-            .map_err(|e| EnvelopeError::Invalid(format!("bad ClientFrame: {e}")))?,
+        (Format::Proto, false) => {
+            ClientFrame::decode(payload).map_err(|e| EnvelopeError::Invalid(format!("bad ClientFrame: {e}")))?
+        }
         (Format::Json, true) => serde_json::from_slice::<ClientFrame>(payload)
             .map_err(|e| EnvelopeError::Invalid(format!("bad ClientFrame JSON: {e}")))?,
         _ => return Err(EnvelopeError::WrongType),

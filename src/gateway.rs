@@ -78,7 +78,8 @@ impl Gateway {
         for i in 0..shards {
             let hub = HubConfig::new(config, ShardId(i as u16), shards);
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
-            let (params, mesh, metrics, ready) = (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone());
+            let (params, mesh, metrics, ready) =
+                (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
                 .spawn(move || {

@@ -105,7 +105,11 @@ fn protocol_violations_close_with_the_right_code() {
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (unmasked, 1002, "unmasked"),
         (frame(true, 0x2, &vec![0; 2000]), 1009, "frame over frame_bytes_max"),
-        ([frame(false, 0x2, &[0; 1000]), frame(false, 0x0, &[0; 1000]), frame(true, 0x0, &[0; 1000])].concat(), 1009, "message over message_bytes_max"),
+        (
+            [frame(false, 0x2, &[0; 1000]), frame(false, 0x0, &[0; 1000]), frame(true, 0x0, &[0; 1000])].concat(),
+            1009,
+            "message over message_bytes_max",
+        ),
         (frame(true, 0x3, b""), 1002, "reserved opcode"),
         (frame(true, 0x0, b"x"), 1002, "continuation without a start"),
         (frame(true, 0x1, b"{}"), 1003, "text on a protobuf connection"),
@@ -125,7 +129,8 @@ fn protocol_violations_close_with_the_right_code() {
     r.write(&frame(true, 0x1, &[b'{', 0xC3, 0x28, b'}']));
     assert_eq!(r.close_code(), 1007);
     eventually("closes counted", || {
-        gw.metric("barrage_closed_total{reason=\"too_big\"}") == 2 && gw.metric("barrage_closed_total{reason=\"utf8\"}") == 1
+        gw.metric("barrage_closed_total{reason=\"too_big\"}") == 2
+            && gw.metric("barrage_closed_total{reason=\"utf8\"}") == 1
     });
 }
 
@@ -158,7 +163,8 @@ fn silent_connections_time_out() {
     idle.read_frame();
     assert_eq!(idle.close_code(), 1001, "idle timeout closes with 1001");
     eventually("timeouts counted", || {
-        gw.metric("barrage_handshakes_total{result=\"timeout\"}") == 1 && gw.metric("barrage_closed_total{reason=\"idle\"}") == 1
+        gw.metric("barrage_handshakes_total{result=\"timeout\"}") == 1
+            && gw.metric("barrage_closed_total{reason=\"idle\"}") == 1
     });
 }
 
@@ -207,7 +213,16 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
 
 #[test]
 fn room_backlog_and_room_count_are_bounded() {
-    let gw = Gateway::start(&["--block-interval-ms", "60000", "--pending-messages-max", "20", "--rooms-max", "1", "--shards", "1"]);
+    let gw = Gateway::start(&[
+        "--block-interval-ms",
+        "60000",
+        "--pending-messages-max",
+        "20",
+        "--rooms-max",
+        "1",
+        "--shards",
+        "1",
+    ]);
     for _ in 0..20 {
         assert_eq!(gw.publish("only", json!({"text": "x"})).0, 202);
     }

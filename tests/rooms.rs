@@ -90,7 +90,8 @@ fn joining_another_room_leaves_the_first() {
 #[test]
 fn many_members_across_shards_get_the_same_block() {
     let gw = Gateway::start(&[]);
-    let mut clients: Vec<Client> = (0..40).map(|i| Client::connect(&gw.url("?room=big"), if i % 2 == 0 { PROTO } else { JSON })).collect();
+    let mut clients: Vec<Client> =
+        (0..40).map(|i| Client::connect(&gw.url("?room=big"), if i % 2 == 0 { PROTO } else { JSON })).collect();
     for c in &mut clients {
         c.welcome();
     }

@@ -18,10 +18,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode as TungCloseCode;
 use tungstenite::{Message as WsMessage, WebSocket};
 
-const LIMITS: ReadLimits = ReadLimits {
-    frame_bytes_max: 0x2_0000,
-    message_bytes_max: 0x4_0000,
-};
+const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x4_0000 };
 
 /// A client frame as a browser would send it: masked with `mask`.
 fn client_frame(fin: bool, opcode: Opcode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
@@ -102,8 +99,7 @@ fn payload(small_only: bool) -> impl Strategy<Value = (bool, Vec<u8>)> {
     let small_binary = vec(any::<u8>(), 0..200).prop_map(|bytes| (false, bytes));
     let big_text = ("[a-zé€😀]{1,3}", 0xFFF0..0x1_0100usize)
         .prop_map(|(unit, len)| (true, unit.repeat(len / unit.len()).into_bytes()));
-    let big_binary =
-        (any::<u8>(), 0xFFF0..0x1_0100usize).prop_map(|(byte, len)| (false, vec![byte; len]));
+    let big_binary = (any::<u8>(), 0xFFF0..0x1_0100usize).prop_map(|(byte, len)| (false, vec![byte; len]));
     if small_only {
         prop_oneof![small_text, small_binary].boxed()
     } else {
@@ -115,38 +111,23 @@ fn control() -> impl Strategy<Value = (Opcode, Vec<u8>)> {
     prop_oneof![
         vec(any::<u8>(), 0..=125).prop_map(|bytes| (Opcode::Ping, bytes)),
         vec(any::<u8>(), 0..=125).prop_map(|bytes| (Opcode::Pong, bytes)),
-        (
-            prop_oneof![Just(1000u16), Just(1001), Just(4000)],
-            "[a-z]{0,20}"
-        )
-            .prop_map(|(code, reason)| {
-                let mut bytes = code.to_be_bytes().to_vec();
-                bytes.extend_from_slice(reason.as_bytes());
-                (Opcode::Close, bytes)
-            }),
+        (prop_oneof![Just(1000u16), Just(1001), Just(4000)], "[a-z]{0,20}").prop_map(|(code, reason)| {
+            let mut bytes = code.to_be_bytes().to_vec();
+            bytes.extend_from_slice(reason.as_bytes());
+            (Opcode::Close, bytes)
+        }),
         Just((Opcode::Close, Vec::new())),
     ]
 }
 
 fn message(small_only: bool) -> impl Strategy<Value = Message> {
-    (
-        payload(small_only),
-        vec(any::<prop::sample::Index>(), 0..4),
-        vec(vec(control(), 0..2), 4),
-    )
-        .prop_map(|((text, payload), cut_at, controls)| {
-            let mut cuts: Vec<usize> = cut_at
-                .iter()
-                .map(|at| at.index(payload.len() + 1))
-                .collect();
+    (payload(small_only), vec(any::<prop::sample::Index>(), 0..4), vec(vec(control(), 0..2), 4)).prop_map(
+        |((text, payload), cut_at, controls)| {
+            let mut cuts: Vec<usize> = cut_at.iter().map(|at| at.index(payload.len() + 1)).collect();
             cuts.sort_unstable();
-            Message {
-                text,
-                payload,
-                cuts,
-                controls,
-            }
-        })
+            Message { text, payload, cuts, controls }
+        },
+    )
 }
 
 /// The bytes of the messages, masked with keys drawn from `masks`.
@@ -154,11 +135,8 @@ fn encode(messages: &[Message], masks: &[[u8; 4]]) -> Vec<u8> {
     let mut masks = masks.iter().copied().cycle();
     let mut out = Vec::new();
     for message in messages {
-        let bounds: Vec<usize> = [0]
-            .into_iter()
-            .chain(message.cuts.iter().copied())
-            .chain([message.payload.len()])
-            .collect();
+        let bounds: Vec<usize> =
+            [0].into_iter().chain(message.cuts.iter().copied()).chain([message.payload.len()]).collect();
         let fragments = bounds.windows(2).count();
         for (i, pair) in bounds.windows(2).enumerate() {
             let opcode = match (i, message.text) {
@@ -167,12 +145,7 @@ fn encode(messages: &[Message], masks: &[[u8; 4]]) -> Vec<u8> {
                 _ => Opcode::Continuation,
             };
             let fin = i + 1 == fragments;
-            out.extend(client_frame(
-                fin,
-                opcode,
-                &message.payload[pair[0]..pair[1]],
-                masks.next().unwrap(),
-            ));
+            out.extend(client_frame(fin, opcode, &message.payload[pair[0]..pair[1]], masks.next().unwrap()));
             for (opcode, payload) in message.controls.get(i).into_iter().flatten() {
                 out.extend(client_frame(true, *opcode, payload, masks.next().unwrap()));
             }
@@ -200,9 +173,8 @@ fn expected(messages: &[Message]) -> Vec<Owned> {
             }
         }
         // Controls after the last fragment come after the message.
-        let tail: Vec<Owned> = events
-            .drain(events.len() - message.controls.get(fragments - 1).map_or(0, Vec::len)..)
-            .collect();
+        let tail: Vec<Owned> =
+            events.drain(events.len() - message.controls.get(fragments - 1).map_or(0, Vec::len)..).collect();
         events.push(if message.text {
             Owned::Text(String::from_utf8(message.payload.clone()).unwrap())
         } else {
@@ -300,10 +272,7 @@ proptest! {
 
 // ---- handshake ----
 
-const HANDSHAKE: HandshakeLimits = HandshakeLimits {
-    request_bytes_max: 0x2000,
-    headers_max: 0x40,
-};
+const HANDSHAKE: HandshakeLimits = HandshakeLimits { request_bytes_max: 0x2000, headers_max: 0x40 };
 
 /// Randomly cased header names, optional protocol and auth headers, and noise headers.
 fn upgrade_request() -> impl Strategy<Value = String> {
@@ -315,15 +284,8 @@ fn upgrade_request() -> impl Strategy<Value = String> {
     ]);
     let noise = vec(("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,30}"), 0..6);
     let target = ("/[a-z0-9/]{0,20}", prop::option::of("[a-z0-9=&%+]{0,30}"));
-    (
-        name_case,
-        protocols,
-        noise,
-        target,
-        any::<[u8; 16]>(),
-        prop::option::of("[A-Za-z0-9._-]{1,40}"),
-    )
-        .prop_map(|(case, protocols, noise, (path, query), key, token)| {
+    (name_case, protocols, noise, target, any::<[u8; 16]>(), prop::option::of("[A-Za-z0-9._-]{1,40}")).prop_map(
+        |(case, protocols, noise, (path, query), key, token)| {
             let mut lines = vec![
                 ("Host".to_owned(), "example.com".to_owned()),
                 ("Upgrade".to_owned(), "websocket".to_owned()),
@@ -337,32 +299,24 @@ fn upgrade_request() -> impl Strategy<Value = String> {
             if let Some(token) = token {
                 lines.push(("Authorization".to_owned(), format!("Bearer {token}")));
             }
-            lines.extend(
-                noise
-                    .into_iter()
-                    .map(|(name, value)| (format!("X-{name}"), value.trim().to_owned())),
-            );
-            let mut text = format!(
-                "GET {path}{} HTTP/1.1\r\n",
-                query.map(|q| format!("?{q}")).unwrap_or_default()
-            );
+            lines.extend(noise.into_iter().map(|(name, value)| (format!("X-{name}"), value.trim().to_owned())));
+            let mut text = format!("GET {path}{} HTTP/1.1\r\n", query.map(|q| format!("?{q}")).unwrap_or_default());
             for (i, (name, value)) in lines.iter().enumerate() {
                 let name: String = name
                     .chars()
                     .enumerate()
-                    .map(|(j, c)| {
-                        if case[(i + j) % case.len()] {
-                            c.to_ascii_lowercase()
-                        } else {
-                            c.to_ascii_uppercase()
-                        }
-                    })
+                    .map(
+                        |(j, c)| {
+                            if case[(i + j) % case.len()] { c.to_ascii_lowercase() } else { c.to_ascii_uppercase() }
+                        },
+                    )
                     .collect();
                 text.push_str(&format!("{name}: {value}\r\n"));
             }
             text.push_str("\r\n");
             text
-        })
+        },
+    )
 }
 
 fn base64_16(key: &[u8; 16]) -> String {
@@ -463,27 +417,20 @@ impl Write for Pipe {
 /// A tungstenite client that asked for `protocols`, upgraded by our handshake code.
 fn connect(protocols: Option<&str>) -> (WebSocket<Pipe>, Pipe, Subprotocol) {
     let pipe = Pipe::default();
-    let mut request = "ws://example.com/rooms/7?token=t"
-        .into_client_request()
-        .unwrap();
+    let mut request = "ws://example.com/rooms/7?token=t".into_client_request().unwrap();
     if let Some(protocols) = protocols {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+        request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
     }
     let Err(HandshakeError::Interrupted(mid)) = tungstenite::client(request, pipe.clone()) else {
         panic!("the client should wait for our response");
     };
     let sent = std::mem::take(&mut *pipe.to_server.borrow_mut());
-    let Ok(Parsed::Complete { request, consumed }) = handshake::parse_request(&sent, &HANDSHAKE)
-    else {
+    let Ok(Parsed::Complete { request, consumed }) = handshake::parse_request(&sent, &HANDSHAKE) else {
         panic!("request did not parse: {}", String::from_utf8_lossy(&sent));
     };
     assert_eq!((consumed, request.path.as_str()), (sent.len(), "/rooms/7"));
     let upgrade = request.websocket.unwrap().unwrap();
-    pipe.to_client
-        .borrow_mut()
-        .extend(handshake::response_101(&upgrade));
+    pipe.to_client.borrow_mut().extend(handshake::response_101(&upgrade));
     let (client, _response) = mid.handshake().expect("client accepts our 101");
     (client, pipe, upgrade.protocol)
 }
@@ -525,10 +472,7 @@ fn tungstenite_client_upgrades_and_its_frames_read_back() {
     client.send(WsMessage::text("héllo")).unwrap();
     client.send(WsMessage::binary(big.clone())).unwrap();
     client.send(WsMessage::Ping(vec![1, 2, 3].into())).unwrap();
-    let close = CloseFrame {
-        code: TungCloseCode::Away,
-        reason: "bye".into(),
-    };
+    let close = CloseFrame { code: TungCloseCode::Away, reason: "bye".into() };
     client.close(Some(close)).unwrap();
     let _ = client.flush();
     let sent = pipe.to_server.borrow().clone();
@@ -539,11 +483,7 @@ fn tungstenite_client_upgrades_and_its_frames_read_back() {
         Seen::Close(Some(1001), "bye".into()),
     ];
     for chunk in [sent.len(), 1, 7, 1000] {
-        assert_eq!(
-            read_all(&mut sent.clone(), chunk),
-            expected,
-            "reads of {chunk}"
-        );
+        assert_eq!(read_all(&mut sent.clone(), chunk), expected, "reads of {chunk}");
     }
 }
 
@@ -560,8 +500,5 @@ fn tungstenite_client_reads_our_frames() {
     let WsMessage::Close(Some(close)) = client.read().unwrap() else {
         panic!("expected a close frame");
     };
-    assert_eq!(
-        (u16::from(close.code), close.reason.as_str()),
-        (1013, "overloaded")
-    );
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1013, "overloaded"));
 }

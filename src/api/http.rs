@@ -26,11 +26,7 @@ impl Default for Limits {
     /// 16 KiB of head holds curl's ~200 bytes many times over, plus long API keys; 1 MiB of body
     /// holds a large publish batch; 64 headers are far above what real clients send.
     fn default() -> Self {
-        Limits {
-            head_bytes_max: 16 * 1024,
-            body_bytes_max: 1024 * 1024,
-            headers_max: 64,
-        }
+        Limits { head_bytes_max: 16 * 1024, body_bytes_max: 1024 * 1024, headers_max: 64 }
     }
 }
 
@@ -156,11 +152,7 @@ struct Head {
 
 impl RequestReader {
     pub fn new(limits: Limits) -> Self {
-        RequestReader {
-            limits,
-            head: None,
-            continued: false,
-        }
+        RequestReader { limits, head: None, continued: false }
     }
 
     /// `buf` holds all unconsumed bytes received on the connection. Returns Continue100 once per
@@ -180,19 +172,12 @@ impl RequestReader {
             self.continued = false;
             let mut request = head.request;
             request.body = body.to_vec();
-            return Ok(Progress::Complete {
-                request,
-                consumed: total,
-            });
+            return Ok(Progress::Complete { request, consumed: total });
         }
         let send_continue = head.expects_continue && !self.continued;
         self.continued |= send_continue;
         self.head = Some(head);
-        Ok(if send_continue {
-            Progress::Continue100
-        } else {
-            Progress::Partial
-        })
+        Ok(if send_continue { Progress::Continue100 } else { Progress::Partial })
     }
 }
 
@@ -201,26 +186,17 @@ fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.headers_max];
     let mut parsed = httparse::Request::new(&mut slots);
     match parsed.parse(buf) {
-        Ok(httparse::Status::Partial) if buf.len() >= limits.head_bytes_max => {
-            Err(HttpError::HeadTooLarge)
-        }
+        Ok(httparse::Status::Partial) if buf.len() >= limits.head_bytes_max => Err(HttpError::HeadTooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete(n)) if n > limits.head_bytes_max => {
-            Err(HttpError::HeadTooLarge)
-        }
+        Ok(httparse::Status::Complete(n)) if n > limits.head_bytes_max => Err(HttpError::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => build_head(&parsed, n, limits).map(Some),
         Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadTooLarge),
         Err(_) => Err(HttpError::Malformed),
     }
 }
 
-fn build_head(
-    parsed: &httparse::Request<'_, '_>,
-    head_bytes: usize,
-    limits: &Limits,
-) -> Result<Head, HttpError> {
-    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
-    else {
+fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Limits) -> Result<Head, HttpError> {
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
         return Err(HttpError::Malformed);
     };
     let fields = Fields::collect(parsed.headers)?;
@@ -229,10 +205,7 @@ fn build_head(
     }
     let body_bytes = match fields.content_length {
         None => 0,
-        Some(n) => usize::try_from(n)
-            .ok()
-            .filter(|n| *n <= limits.body_bytes_max)
-            .ok_or(HttpError::BodyTooLarge)?,
+        Some(n) => usize::try_from(n).ok().filter(|n| *n <= limits.body_bytes_max).ok_or(HttpError::BodyTooLarge)?,
     };
     let http11 = version == 1;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -247,12 +220,7 @@ fn build_head(
     };
     // RFC 9110 §10.1.1: never send 100 to an HTTP/1.0 client, nor when there is no body.
     let expects_continue = fields.expect_continue && http11 && body_bytes > 0;
-    Ok(Head {
-        request,
-        head_bytes,
-        body_bytes,
-        expects_continue,
-    })
+    Ok(Head { request, head_bytes, body_bytes, expects_continue })
 }
 
 /// The header fields the API acts on, read once from the head.
@@ -325,9 +293,7 @@ fn content_length(value: &[u8]) -> Result<u64, HttpError> {
         return Err(HttpError::Malformed);
     }
     digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(d - b'0')))
-            .ok_or(HttpError::BodyTooLarge)
+        n.checked_mul(10).and_then(|n| n.checked_add(u64::from(d - b'0'))).ok_or(HttpError::BodyTooLarge)
     })
 }
 
@@ -347,9 +313,7 @@ fn bearer_token(value: &[u8]) -> Result<Option<String>, HttpError> {
 }
 
 fn text(value: &[u8]) -> Result<&str, HttpError> {
-    std::str::from_utf8(value)
-        .map(str::trim)
-        .map_err(|_| HttpError::Malformed)
+    std::str::from_utf8(value).map(str::trim).map_err(|_| HttpError::Malformed)
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -379,12 +343,7 @@ impl Response {
     }
 
     pub fn text(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
-        Response {
-            status,
-            content_type,
-            body,
-            extra_headers: Vec::new(),
-        }
+        Response { status, content_type, body, extra_headers: Vec::new() }
     }
 
     /// Serializes with status line (standard reason phrase), Content-Type, Content-Length, and
@@ -399,11 +358,7 @@ impl Response {
             head.push_str(&format!("Content-Type: {}\r\n", self.content_type));
             head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
-        head.push_str(if keep_alive {
-            "Connection: keep-alive\r\n"
-        } else {
-            "Connection: close\r\n"
-        });
+        head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         for (name, value) in &self.extra_headers {
             let value = value.replace(['\r', '\n'], " ");
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -498,8 +453,7 @@ mod tests {
 
     #[test]
     fn post_with_body_and_media_type() {
-        let buf =
-            b"POST /v1/broadcast HTTP/1.1\r\ncontent-TYPE: Application/JSON; charset=utf-8\r\n\
+        let buf = b"POST /v1/broadcast HTTP/1.1\r\ncontent-TYPE: Application/JSON; charset=utf-8\r\n\
                     CONTENT-length: 13\r\n\r\n{\"text\":\"hi\"}";
         let (request, consumed) = complete(buf);
         assert_eq!(consumed, buf.len());
@@ -531,13 +485,8 @@ mod tests {
         assert_eq!(r.read(&buf[..10]), Ok(Progress::Partial));
         assert_eq!(r.read(&buf[..buf.len() - 3]), Ok(Progress::Partial));
         assert_eq!(r.read(&buf[..buf.len() - 1]), Ok(Progress::Partial));
-        let Ok(Progress::Complete { request, consumed }) = r.read(buf) else {
-            panic!()
-        };
-        assert_eq!(
-            (request.body.as_slice(), consumed),
-            (&b"hello"[..], buf.len())
-        );
+        let Ok(Progress::Complete { request, consumed }) = r.read(buf) else { panic!() };
+        assert_eq!((request.body.as_slice(), consumed), (&b"hello"[..], buf.len()));
     }
 
     #[test]
@@ -549,15 +498,8 @@ mod tests {
         let mut r = reader();
         let mut seen = Vec::new();
         while !buf.is_empty() {
-            let Ok(Progress::Complete { request, consumed }) = r.read(&buf) else {
-                panic!()
-            };
-            seen.push((
-                request.method,
-                request.path,
-                request.body,
-                request.keep_alive,
-            ));
+            let Ok(Progress::Complete { request, consumed }) = r.read(&buf) else { panic!() };
+            seen.push((request.method, request.path, request.body, request.keep_alive));
             buf.drain(..consumed);
         }
         assert_eq!(
@@ -573,8 +515,7 @@ mod tests {
 
     #[test]
     fn expect_continue_once_then_complete() {
-        let head =
-            b"POST /m HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 4\r\n\r\n".to_vec();
+        let head = b"POST /m HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 4\r\n\r\n".to_vec();
         let mut r = reader();
         assert_eq!(r.read(&head[..5]), Ok(Progress::Partial));
         assert_eq!(r.read(&head), Ok(Progress::Continue100));
@@ -582,9 +523,7 @@ mod tests {
         let with_some = [head.as_slice(), b"ab"].concat();
         assert_eq!(r.read(&with_some), Ok(Progress::Partial));
         let whole = [head.as_slice(), b"abcd"].concat();
-        let Ok(Progress::Complete { request, .. }) = r.read(&whole) else {
-            panic!()
-        };
+        let Ok(Progress::Complete { request, .. }) = r.read(&whole) else { panic!() };
         assert_eq!(request.body, b"abcd");
         // The next request on the connection gets its own 100.
         assert_eq!(r.read(&head), Ok(Progress::Continue100));
@@ -611,18 +550,10 @@ mod tests {
             (b"GET / HTTP/1.1\r\nConnection: TE, close\r\n\r\n", false),
             (b"GET / HTTP/1.0\r\n\r\n", false),
             (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", true),
-            (
-                b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
-                false,
-            ),
+            (b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", false),
         ];
         for (buf, keep_alive) in cases {
-            assert_eq!(
-                complete(buf).0.keep_alive,
-                keep_alive,
-                "{}",
-                String::from_utf8_lossy(buf)
-            );
+            assert_eq!(complete(buf).0.keep_alive, keep_alive, "{}", String::from_utf8_lossy(buf));
         }
     }
 
@@ -635,15 +566,9 @@ mod tests {
         assert_eq!(key("Authorization: Bearer k1\r\n").as_deref(), Some("k1"));
         assert_eq!(key("authorization: bearer  k2 \r\n").as_deref(), Some("k2"));
         assert_eq!(key("X-API-KEY: k3\r\n").as_deref(), Some("k3"));
-        assert_eq!(
-            key("X-Api-Key: k4\r\nAuthorization: Bearer k5\r\n").as_deref(),
-            Some("k5")
-        );
+        assert_eq!(key("X-Api-Key: k4\r\nAuthorization: Bearer k5\r\n").as_deref(), Some("k5"));
         assert_eq!(key("Authorization: Basic dTpw\r\n"), None);
-        assert_eq!(
-            key("Authorization: Basic dTpw\r\nX-Api-Key: k6\r\n").as_deref(),
-            Some("k6")
-        );
+        assert_eq!(key("Authorization: Basic dTpw\r\nX-Api-Key: k6\r\n").as_deref(), Some("k6"));
         assert_eq!(key("Authorization: Bearer \r\n"), None);
         assert_eq!(key(""), None);
     }
@@ -658,11 +583,7 @@ mod tests {
             "Content-Length: 1\r\nContent-Length: 2\r\n",
         ] {
             let buf = format!("POST / HTTP/1.1\r\n{headers}\r\n");
-            assert_eq!(
-                error_of(buf.as_bytes(), limits),
-                HttpError::Malformed,
-                "{headers}"
-            );
+            assert_eq!(error_of(buf.as_bytes(), limits), HttpError::Malformed, "{headers}");
         }
         // Agreeing repeats are fine.
         let buf = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
@@ -673,11 +594,7 @@ mod tests {
     fn bad_content_length_is_malformed() {
         for value in ["-1", "+1", "1 2", "1,1", "0x10", "abc", ""] {
             let buf = format!("POST / HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
-            assert_eq!(
-                error_of(buf.as_bytes(), Limits::default()),
-                HttpError::Malformed,
-                "{value:?}"
-            );
+            assert_eq!(error_of(buf.as_bytes(), Limits::default()), HttpError::Malformed, "{value:?}");
         }
         let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999999\r\n\r\n";
         assert_eq!(error_of(huge, Limits::default()), HttpError::BodyTooLarge);
@@ -686,67 +603,39 @@ mod tests {
     #[test]
     fn transfer_encoding_needs_length() {
         let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(
-            error_of(chunked, Limits::default()),
-            HttpError::LengthRequired
-        );
-        let both =
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: identity\r\n\r\nabc";
+        assert_eq!(error_of(chunked, Limits::default()), HttpError::LengthRequired);
+        let both = b"POST / HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: identity\r\n\r\nabc";
         assert_eq!(error_of(both, Limits::default()), HttpError::LengthRequired);
     }
 
     #[test]
     fn body_too_large_refused_from_the_header_alone() {
-        let limits = Limits {
-            body_bytes_max: 10,
-            ..Limits::default()
-        };
+        let limits = Limits { body_bytes_max: 10, ..Limits::default() };
         let head = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n";
         assert_eq!(error_of(head, limits), HttpError::BodyTooLarge);
         let at_limit = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789";
-        assert!(matches!(
-            RequestReader::new(limits).read(at_limit),
-            Ok(Progress::Complete { .. })
-        ));
+        assert!(matches!(RequestReader::new(limits).read(at_limit), Ok(Progress::Complete { .. })));
     }
 
     #[test]
     fn head_too_large() {
-        let limits = Limits {
-            head_bytes_max: 64,
-            ..Limits::default()
-        };
+        let limits = Limits { head_bytes_max: 64, ..Limits::default() };
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(100));
         assert_eq!(error_of(long.as_bytes(), limits), HttpError::HeadTooLarge);
         // Still incomplete at the limit: refused without waiting for the rest.
-        assert_eq!(
-            error_of(&long.as_bytes()[..64], limits),
-            HttpError::HeadTooLarge
-        );
-        assert_eq!(
-            RequestReader::new(limits).read(&long.as_bytes()[..63]),
-            Ok(Progress::Partial)
-        );
+        assert_eq!(error_of(&long.as_bytes()[..64], limits), HttpError::HeadTooLarge);
+        assert_eq!(RequestReader::new(limits).read(&long.as_bytes()[..63]), Ok(Progress::Partial));
         // Exactly at the limit is fine.
         let exact = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(64 - 18));
         assert_eq!(exact.len(), 64);
-        assert!(matches!(
-            RequestReader::new(limits).read(exact.as_bytes()),
-            Ok(Progress::Complete { .. })
-        ));
+        assert!(matches!(RequestReader::new(limits).read(exact.as_bytes()), Ok(Progress::Complete { .. })));
     }
 
     #[test]
     fn too_many_headers() {
-        let limits = Limits {
-            headers_max: 2,
-            ..Limits::default()
-        };
+        let limits = Limits { headers_max: 2, ..Limits::default() };
         let two = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n";
-        assert!(matches!(
-            RequestReader::new(limits).read(two),
-            Ok(Progress::Complete { .. })
-        ));
+        assert!(matches!(RequestReader::new(limits).read(two), Ok(Progress::Complete { .. })));
         let three = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert_eq!(error_of(three, limits), HttpError::HeadTooLarge);
     }
@@ -763,22 +652,13 @@ mod tests {
             b"GET / HTTP/1.1\r\nX-Api-Key: \xff\r\n\r\n",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", // a TLS ClientHello
         ] {
-            assert_eq!(
-                error_of(buf, Limits::default()),
-                HttpError::Malformed,
-                "{buf:?}"
-            );
+            assert_eq!(error_of(buf, Limits::default()), HttpError::Malformed, "{buf:?}");
         }
     }
 
     #[test]
     fn errors_map_to_statuses() {
-        let all = [
-            HttpError::HeadTooLarge,
-            HttpError::BodyTooLarge,
-            HttpError::Malformed,
-            HttpError::LengthRequired,
-        ];
+        let all = [HttpError::HeadTooLarge, HttpError::BodyTooLarge, HttpError::Malformed, HttpError::LengthRequired];
         assert_eq!(all.map(|e| e.status()), [431, 413, 400, 411]);
         assert!(all.iter().all(|e| !e.message().is_empty()));
     }
@@ -797,10 +677,7 @@ mod tests {
     fn response_error_close() {
         let bytes = Response::error(413, "too \"big\"").to_bytes(false, false);
         let text = String::from_utf8(bytes).unwrap();
-        assert!(
-            text.starts_with("HTTP/1.1 413 Content Too Large\r\n"),
-            "{text}"
-        );
+        assert!(text.starts_with("HTTP/1.1 413 Content Too Large\r\n"), "{text}");
         assert!(text.contains("\r\nConnection: close\r\n"), "{text}");
         let body = text.split("\r\n\r\n").nth(1).unwrap();
         let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -811,42 +688,24 @@ mod tests {
     fn response_head_only_keeps_length_drops_body() {
         let response = Response::text(200, "text/plain; version=0.0.4", b"metric 1\n".to_vec());
         let text = String::from_utf8(response.to_bytes(true, true)).unwrap();
-        assert!(
-            text.contains("Content-Length: 9\r\n") && text.ends_with("\r\n\r\n"),
-            "{text}"
-        );
+        assert!(text.contains("Content-Length: 9\r\n") && text.ends_with("\r\n\r\n"), "{text}");
     }
 
     #[test]
     fn response_no_content_has_no_length() {
-        let text = String::from_utf8(
-            Response::text(204, "text/plain", b"x".to_vec()).to_bytes(true, false),
-        )
-        .unwrap();
-        assert_eq!(
-            text,
-            "HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n"
-        );
+        let text = String::from_utf8(Response::text(204, "text/plain", b"x".to_vec()).to_bytes(true, false)).unwrap();
+        assert_eq!(text, "HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n");
     }
 
     #[test]
     fn response_extra_headers_cannot_inject() {
         let mut response = Response::text(301, "text/plain", Vec::new());
-        response
-            .extra_headers
-            .push(("Location", "/x\r\nSet-Cookie: a=b".into()));
+        response.extra_headers.push(("Location", "/x\r\nSet-Cookie: a=b".into()));
         response.extra_headers.push(("Retry-After", "1".into()));
         let text = String::from_utf8(response.to_bytes(false, false)).unwrap();
-        assert!(
-            text.contains("\r\nLocation: /x  Set-Cookie: a=b\r\nRetry-After: 1\r\n\r\n"),
-            "{text}"
-        );
+        assert!(text.contains("\r\nLocation: /x  Set-Cookie: a=b\r\nRetry-After: 1\r\n\r\n"), "{text}");
         assert!(text.starts_with("HTTP/1.1 301 Moved Permanently\r\n"));
-        assert!(
-            Response::text(599, "t", Vec::new())
-                .to_bytes(true, false)
-                .starts_with(b"HTTP/1.1 599 \r\n")
-        );
+        assert!(Response::text(599, "t", Vec::new()).to_bytes(true, false).starts_with(b"HTTP/1.1 599 \r\n"));
     }
 
     /// A valid request with varied features, and the Request it must read as.
@@ -865,9 +724,7 @@ mod tests {
                 if let Some(q) = &query {
                     raw.push_str(&format!("?{q}"));
                 }
-                raw.push_str(
-                    " HTTP/1.1\r\nHost: localhost\r\nContent-Type: Application/Octet-Stream\r\n",
-                );
+                raw.push_str(" HTTP/1.1\r\nHost: localhost\r\nContent-Type: Application/Octet-Stream\r\n");
                 raw.push_str(&format!("content-length: {}\r\n", body.len()));
                 if expect {
                     raw.push_str("Expect: 100-continue\r\n");

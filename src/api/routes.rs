@@ -79,15 +79,19 @@ impl Routes {
         let post = matches!(req.method, Method::Post);
         match segments.as_slice() {
             ["healthz"] if get => Ok(self.health()),
-            ["metrics"] if get => Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text().into_bytes())),
+            ["metrics"] if get => {
+                Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text().into_bytes()))
+            }
             ["v1", "rooms", room] if get => self.room_info(room),
             ["v1", "rooms", room, "messages"] if post => self.publish_room(room, req),
             ["v1", "users", user, "messages"] if post => self.publish_user(user, req),
             ["v1", "broadcast"] if post => self.broadcast(req),
-            ["healthz"] | ["metrics"] | ["v1", "rooms", _] | ["v1", "rooms", _, "messages"]
-            | ["v1", "users", _, "messages"] | ["v1", "broadcast"] => {
-                Err(Response::error(405, "method not allowed on this resource"))
-            }
+            ["healthz"]
+            | ["metrics"]
+            | ["v1", "rooms", _]
+            | ["v1", "rooms", _, "messages"]
+            | ["v1", "users", _, "messages"]
+            | ["v1", "broadcast"] => Err(Response::error(405, "method not allowed on this resource")),
             _ => Err(Response::error(404, &format!("no such resource: {path}"))),
         }
     }
@@ -111,7 +115,10 @@ impl Routes {
         let (reply, rx) = reply_channel::<RoomInfo>();
         self.post(room.owner(self.mesh.shards()), Mail::RoomInfo { room: room.clone(), reply })?;
         let info = wait(&rx)?;
-        Ok(Response::json(200, &json!({"room": room.as_str(), "online": info.online, "last_seq": info.last_seq, "pending": info.pending})))
+        Ok(Response::json(
+            200,
+            &json!({"room": room.as_str(), "online": info.online, "last_seq": info.last_seq, "pending": info.pending}),
+        ))
     }
 
     fn publish_room(&self, raw: &str, req: &Request) -> Answer {
@@ -135,7 +142,8 @@ impl Routes {
         let msg = self.stamped(req)?;
         let (id, frame) = (msg.id, shared(server_frame::Frame::Direct(Direct { message: Some(msg) })));
         let user: Arc<str> = Arc::from(user);
-        let n = self.to_every_shard(|reply| Mail::ToUser { user: Arc::clone(&user), frame: Arc::clone(&frame), reply })?;
+        let n =
+            self.to_every_shard(|reply| Mail::ToUser { user: Arc::clone(&user), frame: Arc::clone(&frame), reply })?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 

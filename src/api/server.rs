@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::http::{
-    CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestReader, Response,
-};
+use super::http::{CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestReader, Response};
 
 /// Bytes asked of the kernel per read. The buffer grows by at most this past the reader's limits.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -68,11 +66,7 @@ impl Default for ServerConfig {
     /// 64 connections are plenty for business servers with keep-alive pools; 30 s of idle
     /// matches common client pool timeouts.
     fn default() -> Self {
-        ServerConfig {
-            connections_max: 64,
-            idle_timeout_ms: 30_000,
-            limits: Limits::default(),
-        }
+        ServerConfig { connections_max: 64, idle_timeout_ms: 30_000, limits: Limits::default() }
     }
 }
 
@@ -144,11 +138,7 @@ impl Server {
     /// Binds (SO_REUSEADDR) and starts an acceptor thread; each accepted connection gets its own
     /// thread (at most `connections_max` at once; over that, the new connection is answered 503
     /// with a JSON error and closed, and a counter incremented).
-    pub fn start(
-        addr: SocketAddr,
-        config: ServerConfig,
-        handler: Arc<dyn Handler>,
-    ) -> io::Result<Server> {
+    pub fn start(addr: SocketAddr, config: ServerConfig, handler: Arc<dyn Handler>) -> io::Result<Server> {
         validate(&config)?;
         let listener = bind(addr)?;
         let std_listener: TcpListener = listener.try_clone()?.into();
@@ -164,12 +154,7 @@ impl Server {
         let acceptor = thread::Builder::new()
             .name("api-acceptor".into())
             .spawn(move || accept_loop(&std_listener, &acceptor_shared))?;
-        Ok(Server {
-            local_addr,
-            listener,
-            shared,
-            acceptor: Some(acceptor),
-        })
+        Ok(Server { local_addr, listener, shared, acceptor: Some(acceptor) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -285,10 +270,7 @@ impl Drop for Slot {
 }
 
 fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
-    shared
-        .counters
-        .connections_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    shared.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
     // Take the slot before checking, so the count can never exceed the cap.
     if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.config.connections_max {
         shared.active.fetch_sub(1, Ordering::AcqRel);
@@ -296,28 +278,20 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         return;
     }
     let slot = Slot(Arc::clone(shared));
-    let spawned = thread::Builder::new()
-        .name("api-conn".into())
-        .spawn(move || {
-            let shared = &slot.0;
-            // An io error here is the peer going away or timing out on write: nothing to answer.
-            let _ = serve(stream, peer, shared);
-        });
+    let spawned = thread::Builder::new().name("api-conn".into()).spawn(move || {
+        let shared = &slot.0;
+        // An io error here is the peer going away or timing out on write: nothing to answer.
+        let _ = serve(stream, peer, shared);
+    });
     if spawned.is_err() {
         // The closure, with its slot and stream, was dropped: the peer sees the close.
-        shared
-            .counters
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
+        shared.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// 503 from the acceptor thread: bounded write, half-close, no waiting.
 fn refuse_connection(mut stream: TcpStream, shared: &Shared) {
-    shared
-        .counters
-        .connections_refused
-        .fetch_add(1, Ordering::Relaxed);
+    shared.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
     let response = Response::error(503, "too many API connections").to_bytes(false, false);
     let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
     if stream.write_all(&response).is_ok() {
@@ -370,20 +344,12 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
 }
 
 /// Calls the handler and writes its response; returns whether the connection stays open.
-fn respond(
-    stream: &mut TcpStream,
-    request: &Request,
-    peer: SocketAddr,
-    shared: &Shared,
-) -> io::Result<bool> {
+fn respond(stream: &mut TcpStream, request: &Request, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
     let handled = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.handle(request, peer)));
     let (response, healthy) = match handled {
         Ok(response) => (response, true),
         Err(_) => {
-            shared
-                .counters
-                .handler_panics
-                .fetch_add(1, Ordering::Relaxed);
+            shared.counters.handler_panics.fetch_add(1, Ordering::Relaxed);
             (Response::error(500, "internal error"), false)
         }
     };
@@ -395,12 +361,7 @@ fn respond(
 
 /// Reads once more into `buf`. False: the peer closed, the request did not arrive by
 /// `deadline`, or the server is stopping and no request is under way.
-fn fill(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    deadline: Instant,
-    shared: &Shared,
-) -> io::Result<bool> {
+fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant, shared: &Shared) -> io::Result<bool> {
     loop {
         let start = buf.len();
         buf.resize(start + READ_CHUNK_BYTES, 0);
@@ -413,20 +374,12 @@ fn fill(
         match read {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if buf.is_empty() && shared.stop.load(Ordering::Acquire) {
                     return Ok(false);
                 }
                 if Instant::now() >= deadline {
-                    shared
-                        .counters
-                        .connections_timed_out
-                        .fetch_add(1, Ordering::Relaxed);
+                    shared.counters.connections_timed_out.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
                 }
             }
@@ -517,9 +470,7 @@ mod tests {
 
     fn connect(server: &Server) -> TcpStream {
         let stream = TcpStream::connect(server.local_addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         stream
     }
 
@@ -532,10 +483,7 @@ mod tests {
 
     impl Reply {
         fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
+            self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
         }
 
         fn json(&self) -> serde_json::Value {
@@ -556,14 +504,8 @@ mod tests {
             };
             headers.push((name.to_ascii_lowercase(), value.to_owned()));
         }
-        let mut reply = Reply {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        let length: usize = reply
-            .header("content-length")
-            .map_or(0, |v| v.parse().unwrap());
+        let mut reply = Reply { status, headers, body: Vec::new() };
+        let length: usize = reply.header("content-length").map_or(0, |v| v.parse().unwrap());
         reply.body.resize(length, 0);
         reader.read_exact(&mut reply.body).unwrap();
         reply
@@ -603,14 +545,9 @@ mod tests {
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         stream.write_all(b"GET /one HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(read_reply(&mut reader).json()["path"], "/one");
-        stream
-            .write_all(b"GET /two HTTP/1.1\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        stream.write_all(b"GET /two HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
         let reply = read_reply(&mut reader);
-        assert_eq!(
-            (reply.json()["path"].as_str(), reply.header("connection")),
-            (Some("/two"), Some("close"))
-        );
+        assert_eq!((reply.json()["path"].as_str(), reply.header("connection")), (Some("/two"), Some("close")));
         assert_closed(&mut reader);
         assert_eq!(server.stats().connections_accepted, 1);
         server.stop();
@@ -625,10 +562,7 @@ mod tests {
             .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\n")
             .unwrap();
         let a = read_reply(&mut reader);
-        assert_eq!(
-            (a.json()["path"].as_str(), a.json()["body"].as_str()),
-            (Some("/a"), Some("x"))
-        );
+        assert_eq!((a.json()["path"].as_str(), a.json()["body"].as_str()), (Some("/a"), Some("x")));
         assert_eq!(read_reply(&mut reader).json()["path"], "/b");
         // HEAD: a Content-Length but no body bytes; then the connection is still usable.
         let mut line = String::new();
@@ -648,47 +582,28 @@ mod tests {
         let server = start();
         let mut stream = connect(&server);
         let mut reader = BufReader::new(stream.try_clone().unwrap());
-        stream
-            .write_all(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
-            .unwrap();
+        stream.write_all(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n").unwrap();
         let mut interim = [0u8; CONTINUE_100.len()];
         reader.read_exact(&mut interim).unwrap();
         assert_eq!(&interim, CONTINUE_100);
         stream.write_all(b"body").unwrap();
         let reply = read_reply(&mut reader);
-        assert_eq!(
-            (reply.status, reply.json()["body"].as_str()),
-            (200, Some("body"))
-        );
+        assert_eq!((reply.status, reply.json()["body"].as_str()), (200, Some("body")));
         server.stop();
     }
 
     #[test]
     fn oversize_body_is_413_and_closed() {
-        let limits = Limits {
-            body_bytes_max: 1000,
-            ..Limits::default()
-        };
-        let server = start_with(ServerConfig {
-            limits,
-            ..ServerConfig::default()
-        });
+        let limits = Limits { body_bytes_max: 1000, ..Limits::default() };
+        let server = start_with(ServerConfig { limits, ..ServerConfig::default() });
         let mut stream = connect(&server);
         // The client starts sending the body without waiting: the 413 must still arrive.
-        stream
-            .write_all(b"POST /big HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
-            .unwrap();
+        stream.write_all(b"POST /big HTTP/1.1\r\nContent-Length: 100000\r\n\r\n").unwrap();
         let _ = stream.write_all(&[b'x'; 20_000]);
         let mut reader = BufReader::new(stream);
         let reply = read_reply(&mut reader);
-        assert_eq!(
-            (reply.status, reply.header("connection")),
-            (413, Some("close"))
-        );
-        assert_eq!(
-            reply.json(),
-            serde_json::json!({"error": "request body too large"})
-        );
+        assert_eq!((reply.status, reply.header("connection")), (413, Some("close")));
+        assert_eq!(reply.json(), serde_json::json!({"error": "request body too large"}));
         assert_closed(&mut reader);
         assert_eq!(server.stats().requests_body_too_large, 1);
         assert_eq!(server.stats().requests, 0);
@@ -698,13 +613,9 @@ mod tests {
     #[test]
     fn refused_requests_get_their_status() {
         let server = start();
-        for (raw, status) in [
-            (
-                &b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-                411,
-            ),
-            (b"NOT HTTP AT ALL\r\n\r\n", 400),
-        ] {
+        for (raw, status) in
+            [(&b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..], 411), (b"NOT HTTP AT ALL\r\n\r\n", 400)]
+        {
             let mut stream = connect(&server);
             stream.write_all(raw).unwrap();
             let mut reader = BufReader::new(stream);
@@ -721,10 +632,7 @@ mod tests {
 
     #[test]
     fn connection_cap_answers_503() {
-        let server = start_with(ServerConfig {
-            connections_max: 1,
-            ..ServerConfig::default()
-        });
+        let server = start_with(ServerConfig { connections_max: 1, ..ServerConfig::default() });
         // The first connection holds the only slot (a completed request proves it was admitted).
         let mut first = connect(&server);
         let mut first_reader = BufReader::new(first.try_clone().unwrap());
@@ -732,10 +640,7 @@ mod tests {
         assert_eq!(read_reply(&mut first_reader).status, 200);
         let mut second = BufReader::new(connect(&server));
         let reply = read_reply(&mut second);
-        assert_eq!(
-            (reply.status, reply.header("connection")),
-            (503, Some("close"))
-        );
+        assert_eq!((reply.status, reply.header("connection")), (503, Some("close")));
         assert!(reply.json()["error"].is_string());
         assert_closed(&mut second);
         assert_eq!(server.stats().connections_refused, 1);
@@ -753,20 +658,13 @@ mod tests {
 
     #[test]
     fn idle_connection_is_closed() {
-        let server = start_with(ServerConfig {
-            idle_timeout_ms: 100,
-            ..ServerConfig::default()
-        });
+        let server = start_with(ServerConfig { idle_timeout_ms: 100, ..ServerConfig::default() });
         let stream = connect(&server);
         // A partial request does not keep the connection: the whole request must come in time.
         (&stream).write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
         let started = Instant::now();
         assert_closed(&mut BufReader::new(stream));
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(server.stats().connections_timed_out, 1);
         server.stop();
     }
@@ -795,36 +693,19 @@ mod tests {
         assert_eq!(read_reply(&mut reader).status, 200);
         let started = Instant::now();
         server.stop();
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "stop took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_millis(500), "stop took {:?}", started.elapsed());
         // The idle keep-alive connection sees the close within the stop poll.
         assert_closed(&mut reader);
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
-        assert!(
-            TcpStream::connect(addr).is_err(),
-            "still accepting after stop"
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(TcpStream::connect(addr).is_err(), "still accepting after stop");
     }
 
     #[test]
     fn invalid_config_is_refused() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         for config in [
-            ServerConfig {
-                connections_max: 0,
-                ..ServerConfig::default()
-            },
-            ServerConfig {
-                idle_timeout_ms: 0,
-                ..ServerConfig::default()
-            },
+            ServerConfig { connections_max: 0, ..ServerConfig::default() },
+            ServerConfig { idle_timeout_ms: 0, ..ServerConfig::default() },
         ] {
             let error = Server::start(addr, config, Arc::new(echo)).err().unwrap();
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
@@ -833,17 +714,8 @@ mod tests {
 
     #[test]
     fn wake_addr_maps_unspecified_to_loopback() {
-        assert_eq!(
-            wake_addr("0.0.0.0:9090".parse().unwrap()),
-            "127.0.0.1:9090".parse().unwrap()
-        );
-        assert_eq!(
-            wake_addr("[::]:9090".parse().unwrap()),
-            "[::1]:9090".parse().unwrap()
-        );
-        assert_eq!(
-            wake_addr("10.0.0.1:1".parse().unwrap()),
-            "10.0.0.1:1".parse().unwrap()
-        );
+        assert_eq!(wake_addr("0.0.0.0:9090".parse().unwrap()), "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(wake_addr("[::]:9090".parse().unwrap()), "[::1]:9090".parse().unwrap());
+        assert_eq!(wake_addr("10.0.0.1:1".parse().unwrap()), "10.0.0.1:1".parse().unwrap());
     }
 }

@@ -10,9 +10,9 @@ use crate::metrics::Series;
 use crate::proto::{ClientFrame, Error, Message, Pong, Priority, ServerFrame, client_frame, server_frame};
 use crate::room::RoomName;
 use crate::room::owner::PublishError;
+use crate::wire::CloseCode;
 use crate::wire::frame::{self, Opcode};
 use crate::wire::reader::{Event, Flow, ReadError};
-use crate::wire::CloseCode;
 
 /// Error frame codes (HTTP-like, listed in the README).
 pub mod code {
@@ -232,7 +232,7 @@ impl Hub {
         self.counters.inc(series);
         conn.state = State::Closing;
         conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
-        self.outbox.clear(&mut conn.queue);
+        // What is already queued still goes out, then Close.
         self.leave_room(key);
         self.enqueue_owned(key, frame::close_frame(code, reason));
     }
@@ -256,7 +256,6 @@ impl Hub {
         conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
         if was_open {
             self.counters.inc(Series::ClosedPeer);
-            self.outbox.clear(&mut conn.queue);
             self.leave_room(key);
             let reply = match code {
                 Some(c) => frame::close_frame(c, ""),

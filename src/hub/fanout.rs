@@ -81,13 +81,13 @@ impl Hub {
             Mail::Presence { room, from, members, json } => self.presence(&room, from, members, json, now),
             Mail::Deliver { room, frame } => self.deliver_block(&room, frame),
             Mail::ToUser { user, frame, reply } => {
-                let n = self.to_user(&user, frame);
+                let n = self.deliver_direct(&user, frame);
                 if let Some(r) = reply {
                     r.send(n);
                 }
             }
             Mail::ToAll { frame, reply } => {
-                let n = self.to_all(frame);
+                let n = self.deliver_broadcast(frame);
                 if let Some(r) = reply {
                     r.send(n);
                 }
@@ -145,7 +145,7 @@ impl Hub {
     }
 
     /// Queues a direct frame to every local connection of a user.
-    fn to_user(&mut self, user: &str, frame: Arc<SharedFrame>) -> usize {
+    fn deliver_direct(&mut self, user: &str, frame: Arc<SharedFrame>) -> usize {
         let id = self.shared(frame);
         let (mut fan, _, users) = self.fan();
         let mut queued = 0;
@@ -159,7 +159,7 @@ impl Hub {
     }
 
     /// Queues a broadcast frame to every open connection of this shard.
-    fn to_all(&mut self, frame: Arc<SharedFrame>) -> usize {
+    fn deliver_broadcast(&mut self, frame: Arc<SharedFrame>) -> usize {
         let id = self.shared(frame);
         let (mut fan, _, _) = self.fan();
         let mut queued = 0;
@@ -179,7 +179,9 @@ impl Hub {
         let keys: Vec<(u32, State)> = self.conns.iter().map(|(k, c)| (k as u32, c.state)).collect();
         for (key, state) in keys {
             match state {
-                State::Open => self.close(key, CloseCode::GOING_AWAY, "server shutting down", Series::ClosedShutdown, now),
+                State::Open => {
+                    self.close(key, CloseCode::GOING_AWAY, "server shutting down", Series::ClosedShutdown, now)
+                }
                 State::Handshake => self.terminate(key, Some(Series::ClosedShutdown)),
                 State::Closing | State::Flushing | State::Terminating => {}
             }

@@ -74,7 +74,8 @@ impl Hub {
         };
         let echo = !self.cfg.echo_path.is_empty() && request.path == self.cfg.echo_path;
         if !echo && request.path != WS_PATH {
-            let r = Refusal { status: 404, message: format!("no WebSocket at {}", request.path), series: Series::HsPath };
+            let r =
+                Refusal { status: 404, message: format!("no WebSocket at {}", request.path), series: Series::HsPath };
             return self.refuse(key, r, now);
         }
         let decided = self.identify(&request, now).and_then(|id| {

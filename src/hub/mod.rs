@@ -137,6 +137,9 @@ pub struct Hub {
     ready: Vec<u32>,
     terminating: Vec<u32>,
     mail: Vec<(ShardId, Mail)>,
+    /// The connection whose read is being handled, and the replies gathered for it.
+    replying: Option<u32>,
+    replies: Vec<u8>,
     counters: Counters,
     websockets: u64,
     next_block_ms: u64,
@@ -167,6 +170,8 @@ impl Hub {
             ready: Vec::new(),
             terminating: Vec::new(),
             mail: Vec::new(),
+            replying: None,
+            replies: Vec::new(),
             counters: Counters::default(),
             websockets: 0,
             next_block_ms: cfg.block_interval_ms,
@@ -176,11 +181,6 @@ impl Hub {
             stopping: false,
             cfg,
         }
-    }
-
-    /// Reserves slab room for `n` connections up front (virtual memory only until used).
-    pub fn reserve(&mut self, n: usize) {
-        self.conns.reserve(n);
     }
 
     /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
@@ -198,6 +198,9 @@ impl Hub {
     pub fn on_recv(&mut self, key: u32, data: &mut [u8], now: Now) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         self.counters.add(Series::BytesIn, data.len() as u64);
+        // Replies to everything in this read (handshake answer, pongs, echoes, errors, Close)
+        // leave as one queued frame: a burst of small client frames costs one queue slot.
+        self.replying = Some(key);
         match conn.state {
             State::Handshake => self.read_handshake(key, data, now),
             State::Open => {
@@ -206,6 +209,14 @@ impl Hub {
             }
             State::Closing => self.read_frames(key, data, now),
             State::Flushing | State::Terminating => {}
+        }
+        self.replying = None;
+        if !self.replies.is_empty() {
+            let bytes = std::mem::take(&mut self.replies);
+            if self.conns.get(key as usize).is_some_and(|c| c.state != State::Terminating) {
+                let id = self.outbox.add_owned(bytes, true);
+                self.enqueue(key, id);
+            }
         }
     }
 
@@ -431,6 +442,10 @@ impl Hub {
 
     /// Queues bytes built for one connection (never dropped for a later frame).
     fn enqueue_owned(&mut self, key: u32, bytes: Vec<u8>) -> bool {
+        if self.replying == Some(key) {
+            self.replies.extend_from_slice(&bytes);
+            return true;
+        }
         let id = self.outbox.add_owned(bytes, true);
         self.enqueue(key, id)
     }

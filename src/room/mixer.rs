@@ -94,9 +94,8 @@ impl Mixer {
         if self.pending.is_empty() {
             return None;
         }
-        self.pending.sort_unstable_by_key(|p| {
-            (std::cmp::Reverse(rank(&p.msg)), std::cmp::Reverse(p.msg.weight), p.arrival)
-        });
+        self.pending
+            .sort_unstable_by_key(|p| (std::cmp::Reverse(rank(&p.msg)), std::cmp::Reverse(p.msg.weight), p.arrival));
         let take = self.pending.len().min(limits.block_messages_max);
         let mut cut = Cut { messages: Vec::with_capacity(take), ..Cut::default() };
         for p in self.pending.drain(..take) {

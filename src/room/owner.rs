@@ -62,6 +62,9 @@ pub enum PublishError {
     RoomsFull,
 }
 
+/// Receives each cut block: the room, its one shared frame, and members per shard.
+pub type Deliver<'a> = dyn FnMut(&RoomName, &Arc<SharedFrame>, &[u32]) + 'a;
+
 /// A room as its owner sees it.
 pub struct RoomInfo {
     pub online: u64,
@@ -186,7 +189,7 @@ impl Owner {
     /// Cuts a block for every room with pending messages, encodes it once per needed format,
     /// and hands it to `deliver` with the per-shard member counts. Rooms without pending
     /// messages are not visited.
-    pub fn tick(&mut self, now: UnixMs, deliver: &mut dyn FnMut(&RoomName, &Arc<SharedFrame>, &[u32])) -> TickStats {
+    pub fn tick(&mut self, now: UnixMs, deliver: &mut Deliver<'_>) -> TickStats {
         let mut stats = TickStats::default();
         let limits = self.config.limits;
         let dirty = std::mem::take(&mut self.dirty);

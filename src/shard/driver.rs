@@ -198,7 +198,9 @@ impl Ring {
         let args = SubmitArgs::new().timespec(&ts);
         match self.uring.submitter().submit_with_args(1, &args) {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

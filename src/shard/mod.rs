@@ -122,12 +122,16 @@ pub struct Shard {
 impl Shard {
     /// Binds the listener and builds the first ring. Call on the shard's own thread: rings are
     /// single-issuer.
-    pub fn new(hub_config: HubConfig, params: ShardParams, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>) -> io::Result<Shard> {
+    pub fn new(
+        hub_config: HubConfig,
+        params: ShardParams,
+        mesh: Arc<Mesh>,
+        metrics: Arc<[Snapshot]>,
+    ) -> io::Result<Shard> {
         let id = hub_config.shard;
         let listener = listener::bind(params.listen, params.backlog)?;
         let ring = Ring::new(params.ring, None)?;
-        let mut hub = Hub::new(hub_config);
-        hub.reserve(0);
+        let hub = Hub::new(hub_config);
         Ok(Shard {
             id,
             hub,
@@ -334,30 +338,29 @@ impl Shard {
                 n
             };
             let ring = &mut self.rings[io.ring()];
-            match (n, slot) {
-                (0, s) => {
-                    if let Some(s) = s {
-                        self.slots.release(s);
-                    }
-                    continue;
+            // A slot is only used when the send carries more than one frame.
+            let slot = match slot {
+                Some(s) if n < 2 => {
+                    self.slots.release(s);
+                    None
                 }
-                (1, s) => {
-                    if let Some(s) = s {
-                        self.slots.release(s);
-                    }
+                other => other,
+            };
+            match slot {
+                _ if n == 0 => continue,
+                None => {
                     let (ptr, len) = bufs[0];
                     // SAFETY: the hub keeps frames handed out by `next_send` alive and unmoved
                     // until `on_sent` for this connection, which we call from this send's
                     // completion (or after its cancellation completes).
                     unsafe { ring.send(io.slot(), ptr, len as u32, user_data(op::SEND, 0, key))? };
                 }
-                (n, Some(s)) => {
+                Some(s) => {
                     let hdr = self.slots.fill(s, &bufs[..n]);
                     // SAFETY: as above for the frames; the msghdr and its iovecs live in a slot
                     // chunk that never moves and is released only by this send's completion.
                     unsafe { ring.sendmsg(io.slot(), hdr, user_data(op::SENDMSG, s, key))? };
                 }
-                (_, None) => unreachable!("cap is 1 without a slot"),
             }
             self.hub.set_io(key, io.with(Io::SEND).0);
         }

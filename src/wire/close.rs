@@ -31,15 +31,11 @@ mod tests {
 
     #[test]
     fn wire_validity_follows_rfc_6455_7_4() {
-        let valid = [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
-        ];
+        let valid = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999];
         for code in valid {
             assert!(CloseCode(code).is_valid_on_wire(), "{code}");
         }
-        let invalid = [
-            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2000, 2999, 5000,
-        ];
+        let invalid = [0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2000, 2999, 5000];
         for code in invalid {
             assert!(!CloseCode(code).is_valid_on_wire(), "{code}");
         }

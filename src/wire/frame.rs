@@ -89,13 +89,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Header>, ReadError> {
         return Ok(None);
     };
     let mask = if masked { rest.try_into().ok() } else { None };
-    let header = Header {
-        fin,
-        opcode,
-        mask,
-        payload_len,
-        header_len,
-    };
+    let header = Header { fin, opcode, mask, payload_len, header_len };
     Ok(Some(header))
 }
 
@@ -217,9 +211,7 @@ mod tests {
     #[test]
     fn decodes_rfc_masked_hello() {
         // RFC 6455 5.7: a single-frame masked text message "Hello".
-        let mut bytes = [
-            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-        ];
+        let mut bytes = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
         let header = decode_header(&bytes).unwrap().unwrap();
         assert_eq!(header.opcode, Opcode::Text);
         assert!(header.fin);
@@ -241,10 +233,7 @@ mod tests {
     #[test]
     fn rejects_rsv_bits_and_reserved_opcodes() {
         for b0 in [0xC1, 0xA1, 0x91] {
-            assert_eq!(
-                decode_header(&[b0]),
-                Err(ReadError::Protocol("reserved bits set"))
-            );
+            assert_eq!(decode_header(&[b0]), Err(ReadError::Protocol("reserved bits set")));
         }
         for op in [0x3, 0x7, 0xB, 0xF] {
             let err = decode_header(&[0x80 | op, 0x80]);
@@ -257,10 +246,7 @@ mod tests {
         let err = decode_header(&[0x09, 0x80]);
         assert_eq!(err, Err(ReadError::Protocol("fragmented control frame")));
         let err = decode_header(&[0x89, 0x80 | 126]);
-        assert_eq!(
-            err,
-            Err(ReadError::Protocol("control frame payload over 125 bytes"))
-        );
+        assert_eq!(err, Err(ReadError::Protocol("control frame payload over 125 bytes")));
         assert!(decode_header(&[0x89, 0x80 | 125]).unwrap().is_none());
     }
 
@@ -269,10 +255,7 @@ mod tests {
         let mut bytes = vec![0x82, 0x80 | LEN64_MARK];
         bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
         let err = decode_header(&bytes);
-        assert_eq!(
-            err,
-            Err(ReadError::Protocol("64-bit length with the top bit set"))
-        );
+        assert_eq!(err, Err(ReadError::Protocol("64-bit length with the top bit set")));
     }
 
     #[test]
@@ -311,11 +294,7 @@ mod tests {
             for len in [0, 1, 3, 7, 8, 9, 17, 64, 100] {
                 let mut fast = data[..len].to_vec();
                 apply_mask(&mut fast, mask, offset);
-                let slow: Vec<u8> = data[..len]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| b ^ mask[(i + offset) % 4])
-                    .collect();
+                let slow: Vec<u8> = data[..len].iter().enumerate().map(|(i, b)| b ^ mask[(i + offset) % 4]).collect();
                 assert_eq!(fast, slow, "offset {offset} len {len}");
             }
         }

@@ -74,9 +74,7 @@ impl Subprotocol {
     }
 
     fn from_name(name: &[u8]) -> Option<Self> {
-        [Self::Proto, Self::Json]
-            .into_iter()
-            .find(|protocol| protocol.name().as_bytes() == name)
+        [Self::Proto, Self::Json].into_iter().find(|protocol| protocol.name().as_bytes() == name)
     }
 }
 
@@ -179,13 +177,7 @@ fn request_from(head: &httparse::Request<'_, '_>) -> Option<Request> {
     let target = head.path?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let websocket = header(head.headers, "upgrade").map(|_| upgrade(head, method));
-    Some(Request {
-        method,
-        path: path.to_owned(),
-        query: query.to_owned(),
-        bearer: bearer(head.headers),
-        websocket,
-    })
+    Some(Request { method, path: path.to_owned(), query: query.to_owned(), bearer: bearer(head.headers), websocket })
 }
 
 /// RFC 6455 4.2.1, checked in the order a client most likely gets wrong.
@@ -210,11 +202,7 @@ fn upgrade(head: &httparse::Request<'_, '_>, method: Method) -> Result<Upgrade, 
         return Err(HandshakeError::Key);
     }
     let (protocol, protocol_offered) = subprotocol(head.headers)?;
-    Ok(Upgrade {
-        accept: accept_key(key),
-        protocol,
-        protocol_offered,
-    })
+    Ok(Upgrade { accept: accept_key(key), protocol, protocol_offered })
 }
 
 /// The first protocol in the client's order that we speak; Proto when it offers none.
@@ -224,9 +212,7 @@ fn subprotocol(headers: &[httparse::Header<'_>]) -> Result<(Subprotocol, bool), 
         return Ok((Subprotocol::Proto, false));
     }
     let chosen = offered.find_map(Subprotocol::from_name);
-    chosen
-        .map(|protocol| (protocol, true))
-        .ok_or(HandshakeError::Subprotocol)
+    chosen.map(|protocol| (protocol, true)).ok_or(HandshakeError::Subprotocol)
 }
 
 /// The token after `Authorization: Bearer` (RFC 6750 2.1; the scheme is case-insensitive).
@@ -239,10 +225,7 @@ fn bearer(headers: &[httparse::Header<'_>]) -> Option<String> {
 }
 
 fn header<'h>(headers: &[httparse::Header<'h>], name: &str) -> Option<&'h [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
+    headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
 }
 
 /// The value of a header that must appear exactly once.
@@ -333,20 +316,12 @@ pub fn response_101(upgrade: &Upgrade) -> Vec<u8> {
 /// A complete HTTP/1.1 response with Content-Length and `Connection: close`, for refusals and
 /// small plain-HTTP answers. `extra_headers` are full "Name: value" lines without CRLF. An empty
 /// `content_type` leaves the Content-Type header out.
-pub fn http_response(
-    status: u16,
-    content_type: &str,
-    extra_headers: &[&str],
-    body: &[u8],
-) -> Vec<u8> {
+pub fn http_response(status: u16, content_type: &str, extra_headers: &[&str], body: &[u8]) -> Vec<u8> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    ));
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n", body.len()));
     for line in extra_headers {
         head.push_str(line);
         head.push_str("\r\n");
@@ -392,10 +367,7 @@ pub fn refusal(err: &HandshakeError) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const LIMITS: HandshakeLimits = HandshakeLimits {
-        request_bytes_max: 0x1000,
-        headers_max: 0x20,
-    };
+    const LIMITS: HandshakeLimits = HandshakeLimits { request_bytes_max: 0x1000, headers_max: 0x20 };
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
     const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
@@ -440,11 +412,7 @@ mod tests {
         assert_eq!(request.path, "/rooms/7");
         assert_eq!(request.query, "token=a%20b");
         assert_eq!(request.bearer, None);
-        let upgrade = Upgrade {
-            accept: ACCEPT.into(),
-            protocol: Subprotocol::Proto,
-            protocol_offered: false,
-        };
+        let upgrade = Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Proto, protocol_offered: false };
         assert_eq!(request.websocket, Some(Ok(upgrade)));
     }
 
@@ -458,8 +426,7 @@ mod tests {
 
     #[test]
     fn plain_get_has_no_websocket() {
-        let text =
-            "GET /poll?since=3 HTTP/1.1\r\nHost: x\r\nAuthorization: bEaReR  tok.en \r\n\r\n";
+        let text = "GET /poll?since=3 HTTP/1.1\r\nHost: x\r\nAuthorization: bEaReR  tok.en \r\n\r\n";
         let request = parse(text).unwrap();
         assert_eq!(request.websocket, None);
         assert_eq!(request.bearer.as_deref(), Some("tok.en"));
@@ -475,21 +442,12 @@ mod tests {
         let two_headers = "Sec-WebSocket-Protocol: chat, barrage.v1.json\r\n\
                            Sec-WebSocket-Protocol: barrage.v1.proto\r\n";
         let upgrade = websocket(&upgrade_request(two_headers)).unwrap();
-        assert_eq!(
-            (upgrade.protocol, upgrade.protocol_offered),
-            (Subprotocol::Json, true)
-        );
+        assert_eq!((upgrade.protocol, upgrade.protocol_offered), (Subprotocol::Json, true));
         let proto_first = "Sec-WebSocket-Protocol: barrage.v1.proto,barrage.v1.json\r\n";
         let upgrade = websocket(&upgrade_request(proto_first)).unwrap();
-        assert_eq!(
-            (upgrade.protocol, upgrade.protocol_offered),
-            (Subprotocol::Proto, true)
-        );
+        assert_eq!((upgrade.protocol, upgrade.protocol_offered), (Subprotocol::Proto, true));
         let foreign = "Sec-WebSocket-Protocol: chat, superchat\r\n";
-        assert_eq!(
-            websocket(&upgrade_request(foreign)),
-            Err(HandshakeError::Subprotocol)
-        );
+        assert_eq!(websocket(&upgrade_request(foreign)), Err(HandshakeError::Subprotocol));
         assert_eq!(Subprotocol::Json.name(), "barrage.v1.json");
     }
 
@@ -499,29 +457,14 @@ mod tests {
             (with("GET", "POST"), HandshakeError::Method),
             (with("HTTP/1.1", "HTTP/1.0"), HandshakeError::Malformed),
             (with("Host: example.com\r\n", ""), HandshakeError::Malformed),
-            (
-                with("Connection: Upgrade", "Connection: keep-alive"),
-                HandshakeError::NotUpgrade,
-            ),
-            (
-                with("Upgrade: websocket", "Upgrade: h2c"),
-                HandshakeError::NotUpgrade,
-            ),
+            (with("Connection: Upgrade", "Connection: keep-alive"), HandshakeError::NotUpgrade),
+            (with("Upgrade: websocket", "Upgrade: h2c"), HandshakeError::NotUpgrade),
             (with("Version: 13", "Version: 8"), HandshakeError::Version),
-            (
-                with("Sec-WebSocket-Version: 13\r\n", ""),
-                HandshakeError::Version,
-            ),
+            (with("Sec-WebSocket-Version: 13\r\n", ""), HandshakeError::Version),
             (with(KEY, "c2hvcnQ="), HandshakeError::Key),
             (with(KEY, "not base64!"), HandshakeError::Key),
-            (
-                with(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
-                HandshakeError::Key,
-            ),
-            (
-                upgrade_request(&format!("Sec-WebSocket-Key: {KEY}\r\n")),
-                HandshakeError::Key,
-            ),
+            (with(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""), HandshakeError::Key),
+            (upgrade_request(&format!("Sec-WebSocket-Key: {KEY}\r\n")), HandshakeError::Key),
         ];
         for (text, err) in cases {
             assert_eq!(websocket(&text), Err(err), "{text}");
@@ -532,23 +475,14 @@ mod tests {
     fn syntax_and_size_errors() {
         let garbage = parse_request(b"\x16\x03\x01 hello\r\n\r\n", &LIMITS);
         assert_eq!(garbage, Err(HandshakeError::Malformed));
-        let small = HandshakeLimits {
-            request_bytes_max: 20,
-            headers_max: 2,
-        };
-        assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\n", &small),
-            Ok(Parsed::Partial)
-        );
+        let small = HandshakeLimits { request_bytes_max: 20, headers_max: 2 };
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n", &small), Ok(Parsed::Partial));
         let long = b"GET / HTTP/1.1\r\nHost: a\r\n";
         assert_eq!(parse_request(long, &small), Err(HandshakeError::TooLarge));
         // Complete, but longer than the limit: too large however the reads were cut.
         let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(parse_request(whole, &small), Err(HandshakeError::TooLarge));
-        let wide = HandshakeLimits {
-            request_bytes_max: 0x100,
-            headers_max: 2,
-        };
+        let wide = HandshakeLimits { request_bytes_max: 0x100, headers_max: 2 };
         let many = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert_eq!(parse_request(many, &wide), Err(HandshakeError::TooLarge));
     }
@@ -578,11 +512,7 @@ mod tests {
 
     #[test]
     fn response_101_echoes_protocol_only_when_offered() {
-        let mut upgrade = Upgrade {
-            accept: ACCEPT.into(),
-            protocol: Subprotocol::Json,
-            protocol_offered: false,
-        };
+        let mut upgrade = Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Json, protocol_offered: false };
         let plain = String::from_utf8(response_101(&upgrade)).unwrap();
         assert_eq!(
             plain,
@@ -599,10 +529,7 @@ mod tests {
     #[test]
     fn refusals_name_the_problem() {
         let text = String::from_utf8(refusal(&HandshakeError::Version)).unwrap();
-        assert!(
-            text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
-            "{text}"
-        );
+        assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{text}");
         assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(text.contains("\r\nConnection: close\r\n"));
         let body = HandshakeError::Version.explain();
@@ -619,27 +546,11 @@ mod tests {
     #[test]
     fn statuses_and_labels() {
         use HandshakeError::*;
-        let all = [
-            TooLarge,
-            Malformed,
-            Method,
-            NotUpgrade,
-            Version,
-            Key,
-            Subprotocol,
-        ];
+        let all = [TooLarge, Malformed, Method, NotUpgrade, Version, Key, Subprotocol];
         let statuses: Vec<u16> = all.iter().map(HandshakeError::status).collect();
         assert_eq!(statuses, [431, 400, 405, 400, 426, 400, 400]);
         let labels: Vec<&str> = all.iter().map(HandshakeError::reason).collect();
-        let expected = [
-            "too_large",
-            "malformed",
-            "method",
-            "not_upgrade",
-            "version",
-            "key",
-            "subprotocol",
-        ];
+        let expected = ["too_large", "malformed", "method", "not_upgrade", "version", "key", "subprotocol"];
         assert_eq!(labels, expected);
     }
 

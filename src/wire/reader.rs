@@ -137,9 +137,7 @@ impl Reader {
 
     /// Bytes held for an incomplete frame or fragmented message (0 when idle).
     pub fn buffered_bytes(&self) -> usize {
-        self.spill
-            .as_ref()
-            .map_or(0, |spill| spill.buffered_bytes())
+        self.spill.as_ref().map_or(0, |spill| spill.buffered_bytes())
     }
 
     /// Drops any buffered state and frees the spill buffer.
@@ -147,12 +145,7 @@ impl Reader {
         self.spill = None;
     }
 
-    fn read_frames(
-        &mut self,
-        input: &mut [u8],
-        limits: &ReadLimits,
-        on_event: OnEvent<'_>,
-    ) -> Result<Flow, ReadError> {
+    fn read_frames(&mut self, input: &mut [u8], limits: &ReadLimits, on_event: OnEvent<'_>) -> Result<Flow, ReadError> {
         let (used, flow) = self.resume_payload(input, limits, on_event)?;
         if flow == Flow::Stop {
             return Ok(Flow::Stop);
@@ -160,11 +153,10 @@ impl Reader {
         let mut input = input.get_mut(used..).unwrap_or_default();
         while let Some((header, used)) = self.next_header(input)? {
             let (len, mask) = self.admit(&header, limits)?;
-            let rest = std::mem::take(&mut input)
-                .get_mut(used..)
-                .unwrap_or_default();
+            let rest = std::mem::take(&mut input).get_mut(used..).unwrap_or_default();
             if rest.len() < len {
                 self.start_payload(&header, len, mask, rest, limits);
+                self.spill_mut().check_partial_text()?;
                 return Ok(Flow::Continue);
             }
             let (payload, after) = rest.split_at_mut(len); // len <= rest.len(), checked above
@@ -194,6 +186,7 @@ impl Reader {
         let (chunk, _) = input.split_at_mut(take); // take <= input.len()
         spill.absorb(chunk, limits);
         if partial.received + take < partial.len {
+            spill.check_partial_text()?;
             return Ok((take, Flow::Continue));
         }
         spill.frame = None;
@@ -240,8 +233,8 @@ impl Reader {
         }
         let len = usize::try_from(header.payload_len).map_err(|_| ReadError::TooBig)?;
         // decode_header has capped control payloads at 125 bytes; limits are for data.
-        let too_big = len > limits.frame_bytes_max
-            || assembled.unwrap_or(0).saturating_add(len) > limits.message_bytes_max;
+        let too_big =
+            len > limits.frame_bytes_max || assembled.unwrap_or(0).saturating_add(len) > limits.message_bytes_max;
         if !header.opcode.is_control() && too_big {
             return Err(ReadError::TooBig);
         }
@@ -270,24 +263,11 @@ impl Reader {
     }
 
     /// A frame cut by the end of this read: keep its header and the payload bytes present.
-    fn start_payload(
-        &mut self,
-        header: &Header,
-        len: usize,
-        mask: [u8; 4],
-        rest: &mut [u8],
-        limits: &ReadLimits,
-    ) {
+    fn start_payload(&mut self, header: &Header, len: usize, mask: [u8; 4], rest: &mut [u8], limits: &ReadLimits) {
         let spill = self.spill_mut();
         spill.begin_message(header.opcode);
         let (opcode, fin) = (header.opcode, header.fin);
-        spill.frame = Some(Partial {
-            opcode,
-            fin,
-            mask,
-            len,
-            received: 0,
-        });
+        spill.frame = Some(Partial { opcode, fin, mask, len, received: 0 });
         spill.absorb(rest, limits);
     }
 
@@ -311,9 +291,7 @@ impl Reader {
 /// The event for a frame that is a whole message or a control frame.
 fn frame_event(opcode: Opcode, payload: &[u8]) -> Result<Event<'_>, ReadError> {
     match opcode {
-        Opcode::Text => std::str::from_utf8(payload)
-            .map(Event::Text)
-            .map_err(|_| ReadError::InvalidUtf8),
+        Opcode::Text => std::str::from_utf8(payload).map(Event::Text).map_err(|_| ReadError::InvalidUtf8),
         Opcode::Binary => Ok(Event::Binary(payload)),
         Opcode::Ping => Ok(Event::Ping(payload)),
         Opcode::Pong => Ok(Event::Pong(payload)),
@@ -326,10 +304,7 @@ fn frame_event(opcode: Opcode, payload: &[u8]) -> Result<Event<'_>, ReadError> {
 fn close_event(payload: &[u8]) -> Result<Event<'_>, ReadError> {
     let (code, reason) = match payload {
         [] => {
-            return Ok(Event::Close {
-                code: None,
-                reason: "",
-            });
+            return Ok(Event::Close { code: None, reason: "" });
         }
         [_] => return Err(ReadError::Protocol("close payload of one byte")),
         [hi, lo, reason @ ..] => (CloseCode(u16::from_be_bytes([*hi, *lo])), reason),
@@ -338,10 +313,7 @@ fn close_event(payload: &[u8]) -> Result<Event<'_>, ReadError> {
         return Err(ReadError::Protocol("invalid close code"));
     }
     let reason = std::str::from_utf8(reason).map_err(|_| ReadError::InvalidUtf8)?;
-    Ok(Event::Close {
-        code: Some(code),
-        reason,
-    })
+    Ok(Event::Close { code: Some(code), reason })
 }
 
 /// State that outlives one `feed`: boxed so that an idle reader costs one pointer.
@@ -389,10 +361,7 @@ impl Spill {
     }
 
     fn is_idle(&self) -> bool {
-        self.head_len == 0
-            && self.frame.is_none()
-            && self.message.is_none()
-            && self.failed.is_none()
+        self.head_len == 0 && self.frame.is_none() && self.message.is_none() && self.failed.is_none()
     }
 
     fn buffered_bytes(&self) -> usize {
@@ -400,10 +369,7 @@ impl Spill {
             Some(partial) if partial.opcode.is_control() => partial.received,
             _ => 0,
         };
-        let message = self
-            .message
-            .as_ref()
-            .map_or(0, |message| message.bytes.len());
+        let message = self.message.as_ref().map_or(0, |message| message.bytes.len());
         self.head_len + control + message
     }
 
@@ -419,11 +385,7 @@ impl Spill {
     fn begin_message(&mut self, opcode: Opcode) {
         if matches!(opcode, Opcode::Text | Opcode::Binary) {
             let text = opcode == Opcode::Text;
-            self.message = Some(Message {
-                text,
-                bytes: Vec::new(),
-                utf8_checked: 0,
-            });
+            self.message = Some(Message { text, bytes: Vec::new(), utf8_checked: 0 });
         }
     }
 
@@ -445,11 +407,15 @@ impl Spill {
         partial.received = end;
     }
 
-    fn complete_spilled(
-        &mut self,
-        partial: &Partial,
-        on_event: OnEvent<'_>,
-    ) -> Result<Flow, ReadError> {
+    /// Invalid UTF-8 fails as soon as it arrives, even inside a frame still arriving.
+    fn check_partial_text(&mut self) -> Result<(), ReadError> {
+        match self.message.as_mut() {
+            Some(message) => message.check_utf8_prefix(),
+            None => Ok(()),
+        }
+    }
+
+    fn complete_spilled(&mut self, partial: &Partial, on_event: OnEvent<'_>) -> Result<Flow, ReadError> {
         if partial.opcode.is_control() {
             let payload = self.control.get(..partial.len).unwrap_or_default();
             return Ok(on_event(frame_event(partial.opcode, payload)?));
@@ -505,9 +471,7 @@ impl Message {
         if !self.text {
             return Ok(Event::Binary(&self.bytes));
         }
-        std::str::from_utf8(&self.bytes)
-            .map(Event::Text)
-            .map_err(|_| ReadError::InvalidUtf8)
+        std::str::from_utf8(&self.bytes).map(Event::Text).map_err(|_| ReadError::InvalidUtf8)
     }
 }
 
@@ -515,10 +479,7 @@ impl Message {
 mod tests {
     use super::*;
 
-    const LIMITS: ReadLimits = ReadLimits {
-        frame_bytes_max: 0x1_0000,
-        message_bytes_max: 0x2_0000,
-    };
+    const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x1_0000, message_bytes_max: 0x2_0000 };
     const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
@@ -575,10 +536,7 @@ mod tests {
         bytes.extend(client_frame(0x80, b"ment"));
         let (events, result) = feed_all(&mut reader, &bytes);
         assert_eq!(result, Ok(()));
-        assert_eq!(
-            events,
-            [Owned::Text("hello".into()), Owned::Text("fragment".into())]
-        );
+        assert_eq!(events, [Owned::Text("hello".into()), Owned::Text("fragment".into())]);
         assert_eq!(reader.buffered_bytes(), 0);
         assert!(reader.spill.is_none());
         // The module doc's memory sum counts the box at 256 bytes.
@@ -610,10 +568,7 @@ mod tests {
         assert_eq!((events.len(), result), (0, Ok(())));
         assert_eq!(reader.buffered_bytes(), 100 - 8);
         let (events, result) = feed_all(&mut reader, &bytes[100..]);
-        assert_eq!(
-            (events, result),
-            (vec![Owned::Binary(vec![7; 300])], Ok(()))
-        );
+        assert_eq!((events, result), (vec![Owned::Binary(vec![7; 300])], Ok(())));
         assert!(reader.spill.is_none());
         // A cut header is stashed too.
         let (_, result) = feed_all(&mut reader, &bytes[..3]);
@@ -627,11 +582,7 @@ mod tests {
         bytes.extend(client_frame(0x00, b"ll"));
         bytes.extend(client_frame(0x8A, b""));
         bytes.extend(client_frame(0x80, b"o"));
-        let expected = [
-            Owned::Ping(b"p".to_vec()),
-            Owned::Pong(vec![]),
-            Owned::Text("hello".into()),
-        ];
+        let expected = [Owned::Ping(b"p".to_vec()), Owned::Pong(vec![]), Owned::Text("hello".into())];
         assert_eq!(read(&bytes), (expected.into(), Ok(())));
     }
 
@@ -668,26 +619,17 @@ mod tests {
     #[test]
     fn sequence_errors_are_protocol_errors() {
         let (_, result) = read(&client_frame(0x80, b"x"));
-        assert_eq!(
-            result,
-            Err(ReadError::Protocol("continuation without a message"))
-        );
+        assert_eq!(result, Err(ReadError::Protocol("continuation without a message")));
         let mut bytes = client_frame(0x01, b"a");
         bytes.extend(client_frame(0x82, b"b"));
         let (_, result) = read(&bytes);
-        assert_eq!(
-            result,
-            Err(ReadError::Protocol("new message inside a fragmented one"))
-        );
+        assert_eq!(result, Err(ReadError::Protocol("new message inside a fragmented one")));
         assert_eq!(ReadError::Protocol("x").close_code(), CloseCode::PROTOCOL);
     }
 
     #[test]
     fn invalid_utf8_fails_in_the_fragment_that_breaks_it() {
-        assert_eq!(
-            read(&client_frame(0x81, &[0xFF])).1,
-            Err(ReadError::InvalidUtf8)
-        );
+        assert_eq!(read(&client_frame(0x81, &[0xFF])).1, Err(ReadError::InvalidUtf8));
         // "é" cut across fragments is fine.
         let mut bytes = client_frame(0x01, &[0xC3]);
         bytes.extend(client_frame(0x80, &[0xA9]));
@@ -703,12 +645,34 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_fails_inside_a_frame_still_arriving() {
+        // One text frame of 9 bytes; the first read holds its header and "ok\xC3\x28".
+        let bytes = client_frame(0x81, b"ok\xC3\x28tail");
+        let cut = bytes.len() - 4;
+        let mut reader = Reader::default();
+        let mut head = bytes[..cut].to_vec();
+        let result = reader.feed(&mut head, &LIMITS, &mut |_| Flow::Continue);
+        assert_eq!(result, Err(ReadError::InvalidUtf8), "fails before the frame is complete");
+        // A valid prefix cut inside a sequence waits for the rest.
+        let bytes = client_frame(0x81, "né".as_bytes());
+        let mut reader = Reader::default();
+        let (mut first, mut second) = (bytes[..bytes.len() - 1].to_vec(), bytes[bytes.len() - 1..].to_vec());
+        assert_eq!(reader.feed(&mut first, &LIMITS, &mut |_| Flow::Continue), Ok(()));
+        let mut got = Vec::new();
+        assert_eq!(
+            reader.feed(&mut second, &LIMITS, &mut |e| {
+                got.push(own(e));
+                Flow::Continue
+            }),
+            Ok(())
+        );
+        assert_eq!(got, vec![Owned::Text("né".into())]);
+    }
+
+    #[test]
     fn close_payloads_are_checked() {
         let close = |payload: &[u8]| read(&client_frame(0x88, payload));
-        assert_eq!(
-            close(b""),
-            (vec![Owned::Close(None, String::new())], Ok(()))
-        );
+        assert_eq!(close(b""), (vec![Owned::Close(None, String::new())], Ok(())));
         let (events, _) = close(b"\x03\xE8bye");
         assert_eq!(events, [Owned::Close(Some(1000), "bye".into())]);
         let (events, _) = close(b"\x0F\xA0");
@@ -746,15 +710,9 @@ mod tests {
     #[test]
     fn errors_stick_until_reset() {
         let mut reader = Reader::default();
-        assert_eq!(
-            feed_all(&mut reader, &[0xF1]).1,
-            Err(ReadError::Protocol("reserved bits set"))
-        );
+        assert_eq!(feed_all(&mut reader, &[0xF1]).1, Err(ReadError::Protocol("reserved bits set")));
         let again = feed_all(&mut reader, &client_frame(0x81, b"x"));
-        assert_eq!(
-            again,
-            (vec![], Err(ReadError::Protocol("reserved bits set")))
-        );
+        assert_eq!(again, (vec![], Err(ReadError::Protocol("reserved bits set"))));
         assert_eq!(reader.buffered_bytes(), 0);
         reader.reset();
         assert_eq!(feed_all(&mut reader, &client_frame(0x81, b"x")).1, Ok(()));
@@ -762,16 +720,11 @@ mod tests {
 
     #[test]
     fn spill_capacity_stays_within_the_message_limit() {
-        let limits = ReadLimits {
-            frame_bytes_max: 1000,
-            message_bytes_max: 1500,
-        };
+        let limits = ReadLimits { frame_bytes_max: 1000, message_bytes_max: 1500 };
         let mut reader = Reader::default();
         let mut bytes = client_frame(0x02, &[1; 1000]);
         bytes.extend(client_frame(0x00, &[2; 500]));
-        reader
-            .feed(&mut bytes, &limits, &mut |_| Flow::Continue)
-            .unwrap();
+        reader.feed(&mut bytes, &limits, &mut |_| Flow::Continue).unwrap();
         let capacity = reader.message().map(|message| message.bytes.capacity());
         assert_eq!(capacity, Some(1500));
     }

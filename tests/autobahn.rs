@@ -1,0 +1,91 @@
+//! RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (0.8.2, Python 2.7) against the
+//! gateway's echo endpoint, every case but permessage-deflate (12.*, 13.*: not negotiated).
+//! Installs the suite with pip into target/ on first run. Fails on any case Autobahn does not
+//! rate OK, NON-STRICT or INFORMATIONAL.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Gateway;
+
+const SUITE: &str = "autobahntestsuite==0.8.2";
+const PYENV_PYTHON27: &str = "/root/.pyenv/versions/2.7.18/bin/python";
+
+fn python27() -> PathBuf {
+    if let Ok(p) = std::env::var("BARRAGE_PYTHON27") {
+        return PathBuf::from(p);
+    }
+    if Path::new(PYENV_PYTHON27).exists() {
+        return PathBuf::from(PYENV_PYTHON27);
+    }
+    let found = Command::new("python2.7").arg("--version").status().is_ok_and(|s| s.success());
+    assert!(found, "Autobahn|Testsuite needs Python 2.7: set BARRAGE_PYTHON27 or install pyenv's 2.7.18");
+    PathBuf::from("python2.7")
+}
+
+fn install(python: &Path) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("autobahn-py27");
+    let ready = dir.join(".ready");
+    if !ready.exists() {
+        let ok = Command::new(python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&dir)
+            .arg(SUITE)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "pip install {SUITE} failed");
+        std::fs::write(&ready, SUITE).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn autobahn_fuzzing_client_reports_no_failures() {
+    let python = python27();
+    let site = install(&python);
+    let max = (16 << 20).to_string();
+    let gw = Gateway::start(&["--echo-path", "/echo", "--frame-bytes-max", &max, "--message-bytes-max", &max]);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("autobahn-report");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = serde_json::json!({
+        "outdir": out.join("servers"),
+        "servers": [{"agent": "barrage", "url": format!("ws://{}/echo", gw.ws)}],
+        "cases": ["*"],
+        "exclude-cases": ["12.*", "13.*"],
+        "exclude-agent-cases": {},
+    });
+    let spec_path = out.join("fuzzingclient.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/autobahn/wstest.py");
+    let status = Command::new(&python)
+        .arg(runner)
+        .arg(&site)
+        .args(["-m", "fuzzingclient", "-s"])
+        .arg(&spec_path)
+        .current_dir(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run wstest");
+    assert!(status.success(), "wstest exited with {status}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("servers/index.json")).unwrap()).unwrap();
+    let cases = index["barrage"].as_object().expect("barrage results");
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    let mut bad = Vec::new();
+    for (id, result) in cases {
+        for key in ["behavior", "behaviorClose"] {
+            let verdict = result[key].as_str().unwrap_or("?");
+            if key == "behavior" {
+                *tally.entry(verdict.to_string()).or_default() += 1;
+            }
+            if !matches!(verdict, "OK" | "NON-STRICT" | "INFORMATIONAL") {
+                bad.push(format!("{id} {key}={verdict}"));
+            }
+        }
+    }
+    println!("Autobahn|Testsuite 0.8.2: {} cases: {tally:?}", cases.len());
+    assert!(cases.len() >= 300, "only {} cases ran", cases.len());
+    assert!(bad.is_empty(), "Autobahn failures: {bad:?}");
+}
