@@ -53,6 +53,17 @@ fn malformed_requests_get_a_4xx_that_says_what_is_wrong() {
 }
 
 #[test]
+fn curl_style_form_content_type_is_read_as_json() {
+    let gw = Gateway::start(&[]);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (s, b) = http(gw.api, "POST", "/v1/rooms/r/messages", Some(r#"{"text":"hi"}"#), &form);
+    assert_eq!(s, 202, "{b}");
+    let (s, b) = http(gw.api, "POST", "/v1/rooms/r/messages", Some("text=hi"), &form);
+    assert_eq!(s, 400);
+    assert!(error_of(&b).contains("bad JSON"), "{b}");
+}
+
+#[test]
 fn protobuf_bodies_publish_too() {
     let gw = Gateway::start(&[]);
     let mut c = Client::connect(&gw.url("?room=pb"), None);

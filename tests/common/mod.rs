@@ -152,7 +152,7 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, head
     let body = body.unwrap_or("");
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if !body.is_empty() {
+    if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
         req.push_str("Content-Type: application/json\r\n");
     }
     for (k, v) in headers {
