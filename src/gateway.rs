@@ -89,7 +89,14 @@ impl Gateway {
                     match Shard::new(hub, params, mesh, metrics) {
                         Ok(shard) => {
                             let _ = ready.send(Ok(()));
-                            shard.run()
+                            let result = shard.run();
+                            if let Err(e) = &result {
+                                // A shard whose ring failed serves nobody; a supervisor restart
+                                // beats a half-alive gateway.
+                                eprintln!("barrage: shard {i} failed: {e}; exiting");
+                                std::process::exit(70);
+                            }
+                            result
                         }
                         Err(e) => {
                             let _ = ready.send(Err(format!("shard {i}: {e}")));

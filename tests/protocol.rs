@@ -254,3 +254,45 @@ fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
 fn base64_zeros(n: usize) -> String {
     "A".repeat(n.div_ceil(3) * 4)
 }
+
+#[test]
+fn too_many_headers_get_431() {
+    let gw = Gateway::start(&["--handshake-headers-max", "10"]);
+    let extra: Vec<String> = (0..10).map(|i| format!("X-H{i}: v")).collect();
+    let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let head = status_of(&gw, &upgrade_request("/ws", &refs));
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+}
+
+#[test]
+fn a_client_that_never_answers_close_is_dropped_after_close_timeout() {
+    let gw = Gateway::start(&["--heartbeat-ms", "100", "--idle-timeout-ms", "300", "--close-timeout-ms", "300"]);
+    let mut r = Raw::upgraded(gw.ws, "");
+    r.read_frame();
+    assert_eq!(r.close_code(), 1001);
+    // We do not answer: the server drops the TCP connection on its own.
+    let t = Instant::now();
+    assert!(r.read_to_end().is_empty());
+    assert!(t.elapsed() < Duration::from_secs(3));
+    eventually("counted", || gw.metric("barrage_closed_total{reason=\"close_timeout\"}") == 1);
+}
+
+#[test]
+fn long_room_names_and_big_client_messages_are_refused() {
+    let gw = Gateway::start(&["--name-bytes-max", "8", "--data-bytes-max", "10"]);
+    let head = status_of(&gw, &upgrade_request("/ws?room=123456789", &[]));
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let mut c = Client::connect(&gw.url(&format!("?room=12345678&token={}", token("big"))), None);
+    c.welcome();
+    c.send(client_frame::Frame::Join(Join { room: "123456789".into() }));
+    match c.recv() {
+        barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 400),
+        other => panic!("expected error, got {other:?}"),
+    }
+    c.send(client_frame::Frame::Send(barrage::proto::Send { r#type: "chat".into(), data: vec![b'x'; 11] }));
+    match c.recv() {
+        barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 413),
+        other => panic!("expected error, got {other:?}"),
+    }
+    eventually("counted", || gw.metric("barrage_client_sends_refused_total") == 1);
+}

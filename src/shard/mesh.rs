@@ -100,3 +100,27 @@ impl Mesh {
         let _ = (&self.inboxes[to.index()].wake).write(&1u64.to_ne_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_inbox_gives_mail_back_and_a_sleeping_shard_is_woken_once() {
+        let mesh = Mesh::new(2, 64).unwrap();
+        let to = ShardId(1);
+        let inbox = mesh.inbox(to);
+        assert!(inbox.prepare_sleep(), "nothing waiting: may sleep");
+        mesh.send(to, Mail::Stop).unwrap_or_else(|_| panic!("room for one"));
+        let mut counter = [0u8; 8];
+        use std::io::Read;
+        assert_eq!((&inbox.wake).read(&mut counter).unwrap(), 8, "the sleeper was woken");
+        for _ in 1..64 {
+            assert!(mesh.send(to, Mail::Stop).is_ok());
+        }
+        assert!(mesh.send(to, Mail::Stop).is_err(), "the 65th mail does not fit");
+        assert!((&inbox.wake).read(&mut counter).is_err(), "no wake-ups while awake");
+        assert!(!inbox.prepare_sleep(), "mail is waiting: must not sleep");
+        assert_eq!(inbox.len(), 64);
+    }
+}

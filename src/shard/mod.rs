@@ -75,9 +75,11 @@ impl Io {
     }
 }
 
-/// Accept moves to another ring this many slots before its table is full, so bursts never
-/// meet a full table.
-const ACCEPT_MARGIN: u32 = 256;
+/// Accept moves to another ring this many slots before its table is full (an eighth of a
+/// small table), so bursts never meet a full table.
+fn accept_margin(files_max: u32) -> u32 {
+    (files_max / 8).clamp(1, 256)
+}
 /// Mail handled per turn, so a flood of mail cannot starve the sockets.
 const MAIL_PER_TURN: usize = 8192;
 /// Longest sleep without a reason to wake.
@@ -233,7 +235,7 @@ impl Shard {
                 None => self.rings[r].close_slot(slot, user_data(op::CLOSE, 0, 0))?,
             }
             let ring = &self.rings[r];
-            if self.accept_ring == Some(r) && ring.files_used + ACCEPT_MARGIN >= ring.files_max {
+            if self.accept_ring == Some(r) && ring.files_used + accept_margin(ring.files_max) >= ring.files_max {
                 // Move the accept before this table fills; the old one ends with ECANCELED.
                 self.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
                 self.accept_ring = None;
@@ -252,7 +254,7 @@ impl Shard {
         if self.hub.stopping() || self.accept_ring.is_some() {
             return Ok(());
         }
-        let free = |ring: &Ring| ring.files_used + ACCEPT_MARGIN < ring.files_max;
+        let free = |ring: &Ring| ring.files_used + accept_margin(ring.files_max) < ring.files_max;
         let r = match self.rings.iter().position(free) {
             Some(r) => r,
             None if self.rings.len() < self.params.rings_max => {
