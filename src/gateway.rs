@@ -64,6 +64,7 @@ impl Gateway {
                 recv_buffers: config.server.recv_buffers,
                 recv_buffer_bytes: config.server.recv_buffer_bytes,
             },
+            read_mode: config.server.read_mode,
             // One spare ring so accepting can move on while slots are being recycled.
             rings_max: per_shard.div_ceil(files_max as usize) + 1,
             sendmsg_slots_max: per_shard.clamp(256, 16_384),

@@ -8,9 +8,29 @@ use common::{Client, Gateway, eventually, token};
 use serde_json::json;
 
 #[test]
-fn many_rings_per_shard_accept_receive_and_deliver() {
+fn many_rings_per_shard_in_poll_mode() {
+    many_rings("poll");
+}
+
+#[test]
+fn many_rings_per_shard_in_recv_mode() {
+    many_rings("recv");
+}
+
+#[test]
+fn dry_buffers_and_small_queue_in_poll_mode() {
+    dry_buffers_and_small_queue("poll");
+}
+
+#[test]
+fn dry_buffers_and_small_queue_in_recv_mode() {
+    dry_buffers_and_small_queue("recv");
+}
+
+fn many_rings(mode: &str) {
     // 16 slots per ring (accept moves on with 2 left): 60 connections per shard need 5 rings.
-    let gw = Gateway::start(&["--ring-files-max", "16", "--ring-entries", "64", "--recv-buffers", "8"]);
+    let gw =
+        Gateway::start(&["--ring-files-max", "16", "--ring-entries", "64", "--recv-buffers", "8", "--read-mode", mode]);
     let mut clients: Vec<Client> = (0..120).map(|_| Client::connect(&gw.url("?room=rings"), None)).collect();
     for c in &mut clients {
         c.welcome();
@@ -35,8 +55,7 @@ fn many_rings_per_shard_accept_receive_and_deliver() {
     }
 }
 
-#[test]
-fn receive_survives_a_dry_buffer_ring_and_a_small_submission_queue() {
+fn dry_buffers_and_small_queue(mode: &str) {
     // 8 receive buffers of 256 bytes per ring, 64 SQ entries: 60 clients sending at once
     // exhaust both, and every message must still arrive.
     let gw = Gateway::start(&[
@@ -52,6 +71,8 @@ fn receive_survives_a_dry_buffer_ring_and_a_small_submission_queue() {
         "200",
         "--block-messages-max",
         "1000",
+        "--read-mode",
+        mode,
     ]);
     let mut clients: Vec<Client> = (0..60)
         .map(|i| Client::connect(&gw.url(&format!("?room=dry&token={}", token(&format!("u{i}")))), None))

@@ -25,6 +25,11 @@ pub struct Cqe {
 }
 
 impl Cqe {
+    /// The socket still had data when this receive completed.
+    pub fn sock_nonempty(&self) -> bool {
+        cqueue::sock_nonempty(self.flags)
+    }
+
     /// More completions will follow for this (multishot) request.
     pub fn more(&self) -> bool {
         cqueue::more(self.flags)
@@ -111,6 +116,28 @@ impl Ring {
         let e = opcode::RecvMulti::new(Fixed(slot), BUFFER_GROUP).build().user_data(user_data);
         // SAFETY: the entry holds no pointers; the kernel picks buffers from our buffer ring,
         // which lives as long as the ring.
+        unsafe { self.push(&e) }
+    }
+
+    /// Multishot poll for input on a direct descriptor: a completion per wake-up, no buffer and
+    /// less kernel memory than an armed multishot receive.
+    pub fn poll_multi(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        let e = opcode::PollAdd::new(Fixed(slot), libc::POLLIN as u32).multi(true).build().user_data(user_data);
+        // SAFETY: the entry holds no pointers.
+        unsafe { self.push(&e) }
+    }
+
+    /// One receive into a provided buffer that never waits: -EAGAIN when nothing is there.
+    pub fn recv_once(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        let len = self.bufs.size;
+        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), len)
+            .buf_group(BUFFER_GROUP)
+            .flags(libc::MSG_DONTWAIT)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data);
+        // SAFETY: no pointer: the kernel picks a buffer from our buffer ring, which lives as
+        // long as the ring.
         unsafe { self.push(&e) }
     }
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use self::driver::{Cqe, Ring, RingParams};
 use self::mesh::Mesh;
 use self::sendmsg::{FRAMES_PER_SEND, Slots};
+use crate::config::ReadMode;
 use crate::hub::mail::Mail;
 use crate::hub::{Hub, HubConfig, Now};
 use crate::ids::{ShardId, UnixMs};
@@ -33,6 +34,8 @@ mod op {
     pub const WAKE: u8 = 5;
     pub const CANCEL: u8 = 6;
     pub const CLOSE: u8 = 7;
+    pub const POLL: u8 = 8;
+    pub const RECV_ONCE: u8 = 9;
 }
 
 /// user_data = op (8 bits) | aux (24 bits: sendmsg slot or ring) | connection key (32 bits).
@@ -50,10 +53,15 @@ fn split(ud: u64) -> (u8, u32, u32) {
 struct Io(u64);
 
 impl Io {
+    /// The armed input request (multishot poll or multishot receive) is pending.
     const RECV: u64 = 1 << 48;
     const SEND: u64 = 1 << 49;
     const CANCEL: u64 = 1 << 50;
     const TERM: u64 = 1 << 51;
+    /// Poll mode: a one-shot receive is in flight.
+    const READ: u64 = 1 << 52;
+    /// Poll mode: readiness arrived while that receive was in flight; read again after it.
+    const AGAIN: u64 = 1 << 53;
 
     fn new(ring: usize, slot: u32) -> Io {
         Io(((ring as u64 & 0xFFFF) << 32) | u64::from(slot))
@@ -93,6 +101,7 @@ pub struct ShardParams {
     pub listen: SocketAddr,
     pub backlog: u32,
     pub ring: RingParams,
+    pub read_mode: ReadMode,
     pub rings_max: usize,
     pub sendmsg_slots_max: usize,
     pub mesh_backlog_max: usize,
@@ -201,6 +210,8 @@ impl Shard {
         match tag {
             op::ACCEPT => self.accepted(r, cqe, now)?,
             op::RECV => self.received(r, key, cqe, now)?,
+            op::POLL => self.polled(r, key, cqe)?,
+            op::RECV_ONCE => self.received_once(r, key, cqe, now)?,
             op::SEND | op::SENDMSG => {
                 if tag == op::SENDMSG {
                     self.slots.release(aux);
@@ -229,7 +240,7 @@ impl Shard {
             self.rings[r].files_used += 1;
             match self.hub.open(Io::new(r, slot).0, now) {
                 Some(key) => {
-                    self.rings[r].recv_multi(slot, user_data(op::RECV, 0, key))?;
+                    self.arm_input(r, slot, key)?;
                     self.hub.set_io(key, Io::new(r, slot).with(Io::RECV).0);
                 }
                 None => self.rings[r].close_slot(slot, user_data(op::CLOSE, 0, 0))?,
@@ -283,6 +294,65 @@ impl Shard {
         unsafe { self.rings[0].read(fd, buf, 8, user_data(op::WAKE, 0, 0)) }
     }
 
+    /// Arms the connection's standing input request, by read mode.
+    fn arm_input(&mut self, r: usize, slot: u32, key: u32) -> io::Result<()> {
+        match self.params.read_mode {
+            ReadMode::Poll => self.rings[r].poll_multi(slot, user_data(op::POLL, 0, key)),
+            ReadMode::Recv => self.rings[r].recv_multi(slot, user_data(op::RECV, 0, key)),
+        }
+    }
+
+    /// Poll mode: the socket is readable (or failed). Start a receive unless one is running.
+    fn polled(&mut self, r: usize, key: u32, cqe: Cqe) -> io::Result<()> {
+        let Some(mut io) = self.hub.io(key).map(Io) else { return Ok(()) };
+        if cqe.result < 0 {
+            self.hub.on_eof(key);
+        } else if io.has(Io::TERM) {
+        } else if io.has(Io::READ) {
+            io = io.with(Io::AGAIN);
+        } else {
+            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key))?;
+            io = io.with(Io::READ);
+        }
+        if !cqe.more() {
+            io = io.without(Io::RECV);
+            if cqe.result >= 0 && !io.has(Io::TERM) {
+                self.rings[r].poll_multi(io.slot(), user_data(op::POLL, 0, key))?;
+                io = io.with(Io::RECV);
+            }
+        }
+        self.hub.set_io(key, io.0);
+        self.finish_if_idle(key, io)
+    }
+
+    /// Poll mode: a one-shot receive completed. Read again while the socket has more.
+    fn received_once(&mut self, r: usize, key: u32, cqe: Cqe, now: Now) -> io::Result<()> {
+        let res = cqe.result;
+        if res > 0
+            && let Some(bid) = cqe.buffer()
+        {
+            if let Some(data) = self.rings[r].buffer(bid, res as usize) {
+                self.hub.on_recv(key, data, now);
+            }
+            self.rings[r].recycle(bid);
+        } else if res == -libc::ENOBUFS {
+            self.hub.counters().inc(Series::RecvNoBuffers);
+        } else if res != -libc::EAGAIN {
+            // 0 is the peer's FIN; anything else is a reset, an error or our cancel.
+            self.hub.on_eof(key);
+        }
+        let Some(io) = self.hub.io(key).map(Io) else { return Ok(()) };
+        let again = io.has(Io::AGAIN) || (res > 0 && cqe.sock_nonempty()) || res == -libc::ENOBUFS;
+        let mut io = io.without(Io::READ).without(Io::AGAIN);
+        if again && (res > 0 || res == -libc::EAGAIN || res == -libc::ENOBUFS) && !io.has(Io::TERM) {
+            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key))?;
+            io = io.with(Io::READ);
+        }
+        self.hub.set_io(key, io.0);
+        self.finish_if_idle(key, io)
+    }
+
+    /// Recv mode: a multishot receive delivered bytes, ended, or failed.
     fn received(&mut self, r: usize, key: u32, cqe: Cqe, now: Now) -> io::Result<()> {
         let res = cqe.result;
         if res > 0 {
@@ -305,7 +375,7 @@ impl Shard {
         let io = io.without(Io::RECV);
         if (res > 0 || res == -libc::ENOBUFS) && !io.has(Io::TERM) {
             // The multishot ended without an error (buffers ran dry): arm it again.
-            self.rings[io.ring()].recv_multi(io.slot(), user_data(op::RECV, 0, key))?;
+            self.arm_input(io.ring(), io.slot(), key)?;
             self.hub.set_io(key, io.with(Io::RECV).0);
             return Ok(());
         }
@@ -376,7 +446,7 @@ impl Shard {
         for &key in &closing {
             let Some(io) = self.hub.io(key).map(Io) else { continue };
             let mut io = io.with(Io::TERM);
-            if (io.has(Io::RECV) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
+            if (io.has(Io::RECV) || io.has(Io::READ) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
                 self.rings[io.ring()].cancel_slot(io.slot(), user_data(op::CANCEL, 0, key))?;
                 io = io.with(Io::CANCEL);
             }
@@ -390,7 +460,7 @@ impl Shard {
 
     /// Closes the socket and forgets the connection once it is ending and nothing is pending.
     fn finish_if_idle(&mut self, key: u32, io: Io) -> io::Result<()> {
-        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::SEND) {
+        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) {
             self.rings[io.ring()].close_slot(io.slot(), user_data(op::CLOSE, 0, 0))?;
             self.hub.release(key);
         }
