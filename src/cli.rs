@@ -29,6 +29,18 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print an HS256 client token (JWT) for a user.
     Token(TokenArgs),
+    /// Check this host for N connections: limits, sysctls, memory, kernel. Exits 1 if short.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+struct DoctorArgs {
+    /// Connections to plan for.
+    #[arg(long, default_value_t = 1_000_000)]
+    connections: u64,
+    /// A load generator on this host holds the other end of every connection.
+    #[arg(long)]
+    with_loadgen: bool,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +78,7 @@ pub fn main() -> i32 {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(*args),
         Some(Command::Token(args)) => token(&args),
+        Some(Command::Doctor(args)) => return doctor(&args),
     };
     match result {
         Ok(()) => 0,
@@ -114,6 +127,14 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     gateway.stop();
     println!("barrage: stopped");
     Ok(())
+}
+
+fn doctor(args: &DoctorArgs) -> i32 {
+    let plan = crate::doctor::Plan { connections: args.connections, with_loadgen: args.with_loadgen };
+    let findings = crate::doctor::diagnose(&crate::doctor::HostFacts::read(), plan);
+    let (text, ok) = crate::doctor::render(&findings, plan);
+    print!("{text}");
+    if ok { 0 } else { 1 }
 }
 
 fn token(args: &TokenArgs) -> Result<(), Box<dyn std::error::Error>> {

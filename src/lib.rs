@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod envelope;
 pub mod gateway;
 pub mod hub;
