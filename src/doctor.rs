@@ -246,9 +246,10 @@ mod tests {
         let plan = Plan { connections: 1_000_000, with_loadgen: true };
         let findings = diagnose(&tuned(), plan);
         assert!(findings.iter().all(|f| f.ok), "{findings:?}");
+        let rings = findings.iter().find(|f| f.check == "RLIMIT_NOFILE (hard)").unwrap();
+        assert!(rings.fix.contains("53 rings of 18976"), "{}", rings.fix);
         let (text, ok) = render(&findings, plan);
         assert!(ok);
-        assert!(text.contains("53 rings of 18976"), "{text}");
         assert!(text.contains("36 source addresses"), "{text}");
     }
 

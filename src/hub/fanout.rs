@@ -19,7 +19,7 @@ use slab::Slab;
 struct Fan<'a> {
     conns: &'a mut Slab<Conn>,
     outbox: &'a mut Outbox,
-    ready: &'a mut Vec<u32>,
+    ready: &'a mut std::collections::VecDeque<u32>,
     counters: &'a mut Counters,
     max: usize,
     /// Connections whose queue held nothing droppable: terminated after the loop.
@@ -48,7 +48,7 @@ impl Fan<'_> {
         }
         if conn.flags & super::conn::flag::READY == 0 && !conn.queue.in_flight() {
             conn.flags |= super::conn::flag::READY;
-            self.ready.push(key);
+            self.ready.push_back(key);
         }
         true
     }

@@ -17,7 +17,7 @@ mod client;
 mod fanout;
 mod handshake;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::sync::Arc;
 
@@ -134,7 +134,8 @@ pub struct Hub {
     users: Users,
     outbox: Outbox,
     owner: Owner,
-    ready: Vec<u32>,
+    /// Connections with frames and no send in flight, oldest first.
+    ready: VecDeque<u32>,
     terminating: Vec<u32>,
     mail: Vec<(ShardId, Mail)>,
     /// The connection whose read is being handled, and the replies gathered for it.
@@ -167,7 +168,7 @@ impl Hub {
             users: Users::default(),
             outbox: Outbox::default(),
             owner,
-            ready: Vec::new(),
+            ready: VecDeque::new(),
             terminating: Vec::new(),
             mail: Vec::new(),
             replying: None,
@@ -232,13 +233,18 @@ impl Hub {
 
     /// Next connection with frames to send and no send in flight.
     pub fn pop_ready(&mut self) -> Option<u32> {
-        while let Some(key) = self.ready.pop() {
+        while let Some(key) = self.ready.pop_front() {
             if let Some(conn) = self.conns.get_mut(key as usize) {
                 conn.flags &= !flag::READY;
                 return Some(key);
             }
         }
         None
+    }
+
+    /// Whether connections are waiting for a send.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
     }
 
     /// Fills `iov` with the frames one send should write to `key` and marks them in flight.
@@ -413,7 +419,7 @@ impl Hub {
             && !conn.queue.in_flight()
         {
             conn.flags |= flag::READY;
-            self.ready.push(key);
+            self.ready.push_back(key);
         }
     }
 

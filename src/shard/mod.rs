@@ -90,6 +90,9 @@ fn accept_margin(files_max: u32) -> u32 {
 }
 /// Mail handled per turn, so a flood of mail cannot starve the sockets.
 const MAIL_PER_TURN: usize = 8192;
+/// Sends submitted per turn: completions are reaped between batches, so a block for a huge
+/// room does not pile its whole fan-out into the completion queues at once.
+const SENDS_PER_TURN: usize = 32 * 1024;
 /// Longest sleep without a reason to wake.
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// Counters are copied for the metrics endpoint at most this often.
@@ -394,7 +397,8 @@ impl Shard {
     /// Turns every ready connection's queued frames into one send each.
     fn start_sends(&mut self) -> io::Result<()> {
         let mut bufs: [(*const u8, usize); FRAMES_PER_SEND] = [(std::ptr::null(), 0); FRAMES_PER_SEND];
-        while let Some(key) = self.hub.pop_ready() {
+        for _ in 0..SENDS_PER_TURN {
+            let Some(key) = self.hub.pop_ready() else { break };
             let Some(io) = self.hub.io(key).map(Io) else { continue };
             if io.has(Io::SEND) || io.has(Io::TERM) {
                 continue;
@@ -517,6 +521,9 @@ impl Shard {
     /// Submits everything and sleeps until a completion, mail or the next deadline.
     fn wait(&mut self, now: Now) -> io::Result<()> {
         let mut timeout = Duration::from_millis(self.hub.next_timeout(now)).min(SLEEP_MAX);
+        if self.hub.has_ready() {
+            timeout = Duration::ZERO;
+        }
         if !self.mail_backlog.is_empty() {
             timeout = timeout.min(Duration::from_millis(1));
         }
