@@ -19,6 +19,12 @@ pub struct Rate {
 impl Rate {
     /// No limit.
     pub const UNLIMITED: Rate = Rate { per_s: 0, burst: 0 };
+    /// Suggested per-room upstream default: 10× a block a second of 20 messages, so the mixer
+    /// still chooses by priority while a flood costs a room at most 200 pushes a second.
+    pub const ROOM_UPSTREAM_DEFAULT: Rate = Rate { per_s: 200, burst: 400 };
+    /// Suggested per-connection send default: a person types a line or two a second; the burst
+    /// lets a quick exchange through.
+    pub const CONNECTION_SEND_DEFAULT: Rate = Rate { per_s: 2, burst: 5 };
 }
 
 /// Units of one token.
@@ -40,7 +46,7 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     ///
-    /// Exact while `per_s × (time between two calls)` stays below 2^63 (292 years at 10^6/s): a
+    /// Exact while `per_s × (ms between two calls)` stays below 2^63 (292 years at 10^6/s): a
     /// longer gap may read as a clock that went backwards, which leaves the bucket empty once.
     /// A clock that goes backwards leaves it at worst empty; a jump forward fills it to `burst`.
     /// Changing the rate of a live bucket leaves it anywhere between empty and full.
