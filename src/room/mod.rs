@@ -2,6 +2,9 @@
 //! turns pending messages into blocks, and the table of owned rooms).
 #![forbid(unsafe_code)]
 
+pub mod attrs;
+pub mod history;
+pub mod limit;
 pub mod mixer;
 pub mod owner;
 
