@@ -1,8 +1,9 @@
 //! Rooms: their names, which shard owns each one, and the owner's state machines (the mixer that
-//! turns pending messages into blocks, and the table of owned rooms).
+//! turns pending messages into blocks, the moderation lists, and the table of owned rooms).
 #![forbid(unsafe_code)]
 
 pub mod mixer;
+pub mod moderation;
 pub mod owner;
 
 use std::fmt;
