@@ -1,11 +1,12 @@
 //! Rooms: their names, which shard owns each one, and the owner's state machines (the mixer that
-//! turns pending messages into blocks, and the table of owned rooms).
+//! turns pending messages into blocks, the moderation lists, and the table of owned rooms).
 #![forbid(unsafe_code)]
 
 pub mod attrs;
 pub mod history;
 pub mod limit;
 pub mod mixer;
+pub mod moderation;
 pub mod owner;
 
 use std::fmt;

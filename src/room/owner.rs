@@ -196,10 +196,13 @@ impl Owner {
         for name in dirty {
             let Some(room) = self.rooms.get_mut(&name) else { continue };
             room.dirty = false;
-            let Some(cut) = room.mixer.cut(&limits) else { continue };
+            let Some(cut) = room.mixer.cut(now.0, &limits) else { continue };
             if room.mixer.has_pending() {
                 room.dirty = true;
                 self.dirty.push(name.clone());
+            }
+            if cut.messages.is_empty() {
+                continue; // everything had expired
             }
             stats.blocks += 1;
             stats.messages += cut.messages.len() as u64;
