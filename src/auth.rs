@@ -29,6 +29,13 @@ pub struct Claims {
     pub nbf: Option<u64>,
     /// May this user send chat (`send`, default true)? False makes a read-only viewer.
     pub send: bool,
+    /// May this user moderate its room with `moderate` frames (`admin`, default false)?
+    pub admin: bool,
+    /// May this user set its room's attributes (`attrs`, default false)?
+    pub attrs: bool,
+    /// The user's level (`level`, default 0): the weight of its chat inside a priority bucket,
+    /// so a high-level user's line beats an anonymous one.
+    pub level: i32,
 }
 
 /// Why a token was refused. Each maps to a metric label with [`TokenError::reason`].
@@ -171,6 +178,9 @@ struct RawClaims {
     exp: Option<Number>,
     nbf: Option<Number>,
     send: Option<bool>,
+    admin: Option<bool>,
+    attrs: Option<bool>,
+    level: Option<i32>,
 }
 
 fn parse_claims(json: &[u8]) -> Result<Claims, TokenError> {
@@ -184,6 +194,9 @@ fn parse_claims(json: &[u8]) -> Result<Claims, TokenError> {
         exp: raw.exp.as_ref().map(seconds).transpose()?,
         nbf: raw.nbf.as_ref().map(seconds).transpose()?,
         send: raw.send.unwrap_or(true),
+        admin: raw.admin.unwrap_or(false),
+        attrs: raw.attrs.unwrap_or(false),
+        level: raw.level.unwrap_or(0),
     })
 }
 
@@ -257,7 +270,16 @@ mod tests {
     fn round_trip() {
         let token = sign_hs256(SECRET, &json!({"sub": "alice", "exp": NOW + 60, "nbf": NOW - 5}));
         let claims = verifier().verify(&token, NOW).unwrap();
-        assert_eq!(claims, Claims { sub: "alice".into(), exp: Some(NOW + 60), nbf: Some(NOW - 5), send: true });
+        let expect = Claims {
+            sub: "alice".into(),
+            exp: Some(NOW + 60),
+            nbf: Some(NOW - 5),
+            send: true,
+            admin: false,
+            attrs: false,
+            level: 0,
+        };
+        assert_eq!(claims, expect);
     }
 
     #[test]
@@ -395,6 +417,15 @@ mod tests {
         let max = "x".repeat(SUBJECT_BYTES_MAX);
         let token = sign_hs256(SECRET, &json!({"sub": max}));
         assert!(verifier().verify(&token, NOW).is_ok());
+    }
+
+    #[test]
+    fn admin_attrs_and_level_claims() {
+        let token = sign_hs256(SECRET, &json!({"sub": "mod", "admin": true, "attrs": true, "level": 42}));
+        let c = verifier().verify(&token, NOW).unwrap();
+        assert_eq!((c.admin, c.attrs, c.level), (true, true, 42));
+        let token = sign_hs256(SECRET, &json!({"sub": "x", "admin": "yes"}));
+        assert_eq!(verifier().verify(&token, NOW), Err(TokenError::Malformed));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Configuration: embedded defaults < TOML file < `BARRAGE_*` env < long flags, validated once
 //! at start. Every bound the gateway enforces is a knob here, with its default, its reason and
 //! what it costs.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -15,9 +16,20 @@ macro_rules! config {
         }
     )*) => {
         /// The whole configuration, one struct per TOML section.
-        #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+        #[derive(Debug, Clone, Deserialize, Serialize)]
         #[serde(deny_unknown_fields)]
-        pub struct Config { $( $(#[doc = $sdoc])* #[serde(default)] pub $section: $Section, )* }
+        pub struct Config {
+            $( $(#[doc = $sdoc])* #[serde(default)] pub $section: $Section, )*
+            /// Per message type: default priority and time to live (`[types.gift]`).
+            #[serde(default = "default_types")]
+            pub types: BTreeMap<String, TypeDefaults>,
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $section: $Section::default(), )* types: default_types() }
+            }
+        }
 
         $(
             $(#[doc = $sdoc])*
@@ -110,6 +122,13 @@ config! {
         close_timeout_ms: u64 = 3_000, close_timeout_ms, "BARRAGE_CLOSE_TIMEOUT_MS";
         /// Let clients connect without a token, as read-only viewers.
         allow_anonymous: bool = true, allow_anonymous, "BARRAGE_ALLOW_ANONYMOUS";
+        /// TCP keepalive on accepted sockets, the backstop for peers that vanish without a FIN
+        /// and never send a byte again: probes start after this many idle seconds (then 3
+        /// probes 10 s apart). 0 = off.
+        tcp_keepalive_s: u32 = 120, tcp_keepalive_s, "BARRAGE_TCP_KEEPALIVE_S";
+        /// A connection whose send queue has been overflowing (dropping frames) this long is
+        /// closed and counted; whitelisted users are never closed for it.
+        slow_consumer_ms: u64 = 10_000, slow_consumer_ms, "BARRAGE_SLOW_CONSUMER_MS";
         /// Path of a raw echo endpoint for conformance testing (Autobahn); "" = off.
         echo_path: String = String::new(), echo_path, "BARRAGE_ECHO_PATH";
     }
@@ -138,6 +157,43 @@ config! {
         name_bytes_max: usize = 64, name_bytes_max, "BARRAGE_NAME_BYTES_MAX";
         /// Bytes of one message's data.
         data_bytes_max: usize = 4096, data_bytes_max, "BARRAGE_DATA_BYTES_MAX";
+        /// Messages a room keeps for backfill on join and for short polling (5 blocks of 20).
+        /// Costs up to this many messages of data per room.
+        history_messages_max: usize = 100, history_messages_max, "BARRAGE_HISTORY_MESSAGES_MAX";
+        /// Upstream messages per second into one room (client sends and API publishes below
+        /// whitelist priority); over it they are refused (429). 0 = unlimited.
+        room_rate_per_s: u32 = 200, room_rate_per_s, "BARRAGE_ROOM_RATE_PER_S";
+        /// Burst allowed above room_rate_per_s.
+        room_rate_burst: u32 = 400, room_rate_burst, "BARRAGE_ROOM_RATE_BURST";
+        /// Sends per second from one connection; over it the client gets an error frame (429).
+        /// 0 = unlimited. State is kept only for connections that sent recently (8 B each).
+        send_rate_per_s: u32 = 2, send_rate_per_s, "BARRAGE_SEND_RATE_PER_S";
+        /// Burst allowed above send_rate_per_s.
+        send_rate_burst: u32 = 5, send_rate_burst, "BARRAGE_SEND_RATE_BURST";
+        /// Post `enter` and `leave` messages in rooms: at most one of each per room per block,
+        /// counting the users (so 5,000 joins a second make one message a second, not 5,000).
+        presence_events: bool = true, presence_events, "BARRAGE_PRESENCE_EVENTS";
+        /// User ids named in one enter/leave message (the rest are only counted).
+        presence_users_max: usize = 10, presence_users_max, "BARRAGE_PRESENCE_USERS_MAX";
+        /// Messages one short poll may return.
+        poll_limit_max: usize = 100, poll_limit_max, "BARRAGE_POLL_LIMIT_MAX";
+        /// Poll interval hinted to short-polling clients in rooms under 100 members.
+        poll_interval_small_ms: u32 = 1500, poll_interval_small_ms, "BARRAGE_POLL_INTERVAL_SMALL_MS";
+        /// ... in rooms of 100 to 1,000 members.
+        poll_interval_medium_ms: u32 = 2000, poll_interval_medium_ms, "BARRAGE_POLL_INTERVAL_MEDIUM_MS";
+        /// ... in rooms over 1,000 members.
+        poll_interval_large_ms: u32 = 2500, poll_interval_large_ms, "BARRAGE_POLL_INTERVAL_LARGE_MS";
+        /// Attribute keys in one room.
+        attr_keys_max: usize = 64, attr_keys_max, "BARRAGE_ATTR_KEYS_MAX";
+        /// Bytes of one attribute key.
+        attr_key_bytes_max: usize = 64, attr_key_bytes_max, "BARRAGE_ATTR_KEY_BYTES_MAX";
+        /// Bytes of one attribute value.
+        attr_value_bytes_max: usize = 1024, attr_value_bytes_max, "BARRAGE_ATTR_VALUE_BYTES_MAX";
+        /// Attribute changes kept per room for incremental sync; a client further behind gets a
+        /// snapshot. Worst case per room: keys_max x (key + value) + log x (key + value).
+        attr_log_len_max: usize = 128, attr_log_len_max, "BARRAGE_ATTR_LOG_LEN_MAX";
+        /// Entries in each moderation list (mutes, bans, whitelist) of one room (~250 B each).
+        moderation_entries_max: usize = 1000, moderation_entries_max, "BARRAGE_MODERATION_ENTRIES_MAX";
     }
 
     /// The private business API.
@@ -153,6 +209,46 @@ config! {
         /// An idle keep-alive API connection is closed after this long.
         idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
     }
+}
+
+/// Defaults for one message type, applied where a message does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeDefaults {
+    /// Priority bucket when the publisher gives none (client sends always take this).
+    #[serde(default)]
+    pub priority: PriorityName,
+    /// Dropped (counted as expired) if not in a block within this many ms; 0 = never.
+    #[serde(default)]
+    pub ttl_ms: u32,
+}
+
+/// A priority bucket, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityName {
+    #[default]
+    Low,
+    High,
+    Whitelist,
+}
+
+/// The built-in types: chat and likes are cheap and go stale fast, gifts matter longer and
+/// beat chat, PK scores are corrections, notices are never dropped.
+fn default_types() -> BTreeMap<String, TypeDefaults> {
+    let t = |priority, ttl_ms| TypeDefaults { priority, ttl_ms };
+    [
+        ("chat", t(PriorityName::Low, 10_000)),
+        ("like", t(PriorityName::Low, 3_000)),
+        ("enter", t(PriorityName::Low, 5_000)),
+        ("leave", t(PriorityName::Low, 5_000)),
+        ("gift", t(PriorityName::High, 30_000)),
+        ("pk", t(PriorityName::High, 10_000)),
+        ("notice", t(PriorityName::Whitelist, 0)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// How a connection waits for input (see `server.read_mode`).
@@ -183,7 +279,12 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads a TOML file (unknown keys are errors, so typos do not pass silently).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError(format!("config: {e}")))
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(format!("config: {e}")))?;
+        // A file's [types.X] tables add to or override the built-in types, never erase them.
+        for (name, defaults) in default_types() {
+            c.types.entry(name).or_insert(defaults);
+        }
+        Ok(c)
     }
 
     /// Checks every bound and the relations between them, once, with a clear error.
@@ -242,6 +343,11 @@ impl Config {
         Ok(())
     }
 
+    /// Defaults for a message type (unknown types: low priority, no expiry).
+    pub fn type_defaults(&self, kind: &str) -> TypeDefaults {
+        self.types.get(kind).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 })
+    }
+
     /// Shard count after resolving 0 to the available cores.
     pub fn shard_count(&self) -> usize {
         match self.server.shards {
@@ -267,6 +373,18 @@ mod tests {
         assert_eq!(c.rooms.block_interval_ms, 1000);
         let e = Config::from_toml("[rooms]\nblock_mesages_max = 5\n").unwrap_err();
         assert!(e.0.contains("block_mesages_max"), "{e}");
+    }
+
+    #[test]
+    fn types_table_has_defaults_and_can_be_overridden() {
+        let c = Config::default();
+        assert_eq!(c.type_defaults("gift").priority, PriorityName::High);
+        assert_eq!(c.type_defaults("custom").ttl_ms, 0);
+        let c = Config::from_toml("[types.gift]\npriority = \"whitelist\"\n[types.song]\nttl_ms = 5\n").unwrap();
+        assert_eq!(c.type_defaults("gift"), TypeDefaults { priority: PriorityName::Whitelist, ttl_ms: 0 });
+        assert_eq!(c.type_defaults("song").ttl_ms, 5);
+        assert_eq!(c.type_defaults("chat").ttl_ms, 10_000, "built-ins stay");
+        assert!(Config::from_toml("[types.x]\npriority = \"urgent\"\n").is_err());
     }
 
     #[test]

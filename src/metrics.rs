@@ -62,6 +62,16 @@ series! {
     DropOverflow => "barrage_messages_dropped_total" {"reason" = "overflow"}, "counter", "Room messages dropped, by reason.";
     DropBacklog => "barrage_messages_dropped_total" {"reason" = "backlog"}, "counter", "";
     DropNoRoom => "barrage_messages_dropped_total" {"reason" = "rooms_max"}, "counter", "";
+    DropExpired => "barrage_messages_dropped_total" {"reason" = "expired"}, "counter", "";
+    DropRate => "barrage_messages_dropped_total" {"reason" = "room_rate"}, "counter", "";
+    DropMuted => "barrage_messages_dropped_total" {"reason" = "muted"}, "counter", "";
+    MessagesCoalesced => "barrage_messages_coalesced_total", "counter", "Pending messages superseded by a newer one with the same coalesce key.";
+    SendRateLimited => "barrage_client_sends_rate_limited_total", "counter", "Client sends refused by the per-connection rate.";
+    JoinBanned => "barrage_joins_refused_total" {"reason" = "banned"}, "counter", "Joins refused.";
+    JoinRoomsFull => "barrage_joins_refused_total" {"reason" = "rooms_max"}, "counter", "";
+    Moderations => "barrage_moderation_actions_total", "counter", "Moderation actions applied by room owners.";
+    AttrFrames => "barrage_attr_frames_total", "counter", "Attribute delta or snapshot frames fanned out by owners.";
+    Polls => "barrage_polls_total", "counter", "Short polls answered on the public listener.";
     SendRefused => "barrage_client_sends_refused_total", "counter", "Client sends refused (anonymous, no room, too big).";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
     FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";
@@ -75,6 +85,7 @@ series! {
     ClosedIdle => "barrage_closed_total" {"reason" = "idle"}, "counter", "";
     ClosedError => "barrage_closed_total" {"reason" = "io_error"}, "counter", "";
     ClosedShutdown => "barrage_closed_total" {"reason" = "shutdown"}, "counter", "";
+    ClosedKicked => "barrage_closed_total" {"reason" = "kicked"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";

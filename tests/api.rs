@@ -71,7 +71,7 @@ fn protobuf_bodies_publish_too() {
     gw.wait_online("pb", 1);
     let req = PublishRequest {
         r#type: "gift".into(),
-        priority: Priority::High as i32,
+        priority: Some(Priority::High as i32),
         weight: 7,
         data: vec![1, 2, 3],
         sender: "shop".into(),

@@ -47,6 +47,10 @@ fn many_rings(mode: &str) {
     let mut late: Vec<Client> = (0..40).map(|_| Client::connect(&gw.url("?room=rings"), None)).collect();
     for c in &mut late {
         c.welcome();
+        // History first: the room's last messages as a backfill block.
+        let backfill = c.block();
+        assert!(backfill.backfill);
+        assert_eq!(backfill.messages[0].data, b"to every ring");
     }
     gw.wait_online("rings", 50);
     gw.publish("rings", json!({"text": "again"}));

@@ -2,6 +2,8 @@
 //! read room info and scrape metrics. `http` turns bytes into requests and responses into bytes;
 //! `server` owns the sockets and threads and calls a [`Handler`] per request.
 pub mod http;
+mod publish;
+mod rooms;
 pub mod routes;
 pub mod server;
 

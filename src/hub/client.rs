@@ -1,5 +1,8 @@
 //! What an open connection's bytes mean: WebSocket events from the reader, client frames
-//! (join, leave, send, ping) from the envelope, and the close handshake.
+//! (join, leave, send, ping, attribute sync and set, moderation) from the envelope, and the
+//! close handshake.
+
+use std::sync::Arc;
 
 use super::conn::{State, flag};
 use super::index::NONE;
@@ -7,9 +10,11 @@ use super::mail::{Mail, Origin};
 use super::{Hub, Now};
 use crate::envelope;
 use crate::metrics::Series;
-use crate::proto::{ClientFrame, Error, Message, Pong, Priority, ServerFrame, client_frame, server_frame};
+use crate::proto::{AttrSet, AttrSync, ClientFrame, Error, Message, Moderate, Pong, ServerFrame, client_frame};
+use crate::proto::{moderate, server_frame};
 use crate::room::RoomName;
-use crate::room::owner::PublishError;
+use crate::room::limit::TokenBucket;
+use crate::room::owner::{ModAction, Sender};
 use crate::wire::CloseCode;
 use crate::wire::frame::{self, Opcode};
 use crate::wire::reader::{Event, Flow, ReadError};
@@ -52,12 +57,12 @@ impl Hub {
         let (state, echo) = (conn.state, conn.has(flag::ECHO));
         match event {
             Event::Text(_) | Event::Binary(_) if state != State::Open => Flow::Continue,
-            Event::Text(text) if echo => self.echo(key, Opcode::Text, text.as_bytes()),
-            Event::Binary(bytes) if echo => self.echo(key, Opcode::Binary, bytes),
+            Event::Text(text) if echo => self.echo(key, Opcode::Text, text.as_bytes(), now),
+            Event::Binary(bytes) if echo => self.echo(key, Opcode::Binary, bytes, now),
             Event::Text(text) => self.client_message(key, true, text.as_bytes(), now),
             Event::Binary(bytes) => self.client_message(key, false, bytes, now),
             Event::Ping(payload) if state == State::Open => {
-                self.enqueue_owned(key, frame::frame(Opcode::Pong, payload));
+                self.enqueue_owned(key, frame::frame(Opcode::Pong, payload), now);
                 Flow::Continue
             }
             Event::Ping(_) | Event::Pong(_) => Flow::Continue,
@@ -68,8 +73,8 @@ impl Hub {
         }
     }
 
-    fn echo(&mut self, key: u32, opcode: Opcode, payload: &[u8]) -> Flow {
-        if self.enqueue_owned(key, frame::frame(opcode, payload)) { Flow::Continue } else { Flow::Stop }
+    fn echo(&mut self, key: u32, opcode: Opcode, payload: &[u8], now: Now) -> Flow {
+        if self.enqueue_owned(key, frame::frame(opcode, payload), now) { Flow::Continue } else { Flow::Stop }
     }
 
     fn client_message(&mut self, key: u32, text: bool, payload: &[u8], now: Now) -> Flow {
@@ -89,23 +94,26 @@ impl Hub {
     fn client_frame(&mut self, key: u32, frame: ClientFrame, now: Now) {
         match frame.frame {
             Some(client_frame::Frame::Join(j)) => match RoomName::parse(&j.room, self.cfg.name_bytes_max) {
-                Ok(room) => self.join(key, &room),
-                Err(e) => self.send_error(key, code::BAD_REQUEST, e.message()),
+                Ok(room) => self.join(key, &room, now),
+                Err(e) => self.send_error(key, code::BAD_REQUEST, e.message(), now),
             },
             Some(client_frame::Frame::Leave(l)) => {
                 if self.current_room(key).is_some_and(|r| l.room.is_empty() || r.as_str() == l.room) {
                     self.leave_room(key);
                 } else {
-                    self.send_error(key, code::NOT_IN_ROOM, "not in that room");
+                    self.send_error(key, code::NOT_IN_ROOM, "not in that room", now);
                 }
             }
             Some(client_frame::Frame::Send(s)) => self.client_send(key, s.r#type, s.data, now),
             Some(client_frame::Frame::Ping(_)) => {
                 let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { server_ms: now.unix.0 })) };
                 if let Some(bytes) = self.encode_for(key, &pong) {
-                    self.enqueue_owned(key, bytes);
+                    self.enqueue_owned(key, bytes, now);
                 }
             }
+            Some(client_frame::Frame::AttrSync(s)) => self.attr_sync(key, s, now),
+            Some(client_frame::Frame::AttrSet(s)) => self.attr_set(key, s, now),
+            Some(client_frame::Frame::Moderate(m)) => self.moderate(key, m, now),
             None => {}
         }
     }
@@ -115,10 +123,21 @@ impl Hub {
         self.rooms.get(conn.room).map(|r| &r.name)
     }
 
-    /// Joins a room, leaving the current one first.
-    pub(super) fn join(&mut self, key: u32, room: &RoomName) {
+    fn user_of(&self, key: u32) -> Option<Arc<str>> {
+        let conn = self.conns.get(key as usize)?;
+        self.users.name(conn.user).cloned()
+    }
+
+    /// Joins a room, leaving the current one first; the owner answers with backfill and the
+    /// attribute snapshot. A banned user is refused.
+    pub(super) fn join(&mut self, key: u32, room: &RoomName, now: Now) {
         if self.current_room(key) == Some(room) {
             return;
+        }
+        let user = self.user_of(key);
+        if user.as_deref().is_some_and(|u| self.banned(room, u, now)) {
+            self.counters.inc(Series::JoinBanned);
+            return self.send_error(key, code::FORBIDDEN, "you are banned from this room", now);
         }
         self.leave_room(key);
         let Some(conn) = self.conns.get(key as usize) else { return };
@@ -129,8 +148,13 @@ impl Hub {
                     conn.room = r;
                     conn.member_pos = pos;
                 }
+                let from = self.cfg.shard;
+                self.ask_owner(room, Mail::Joined { room: room.clone(), from, conn: key, user }, now);
             }
-            Err(_) => self.send_error(key, code::UNAVAILABLE, "too many rooms on this node"),
+            Err(_) => {
+                self.counters.inc(Series::JoinRoomsFull);
+                self.send_error(key, code::UNAVAILABLE, "too many rooms on this node", now);
+            }
         }
     }
 
@@ -142,82 +166,114 @@ impl Hub {
             return;
         }
         let (pos, json) = (conn.member_pos, conn.has(flag::JSON));
+        let user = self.users.name(conn.user);
+        let named = self.cfg.owner.presence_users_max;
         // The last member was swapped into the leaver's position.
-        if let Some(moved) = self.rooms.leave(room, pos, json)
+        if let Some(moved) = self.rooms.leave(room, pos, json, user, named)
             && let Some(m) = self.conns.get_mut(moved as usize)
         {
             m.member_pos = pos;
         }
     }
 
-    /// A signed-in user's chat line: checked here, stamped and mixed by the room's owner.
-    fn client_send(&mut self, key: u32, kind: String, data: Vec<u8>, now: Now) {
-        let Some(conn) = self.conns.get(key as usize) else { return };
+    /// Checks every sender-side rule; on refusal sends the error frame and returns None.
+    fn sender_checks(&mut self, key: u32, data_len: usize, now: Now) -> Option<(RoomName, Arc<str>)> {
+        let conn = self.conns.get(key as usize)?;
         let refusal = if !conn.has(flag::SIGNED_IN) {
             Some((code::UNAUTHORIZED, "anonymous viewers cannot send"))
         } else if !conn.has(flag::CAN_SEND) {
             Some((code::FORBIDDEN, "this token may not send"))
         } else if conn.room == NONE {
             Some((code::NOT_IN_ROOM, "join a room first"))
-        } else if data.len() > self.cfg.data_bytes_max {
+        } else if data_len > self.cfg.data_bytes_max {
             Some((code::TOO_LARGE, "message data is too large"))
-        } else if kind.len() > TYPE_BYTES_MAX {
-            Some((code::BAD_REQUEST, "message type is too long"))
         } else {
             None
         };
         if let Some((c, why)) = refusal {
             self.counters.inc(Series::SendRefused);
-            return self.send_error(key, c, why);
+            self.send_error(key, c, why, now);
+            return None;
         }
-        let (Some(room), Some(sender)) = (self.current_room(key).cloned(), self.users.name(conn.user).cloned()) else {
-            return;
-        };
-        let msg = Message {
-            r#type: if kind.is_empty() { "chat".into() } else { kind },
-            priority: Priority::Low as i32,
-            sender: sender.to_string(),
-            data,
-            ..Message::default()
-        };
-        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
-        self.publish(room, msg, origin, now);
+        let rate = self.cfg.send_rate;
+        let bucket = self.send_buckets.entry(key).or_insert_with(|| TokenBucket::new(&rate, now.ms));
+        if !bucket.try_take(&rate, now.ms) {
+            self.counters.inc(Series::SendRateLimited);
+            self.send_error(key, code::TOO_MANY, "sending too fast", now);
+            return None;
+        }
+        Some((self.current_room(key)?.clone(), self.user_of(key)?))
     }
 
-    /// Routes a room message to its owner (this shard or another).
-    pub(super) fn publish(&mut self, room: RoomName, msg: Message, origin: Origin, now: Now) {
-        let owner = room.owner(self.cfg.shards);
-        if owner != self.cfg.shard {
-            self.mail.push((owner, Mail::Publish { room, msg: Box::new(msg), origin }));
-            return;
+    /// A signed-in user's chat line: checked here, then mixed by the room's owner (which checks
+    /// mute and the room's rate, and stamps sender, time and the type's priority).
+    fn client_send(&mut self, key: u32, kind: String, data: Vec<u8>, now: Now) {
+        if kind.len() > TYPE_BYTES_MAX {
+            return self.send_error(key, code::BAD_REQUEST, "message type is too long", now);
         }
-        let result = self.owner.publish(&room, msg, now.unix);
-        match &result {
-            Ok(_) => self.counters.inc(Series::MessagesIn),
-            Err(PublishError::Backlog) => self.counters.inc(Series::DropBacklog),
-            Err(PublishError::RoomsFull) => self.counters.inc(Series::DropNoRoom),
+        let Some((room, user)) = self.sender_checks(key, data.len(), now) else { return };
+        let weight = self.conns.get(key as usize).map_or(0, |c| self.users.level(c.user));
+        let msg = Message { r#type: if kind.is_empty() { "chat".into() } else { kind }, data, ..Message::default() };
+        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
+        let sender = Sender::Client { user, weight };
+        self.ask_owner(&room.clone(), Mail::Publish { room, msg: Box::new(msg), sender, origin }, now);
+    }
+
+    fn attr_sync(&mut self, key: u32, s: AttrSync, now: Now) {
+        let room = match (s.room.is_empty(), self.current_room(key)) {
+            (true, Some(r)) => r.clone(),
+            (false, _) => match RoomName::parse(&s.room, self.cfg.name_bytes_max) {
+                Ok(r) if self.current_room(key) == Some(&r) => r,
+                _ => return self.send_error(key, code::NOT_IN_ROOM, "sync the room you are in", now),
+            },
+            (true, None) => return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now),
+        };
+        let from = self.cfg.shard;
+        self.ask_owner(&room.clone(), Mail::AttrSync { room, after: s.after_version, from, conn: key }, now);
+    }
+
+    fn attr_set(&mut self, key: u32, s: AttrSet, now: Now) {
+        if !self.conns.get(key as usize).is_some_and(|c| c.has(flag::ATTRS)) {
+            return self.send_error(key, code::FORBIDDEN, "this token may not set attributes", now);
         }
-        match origin {
-            Origin::Api(reply) => reply.send(result),
-            Origin::Conn { shard, conn } => {
-                if let Err(e) = result {
-                    let (c, why) = publish_refusal(e);
-                    if shard == self.cfg.shard {
-                        self.send_error(conn, c, why);
-                    } else {
-                        self.mail.push((shard, Mail::Refused { conn, code: c, reason: why }));
-                    }
-                }
-            }
+        let Some(room) = self.current_room(key).cloned() else {
+            return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now);
+        };
+        let value = (!s.delete).then_some(s.value);
+        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
+        self.ask_owner(&room.clone(), Mail::SetAttr { room, key: s.key, value, origin }, now);
+    }
+
+    fn moderate(&mut self, key: u32, m: Moderate, now: Now) {
+        if !self.conns.get(key as usize).is_some_and(|c| c.has(flag::ADMIN)) {
+            return self.send_error(key, code::FORBIDDEN, "this token may not moderate", now);
         }
+        let Some(room) = self.current_room(key).cloned() else {
+            return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now);
+        };
+        let until_ms =
+            (m.duration_ms > 0).then(|| now.unix.0.saturating_add(m.duration_ms.min(i64::MAX as u64) as i64));
+        let action = match moderate::Action::try_from(m.action) {
+            Ok(moderate::Action::Kick) => ModAction::Kick,
+            Ok(moderate::Action::Mute) => ModAction::Mute { until_ms },
+            Ok(moderate::Action::Unmute) => ModAction::Unmute,
+            Ok(moderate::Action::Ban) => ModAction::Ban { until_ms },
+            Ok(moderate::Action::Unban) => ModAction::Unban,
+            Ok(moderate::Action::Whitelist) => ModAction::Whitelist,
+            Ok(moderate::Action::Unwhitelist) => ModAction::Unwhitelist,
+            Err(_) => return self.send_error(key, code::BAD_REQUEST, "unknown moderation action", now),
+        };
+        let (user, reason) = (Arc::from(m.user), Arc::from(m.reason));
+        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
+        self.ask_owner(&room.clone(), Mail::Moderate { room, user, action, reason, origin }, now);
     }
 
     /// An error frame to one connection.
-    pub(super) fn send_error(&mut self, key: u32, code: u32, reason: &str) {
+    pub(super) fn send_error(&mut self, key: u32, code: u32, reason: &str, now: Now) {
         let e = Error { code, reason: reason.into() };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Error(e)) };
         if let Some(bytes) = self.encode_for(key, &frame) {
-            self.enqueue_owned(key, bytes);
+            self.enqueue_owned(key, bytes, now);
         }
     }
 
@@ -226,7 +282,7 @@ impl Hub {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         match conn.state {
             State::Open => {}
-            State::Handshake => return self.terminate(key, Some(series)),
+            State::Handshake | State::Polling => return self.terminate(key, Some(series)),
             State::Closing | State::Flushing | State::Terminating => return,
         }
         self.counters.inc(series);
@@ -234,7 +290,7 @@ impl Hub {
         conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
         // What is already queued still goes out, then Close.
         self.leave_room(key);
-        self.enqueue_owned(key, frame::close_frame(code, reason));
+        self.enqueue_owned(key, frame::close_frame(code, reason), now);
     }
 
     /// Fails the connection after a framing error: the stream can no longer be parsed, so send
@@ -261,17 +317,10 @@ impl Hub {
                 Some(c) => frame::close_frame(c, ""),
                 None => frame::frame(Opcode::Close, &[]),
             };
-            self.enqueue_owned(key, reply);
+            self.enqueue_owned(key, reply, now);
         } else if conn.queue.is_empty() {
             self.terminate(key, None);
         }
-    }
-}
-
-fn publish_refusal(e: PublishError) -> (u32, &'static str) {
-    match e {
-        PublishError::Backlog => (code::TOO_MANY, "the room is busy: message refused"),
-        PublishError::RoomsFull => (code::UNAVAILABLE, "too many rooms on this node"),
     }
 }
 

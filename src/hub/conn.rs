@@ -15,8 +15,10 @@ pub enum State {
     Open,
     /// We sent Close; waiting for the peer's Close (data frames are discarded).
     Closing,
-    /// Sending what is queued (a refusal, a Close reply), then terminate.
+    /// Sending what is queued (a refusal, a Close reply, a poll answer), then terminate.
     Flushing,
+    /// A plain HTTP short poll waits for the room owner's answer.
+    Polling,
     /// Done: the driver is cancelling its operations and will release the connection.
     Terminating,
 }
@@ -35,6 +37,10 @@ pub mod flag {
     pub const SIGNED_IN: u8 = 1 << 4;
     /// Completed the WebSocket handshake (counts in the open-connections gauge).
     pub const OPENED: u8 = 1 << 5;
+    /// The token allows `moderate` frames.
+    pub const ADMIN: u8 = 1 << 6;
+    /// The token allows `attr_set` frames.
+    pub const ATTRS: u8 = 1 << 7;
 }
 
 /// One connection on this shard.
@@ -53,6 +59,8 @@ pub struct Conn {
     pub user: u32,
     /// Bytes of the queue's head frame already written by earlier sends.
     pub sent_offset: u32,
+    /// Tick since when the send queue has been shedding frames (0 = keeping up).
+    pub behind_since: u32,
     pub queue: Queue,
     pub reader: Reader,
 }
@@ -68,6 +76,7 @@ impl Conn {
             member_pos: 0,
             user: NONE,
             sent_offset: 0,
+            behind_since: 0,
             queue: Queue::default(),
             reader: Reader::default(),
         }

@@ -11,7 +11,7 @@ use super::{Hub, Now, conn::Conn};
 use crate::ids::ShardId;
 use crate::metrics::{Counters, Series};
 use crate::room::RoomName;
-use crate::room::owner::SharedFrame;
+use crate::room::frames::SharedFrame;
 use crate::wire::CloseCode;
 use slab::Slab;
 
@@ -22,7 +22,8 @@ struct Fan<'a> {
     ready: &'a mut std::collections::VecDeque<u32>,
     counters: &'a mut Counters,
     max: usize,
-    /// Connections whose queue held nothing droppable: terminated after the loop.
+    tick: u32,
+    /// Connections whose queue held nothing droppable: handled after the loop.
     slow: Vec<u32>,
 }
 
@@ -37,11 +38,17 @@ impl Fan<'_> {
             self.counters.inc(Series::FramesMissed);
             return false;
         }
-        match self.outbox.push(&mut conn.queue, frame, self.max) {
-            Pushed::Queued => {}
-            Pushed::DroppedOldest => self.counters.inc(Series::FramesDropped),
+        let pushed = self.outbox.push(&mut conn.queue, frame, self.max);
+        if pushed != Pushed::Queued {
+            self.counters.inc(Series::FramesDropped);
+            if conn.behind_since == 0 {
+                conn.behind_since = self.tick;
+            }
+        }
+        match pushed {
+            Pushed::Queued | Pushed::DroppedOldest => {}
+            Pushed::DroppedNew => return false,
             Pushed::Full => {
-                self.counters.inc(Series::FramesDropped);
                 self.slow.push(key);
                 return false;
             }
@@ -55,50 +62,73 @@ impl Fan<'_> {
 }
 
 impl Hub {
-    fn fan(&mut self) -> (Fan<'_>, &super::index::Rooms, &super::index::Users) {
+    fn fan(&mut self, now: Now) -> (Fan<'_>, &super::index::Rooms, &super::index::Users) {
         let fan = Fan {
             conns: &mut self.conns,
             outbox: &mut self.outbox,
             ready: &mut self.ready,
             counters: &mut self.counters,
             max: self.cfg.send_queue_frames_max,
+            tick: now.tick(),
             slow: Vec::new(),
         };
         (fan, &self.rooms, &self.users)
     }
 
-    fn end_fan(&mut self, slow: Vec<u32>, frame: FrameId) {
+    fn end_fan(&mut self, slow: Vec<u32>, frame: FrameId, now: Now) {
         self.outbox.forget_if_unused(frame);
         for key in slow {
-            self.terminate(key, Some(Series::ClosedSlow));
+            self.slow_consumer(key, now);
         }
     }
 
-    /// Handles one item of mail.
-    pub fn on_mail(&mut self, mail: Mail, now: Now) {
+    /// Mail this shard handles as a host of members (frames, kicks, replicas, answers).
+    pub(super) fn on_member_mail(&mut self, mail: Mail, now: Now) {
         match mail {
-            Mail::Publish { room, msg, origin } => self.publish(room, *msg, origin, now),
-            Mail::Presence { room, from, members, json } => self.presence(&room, from, members, json, now),
-            Mail::Deliver { room, frame } => self.deliver_block(&room, frame),
+            Mail::Deliver { room, frame } => self.deliver_block(&room, frame, now),
+            Mail::ToConn { room, conn, frames } => self.deliver_to_conn(&room, conn, frames, now),
             Mail::ToUser { user, frame, reply } => {
-                let n = self.deliver_direct(&user, frame);
+                let n = self.deliver_direct(&user, frame, now);
                 if let Some(r) = reply {
                     r.send(n);
                 }
             }
             Mail::ToAll { frame, reply } => {
-                let n = self.deliver_broadcast(frame);
+                let n = self.deliver_broadcast(frame, now);
                 if let Some(r) = reply {
                     r.send(n);
                 }
             }
-            Mail::RoomInfo { room, reply } => reply.send(self.owner.info(&room)),
-            Mail::Refused { conn, code, reason } => {
-                if self.conns.get(conn as usize).is_some_and(|c| c.state == State::Open) {
-                    self.send_error(conn, code, reason);
-                }
+            Mail::PollResult { conn, status, body } => self.poll_answered(conn, status, body, now),
+            Mail::Replicate { room, user, list, until_ms, add } => {
+                self.replicate(room, &user, list, until_ms, add, now)
+            }
+            Mail::Kick { room, user, reason } => self.kick(&room, &user, &reason, now),
+            Mail::Refused { conn, code, reason }
+                if self.conns.get(conn as usize).is_some_and(|c| c.state == State::Open) =>
+            {
+                self.send_error(conn, code, reason, now);
             }
             Mail::Stop => self.stop(now),
+            // Requests for an owner are handled in owned.rs before reaching here.
+            _ => {}
+        }
+    }
+
+    /// Frames for one connection (its backfill and attribute snapshot, or an attr_sync
+    /// answer), if it is still in that room.
+    fn deliver_to_conn(&mut self, room: &RoomName, conn: u32, frames: Vec<Arc<SharedFrame>>, now: Now) {
+        let Some(rk) = self.rooms.find(room) else { return };
+        if !self.conns.get(conn as usize).is_some_and(|c| c.room == rk && c.state == State::Open) {
+            return;
+        }
+        self.flush_replies(conn, now);
+        for frame in frames {
+            let id = self.shared(frame);
+            let (mut fan, _, _) = self.fan(now);
+            fan.send(conn, id);
+            let slow = std::mem::take(&mut fan.slow);
+            self.end_fan(slow, id, now);
         }
     }
 
@@ -108,7 +138,7 @@ impl Hub {
         let me = self.cfg.shard;
         let mut local: Vec<(RoomName, Arc<SharedFrame>)> = Vec::new();
         let mail = &mut self.mail;
-        let stats = self.owner.tick(now.unix, &mut |room, frame, members| {
+        let stats = self.owner.tick(now, &mut |room, frame, members| {
             for (shard, &n) in members.iter().enumerate() {
                 if n == 0 {
                     continue;
@@ -124,15 +154,17 @@ impl Hub {
         self.counters.add(Series::BlocksCut, stats.blocks);
         self.counters.add(Series::MessagesOut, stats.messages);
         self.counters.add(Series::DropOverflow, stats.dropped_overflow);
+        self.counters.add(Series::DropExpired, stats.dropped_expired);
+        self.counters.add(Series::AttrFrames, stats.attr_frames);
         for (room, frame) in local {
-            self.deliver_block(&room, frame);
+            self.deliver_block(&room, frame, now);
         }
     }
 
-    /// Queues a block frame to every local member of the room.
-    fn deliver_block(&mut self, room: &RoomName, frame: Arc<SharedFrame>) {
+    /// Queues a room's frame (block or attribute delta) to every local member.
+    fn deliver_block(&mut self, room: &RoomName, frame: Arc<SharedFrame>, now: Now) {
         let id = self.shared(frame);
-        let (mut fan, rooms, _) = self.fan();
+        let (mut fan, rooms, _) = self.fan(now);
         let mut queued = 0;
         if let Some(r) = rooms.find(room).and_then(|r| rooms.get(r)) {
             for &key in &r.members {
@@ -141,27 +173,27 @@ impl Hub {
         }
         fan.counters.add(Series::BlockDeliveries, queued);
         let slow = std::mem::take(&mut fan.slow);
-        self.end_fan(slow, id);
+        self.end_fan(slow, id, now);
     }
 
     /// Queues a direct frame to every local connection of a user.
-    fn deliver_direct(&mut self, user: &str, frame: Arc<SharedFrame>) -> usize {
+    fn deliver_direct(&mut self, user: &str, frame: Arc<SharedFrame>, now: Now) -> usize {
         let id = self.shared(frame);
-        let (mut fan, _, users) = self.fan();
+        let (mut fan, _, users) = self.fan(now);
         let mut queued = 0;
         for &key in users.conns(user) {
             queued += usize::from(fan.send(key, id));
         }
         fan.counters.add(Series::DirectDeliveries, queued as u64);
         let slow = std::mem::take(&mut fan.slow);
-        self.end_fan(slow, id);
+        self.end_fan(slow, id, now);
         queued
     }
 
     /// Queues a broadcast frame to every open connection of this shard.
-    fn deliver_broadcast(&mut self, frame: Arc<SharedFrame>) -> usize {
+    fn deliver_broadcast(&mut self, frame: Arc<SharedFrame>, now: Now) -> usize {
         let id = self.shared(frame);
-        let (mut fan, _, _) = self.fan();
+        let (mut fan, _, _) = self.fan(now);
         let mut queued = 0;
         // By index: `send` skips vacant slots and connections that are not open.
         for key in 0..fan.conns.capacity() as u32 {
@@ -169,7 +201,7 @@ impl Hub {
         }
         fan.counters.add(Series::BroadcastDeliveries, queued as u64);
         let slow = std::mem::take(&mut fan.slow);
-        self.end_fan(slow, id);
+        self.end_fan(slow, id, now);
         queued
     }
 
@@ -182,7 +214,7 @@ impl Hub {
                 State::Open => {
                     self.close(key, CloseCode::GOING_AWAY, "server shutting down", Series::ClosedShutdown, now)
                 }
-                State::Handshake => self.terminate(key, Some(Series::ClosedShutdown)),
+                State::Handshake | State::Polling => self.terminate(key, Some(Series::ClosedShutdown)),
                 State::Closing | State::Flushing | State::Terminating => {}
             }
         }

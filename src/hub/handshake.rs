@@ -3,13 +3,14 @@
 //! status and close.
 
 use super::conn::{State, flag};
+use super::mail::Mail;
 use super::{Hub, Now};
 use crate::auth::Claims;
 use crate::envelope::Format;
 use crate::metrics::Series;
 use crate::proto::{ServerFrame, Welcome, server_frame};
 use crate::room::RoomName;
-use crate::wire::handshake::{self as wire, HandshakeError, Parsed, Request, Upgrade};
+use crate::wire::handshake::{self as wire, HandshakeError, Method, Parsed, Request, Upgrade};
 
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
@@ -18,6 +19,13 @@ pub const WS_PATH: &str = "/ws";
 struct Identity {
     user: Option<String>,
     can_send: bool,
+    admin: bool,
+    attrs: bool,
+    level: i32,
+}
+
+impl Identity {
+    const ANONYMOUS: Identity = Identity { user: None, can_send: false, admin: false, attrs: false, level: 0 };
 }
 
 /// A refused upgrade: status, reason and the counter it bumps.
@@ -103,7 +111,7 @@ impl Hub {
             .filter(|t| !t.is_empty());
         let Some(token) = token else {
             if self.cfg.allow_anonymous {
-                return Ok(Identity { user: None, can_send: false });
+                return Ok(Identity::ANONYMOUS);
             }
             let message = "a token is required".into();
             return Err(Refusal { status: 401, message, series: Series::HsAnonymous });
@@ -114,7 +122,9 @@ impl Hub {
         };
         let now_s = (now.unix.0.max(0) / 1000) as u64;
         match verifier.verify(&token, now_s) {
-            Ok(Claims { sub, send, .. }) => Ok(Identity { user: Some(sub), can_send: send }),
+            Ok(Claims { sub, send, admin, attrs, level, .. }) => {
+                Ok(Identity { user: Some(sub), can_send: send, admin, attrs, level })
+            }
             Err(e) => {
                 let message = format!("bad token: {}", e.reason());
                 Err(Refusal { status: 401, message, series: Series::HsToken })
@@ -137,19 +147,21 @@ impl Hub {
         }
         if id.user.is_some() {
             conn.flags |= flag::SIGNED_IN;
-            if id.can_send {
-                conn.flags |= flag::CAN_SEND;
+            for (granted, f) in [(id.can_send, flag::CAN_SEND), (id.admin, flag::ADMIN), (id.attrs, flag::ATTRS)] {
+                if granted {
+                    conn.flags |= f;
+                }
             }
         }
         self.websockets += 1;
         self.counters.inc(Series::HandshakeOk);
         if let Some(user) = &id.user {
-            let u = self.users.add(user, key);
+            let u = self.users.add(user, key, id.level);
             if let Some(conn) = self.conns.get_mut(key as usize) {
                 conn.user = u;
             }
         }
-        if !self.enqueue_owned(key, wire::response_101(upgrade)) || echo {
+        if !self.enqueue_owned(key, wire::response_101(upgrade), now) || echo {
             return;
         }
         let welcome = Welcome {
@@ -161,18 +173,55 @@ impl Hub {
         };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
         if let Some(bytes) = self.encode_for(key, &frame)
-            && self.enqueue_owned(key, bytes)
+            && self.enqueue_owned(key, bytes, now)
             && let Some(room) = room
         {
-            self.join(key, &room);
+            self.join(key, &room, now);
         }
     }
 
-    /// A request on the public listener that is not an upgrade.
+    /// A request on the public listener that is not an upgrade: a short poll, or a 404.
     fn plain_http(&mut self, key: u32, request: &Request, now: Now) {
         self.counters.inc(Series::HttpRequests);
-        let body = format!("{{\"error\":\"no such resource: {}\"}}", json_escape(&request.path));
-        let bytes = wire::http_response(404, "application/json", &[], body.as_bytes());
+        let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
+        match (request.method, segments.as_slice()) {
+            (Method::Get, ["v1", "rooms", room, "messages"]) => self.short_poll(key, room, &request.query, now),
+            _ => {
+                let message = format!("no such resource: {}", request.path);
+                self.http_answer(key, 404, &serde_json::json!({"error": message}).to_string().into_bytes(), now);
+            }
+        }
+    }
+
+    /// `GET /v1/rooms/{room}/messages?after=SEQ&limit=N`: checked here, answered by the owner.
+    fn short_poll(&mut self, key: u32, room: &str, query: &str, now: Now) {
+        let parsed = poll_request(room, query, self.cfg.name_bytes_max, self.cfg.poll_limit_max);
+        let (room, after, limit) = match parsed {
+            Ok(p) => p,
+            Err(why) => {
+                let body = serde_json::json!({"error": why}).to_string().into_bytes();
+                return self.http_answer(key, 400, &body, now);
+            }
+        };
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        conn.state = State::Polling;
+        conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
+        let from = self.cfg.shard;
+        self.ask_owner(&room.clone(), Mail::Poll { room, after, limit, from, conn: key }, now);
+    }
+
+    /// The owner answered a short poll.
+    pub(super) fn poll_answered(&mut self, key: u32, status: u16, body: Vec<u8>, now: Now) {
+        if self.conns.get(key as usize).is_some_and(|c| c.state == State::Polling) {
+            self.counters.inc(Series::Polls);
+            self.http_answer(key, status, &body, now);
+        }
+    }
+
+    /// A JSON answer to a plain HTTP request, readable cross-origin by browsers, then close.
+    fn http_answer(&mut self, key: u32, status: u16, body: &[u8], now: Now) {
+        let headers = ["Cache-Control: no-store", "Access-Control-Allow-Origin: *"];
+        let bytes = wire::http_response(status, "application/json", &headers, body);
         self.flush_then_close(key, bytes, now);
     }
 
@@ -183,7 +232,7 @@ impl Hub {
 
     fn refuse(&mut self, key: u32, r: Refusal, now: Now) {
         self.counters.inc(r.series);
-        let body = format!("{{\"error\":\"{}\"}}", json_escape(&r.message));
+        let body = serde_json::json!({"error": r.message}).to_string();
         let bytes = wire::http_response(r.status, "application/json", &[], body.as_bytes());
         self.flush_then_close(key, bytes, now);
     }
@@ -194,7 +243,7 @@ impl Hub {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         conn.state = State::Flushing;
         conn.deadline = deadline;
-        self.enqueue_owned(key, bytes);
+        self.enqueue_owned(key, bytes, now);
     }
 }
 
@@ -210,8 +259,19 @@ fn handshake_series(e: &HandshakeError) -> Series {
     }
 }
 
-/// Escapes text for a JSON string literal.
-pub(crate) fn json_escape(s: &str) -> String {
-    let quoted = serde_json::Value::String(s.to_owned()).to_string();
-    quoted[1..quoted.len() - 1].to_owned()
+/// Parses a short poll: the room (percent-decoded), `after` (a seq, default 0) and `limit`
+/// (default and cap `limit_max`). Malformed input gets a reason for a 400.
+fn poll_request(room: &str, query: &str, name_max: usize, limit_max: usize) -> Result<(RoomName, u64, usize), String> {
+    let raw = format!("r={room}");
+    let room = wire::query_param(&raw, "r").unwrap_or_default();
+    let room = RoomName::parse(&room, name_max).map_err(|e| e.message().to_string())?;
+    let number = |name: &str| -> Result<Option<u64>, String> {
+        match wire::query_param(query, name) {
+            None => Ok(None),
+            Some(v) => v.parse::<u64>().map(Some).map_err(|_| format!("{name} must be a non-negative integer")),
+        }
+    };
+    let after = number("after")?.unwrap_or(0);
+    let limit = number("limit")?.map_or(limit_max, |l| (l as usize).clamp(1, limit_max));
+    Ok((room, after, limit))
 }

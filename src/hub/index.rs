@@ -20,6 +20,18 @@ pub struct LocalRoom {
     pub json: u32,
     /// Membership changed since the owner was last told.
     presence_dirty: bool,
+    /// Members who left since the owner was last told, and the first few of their names.
+    left: u32,
+    left_users: Vec<Arc<str>>,
+}
+
+/// What a shard tells a room's owner about its members there.
+pub struct PresenceReport<'a> {
+    pub room: &'a RoomName,
+    pub members: u32,
+    pub json: u32,
+    pub left: u32,
+    pub left_users: Vec<Arc<str>>,
 }
 
 /// Rooms with members on this shard.
@@ -64,7 +76,14 @@ impl Rooms {
                 if self.slab.len() >= self.max {
                     return Err(RoomsFull);
                 }
-                let entry = LocalRoom { name: name.clone(), members: Vec::new(), json: 0, presence_dirty: false };
+                let entry = LocalRoom {
+                    name: name.clone(),
+                    members: Vec::new(),
+                    json: 0,
+                    presence_dirty: false,
+                    left: 0,
+                    left_users: Vec::new(),
+                };
                 let r = self.slab.insert(entry) as u32;
                 self.by_name.insert(name.clone(), r);
                 r
@@ -77,9 +96,10 @@ impl Rooms {
         Ok((room, (r.members.len() - 1) as u32))
     }
 
-    /// Removes the member at `pos`. Returns the connection moved into `pos` (whose stored
-    /// position must be updated), if any.
-    pub fn leave(&mut self, room: u32, pos: u32, json: bool) -> Option<u32> {
+    /// Removes the member at `pos` (`user` names it for the leave event, up to `named_max`
+    /// names per report). Returns the connection moved into `pos` (whose stored position must
+    /// be updated), if any.
+    pub fn leave(&mut self, room: u32, pos: u32, json: bool, user: Option<&Arc<str>>, named_max: usize) -> Option<u32> {
         let r = self.slab.get_mut(room as usize)?;
         let pos = pos as usize;
         if pos >= r.members.len() {
@@ -87,6 +107,12 @@ impl Rooms {
         }
         r.members.swap_remove(pos);
         r.json -= u32::from(json);
+        r.left = r.left.saturating_add(1);
+        if let Some(u) = user
+            && r.left_users.len() < named_max
+        {
+            r.left_users.push(Arc::clone(u));
+        }
         Self::mark(&mut self.dirty, r, room);
         r.members.get(pos).copied()
     }
@@ -98,13 +124,18 @@ impl Rooms {
         }
     }
 
-    /// Reports every room whose membership changed (name, members, JSON members) and forgets
-    /// rooms left empty.
-    pub fn flush_presence(&mut self, report: &mut dyn FnMut(&RoomName, u32, u32)) {
+    /// Reports every room whose membership changed and forgets rooms left empty.
+    pub fn flush_presence(&mut self, report: &mut dyn FnMut(PresenceReport<'_>)) {
         for room in std::mem::take(&mut self.dirty) {
             let Some(r) = self.slab.get_mut(room as usize) else { continue };
             r.presence_dirty = false;
-            report(&r.name, r.members.len() as u32, r.json);
+            report(PresenceReport {
+                room: &r.name,
+                members: r.members.len() as u32,
+                json: r.json,
+                left: std::mem::take(&mut r.left),
+                left_users: std::mem::take(&mut r.left_users),
+            });
             if r.members.is_empty() {
                 let name = r.name.clone();
                 self.slab.remove(room as usize);
@@ -117,6 +148,8 @@ impl Rooms {
 struct User {
     name: Arc<str>,
     conns: Vec<u32>,
+    /// The `level` claim of the latest token: weight of the user's chat.
+    level: i32,
 }
 
 /// Signed-in users with connections on this shard.
@@ -127,19 +160,26 @@ pub struct Users {
 }
 
 impl Users {
-    /// Records a connection of `name`; returns the user's key.
-    pub fn add(&mut self, name: &str, conn: u32) -> u32 {
+    /// Records a connection of `name` (its token's level wins from now on); returns the key.
+    pub fn add(&mut self, name: &str, conn: u32, level: i32) -> u32 {
         let key = match self.by_name.get(name) {
             Some(&k) => k,
             None => {
                 let name: Arc<str> = Arc::from(name);
-                let k = self.slab.insert(User { name: Arc::clone(&name), conns: Vec::new() }) as u32;
+                let k = self.slab.insert(User { name: Arc::clone(&name), conns: Vec::new(), level }) as u32;
                 self.by_name.insert(name, k);
                 k
             }
         };
-        self.slab[key as usize].conns.push(conn);
+        let user = &mut self.slab[key as usize];
+        user.conns.push(conn);
+        user.level = level;
         key
+    }
+
+    /// The user's level (0 if unknown).
+    pub fn level(&self, user: u32) -> i32 {
+        self.slab.get(user as usize).map_or(0, |u| u.level)
     }
 
     /// Forgets one connection of a user (and the user with its last connection).
@@ -190,15 +230,16 @@ mod tests {
         let (_, p2) = rooms.join(&name("a"), 12, false).unwrap();
         assert_eq!((p0, p1, p2), (0, 1, 2));
         // Conn 10 leaves: 12 moves into position 0.
-        assert_eq!(rooms.leave(r, p0, false), Some(12));
+        let bob: Arc<str> = Arc::from("bob");
+        assert_eq!(rooms.leave(r, p0, false, Some(&bob), 4), Some(12));
         assert_eq!(rooms.get(r).unwrap().members, vec![12, 11]);
         let mut seen = Vec::new();
-        rooms.flush_presence(&mut |n, m, j| seen.push((n.to_string(), m, j)));
-        assert_eq!(seen, vec![("a".to_string(), 2, 1)]);
-        rooms.flush_presence(&mut |_, _, _| panic!("nothing changed"));
-        assert_eq!(rooms.leave(r, 1, true), None);
-        assert_eq!(rooms.leave(r, 0, false), None);
-        rooms.flush_presence(&mut |_, m, _| assert_eq!(m, 0));
+        rooms.flush_presence(&mut |p| seen.push((p.room.to_string(), p.members, p.json, p.left, p.left_users)));
+        assert_eq!(seen, vec![("a".to_string(), 2, 1, 1, vec![bob.clone()])]);
+        rooms.flush_presence(&mut |_| panic!("nothing changed"));
+        assert_eq!(rooms.leave(r, 1, true, None, 4), None);
+        assert_eq!(rooms.leave(r, 0, false, None, 4), None);
+        rooms.flush_presence(&mut |p| assert_eq!((p.members, p.left, p.left_users.len()), (0, 2, 0)));
         assert!(rooms.is_empty(), "an empty room is forgotten after reporting");
     }
 
@@ -213,8 +254,9 @@ mod tests {
     #[test]
     fn users_track_connections() {
         let mut users = Users::default();
-        let u = users.add("alice", 1);
-        assert_eq!(users.add("alice", 2), u);
+        let u = users.add("alice", 1, 0);
+        assert_eq!(users.add("alice", 2, 5), u);
+        assert_eq!(users.level(u), 5);
         assert_eq!(users.conns("alice"), &[1, 2]);
         users.remove(u, 1);
         assert_eq!(users.conns("alice"), &[2]);

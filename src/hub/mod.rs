@@ -16,6 +16,8 @@ pub mod outbox;
 mod client;
 mod fanout;
 mod handshake;
+mod moderation;
+mod owned;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
@@ -29,33 +31,18 @@ use self::mail::Mail;
 use self::outbox::{FrameId, Outbox};
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::ids::{ShardId, UnixMs};
+pub use crate::ids::Now;
+use crate::ids::ShardId;
 use crate::metrics::{Counters, Series};
 use crate::room::RoomName;
+use crate::room::attrs::AttrLimits;
+use crate::room::frames::{Class, SharedFrame};
+use crate::room::limit::{Rate, TokenBucket};
 use crate::room::mixer::MixerLimits;
-use crate::room::owner::{Owner, OwnerConfig, SharedFrame};
+use crate::room::moderation::{List, Moderation, ModerationLimits};
+use crate::room::owner::{Owner, OwnerConfig};
 use crate::wire::HandshakeLimits;
 use crate::wire::reader::ReadLimits;
-
-/// The time as the driver read it at the start of a turn.
-#[derive(Clone, Copy, Debug)]
-pub struct Now {
-    /// Monotonic milliseconds since the shard started.
-    pub ms: u64,
-    /// Wall clock, for timestamps on messages.
-    pub unix: UnixMs,
-}
-
-impl Now {
-    /// 100 ms ticks since start, plus one so that 0 can mean "no deadline".
-    fn tick(self) -> u32 {
-        (self.ms / 100) as u32 + 1
-    }
-
-    fn tick_after(self, ms: u64) -> u32 {
-        self.tick().saturating_add(ms.div_ceil(100) as u32)
-    }
-}
 
 /// What a hub needs from the config.
 #[derive(Clone)]
@@ -76,9 +63,14 @@ pub struct HubConfig {
     pub send_queue_frames_max: usize,
     pub block_interval_ms: u64,
     pub rooms_max: usize,
-    pub mixer: MixerLimits,
     pub jwt_secret: Vec<u8>,
     pub jwt_leeway_s: u64,
+    /// Sends per connection.
+    pub send_rate: Rate,
+    pub slow_consumer_ms: u64,
+    pub poll_limit_max: usize,
+    /// The owner table of this shard's rooms.
+    pub owner: OwnerConfig,
 }
 
 impl HubConfig {
@@ -107,13 +99,38 @@ impl HubConfig {
             send_queue_frames_max: c.server.send_queue_frames_max as usize,
             block_interval_ms: c.rooms.block_interval_ms,
             rooms_max: c.rooms.rooms_max,
-            mixer: MixerLimits {
-                block_messages_max: c.rooms.block_messages_max,
-                pending_messages_max: c.rooms.pending_messages_max,
-            },
             jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
             jwt_leeway_s: c.auth.jwt_leeway_s,
+            send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
+            slow_consumer_ms: c.websocket.slow_consumer_ms,
+            poll_limit_max: c.rooms.poll_limit_max,
+            owner: owner_config(c, shard, shards),
         }
+    }
+}
+
+fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
+    let r = &c.rooms;
+    OwnerConfig {
+        shard,
+        shards,
+        limits: MixerLimits { block_messages_max: r.block_messages_max, pending_messages_max: r.pending_messages_max },
+        rooms_max: r.rooms_max,
+        room_idle_ms: ROOM_IDLE_MS,
+        history_messages_max: r.history_messages_max,
+        upstream: Rate { per_s: r.room_rate_per_s, burst: r.room_rate_burst },
+        attrs: AttrLimits {
+            keys_max: r.attr_keys_max,
+            key_bytes_max: r.attr_key_bytes_max,
+            value_bytes_max: r.attr_value_bytes_max,
+            log_len_max: r.attr_log_len_max,
+        },
+        moderation: ModerationLimits { entries_max: r.moderation_entries_max },
+        presence_events: r.presence_events,
+        presence_users_max: r.presence_users_max,
+        poll_limit_max: r.poll_limit_max,
+        poll_interval_ms: [r.poll_interval_small_ms, r.poll_interval_medium_ms, r.poll_interval_large_ms],
+        types: Arc::new(c.types.clone()),
     }
 }
 
@@ -141,6 +158,10 @@ pub struct Hub {
     /// The connection whose read is being handled, and the replies gathered for it.
     replying: Option<u32>,
     replies: Vec<u8>,
+    /// Replicas of the ban and whitelist lists of rooms (the owners' lists are authoritative).
+    moderation: HashMap<RoomName, Moderation>,
+    /// Send-rate state of connections that sent recently (8 B each; idle viewers hold none).
+    send_buckets: HashMap<u32, TokenBucket>,
     counters: Counters,
     websockets: u64,
     next_block_ms: u64,
@@ -153,13 +174,7 @@ pub struct Hub {
 impl Hub {
     pub fn new(cfg: HubConfig) -> Hub {
         let verifier = (!cfg.jwt_secret.is_empty()).then(|| Verifier::new(&cfg.jwt_secret, cfg.jwt_leeway_s));
-        let owner = Owner::new(OwnerConfig {
-            shard: cfg.shard,
-            shards: cfg.shards,
-            limits: cfg.mixer,
-            rooms_max: cfg.rooms_max,
-            room_idle_ms: ROOM_IDLE_MS,
-        });
+        let owner = Owner::new(cfg.owner.clone());
         Hub {
             verifier,
             conns: Slab::new(),
@@ -173,6 +188,8 @@ impl Hub {
             mail: Vec::new(),
             replying: None,
             replies: Vec::new(),
+            moderation: HashMap::new(),
+            send_buckets: HashMap::new(),
             counters: Counters::default(),
             websockets: 0,
             next_block_ms: cfg.block_interval_ms,
@@ -209,15 +226,23 @@ impl Hub {
                 self.read_frames(key, data, now);
             }
             State::Closing => self.read_frames(key, data, now),
-            State::Flushing | State::Terminating => {}
+            State::Flushing | State::Polling | State::Terminating => {}
         }
+        self.flush_replies(key, now);
         self.replying = None;
-        if !self.replies.is_empty() {
-            let bytes = std::mem::take(&mut self.replies);
-            if self.conns.get(key as usize).is_some_and(|c| c.state != State::Terminating) {
-                let id = self.outbox.add_owned(bytes, true);
-                self.enqueue(key, id);
-            }
+    }
+
+    /// Queues the replies gathered so far for `key` while its read is handled. Called at the
+    /// end of the read, and before anything else is queued to it directly (a backfill answered
+    /// by this same shard must not overtake the handshake reply still gathered here).
+    fn flush_replies(&mut self, key: u32, now: Now) {
+        if self.replying != Some(key) || self.replies.is_empty() {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.replies);
+        if self.conns.get(key as usize).is_some_and(|c| c.state != State::Terminating) {
+            let id = self.outbox.add_owned(bytes, Class::Keep);
+            self.enqueue(key, id, now);
         }
     }
 
@@ -227,7 +252,7 @@ impl Hub {
         match conn.state {
             State::Terminating => {}
             State::Closing | State::Flushing => self.terminate(key, None),
-            State::Handshake | State::Open => self.terminate(key, Some(Series::ClosedPeer)),
+            State::Handshake | State::Open | State::Polling => self.terminate(key, Some(Series::ClosedPeer)),
         }
     }
 
@@ -275,6 +300,10 @@ impl Hub {
         self.counters.add(Series::BytesOut, result as u64);
         let offset = self.outbox.sent(&mut conn.queue, format, conn.sent_offset as usize, result as usize);
         conn.sent_offset = offset as u32;
+        if conn.queue.is_empty() {
+            // Caught up: no longer behind, whatever was shed before.
+            conn.behind_since = 0;
+        }
         match conn.state {
             State::Terminating => self.outbox.clear(&mut conn.queue),
             _ if !conn.queue.is_empty() => self.mark_ready(key),
@@ -351,6 +380,7 @@ impl Hub {
         }
         if now.ms >= self.next_room_sweep_ms {
             self.owner.sweep(now.unix);
+            self.sweep_moderation(now);
             self.next_room_sweep_ms = now.ms + ROOM_IDLE_MS as u64 / 4;
         }
     }
@@ -358,19 +388,20 @@ impl Hub {
     /// End of a turn: tell owners about membership changes and refresh gauges.
     pub fn flush(&mut self, now: Now) {
         let shard = self.cfg.shard;
-        let shards = self.cfg.shards;
-        let mut local = Vec::new();
-        let mail = &mut self.mail;
-        self.rooms.flush_presence(&mut |room, members, json| {
-            let owner = room.owner(shards);
-            if owner == shard {
-                local.push((room.clone(), members, json));
-            } else {
-                mail.push((owner, Mail::Presence { room: room.clone(), from: shard, members, json }));
-            }
+        let mut reports = Vec::new();
+        self.rooms.flush_presence(&mut |p| {
+            let mail = Mail::Presence {
+                room: p.room.clone(),
+                from: shard,
+                members: p.members,
+                json: p.json,
+                left: p.left,
+                left_users: p.left_users,
+            };
+            reports.push((p.room.owner(self.cfg.shards), mail));
         });
-        for (room, members, json) in local {
-            self.presence(&room, shard, members, json, now);
+        for (owner, mail) in reports {
+            self.post(owner, mail, now);
         }
         let c = &mut self.counters;
         c.set(Series::Connections, self.conns.len() as u64);
@@ -379,9 +410,21 @@ impl Hub {
         c.set(Series::RoomsLocal, self.rooms.len() as u64);
     }
 
-    fn presence(&mut self, room: &RoomName, from: ShardId, members: u32, json: u32, now: Now) {
-        if !self.owner.presence(room, from, members, json, now.unix) {
-            self.counters.inc(Series::DropNoRoom);
+    /// Sends mail to a shard; mail for this shard is handled at once, so local and remote
+    /// rooms take the same path.
+    fn post(&mut self, to: ShardId, mail: Mail, now: Now) {
+        if to == self.cfg.shard {
+            self.on_mail(mail, now);
+        } else {
+            self.mail.push((to, mail));
+        }
+    }
+
+    /// Sends one mail to every shard (this one included).
+    fn post_all(&mut self, mut make: impl FnMut() -> Mail, now: Now) {
+        for i in 0..self.cfg.shards {
+            let mail = make();
+            self.post(ShardId(i as u16), mail, now);
         }
     }
 
@@ -393,14 +436,19 @@ impl Hub {
         let start = self.sweep_cursor.min(cap);
         let end = (start + chunk).min(cap);
         self.sweep_cursor = if end >= cap { 0 } else { end };
+        let slow_ticks = self.cfg.slow_consumer_ms.div_ceil(100) as u32;
         for key in start..end {
             let Some(conn) = self.conns.get(key) else { continue };
+            if conn.behind_since != 0 && tick.saturating_sub(conn.behind_since) > slow_ticks {
+                self.slow_consumer(key as u32, now);
+                continue;
+            }
             if conn.deadline == 0 || conn.deadline > tick {
                 continue;
             }
             let key = key as u32;
             match conn.state {
-                State::Handshake => {
+                State::Handshake | State::Polling => {
                     self.counters.inc(Series::HsTimeout);
                     self.terminate(key, None);
                 }
@@ -423,9 +471,9 @@ impl Hub {
         }
     }
 
-    /// Queues a frame of this shard's own to one connection. Returns false (and terminates
-    /// the connection as a slow consumer) when its queue holds nothing droppable.
-    fn enqueue(&mut self, key: u32, frame: FrameId) -> bool {
+    /// Queues a frame to one connection, shedding lower frames if its queue is full. Returns
+    /// false when the frame was not queued.
+    fn enqueue(&mut self, key: u32, frame: FrameId, now: Now) -> bool {
         let max = self.cfg.send_queue_frames_max;
         let Some(conn) = self.conns.get_mut(key as usize) else {
             self.outbox.forget_if_unused(frame);
@@ -433,27 +481,47 @@ impl Hub {
         };
         let pushed = self.outbox.push(&mut conn.queue, frame, max);
         self.outbox.forget_if_unused(frame);
-        match pushed {
-            outbox::Pushed::Queued => {}
-            outbox::Pushed::DroppedOldest => self.counters.inc(Series::FramesDropped),
-            outbox::Pushed::Full => {
-                self.counters.inc(Series::FramesDropped);
-                self.terminate(key, Some(Series::ClosedSlow));
-                return false;
+        if pushed != outbox::Pushed::Queued {
+            self.counters.inc(Series::FramesDropped);
+            if conn.behind_since == 0 {
+                conn.behind_since = now.tick();
             }
         }
-        self.mark_ready(key);
-        true
+        match pushed {
+            outbox::Pushed::Queued | outbox::Pushed::DroppedOldest => {
+                self.mark_ready(key);
+                true
+            }
+            outbox::Pushed::DroppedNew => false,
+            outbox::Pushed::Full => {
+                self.slow_consumer(key, now);
+                false
+            }
+        }
+    }
+
+    /// A reader that cannot keep up: closed (it would only fall further behind), unless its
+    /// user is whitelisted in its room, who is never auto-kicked and just keeps shedding.
+    fn slow_consumer(&mut self, key: u32, now: Now) {
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        let user = self.users.name(conn.user);
+        let room = self.rooms.get(conn.room).map(|r| &r.name);
+        if let (Some(user), Some(room)) = (user, room)
+            && self.moderation.get(room).is_some_and(|m| m.contains(List::Whitelist, user, now.unix.0))
+        {
+            return;
+        }
+        self.terminate(key, Some(Series::ClosedSlow));
     }
 
     /// Queues bytes built for one connection (never dropped for a later frame).
-    fn enqueue_owned(&mut self, key: u32, bytes: Vec<u8>) -> bool {
+    fn enqueue_owned(&mut self, key: u32, bytes: Vec<u8>, now: Now) -> bool {
         if self.replying == Some(key) {
             self.replies.extend_from_slice(&bytes);
             return true;
         }
-        let id = self.outbox.add_owned(bytes, true);
-        self.enqueue(key, id)
+        let id = self.outbox.add_owned(bytes, Class::Keep);
+        self.enqueue(key, id, now)
     }
 
     /// Ends a connection now: out of its room and user index, queue dropped (but what is in
@@ -474,6 +542,7 @@ impl Hub {
             self.counters.inc(r);
         }
         self.heads.remove(&key);
+        self.send_buckets.remove(&key);
         self.leave_room(key);
         self.leave_user(key);
         self.terminating.push(key);

@@ -3,6 +3,10 @@
 //! 8-byte nodes from a shard-wide pool, so an idle connection holds no queue memory and a
 //! delivery allocates nothing per member. Frames at the head of a queue that a send operation
 //! is writing are "in flight": they are never dropped or freed until that send completes.
+//!
+//! A full queue sheds by priority class: the oldest frame of the lowest class goes first (a
+//! low-only block before a block with high messages), or the new frame itself when it matters
+//! less than everything queued; `Keep` frames (whitelist, attributes, control) are never dropped.
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -10,7 +14,7 @@ use std::sync::Arc;
 use slab::Slab;
 
 use crate::envelope::Format;
-use crate::room::owner::SharedFrame;
+use crate::room::frames::{Class, SharedFrame};
 
 const NIL: u32 = u32::MAX;
 
@@ -27,8 +31,7 @@ struct Entry {
     body: Body,
     /// Queue nodes pointing here.
     refs: u32,
-    /// Never dropped to make room (whitelist blocks, control frames, handshake replies).
-    keep: bool,
+    class: Class,
 }
 
 struct Node {
@@ -67,14 +70,16 @@ impl Queue {
     }
 }
 
-/// What `push` did when the queue was full.
+/// What `push` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     /// Queued without loss.
     Queued,
-    /// Queued after dropping the oldest droppable frame.
+    /// Queued after dropping a queued frame of a lower or equal class.
     DroppedOldest,
-    /// Nothing droppable: the frame was not queued (the reader is hopelessly behind).
+    /// Not queued: it mattered less than everything droppable in the full queue.
+    DroppedNew,
+    /// Not queued, and nothing droppable: the reader is hopelessly behind.
     Full,
 }
 
@@ -90,14 +95,14 @@ impl Outbox {
     /// Stores a shared frame; it lives while queues hold it (call `forget_if_unused` if none
     /// took it).
     pub fn add_shared(&mut self, frame: Arc<SharedFrame>) -> FrameId {
-        let keep = frame.whitelist;
-        FrameId(self.frames.insert(Entry { body: Body::Shared(frame), refs: 0, keep }) as u32)
+        let class = frame.class;
+        FrameId(self.frames.insert(Entry { body: Body::Shared(frame), refs: 0, class }) as u32)
     }
 
     /// Stores bytes for one connection (handshake reply, welcome, pong, close, echo).
-    pub fn add_owned(&mut self, bytes: Vec<u8>, keep: bool) -> FrameId {
+    pub fn add_owned(&mut self, bytes: Vec<u8>, class: Class) -> FrameId {
         let body = Body::Owned(bytes.into_boxed_slice());
-        FrameId(self.frames.insert(Entry { body, refs: 0, keep }) as u32)
+        FrameId(self.frames.insert(Entry { body, refs: 0, class }) as u32)
     }
 
     /// Frees a frame no queue took.
@@ -121,15 +126,20 @@ impl Outbox {
         }
     }
 
-    /// Appends a frame to a queue bounded at `max`. When full, drops the oldest frame that is
-    /// not in flight and not kept; a kept frame may also push out a droppable one.
+    /// Appends a frame to a queue bounded at `max`, shedding by class when full.
     pub fn push(&mut self, q: &mut Queue, id: FrameId, max: usize) -> Pushed {
         let mut result = Pushed::Queued;
         if q.len() >= max {
-            if !self.drop_oldest_droppable(q) {
-                return Pushed::Full;
+            let new = self.frames.get(id.0 as usize).map_or(Class::Keep, |e| e.class);
+            match self.lowest_droppable(q) {
+                Some((_, _, class)) if new < class => return Pushed::DroppedNew,
+                Some((prev, node, _)) => {
+                    self.unlink(q, prev, node);
+                    result = Pushed::DroppedOldest;
+                }
+                None if new < Class::Keep => return Pushed::DroppedNew,
+                None => return Pushed::Full,
             }
-            result = Pushed::DroppedOldest;
         }
         let node = self.alloc_node(id.0);
         if q.tail == NIL {
@@ -231,31 +241,37 @@ impl Outbox {
         self.release_node(node);
     }
 
-    fn drop_oldest_droppable(&mut self, q: &mut Queue) -> bool {
-        let mut prev = NIL;
-        let mut node = q.head;
-        let mut index = 0;
+    /// The oldest queued frame of the lowest droppable class (not in flight, not `Keep`):
+    /// (previous node, node, class).
+    fn lowest_droppable(&self, q: &Queue) -> Option<(u32, u32, Class)> {
+        let mut best: Option<(u32, u32, Class)> = None;
+        let (mut prev, mut node, mut index) = (NIL, q.head, 0);
         while node != NIL {
             let Node { frame, next } = self.nodes[node as usize];
-            let keep = self.frames.get(frame as usize).is_none_or(|e| e.keep);
-            if index >= usize::from(q.inflight) && !keep {
-                if prev == NIL {
-                    q.head = next;
-                } else {
-                    self.nodes[prev as usize].next = next;
-                }
-                if q.tail == node {
-                    q.tail = prev;
-                }
-                q.len -= 1;
-                self.release_node(node);
-                return true;
+            let class = self.frames.get(frame as usize).map_or(Class::Keep, |e| e.class);
+            let droppable = index >= usize::from(q.inflight) && class < Class::Keep;
+            if droppable && best.is_none_or(|(_, _, c)| class < c) {
+                best = Some((prev, node, class));
             }
             prev = node;
             node = next;
             index += 1;
         }
-        false
+        best
+    }
+
+    fn unlink(&mut self, q: &mut Queue, prev: u32, node: u32) {
+        let next = self.nodes[node as usize].next;
+        if prev == NIL {
+            q.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if q.tail == node {
+            q.tail = prev;
+        }
+        q.len -= 1;
+        self.release_node(node);
     }
 
     fn alloc_node(&mut self, frame: u32) -> u32 {
@@ -287,8 +303,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn shared(bytes: &[u8], whitelist: bool) -> Arc<SharedFrame> {
-        Arc::new(SharedFrame { proto: bytes.into(), json: None, whitelist })
+    fn shared(bytes: &[u8], class: Class) -> Arc<SharedFrame> {
+        Arc::new(SharedFrame { proto: bytes.into(), json: None, class })
     }
 
     fn drain(o: &mut Outbox, q: &mut Queue) -> Vec<u8> {
@@ -309,12 +325,12 @@ mod tests {
     #[test]
     fn one_frame_many_queues_and_partial_sends() {
         let mut o = Outbox::default();
-        let f = o.add_shared(shared(b"hello", false));
+        let f = o.add_shared(shared(b"hello", Class::Low));
         let mut qs: Vec<Queue> = (0..3).map(|_| Queue::default()).collect();
         for q in &mut qs {
             assert_eq!(o.push(q, f, 4), Pushed::Queued);
         }
-        let g = o.add_owned(b"-bye".to_vec(), true);
+        let g = o.add_owned(b"-bye".to_vec(), Class::Keep);
         o.push(&mut qs[0], g, 4);
         assert_eq!(drain(&mut o, &mut qs[0]), b"hello-bye");
         assert_eq!(o.frames(), 1, "still held by two queues");
@@ -324,29 +340,37 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_drops_oldest_droppable_but_never_in_flight_or_kept() {
+    fn full_queue_sheds_lowest_class_first_never_in_flight_or_kept() {
         let mut o = Outbox::default();
         let mut q = Queue::default();
-        let ids: Vec<FrameId> = (0..3).map(|i| o.add_shared(shared(&[b'a' + i], i == 1))).collect();
-        for &id in &ids {
-            o.push(&mut q, id, 3);
+        // a (low, will be in flight), b (keep), c (high), d (low)
+        for (b, class) in [(b"a", Class::Low), (b"b", Class::Keep), (b"c", Class::High), (b"d", Class::Low)] {
+            let id = o.add_shared(shared(b, class));
+            assert_eq!(o.push(&mut q, id, 4), Pushed::Queued);
         }
         let mut iov = [IoSlice::new(&[]); 1];
         assert_eq!(o.gather(&mut q, Format::Proto, 0, &mut iov), 1); // 'a' in flight
-        let d = o.add_shared(shared(b"d", false));
-        assert_eq!(o.push(&mut q, d, 3), Pushed::DroppedOldest); // drops 'c' (a in flight, b kept)
-        let e = o.add_shared(shared(b"e", false));
-        assert_eq!(o.push(&mut q, e, 3), Pushed::DroppedOldest); // drops 'd'
+        let e = o.add_shared(shared(b"e", Class::High));
+        assert_eq!(o.push(&mut q, e, 4), Pushed::DroppedOldest, "drops low 'd', not in-flight 'a'");
+        let f = o.add_shared(shared(b"f", Class::Low));
+        assert_eq!(o.push(&mut q, f, 4), Pushed::DroppedNew, "a low frame loses to queued highs");
+        o.forget_if_unused(f);
+        let g = o.add_shared(shared(b"g", Class::High));
+        assert_eq!(o.push(&mut q, g, 4), Pushed::DroppedOldest, "equal class: the oldest high 'c' goes");
         o.sent(&mut q, Format::Proto, 0, 1);
-        assert_eq!(drain(&mut o, &mut q), b"be");
+        assert_eq!(drain(&mut o, &mut q), b"beg");
+        // Only kept frames queued: a kept frame cannot enter, a droppable one is dropped.
         let mut q = Queue::default();
         for _ in 0..2 {
-            let k = o.add_owned(b"k".to_vec(), true);
+            let k = o.add_owned(b"k".to_vec(), Class::Keep);
             o.push(&mut q, k, 2);
         }
-        let k = o.add_owned(b"k".to_vec(), true);
+        let k = o.add_owned(b"k".to_vec(), Class::Keep);
         assert_eq!(o.push(&mut q, k, 2), Pushed::Full);
         o.forget_if_unused(k);
+        let l = o.add_shared(shared(b"l", Class::Low));
+        assert_eq!(o.push(&mut q, l, 2), Pushed::DroppedNew);
+        o.forget_if_unused(l);
         o.clear(&mut q);
         assert_eq!(o.frames(), 0);
     }
@@ -356,7 +380,7 @@ mod tests {
         let mut o = Outbox::default();
         let mut q = Queue::default();
         for b in [b"x", b"y", b"z"] {
-            let id = o.add_owned(b.to_vec(), false);
+            let id = o.add_owned(b.to_vec(), Class::Low);
             o.push(&mut q, id, 8);
         }
         let mut iov = [IoSlice::new(&[]); 1];

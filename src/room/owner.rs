@@ -1,49 +1,25 @@
-//! The rooms one shard owns: each room's mixer, how many members every shard holds in it
-//! (reported by the shards), and the block tick that cuts each dirty room's block, encodes it
-//! once per wire format and says which shards must receive that one shared frame. Sans-IO: time
-//! comes in as arguments, frames go out through a callback.
+//! The rooms one shard owns. For each: the mixer that turns pending messages into blocks, the
+//! history kept for backfill and short polling, the attributes and their change log, the
+//! moderation lists, the upstream rate limit, presence (members per shard, enter/leave events),
+//! and the block tick that cuts, encodes once per wire format, and says which shards receive
+//! that one shared frame. Sans-IO: time comes in as arguments, frames go out by callback.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::RoomName;
-use super::mixer::{Cut, Mixer, MixerLimits, Refused};
-use crate::envelope::{self, Format};
-use crate::ids::{ShardId, UnixMs};
-use crate::proto::{Block, Message, ServerFrame, server_frame};
-
-/// A frame fanned out to many connections: encoded once, shared by reference.
-#[derive(Debug)]
-pub struct SharedFrame {
-    /// The whole WebSocket frame for `barrage.v1.proto` connections.
-    pub proto: Box<[u8]>,
-    /// The same frame for `barrage.v1.json` connections, when any may need it.
-    pub json: Option<Box<[u8]>>,
-    /// Holds whitelist messages: a slow consumer never loses it before lower frames.
-    pub whitelist: bool,
-}
-
-impl SharedFrame {
-    /// Encodes a server frame for both formats (or only protobuf when no JSON reader exists).
-    pub fn encode(frame: &ServerFrame, json: bool, whitelist: bool) -> SharedFrame {
-        SharedFrame {
-            proto: envelope::encode(frame, Format::Proto).into_boxed_slice(),
-            json: json.then(|| envelope::encode(frame, Format::Json).into_boxed_slice()),
-            whitelist,
-        }
-    }
-
-    /// The bytes for a connection of this format, if encoded.
-    pub fn bytes(&self, format: Format) -> Option<&[u8]> {
-        match format {
-            Format::Proto => Some(&self.proto),
-            Format::Json => self.json.as_deref(),
-        }
-    }
-}
+use super::attrs::{AttrError, AttrLimits, AttrLog};
+use super::frames::{self, SharedFrame};
+use super::history::{History, PollError};
+use super::limit::{Rate, TokenBucket};
+use super::mixer::{Mixer, MixerLimits, Pushed, Refused};
+use super::moderation::{Entry, List, Moderation, ModerationError, ModerationLimits};
+use crate::config::{PriorityName, TypeDefaults};
+use crate::ids::{Now, ShardId, UnixMs};
+use crate::proto::{Message, Priority};
 
 /// Bounds and identity of one shard's owner table.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct OwnerConfig {
     pub shard: ShardId,
     pub shards: usize,
@@ -51,6 +27,16 @@ pub struct OwnerConfig {
     pub rooms_max: usize,
     /// An owned room with no members and nothing pending is forgotten after this long.
     pub room_idle_ms: i64,
+    pub history_messages_max: usize,
+    pub upstream: Rate,
+    pub attrs: AttrLimits,
+    pub moderation: ModerationLimits,
+    pub presence_events: bool,
+    pub presence_users_max: usize,
+    pub poll_limit_max: usize,
+    /// Poll interval hints for rooms under 100, up to 1,000, and over 1,000 members.
+    pub poll_interval_ms: [u32; 3],
+    pub types: Arc<BTreeMap<String, TypeDefaults>>,
 }
 
 /// Why a publish was refused.
@@ -60,16 +46,67 @@ pub enum PublishError {
     Backlog,
     /// The node tracks `rooms_max` rooms already.
     RoomsFull,
+    /// The room's upstream rate is exceeded.
+    RateLimited,
+    /// The sender is muted in this room.
+    Muted,
 }
 
-/// Receives each cut block: the room, its one shared frame, and members per shard.
-pub type Deliver<'a> = dyn FnMut(&RoomName, &Arc<SharedFrame>, &[u32]) + 'a;
+impl PublishError {
+    /// HTTP-like code for the API and error frames, and a reason.
+    pub fn code(self) -> (u16, &'static str) {
+        match self {
+            PublishError::Backlog => (429, "the room's pending backlog is full"),
+            PublishError::RoomsFull => (503, "too many rooms on this node"),
+            PublishError::RateLimited => (429, "the room's message rate is exceeded"),
+            PublishError::Muted => (403, "you are muted in this room"),
+        }
+    }
+}
+
+/// Who publishes, and so which checks apply.
+#[derive(Clone, Debug)]
+pub enum Sender {
+    /// The business API. `priority_given`: the body named a priority (else the type's default).
+    Api { priority_given: bool },
+    /// A signed-in user's `send`, with the weight its token grants.
+    Client { user: Arc<str>, weight: i32 },
+}
+
+/// A message accepted for the next block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub id: u64,
+    /// It replaced a pending message with the same coalesce key.
+    pub coalesced: bool,
+}
+
+/// A moderation action on one user of a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModAction {
+    Kick,
+    Mute { until_ms: Option<i64> },
+    Unmute,
+    Ban { until_ms: Option<i64> },
+    Unban,
+    Whitelist,
+    Unwhitelist,
+}
 
 /// A room as its owner sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoomInfo {
     pub online: u64,
     pub last_seq: u64,
     pub pending: usize,
+}
+
+/// A room's moderation lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModerationLists {
+    pub mutes: Vec<Entry>,
+    pub bans: Vec<Entry>,
+    pub whitelist: Vec<Entry>,
 }
 
 /// What one tick did, for metrics.
@@ -78,15 +115,49 @@ pub struct TickStats {
     pub blocks: u64,
     pub messages: u64,
     pub dropped_overflow: u64,
+    pub dropped_expired: u64,
+    pub attr_frames: u64,
+}
+
+/// Receives each frame a tick produces: the room, its one shared frame, members per shard.
+pub type Deliver<'a> = dyn FnMut(&RoomName, &Arc<SharedFrame>, &[u32]) + 'a;
+
+/// Users who entered or left since the last block: counted, the first few named.
+#[derive(Default)]
+struct Churn {
+    count: u32,
+    users: Vec<Arc<str>>,
+}
+
+impl Churn {
+    fn record(&mut self, user: Option<&Arc<str>>, named_max: usize) {
+        self.count = self.count.saturating_add(1);
+        if let Some(u) = user
+            && self.users.len() < named_max
+        {
+            self.users.push(Arc::clone(u));
+        }
+    }
 }
 
 struct OwnedRoom {
     mixer: Mixer,
+    history: History,
+    attrs: AttrLog,
+    /// Attribute version last sent to the members.
+    attrs_sent: u64,
+    moderation: Moderation,
+    upstream: TokenBucket,
     /// Members per shard, and how many of them read JSON.
     members: Box<[u32]>,
     json: Box<[u32]>,
+    entered: Churn,
+    left: Churn,
     dirty: bool,
     last_active: UnixMs,
+    /// Encoded once per change and handed to every joining client.
+    backfill: Option<Arc<SharedFrame>>,
+    snapshot: Option<Arc<SharedFrame>>,
 }
 
 impl OwnedRoom {
@@ -95,19 +166,19 @@ impl OwnedRoom {
     }
 }
 
+/// Seqs and attribute versions of a room start at (creation Unix seconds) << 20 and count up,
+/// so they keep increasing across restarts and forgotten rooms (fewer than 2^20 changes a
+/// second), and stay below 2^53 (exact in JavaScript numbers) until the year 2242.
+const SEQ_SECOND_SHIFT: u32 = 20;
+
 /// The rooms owned by one shard.
 pub struct Owner {
     config: OwnerConfig,
     rooms: HashMap<RoomName, OwnedRoom>,
-    /// Rooms with pending messages: a tick visits only these.
+    /// Rooms with something to send at the next tick: only these are visited.
     dirty: Vec<RoomName>,
     next_id: u64,
 }
-
-/// Seqs of a room start at (creation Unix seconds) << 20 and count up, so they keep increasing
-/// across restarts and forgotten rooms (fewer than 2^20 messages a second), and stay below 2^53
-/// (exact in JavaScript numbers) until the year 2242.
-const SEQ_SECOND_SHIFT: u32 = 20;
 
 impl Owner {
     pub fn new(config: OwnerConfig) -> Owner {
@@ -125,57 +196,152 @@ impl Owner {
         (u64::from(self.config.shard.0) << 48) | (self.next_id & 0xFFFF_FFFF_FFFF)
     }
 
-    fn room_mut(&mut self, room: &RoomName, now: UnixMs) -> Option<&mut OwnedRoom> {
-        if !self.rooms.contains_key(room) {
-            if self.rooms.len() >= self.config.rooms_max {
+    /// A room, created on first use (None at rooms_max). An associated function over the map so
+    /// callers can still mark the dirty list, a sibling field.
+    fn room_mut<'a>(
+        rooms: &'a mut HashMap<RoomName, OwnedRoom>,
+        config: &OwnerConfig,
+        room: &RoomName,
+        now: Now,
+    ) -> Option<&'a mut OwnedRoom> {
+        if !rooms.contains_key(room) {
+            if rooms.len() >= config.rooms_max {
                 return None;
             }
-            let shards = self.config.shards;
-            let base = (now.0.max(0) as u64 / 1000) << SEQ_SECOND_SHIFT;
-            self.rooms.insert(
-                room.clone(),
-                OwnedRoom {
-                    mixer: Mixer::starting_after(base),
-                    members: vec![0; shards].into_boxed_slice(),
-                    json: vec![0; shards].into_boxed_slice(),
-                    dirty: false,
-                    last_active: now,
-                },
-            );
+            let base = (now.unix.0.max(0) as u64 / 1000) << SEQ_SECOND_SHIFT;
+            let shards = config.shards;
+            let r = OwnedRoom {
+                mixer: Mixer::starting_after(base),
+                history: History::new(config.history_messages_max),
+                attrs: AttrLog::new(base),
+                attrs_sent: base,
+                moderation: Moderation::default(),
+                upstream: TokenBucket::new(&config.upstream, now.ms),
+                members: vec![0; shards].into_boxed_slice(),
+                json: vec![0; shards].into_boxed_slice(),
+                entered: Churn::default(),
+                left: Churn::default(),
+                dirty: false,
+                last_active: now.unix,
+                backfill: None,
+                snapshot: None,
+            };
+            rooms.insert(room.clone(), r);
         }
-        self.rooms.get_mut(room)
+        rooms.get_mut(room)
     }
 
-    /// Accepts a message for the room's next block: stamps id, room and server time.
-    pub fn publish(&mut self, room: &RoomName, mut msg: Message, now: UnixMs) -> Result<u64, PublishError> {
-        let id = self.next_message_id();
-        let limits = self.config.limits;
-        let r = self.room_mut(room, now).ok_or(PublishError::RoomsFull)?;
-        msg.id = id;
-        msg.room = room.as_str().to_owned();
-        msg.created_ms = now.0;
-        r.mixer.push(msg, &limits).map_err(|Refused::Backlog| PublishError::Backlog)?;
-        r.last_active = now;
+    fn mark_dirty(dirty: &mut Vec<RoomName>, r: &mut OwnedRoom, room: &RoomName) {
         if !r.dirty {
             r.dirty = true;
-            self.dirty.push(room.clone());
+            dirty.push(room.clone());
         }
-        Ok(id)
     }
 
-    /// A shard reports how many members (and JSON members) it holds in a room.
-    /// Returns false when the room cannot be tracked (rooms_max).
-    pub fn presence(&mut self, room: &RoomName, shard: ShardId, members: u32, json: u32, now: UnixMs) -> bool {
+    /// Accepts a message for the room's next block: checks mute and the upstream rate, fills
+    /// type defaults, stamps id, room and server time.
+    pub fn publish(
+        &mut self,
+        room: &RoomName,
+        mut msg: Message,
+        sender: Sender,
+        now: Now,
+    ) -> Result<Published, PublishError> {
+        let id = self.next_message_id();
+        let types = Arc::clone(&self.config.types);
+        let (limits, upstream) = (self.config.limits, self.config.upstream);
+        let r = Self::room_mut(&mut self.rooms, &self.config, room, now).ok_or(PublishError::RoomsFull)?;
+        let defaults =
+            types.get(msg.r#type.as_str()).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 });
+        match &sender {
+            Sender::Api { priority_given } => {
+                if !priority_given {
+                    msg.priority = priority_of(defaults.priority) as i32;
+                }
+            }
+            Sender::Client { user, weight } => {
+                if r.moderation.contains(List::Mute, user, now.unix.0) {
+                    return Err(PublishError::Muted);
+                }
+                let whitelisted = r.moderation.contains(List::Whitelist, user, now.unix.0);
+                msg.priority = if whitelisted { Priority::Whitelist } else { priority_of(defaults.priority) } as i32;
+                msg.weight = *weight;
+                msg.sender = user.to_string();
+            }
+        }
+        let whitelist = msg.priority == Priority::Whitelist as i32;
+        if !whitelist && !r.upstream.try_take(&upstream, now.ms) {
+            return Err(PublishError::RateLimited);
+        }
+        if msg.ttl_ms == 0 {
+            msg.ttl_ms = defaults.ttl_ms;
+        }
+        msg.id = id;
+        msg.room = room.as_str().to_owned();
+        msg.created_ms = now.unix.0;
+        let pushed = r.mixer.push(msg, &limits).map_err(|Refused::Backlog| PublishError::Backlog)?;
+        r.last_active = now.unix;
+        Self::mark_dirty(&mut self.dirty, r, room);
+        Ok(Published { id, coalesced: pushed == Pushed::Coalesced })
+    }
+
+    /// A shard reports its members in a room (`json` of them reading JSON), and who left since
+    /// its last report. Returns false when the room cannot be tracked (rooms_max).
+    pub fn presence(
+        &mut self,
+        room: &RoomName,
+        shard: ShardId,
+        counts: (u32, u32),
+        left: &[Arc<str>],
+        left_count: u32,
+        now: Now,
+    ) -> bool {
+        let (members, json) = counts;
         if members == 0 && !self.rooms.contains_key(room) {
             return true;
         }
-        let Some(r) = self.room_mut(room, now) else { return false };
+        let (events, named) = (self.config.presence_events, self.config.presence_users_max);
+        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return false };
         if let (Some(m), Some(j)) = (r.members.get_mut(shard.index()), r.json.get_mut(shard.index())) {
             *m = members;
             *j = json;
         }
-        r.last_active = now;
+        r.last_active = now.unix;
+        if events && left_count > 0 {
+            for u in left {
+                r.left.record(Some(u), named);
+            }
+            let anonymous = left_count.saturating_sub(left.len() as u32);
+            r.left.count = r.left.count.saturating_add(anonymous);
+            Self::mark_dirty(&mut self.dirty, r, room);
+        }
         true
+    }
+
+    /// A connection joined the room on some shard: counts it for the next enter event and
+    /// returns what it should receive first (history as a backfill block, the attribute
+    /// snapshot), each encoded once and shared by every joiner until the room changes.
+    pub fn joined(&mut self, room: &RoomName, user: Option<&Arc<str>>, now: Now) -> Vec<Arc<SharedFrame>> {
+        let (events, named) = (self.config.presence_events, self.config.presence_users_max);
+        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return Vec::new() };
+        if events {
+            r.entered.record(user, named);
+            Self::mark_dirty(&mut self.dirty, r, room);
+        }
+        let mut out = Vec::new();
+        if !r.history.is_empty() {
+            let online = r.online();
+            let frame = r.backfill.get_or_insert_with(|| {
+                let messages: Vec<Message> = r.history.recent().cloned().collect();
+                Arc::new(frames::block(room, messages, online, now.unix, true, true))
+            });
+            out.push(Arc::clone(frame));
+        }
+        if !r.attrs.is_empty() {
+            let log = &r.attrs;
+            out.push(Arc::clone(r.snapshot.get_or_insert_with(|| Arc::new(frames::attrs_snapshot(room, log, true)))));
+        }
+        out
     }
 
     /// Online count and seq of a room (zeros for an unknown room).
@@ -186,30 +352,136 @@ impl Owner {
         }
     }
 
-    /// Cuts a block for every room with pending messages, encodes it once per needed format,
-    /// and hands it to `deliver` with the per-shard member counts. Rooms without pending
-    /// messages are not visited.
-    pub fn tick(&mut self, now: UnixMs, deliver: &mut Deliver<'_>) -> TickStats {
+    /// The `n` rooms with the most members.
+    pub fn top(&self, n: usize) -> Vec<(RoomName, u64)> {
+        let mut all: Vec<(RoomName, u64)> = self.rooms.iter().map(|(k, r)| (k.clone(), r.online())).collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// Short polling: the JSON body of `{messages, next, truncated, poll_interval_ms}`.
+    pub fn poll(&self, room: &RoomName, after: u64, limit: usize) -> Result<Vec<u8>, PollError> {
+        let limit = limit.clamp(1, self.config.poll_limit_max);
+        let Some(r) = self.rooms.get(room) else {
+            let interval = self.config.poll_interval_ms[0];
+            return Ok(poll_body(&[], after, false, interval));
+        };
+        let page = r.history.after(after, limit, r.mixer.last_seq())?;
+        let interval = poll_interval(&self.config.poll_interval_ms, r.online());
+        Ok(poll_body(&page.messages, page.next, page.truncated, interval))
+    }
+
+    /// Applies a moderation action. Kick needs no state: the caller closes the user's
+    /// connections in the room everywhere.
+    pub fn moderate(
+        &mut self,
+        room: &RoomName,
+        user: &str,
+        action: ModAction,
+        now: Now,
+    ) -> Result<(), ModerationError> {
+        let limits = self.config.moderation;
+        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else {
+            return Err(ModerationError::Full);
+        };
+        let m = &mut r.moderation;
+        let t = now.unix.0;
+        match action {
+            ModAction::Kick => Ok(()),
+            ModAction::Mute { until_ms } => m.add(List::Mute, user, until_ms, t, &limits),
+            ModAction::Ban { until_ms } => m.add(List::Ban, user, until_ms, t, &limits),
+            ModAction::Whitelist => m.add(List::Whitelist, user, None, t, &limits),
+            ModAction::Unmute | ModAction::Unban | ModAction::Unwhitelist => {
+                let list = match action {
+                    ModAction::Unmute => List::Mute,
+                    ModAction::Unban => List::Ban,
+                    _ => List::Whitelist,
+                };
+                m.remove(list, user);
+                Ok(())
+            }
+        }
+    }
+
+    /// A room's moderation lists (empty for an unknown room).
+    pub fn moderation(&self, room: &RoomName, now: UnixMs) -> ModerationLists {
+        let Some(r) = self.rooms.get(room) else { return ModerationLists::default() };
+        let m = &r.moderation;
+        ModerationLists {
+            mutes: m.entries(List::Mute, now.0),
+            bans: m.entries(List::Ban, now.0),
+            whitelist: m.entries(List::Whitelist, now.0),
+        }
+    }
+
+    /// Sets (Some) or deletes (None) one attribute; the change goes out with the next tick.
+    /// Returns the room's attribute version after the change.
+    pub fn set_attr(&mut self, room: &RoomName, key: &str, value: Option<&[u8]>, now: Now) -> Result<u64, AttrError> {
+        let limits = self.config.attrs;
+        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else {
+            return Err(AttrError::TooManyKeys);
+        };
+        let version = match value {
+            Some(v) => r.attrs.set(key, v, &limits)?,
+            None => r.attrs.delete(key).unwrap_or(r.attrs.version()),
+        };
+        if version != r.attrs_sent {
+            r.snapshot = None;
+            r.last_active = now.unix;
+            Self::mark_dirty(&mut self.dirty, r, room);
+        }
+        Ok(version)
+    }
+
+    /// A room's attributes: version and entries in key order.
+    pub fn attrs(&self, room: &RoomName) -> (u64, Vec<(String, Vec<u8>)>) {
+        match self.rooms.get(room) {
+            Some(r) => (r.attrs.version(), r.attrs.snapshot().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()),
+            None => (0, Vec::new()),
+        }
+    }
+
+    /// What a client at attribute version `after` needs (None when it is current).
+    pub fn attr_sync(&self, room: &RoomName, after: u64) -> Option<SharedFrame> {
+        let r = self.rooms.get(room)?;
+        frames::attrs_since(room, &r.attrs, after, true)
+    }
+
+    /// Cuts a block for every dirty room, encodes it once per needed format, and hands it to
+    /// `deliver` with the per-shard member counts; attribute changes and enter/leave events go
+    /// out in the same tick. Rooms with nothing new are not visited.
+    pub fn tick(&mut self, now: Now, deliver: &mut Deliver<'_>) -> TickStats {
         let mut stats = TickStats::default();
         let limits = self.config.limits;
-        let dirty = std::mem::take(&mut self.dirty);
-        for name in dirty {
+        for name in std::mem::take(&mut self.dirty) {
             let Some(room) = self.rooms.get_mut(&name) else { continue };
             room.dirty = false;
-            let Some(cut) = room.mixer.cut(now.0, &limits) else { continue };
+            let json = room.json.iter().any(|&n| n > 0);
+            let online = room.online();
+            post_presence(room, &self.config.types, &mut self.next_id, self.config.shard, now);
+            if room.attrs.version() != room.attrs_sent {
+                if let Some(f) = frames::attrs_since(&name, &room.attrs, room.attrs_sent, json) {
+                    stats.attr_frames += 1;
+                    deliver(&name, &Arc::new(f), &room.members);
+                }
+                room.attrs_sent = room.attrs.version();
+            }
+            let Some(cut) = room.mixer.cut(now.unix.0, &limits) else { continue };
             if room.mixer.has_pending() {
                 room.dirty = true;
                 self.dirty.push(name.clone());
             }
+            stats.dropped_overflow += cut.dropped_overflow;
+            stats.dropped_expired += cut.dropped_expired;
             if cut.messages.is_empty() {
-                continue; // everything had expired
+                continue;
             }
             stats.blocks += 1;
             stats.messages += cut.messages.len() as u64;
-            stats.dropped_overflow += cut.dropped_overflow;
-            let online = room.online();
-            let json = room.json.iter().any(|&n| n > 0);
-            let frame = Arc::new(block_frame(&name, cut, online, now, json));
+            room.history.push(&cut.messages);
+            room.backfill = None;
+            let frame = Arc::new(frames::block(&name, cut.messages, online, now.unix, json, false));
             if online > 0 {
                 deliver(&name, &frame, &room.members);
             }
@@ -217,119 +489,73 @@ impl Owner {
         stats
     }
 
-    /// Forgets rooms with no members and nothing pending for `room_idle_ms`. Call rarely (it
-    /// walks every owned room).
+    /// Forgets rooms with no members and nothing pending for `room_idle_ms`, and expired
+    /// moderation entries. Call rarely (it walks every owned room).
     pub fn sweep(&mut self, now: UnixMs) {
         let idle = self.config.room_idle_ms;
-        self.rooms.retain(|_, r| r.dirty || r.online() > 0 || now.0 - r.last_active.0 < idle);
+        self.rooms.retain(|_, r| {
+            r.moderation.sweep(now.0);
+            r.dirty || r.online() > 0 || now.0 - r.last_active.0 < idle
+        });
     }
 }
 
-fn block_frame(room: &RoomName, cut: Cut, online: u64, now: UnixMs, json: bool) -> SharedFrame {
-    let whitelist = cut.messages.iter().any(|m| m.priority == crate::proto::Priority::Whitelist as i32);
-    let block = Block {
-        room: room.as_str().to_owned(),
-        first_seq: cut.first_seq(),
-        last_seq: cut.last_seq(),
-        messages: cut.messages,
-        online,
-        server_ms: now.0,
-    };
-    let frame = ServerFrame { frame: Some(server_frame::Frame::Block(block)) };
-    SharedFrame::encode(&frame, json, whitelist)
+/// Turns a room's enter/leave counts since the last block into (at most) one message each.
+fn post_presence(
+    room: &mut OwnedRoom,
+    types: &BTreeMap<String, TypeDefaults>,
+    next_id: &mut u64,
+    shard: ShardId,
+    now: Now,
+) {
+    for (kind, churn) in [("enter", &mut room.entered), ("leave", &mut room.left)] {
+        if churn.count == 0 {
+            continue;
+        }
+        let users: Vec<&str> = churn.users.iter().map(|u| &**u).collect();
+        let data = serde_json::json!({"count": churn.count, "users": users}).to_string().into_bytes();
+        *churn = Churn::default();
+        let defaults = types.get(kind).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 });
+        *next_id += 1;
+        let msg = Message {
+            id: (u64::from(shard.0) << 48) | (*next_id & 0xFFFF_FFFF_FFFF),
+            r#type: kind.into(),
+            priority: priority_of(defaults.priority) as i32,
+            ttl_ms: defaults.ttl_ms,
+            created_ms: now.unix.0,
+            coalesce_key: format!("presence:{kind}"),
+            data,
+            ..Message::default()
+        };
+        // Never refused: at most one of each kind waits, coalesced by its key.
+        let limits = MixerLimits { block_messages_max: usize::MAX, pending_messages_max: usize::MAX };
+        let _ = room.mixer.push(msg, &limits);
+    }
+}
+
+pub fn priority_of(p: PriorityName) -> Priority {
+    match p {
+        PriorityName::Low => Priority::Low,
+        PriorityName::High => Priority::High,
+        PriorityName::Whitelist => Priority::Whitelist,
+    }
+}
+
+fn poll_interval(intervals: &[u32; 3], online: u64) -> u32 {
+    match online {
+        0..100 => intervals[0],
+        100..=1000 => intervals[1],
+        _ => intervals[2],
+    }
+}
+
+fn poll_body(messages: &[&Message], next: u64, truncated: bool, interval_ms: u32) -> Vec<u8> {
+    let messages: Vec<serde_json::Value> =
+        messages.iter().map(|m| serde_json::to_value(m).unwrap_or(serde_json::Value::Null)).collect();
+    serde_json::json!({"messages": messages, "next": next, "truncated": truncated, "poll_interval_ms": interval_ms})
+        .to_string()
+        .into_bytes()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::Priority;
-    use prost::Message as _;
-
-    fn owner(shards: usize) -> Owner {
-        Owner::new(OwnerConfig {
-            shard: ShardId(1),
-            shards,
-            limits: MixerLimits { block_messages_max: 2, pending_messages_max: 4 },
-            rooms_max: 2,
-            room_idle_ms: 1000,
-        })
-    }
-
-    fn room(s: &str) -> RoomName {
-        RoomName::parse(s, 64).unwrap()
-    }
-
-    fn text(p: Priority, data: &str) -> Message {
-        Message { r#type: "chat".into(), priority: p as i32, data: data.as_bytes().to_vec(), ..Message::default() }
-    }
-
-    fn decode_block(frame: &SharedFrame) -> Block {
-        let payload = &frame.proto[2..];
-        match ServerFrame::decode(payload).unwrap().frame {
-            Some(server_frame::Frame::Block(b)) => b,
-            other => panic!("not a block: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn tick_encodes_once_and_targets_shards_with_members() {
-        let mut o = owner(3);
-        let r = room("r");
-        let now = UnixMs(5_000);
-        assert!(o.presence(&r, ShardId(0), 2, 0, now));
-        assert!(o.presence(&r, ShardId(2), 1, 1, now));
-        o.publish(&r, text(Priority::Low, "a"), now).unwrap();
-        o.publish(&r, text(Priority::High, "b"), now).unwrap();
-        let mut calls = Vec::new();
-        let stats = o.tick(UnixMs(6_000), &mut |name, frame, members| {
-            calls.push((name.clone(), Arc::clone(frame), members.to_vec()));
-        });
-        assert_eq!(stats, TickStats { blocks: 1, messages: 2, dropped_overflow: 0 });
-        assert_eq!(calls.len(), 1, "one encode per room per tick");
-        let (name, frame, members) = &calls[0];
-        assert_eq!(name, &r);
-        assert_eq!(members, &vec![2, 0, 1]);
-        assert!(frame.json.is_some(), "a JSON member exists");
-        let block = decode_block(frame);
-        assert_eq!(block.online, 3);
-        assert_eq!(block.server_ms, 6_000);
-        let data: Vec<_> = block.messages.iter().map(|m| m.data.clone()).collect();
-        assert_eq!(data, vec![b"b".to_vec(), b"a".to_vec()]);
-        assert_eq!(block.first_seq, 5 << SEQ_SECOND_SHIFT | 1);
-        assert_eq!(block.last_seq, block.first_seq + 1);
-        assert!(block.messages.iter().all(|m| m.room == "r" && m.created_ms == 5_000 && m.id >> 48 == 1));
-        // Nothing pending: the next tick visits nothing.
-        let stats = o.tick(UnixMs(7_000), &mut |_, _, _| panic!("no block expected"));
-        assert_eq!(stats.blocks, 0);
-    }
-
-    #[test]
-    fn bounds_rooms_and_backlog() {
-        let mut o = owner(1);
-        let now = UnixMs(0);
-        o.publish(&room("a"), text(Priority::Low, "x"), now).unwrap();
-        o.publish(&room("b"), text(Priority::Low, "x"), now).unwrap();
-        assert_eq!(o.publish(&room("c"), text(Priority::Low, "x"), now), Err(PublishError::RoomsFull));
-        for _ in 0..3 {
-            o.publish(&room("a"), text(Priority::Low, "x"), now).unwrap();
-        }
-        assert_eq!(o.publish(&room("a"), text(Priority::Low, "x"), now), Err(PublishError::Backlog));
-    }
-
-    #[test]
-    fn idle_rooms_are_forgotten_and_seqs_still_increase() {
-        let mut o = owner(1);
-        let r = room("a");
-        o.publish(&r, text(Priority::Low, "x"), UnixMs(1_000)).unwrap();
-        let mut last = 0;
-        o.tick(UnixMs(1_000), &mut |_, _, _| {});
-        last = last.max(o.info(&r).last_seq);
-        o.sweep(UnixMs(1_500));
-        assert_eq!(o.rooms(), 1, "not idle long enough");
-        o.sweep(UnixMs(2_500));
-        assert_eq!(o.rooms(), 0);
-        o.publish(&r, text(Priority::Low, "y"), UnixMs(2_500)).unwrap();
-        o.tick(UnixMs(2_500), &mut |_, _, _| {});
-        assert!(o.info(&r).last_seq > last, "a re-created room continues above the old seqs");
-    }
-}
+mod tests;

@@ -36,6 +36,9 @@ impl Gateway {
             ("--jwt-secret", SECRET),
             ("--shards", "2"),
             ("--connections-max", "20000"),
+            // enter/leave blocks would interleave with what most tests look for; the presence
+            // tests turn them on.
+            ("--presence-events", "false"),
         ];
         for pair in extra.chunks(2) {
             let (flag, value) = (pair[0], pair.get(1).copied().unwrap_or(""));

@@ -1,0 +1,197 @@
+//! Publishing through the API: the message body (JSON or protobuf `PublishRequest`), checked,
+//! then sent to the room's owner (room messages) or to every shard (direct and broadcast).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use prost::Message as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http::{Request, Response};
+use super::routes::{Answer, Routes, percent_decode, reply_channel, wait};
+use crate::hub::mail::{Mail, Origin};
+use crate::proto::{Broadcast, Direct, Message, Priority, PublishRequest, ServerFrame, server_frame};
+use crate::room::frames::{Class, SharedFrame};
+use crate::room::owner::{PublishError, Published, Sender};
+
+/// Longest message type, and sender / user / coalesce key.
+const TYPE_BYTES_MAX: usize = 32;
+pub(super) const USER_BYTES_MAX: usize = 128;
+/// API-made message ids carry this in their top 16 bits (shards use their index).
+const API_ID_SOURCE: u64 = 0xFFFF;
+
+/// A publish body in JSON (the protobuf form is `PublishRequest`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PublishJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    priority: Option<String>,
+    weight: Option<i32>,
+    text: Option<String>,
+    data_b64: Option<String>,
+    sender: Option<String>,
+    ttl_ms: Option<u32>,
+    coalesce_key: Option<String>,
+}
+
+impl Routes {
+    pub(super) fn publish_room(&self, raw: &str, req: &Request) -> Answer {
+        let room = self.room_name(raw)?;
+        let (msg, priority_given) = self.message(req)?;
+        let (reply, rx) = reply_channel::<Result<Published, PublishError>>();
+        let owner = room.owner(self.mesh.shards());
+        let sender = Sender::Api { priority_given };
+        self.post(owner, Mail::Publish { room, msg: Box::new(msg), sender, origin: Origin::Api(reply) })?;
+        match wait(&rx)? {
+            Ok(p) => Ok(Response::json(202, &json!({"id": p.id.to_string(), "coalesced": p.coalesced}))),
+            Err(e) => {
+                let (status, why) = e.code();
+                Err(Response::error(status, why))
+            }
+        }
+    }
+
+    pub(super) fn publish_user(&self, raw: &str, req: &Request) -> Answer {
+        let user = percent_decode(raw).ok_or_else(|| Response::error(400, "bad percent-encoding in user"))?;
+        if user.is_empty() || user.len() > USER_BYTES_MAX {
+            return Err(Response::error(400, "user id must be 1..=128 bytes"));
+        }
+        let msg = self.stamped(req)?;
+        let (id, frame) = (msg.id, shared(server_frame::Frame::Direct(Direct { message: Some(msg) })));
+        let user: Arc<str> = Arc::from(user);
+        let n =
+            self.to_every_shard(|reply| Mail::ToUser { user: Arc::clone(&user), frame: Arc::clone(&frame), reply })?;
+        Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
+    }
+
+    pub(super) fn broadcast(&self, req: &Request) -> Answer {
+        let msg = self.stamped(req)?;
+        let (id, frame) = (msg.id, shared(server_frame::Frame::Broadcast(Broadcast { message: Some(msg) })));
+        let n = self.to_every_shard(|reply| Mail::ToAll { frame: Arc::clone(&frame), reply })?;
+        Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
+    }
+
+    /// A direct or broadcast message: id, time and type defaults are stamped here (no owner).
+    fn stamped(&self, req: &Request) -> Result<Message, Response> {
+        let (mut msg, priority_given) = self.message(req)?;
+        let defaults = self.types.get(msg.r#type.as_str()).copied();
+        if !priority_given && let Some(d) = defaults {
+            msg.priority = crate::room::owner::priority_of(d.priority) as i32;
+        }
+        let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        msg.id = (API_ID_SOURCE << 48) | (n & 0xFFFF_FFFF_FFFF);
+        msg.created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        Ok(msg)
+    }
+
+    /// The message a publish body describes, validated, and whether it named a priority.
+    fn message(&self, req: &Request) -> Result<(Message, bool), Response> {
+        let (msg, given) = match req.content_type.as_deref() {
+            Some("application/x-protobuf") | Some("application/protobuf") => {
+                let p = PublishRequest::decode(req.body.as_slice())
+                    .map_err(|e| Response::error(400, &format!("bad PublishRequest: {e}")))?;
+                let given = p.priority.is_some();
+                let msg = Message {
+                    r#type: p.r#type,
+                    priority: p.priority.unwrap_or(0),
+                    weight: p.weight,
+                    data: p.data,
+                    sender: p.sender,
+                    ttl_ms: p.ttl_ms,
+                    coalesce_key: p.coalesce_key,
+                    ..Message::default()
+                };
+                (msg, given)
+            }
+            // Anything else is read as JSON, so `curl -d '{...}'` (form-urlencoded) just works.
+            _ => from_json(&req.body)?,
+        };
+        Ok((self.check(msg)?, given))
+    }
+
+    fn check(&self, mut msg: Message) -> Result<Message, Response> {
+        if msg.r#type.is_empty() {
+            msg.r#type = "chat".into();
+        }
+        if msg.r#type.len() > TYPE_BYTES_MAX {
+            return Err(Response::error(400, "type is longer than 32 bytes"));
+        }
+        if Priority::try_from(msg.priority).is_err() {
+            return Err(Response::error(400, "priority must be low, high or whitelist"));
+        }
+        if msg.data.len() > self.data_bytes_max {
+            return Err(Response::error(413, &format!("data is larger than {} bytes", self.data_bytes_max)));
+        }
+        if msg.sender.len() > USER_BYTES_MAX || msg.coalesce_key.len() > USER_BYTES_MAX {
+            return Err(Response::error(400, "sender and coalesce_key are at most 128 bytes"));
+        }
+        Ok(msg)
+    }
+}
+
+/// A JSON publish body: the message and whether it named a priority.
+pub(super) fn from_json(body: &[u8]) -> Result<(Message, bool), Response> {
+    let p: PublishJson = if body.is_empty() {
+        PublishJson::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))?
+    };
+    let data = match (p.text, p.data_b64) {
+        (Some(_), Some(_)) => return Err(Response::error(400, "give text or data_b64, not both")),
+        (Some(t), None) => t.into_bytes(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| Response::error(400, &format!("bad data_b64: {e}")))?,
+        (None, None) => Vec::new(),
+    };
+    let priority = match p.priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("low") => Priority::Low,
+        Some("high") => Priority::High,
+        Some("whitelist") => Priority::Whitelist,
+        Some(_) => return Err(Response::error(400, "priority must be low, high or whitelist")),
+    };
+    let msg = Message {
+        r#type: p.kind.unwrap_or_default(),
+        priority: priority as i32,
+        weight: p.weight.unwrap_or(0),
+        data,
+        sender: p.sender.unwrap_or_default(),
+        ttl_ms: p.ttl_ms.unwrap_or(0),
+        coalesce_key: p.coalesce_key.unwrap_or_default(),
+        ..Message::default()
+    };
+    Ok((msg, p.priority.is_some()))
+}
+
+/// A direct or broadcast frame, encoded once for both formats.
+fn shared(frame: server_frame::Frame) -> Arc<SharedFrame> {
+    let class = match &frame {
+        server_frame::Frame::Direct(Direct { message: Some(m) })
+        | server_frame::Frame::Broadcast(Broadcast { message: Some(m) }) => Class::of(std::slice::from_ref(m)),
+        _ => Class::Low,
+    };
+    Arc::new(SharedFrame::encode(&ServerFrame { frame: Some(frame) }, true, class))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_bodies() {
+        let (m, given) =
+            from_json(br#"{"type":"gift","priority":"HIGH","weight":5,"text":"hi","sender":"u1"}"#).unwrap();
+        assert_eq!((m.r#type.as_str(), m.priority, m.weight, m.data.as_slice()), ("gift", 1, 5, &b"hi"[..]));
+        assert!(given);
+        let (m, given) = from_json(br#"{"data_b64":"AAE="}"#).unwrap();
+        assert_eq!(m.data, vec![0, 1]);
+        assert!(!given, "no priority named: the type's default applies");
+        assert!(from_json(br#"{"text":"a","data_b64":"AA=="}"#).is_err());
+        assert!(from_json(br#"{"priority":"urgent"}"#).is_err());
+        assert!(from_json(br#"{"colour":"red"}"#).is_err(), "unknown fields are refused");
+        assert!(from_json(b"{").is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Frames a room owner sends to many connections — blocks, backfill, attribute snapshots and
+//! deltas, direct and broadcast messages — each encoded once per wire format into a
+//! `SharedFrame` that every member's queue references.
+
+use crate::envelope::{self, Format};
+use crate::ids::UnixMs;
+use crate::proto::{AttrEntry, Attrs, Block, Message, Priority, ServerFrame, server_frame};
+
+use super::RoomName;
+use super::attrs::{AttrLog, Change, Since};
+
+/// How much a queued frame matters to a slow reader: lower classes are dropped first, `Keep`
+/// frames never (a reader that cannot take them is closed instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// Only low-priority messages.
+    Low = 0,
+    /// At least one high-priority message.
+    High = 1,
+    /// Whitelist messages, attribute changes, control frames: never dropped.
+    Keep = 2,
+}
+
+impl Class {
+    /// The class of a block: that of its most important message.
+    pub fn of(messages: &[Message]) -> Class {
+        let top = messages.iter().map(|m| m.priority).max().unwrap_or(Priority::Low as i32);
+        match Priority::try_from(top) {
+            Ok(Priority::Whitelist) => Class::Keep,
+            Ok(Priority::High) => Class::High,
+            _ => Class::Low,
+        }
+    }
+}
+
+/// A frame fanned out to many connections: encoded once, shared by reference.
+#[derive(Debug)]
+pub struct SharedFrame {
+    /// The whole WebSocket frame for `barrage.v1.proto` connections.
+    pub proto: Box<[u8]>,
+    /// The same frame for `barrage.v1.json` connections, when any may need it.
+    pub json: Option<Box<[u8]>>,
+    pub class: Class,
+}
+
+impl SharedFrame {
+    /// Encodes a server frame for protobuf, and for JSON when `json`.
+    pub fn encode(frame: &ServerFrame, json: bool, class: Class) -> SharedFrame {
+        SharedFrame {
+            proto: envelope::encode(frame, Format::Proto).into_boxed_slice(),
+            json: json.then(|| envelope::encode(frame, Format::Json).into_boxed_slice()),
+            class,
+        }
+    }
+
+    /// The bytes for a connection of this format, if encoded.
+    pub fn bytes(&self, format: Format) -> Option<&[u8]> {
+        match format {
+            Format::Proto => Some(&self.proto),
+            Format::Json => self.json.as_deref(),
+        }
+    }
+}
+
+fn server(frame: server_frame::Frame) -> ServerFrame {
+    ServerFrame { frame: Some(frame) }
+}
+
+/// A block of newly cut messages (or, with `backfill`, of history for a joining client).
+pub fn block(
+    room: &RoomName,
+    messages: Vec<Message>,
+    online: u64,
+    now: UnixMs,
+    json: bool,
+    backfill: bool,
+) -> SharedFrame {
+    let class = if backfill { Class::Keep } else { Class::of(&messages) };
+    let block = Block {
+        room: room.as_str().to_owned(),
+        first_seq: messages.first().map_or(0, |m| m.seq),
+        last_seq: messages.last().map_or(0, |m| m.seq),
+        messages,
+        online,
+        server_ms: now.0,
+        backfill,
+    };
+    SharedFrame::encode(&server(server_frame::Frame::Block(block)), json, class)
+}
+
+/// A full snapshot of a room's attributes.
+pub fn attrs_snapshot(room: &RoomName, log: &AttrLog, json: bool) -> SharedFrame {
+    let entries =
+        log.snapshot().map(|(k, v)| AttrEntry { key: k.to_owned(), value: v.to_vec(), deleted: false }).collect();
+    let attrs =
+        Attrs { room: room.as_str().to_owned(), version: log.version(), from_version: 0, snapshot: true, entries };
+    SharedFrame::encode(&server(server_frame::Frame::Attrs(attrs)), json, Class::Keep)
+}
+
+/// What a client at version `from` needs: the changes since, or a snapshot; None if current.
+pub fn attrs_since(room: &RoomName, log: &AttrLog, from: u64, json: bool) -> Option<SharedFrame> {
+    match log.since(from) {
+        Since::UpToDate => None,
+        Since::Snapshot => Some(attrs_snapshot(room, log, json)),
+        Since::Delta(changes) => {
+            let attrs = Attrs {
+                room: room.as_str().to_owned(),
+                version: log.version(),
+                from_version: from,
+                snapshot: false,
+                entries: changes.into_iter().map(entry).collect(),
+            };
+            Some(SharedFrame::encode(&server(server_frame::Frame::Attrs(attrs)), json, Class::Keep))
+        }
+    }
+}
+
+fn entry(c: &Change) -> AttrEntry {
+    match &c.value {
+        Some(v) => AttrEntry { key: c.key.clone(), value: v.clone(), deleted: false },
+        None => AttrEntry { key: c.key.clone(), value: Vec::new(), deleted: true },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(p: Priority) -> Message {
+        Message { priority: p as i32, ..Message::default() }
+    }
+
+    #[test]
+    fn a_block_takes_the_class_of_its_most_important_message() {
+        assert_eq!(Class::of(&[]), Class::Low);
+        assert_eq!(Class::of(&[msg(Priority::Low)]), Class::Low);
+        assert_eq!(Class::of(&[msg(Priority::Low), msg(Priority::High)]), Class::High);
+        assert_eq!(Class::of(&[msg(Priority::Whitelist), msg(Priority::Low)]), Class::Keep);
+        assert!(Class::Low < Class::High && Class::High < Class::Keep);
+    }
+}

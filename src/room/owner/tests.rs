@@ -1,0 +1,249 @@
+use super::*;
+use crate::proto::{Block, ServerFrame, server_frame};
+use prost::Message as _;
+
+fn config(shards: usize) -> OwnerConfig {
+    OwnerConfig {
+        shard: ShardId(1),
+        shards,
+        limits: MixerLimits { block_messages_max: 2, pending_messages_max: 4 },
+        rooms_max: 2,
+        room_idle_ms: 1000,
+        history_messages_max: 3,
+        upstream: Rate { per_s: 2, burst: 2 },
+        attrs: AttrLimits::DEFAULT,
+        moderation: ModerationLimits { entries_max: 10 },
+        presence_events: false,
+        presence_users_max: 2,
+        poll_limit_max: 10,
+        poll_interval_ms: [1500, 2000, 2500],
+        types: Arc::new(crate::config::Config::default().types),
+    }
+}
+
+fn owner(shards: usize) -> Owner {
+    Owner::new(config(shards))
+}
+
+fn room(s: &str) -> RoomName {
+    RoomName::parse(s, 64).unwrap()
+}
+
+fn at(ms: i64) -> Now {
+    Now { ms: ms as u64, unix: UnixMs(ms) }
+}
+
+const API: Sender = Sender::Api { priority_given: true };
+
+fn text(p: Priority, data: &str) -> Message {
+    Message { r#type: "custom".into(), priority: p as i32, data: data.as_bytes().to_vec(), ..Message::default() }
+}
+
+fn decode(frame: &SharedFrame) -> server_frame::Frame {
+    let header = crate::wire::frame::decode_header(&frame.proto).unwrap().unwrap();
+    ServerFrame::decode(&frame.proto[header.header_len..]).unwrap().frame.unwrap()
+}
+
+fn decode_block(frame: &SharedFrame) -> Block {
+    match decode(frame) {
+        server_frame::Frame::Block(b) => b,
+        other => panic!("not a block: {other:?}"),
+    }
+}
+
+fn tick_frames(o: &mut Owner, now: Now) -> Vec<(RoomName, Arc<SharedFrame>, Vec<u32>)> {
+    let mut out = Vec::new();
+    o.tick(now, &mut |name, frame, members| out.push((name.clone(), Arc::clone(frame), members.to_vec())));
+    out
+}
+
+#[test]
+fn tick_encodes_once_and_targets_shards_with_members() {
+    let mut o = owner(3);
+    let r = room("r");
+    let now = at(5_000);
+    assert!(o.presence(&r, ShardId(0), (2, 0), &[], 0, now));
+    assert!(o.presence(&r, ShardId(2), (1, 1), &[], 0, now));
+    o.publish(&r, text(Priority::Low, "a"), API, now).unwrap();
+    o.publish(&r, text(Priority::High, "b"), API, now).unwrap();
+    let calls = tick_frames(&mut o, at(6_000));
+    assert_eq!(calls.len(), 1, "one encode per room per tick");
+    let (name, frame, members) = &calls[0];
+    assert_eq!(name, &r);
+    assert_eq!(members, &vec![2, 0, 1]);
+    assert!(frame.json.is_some(), "a JSON member exists");
+    let block = decode_block(frame);
+    assert_eq!(block.online, 3);
+    assert_eq!(block.server_ms, 6_000);
+    let data: Vec<_> = block.messages.iter().map(|m| m.data.clone()).collect();
+    assert_eq!(data, vec![b"b".to_vec(), b"a".to_vec()]);
+    assert_eq!(block.first_seq, (5 << SEQ_SECOND_SHIFT) | 1);
+    assert_eq!(block.last_seq, block.first_seq + 1);
+    assert!(!block.backfill);
+    assert!(block.messages.iter().all(|m| m.room == "r" && m.created_ms == 5_000 && m.id >> 48 == 1));
+    assert!(tick_frames(&mut o, at(7_000)).is_empty(), "nothing new: nothing visited");
+}
+
+#[test]
+fn bounds_rooms_backlog_and_upstream_rate() {
+    let mut o = owner(1);
+    let now = at(0);
+    o.publish(&room("a"), text(Priority::Low, "x"), API, now).unwrap();
+    o.publish(&room("b"), text(Priority::Low, "x"), API, now).unwrap();
+    assert_eq!(o.publish(&room("c"), text(Priority::Low, "x"), API, now), Err(PublishError::RoomsFull));
+    // Burst of 2 per room, 2 per second: the third in the same instant is refused...
+    o.publish(&room("a"), text(Priority::Low, "x"), API, now).unwrap();
+    assert_eq!(o.publish(&room("a"), text(Priority::Low, "x"), API, now), Err(PublishError::RateLimited));
+    // ...but whitelist messages are never rate limited, only bounded by the backlog.
+    o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now).unwrap();
+    o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now).unwrap();
+    assert_eq!(o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now), Err(PublishError::Backlog));
+}
+
+#[test]
+fn type_defaults_fill_priority_and_ttl() {
+    let mut o = owner(1);
+    let r = room("t");
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    let gift = Message { r#type: "gift".into(), ..Message::default() };
+    o.publish(&r, gift, Sender::Api { priority_given: false }, at(0)).unwrap();
+    let chat = Message { r#type: "chat".into(), ..Message::default() };
+    o.publish(&r, chat.clone(), Sender::Api { priority_given: true }, at(0)).unwrap();
+    let frames = tick_frames(&mut o, at(0));
+    let block = decode_block(&frames[0].1);
+    assert_eq!(block.messages[0].r#type, "gift");
+    assert_eq!(block.messages[0].priority, Priority::High as i32);
+    assert_eq!(block.messages[0].ttl_ms, 30_000);
+    // A chat line older than its 10 s ttl when the block is cut is dropped and counted.
+    let mut o = owner(1);
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    o.publish(&r, chat, API, at(0)).unwrap();
+    let mut stats = TickStats::default();
+    stats.dropped_expired += o.tick(at(10_001), &mut |_, _, _| panic!("nothing fresh to send")).dropped_expired;
+    assert_eq!(stats.dropped_expired, 1);
+}
+
+#[test]
+fn client_sends_obey_mute_and_whitelist() {
+    let mut o = owner(1);
+    let r = room("m");
+    let alice: Arc<str> = Arc::from("alice");
+    let client = Sender::Client { user: Arc::clone(&alice), weight: 7 };
+    o.moderate(&r, "alice", ModAction::Mute { until_ms: Some(1_000) }, at(0)).unwrap();
+    assert_eq!(o.publish(&r, text(Priority::Low, "x"), client.clone(), at(500)), Err(PublishError::Muted));
+    o.publish(&r, text(Priority::Low, "x"), client.clone(), at(1_000)).expect("the mute ended");
+    o.moderate(&r, "alice", ModAction::Whitelist, at(1_000)).unwrap();
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(1_000));
+    o.publish(&r, text(Priority::Low, "vip"), client, at(1_500)).unwrap();
+    let frames = tick_frames(&mut o, at(1_500));
+    let block = decode_block(&frames[0].1);
+    let vip = block.messages.iter().find(|m| m.data == b"vip").unwrap();
+    assert_eq!((vip.priority, vip.weight, vip.sender.as_str()), (Priority::Whitelist as i32, 7, "alice"));
+    let lists = o.moderation(&r, UnixMs(1_500));
+    assert_eq!(lists.whitelist.len(), 1);
+    assert!(lists.mutes.is_empty(), "expired mutes are not listed");
+}
+
+#[test]
+fn joiners_get_history_and_attrs_encoded_once() {
+    let mut o = owner(1);
+    let r = room("h");
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    assert!(o.joined(&r, None, at(0)).is_empty(), "nothing to backfill yet");
+    for i in 0..2 {
+        o.publish(&r, text(Priority::Low, &format!("m{i}")), API, at(0)).unwrap();
+        tick_frames(&mut o, at(0));
+    }
+    o.set_attr(&r, "seat1", Some(b"bob"), at(0)).unwrap();
+    let first = o.joined(&r, None, at(0));
+    let second = o.joined(&r, None, at(0));
+    assert_eq!(first.len(), 2);
+    assert!(Arc::ptr_eq(&first[0], &second[0]) && Arc::ptr_eq(&first[1], &second[1]), "shared, not re-encoded");
+    let backfill = decode_block(&first[0]);
+    assert!(backfill.backfill);
+    assert_eq!(backfill.messages.len(), 2);
+    match decode(&first[1]) {
+        server_frame::Frame::Attrs(a) => {
+            assert!(a.snapshot);
+            assert_eq!(a.entries[0].key, "seat1");
+        }
+        other => panic!("expected attrs, got {other:?}"),
+    }
+    // The attribute change also went out to the members at the tick, as a delta.
+    let frames = tick_frames(&mut o, at(0));
+    match decode(&frames[0].1) {
+        server_frame::Frame::Attrs(a) => assert!(!a.snapshot && a.entries.len() == 1),
+        other => panic!("expected an attrs delta, got {other:?}"),
+    }
+}
+
+#[test]
+fn presence_events_are_one_per_kind_per_tick() {
+    let mut c = config(1);
+    c.presence_events = true;
+    let mut o = Owner::new(c);
+    let r = room("p");
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    let users: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("u{i}"))).collect();
+    for u in &users {
+        o.joined(&r, Some(u), at(0));
+    }
+    o.joined(&r, None, at(0));
+    o.presence(&r, ShardId(0), (3, 0), &users[..1], 3, at(0));
+    let frames = tick_frames(&mut o, at(0));
+    let block = decode_block(&frames[0].1);
+    let kinds: Vec<&str> = block.messages.iter().map(|m| m.r#type.as_str()).collect();
+    assert_eq!(kinds, ["enter", "leave"]);
+    let enter: serde_json::Value = serde_json::from_slice(&block.messages[0].data).unwrap();
+    assert_eq!(enter, serde_json::json!({"count": 6, "users": ["u0", "u1"]}));
+    let leave: serde_json::Value = serde_json::from_slice(&block.messages[1].data).unwrap();
+    assert_eq!(leave, serde_json::json!({"count": 3, "users": ["u0"]}));
+    assert!(tick_frames(&mut o, at(100)).is_empty());
+}
+
+#[test]
+fn polling_pages_and_hints() {
+    let mut o = owner(1);
+    let r = room("poll");
+    o.presence(&r, ShardId(0), (150, 0), &[], 0, at(0));
+    for i in 0..5 {
+        o.publish(&r, text(Priority::Low, &format!("{i}")), API, at(i * 1000)).unwrap();
+        tick_frames(&mut o, at(i * 1000));
+    }
+    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, 0, 10).unwrap()).unwrap();
+    assert_eq!(body["messages"].as_array().unwrap().len(), 3, "history keeps 3");
+    assert_eq!(body["truncated"], true);
+    assert_eq!(body["poll_interval_ms"], 2000);
+    let last = o.info(&r).last_seq;
+    assert_eq!(body["next"].as_u64(), Some(last));
+    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, last, 10).unwrap()).unwrap();
+    assert_eq!((body["messages"].as_array().unwrap().len(), body["truncated"].as_bool()), (0, Some(false)));
+    assert!(o.poll(&r, last + 1, 10).is_err(), "a cursor in the future");
+    let unknown: serde_json::Value = serde_json::from_slice(&o.poll(&room("nobody"), 7, 10).unwrap()).unwrap();
+    assert_eq!((unknown["next"].as_u64(), unknown["poll_interval_ms"].as_u64()), (Some(7), Some(1500)));
+}
+
+#[test]
+fn idle_rooms_are_forgotten_and_seqs_still_increase() {
+    let mut o = owner(1);
+    let r = room("a");
+    o.publish(&r, text(Priority::Low, "x"), API, at(1_000)).unwrap();
+    tick_frames(&mut o, at(1_000));
+    let last = o.info(&r).last_seq;
+    o.sweep(UnixMs(1_500));
+    assert_eq!(o.rooms(), 1, "not idle long enough");
+    o.sweep(UnixMs(2_500));
+    assert_eq!(o.rooms(), 0);
+    o.publish(&r, text(Priority::Low, "y"), API, at(2_500)).unwrap();
+    tick_frames(&mut o, at(2_500));
+    assert!(o.info(&r).last_seq > last, "a re-created room continues above the old seqs");
+}
+
+#[test]
+fn top_rooms_by_online() {
+    let mut o = owner(2);
+    o.presence(&room("a"), ShardId(0), (5, 0), &[], 0, at(0));
+    o.presence(&room("b"), ShardId(1), (9, 0), &[], 0, at(0));
+    let top = o.top(1);
+    assert_eq!(top, vec![(room("b"), 9)]);
+}
