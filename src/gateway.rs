@@ -58,6 +58,7 @@ impl Gateway {
         let params = ShardParams {
             listen,
             backlog: config.server.listen_backlog,
+            tcp_keepalive_s: config.websocket.tcp_keepalive_s,
             ring: RingParams {
                 entries: config.server.ring_entries,
                 files_max,

@@ -103,6 +103,7 @@ const PUBLISH_EVERY_MS: u64 = 50;
 pub struct ShardParams {
     pub listen: SocketAddr,
     pub backlog: u32,
+    pub tcp_keepalive_s: u32,
     pub ring: RingParams,
     pub read_mode: ReadMode,
     pub rings_max: usize,
@@ -143,7 +144,7 @@ impl Shard {
         metrics: Arc<[Snapshot]>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
-        let listener = listener::bind(params.listen, params.backlog)?;
+        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s)?;
         let ring = Ring::new(params.ring, None)?;
         let hub = Hub::new(hub_config);
         Ok(Shard {
