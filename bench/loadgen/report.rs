@@ -15,6 +15,8 @@ pub struct Sample {
     pub t_s: f64,
     pub open: u64,
     pub joined: u64,
+    /// Joined connections with a block since the probe began (0 before it).
+    pub reached: u64,
     pub handshakes_per_s: f64,
     pub errors: u64,
     pub gateway_rss_bytes: Option<u64>,
@@ -30,6 +32,10 @@ pub struct Blocks {
     pub reached: u64,
     /// Joined connections that did not.
     pub missing: u64,
+    /// Seconds to publish the probe message into every room.
+    pub publish_s: f64,
+    /// Seconds from the first publish until every joined connection had a block (None: not all did).
+    pub all_reached_s: Option<f64>,
 }
 
 /// The JSON report of the `connect` scenario.
@@ -68,6 +74,8 @@ pub struct Report {
     pub pings_sent: u64,
     pub pongs: u64,
     pub frames: u64,
+    /// Receives that found the provided buffers empty (retried; 0 while the budget holds).
+    pub recv_nobufs: u64,
     pub deadline_hit: bool,
     /// connections_held == connections_target, all joined, no block missing.
     pub passed: bool,

@@ -208,9 +208,11 @@ impl Ring {
         unsafe { self.push(&[e]) }
     }
 
-    /// One receive into a buffer the kernel picks from this ring's provided buffers.
+    /// One receive into a buffer the kernel picks from this ring's provided buffers. It does
+    /// not wait: with nothing to read it completes with -EAGAIN (the poll says when to retry).
     pub fn recv(&mut self, slot: u32) -> io::Result<()> {
         let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.bufs.size)
+            .flags(libc::MSG_DONTWAIT)
             .buf_group(BUFFER_GROUP)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
@@ -276,6 +278,11 @@ impl Ring {
     /// The bytes the kernel received into buffer `bid`.
     pub fn buffer(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
         self.bufs.filled(bid, len)
+    }
+
+    /// Provided receive buffers.
+    pub fn recv_buffers(&self) -> u16 {
+        self.bufs.count
     }
 
     /// Hands buffer `bid` back to the kernel.

@@ -87,9 +87,10 @@ pub struct ConnectArgs {
     /// Subprotocol offered in the upgrade.
     #[arg(long, value_enum, default_value_t = Subprotocol::Proto)]
     subprotocol: Subprotocol,
-    /// Connect chains in flight at most (all threads together).
+    /// Connections started and not yet joined, at most (all threads together): keeps the
+    /// gateway's accept queues (somaxconn) from overflowing when it handshakes slower than --rate.
     #[arg(long, default_value_t = 4096)]
-    dials_max: u32,
+    pending_max: u32,
 }
 
 /// Arguments checked and turned into what the run needs.
@@ -128,7 +129,7 @@ pub fn run(args: ConnectArgs) -> i32 {
             first: lo,
             count: hi - lo,
             rate_per_s: args.rate / f64::from(args.threads),
-            dials_max: (args.dials_max / args.threads).max(1),
+            pending_max: (args.pending_max / args.threads).max(1),
             files_per_ring: setup.files_per_ring,
             ring: RING,
             sources: setup.sources,
@@ -176,8 +177,8 @@ fn validate(args: &ConnectArgs) -> Result<Setup, String> {
     if sources.contains(target) {
         return Err(format!("--sources {sources} include the target {target}"));
     }
-    if args.dials_max < args.threads {
-        return Err("--dials-max must be at least --threads".into());
+    if args.pending_max < args.threads {
+        return Err("--pending-max must be at least --threads".into());
     }
     let soft = crate::sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     let files_per_ring = match args.ring_files {
@@ -298,6 +299,7 @@ impl<'a> Run<'a> {
             t_s,
             open: c[Stat::Open],
             joined: c[Stat::Joined],
+            reached: c[Stat::Reached],
             handshakes_per_s: hs_per_s,
             errors: c[Stat::Errors],
             gateway_rss_bytes: r.gateway_rss,
@@ -358,14 +360,11 @@ impl<'a> Run<'a> {
         let after = Readings::now(self.args.gateway_pid);
 
         self.phase = "probe";
-        let probed_rooms = if self.past_deadline() { 0 } else { self.probe(&setup.api) };
+        let mut blocks = if self.past_deadline() { Blocks::default() } else { self.probe(&setup.api) };
         let c = self.counters();
         let held = c[Stat::Open];
-        let blocks = Blocks {
-            probed_rooms,
-            reached: c[Stat::Reached],
-            missing: c[Stat::Joined] - c[Stat::Reached].min(c[Stat::Joined]),
-        };
+        blocks.reached = c[Stat::Reached];
+        blocks.missing = c[Stat::Joined] - c[Stat::Reached].min(c[Stat::Joined]);
         self.tick();
         if self.tty {
             println!();
@@ -403,6 +402,7 @@ impl<'a> Run<'a> {
             pings_sent: c[Stat::PingsSent],
             pongs: c[Stat::Pongs],
             frames: c[Stat::Frames],
+            recv_nobufs: c[Stat::RecvNoBufs],
             deadline_hit: self.deadline_hit,
             passed,
         }
@@ -442,15 +442,17 @@ impl<'a> Run<'a> {
     }
 
     /// Zeroes every connection's block count, publishes one whitelist notice per room, and
-    /// waits (bounded) until every joined connection has a block; returns the rooms probed.
-    fn probe(&mut self, api: &Api) -> u64 {
+    /// waits (bounded) until every joined connection has a block; returns the rooms probed and
+    /// the timings (the counts are filled in by the caller).
+    fn probe(&mut self, api: &Api) -> Blocks {
         self.workers.iter().for_each(|w| w.probe_gen.store(1, Ordering::Release));
         self.wake_all();
         let acked = self.wait_until(Instant::now() + Duration::from_secs(5), |c| c[Stat::ProbeGen] == 1);
         if !acked {
             self.error("probe_not_acknowledged".into());
-            return 0;
+            return Blocks::default();
         }
+        let publish_start = Instant::now();
         let mut probed = 0;
         for k in 0..self.args.rooms {
             self.tick();
@@ -460,8 +462,10 @@ impl<'a> Run<'a> {
                 Err(e) => self.error(format!("probe_{}", e.kind())),
             }
         }
-        self.wait_until(Instant::now() + PROBE_WAIT, |c| c[Stat::Reached] >= c[Stat::Joined]);
-        probed
+        let publish_s = publish_start.elapsed().as_secs_f64();
+        let all = self.wait_until(Instant::now() + PROBE_WAIT, |c| c[Stat::Reached] >= c[Stat::Joined]);
+        let all_reached_s = all.then(|| publish_start.elapsed().as_secs_f64());
+        Blocks { probed_rooms: probed, reached: 0, missing: 0, publish_s, all_reached_s }
     }
 
     /// Tells every worker to stop, waits for them (their rings close every connection), and

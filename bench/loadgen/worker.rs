@@ -4,6 +4,7 @@
 //! pings that are due, submits once per ring, publishes its counters, and sleeps on its eventfd
 //! when nothing happened. The main thread steers it through `Shared` and reads its counters.
 
+use std::collections::VecDeque;
 use std::ops::{Index, IndexMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +31,9 @@ pub struct Plan {
     pub first: u64,
     pub count: u64,
     pub rate_per_s: f64,
-    /// Connect chains in flight at most (a slow gateway is not buried under SYNs).
-    pub dials_max: u32,
+    /// Connections started and not yet joined (or failed), at most: the ramp follows the
+    /// gateway's handshake pace instead of burying it (and its accept queue) under SYNs.
+    pub pending_max: u32,
     /// Direct descriptors per ring; the last ring gets only what is left.
     pub files_per_ring: u32,
     pub ring: RingParams,
@@ -163,6 +165,28 @@ impl Shared {
 struct Lane {
     ring: Ring,
     conns: Conns,
+    /// Receives in the kernel: at most one per provided buffer, so a receive never finds the
+    /// buffer ring empty (receives do not wait: MSG_DONTWAIT, so each returns within a submit).
+    recvs_in_flight: u32,
+    /// Slots waiting for receive budget, each at most once (its RECV flag is set).
+    ready: VecDeque<u32>,
+}
+
+impl Lane {
+    /// Receives on `slot` now if the budget allows and nobody is queued, else queues it.
+    fn want_recv(&mut self, slot: u32) -> std::io::Result<()> {
+        self.conns.flags[slot as usize] |= RECV;
+        if self.ready.is_empty() && self.recvs_in_flight < self.recv_budget() {
+            self.recvs_in_flight += 1;
+            return self.ring.recv(slot);
+        }
+        self.ready.push_back(slot);
+        Ok(())
+    }
+
+    fn recv_budget(&self) -> u32 {
+        u32::from(self.ring.recv_buffers())
+    }
 }
 
 /// Pings spread evenly over an interval: by `elapsed`, `elapsed / interval × slots` slots have
@@ -196,7 +220,7 @@ pub fn run(plan: Plan, shared: Arc<Shared>) -> ErrorCounts {
     let burst = TokenBucket::default_burst(plan.rate_per_s);
     let mut w = Worker {
         bucket: TokenBucket::new(plan.rate_per_s, burst, now),
-        dials: Dials::new(plan.dials_max),
+        dials: Dials::new(plan.pending_max),
         lanes: Vec::new(),
         next: 0,
         c: Counters::default(),
@@ -309,8 +333,7 @@ impl Worker {
         if lane.conns.flags[s] & RECV != 0 {
             lane.conns.flags[s] |= POLL_AGAIN;
         } else {
-            lane.conns.flags[s] |= RECV;
-            result = lane.ring.recv(slot);
+            result = lane.want_recv(slot);
         }
         if result.is_ok() && !cqe.more() {
             result = lane.ring.poll_readable(slot);
@@ -320,12 +343,13 @@ impl Worker {
         }
     }
 
-    /// Bytes (or EOF, or an error) for one connection.
+    /// Bytes (or EOF, or nothing yet, or an error) for one connection.
     fn on_recv(&mut self, li: usize, cqe: &Cqe) {
         let slot = cqe.index();
         let s = slot as usize;
         let protocol = self.plan.protocol;
         let Some(lane) = self.lanes.get_mut(li) else { return };
+        lane.recvs_in_flight = lane.recvs_in_flight.saturating_sub(1);
         let Some(flags) = lane.conns.flags.get_mut(s) else { return };
         *flags &= !RECV;
         let live = is_live(lane.conns.state.get(s).copied());
@@ -339,16 +363,24 @@ impl Worker {
             }
             lane.ring.recycle(bid);
         }
-        if !live {
-            return;
+        if live {
+            self.after_recv(li, slot, cqe, failure);
         }
+        self.drain_ready(li);
+    }
+
+    /// Closes on EOF or an error; else receives again if there is more to read: the kernel
+    /// says so, the poll fired meanwhile, or the buffers ran dry (which the budget prevents).
+    fn after_recv(&mut self, li: usize, slot: u32, cqe: &Cqe, failure: Option<ErrorKind>) {
         let failure = failure.or(match cqe.result {
             0 => Some(ErrorKind::Eof),
-            r if r == -libc::ECONNRESET => Some(ErrorKind::Reset),
-            r if r == -libc::ENOBUFS => {
-                self.c[Stat::RecvNoBufs] += 1;
+            r if r == -libc::EAGAIN || r == -libc::ENOBUFS => {
+                if r == -libc::ENOBUFS {
+                    self.c[Stat::RecvNoBufs] += 1;
+                }
                 None
             }
+            r if r == -libc::ECONNRESET => Some(ErrorKind::Reset),
             r if r < 0 => Some(ErrorKind::Os(Op::Recv, -r)),
             _ if cqe.buffer().is_none() => Some(ErrorKind::Os(Op::Recv, libc::EFAULT)),
             _ => None,
@@ -357,11 +389,33 @@ impl Worker {
             self.kill(li, slot, kind);
             return;
         }
-        // More to read: the kernel says so, the poll fired meanwhile, or the buffers ran dry.
-        let flags = &mut lane.conns.flags[s];
-        if cqe.sock_nonempty() || *flags & POLL_AGAIN != 0 || cqe.result == -libc::ENOBUFS {
-            *flags = (*flags & !POLL_AGAIN) | RECV;
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        let flags = &mut lane.conns.flags[slot as usize];
+        let again = *flags & POLL_AGAIN != 0;
+        *flags &= !POLL_AGAIN;
+        let more = (cqe.result > 0 && cqe.sock_nonempty()) || cqe.result == -libc::ENOBUFS;
+        if (more || again)
+            && let Err(e) = lane.want_recv(slot)
+        {
+            self.kill(li, slot, os(Op::Submit, &e));
+        }
+    }
+
+    /// Issues the receives that waited for budget.
+    fn drain_ready(&mut self, li: usize) {
+        while let Some(lane) = self.lanes.get_mut(li)
+            && lane.recvs_in_flight < lane.recv_budget()
+            && let Some(slot) = lane.ready.pop_front()
+        {
+            let s = slot as usize;
+            if !is_live(lane.conns.state.get(s).copied()) {
+                lane.conns.flags[s] &= !RECV;
+                continue;
+            }
+            lane.recvs_in_flight += 1;
             if let Err(e) = lane.ring.recv(slot) {
+                lane.recvs_in_flight -= 1;
+                lane.conns.flags[s] &= !RECV;
                 self.kill(li, slot, os(Op::Submit, &e));
             }
         }
@@ -423,7 +477,7 @@ impl Worker {
             self.c[Stat::RampStopped] = 1;
             return false;
         }
-        let room = u64::from(self.plan.dials_max.saturating_sub(self.dials.in_flight()));
+        let room = u64::from(self.plan.pending_max).saturating_sub(self.pending());
         let n = self.bucket.take(now, room.min(self.plan.count - self.next));
         for _ in 0..n {
             self.start_one();
@@ -432,12 +486,20 @@ impl Worker {
     }
 
     /// How long until the ramp can start another connection (None: not ramping, or blocked
-    /// on the in-flight cap, which completions lift).
+    /// on the pending cap, which completions lift).
     fn ramp_wait(&mut self, now: Instant) -> Option<Duration> {
-        if self.next >= self.plan.count || self.ring_failed || self.dials.in_flight() >= self.plan.dials_max {
+        if self.next >= self.plan.count || self.ring_failed || self.pending() >= u64::from(self.plan.pending_max) {
             return None;
         }
         Some(self.bucket.wait(now))
+    }
+
+    /// Connections started that have neither joined nor failed yet (at least the dials in
+    /// flight, so the dial pool, sized `pending_max`, never runs dry).
+    fn pending(&self) -> u64 {
+        let c = &self.c;
+        (c[Stat::Attempted] - (c[Stat::JoinedTotal] + c[Stat::Failed]).min(c[Stat::Attempted]))
+            .max(u64::from(self.dials.in_flight()))
     }
 
     /// Connection `first + next`: its source pair, its room's request, a slot, a chain.
@@ -497,7 +559,7 @@ impl Worker {
         let files = u32::try_from(left).unwrap_or(u32::MAX).min(self.plan.files_per_ring);
         match Ring::new(RingParams { files, ..self.plan.ring }, self.shared.wake.raw()) {
             Ok(ring) => {
-                self.lanes.push(Lane { ring, conns: Conns::new(files) });
+                self.lanes.push(Lane { ring, conns: Conns::new(files), recvs_in_flight: 0, ready: VecDeque::new() });
                 self.c[Stat::Rings] += 1;
                 Some(self.lanes.len() - 1)
             }
