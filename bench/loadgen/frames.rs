@@ -271,7 +271,7 @@ mod tests {
     }
 
     /// A head, then frames of every header size and kind.
-    fn stream() -> (Vec<u8>, Vec<(Kind, Option<u16>)>) {
+    fn stream() -> (Vec<u8>, Seen) {
         let mut block_big = vec![0x12];
         block_big.resize(300, 7);
         let mut block_huge = vec![0x12, 0x0A];
@@ -296,8 +296,11 @@ mod tests {
         (bytes, want)
     }
 
+    /// Frames as seen: kind and close code.
+    type Seen = Vec<(Kind, Option<u16>)>;
+
     /// Feeds `bytes` cut at `cuts`; returns (upgraded count, frames) or the error.
-    fn run(bytes: &[u8], cuts: &[usize], protocol: Subprotocol) -> Result<(u32, Vec<(Kind, Option<u16>)>), ReadError> {
+    fn run(bytes: &[u8], cuts: &[usize], protocol: Subprotocol) -> Result<(u32, Seen), ReadError> {
         let mut r = Reader::default();
         let (mut upgraded, mut frames) = (0, Vec::new());
         let mut at = 0;

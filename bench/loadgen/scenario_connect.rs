@@ -2,6 +2,7 @@
 //! rate, check the gateway counts them, hold them, prove every one still receives its room's
 //! blocks, and report memory per connection. The connections themselves live in the workers;
 //! this thread steers them, samples once a second, and talks to the gateway's API.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -158,7 +159,8 @@ fn validate(args: &ConnectArgs) -> Result<Setup, String> {
     let target = parse_target("--target", &args.target).map_err(|e| e.0)?;
     let api = parse_target("--api", &args.api).map_err(|e| e.0)?;
     let sources = Sources::parse(&args.sources, &args.ports).map_err(|e| e.0)?;
-    if args.connections == 0 || args.rooms == 0 || args.threads == 0 || !(args.rate > 0.0) {
+    let rate_ok = args.rate.is_finite() && args.rate > 0.0;
+    if args.connections == 0 || args.rooms == 0 || args.threads == 0 || !rate_ok {
         return Err("--connections, --rooms, --threads and --rate must be positive".into());
     }
     if u64::from(args.threads) > args.connections {
@@ -346,11 +348,13 @@ impl<'a> Run<'a> {
         let ramp_s = self.start.elapsed().as_secs_f64();
         let ramp_handshakes = self.counters()[Stat::Handshakes];
 
+        // With nobody joined there is nothing to settle, hold or probe.
+        let nobody = self.counters()[Stat::Joined] == 0;
         self.phase = "settle";
-        let gateway_online = if self.past_deadline() { None } else { self.settle(&setup.api) };
+        let gateway_online = if nobody || self.past_deadline() { None } else { self.settle(&setup.api) };
 
         self.phase = "hold";
-        if !self.past_deadline() {
+        if !nobody && !self.past_deadline() {
             self.workers.iter().for_each(|w| w.ping_ms.store(self.args.ping_ms, Ordering::Relaxed));
             self.wake_all();
             let until = Instant::now() + Duration::from_secs(self.args.hold_s);
@@ -360,7 +364,7 @@ impl<'a> Run<'a> {
         let after = Readings::now(self.args.gateway_pid);
 
         self.phase = "probe";
-        let mut blocks = if self.past_deadline() { Blocks::default() } else { self.probe(&setup.api) };
+        let mut blocks = if nobody || self.past_deadline() { Blocks::default() } else { self.probe(&setup.api) };
         let c = self.counters();
         let held = c[Stat::Open];
         blocks.reached = c[Stat::Reached];
