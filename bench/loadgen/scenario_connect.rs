@@ -422,6 +422,9 @@ impl<'a> Run<'a> {
             let mut sum = Some(0u64);
             for k in 0..self.args.rooms {
                 self.tick();
+                if self.past_deadline() {
+                    return last;
+                }
                 match api.online(&format!("r{k}")) {
                     Ok(n) => sum = sum.map(|s| s + n),
                     Err(e) => {
@@ -460,6 +463,9 @@ impl<'a> Run<'a> {
         let mut probed = 0;
         for k in 0..self.args.rooms {
             self.tick();
+            if self.past_deadline() {
+                break;
+            }
             match api.publish(&format!("r{k}"), PROBE_BODY) {
                 Ok(202) => probed += 1,
                 Ok(status) => self.error(format!("probe_status_{status}")),
