@@ -224,6 +224,21 @@ fn finish(args: &ConnectArgs, report: &Report) -> i32 {
     if report.passed { 0 } else { 1 }
 }
 
+/// What the phases found, for the report.
+struct Measured {
+    ramp_s: f64,
+    ramp_handshakes: u64,
+    gateway_online: Option<u64>,
+    /// Memory just before the ramp and just before the probe.
+    before: Readings,
+    after: Readings,
+    /// Connections open when `after` was read: the divisor of the per-connection figures.
+    held_after: u64,
+    blocks: Blocks,
+    /// Counters at the end of the probe.
+    end: Counters,
+}
+
 /// The main thread's view of a run.
 struct Run<'a> {
     args: &'a ConnectArgs,
@@ -341,9 +356,9 @@ impl<'a> Run<'a> {
 
     /// Ramp, settle, hold, probe; then stop the workers and build the report.
     fn phases(&mut self, setup: &Setup, before: Readings, handles: Vec<JoinHandle<ErrorCounts>>) -> Report {
-        let n = self.args.connections;
         self.phase = "ramp";
-        let ramp_until = self.start + Duration::from_secs_f64(n as f64 / self.args.rate) + RAMP_SLACK;
+        let ramp_until =
+            self.start + Duration::from_secs_f64(self.args.connections as f64 / self.args.rate) + RAMP_SLACK;
         self.wait_until(ramp_until, Counters::ramp_over);
         let ramp_s = self.start.elapsed().as_secs_f64();
         let ramp_handshakes = self.counters()[Stat::Handshakes];
@@ -362,38 +377,48 @@ impl<'a> Run<'a> {
             self.workers.iter().for_each(|w| w.ping_ms.store(0, Ordering::Relaxed));
         }
         let after = Readings::now(self.args.gateway_pid);
+        let held_after = self.counters()[Stat::Open];
 
         self.phase = "probe";
-        let mut blocks = if nobody || self.past_deadline() { Blocks::default() } else { self.probe(&setup.api) };
-        let c = self.counters();
-        let held = c[Stat::Open];
-        blocks.reached = c[Stat::Reached];
-        blocks.missing = c[Stat::Joined] - c[Stat::Reached].min(c[Stat::Joined]);
+        let blocks = if nobody || self.past_deadline() { Blocks::default() } else { self.probe(&setup.api) };
+        let end = self.counters();
         self.tick();
         if self.tty {
             println!();
         }
         self.stop(handles);
-        let passed = held == n && c[Stat::Joined] == n && blocks.missing == 0;
+        let m = Measured { ramp_s, ramp_handshakes, gateway_online, before, after, held_after, blocks, end };
+        self.report(setup, m)
+    }
+
+    fn report(&mut self, setup: &Setup, m: Measured) -> Report {
+        let (c, n) = (m.end, self.args.connections);
+        let held = c[Stat::Open];
+        let blocks = Blocks {
+            reached: c[Stat::Reached],
+            missing: c[Stat::Joined] - c[Stat::Reached].min(c[Stat::Joined]),
+            ..m.blocks
+        };
+        let (before, after) = (m.before, m.after);
         Report {
             scenario: "connect",
             target: setup.target.to_string(),
             connections_target: n,
             connections_held: held,
             joined: c[Stat::Joined],
-            ramp_s,
-            handshakes_per_s_mean: if ramp_s > 0.0 { ramp_handshakes as f64 / ramp_s } else { 0.0 },
+            ramp_s: m.ramp_s,
+            handshakes_per_s_mean: if m.ramp_s > 0.0 { m.ramp_handshakes as f64 / m.ramp_s } else { 0.0 },
             handshakes_per_s_peak: self.peak_hs_per_s,
             gateway_rss_before_bytes: before.gateway_rss,
             gateway_rss_after_ramp_bytes: after.gateway_rss,
-            gateway_bytes_per_conn: per_conn(before.gateway_rss, after.gateway_rss, held),
+            gateway_bytes_per_conn: per_conn(before.gateway_rss, after.gateway_rss, m.held_after),
             slab_before_bytes: before.slab,
             slab_after_ramp_bytes: after.slab,
             sunreclaim_before_bytes: before.sunreclaim,
             sunreclaim_after_ramp_bytes: after.sunreclaim,
-            kernel_bytes_per_pair: per_conn(before.slab, after.slab, held),
+            kernel_bytes_per_pair: per_conn(before.slab, after.slab, m.held_after),
             loadgen_rss_bytes: after.own_rss,
-            loadgen_bytes_per_conn: per_conn(before.own_rss, after.own_rss, held),
+            loadgen_bytes_per_conn: per_conn(before.own_rss, after.own_rss, m.held_after),
             loadgen_state_bytes_per_conn: crate::conn::Conns::bytes_per_slot(),
             blocks,
             errors: std::mem::take(&mut self.errors),
@@ -402,13 +427,13 @@ impl<'a> Run<'a> {
             sources: setup.sources.to_string(),
             threads: self.args.threads,
             rings: c[Stat::Rings],
-            gateway_online,
+            gateway_online: m.gateway_online,
             pings_sent: c[Stat::PingsSent],
             pongs: c[Stat::Pongs],
             frames: c[Stat::Frames],
             recv_nobufs: c[Stat::RecvNoBufs],
             deadline_hit: self.deadline_hit,
-            passed,
+            passed: held == n && c[Stat::Joined] == n && blocks.missing == 0,
         }
     }
 
