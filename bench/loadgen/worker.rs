@@ -531,8 +531,9 @@ impl Worker {
         };
         lane.conns.state[slot as usize] = State::Dialing;
         // SAFETY: `src_ptr` points into the dial pool, which is leaked (never freed), and its
-        // entry `d` is not reused or written until `Dials::finish(d)`, which `on_dial` calls
-        // only after the chain's fifth and last completion.
+        // entry `d` is not reused or written until `Dials::finish(d)`: `on_dial` calls it only
+        // after the chain's fifth and last completion, and the error arm below only when
+        // `dial` failed, which pushes all five entries or none.
         match unsafe { lane.ring.dial(slot, d, src_ptr, target, request) } {
             Ok(()) => self.c[Stat::Dialing] += 1,
             Err(e) => {
