@@ -1,0 +1,417 @@
+//! The load generator's io_uring driver: one ring, its direct-descriptor table (the sockets
+//! live only there, never in the process fd table), its provided-buffer ring for reads, and
+//! typed builders for each submission entry. Pushing an entry whose pointers must outlive the
+//! call is the one unsafe step; the one builder that takes such a pointer from its caller is an
+//! `unsafe fn` and says what must stay alive. Modelled on the gateway's `src/shard/driver.rs`.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::{CancelBuilder, DestinationSlot, Fixed};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+
+/// The provided-buffer group of every ring (one group per ring).
+const BUFFER_GROUP: u16 = 0;
+
+/// SO_REUSEADDR's value, read by the kernel when the setsockopt runs: a static, so it outlives
+/// every request.
+static ONE: libc::c_int = 1;
+const SOCKADDR_IN_LEN: u32 = std::mem::size_of::<libc::sockaddr_in>() as u32;
+
+/// What a completion answers; the high byte of its user data. The low 32 bits are a dial
+/// index (connect chain) or a slot (everything after).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Socket = 1,
+    SockOpt,
+    Bind,
+    Connect,
+    Upgrade,
+    Poll,
+    Recv,
+    Ping,
+    Cancel,
+    Close,
+}
+
+impl Tag {
+    const ALL: [Tag; 10] = [
+        Tag::Socket,
+        Tag::SockOpt,
+        Tag::Bind,
+        Tag::Connect,
+        Tag::Upgrade,
+        Tag::Poll,
+        Tag::Recv,
+        Tag::Ping,
+        Tag::Cancel,
+        Tag::Close,
+    ];
+
+    fn data(self, index: u32) -> u64 {
+        (u64::from(self as u8) << 56) | u64::from(index)
+    }
+}
+
+/// One completion, copied out of the ring so handlers may push new entries freely.
+#[derive(Clone, Copy, Debug)]
+pub struct Cqe {
+    pub user_data: u64,
+    pub result: i32,
+    pub flags: u32,
+}
+
+impl Cqe {
+    pub fn tag(&self) -> Option<Tag> {
+        let byte = (self.user_data >> 56) as u8;
+        Tag::ALL.into_iter().find(|t| *t as u8 == byte)
+    }
+
+    pub fn index(&self) -> u32 {
+        self.user_data as u32
+    }
+
+    /// A multishot request stays armed.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    /// The receive left bytes in the socket.
+    pub fn sock_nonempty(&self) -> bool {
+        cqueue::sock_nonempty(self.flags)
+    }
+
+    /// The provided buffer the kernel filled, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+}
+
+/// Sizes of one ring.
+#[derive(Clone, Copy, Debug)]
+pub struct RingParams {
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    /// Direct-descriptor slots (≤ RLIMIT_NOFILE: the kernel's cap on a table).
+    pub files: u32,
+    /// Provided receive buffers (a power of two), shared by all the ring's connections.
+    pub recv_buffers: u16,
+    pub recv_buffer_bytes: u32,
+}
+
+/// One io_uring with its direct descriptors and receive buffers.
+pub struct Ring {
+    // Dropped first: closing the ring releases its sockets and the buffer registration before
+    // the buffer memory is unmapped (and the kernel pins registered buffer pages meanwhile).
+    uring: IoUring,
+    bufs: BufRing,
+    /// Entries pushed since the last submit.
+    queued: bool,
+}
+
+impl Ring {
+    /// A ring with a sparse table of `p.files` direct descriptors whose completions also
+    /// signal the eventfd `wake` while notifications are on.
+    pub fn new(p: RingParams, wake: RawFd) -> io::Result<Ring> {
+        let uring = IoUring::builder().setup_cqsize(p.cq_entries).setup_submit_all().build(p.sq_entries)?;
+        uring.submitter().register_files_sparse(p.files)?;
+        let bufs = BufRing::new(p.recv_buffers, p.recv_buffer_bytes)?;
+        bufs.register(&uring)?;
+        uring.submitter().register_eventfd(wake)?;
+        let mut ring = Ring { uring, bufs, queued: false };
+        ring.set_notify(false);
+        Ok(ring)
+    }
+
+    /// Pushes entries as one unit (a link chain must not be split over two submits),
+    /// submitting first while the queue lacks room.
+    ///
+    /// # Safety
+    /// Every pointer in `entries` must stay valid (and the memory it names unmoved and, for
+    /// reads into it, not otherwise accessed) until the entry's completion is reaped.
+    unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        for _ in 0..64 {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.uring.submission().push_multiple(entries) }.is_ok() {
+                self.queued = true;
+                return Ok(());
+            }
+            match self.uring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("submission queue stays full"))
+    }
+
+    /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind `src`
+    /// → connect `dst` → send `request`. A failure cancels the rest (each still completes,
+    /// with -ECANCELED), so exactly five completions tagged with `dial` arrive.
+    ///
+    /// # Safety
+    /// `src` must point to a sockaddr_in that stays valid and unmodified until the fifth
+    /// completion is reaped.
+    pub unsafe fn dial(
+        &mut self,
+        slot: u32,
+        dial: u32,
+        src: *const libc::sockaddr_in,
+        dst: &'static libc::sockaddr_in,
+        request: &'static [u8],
+    ) -> io::Result<()> {
+        let target = DestinationSlot::try_from_slot_target(slot)
+            .map_err(|s| io::Error::other(format!("slot {s} out of range")))?;
+        let fd = Fixed(slot);
+        let link = squeue::Flags::IO_LINK;
+        let len = u32::try_from(request.len()).map_err(|_| io::Error::other("request too long"))?;
+        let chain = [
+            opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0)
+                .file_index(Some(target))
+                .build()
+                .flags(link)
+                .user_data(Tag::Socket.data(dial)),
+            opcode::SetSockOpt::new(
+                fd,
+                libc::SOL_SOCKET as u32,
+                libc::SO_REUSEADDR as u32,
+                (&raw const ONE).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .flags(link)
+            .user_data(Tag::SockOpt.data(dial)),
+            opcode::Bind::new(fd, src.cast(), SOCKADDR_IN_LEN).build().flags(link).user_data(Tag::Bind.data(dial)),
+            opcode::Connect::new(fd, (dst as *const libc::sockaddr_in).cast(), SOCKADDR_IN_LEN)
+                .build()
+                .flags(link)
+                .user_data(Tag::Connect.data(dial)),
+            opcode::Send::new(fd, request.as_ptr(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(Tag::Upgrade.data(dial)),
+        ];
+        // SAFETY: `ONE`, `dst` and `request` are 'static; the caller keeps `src` alive until
+        // the chain's last completion.
+        unsafe { self.push(&chain) }
+    }
+
+    /// A multishot poll for readability: about a quarter of a multishot receive's kernel
+    /// memory, and it holds no buffer.
+    pub fn poll_readable(&mut self, slot: u32) -> io::Result<()> {
+        let e =
+            opcode::PollAdd::new(Fixed(slot), libc::POLLIN as u32).multi(true).build().user_data(Tag::Poll.data(slot));
+        // SAFETY: the entry holds no pointers.
+        unsafe { self.push(&[e]) }
+    }
+
+    /// One receive into a buffer the kernel picks from this ring's provided buffers. It does
+    /// not wait: with nothing to read it completes with -EAGAIN (the poll says when to retry).
+    pub fn recv(&mut self, slot: u32) -> io::Result<()> {
+        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.bufs.size)
+            .flags(libc::MSG_DONTWAIT)
+            .buf_group(BUFFER_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(Tag::Recv.data(slot));
+        // SAFETY: no pointer of ours: the kernel picks a buffer from the buffer ring, which
+        // lives as long as the ring.
+        unsafe { self.push(&[e]) }
+    }
+
+    /// Sends fixed bytes (a ping frame).
+    pub fn send_static(&mut self, slot: u32, tag: Tag, bytes: &'static [u8]) -> io::Result<()> {
+        let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("send too long"))?;
+        let e = opcode::Send::new(Fixed(slot), bytes.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(tag.data(slot));
+        // SAFETY: `bytes` is 'static.
+        unsafe { self.push(&[e]) }
+    }
+
+    /// Cancels every request on `slot` and closes it; only failures complete.
+    pub fn close(&mut self, slot: u32) -> io::Result<()> {
+        let skip = squeue::Flags::SKIP_SUCCESS;
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
+            .build()
+            .flags(skip)
+            .user_data(Tag::Cancel.data(slot));
+        let close = opcode::Close::new(Fixed(slot)).build().flags(skip).user_data(Tag::Close.data(slot));
+        // SAFETY: the entries hold no pointers.
+        unsafe { self.push(&[cancel, close]) }
+    }
+
+    /// Copies out every completion waiting.
+    pub fn reap(&mut self, out: &mut Vec<Cqe>) {
+        for c in self.uring.completion() {
+            out.push(Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() });
+        }
+    }
+
+    pub fn has_completions(&mut self) -> bool {
+        !self.uring.completion().is_empty()
+    }
+
+    /// Submits what was pushed (and lets the kernel flush completions it had to hold back).
+    pub fn submit(&mut self) -> io::Result<()> {
+        if !self.queued && !self.uring.submission().cq_overflow() {
+            return Ok(());
+        }
+        self.queued = false;
+        match self.uring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Turns the eventfd signal on completions on (before sleeping) or off (while awake).
+    pub fn set_notify(&mut self, on: bool) {
+        let cq = self.uring.completion();
+        if on { cq.enable_eventfd() } else { cq.disable_eventfd() }
+    }
+
+    /// The bytes the kernel received into buffer `bid`.
+    pub fn buffer(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
+        self.bufs.filled(bid, len)
+    }
+
+    /// Provided receive buffers.
+    pub fn recv_buffers(&self) -> u16 {
+        self.bufs.count
+    }
+
+    /// Hands buffer `bid` back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
+        self.bufs.give_back(bid);
+    }
+}
+
+/// The kernel's `struct io_uring_buf`; in the first entry, `resv` is the ring's tail.
+#[repr(C)]
+struct BufEntry {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+/// A provided-buffer ring: `count` buffers of `size` bytes the kernel picks from as data
+/// arrives, so an idle connection holds no buffer.
+struct BufRing {
+    entries: NonNull<BufEntry>,
+    entries_bytes: usize,
+    data: NonNull<u8>,
+    data_bytes: usize,
+    size: u32,
+    count: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(count: u16, size: u32) -> io::Result<BufRing> {
+        if !count.is_power_of_two() {
+            return Err(io::Error::other("the receive buffer count must be a power of two"));
+        }
+        let entries_bytes = usize::from(count) * std::mem::size_of::<BufEntry>();
+        let data_bytes = usize::from(count) * size as usize;
+        let entries = mmap(entries_bytes)?.cast::<BufEntry>();
+        let data = match mmap(data_bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                munmap(entries.cast(), entries_bytes);
+                return Err(e);
+            }
+        };
+        let mut ring = BufRing { entries, entries_bytes, data, data_bytes, size, count, tail: 0 };
+        for bid in 0..count {
+            ring.give_back(bid);
+        }
+        Ok(ring)
+    }
+
+    fn register(&self, uring: &IoUring) -> io::Result<()> {
+        // SAFETY: the entry array is page-aligned (mmap), holds `count` entries, and stays mapped
+        // until this BufRing drops, which happens after the ring that uses it (field order in
+        // `Ring`).
+        unsafe {
+            uring.submitter().register_buf_ring_with_flags(self.entries.as_ptr() as u64, self.count, BUFFER_GROUP, 0)
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which a completion just handed to us.
+    fn filled(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
+        if bid >= self.count || len > self.size as usize {
+            return None;
+        }
+        let offset = usize::from(bid) * self.size as usize;
+        // SAFETY: `bid < count` and `len <= size`, so the range lies inside the data mapping. A
+        // completion naming `bid` gave the buffer to us: the kernel will not write it until
+        // `give_back(bid)` republishes it, and `&mut self` keeps that from happening while the
+        // returned slice lives.
+        Some(unsafe { std::slice::from_raw_parts(self.data.as_ptr().add(offset), len) })
+    }
+
+    /// Republishes buffer `bid` at the tail.
+    fn give_back(&mut self, bid: u16) {
+        if bid >= self.count {
+            return;
+        }
+        let index = usize::from(self.tail & (self.count - 1));
+        let addr = self.data.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
+        // SAFETY: `index < count`, inside the entry mapping. The kernel reads entries only
+        // between its head and the published tail, and this one lies at the unpublished tail.
+        // Fields are written one by one so entry 0's `resv` (the tail the kernel reads) is
+        // never written here.
+        unsafe {
+            let e = self.entries.as_ptr().add(index);
+            std::ptr::addr_of_mut!((*e).addr).write(addr);
+            std::ptr::addr_of_mut!((*e).len).write(self.size);
+            std::ptr::addr_of_mut!((*e).bid).write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: entry 0's `resv` is the ring tail, a u16 the kernel reads concurrently; an
+        // atomic release store publishes the entry written above before the new tail.
+        unsafe {
+            let tail = std::ptr::addr_of_mut!((*self.entries.as_ptr()).resv);
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        munmap(self.entries.cast(), self.entries_bytes);
+        munmap(self.data, self.data_bytes);
+    }
+}
+
+fn mmap(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+fn munmap(p: NonNull<u8>, len: usize) {
+    // SAFETY: `p..p+len` is a mapping made by `mmap` above and no reference into it survives
+    // (the BufRing that owned it is being dropped).
+    unsafe {
+        libc::munmap(p.as_ptr().cast(), len);
+    }
+}

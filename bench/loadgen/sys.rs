@@ -1,0 +1,64 @@
+//! The few raw system calls beside io_uring: the descriptor limit (which also caps a ring's
+//! direct-descriptor table) and the eventfd a worker sleeps on.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        // SAFETY: setrlimit reads one rlimit from the valid `raised`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        r.rlim_cur = r.rlim_max;
+    }
+    Ok(r.rlim_cur)
+}
+
+/// A non-blocking eventfd: the rings post to it when completions arrive while a worker
+/// sleeps, and the main thread writes to it to wake a worker with news.
+pub struct Wake(OwnedFd);
+
+impl Wake {
+    pub fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a fresh descriptor owned
+        // by nothing else, so the OwnedFd becomes its only owner.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: see above.
+        Ok(Wake(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn raw(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+
+    /// Wakes the sleeper (best effort: a full counter already means "awake").
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from the valid local `one` to our own eventfd.
+        let _ = unsafe { libc::write(self.raw(), (&raw const one).cast(), 8) };
+    }
+
+    /// Sleeps until signalled or `timeout` passes, then resets the counter.
+    pub fn wait(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd { fd: self.raw(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        // SAFETY: poll reads and writes exactly one pollfd, the valid local `pfd`.
+        let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into the valid local `count`; non-blocking, so an
+        // empty counter returns EAGAIN at once.
+        let _ = unsafe { libc::read(self.raw(), (&raw mut count).cast(), 8) };
+    }
+}

@@ -1,0 +1,737 @@
+//! One load thread: its rings ("lanes", each a ring and the connections in its table) and its
+//! share of the connections. Each loop turn reaps every ring's completions and runs them
+//! through the connections' state, opens the connections the token bucket allows, sends the
+//! pings that are due, submits once per ring, publishes its counters, and sleeps on its eventfd
+//! when nothing happened. The main thread steers it through `Shared` and reads its counters.
+
+use std::collections::VecDeque;
+use std::ops::{Index, IndexMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::addrs::{Sources, sockaddr_in};
+use crate::conn::{Conns, Dials, PING, POLL_AGAIN, RECV, State};
+use crate::errors::{ErrorCounts, ErrorKind, Op};
+use crate::frames::{Event, Kind, ReadError};
+use crate::handshake::Subprotocol;
+use crate::pace::TokenBucket;
+use crate::ring::{Cqe, Ring, RingParams, Tag};
+use crate::sys::Wake;
+
+/// A masked WebSocket ping with an empty payload (FIN|ping, MASK|0, a fixed mask key).
+static PING_FRAME: [u8; 6] = [0x89, 0x80, 0x5A, 0x17, 0xC3, 0x9E];
+/// Longest sleep with nothing to do (the main thread wakes us sooner when it has news).
+const IDLE_SLEEP: Duration = Duration::from_millis(100);
+
+/// What one worker does.
+#[derive(Clone)]
+pub struct Plan {
+    /// Connection indices `first..first + count` are this worker's.
+    pub first: u64,
+    pub count: u64,
+    pub rate_per_s: f64,
+    /// Connections started and not yet joined (or failed), at most: the ramp follows the
+    /// gateway's handshake pace instead of burying it (and its accept queue) under SYNs.
+    pub pending_max: u32,
+    /// Direct descriptors per ring; the last ring gets only what is left.
+    pub files_per_ring: u32,
+    pub ring: RingParams,
+    pub sources: Sources,
+    pub rooms: u32,
+    /// One upgrade request per room, built once.
+    pub requests: &'static [Vec<u8>],
+    pub target: &'static libc::sockaddr_in,
+    pub protocol: Subprotocol,
+}
+
+/// A worker's counters: running totals and levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Stat {
+    /// Connections started.
+    Attempted,
+    /// Started connections that ended before joining.
+    Failed,
+    /// 101 responses accepted.
+    Handshakes,
+    /// Connections that ever joined.
+    JoinedTotal,
+    /// Connected and not closed (level).
+    Open,
+    /// Joined and not closed (level).
+    Joined,
+    /// Joined connections with at least one block since the probe began (level).
+    Reached,
+    Frames,
+    Blocks,
+    PingsSent,
+    Pongs,
+    Errors,
+    Rings,
+    /// Connect chains in the kernel (level).
+    Dialing,
+    /// Receives that found the buffer ring empty (retried).
+    RecvNoBufs,
+    /// The probe generation the block counts belong to.
+    ProbeGen,
+    /// 1 once no more connections will be started (all started, or a ring could not be made).
+    RampStopped,
+}
+
+pub const STATS: usize = Stat::RampStopped as usize + 1;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters([u64; STATS]);
+
+impl Index<Stat> for Counters {
+    type Output = u64;
+    fn index(&self, s: Stat) -> &u64 {
+        &self.0[s as usize]
+    }
+}
+
+impl IndexMut<Stat> for Counters {
+    fn index_mut(&mut self, s: Stat) -> &mut u64 {
+        &mut self.0[s as usize]
+    }
+}
+
+impl Counters {
+    /// Adds another worker's counters (ProbeGen and RampStopped take the minimum: "all have").
+    pub fn merge(&mut self, other: &Counters) {
+        for (i, v) in other.0.iter().enumerate() {
+            if i == Stat::ProbeGen as usize || i == Stat::RampStopped as usize {
+                self.0[i] = self.0[i].min(*v);
+            } else {
+                self.0[i] += v;
+            }
+        }
+    }
+
+    /// The identity of `merge`.
+    pub fn zero_for_merge() -> Counters {
+        let mut c = Counters::default();
+        c[Stat::ProbeGen] = u64::MAX;
+        c[Stat::RampStopped] = u64::MAX;
+        c
+    }
+
+    /// Every started connection has joined or failed, and none will be started.
+    pub fn ramp_over(&self) -> bool {
+        self[Stat::RampStopped] == 1 && self[Stat::JoinedTotal] + self[Stat::Failed] >= self[Stat::Attempted]
+    }
+
+    fn sub(&mut self, s: Stat) {
+        self[s] = self[s].saturating_sub(1);
+    }
+}
+
+/// Between the main thread and one worker.
+pub struct Shared {
+    /// Signalled by the worker's rings while it sleeps, and by the main thread with news.
+    pub wake: Wake,
+    pub stop: AtomicBool,
+    /// Ping every joined connection once per this many ms; 0 = no pings.
+    pub ping_ms: AtomicU64,
+    /// Bumped by the main thread: zero the block counts (the probe starts).
+    pub probe_gen: AtomicU64,
+    stats: [AtomicU64; STATS],
+}
+
+impl Shared {
+    pub fn new() -> std::io::Result<Shared> {
+        Ok(Shared {
+            wake: Wake::new()?,
+            stop: AtomicBool::new(false),
+            ping_ms: AtomicU64::new(0),
+            probe_gen: AtomicU64::new(0),
+            stats: std::array::from_fn(|_| AtomicU64::new(0)),
+        })
+    }
+
+    pub fn load(&self) -> Counters {
+        Counters(std::array::from_fn(|i| self.stats[i].load(Ordering::Relaxed)))
+    }
+
+    fn store(&self, c: &Counters) {
+        for (a, v) in self.stats.iter().zip(c.0) {
+            a.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One ring and the connections in its table.
+struct Lane {
+    ring: Ring,
+    conns: Conns,
+    /// Receives in the kernel: at most one per provided buffer, so a receive never finds the
+    /// buffer ring empty (receives do not wait: MSG_DONTWAIT, so each returns within a submit).
+    recvs_in_flight: u32,
+    /// Slots waiting for receive budget, each at most once (its RECV flag is set).
+    ready: VecDeque<u32>,
+}
+
+impl Lane {
+    /// Receives on `slot` now if the budget allows and nobody is queued, else queues it.
+    fn want_recv(&mut self, slot: u32) -> std::io::Result<()> {
+        self.conns.flags[slot as usize] |= RECV;
+        if self.ready.is_empty() && self.recvs_in_flight < self.recv_budget() {
+            self.recvs_in_flight += 1;
+            return self.ring.recv(slot);
+        }
+        self.ready.push_back(slot);
+        Ok(())
+    }
+
+    fn recv_budget(&self) -> u32 {
+        u32::from(self.ring.recv_buffers())
+    }
+}
+
+/// Pings spread evenly over an interval: by `elapsed`, `elapsed / interval × slots` slots have
+/// been visited.
+struct PingRound {
+    start: Instant,
+    interval_ms: u64,
+    visited: u64,
+}
+
+struct Worker {
+    plan: Plan,
+    shared: Arc<Shared>,
+    lanes: Vec<Lane>,
+    dials: Dials,
+    bucket: TokenBucket,
+    /// Connections started so far (offset from `plan.first`).
+    next: u64,
+    c: Counters,
+    errors: ErrorCounts,
+    cqes: Vec<Cqe>,
+    probe_gen: u64,
+    ping: Option<PingRound>,
+    ring_failed: bool,
+}
+
+/// Runs a worker until the main thread says stop; returns its error counts. Its rings (and so
+/// all its connections) are closed on return.
+pub fn run(plan: Plan, shared: Arc<Shared>) -> ErrorCounts {
+    let now = Instant::now();
+    let burst = TokenBucket::default_burst(plan.rate_per_s);
+    let mut w = Worker {
+        bucket: TokenBucket::new(plan.rate_per_s, burst, now),
+        dials: Dials::new(plan.pending_max),
+        lanes: Vec::new(),
+        next: 0,
+        c: Counters::default(),
+        errors: ErrorCounts::default(),
+        cqes: Vec::with_capacity(plan.ring.cq_entries as usize),
+        probe_gen: 0,
+        ping: None,
+        ring_failed: false,
+        plan,
+        shared,
+    };
+    while !w.shared.stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        let mut busy = w.reap();
+        w.check_probe();
+        busy |= w.ramp(now);
+        let ping_wait = w.ping(now);
+        w.submit();
+        w.publish();
+        if !busy {
+            let wait = [w.ramp_wait(now), ping_wait].into_iter().flatten().min().unwrap_or(IDLE_SLEEP);
+            w.sleep(wait.min(IDLE_SLEEP));
+        }
+    }
+    w.publish();
+    w.errors
+}
+
+impl Worker {
+    /// Handles every completion waiting on every ring; true if there were any.
+    fn reap(&mut self) -> bool {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        let mut any = false;
+        for li in 0..self.lanes.len() {
+            cqes.clear();
+            self.lanes[li].ring.reap(&mut cqes);
+            any |= !cqes.is_empty();
+            for cqe in &cqes {
+                self.complete(li, cqe);
+            }
+        }
+        cqes.clear();
+        self.cqes = cqes;
+        any
+    }
+
+    fn complete(&mut self, li: usize, cqe: &Cqe) {
+        match cqe.tag() {
+            Some(t @ (Tag::Socket | Tag::SockOpt | Tag::Bind | Tag::Connect | Tag::Upgrade)) => self.on_dial(t, cqe),
+            Some(Tag::Poll) => self.on_poll(li, cqe),
+            Some(Tag::Recv) => self.on_recv(li, cqe),
+            Some(Tag::Ping) => self.on_ping(li, cqe),
+            Some(Tag::Cancel | Tag::Close) | None => {}
+        }
+    }
+
+    /// One operation of a connect chain finished; after the fifth, the connection is open
+    /// (and starts listening) or failed (and its slot is closed).
+    fn on_dial(&mut self, tag: Tag, cqe: &Cqe) {
+        let index = cqe.index();
+        let Some(d) = self.dials.get_mut(index) else { return };
+        let failure = match tag {
+            Tag::Upgrade if cqe.result >= 0 && cqe.result as u32 != d.request_len => Some(ErrorKind::ShortSend),
+            _ if cqe.result < 0 => Some(ErrorKind::Os(op_of(tag), -cqe.result)),
+            _ => None,
+        };
+        if let Some(kind) = failure
+            && !d.failed
+        {
+            d.failed = true;
+            self.errors.add(kind);
+        }
+        d.left -= 1;
+        if d.left > 0 {
+            return;
+        }
+        let (li, slot, failed) = (d.lane as usize, d.slot, d.failed);
+        self.dials.finish(index);
+        self.c.sub(Stat::Dialing);
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        if failed {
+            lane.conns.state[slot as usize] = State::Dead;
+            self.c[Stat::Failed] += 1;
+            // The socket may exist (a failed bind or connect): free the slot's file.
+            if let Err(e) = lane.ring.close(slot) {
+                self.errors.add(os(Op::Submit, &e));
+            }
+            return;
+        }
+        lane.conns.state[slot as usize] = State::Upgrading;
+        self.c[Stat::Open] += 1;
+        if let Err(e) = lane.ring.poll_readable(slot) {
+            self.kill(li, slot, os(Op::Submit, &e));
+        }
+    }
+
+    /// The socket is readable (data, EOF or an error): receive unless a receive is out.
+    fn on_poll(&mut self, li: usize, cqe: &Cqe) {
+        let slot = cqe.index();
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        let s = slot as usize;
+        if !is_live(lane.conns.state.get(s).copied()) {
+            return;
+        }
+        if cqe.result < 0 {
+            self.kill(li, slot, ErrorKind::Os(Op::Poll, -cqe.result));
+            return;
+        }
+        let mut result = Ok(());
+        if lane.conns.flags[s] & RECV != 0 {
+            lane.conns.flags[s] |= POLL_AGAIN;
+        } else {
+            result = lane.want_recv(slot);
+        }
+        if result.is_ok() && !cqe.more() {
+            result = lane.ring.poll_readable(slot);
+        }
+        if let Err(e) = result {
+            self.kill(li, slot, os(Op::Submit, &e));
+        }
+    }
+
+    /// Bytes (or EOF, or nothing yet, or an error) for one connection.
+    fn on_recv(&mut self, li: usize, cqe: &Cqe) {
+        let slot = cqe.index();
+        let s = slot as usize;
+        let protocol = self.plan.protocol;
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        lane.recvs_in_flight = lane.recvs_in_flight.saturating_sub(1);
+        let Some(flags) = lane.conns.flags.get_mut(s) else { return };
+        *flags &= !RECV;
+        let live = is_live(lane.conns.state.get(s).copied());
+        let mut failure = None;
+        if let Some(bid) = cqe.buffer() {
+            if live && cqe.result > 0 {
+                failure = match lane.ring.buffer(bid, cqe.result as usize) {
+                    Some(bytes) => absorb(&mut lane.conns, s, bytes, protocol, &mut self.c),
+                    None => Some(ErrorKind::Os(Op::Recv, libc::EFAULT)),
+                };
+            }
+            lane.ring.recycle(bid);
+        }
+        if live {
+            self.after_recv(li, slot, cqe, failure);
+        }
+        self.drain_ready(li);
+    }
+
+    /// Closes on EOF or an error; else receives again if there is more to read: the kernel
+    /// says so, the poll fired meanwhile, or the buffers ran dry (which the budget prevents).
+    fn after_recv(&mut self, li: usize, slot: u32, cqe: &Cqe, failure: Option<ErrorKind>) {
+        let failure = failure.or(match cqe.result {
+            0 => Some(ErrorKind::Eof),
+            r if r == -libc::EAGAIN || r == -libc::ENOBUFS => {
+                if r == -libc::ENOBUFS {
+                    self.c[Stat::RecvNoBufs] += 1;
+                }
+                None
+            }
+            r if r == -libc::ECONNRESET => Some(ErrorKind::Reset),
+            r if r < 0 => Some(ErrorKind::Os(Op::Recv, -r)),
+            _ if cqe.buffer().is_none() => Some(ErrorKind::Os(Op::Recv, libc::EFAULT)),
+            _ => None,
+        });
+        if let Some(kind) = failure {
+            self.kill(li, slot, kind);
+            return;
+        }
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        let flags = &mut lane.conns.flags[slot as usize];
+        let again = *flags & POLL_AGAIN != 0;
+        *flags &= !POLL_AGAIN;
+        let more = (cqe.result > 0 && cqe.sock_nonempty()) || cqe.result == -libc::ENOBUFS;
+        if (more || again)
+            && let Err(e) = lane.want_recv(slot)
+        {
+            self.kill(li, slot, os(Op::Submit, &e));
+        }
+    }
+
+    /// Issues the receives that waited for budget.
+    fn drain_ready(&mut self, li: usize) {
+        while let Some(lane) = self.lanes.get_mut(li)
+            && lane.recvs_in_flight < lane.recv_budget()
+            && let Some(slot) = lane.ready.pop_front()
+        {
+            let s = slot as usize;
+            if !is_live(lane.conns.state.get(s).copied()) {
+                lane.conns.flags[s] &= !RECV;
+                continue;
+            }
+            lane.recvs_in_flight += 1;
+            if let Err(e) = lane.ring.recv(slot) {
+                lane.recvs_in_flight -= 1;
+                lane.conns.flags[s] &= !RECV;
+                self.kill(li, slot, os(Op::Submit, &e));
+            }
+        }
+    }
+
+    fn on_ping(&mut self, li: usize, cqe: &Cqe) {
+        let s = cqe.index() as usize;
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        let Some(flags) = lane.conns.flags.get_mut(s) else { return };
+        *flags &= !PING;
+        // A failed ping is counted; the read side sees the connection's end and closes it.
+        if cqe.result < 0 && is_live(lane.conns.state.get(s).copied()) {
+            self.errors.add(ErrorKind::Os(Op::Ping, -cqe.result));
+        }
+    }
+
+    /// Ends a connection: counts why, fixes the levels, cancels its requests, closes its slot.
+    fn kill(&mut self, li: usize, slot: u32, kind: ErrorKind) {
+        let Some(lane) = self.lanes.get_mut(li) else { return };
+        let s = slot as usize;
+        match lane.conns.state.get(s) {
+            Some(State::Upgrading | State::Open) => {
+                self.c.sub(Stat::Open);
+                self.c[Stat::Failed] += 1;
+            }
+            Some(State::Joined) => {
+                self.c.sub(Stat::Open);
+                self.c.sub(Stat::Joined);
+                if lane.conns.blocks[s] > 0 {
+                    self.c.sub(Stat::Reached);
+                }
+            }
+            _ => return,
+        }
+        lane.conns.state[s] = State::Dead;
+        self.errors.add(kind);
+        if let Err(e) = lane.ring.close(slot) {
+            self.errors.add(os(Op::Submit, &e));
+        }
+    }
+
+    /// A new probe: block counts start again from zero.
+    fn check_probe(&mut self) {
+        let gen_now = self.shared.probe_gen.load(Ordering::Acquire);
+        if gen_now == self.probe_gen {
+            return;
+        }
+        for lane in &mut self.lanes {
+            lane.conns.blocks.fill(0);
+        }
+        self.c[Stat::Reached] = 0;
+        self.probe_gen = gen_now;
+        self.c[Stat::ProbeGen] = gen_now;
+    }
+
+    /// Starts the connections the bucket and the in-flight cap allow; true if any.
+    fn ramp(&mut self, now: Instant) -> bool {
+        if self.next >= self.plan.count || self.ring_failed {
+            self.c[Stat::RampStopped] = 1;
+            return false;
+        }
+        let room = u64::from(self.plan.pending_max).saturating_sub(self.pending());
+        let n = self.bucket.take(now, room.min(self.plan.count - self.next));
+        for _ in 0..n {
+            self.start_one();
+        }
+        n > 0
+    }
+
+    /// How long until the ramp can start another connection (None: not ramping, or blocked
+    /// on the pending cap, which completions lift).
+    fn ramp_wait(&mut self, now: Instant) -> Option<Duration> {
+        if self.next >= self.plan.count || self.ring_failed || self.pending() >= u64::from(self.plan.pending_max) {
+            return None;
+        }
+        Some(self.bucket.wait(now))
+    }
+
+    /// Connections started that have neither joined nor failed yet (at least the dials in
+    /// flight, so the dial pool, sized `pending_max`, never runs dry).
+    fn pending(&self) -> u64 {
+        let c = &self.c;
+        (c[Stat::Attempted] - (c[Stat::JoinedTotal] + c[Stat::Failed]).min(c[Stat::Attempted]))
+            .max(u64::from(self.dials.in_flight()))
+    }
+
+    /// Connection `first + next`: its source pair, its room's request, a slot, a chain.
+    fn start_one(&mut self) {
+        let i = self.plan.first + self.next;
+        self.next += 1;
+        self.c[Stat::Attempted] += 1;
+        let Some(src) = self.plan.sources.pair(i) else {
+            self.c[Stat::Failed] += 1;
+            self.errors.add(ErrorKind::NoSlot);
+            return;
+        };
+        let requests: &'static [Vec<u8>] = self.plan.requests;
+        let request: &'static [u8] = &requests[(i % u64::from(self.plan.rooms)) as usize];
+        let target = self.plan.target;
+        let Some(li) = self.lane_with_room() else {
+            self.c[Stat::Failed] += 1;
+            return;
+        };
+        let lane = &mut self.lanes[li];
+        let started = lane.conns.take_slot().and_then(|slot| {
+            let (d, src_ptr) = self.dials.start(sockaddr_in(src), li as u32, slot, request.len() as u32)?;
+            Some((slot, d, src_ptr))
+        });
+        let Some((slot, d, src_ptr)) = started else {
+            self.c[Stat::Failed] += 1;
+            self.errors.add(ErrorKind::NoSlot);
+            return;
+        };
+        lane.conns.state[slot as usize] = State::Dialing;
+        // SAFETY: `src_ptr` points into the dial pool, which is leaked (never freed), and its
+        // entry `d` is not reused or written until `Dials::finish(d)`: `on_dial` calls it only
+        // after the chain's fifth and last completion, and the error arm below only when
+        // `dial` failed, which pushes all five entries or none.
+        match unsafe { lane.ring.dial(slot, d, src_ptr, target, request) } {
+            Ok(()) => self.c[Stat::Dialing] += 1,
+            Err(e) => {
+                self.dials.finish(d);
+                lane.conns.state[slot as usize] = State::Dead;
+                self.c[Stat::Failed] += 1;
+                self.errors.add(os(Op::Submit, &e));
+            }
+        }
+    }
+
+    /// The last lane if it has a free slot, else a new one sized for what is left.
+    fn lane_with_room(&mut self) -> Option<usize> {
+        if let Some(last) = self.lanes.last()
+            && last.conns.used() < last.conns.capacity()
+        {
+            return Some(self.lanes.len() - 1);
+        }
+        if self.ring_failed {
+            return None;
+        }
+        // `next` already counts the connection being started.
+        let left = self.plan.count - self.next + 1;
+        let files = u32::try_from(left).unwrap_or(u32::MAX).min(self.plan.files_per_ring);
+        match Ring::new(RingParams { files, ..self.plan.ring }, self.shared.wake.raw()) {
+            Ok(ring) => {
+                self.lanes.push(Lane { ring, conns: Conns::new(files), recvs_in_flight: 0, ready: VecDeque::new() });
+                self.c[Stat::Rings] += 1;
+                Some(self.lanes.len() - 1)
+            }
+            Err(e) => {
+                self.errors.add(os(Op::Ring, &e));
+                self.ring_failed = true;
+                None
+            }
+        }
+    }
+
+    /// Sends the pings due by `now`; returns how long until the next one (None: not pinging).
+    fn ping(&mut self, now: Instant) -> Option<Duration> {
+        let interval_ms = self.shared.ping_ms.load(Ordering::Relaxed);
+        if interval_ms == 0 {
+            self.ping = None;
+            return None;
+        }
+        let files = u64::from(self.plan.files_per_ring);
+        let slots: u64 = self.lanes.iter().map(|l| u64::from(l.conns.used())).sum();
+        let round = self.ping.get_or_insert(PingRound { start: now, interval_ms, visited: 0 });
+        if slots == 0 {
+            return Some(IDLE_SLEEP);
+        }
+        let elapsed_ms = now.saturating_duration_since(round.start).as_millis() as u64;
+        let due = (u128::from(elapsed_ms) * u128::from(slots) / u128::from(round.interval_ms)) as u64;
+        while round.visited < due {
+            // Every lane but the last is full, so a linear index splits by `files`.
+            let k = round.visited % slots;
+            round.visited += 1;
+            let (li, s) = ((k / files) as usize, (k % files) as usize);
+            let Some(lane) = self.lanes.get_mut(li) else { continue };
+            if lane.conns.state.get(s) != Some(&State::Joined) || lane.conns.flags[s] & PING != 0 {
+                continue;
+            }
+            lane.conns.flags[s] |= PING;
+            match lane.ring.send_static(s as u32, Tag::Ping, &PING_FRAME) {
+                Ok(()) => self.c[Stat::PingsSent] += 1,
+                Err(e) => {
+                    lane.conns.flags[s] &= !PING;
+                    self.errors.add(os(Op::Submit, &e));
+                }
+            }
+        }
+        let per_ping_us = (round.interval_ms * 1000 / slots).max(1000);
+        Some(Duration::from_micros(per_ping_us))
+    }
+
+    fn submit(&mut self) {
+        for lane in &mut self.lanes {
+            if let Err(e) = lane.ring.submit() {
+                self.errors.add(os(Op::Submit, &e));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.c[Stat::Errors] = self.errors.total();
+        self.shared.store(&self.c);
+    }
+
+    /// Sleeps until a completion, news from the main thread, or `timeout`.
+    fn sleep(&mut self, timeout: Duration) {
+        for lane in &mut self.lanes {
+            lane.ring.set_notify(true);
+        }
+        // A completion posted before notifications went on would not signal: look first.
+        if !self.lanes.iter_mut().any(|l| l.ring.has_completions()) {
+            self.shared.wake.wait(timeout);
+        }
+        for lane in &mut self.lanes {
+            lane.ring.set_notify(false);
+        }
+    }
+}
+
+/// Runs one read through a connection's reader and state; returns why to close it, if so.
+fn absorb(conns: &mut Conns, s: usize, bytes: &[u8], protocol: Subprotocol, c: &mut Counters) -> Option<ErrorKind> {
+    let Conns { state, reader, blocks, .. } = conns;
+    let mut close = None;
+    let fed = reader[s].feed(bytes, |e| match e {
+        Event::Upgraded => {
+            c[Stat::Handshakes] += 1;
+            if state[s] == State::Upgrading {
+                state[s] = State::Open;
+            }
+        }
+        Event::Frame(f) => {
+            c[Stat::Frames] += 1;
+            match f.kind(protocol) {
+                Kind::Welcome if state[s] == State::Open => {
+                    state[s] = State::Joined;
+                    c[Stat::Joined] += 1;
+                    c[Stat::JoinedTotal] += 1;
+                }
+                Kind::Block => {
+                    c[Stat::Blocks] += 1;
+                    if state[s] == State::Joined {
+                        blocks[s] = blocks[s].saturating_add(1);
+                        if blocks[s] == 1 {
+                            c[Stat::Reached] += 1;
+                        }
+                    }
+                }
+                Kind::Pong => c[Stat::Pongs] += 1,
+                Kind::Close if close.is_none() => close = Some(ErrorKind::ClosedByServer(f.close_code())),
+                _ => {}
+            }
+        }
+    });
+    match fed {
+        Err(ReadError::Head(h)) => Some(ErrorKind::Head(h)),
+        Err(ReadError::Frame(f)) => Some(ErrorKind::Frame(f)),
+        Ok(()) => close,
+    }
+}
+
+fn is_live(state: Option<State>) -> bool {
+    matches!(state, Some(State::Upgrading | State::Open | State::Joined))
+}
+
+fn op_of(tag: Tag) -> Op {
+    match tag {
+        Tag::Socket => Op::Socket,
+        Tag::SockOpt => Op::SockOpt,
+        Tag::Bind => Op::Bind,
+        Tag::Connect => Op::Connect,
+        Tag::Upgrade => Op::Upgrade,
+        Tag::Poll => Op::Poll,
+        Tag::Recv => Op::Recv,
+        Tag::Ping => Op::Ping,
+        Tag::Cancel | Tag::Close => Op::Submit,
+    }
+}
+
+fn os(op: Op, e: &std::io::Error) -> ErrorKind {
+    ErrorKind::Os(op, e.raw_os_error().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_sums_totals_and_takes_the_minimum_of_flags() {
+        let mut a = Counters::default();
+        a[Stat::Open] = 3;
+        a[Stat::RampStopped] = 1;
+        a[Stat::ProbeGen] = 2;
+        let mut b = Counters::default();
+        b[Stat::Open] = 4;
+        b[Stat::RampStopped] = 0;
+        b[Stat::ProbeGen] = 2;
+        let mut all = Counters::zero_for_merge();
+        all.merge(&a);
+        all.merge(&b);
+        assert_eq!(all[Stat::Open], 7);
+        assert_eq!(all[Stat::RampStopped], 0);
+        assert_eq!(all[Stat::ProbeGen], 2);
+    }
+
+    #[test]
+    fn ramp_is_over_when_every_start_is_resolved() {
+        let mut c = Counters::default();
+        c[Stat::Attempted] = 10;
+        c[Stat::JoinedTotal] = 8;
+        c[Stat::Failed] = 2;
+        assert!(!c.ramp_over());
+        c[Stat::RampStopped] = 1;
+        assert!(c.ramp_over());
+        c[Stat::Failed] = 1;
+        assert!(!c.ramp_over());
+    }
+}
