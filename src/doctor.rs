@@ -73,14 +73,15 @@ pub fn diagnose(facts: &HostFacts, plan: Plan) -> Vec<Finding> {
         facts.io_uring_disabled == 0,
         "sysctl -w kernel.io_uring_disabled=0".into(),
     );
-    let per_ring = facts.nofile_hard.saturating_sub(1024).max(1);
+    let table = facts.nofile_hard.saturating_sub(1024).max(1);
+    let per_ring = table - u64::from(crate::shard::accept_margin(table.min(u64::from(u32::MAX)) as u32));
     check(
         "RLIMIT_NOFILE (hard)",
         facts.nofile_hard.to_string(),
         ">= 4096".into(),
         facts.nofile_hard >= 4096,
         format!(
-            "caps each ring's direct-descriptor table: {} rings of {per_ring} for {n} connections; raise with LimitNOFILE= (tuning/barrage.service) or `ulimit -Hn`",
+            "caps each ring's direct-descriptor table: {} rings of {table} ({per_ring} filled by accepts) for {n} connections; raise with LimitNOFILE= (tuning/barrage.service) or `ulimit -Hn`",
             n.div_ceil(per_ring)
         ),
     );
@@ -247,7 +248,7 @@ mod tests {
         let findings = diagnose(&tuned(), plan);
         assert!(findings.iter().all(|f| f.ok), "{findings:?}");
         let rings = findings.iter().find(|f| f.check == "RLIMIT_NOFILE (hard)").unwrap();
-        assert!(rings.fix.contains("53 rings of 18976"), "{}", rings.fix);
+        assert!(rings.fix.contains("61 rings of 18976"), "{}", rings.fix);
         let (text, ok) = render(&findings, plan);
         assert!(ok);
         assert!(text.contains("36 source addresses"), "{text}");

@@ -66,8 +66,9 @@ impl Gateway {
                 recv_buffer_bytes: config.server.recv_buffer_bytes,
             },
             read_mode: config.server.read_mode,
-            // One spare ring so accepting can move on while slots are being recycled.
-            rings_max: per_shard.div_ceil(files_max as usize) + 1,
+            // Accepts fill a ring to its margin; one spare ring so accepting can move on while
+            // slots are being recycled.
+            rings_max: per_shard.div_ceil((files_max - crate::shard::accept_margin(files_max)).max(1) as usize) + 1,
             sendmsg_slots_max: per_shard.clamp(256, 16_384),
             mesh_backlog_max: config.server.mesh_queue_len,
             stop_grace: Duration::from_millis(config.websocket.close_timeout_ms + 1000),

@@ -86,7 +86,7 @@ impl Io {
 /// Accept moves to another ring this many slots before its table is full: an eighth of the
 /// table, because in a connect storm the kernel can accept hundreds of connections between two
 /// reaps, and one accepted into a full table is lost (counted as `ring_full`).
-fn accept_margin(files_max: u32) -> u32 {
+pub fn accept_margin(files_max: u32) -> u32 {
     (files_max / 8).clamp(1, 4096)
 }
 /// Mail handled per turn, so a flood of mail cannot starve the sockets.
