@@ -14,6 +14,7 @@ N="${N:-1000000}"
 ROOMS="${ROOMS:-1000}"
 RATE="${RATE:-50000}"
 HOLD_S="${HOLD_S:-30}"
+THREADS="${THREADS:-2}"
 PORT="${PORT:-8080}"
 API_PORT="${API_PORT:-9090}"
 # Source addresses: 127.0.1.1 .. 127.0.1.S, ports 10000-60999 each (51,000 per address).
@@ -53,7 +54,7 @@ nice -n 19 ./target/release/barrage-load connect \
   --target "127.0.0.1:$PORT" --api "127.0.0.1:$API_PORT" \
   --connections "$N" --rooms "$ROOMS" --rate "$RATE" --hold-s "$HOLD_S" \
   --sources "127.0.1.1-127.0.1.$SOURCES" --ports 10000-60999 \
-  --gateway-pid "$gateway_pid" --deadline-s "$DEADLINE_S" --json "$REPORT" || status=$?
+  --threads "$THREADS" --gateway-pid "$gateway_pid" --deadline-s "$DEADLINE_S" --json "$REPORT" || status=$?
 
 python3 bench/plot.py "$REPORT" "$PLOT"
 python3 - "$REPORT" "$PLOT" "$N" "$RATE" "$ROOMS" "$HOLD_S" "$status" "$STAMP" >> bench/RESULTS.md <<'EOF'
@@ -68,7 +69,8 @@ print(f"""
 
 - Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; gateway and
   load generator on the same box, loopback, tuning/apply.sh applied and restored.
-- Command: `N={n} RATE={rate} ROOMS={rooms} HOLD_S={hold} bench/million.sh` (exit {status})
+- Command: `N={n} RATE={rate} ROOMS={rooms} HOLD_S={hold} bench/million.sh` (exit {status}); load
+  generator: {r.get('threads', '?')} threads, {r.get('rings', '?')} rings; gateway: {r.get('gateway_rings', '?')} rings.
 - Held {r['connections_held']:,}, joined {r['joined']:,}; ramp {r['ramp_s']:.1f} s, handshakes/s mean
   {r['handshakes_per_s_mean']:,.0f}, peak {r['handshakes_per_s_peak']:,.0f}.
 - Gateway RSS {r['gateway_rss_before_bytes']/2**20:.1f} MiB before → {r['gateway_rss_after_ramp_bytes']/2**20:.1f} MiB
