@@ -61,6 +61,10 @@ pub struct ConnectArgs {
     /// Seconds to hold every connection once all have joined.
     #[arg(long)]
     hold_s: u64,
+    /// Longest the ramp may take before the run moves on (default: N / rate + 30 s, the slack
+    /// covering SYN retries). Raise it when the rate is a ceiling rather than what the box does.
+    #[arg(long)]
+    ramp_s: Option<u64>,
     /// Where to write the JSON report.
     #[arg(long)]
     json: PathBuf,
@@ -357,8 +361,11 @@ impl<'a> Run<'a> {
     /// Ramp, settle, hold, probe; then stop the workers and build the report.
     fn phases(&mut self, setup: &Setup, before: Readings, handles: Vec<JoinHandle<ErrorCounts>>) -> Report {
         self.phase = "ramp";
-        let ramp_until =
-            self.start + Duration::from_secs_f64(self.args.connections as f64 / self.args.rate) + RAMP_SLACK;
+        let ramp = match self.args.ramp_s {
+            Some(s) => Duration::from_secs(s),
+            None => Duration::from_secs_f64(self.args.connections as f64 / self.args.rate) + RAMP_SLACK,
+        };
+        let ramp_until = self.start + ramp;
         self.wait_until(ramp_until, Counters::ramp_over);
         let ramp_s = self.start.elapsed().as_secs_f64();
         let ramp_handshakes = self.counters()[Stat::Handshakes];

@@ -107,11 +107,12 @@ impl Rooms {
         }
         r.members.swap_remove(pos);
         r.json -= u32::from(json);
-        r.left = r.left.saturating_add(1);
-        if let Some(u) = user
-            && r.left_users.len() < named_max
-        {
-            r.left_users.push(Arc::clone(u));
+        // Leave events count signed-in users only (see Owner::joined).
+        if let Some(u) = user {
+            r.left = r.left.saturating_add(1);
+            if r.left_users.len() < named_max {
+                r.left_users.push(Arc::clone(u));
+            }
         }
         Self::mark(&mut self.dirty, r, room);
         r.members.get(pos).copied()
@@ -239,7 +240,7 @@ mod tests {
         rooms.flush_presence(&mut |_| panic!("nothing changed"));
         assert_eq!(rooms.leave(r, 1, true, None, 4), None);
         assert_eq!(rooms.leave(r, 0, false, None, 4), None);
-        rooms.flush_presence(&mut |p| assert_eq!((p.members, p.left, p.left_users.len()), (0, 2, 0)));
+        rooms.flush_presence(&mut |p| assert_eq!((p.members, p.left, p.left_users.len()), (0, 0, 0)));
         assert!(rooms.is_empty(), "an empty room is forgotten after reporting");
     }
 

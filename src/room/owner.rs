@@ -324,7 +324,9 @@ impl Owner {
     pub fn joined(&mut self, room: &RoomName, user: Option<&Arc<str>>, now: Now) -> Vec<Arc<SharedFrame>> {
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
         let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return Vec::new() };
-        if events {
+        // Only signed-in users are announced: anonymous churn moves the online count (carried in
+        // every block) and nothing else, so a room full of viewers coming and going stays quiet.
+        if events && user.is_some() {
             r.entered.record(user, named);
             Self::mark_dirty(&mut self.dirty, r, room);
         }

@@ -188,14 +188,14 @@ fn presence_events_are_one_per_kind_per_tick() {
     for u in &users {
         o.joined(&r, Some(u), at(0));
     }
-    o.joined(&r, None, at(0));
+    o.joined(&r, None, at(0)); // anonymous: not announced
     o.presence(&r, ShardId(0), (3, 0), &users[..1], 3, at(0));
     let frames = tick_frames(&mut o, at(0));
     let block = decode_block(&frames[0].1);
     let kinds: Vec<&str> = block.messages.iter().map(|m| m.r#type.as_str()).collect();
     assert_eq!(kinds, ["enter", "leave"]);
     let enter: serde_json::Value = serde_json::from_slice(&block.messages[0].data).unwrap();
-    assert_eq!(enter, serde_json::json!({"count": 6, "users": ["u0", "u1"]}));
+    assert_eq!(enter, serde_json::json!({"count": 5, "users": ["u0", "u1"]}));
     let leave: serde_json::Value = serde_json::from_slice(&block.messages[1].data).unwrap();
     assert_eq!(leave, serde_json::json!({"count": 3, "users": ["u0"]}));
     assert!(tick_frames(&mut o, at(100)).is_empty());
