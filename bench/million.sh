@@ -58,6 +58,9 @@ nice -n 19 ./target/release/barrage-load connect \
   --sources "127.0.1.1-127.0.1.$SOURCES" --ports 10000-60999 \
   --threads "$THREADS" --gateway-pid "$gateway_pid" --deadline-s "$DEADLINE_S" --json "$REPORT" || status=$?
 
+# The gateway's own view before it stops: rings driven.
+GATEWAY_RINGS=$(curl -s "127.0.0.1:$API_PORT/metrics" | awk '/^barrage_rings\{/ {s += $2} END {print s + 0}')
+export GATEWAY_RINGS
 python3 bench/plot.py "$REPORT" "$PLOT"
 python3 - "$REPORT" "$PLOT" "$N" "$RATE" "$ROOMS" "$HOLD_S" "$status" "$STAMP" >> bench/RESULTS.md <<'EOF'
 import json, os, platform, sys
@@ -72,7 +75,7 @@ print(f"""
 - Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; gateway and
   load generator on the same box, loopback, tuning/apply.sh applied and restored.
 - Command: `N={n} RATE={rate} ROOMS={rooms} HOLD_S={hold} bench/million.sh` (exit {status}); load
-  generator: {r.get('threads', '?')} threads, {r.get('rings', '?')} rings; gateway: {r.get('gateway_rings', '?')} rings.
+  generator: {r.get('threads', '?')} threads, {r.get('rings', '?')} rings; gateway: {os.environ.get('GATEWAY_RINGS', '?')} rings.
 - Held {r['connections_held']:,}, joined {r['joined']:,}; ramp {r['ramp_s']:.1f} s, handshakes/s mean
   {r['handshakes_per_s_mean']:,.0f}, peak {r['handshakes_per_s_peak']:,.0f}.
 - Gateway RSS {r['gateway_rss_before_bytes']/2**20:.1f} MiB before → {r['gateway_rss_after_ramp_bytes']/2**20:.1f} MiB
