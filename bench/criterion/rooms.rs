@@ -1,0 +1,96 @@
+//! Criterion: the room owner's work per block — mixing, encoding a block once — and the
+//! per-member cost of fanning one shared frame out to many queues.
+//! `cargo bench --bench rooms`
+use std::hint::black_box;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use barrage::envelope::Format;
+use barrage::hub::outbox::{Outbox, Queue};
+use barrage::ids::UnixMs;
+use barrage::proto::{Message, Priority};
+use barrage::room::RoomName;
+use barrage::room::frames::{self, Class};
+use barrage::room::mixer::{Mixer, MixerLimits};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+fn message(i: u64) -> Message {
+    Message {
+        id: i,
+        room: "live:1".into(),
+        seq: 1_000_000 + i,
+        r#type: "chat".into(),
+        priority: [Priority::Low, Priority::High, Priority::Whitelist][(i % 3) as usize] as i32,
+        weight: (i % 7) as i32,
+        sender: format!("user{i}"),
+        created_ms: 1_795_000_000_000,
+        data: vec![b'x'; 100],
+        ..Message::default()
+    }
+}
+
+fn mixer(c: &mut Criterion) {
+    let limits = MixerLimits { block_messages_max: 20, pending_messages_max: 1000 };
+    let mut g = c.benchmark_group("mixer");
+    g.throughput(Throughput::Elements(200));
+    g.bench_function("push 200, cut a block of 20", |b| {
+        b.iter_batched(
+            || (0..200).map(message).collect::<Vec<_>>(),
+            |msgs| {
+                let mut m = Mixer::default();
+                for msg in msgs {
+                    m.push(msg, &limits).unwrap();
+                }
+                black_box(m.cut(1_795_000_000_000, &limits))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn block_encoding(c: &mut Criterion) {
+    let room = RoomName::parse("live:1", 64).unwrap();
+    let messages: Vec<Message> = (0..20).map(message).collect();
+    let bytes = frames::block(&room, messages.clone(), 500_000, UnixMs(0), true, false);
+    let mut g = c.benchmark_group("block");
+    g.throughput(Throughput::Bytes((bytes.proto.len() + bytes.json.as_ref().map_or(0, |j| j.len())) as u64));
+    g.bench_function("encode 20 x 100 B once, protobuf + JSON", |b| {
+        b.iter_batched(|| messages.clone(), |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), true, false)), BatchSize::SmallInput)
+    });
+    g.throughput(Throughput::Bytes(bytes.proto.len() as u64));
+    g.bench_function("encode 20 x 100 B once, protobuf only", |b| {
+        b.iter_batched(|| messages.clone(), |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), false, false)), BatchSize::SmallInput)
+    });
+    g.finish();
+}
+
+/// What a shard does per member of a room when a block arrives: queue the shared frame, then
+/// gather it for the member's send and account the completed send.
+fn fan_out(c: &mut Criterion) {
+    let members = 10_000;
+    let frame = Arc::new(frames::SharedFrame { proto: vec![0u8; 2048].into(), json: None, class: Class::Low });
+    let mut g = c.benchmark_group("fan-out");
+    g.throughput(Throughput::Elements(members as u64));
+    g.bench_function("queue + gather + sent, 10k members", |b| {
+        let mut outbox = Outbox::default();
+        let mut queues: Vec<Queue> = (0..members).map(|_| Queue::default()).collect();
+        b.iter(|| {
+            let id = outbox.add_shared(Arc::clone(&frame));
+            for q in &mut queues {
+                outbox.push(q, id, 16);
+            }
+            outbox.forget_if_unused(id);
+            for q in &mut queues {
+                let mut iov = [IoSlice::new(&[]); 16];
+                let n = outbox.gather(q, Format::Proto, 0, &mut iov);
+                let len: usize = iov[..n].iter().map(|s| s.len()).sum();
+                outbox.sent(q, Format::Proto, 0, len);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, mixer, block_encoding, fan_out);
+criterion_main!(benches);
