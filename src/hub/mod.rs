@@ -350,6 +350,17 @@ impl Hub {
         self.conns.len()
     }
 
+    /// Frames queued to a connection, in flight included (None for no such connection). For
+    /// tests that bound a slow reader's memory.
+    pub fn queue_len(&self, key: u32) -> Option<usize> {
+        self.conns.get(key as usize).map(|c| c.queue.len())
+    }
+
+    /// Frames stored in the outbox, each held by at least one queue (for tests).
+    pub fn outbox_frames(&self) -> usize {
+        self.outbox.frames()
+    }
+
     pub fn counters(&mut self) -> &mut Counters {
         &mut self.counters
     }
