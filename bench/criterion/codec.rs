@@ -33,7 +33,8 @@ fn reader(c: &mut Criterion) {
     let limits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20 };
     let mut g = c.benchmark_group("reader");
     for size in [16usize, 128, 4096] {
-        let stream: Vec<u8> = (0..(64 * 1024 / (size + 8)).max(1)).flat_map(|_| masked(0x2, &vec![7u8; size])).collect();
+        let stream: Vec<u8> =
+            (0..(64 * 1024 / (size + 8)).max(1)).flat_map(|_| masked(0x2, &vec![7u8; size])).collect();
         g.throughput(Throughput::Bytes(stream.len() as u64));
         g.bench_function(format!("binary frames of {size} B"), |b| {
             b.iter_batched_ref(
@@ -73,13 +74,16 @@ fn mask(c: &mut Criterion) {
 }
 
 fn handshake(c: &mut Criterion) {
-    let req = b"GET /ws?room=live1&token=eyJhbGciOiJIUzI1NiJ9.e30.x HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
+    let req =
+        b"GET /ws?room=live1&token=eyJhbGciOiJIUzI1NiJ9.e30.x HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
 Sec-WebSocket-Protocol: barrage.v1.proto\r\nUser-Agent: bench\r\n\r\n";
     let limits = HandshakeLimits { request_bytes_max: 4096, headers_max: 32 };
     let mut g = c.benchmark_group("handshake");
     g.throughput(Throughput::Bytes(req.len() as u64));
-    g.bench_function("parse upgrade + accept key", |b| b.iter(|| black_box(parse_request(black_box(req), &limits).unwrap())));
+    g.bench_function("parse upgrade + accept key", |b| {
+        b.iter(|| black_box(parse_request(black_box(req), &limits).unwrap()))
+    });
     g.finish();
 }
 
@@ -89,9 +93,13 @@ fn client_envelope(c: &mut Criterion) {
     let json = serde_json::to_vec(&join).unwrap();
     let mut g = c.benchmark_group("envelope");
     g.throughput(Throughput::Bytes(bin.len() as u64));
-    g.bench_function("decode ClientFrame protobuf", |b| b.iter(|| envelope::decode(Format::Proto, false, black_box(&bin)).unwrap()));
+    g.bench_function("decode ClientFrame protobuf", |b| {
+        b.iter(|| envelope::decode(Format::Proto, false, black_box(&bin)).unwrap())
+    });
     g.throughput(Throughput::Bytes(json.len() as u64));
-    g.bench_function("decode ClientFrame JSON", |b| b.iter(|| envelope::decode(Format::Json, true, black_box(&json)).unwrap()));
+    g.bench_function("decode ClientFrame JSON", |b| {
+        b.iter(|| envelope::decode(Format::Json, true, black_box(&json)).unwrap())
+    });
     g.finish();
 }
 

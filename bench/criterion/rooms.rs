@@ -56,11 +56,19 @@ fn block_encoding(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");
     g.throughput(Throughput::Bytes((bytes.proto.len() + bytes.json.as_ref().map_or(0, |j| j.len())) as u64));
     g.bench_function("encode 20 x 100 B once, protobuf + JSON", |b| {
-        b.iter_batched(|| messages.clone(), |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), true, false)), BatchSize::SmallInput)
+        b.iter_batched(
+            || messages.clone(),
+            |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), true, false)),
+            BatchSize::SmallInput,
+        )
     });
     g.throughput(Throughput::Bytes(bytes.proto.len() as u64));
     g.bench_function("encode 20 x 100 B once, protobuf only", |b| {
-        b.iter_batched(|| messages.clone(), |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), false, false)), BatchSize::SmallInput)
+        b.iter_batched(
+            || messages.clone(),
+            |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), false, false)),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }
@@ -83,9 +91,9 @@ fn fan_out(c: &mut Criterion) {
             outbox.forget_if_unused(id);
             for q in &mut queues {
                 let mut iov = [IoSlice::new(&[]); 16];
-                let n = outbox.gather(q, Format::Proto, 0, &mut iov);
+                let n = outbox.gather(q, Format::Proto, &mut iov);
                 let len: usize = iov[..n].iter().map(|s| s.len()).sum();
-                outbox.sent(q, Format::Proto, 0, len);
+                outbox.sent(q, Format::Proto, len);
             }
         })
     });

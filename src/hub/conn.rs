@@ -57,8 +57,6 @@ pub struct Conn {
     pub member_pos: u32,
     /// Local user key, or NONE for an anonymous viewer.
     pub user: u32,
-    /// Bytes of the queue's head frame already written by earlier sends.
-    pub sent_offset: u32,
     /// Tick since when the send queue has been shedding frames (0 = keeping up).
     pub behind_since: u32,
     pub queue: Queue,
@@ -75,7 +73,6 @@ impl Conn {
             room: NONE,
             member_pos: 0,
             user: NONE,
-            sent_offset: 0,
             behind_since: 0,
             queue: Queue::default(),
             reader: Reader::default(),

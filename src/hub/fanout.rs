@@ -156,6 +156,8 @@ impl Hub {
         self.counters.add(Series::DropOverflow, stats.dropped_overflow);
         self.counters.add(Series::DropExpired, stats.dropped_expired);
         self.counters.add(Series::AttrFrames, stats.attr_frames);
+        self.counters.add(Series::MessagesIn, stats.presence_added);
+        self.counters.add(Series::MessagesCoalesced, stats.presence_coalesced);
         for (room, frame) in local {
             self.deliver_block(&room, frame, now);
         }

@@ -280,7 +280,7 @@ impl Hub {
             return 0;
         }
         let format = conn.format();
-        let n = self.outbox.gather(&mut conn.queue, format, conn.sent_offset as usize, iov);
+        let n = self.outbox.gather(&mut conn.queue, format, iov);
         self.counters.inc(Series::Sends);
         self.counters.add(Series::FramesOut, n as u64);
         n
@@ -298,8 +298,7 @@ impl Hub {
             return;
         }
         self.counters.add(Series::BytesOut, result as u64);
-        let offset = self.outbox.sent(&mut conn.queue, format, conn.sent_offset as usize, result as usize);
-        conn.sent_offset = offset as u32;
+        self.outbox.sent(&mut conn.queue, format, result as usize);
         if conn.queue.is_empty() {
             // Caught up: no longer behind, whatever was shed before.
             conn.behind_since = 0;

@@ -39,7 +39,7 @@ struct Node {
     next: u32,
 }
 
-/// One connection's send queue: 12 bytes inline in the connection.
+/// One connection's send queue: 16 bytes inline in the connection.
 #[derive(Debug)]
 pub struct Queue {
     head: u32,
@@ -47,11 +47,14 @@ pub struct Queue {
     len: u16,
     /// Frames at the head handed to the in-flight send.
     inflight: u16,
+    /// Bytes of the head frame already written. A partly written head is never shed: the
+    /// peer has its first bytes and must get the rest before anything else.
+    offset: u32,
 }
 
 impl Default for Queue {
     fn default() -> Self {
-        Queue { head: NIL, tail: NIL, len: 0, inflight: 0 }
+        Queue { head: NIL, tail: NIL, len: 0, inflight: 0, offset: 0 }
     }
 }
 
@@ -155,10 +158,11 @@ impl Outbox {
         result
     }
 
-    /// Fills `iov` with the queued frames (the first from `offset`) for one send, marks them in
-    /// flight and returns how many slices it filled.
-    pub fn gather<'a>(&'a self, q: &mut Queue, format: Format, offset: usize, iov: &mut [IoSlice<'a>]) -> usize {
+    /// Fills `iov` with the queued frames (the first from where the last send stopped) for
+    /// one send, marks them in flight and returns how many slices it filled.
+    pub fn gather<'a>(&'a self, q: &mut Queue, format: Format, iov: &mut [IoSlice<'a>]) -> usize {
         assert!(!q.in_flight(), "one send per connection at a time");
+        let offset = q.offset as usize;
         let mut n = 0;
         let mut node = q.head;
         while node != NIL && n < iov.len() {
@@ -173,35 +177,38 @@ impl Outbox {
         n
     }
 
-    /// Accounts a completed send of `written` bytes that started `offset` bytes into the head
-    /// frame: pops the frames fully written and returns the offset into the new head.
-    pub fn sent(&mut self, q: &mut Queue, format: Format, mut offset: usize, written: usize) -> usize {
+    /// Accounts a completed send of `written` bytes: pops the frames fully written and keeps
+    /// where the next send resumes inside the new head.
+    pub fn sent(&mut self, q: &mut Queue, format: Format, written: usize) {
         let mut left = written;
         while q.head != NIL && q.inflight > 0 {
             let frame = self.nodes[q.head as usize].frame;
-            let remaining = self.bytes(frame, format).len().saturating_sub(offset);
+            let remaining = self.bytes(frame, format).len().saturating_sub(q.offset as usize);
             if left < remaining {
+                q.offset += left as u32;
                 q.inflight = 0;
-                return offset + left;
+                return;
             }
             left -= remaining;
-            offset = 0;
+            q.offset = 0;
             self.pop_front(q);
             q.inflight -= 1;
         }
         q.inflight = 0;
-        0
     }
 
-    /// Ends the in-flight mark without progress (a failed send before the connection closes).
+    /// Ends the in-flight mark without progress, and forgets a partly written head: the send
+    /// failed or the connection is gone, so nothing more is owed on this stream.
     pub fn abort(&mut self, q: &mut Queue) {
         q.inflight = 0;
+        q.offset = 0;
     }
 
     /// Drops every queued frame that is not in flight.
     pub fn clear(&mut self, q: &mut Queue) {
-        // In-flight frames sit at the head; keep them until their send completes.
-        let keep = usize::from(q.inflight);
+        // In-flight frames sit at the head; keep them until their send completes (and a partly
+        // written head, whose rest the peer is owed).
+        let keep = usize::from(q.inflight).max(usize::from(q.offset > 0));
         let mut prev = NIL;
         let mut node = q.head;
         for _ in 0..keep {
@@ -249,7 +256,9 @@ impl Outbox {
         while node != NIL {
             let Node { frame, next } = self.nodes[node as usize];
             let class = self.frames.get(frame as usize).map_or(Class::Keep, |e| e.class);
-            let droppable = index >= usize::from(q.inflight) && class < Class::Keep;
+            // In flight, or the partly written head: the peer already has part of it.
+            let pinned = index < usize::from(q.inflight) || (index == 0 && q.offset > 0);
+            let droppable = !pinned && class < Class::Keep;
             if droppable && best.is_none_or(|(_, _, c)| class < c) {
                 best = Some((prev, node, class));
             }
@@ -309,15 +318,14 @@ mod tests {
 
     fn drain(o: &mut Outbox, q: &mut Queue) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut offset = 0;
         while !q.is_empty() {
             let mut iov = [IoSlice::new(&[]); 2];
-            let n = o.gather(q, Format::Proto, offset, &mut iov);
+            let n = o.gather(q, Format::Proto, &mut iov);
             let chunk: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
             // Write at most 3 bytes per send to exercise partial sends.
             let written = chunk.len().min(3);
             out.extend_from_slice(&chunk[..written]);
-            offset = o.sent(q, Format::Proto, offset, written);
+            o.sent(q, Format::Proto, written);
         }
         out
     }
@@ -349,7 +357,7 @@ mod tests {
             assert_eq!(o.push(&mut q, id, 4), Pushed::Queued);
         }
         let mut iov = [IoSlice::new(&[]); 1];
-        assert_eq!(o.gather(&mut q, Format::Proto, 0, &mut iov), 1); // 'a' in flight
+        assert_eq!(o.gather(&mut q, Format::Proto, &mut iov), 1); // 'a' in flight
         let e = o.add_shared(shared(b"e", Class::High));
         assert_eq!(o.push(&mut q, e, 4), Pushed::DroppedOldest, "drops low 'd', not in-flight 'a'");
         let f = o.add_shared(shared(b"f", Class::Low));
@@ -357,7 +365,7 @@ mod tests {
         o.forget_if_unused(f);
         let g = o.add_shared(shared(b"g", Class::High));
         assert_eq!(o.push(&mut q, g, 4), Pushed::DroppedOldest, "equal class: the oldest high 'c' goes");
-        o.sent(&mut q, Format::Proto, 0, 1);
+        o.sent(&mut q, Format::Proto, 1);
         assert_eq!(drain(&mut o, &mut q), b"beg");
         // Only kept frames queued: a kept frame cannot enter, a droppable one is dropped.
         let mut q = Queue::default();
@@ -384,11 +392,38 @@ mod tests {
             o.push(&mut q, id, 8);
         }
         let mut iov = [IoSlice::new(&[]); 1];
-        o.gather(&mut q, Format::Proto, 0, &mut iov);
+        o.gather(&mut q, Format::Proto, &mut iov);
         o.clear(&mut q);
         assert_eq!(q.len(), 1);
-        assert_eq!(o.sent(&mut q, Format::Proto, 0, 1), 0);
+        o.sent(&mut q, Format::Proto, 1);
         assert!(q.is_empty());
         assert_eq!(o.frames(), 0);
+    }
+
+    #[test]
+    fn a_partly_written_head_is_never_shed() {
+        // The simulation's case: a partial send leaves the head half written, then the full
+        // queue must shed. The head's rest must still go out first, whole.
+        let mut o = Outbox::default();
+        let mut q = Queue::default();
+        for b in [b"aaaa", b"bbbb"] {
+            let id = o.add_shared(shared(b, Class::Low));
+            o.push(&mut q, id, 2);
+        }
+        let mut iov = [IoSlice::new(&[]); 1];
+        o.gather(&mut q, Format::Proto, &mut iov);
+        o.sent(&mut q, Format::Proto, 2); // "aa" written, "aa" owed
+        let c = o.add_shared(shared(b"cccc", Class::Low));
+        assert_eq!(o.push(&mut q, c, 2), Pushed::DroppedOldest, "sheds 'bbbb', not the partial head");
+        assert_eq!(drain(&mut o, &mut q), b"aacccc");
+        // clear() keeps a partial head too.
+        let mut q = Queue::default();
+        let d = o.add_shared(shared(b"dddd", Class::Low));
+        o.push(&mut q, d, 2);
+        let mut iov = [IoSlice::new(&[]); 1];
+        o.gather(&mut q, Format::Proto, &mut iov);
+        o.sent(&mut q, Format::Proto, 1);
+        o.clear(&mut q);
+        assert_eq!(drain(&mut o, &mut q), b"ddd");
     }
 }

@@ -117,6 +117,10 @@ pub struct TickStats {
     pub dropped_overflow: u64,
     pub dropped_expired: u64,
     pub attr_frames: u64,
+    /// Enter/leave messages the tick posted into rooms (counted like publishes: added, or
+    /// superseding a pending one of the same kind).
+    pub presence_added: u64,
+    pub presence_coalesced: u64,
 }
 
 /// Receives each frame a tick produces: the room, its one shared frame, members per shard.
@@ -461,7 +465,10 @@ impl Owner {
             room.dirty = false;
             let json = room.json.iter().any(|&n| n > 0);
             let online = room.online();
-            post_presence(room, &self.config.types, &mut self.next_id, self.config.shard, now);
+            let (added, coalesced) =
+                post_presence(&name, room, &self.config.types, &mut self.next_id, self.config.shard, now);
+            stats.presence_added += added;
+            stats.presence_coalesced += coalesced;
             if room.attrs.version() != room.attrs_sent {
                 if let Some(f) = frames::attrs_since(&name, &room.attrs, room.attrs_sent, json) {
                     stats.attr_frames += 1;
@@ -502,14 +509,17 @@ impl Owner {
     }
 }
 
-/// Turns a room's enter/leave counts since the last block into (at most) one message each.
+/// Turns a room's enter/leave counts since the last block into (at most) one message each;
+/// returns how many were added and how many superseded a pending one.
 fn post_presence(
+    name: &RoomName,
     room: &mut OwnedRoom,
     types: &BTreeMap<String, TypeDefaults>,
     next_id: &mut u64,
     shard: ShardId,
     now: Now,
-) {
+) -> (u64, u64) {
+    let (mut added, mut coalesced) = (0, 0);
     for (kind, churn) in [("enter", &mut room.entered), ("leave", &mut room.left)] {
         if churn.count == 0 {
             continue;
@@ -521,6 +531,7 @@ fn post_presence(
         *next_id += 1;
         let msg = Message {
             id: (u64::from(shard.0) << 48) | (*next_id & 0xFFFF_FFFF_FFFF),
+            room: name.as_str().to_owned(),
             r#type: kind.into(),
             priority: priority_of(defaults.priority) as i32,
             ttl_ms: defaults.ttl_ms,
@@ -531,8 +542,13 @@ fn post_presence(
         };
         // Never refused: at most one of each kind waits, coalesced by its key.
         let limits = MixerLimits { block_messages_max: usize::MAX, pending_messages_max: usize::MAX };
-        let _ = room.mixer.push(msg, &limits);
+        match room.mixer.push(msg, &limits) {
+            Ok(Pushed::Added) => added += 1,
+            Ok(Pushed::Coalesced) => coalesced += 1,
+            Err(_) => {}
+        }
     }
+    (added, coalesced)
 }
 
 pub fn priority_of(p: PriorityName) -> Priority {

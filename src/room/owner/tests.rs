@@ -194,6 +194,7 @@ fn presence_events_are_one_per_kind_per_tick() {
     let block = decode_block(&frames[0].1);
     let kinds: Vec<&str> = block.messages.iter().map(|m| m.r#type.as_str()).collect();
     assert_eq!(kinds, ["enter", "leave"]);
+    assert!(block.messages.iter().all(|m| m.room == "p"), "presence messages name their room");
     let enter: serde_json::Value = serde_json::from_slice(&block.messages[0].data).unwrap();
     assert_eq!(enter, serde_json::json!({"count": 5, "users": ["u0", "u1"]}));
     let leave: serde_json::Value = serde_json::from_slice(&block.messages[1].data).unwrap();
