@@ -157,9 +157,9 @@ config! {
         name_bytes_max: usize = 64, name_bytes_max, "BARRAGE_NAME_BYTES_MAX";
         /// Bytes of one message's data.
         data_bytes_max: usize = 4096, data_bytes_max, "BARRAGE_DATA_BYTES_MAX";
-        /// Messages a room keeps for backfill on join and for short polling (5 blocks of 20).
-        /// Costs up to this many messages of data per room.
-        history_messages_max: usize = 100, history_messages_max, "BARRAGE_HISTORY_MESSAGES_MAX";
+        /// Messages a room keeps for backfill on join and for short polling. Costs up to this
+        /// many messages of data per room (50 x ~200 B with 100-byte payloads: ~10 KB).
+        history_messages_max: usize = 50, history_messages_max, "BARRAGE_HISTORY_MESSAGES_MAX";
         /// Upstream messages per second into one room (client sends and API publishes below
         /// whitelist priority); over it they are refused (429). 0 = unlimited.
         room_rate_per_s: u32 = 200, room_rate_per_s, "BARRAGE_ROOM_RATE_PER_S";

@@ -72,6 +72,9 @@ series! {
     Moderations => "barrage_moderation_actions_total", "counter", "Moderation actions applied by room owners.";
     AttrFrames => "barrage_attr_frames_total", "counter", "Attribute delta or snapshot frames fanned out by owners.";
     Polls => "barrage_polls_total", "counter", "Short polls answered on the public listener.";
+    RefusedAttrs => "barrage_requests_refused_total" {"reason" = "attrs"}, "counter", "Attribute, moderation and poll requests refused (bad key, too large, list full, bad cursor).";
+    RefusedModeration => "barrage_requests_refused_total" {"reason" = "moderation"}, "counter", "";
+    RefusedPoll => "barrage_requests_refused_total" {"reason" = "poll"}, "counter", "";
     SendRefused => "barrage_client_sends_refused_total", "counter", "Client sends refused (anonymous, no room, too big).";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
     FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";

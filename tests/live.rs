@@ -264,7 +264,8 @@ fn attributes_snapshot_on_join_deltas_after_and_sync_by_version() {
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(all["attributes"], json!({"seat2": {"value": "bob"}, "seat3": {"value_b64": "//4="}}));
     assert_eq!(put("big", r#"{"value":"this value is too long"}"#).0, 413);
-    assert_eq!(put("bad key", r#"{"value":"x"}"#).0, 400);
+    assert_eq!(put("bad%20key", r#"{"value":"x"}"#).0, 400);
+    eventually("refusals counted", || gw.metric("barrage_requests_refused_total{reason=\"attrs\"}") == 2);
     // Clients set attributes only with the attrs claim.
     let set = AttrSet { key: "seat9".into(), value: b"me".to_vec(), delete: false };
     c.send(client_frame::Frame::AttrSet(set.clone()));
@@ -358,7 +359,9 @@ fn short_polling_refuses_bad_cursors_and_reports_truncation() {
     assert_eq!(get("/v1/rooms/h/messages?after=-1").0, 400);
     assert_eq!(get("/v1/rooms/h/messages?after=abc").0, 400);
     assert_eq!(get("/v1/rooms/bad%20room/messages").0, 400);
-    eventually("counted", || gw.metric("barrage_polls_total") >= 2);
+    eventually("counted", || {
+        gw.metric("barrage_polls_total") >= 2 && gw.metric("barrage_requests_refused_total{reason=\"poll\"}") == 4
+    });
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

@@ -199,6 +199,7 @@ impl Hub {
         let (room, after, limit) = match parsed {
             Ok(p) => p,
             Err(why) => {
+                self.counters.inc(Series::RefusedPoll);
                 let body = serde_json::json!({"error": why}).to_string().into_bytes();
                 return self.http_answer(key, 400, &body, now);
             }

@@ -35,7 +35,10 @@ impl Hub {
             Mail::Poll { room, after, limit, from, conn } => {
                 let (status, body) = match self.owner.poll(&room, after, limit) {
                     Ok(body) => (200, body),
-                    Err(e) => (400, serde_json::json!({"error": e.message()}).to_string().into_bytes()),
+                    Err(e) => {
+                        self.counters.inc(Series::RefusedPoll);
+                        (400, serde_json::json!({"error": e.message()}).to_string().into_bytes())
+                    }
                 };
                 self.post(from, Mail::PollResult { conn, status, body }, now);
             }
@@ -45,6 +48,9 @@ impl Hub {
             Mail::ModerationList { room, reply } => reply.send(self.owner.moderation(&room, now.unix)),
             Mail::SetAttr { room, key, value, origin } => {
                 let result = self.owner.set_attr(&room, &key, value.as_deref(), now);
+                if result.is_err() {
+                    self.counters.inc(Series::RefusedAttrs);
+                }
                 self.answer(origin, result, |e| (400, e.message()), now);
             }
             Mail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
@@ -108,6 +114,8 @@ impl Hub {
                 );
             }
             self.counters.inc(Series::Moderations);
+        } else {
+            self.counters.inc(Series::RefusedModeration);
         }
         self.answer(origin, result, |e| (400, e.message()), now);
     }
