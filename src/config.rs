@@ -95,6 +95,11 @@ config! {
         read_mode: ReadMode = ReadMode::Poll, read_mode, "BARRAGE_READ_MODE";
         /// Slots in each cross-shard queue (one per sender and receiver). About 64 B each.
         mesh_queue_len: usize = 65536, mesh_queue_len, "BARRAGE_MESH_QUEUE_LEN";
+        /// Bytes one shard may hold for partial input (incomplete request heads and frames,
+        /// fragmented messages) across all its connections. A connection whose partial data
+        /// would exceed it is closed (1013, or 503 in the handshake) and counted: a slowloris
+        /// flood costs at most this, not connections x message_bytes_max.
+        partial_bytes_max: usize = 64 << 20, partial_bytes_max, "BARRAGE_PARTIAL_BYTES_MAX";
         /// Frames per connection waiting to be sent. A reader that falls further behind loses
         /// its oldest non-whitelist frames first, and is closed (and counted) when only
         /// undroppable frames are left. Bounds a stalled reader's memory to this many frames.
@@ -330,6 +335,12 @@ impl Config {
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
+        }
+        if s.partial_bytes_max < w.message_bytes_max + w.handshake_bytes_max {
+            return Err(ConfigError(
+                "server.partial_bytes_max must hold at least one websocket.message_bytes_max + handshake_bytes_max"
+                    .into(),
+            ));
         }
         if r.rooms_max == 0 {
             return Err(ConfigError("rooms.rooms_max must be at least 1".into()));

@@ -89,9 +89,11 @@ series! {
     ClosedError => "barrage_closed_total" {"reason" = "io_error"}, "counter", "";
     ClosedShutdown => "barrage_closed_total" {"reason" = "shutdown"}, "counter", "";
     ClosedKicked => "barrage_closed_total" {"reason" = "kicked"}, "counter", "";
+    ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
+    PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
     Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";
 }

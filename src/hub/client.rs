@@ -39,15 +39,21 @@ impl Hub {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         // The reader leaves the connection while it runs so events can change the hub freely.
         let mut reader = std::mem::take(&mut conn.reader);
+        let before = reader.buffered_bytes();
         let limits = self.cfg.read;
         let result = reader.feed(data, &limits, &mut |event| self.on_event(key, event, now));
+        let mut after = 0;
         if let Some(conn) = self.conns.get_mut(key as usize)
             && matches!(conn.state, State::Open | State::Closing)
         {
+            after = reader.buffered_bytes();
             conn.reader = reader;
         }
+        let within = self.account_partial(before, after);
         if let Err(e) = result {
             self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);
+        } else if !within {
+            self.fail(key, CloseCode::TRY_AGAIN, "server busy: try again", Series::ClosedBudget, now);
         }
     }
 

@@ -39,10 +39,12 @@ impl Hub {
     /// Handshake phase: accumulate the request head; act once it is complete.
     pub(super) fn read_handshake(&mut self, key: u32, data: &mut [u8], now: Now) {
         let limits = self.cfg.handshake;
-        match self.heads.remove(&key) {
+        match self.take_head(key) {
             None => match wire::parse_request(data, &limits) {
                 Ok(Parsed::Partial) => {
-                    self.heads.insert(key, data.to_vec());
+                    if !self.stash_head(key, data.to_vec()) {
+                        self.busy(key, now);
+                    }
                 }
                 Ok(Parsed::Complete { request, consumed }) => {
                     self.route(key, request, now);
@@ -54,7 +56,9 @@ impl Hub {
                 head.extend_from_slice(data);
                 match wire::parse_request(&head, &limits) {
                     Ok(Parsed::Partial) => {
-                        self.heads.insert(key, head);
+                        if !self.stash_head(key, head) {
+                            self.busy(key, now);
+                        }
                     }
                     Ok(Parsed::Complete { request, consumed }) => {
                         self.route(key, request, now);
@@ -64,6 +68,13 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// The shard's partial-input budget is spent: refuse this handshake for now.
+    fn busy(&mut self, key: u32, now: Now) {
+        let body = serde_json::json!({"error": "server busy: try again"}).to_string();
+        let bytes = wire::http_response(503, "application/json", &["Retry-After: 1"], body.as_bytes());
+        self.flush_then_close(key, bytes, now);
     }
 
     /// Frames a client sent right behind its request head.

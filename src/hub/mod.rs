@@ -61,6 +61,7 @@ pub struct HubConfig {
     pub name_bytes_max: usize,
     pub data_bytes_max: usize,
     pub send_queue_frames_max: usize,
+    pub partial_bytes_max: usize,
     pub block_interval_ms: u64,
     pub rooms_max: usize,
     pub jwt_secret: Vec<u8>,
@@ -97,6 +98,7 @@ impl HubConfig {
             name_bytes_max: c.rooms.name_bytes_max,
             data_bytes_max: c.rooms.data_bytes_max,
             send_queue_frames_max: c.server.send_queue_frames_max as usize,
+            partial_bytes_max: c.server.partial_bytes_max,
             block_interval_ms: c.rooms.block_interval_ms,
             rooms_max: c.rooms.rooms_max,
             jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
@@ -147,6 +149,8 @@ pub struct Hub {
     conns: Slab<Conn>,
     /// Partial upgrade requests (rare: most arrive in one segment).
     heads: HashMap<u32, Vec<u8>>,
+    /// Bytes held in `heads` and in readers' spill buffers, against `partial_bytes_max`.
+    partial_bytes: usize,
     rooms: Rooms,
     users: Users,
     outbox: Outbox,
@@ -179,6 +183,7 @@ impl Hub {
             verifier,
             conns: Slab::new(),
             heads: HashMap::new(),
+            partial_bytes: 0,
             rooms: Rooms::new(cfg.rooms_max),
             users: Users::default(),
             outbox: Outbox::default(),
@@ -418,6 +423,7 @@ impl Hub {
         c.set(Series::ConnectionsOpen, self.websockets);
         c.set(Series::RoomsOwned, self.owner.rooms() as u64);
         c.set(Series::RoomsLocal, self.rooms.len() as u64);
+        c.set(Series::PartialBytes, self.partial_bytes as u64);
     }
 
     /// Sends mail to a shard; mail for this shard is handled at once, so local and remote
@@ -546,12 +552,13 @@ impl Hub {
         }
         conn.state = State::Terminating;
         conn.deadline = 0;
+        self.partial_bytes = self.partial_bytes.saturating_sub(conn.reader.buffered_bytes());
         conn.reader.reset();
         self.outbox.clear(&mut conn.queue);
         if let Some(r) = reason {
             self.counters.inc(r);
         }
-        self.heads.remove(&key);
+        self.take_head(key);
         self.send_buckets.remove(&key);
         self.leave_room(key);
         self.leave_user(key);
@@ -564,6 +571,31 @@ impl Hub {
         if user != index::NONE {
             self.users.remove(user, key);
         }
+    }
+
+    /// Removes a connection's partial request head, releasing its bytes from the budget.
+    fn take_head(&mut self, key: u32) -> Option<Vec<u8>> {
+        let head = self.heads.remove(&key)?;
+        self.partial_bytes = self.partial_bytes.saturating_sub(head.len());
+        Some(head)
+    }
+
+    /// Keeps a partial request head if the shard's partial-input budget allows.
+    fn stash_head(&mut self, key: u32, head: Vec<u8>) -> bool {
+        if self.partial_bytes + head.len() > self.cfg.partial_bytes_max {
+            self.counters.inc(Series::ClosedBudget);
+            return false;
+        }
+        self.partial_bytes += head.len();
+        self.heads.insert(key, head);
+        true
+    }
+
+    /// Accounts a reader's buffered bytes going from `before` to `after`; false when the
+    /// shard's partial-input budget is now exceeded by growth.
+    fn account_partial(&mut self, before: usize, after: usize) -> bool {
+        self.partial_bytes = (self.partial_bytes + after).saturating_sub(before);
+        after <= before || self.partial_bytes <= self.cfg.partial_bytes_max
     }
 
     /// Encodes a server frame for one connection in its format.
