@@ -3,6 +3,7 @@
 //! connections into sends, close what ended, submit once, sleep until something happens.
 //! Everything here moves bytes between io_uring and the sans-IO hub; decisions live in the hub.
 
+pub mod bufring;
 pub mod driver;
 pub mod listener;
 pub mod mesh;
