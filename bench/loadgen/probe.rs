@@ -44,6 +44,27 @@ pub fn cpu_s(path: &str) -> Option<f64> {
     Some(ticks as f64 / crate::sys::clock_ticks_per_s() as f64)
 }
 
+/// CPU time of process `pid` and of its children (nginx's workers are child processes), in
+/// seconds; None if `pid` itself cannot be read. A child that exits in between takes its time
+/// with it.
+pub fn tree_cpu_s(pid: u32) -> Option<f64> {
+    let mut ticks = stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        if stat_ppid(&stat) == Some(pid) {
+            ticks += stat_cpu_ticks(&stat).unwrap_or(0);
+        }
+    }
+    Some(ticks as f64 / crate::sys::clock_ticks_per_s() as f64)
+}
+
+/// Field 4 (the parent's pid) of a stat line.
+fn stat_ppid(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Fields 14 and 15 of a stat line, counted after the `)` that ends the command name (which
 /// may hold spaces and parentheses).
 fn stat_cpu_ticks(stat: &str) -> Option<u64> {
@@ -193,7 +214,10 @@ mod tests {
         let stat = "1234 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0 99";
         assert_eq!(stat_cpu_ticks(stat), Some(300));
         assert_eq!(stat_cpu_ticks("1 (x) S 1 2"), None);
+        assert_eq!(stat_ppid(stat), Some(1));
         assert!(cpu_s("/proc/self/stat").is_some());
+        let own = cpu_s("/proc/self/stat").unwrap();
+        assert!(tree_cpu_s(std::process::id()).unwrap() >= own);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::fanout_pub::{PubPlan, PubResult};
 use crate::fanout_recv::{FanoutReads, LATENCY_NS_MAX, Tally};
 use crate::fanout_report::{Report, ServerCounters, counted, deliveries, latency, summary};
 use crate::handshake::upgrade;
-use crate::probe::{Api, cpu_s, series_sum};
+use crate::probe::{Api, cpu_s, series_sum, tree_cpu_s};
 use crate::ring::RingParams;
 use crate::sys::monotonic_ns;
 use crate::worker::{Counters, Plan, Shared, Stat};
@@ -84,7 +84,8 @@ pub struct FanoutArgs {
     /// barrage's business API (required for kind barrage: publishing, online counts, metrics).
     #[arg(long)]
     api: Option<String>,
-    /// The server's pid, to read its CPU time over the window.
+    /// The server's pid, to read its CPU time (and its children's: nginx's workers) over the
+    /// window.
     #[arg(long)]
     server_pid: Option<u32>,
     #[arg(long, default_value_t = 100)]
@@ -267,7 +268,7 @@ struct Cpu {
 
 impl Cpu {
     fn now(pid: Option<u32>) -> Cpu {
-        Cpu { server: pid.and_then(|p| cpu_s(&format!("/proc/{p}/stat"))), own: cpu_s("/proc/self/stat") }
+        Cpu { server: pid.and_then(tree_cpu_s), own: cpu_s("/proc/self/stat") }
     }
 }
 
