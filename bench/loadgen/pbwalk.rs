@@ -70,6 +70,12 @@ impl PbWalk {
     pub fn feed(&mut self, mut bytes: &[u8], on: &mut impl FnMut(Found<'_>)) {
         while !bytes.is_empty() {
             bytes = match self.step {
+                Step::Key if self.msg_end != 0 && (self.msg_end - self.pos) as usize <= bytes.len() => {
+                    match self.whole_message(bytes, on) {
+                        Some(rest) => rest,
+                        None => self.varint_step(bytes, on),
+                    }
+                }
                 Step::Key | Step::SkipVarint | Step::Len(_) => self.varint_step(bytes, on),
                 Step::Skip => {
                     let rest = self.advance(bytes);
@@ -89,6 +95,49 @@ impl PbWalk {
         let whole = self.step == Step::Key && self.block_end == 0 && self.msg_end == 0;
         *self = PbWalk::default();
         if whole { Ok(()) } else { Err(Malformed) }
+    }
+
+    /// The fast path: the rest of the open message is all in `bytes`, so walk it as a slice.
+    /// Commits only if the whole rest parses; otherwise (None) the byte-wise walk takes over and
+    /// reaches the same verdict.
+    fn whole_message<'a>(&mut self, bytes: &'a [u8], on: &mut impl FnMut(Found<'_>)) -> Option<&'a [u8]> {
+        let n = (self.msg_end - self.pos) as usize;
+        let body = &bytes[..n];
+        let (mut i, mut data) = (0, None);
+        while i < n {
+            let (key, k) = varint(&body[i..])?;
+            i += k;
+            match (key >> 3, key & 7) {
+                (0, _) => return None,
+                (_, 0) => i += varint(&body[i..])?.1,
+                (_, 1) => i += 8,
+                (_, 5) => i += 4,
+                (field, 2) => {
+                    let (len, k) = varint(&body[i..])?;
+                    i += k;
+                    let len = usize::try_from(len).ok().filter(|l| *l <= n - i)?;
+                    if field == 9 {
+                        data = Some(&body[i..i + len]);
+                    }
+                    i += len;
+                }
+                _ => return None,
+            }
+        }
+        if i != n {
+            return None;
+        }
+        // The last data field wins (as in the byte-wise walk), which may have come in an
+        // earlier read.
+        if let Some(d) = data {
+            let h = d.len().min(HEADER_BYTES);
+            self.hdr[..h].copy_from_slice(&d[..h]);
+            self.hdr_len = h as u8;
+            self.has_data = true;
+        }
+        self.pos = self.msg_end;
+        self.field_done(on);
+        Some(&bytes[n..])
     }
 
     /// Skips up to `until`; returns what is left of `bytes`.
@@ -238,6 +287,19 @@ impl PbWalk {
     }
 }
 
+/// A whole varint at the start of `b`: (value, bytes); None if it does not end within 10 bytes
+/// or within `b`.
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +418,20 @@ mod tests {
         assert_eq!(walk(&frame, &cuts), (want.clone(), Ok(())));
         let cuts: Vec<usize> = (1..frame.len()).step_by(4093).collect();
         assert_eq!(walk(&frame, &cuts), (want, Ok(())));
+    }
+
+    #[test]
+    fn data_read_before_the_fast_path_takes_the_rest_is_kept() {
+        // A message: data first, then a long string field; cut right after the data so the
+        // rest (a whole tail) goes by the fast path.
+        let mut m = vec![0x4A, 24];
+        m.extend_from_slice(&data(11, 24));
+        m.extend_from_slice(&[0x3A, 3, b'a', b'b', b'c', 0x08, 0x05]);
+        let mut f = vec![0x12, (m.len() + 2) as u8, 0x22, m.len() as u8];
+        f.extend_from_slice(&m);
+        for cut in 0..=f.len() {
+            assert_eq!(walk(&f, &[cut]), (vec![Seen::Seq(11)], Ok(())), "cut {cut}");
+        }
     }
 
     #[test]
