@@ -1,10 +1,9 @@
 //! Per-connection state: struct-of-arrays per ring, indexed by the connection's direct-descriptor
-//! slot, 24 bytes a connection (state 1 + flags 1 + reader 20 + blocks 2). And the pool of
+//! slot, 4 bytes a connection (state 1 + flags 1 + blocks 2) beside the scenario's read state
+//! (`worker::Reads::Lane`: 20 bytes for `connect`). And the pool of
 //! connect contexts: the source address a connect chain's bind reads, kept still until the
 //! chain's last completion.
 #![forbid(unsafe_code)]
-
-use crate::frames::Reader;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,7 +28,7 @@ pub enum State {
 pub const RECV: u8 = 1;
 /// The poll fired while a receive was in flight: receive again after it.
 pub const POLL_AGAIN: u8 = 2;
-/// A ping send is in flight.
+/// A ping (or pong) send is in flight.
 pub const PING: u8 = 4;
 
 /// The connections on one ring. Slots are handed out once each, in order: a run opens each
@@ -37,7 +36,6 @@ pub const PING: u8 = 4;
 pub struct Conns {
     pub state: Vec<State>,
     pub flags: Vec<u8>,
-    pub reader: Vec<Reader>,
     /// Blocks received since the probe started (saturating).
     pub blocks: Vec<u16>,
     used: u32,
@@ -46,18 +44,12 @@ pub struct Conns {
 impl Conns {
     pub fn new(capacity: u32) -> Conns {
         let n = capacity as usize;
-        Conns {
-            state: vec![State::Free; n],
-            flags: vec![0; n],
-            reader: vec![Reader::default(); n],
-            blocks: vec![0; n],
-            used: 0,
-        }
+        Conns { state: vec![State::Free; n], flags: vec![0; n], blocks: vec![0; n], used: 0 }
     }
 
     /// Bytes of user memory per slot.
     pub const fn bytes_per_slot() -> usize {
-        std::mem::size_of::<State>() + 1 + std::mem::size_of::<Reader>() + std::mem::size_of::<u16>()
+        std::mem::size_of::<State>() + 1 + std::mem::size_of::<u16>()
     }
 
     pub fn capacity(&self) -> u32 {
@@ -154,8 +146,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_connection_costs_a_few_dozen_bytes() {
-        assert_eq!(Conns::bytes_per_slot(), 24);
+    fn the_loop_s_state_is_four_bytes_a_connection() {
+        assert_eq!(Conns::bytes_per_slot(), 4);
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub enum ErrorKind {
     Reset,
     /// Ran out of source pairs or connection slots (a bug in sizing if it ever shows).
     NoSlot,
+    /// A scenario's own kind (`fanout`: `short_message`, `wrong_room`, ...).
+    Named(&'static str),
 }
 
 impl ErrorKind {
@@ -76,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Eof => "eof".into(),
             ErrorKind::Reset => "reset".into(),
             ErrorKind::NoSlot => "no_slot".into(),
+            ErrorKind::Named(name) => name.into(),
         }
     }
 }

@@ -31,10 +31,15 @@ impl Subprotocol {
 
 /// The upgrade request that joins `room` from the handshake.
 pub fn request(host: &str, room: &str, protocol: Subprotocol) -> Vec<u8> {
+    upgrade(host, &format!("/ws?room={room}"), Some(protocol.name()))
+}
+
+/// An upgrade request for `path` (and query), offering `protocol` if any.
+pub fn upgrade(host: &str, path: &str, protocol: Option<&str>) -> Vec<u8> {
+    let offer = protocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
     format!(
-        "GET /ws?room={room} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
-        protocol.name()
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
 }
@@ -200,6 +205,9 @@ mod tests {
         assert!(r.ends_with("\r\n\r\n") && r.matches("\r\n\r\n").count() == 1);
         let j = String::from_utf8(request("h", "r0", Subprotocol::Json)).unwrap();
         assert!(j.contains("Sec-WebSocket-Protocol: barrage.v1.json\r\n"));
+        let plain = String::from_utf8(upgrade("h", "/sub?room=r1", None)).unwrap();
+        assert!(plain.starts_with("GET /sub?room=r1 HTTP/1.1\r\nHost: h\r\n"));
+        assert!(!plain.contains("Protocol") && plain.ends_with("Version: 13\r\n\r\n"));
     }
 
     #[test]

@@ -8,18 +8,31 @@
 //! loop per thread) → `ring` (io_uring: connect chains, polls, receives, pings) → `conn`
 //! (per-connection state) → `handshake` / `frames` (the bytes read, counted) → `errors`,
 //! `probe` (/proc and the gateway API) → `report` (summary and JSON).
+//!
+//! `scenario_fanout` subscribes through the same workers, with `fanout_recv` as their reads
+//! (`fanout_read` → `pbwalk`: messages out of frames, without copies), while `fanout_pub`
+//! threads publish `fanout_msg` messages; `fanout_book` is what they share, `fanout_report`
+//! what is left.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod addrs;
 mod conn;
 mod errors;
+mod fanout_book;
+mod fanout_msg;
+mod fanout_pub;
+mod fanout_read;
+mod fanout_recv;
+mod fanout_report;
 mod frames;
 mod handshake;
 mod pace;
+mod pbwalk;
 mod probe;
 mod report;
 mod ring;
 mod scenario_connect;
+mod scenario_fanout;
 mod sys;
 mod worker;
 
@@ -38,12 +51,19 @@ enum Scenario {
     /// and report connection rate and memory per connection. Exit 0 only if all N were held
     /// and joined and none missed the probe block; 1 otherwise; 2 for refused arguments.
     Connect(Box<scenario_connect::ConnectArgs>),
+    /// Subscribe M members into R rooms, publish messages (paced, or as fast as each room's
+    /// first member takes them), and report deliveries and frames per second, losses, latency
+    /// to each member and to the last, and the server's CPU per million deliveries. Exit 0 if
+    /// everyone subscribed and nothing was lost (or, for barrage, only what its drop counters
+    /// account for); 1 otherwise; 2 for refused arguments.
+    Fanout(Box<scenario_fanout::FanoutArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.scenario {
         Scenario::Connect(args) => scenario_connect::run(*args),
+        Scenario::Fanout(args) => scenario_fanout::run(*args),
     };
     std::process::exit(code);
 }

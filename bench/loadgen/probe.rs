@@ -1,6 +1,6 @@
-//! Readings from outside the load: memory from /proc (the gateway's RSS, the kernel's slab,
-//! our own RSS), and the gateway's business API over plain blocking HTTP/1.1 (room online
-//! counts, publishing the probe message).
+//! Readings from outside the load: memory and CPU time from /proc (the gateway's RSS, the
+//! kernel's slab, our own RSS, a process's utime + stime), and the gateway's business API over
+//! plain blocking HTTP/1.1 (room online counts, publishing the probe message, metrics).
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -35,6 +35,57 @@ impl Readings {
 /// VmRSS of a /proc/PID/status file.
 pub fn rss_bytes(path: &str) -> Option<u64> {
     kb_field(&std::fs::read_to_string(path).ok()?, "VmRSS:")
+}
+
+/// CPU time (utime + stime, all threads) of the process whose stat file is `path`
+/// (`/proc/PID/stat`, `/proc/self/stat`), in seconds.
+pub fn cpu_s(path: &str) -> Option<f64> {
+    let ticks = stat_cpu_ticks(&std::fs::read_to_string(path).ok()?)?;
+    Some(ticks as f64 / crate::sys::clock_ticks_per_s() as f64)
+}
+
+/// CPU time of process `pid` and of its children (nginx's workers are child processes), in
+/// seconds; None if `pid` itself cannot be read. A child that exits in between takes its time
+/// with it.
+pub fn tree_cpu_s(pid: u32) -> Option<f64> {
+    let mut ticks = stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        if stat_ppid(&stat) == Some(pid) {
+            ticks += stat_cpu_ticks(&stat).unwrap_or(0);
+        }
+    }
+    Some(ticks as f64 / crate::sys::clock_ticks_per_s() as f64)
+}
+
+/// Field 4 (the parent's pid) of a stat line.
+fn stat_ppid(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Fields 14 and 15 of a stat line, counted after the `)` that ends the command name (which
+/// may hold spaces and parentheses).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the name: field 3 (state) is the first word, so fields 14 and 15 are words 11 and 12.
+    let mut words = rest.split_whitespace().skip(11);
+    let utime: u64 = words.next()?.parse().ok()?;
+    let stime: u64 = words.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The sum of every sample of the Prometheus series `name` (whatever its labels).
+pub fn series_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            (base == name).then(|| value.trim().parse::<f64>().ok()).flatten()
+        })
+        .sum::<f64>() as u64
 }
 
 /// `Name:   1234 kB` → 1234 × 1024.
@@ -89,6 +140,14 @@ impl Api {
     /// `POST /v1/rooms/{room}/messages` with a JSON body; returns the status.
     pub fn publish(&self, room: &str, body: &str) -> Result<u16, ApiError> {
         Ok(self.call("POST", &format!("/v1/rooms/{room}/messages"), body)?.0)
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub fn metrics(&self) -> Result<String, ApiError> {
+        match self.call("GET", "/metrics", "")? {
+            (200, body) => Ok(body),
+            _ => Err(ApiError::Malformed),
+        }
     }
 
     /// One request on its own connection (`Connection: close`); returns (status, body).
@@ -148,6 +207,29 @@ mod tests {
         assert!(r.own_rss.unwrap() > 0);
         assert!(r.gateway_rss.unwrap() > 0);
         assert!(r.slab.unwrap() > 0);
+    }
+
+    #[test]
+    fn cpu_ticks_come_after_the_name() {
+        let stat = "1234 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0 99";
+        assert_eq!(stat_cpu_ticks(stat), Some(300));
+        assert_eq!(stat_cpu_ticks("1 (x) S 1 2"), None);
+        assert_eq!(stat_ppid(stat), Some(1));
+        assert!(cpu_s("/proc/self/stat").is_some());
+        let own = cpu_s("/proc/self/stat").unwrap();
+        assert!(tree_cpu_s(std::process::id()).unwrap() >= own);
+    }
+
+    #[test]
+    fn series_sum_adds_every_label_set() {
+        let text = "# HELP barrage_messages_dropped_total x\n\
+            barrage_messages_dropped_total{shard=\"0\",reason=\"overflow\"} 3\n\
+            barrage_messages_dropped_total{shard=\"1\",reason=\"expired\"} 4\n\
+            barrage_messages_dropped_totally 100\n\
+            barrage_frames_dropped_total{shard=\"0\",reason=\"slow_consumer\"} 2\n";
+        assert_eq!(series_sum(text, "barrage_messages_dropped_total"), 7);
+        assert_eq!(series_sum(text, "barrage_frames_dropped_total"), 2);
+        assert_eq!(series_sum(text, "missing"), 0);
     }
 
     #[test]

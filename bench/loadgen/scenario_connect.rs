@@ -22,7 +22,7 @@ use crate::handshake::{Subprotocol, request};
 use crate::probe::{Api, Readings};
 use crate::report::{Blocks, Report, Sample, per_conn, progress_line, summary};
 use crate::ring::RingParams;
-use crate::worker::{Counters, Plan, Shared, Stat};
+use crate::worker::{ConnectReads, Counters, Plan, Shared, Stat};
 
 /// Extra time the ramp may take over N ÷ rate: dropped SYNs are retried after 1, 3, 7, 15 s.
 const RAMP_SLACK: Duration = Duration::from_secs(30);
@@ -141,9 +141,8 @@ pub fn run(args: ConnectArgs) -> i32 {
             rooms: args.rooms,
             requests,
             target,
-            protocol: args.subprotocol,
         };
-        match start_worker(t, plan) {
+        match start_worker(t, plan, args.subprotocol) {
             Ok((shared, handle)) => {
                 run.workers.push(shared);
                 handles.push(handle);
@@ -207,11 +206,13 @@ fn validate(args: &ConnectArgs) -> Result<Setup, String> {
     Ok(Setup { target, api: Api { addr: api, key: args.api_key.clone() }, sources, files_per_ring })
 }
 
-fn start_worker(t: u64, plan: Plan) -> std::io::Result<(Arc<Shared>, JoinHandle<ErrorCounts>)> {
+fn start_worker(t: u64, plan: Plan, protocol: Subprotocol) -> std::io::Result<(Arc<Shared>, JoinHandle<ErrorCounts>)> {
     let shared = Arc::new(Shared::new()?);
     let theirs = Arc::clone(&shared);
-    let handle =
-        std::thread::Builder::new().name(format!("load-{t}")).spawn(move || crate::worker::run(plan, theirs))?;
+    let reads = ConnectReads { protocol };
+    let handle = std::thread::Builder::new()
+        .name(format!("load-{t}"))
+        .spawn(move || crate::worker::run(plan, theirs, reads).0)?;
     Ok((shared, handle))
 }
 
@@ -426,7 +427,7 @@ impl<'a> Run<'a> {
             kernel_bytes_per_pair: per_conn(before.slab, after.slab, m.held_after),
             loadgen_rss_bytes: after.own_rss,
             loadgen_bytes_per_conn: per_conn(before.own_rss, after.own_rss, m.held_after),
-            loadgen_state_bytes_per_conn: crate::conn::Conns::bytes_per_slot(),
+            loadgen_state_bytes_per_conn: ConnectReads::bytes_per_slot(),
             blocks,
             errors: std::mem::take(&mut self.errors),
             samples: std::mem::take(&mut self.samples),

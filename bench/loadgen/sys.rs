@@ -1,8 +1,9 @@
 //! The few raw system calls beside io_uring: the descriptor limit (which also caps a ring's
-//! direct-descriptor table) and the eventfd a worker sleeps on.
+//! direct-descriptor table), the eventfd a worker sleeps on, the shared monotonic clock, the
+//! clock-tick unit of /proc CPU times, and a receive that never waits.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
@@ -61,4 +62,27 @@ impl Wake {
         // empty counter returns EAGAIN at once.
         let _ = unsafe { libc::read(self.raw(), (&raw mut count).cast(), 8) };
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock every process on the box shares, so a publish
+/// stamped by one process and a receipt read by another compare (`Instant` is opaque).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`): the unit of /proc/PID/stat's CPU times.
+pub fn clock_ticks_per_s() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// One receive that never waits (MSG_DONTWAIT): Ok(0) at EOF, WouldBlock when nothing is there.
+pub fn recv_dontwait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most `buf.len()` bytes into the valid, exclusively borrowed `buf`.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }

@@ -3,6 +3,8 @@
 //! through the connections' state, opens the connections the token bucket allows, sends the
 //! pings that are due, submits once per ring, publishes its counters, and sleeps on its eventfd
 //! when nothing happened. The main thread steers it through `Shared` and reads its counters.
+//! What the bytes read mean is the scenario's business (`Reads`): `ConnectReads` counts frames
+//! for `connect`, `fanout_recv` takes messages apart for `fanout`.
 
 use std::collections::VecDeque;
 use std::ops::{Index, IndexMut};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::addrs::{Sources, sockaddr_in};
 use crate::conn::{Conns, Dials, PING, POLL_AGAIN, RECV, State};
 use crate::errors::{ErrorCounts, ErrorKind, Op};
-use crate::frames::{Event, Kind, ReadError};
+use crate::frames::{Event, Kind, ReadError, Reader};
 use crate::handshake::Subprotocol;
 use crate::pace::TokenBucket;
 use crate::ring::{Cqe, Ring, RingParams, Tag};
@@ -21,6 +23,8 @@ use crate::sys::Wake;
 
 /// A masked WebSocket ping with an empty payload (FIN|ping, MASK|0, a fixed mask key).
 static PING_FRAME: [u8; 6] = [0x89, 0x80, 0x5A, 0x17, 0xC3, 0x9E];
+/// A masked WebSocket pong with an empty payload: the answer to a server's ping.
+static PONG_FRAME: [u8; 6] = [0x8A, 0x80, 0x5A, 0x17, 0xC3, 0x9E];
 /// Longest sleep with nothing to do (the main thread wakes us sooner when it has news).
 const IDLE_SLEEP: Duration = Duration::from_millis(100);
 
@@ -42,7 +46,37 @@ pub struct Plan {
     /// One upgrade request per room, built once.
     pub requests: &'static [Vec<u8>],
     pub target: &'static libc::sockaddr_in,
-    pub protocol: Subprotocol,
+}
+
+/// The scenario's half of the loop: what the bytes a connection reads mean.
+pub trait Reads {
+    /// Read state of one ring's connections, indexed by slot.
+    type Lane;
+    /// The state for a new ring of `capacity` slots.
+    fn lane(&mut self, capacity: u32) -> Self::Lane;
+    /// Connection `index` (run-wide, `Plan::first`-based) is starting in `slot`.
+    fn start(&mut self, lane: &mut Self::Lane, slot: u32, index: u64);
+    /// One read's bytes for `slot`: moves `conns.state` on (Upgrading → Open → Joined), counts
+    /// into `c`, and says whether to close the connection or answer a ping.
+    fn absorb(
+        &mut self,
+        lane: &mut Self::Lane,
+        conns: &mut Conns,
+        slot: u32,
+        bytes: &[u8],
+        c: &mut Counters,
+    ) -> Absorbed;
+    /// Once a loop turn, when the worker publishes its counters.
+    fn publish(&mut self) {}
+}
+
+/// What one read asks of the loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Absorbed {
+    /// Close the connection, counted under this kind.
+    pub close: Option<ErrorKind>,
+    /// The server pinged: send a pong (unless a ping or pong send is already out).
+    pub pong: bool,
 }
 
 /// A worker's counters: running totals and levels.
@@ -162,9 +196,10 @@ impl Shared {
 }
 
 /// One ring and the connections in its table.
-struct Lane {
+struct Lane<L> {
     ring: Ring,
     conns: Conns,
+    reads: L,
     /// Receives in the kernel: at most one per provided buffer, so a receive never finds the
     /// buffer ring empty (receives do not wait: MSG_DONTWAIT, so each returns within a submit).
     recvs_in_flight: u32,
@@ -172,7 +207,7 @@ struct Lane {
     ready: VecDeque<u32>,
 }
 
-impl Lane {
+impl<L> Lane<L> {
     /// Receives on `slot` now if the budget allows and nobody is queued, else queues it.
     fn want_recv(&mut self, slot: u32) -> std::io::Result<()> {
         self.conns.flags[slot as usize] |= RECV;
@@ -197,10 +232,11 @@ struct PingRound {
     visited: u64,
 }
 
-struct Worker {
+struct Worker<R: Reads> {
     plan: Plan,
     shared: Arc<Shared>,
-    lanes: Vec<Lane>,
+    reads: R,
+    lanes: Vec<Lane<R::Lane>>,
     dials: Dials,
     bucket: TokenBucket,
     /// Connections started so far (offset from `plan.first`).
@@ -213,9 +249,9 @@ struct Worker {
     ring_failed: bool,
 }
 
-/// Runs a worker until the main thread says stop; returns its error counts. Its rings (and so
-/// all its connections) are closed on return.
-pub fn run(plan: Plan, shared: Arc<Shared>) -> ErrorCounts {
+/// Runs a worker until the main thread says stop; returns its error counts and its `Reads`
+/// (with whatever they gathered). Its rings (and so all its connections) are closed on return.
+pub fn run<R: Reads>(plan: Plan, shared: Arc<Shared>, reads: R) -> (ErrorCounts, R) {
     let now = Instant::now();
     let burst = TokenBucket::default_burst(plan.rate_per_s);
     let mut w = Worker {
@@ -231,6 +267,7 @@ pub fn run(plan: Plan, shared: Arc<Shared>) -> ErrorCounts {
         ring_failed: false,
         plan,
         shared,
+        reads,
     };
     while !w.shared.stop.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -246,10 +283,11 @@ pub fn run(plan: Plan, shared: Arc<Shared>) -> ErrorCounts {
         }
     }
     w.publish();
-    w.errors
+    drop(w.lanes);
+    (w.errors, w.reads)
 }
 
-impl Worker {
+impl<R: Reads> Worker<R> {
     /// Handles every completion waiting on every ring; true if there were any.
     fn reap(&mut self) -> bool {
         let mut cqes = std::mem::take(&mut self.cqes);
@@ -347,7 +385,6 @@ impl Worker {
     fn on_recv(&mut self, li: usize, cqe: &Cqe) {
         let slot = cqe.index();
         let s = slot as usize;
-        let protocol = self.plan.protocol;
         let Some(lane) = self.lanes.get_mut(li) else { return };
         lane.recvs_in_flight = lane.recvs_in_flight.saturating_sub(1);
         let Some(flags) = lane.conns.flags.get_mut(s) else { return };
@@ -356,10 +393,15 @@ impl Worker {
         let mut failure = None;
         if let Some(bid) = cqe.buffer() {
             if live && cqe.result > 0 {
-                failure = match lane.ring.buffer(bid, cqe.result as usize) {
-                    Some(bytes) => absorb(&mut lane.conns, s, bytes, protocol, &mut self.c),
-                    None => Some(ErrorKind::Os(Op::Recv, libc::EFAULT)),
+                let Lane { ring, conns, reads, .. } = lane;
+                let got = match ring.buffer(bid, cqe.result as usize) {
+                    Some(bytes) => self.reads.absorb(reads, conns, slot, bytes, &mut self.c),
+                    None => Absorbed { close: Some(ErrorKind::Os(Op::Recv, libc::EFAULT)), pong: false },
                 };
+                failure = got.close;
+                if got.pong && failure.is_none() {
+                    pong(lane, slot, &mut self.errors);
+                }
             }
             lane.ring.recycle(bid);
         }
@@ -530,6 +572,7 @@ impl Worker {
             return;
         };
         lane.conns.state[slot as usize] = State::Dialing;
+        self.reads.start(&mut lane.reads, slot, i);
         // SAFETY: `src_ptr` points into the dial pool, which is leaked (never freed), and its
         // entry `d` is not reused or written until `Dials::finish(d)`: `on_dial` calls it only
         // after the chain's fifth and last completion, and the error arm below only when
@@ -560,7 +603,14 @@ impl Worker {
         let files = u32::try_from(left).unwrap_or(u32::MAX).min(self.plan.files_per_ring);
         match Ring::new(RingParams { files, ..self.plan.ring }, self.shared.wake.raw()) {
             Ok(ring) => {
-                self.lanes.push(Lane { ring, conns: Conns::new(files), recvs_in_flight: 0, ready: VecDeque::new() });
+                let reads = self.reads.lane(files);
+                self.lanes.push(Lane {
+                    ring,
+                    conns: Conns::new(files),
+                    reads,
+                    recvs_in_flight: 0,
+                    ready: VecDeque::new(),
+                });
                 self.c[Stat::Rings] += 1;
                 Some(self.lanes.len() - 1)
             }
@@ -618,6 +668,7 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        self.reads.publish();
         self.c[Stat::Errors] = self.errors.total();
         self.shared.store(&self.c);
     }
@@ -637,11 +688,68 @@ impl Worker {
     }
 }
 
+/// Answers a server's ping with an empty pong, unless a ping or pong send is already out
+/// (one is as good as another to a server checking liveness).
+fn pong<L>(lane: &mut Lane<L>, slot: u32, errors: &mut ErrorCounts) {
+    let s = slot as usize;
+    if lane.conns.flags[s] & PING != 0 {
+        return;
+    }
+    lane.conns.flags[s] |= PING;
+    if let Err(e) = lane.ring.send_static(slot, Tag::Ping, &PONG_FRAME) {
+        lane.conns.flags[s] &= !PING;
+        errors.add(os(Op::Submit, &e));
+    }
+}
+
+/// The `connect` scenario's reads: each connection's head and frames, counted as they pass
+/// (welcomes, blocks, pongs), payloads skipped.
+pub struct ConnectReads {
+    pub protocol: Subprotocol,
+}
+
+impl ConnectReads {
+    /// Bytes of user memory per connection slot: the loop's state and the frame reader.
+    pub const fn bytes_per_slot() -> usize {
+        Conns::bytes_per_slot() + std::mem::size_of::<Reader>()
+    }
+}
+
+impl Reads for ConnectReads {
+    type Lane = Vec<Reader>;
+
+    fn lane(&mut self, capacity: u32) -> Vec<Reader> {
+        vec![Reader::default(); capacity as usize]
+    }
+
+    fn start(&mut self, lane: &mut Vec<Reader>, slot: u32, _index: u64) {
+        lane[slot as usize] = Reader::default();
+    }
+
+    fn absorb(
+        &mut self,
+        lane: &mut Vec<Reader>,
+        conns: &mut Conns,
+        slot: u32,
+        bytes: &[u8],
+        c: &mut Counters,
+    ) -> Absorbed {
+        Absorbed { close: absorb(&mut lane[slot as usize], conns, slot as usize, bytes, self.protocol, c), pong: false }
+    }
+}
+
 /// Runs one read through a connection's reader and state; returns why to close it, if so.
-fn absorb(conns: &mut Conns, s: usize, bytes: &[u8], protocol: Subprotocol, c: &mut Counters) -> Option<ErrorKind> {
-    let Conns { state, reader, blocks, .. } = conns;
+fn absorb(
+    reader: &mut Reader,
+    conns: &mut Conns,
+    s: usize,
+    bytes: &[u8],
+    protocol: Subprotocol,
+    c: &mut Counters,
+) -> Option<ErrorKind> {
+    let Conns { state, blocks, .. } = conns;
     let mut close = None;
-    let fed = reader[s].feed(bytes, |e| match e {
+    let fed = reader.feed(bytes, |e| match e {
         Event::Upgraded => {
             c[Stat::Handshakes] += 1;
             if state[s] == State::Upgrading {
@@ -720,6 +828,11 @@ mod tests {
         assert_eq!(all[Stat::Open], 7);
         assert_eq!(all[Stat::RampStopped], 0);
         assert_eq!(all[Stat::ProbeGen], 2);
+    }
+
+    #[test]
+    fn a_connect_connection_costs_a_few_dozen_bytes() {
+        assert_eq!(ConnectReads::bytes_per_slot(), 24);
     }
 
     #[test]
