@@ -6,8 +6,8 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, Ordering};
+
+use barrage::shard::bufring::BufRing;
 
 use io_uring::types::{CancelBuilder, DestinationSlot, Fixed};
 use io_uring::{IoUring, cqueue, opcode, squeue};
@@ -119,7 +119,7 @@ impl Ring {
         let uring = IoUring::builder().setup_cqsize(p.cq_entries).setup_submit_all().build(p.sq_entries)?;
         uring.submitter().register_files_sparse(p.files)?;
         let bufs = BufRing::new(p.recv_buffers, p.recv_buffer_bytes)?;
-        bufs.register(&uring)?;
+        bufs.register(&uring, BUFFER_GROUP)?;
         uring.submitter().register_eventfd(wake)?;
         let mut ring = Ring { uring, bufs, queued: false };
         ring.set_notify(false);
@@ -211,7 +211,7 @@ impl Ring {
     /// One receive into a buffer the kernel picks from this ring's provided buffers. It does
     /// not wait: with nothing to read it completes with -EAGAIN (the poll says when to retry).
     pub fn recv(&mut self, slot: u32) -> io::Result<()> {
-        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.bufs.size)
+        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.bufs.size())
             .flags(libc::MSG_DONTWAIT)
             .buf_group(BUFFER_GROUP)
             .build()
@@ -277,141 +277,16 @@ impl Ring {
 
     /// The bytes the kernel received into buffer `bid`.
     pub fn buffer(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
-        self.bufs.filled(bid, len)
+        self.bufs.filled(bid, len).map(|b| &*b)
     }
 
     /// Provided receive buffers.
     pub fn recv_buffers(&self) -> u16 {
-        self.bufs.count
+        self.bufs.count()
     }
 
     /// Hands buffer `bid` back to the kernel.
     pub fn recycle(&mut self, bid: u16) {
         self.bufs.give_back(bid);
-    }
-}
-
-/// The kernel's `struct io_uring_buf`; in the first entry, `resv` is the ring's tail.
-#[repr(C)]
-struct BufEntry {
-    addr: u64,
-    len: u32,
-    bid: u16,
-    resv: u16,
-}
-
-/// A provided-buffer ring: `count` buffers of `size` bytes the kernel picks from as data
-/// arrives, so an idle connection holds no buffer.
-struct BufRing {
-    entries: NonNull<BufEntry>,
-    entries_bytes: usize,
-    data: NonNull<u8>,
-    data_bytes: usize,
-    size: u32,
-    count: u16,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new(count: u16, size: u32) -> io::Result<BufRing> {
-        if !count.is_power_of_two() {
-            return Err(io::Error::other("the receive buffer count must be a power of two"));
-        }
-        let entries_bytes = usize::from(count) * std::mem::size_of::<BufEntry>();
-        let data_bytes = usize::from(count) * size as usize;
-        let entries = mmap(entries_bytes)?.cast::<BufEntry>();
-        let data = match mmap(data_bytes) {
-            Ok(d) => d,
-            Err(e) => {
-                munmap(entries.cast(), entries_bytes);
-                return Err(e);
-            }
-        };
-        let mut ring = BufRing { entries, entries_bytes, data, data_bytes, size, count, tail: 0 };
-        for bid in 0..count {
-            ring.give_back(bid);
-        }
-        Ok(ring)
-    }
-
-    fn register(&self, uring: &IoUring) -> io::Result<()> {
-        // SAFETY: the entry array is page-aligned (mmap), holds `count` entries, and stays mapped
-        // until this BufRing drops, which happens after the ring that uses it (field order in
-        // `Ring`).
-        unsafe {
-            uring.submitter().register_buf_ring_with_flags(self.entries.as_ptr() as u64, self.count, BUFFER_GROUP, 0)
-        }
-    }
-
-    /// The first `len` bytes of buffer `bid`, which a completion just handed to us.
-    fn filled(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
-        if bid >= self.count || len > self.size as usize {
-            return None;
-        }
-        let offset = usize::from(bid) * self.size as usize;
-        // SAFETY: `bid < count` and `len <= size`, so the range lies inside the data mapping. A
-        // completion naming `bid` gave the buffer to us: the kernel will not write it until
-        // `give_back(bid)` republishes it, and `&mut self` keeps that from happening while the
-        // returned slice lives.
-        Some(unsafe { std::slice::from_raw_parts(self.data.as_ptr().add(offset), len) })
-    }
-
-    /// Republishes buffer `bid` at the tail.
-    fn give_back(&mut self, bid: u16) {
-        if bid >= self.count {
-            return;
-        }
-        let index = usize::from(self.tail & (self.count - 1));
-        let addr = self.data.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
-        // SAFETY: `index < count`, inside the entry mapping. The kernel reads entries only
-        // between its head and the published tail, and this one lies at the unpublished tail.
-        // Fields are written one by one so entry 0's `resv` (the tail the kernel reads) is
-        // never written here.
-        unsafe {
-            let e = self.entries.as_ptr().add(index);
-            std::ptr::addr_of_mut!((*e).addr).write(addr);
-            std::ptr::addr_of_mut!((*e).len).write(self.size);
-            std::ptr::addr_of_mut!((*e).bid).write(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-        // SAFETY: entry 0's `resv` is the ring tail, a u16 the kernel reads concurrently; an
-        // atomic release store publishes the entry written above before the new tail.
-        unsafe {
-            let tail = std::ptr::addr_of_mut!((*self.entries.as_ptr()).resv);
-            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
-        }
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        munmap(self.entries.cast(), self.entries_bytes);
-        munmap(self.data, self.data_bytes);
-    }
-}
-
-fn mmap(len: usize) -> io::Result<NonNull<u8>> {
-    // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
-}
-
-fn munmap(p: NonNull<u8>, len: usize) {
-    // SAFETY: `p..p+len` is a mapping made by `mmap` above and no reference into it survives
-    // (the BufRing that owned it is being dropped).
-    unsafe {
-        libc::munmap(p.as_ptr().cast(), len);
     }
 }
