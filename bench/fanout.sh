@@ -138,7 +138,9 @@ for members in $SIZES; do
       fi
       threads=$(threads_of "$name")
       kind=$(kind_of "$name")
-      echo "== $tag: $threads thread(s), pinned to cores 0,1, port $port"
+      how="$threads thread(s)"
+      [[ $name == nchan ]] && how="$(( (members + 14999) / 15000 > threads ? (members + 14999) / 15000 : threads )) nginx workers"
+      echo "== $tag: $how, pinned to cores 0,1, port $port"
       if [[ $name == barrage ]]; then
         taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
