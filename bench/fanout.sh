@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# One command for the fan-out comparison: for each room size M (10,000 and 100,000 members by
+# default), run barrage, the floor (1, 8 and 32 frames per send) and every peer server
+# (bench/peers/) back to back, in two modes each — `--rate` (latency at a fixed publish rate) and
+# `--saturate` (throughput) — with the same load generator settings; then append a table of the
+# absolute figures and of barrage's ratios to bench/RESULTS.md, with a plot under bench/plots/.
+#
+#   bench/fanout.sh
+#   SIZES=10000 SERVERS="barrage floor uwsjs" MODES=saturate DURATION_S=5 bench/fanout.sh
+#
+# Threads, matched across servers: every server is pinned to cores 0,1 (taskset) and gets
+# THREADS (2) threads where it can use them — barrage shards, tokio workers, nginx workers —
+# and runs single-threaded where that is its design: the floor, uWebSockets (socketify and
+# uWebSockets.js: one event loop, topics are per loop) and Node ws. Nchan gets one nginx worker
+# per 15,000 members when that is more (each worker is a process under the 20,000-fd cap). The
+# load generator runs at nice 19 on the same two cores, so the server is never starved by it.
+# Peers that hold one fd per connection in one process (all but barrage, the floor and Nchan)
+# are run only for M <= 19,000 and reported as n/a above it.
+#
+# LOADGEN overrides the generator binary (default ./target/release/barrage-load).
+# Needs root (sysctls: tuning/apply.sh, restored on exit, as bench/million.sh). Loopback only;
+# every run is bounded by the generator's --deadline-s and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZES="${SIZES:-10000 100000}"
+SERVERS="${SERVERS:-barrage floor floor8 floor32 uwsjs uws tungstenite fastwebsockets nchan ws}"
+MODES="${MODES:-rate saturate}"
+RATE="${RATE:-100}"
+WINDOW="${WINDOW:-}"
+DURATION_S="${DURATION_S:-10}"
+WARMUP_S="${WARMUP_S:-2}"
+MESSAGE_BYTES="${MESSAGE_BYTES:-100}"
+PUBLISHERS="${PUBLISHERS:-2}"
+THREADS="${THREADS:-2}"
+LOAD_THREADS="${LOAD_THREADS:-1}"
+PORT_BASE="${PORT_BASE:-18500}"
+API_PORT="${API_PORT:-9190}"
+DEADLINE_S="${DEADLINE_S:-600}"
+LOADGEN="${LOADGEN:-./target/release/barrage-load}"
+# barrage's blocks: nothing dropped or refused, so every message reaches every member.
+BLOCK_INTERVAL_MS="${BLOCK_INTERVAL_MS:-50}"
+BARRAGE_FLAGS=(--block-interval-ms "$BLOCK_INTERVAL_MS" --block-messages-max 1000 --pending-messages-max 100000
+  --room-rate-per-s 0 --send-queue-frames-max 64)
+FD_CAPPED="uws uwsjs ws tungstenite fastwebsockets"
+FD_CAP_MEMBERS=19000
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="bench/out/fanout-$STAMP"
+PLOT="bench/plots/fanout-$STAMP.svg"
+COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\" RATE=$RATE${WINDOW:+ WINDOW=$WINDOW} \
+DURATION_S=$DURATION_S WARMUP_S=$WARMUP_S MESSAGE_BYTES=$MESSAGE_BYTES PUBLISHERS=$PUBLISHERS \
+THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS bench/fanout.sh"
+mkdir -p "$OUT/runs" bench/plots
+
+cargo build --release --quiet --bin barrage --bin barrage-floor --bin barrage-load
+if ! "$LOADGEN" fanout --help > /dev/null 2>&1; then
+  echo "fanout.sh: $LOADGEN has no 'fanout' scenario yet (bench/loadgen/)" >&2
+  exit 2
+fi
+bench/peers/install.sh > "$OUT/install.log" 2>&1 || { tail -3 "$OUT/install.log" >&2; exit 1; }
+
+server_pid=""
+sampler_pid=""
+stop_server() {
+  if [[ -n "$sampler_pid" ]]; then
+    kill "$sampler_pid" 2> /dev/null || true
+    wait "$sampler_pid" 2> /dev/null || true
+    sampler_pid=""
+  fi
+  if [[ -z "$server_pid" ]]; then
+    return 0
+  fi
+  kill -TERM "$server_pid" 2> /dev/null || true
+  for _ in $(seq 100); do kill -0 "$server_pid" 2> /dev/null || break; sleep 0.1; done
+  kill -KILL "$server_pid" 2> /dev/null || true
+  wait "$server_pid" 2> /dev/null || true
+  server_pid=""
+}
+cleanup() {
+  stop_server
+  STATE="bench/out/sysctl.saved" tuning/apply.sh --restore
+}
+trap cleanup EXIT
+STATE="bench/out/sysctl.saved" tuning/apply.sh
+
+threads_of() {
+  case "$1" in
+    barrage | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
+    *) echo 1 ;;
+  esac
+}
+kind_of() {
+  case "$1" in
+    barrage | nchan) echo "$1" ;;
+    *) echo broadcast ;;
+  esac
+}
+
+# What each server ran with, for the report and for this output.
+python3 - "$OUT/meta.json" "$STAMP" "$COMMAND" "$SIZES" "$SERVERS" "$MODES" "$THREADS" "$BLOCK_INTERVAL_MS" \
+  "$RATE" "$DURATION_S" "${BARRAGE_FLAGS[*]}" << 'EOF'
+import json, sys
+out, stamp, command, sizes, servers, modes, threads, block_ms, rate, duration, flags = sys.argv[1:]
+t = int(threads)
+how = {
+    "barrage": f"{t} shards, {flags}",
+    "floor": "1 thread, 1 frame per send", "floor8": "1 thread, up to 8 frames per sendmsg",
+    "floor32": "1 thread, up to 32 frames per sendmsg",
+    "uwsjs": "1 thread (uWebSockets.js: one event loop)", "uws": "1 thread (socketify: one event loop)",
+    "ws": "1 thread (Node event loop)", "tungstenite": f"{t} tokio worker threads",
+    "fastwebsockets": f"{t} tokio worker threads",
+    "nchan": f"max({t}, members / 15,000) nginx worker processes",
+}
+json.dump({"stamp": stamp, "command": command, "sizes": [int(s) for s in sizes.split()],
+           "servers": [{"name": s, "runs_with": how.get(s, "?")} for s in servers.split()],
+           "modes": modes.split(), "threads": t, "block_interval_ms": int(block_ms), "rate": int(rate),
+           "duration_s": float(duration), "pinning": "taskset -c 0,1 (server); load generator nice 19, same cores"},
+          open(out, "w"), indent=1)
+for s in servers.split():
+    print(f"  {s:15} {how.get(s, '?')}")
+EOF
+
+run=0
+for members in $SIZES; do
+  sources=$((members / 51000 + 2))
+  for mode in $MODES; do
+    for name in $SERVERS; do
+      run=$((run + 1))
+      port=$((PORT_BASE + run))
+      tag="$members-$mode-$name"
+      json="$OUT/runs/$tag.json"
+      if [[ " $FD_CAPPED " == *" $name "* ]] && ((members > FD_CAP_MEMBERS)); then
+        echo "== $tag: n/a (one fd per connection, RLIMIT_NOFILE 20,000)"
+        printf '{"label": "%s", "members": %d, "mode": "%s", "na": "RLIMIT_NOFILE 20,000"}\n' \
+          "$name" "$members" "$mode" > "$json"
+        continue
+      fi
+      threads=$(threads_of "$name")
+      kind=$(kind_of "$name")
+      how="$threads thread(s)"
+      [[ $name == nchan ]] && how="$(( (members + 14999) / 15000 > threads ? (members + 14999) / 15000 : threads )) nginx workers"
+      echo "== $tag: $how, pinned to cores 0,1, port $port"
+      if [[ $name == barrage ]]; then
+        taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
+          --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
+          --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \
+          > "$OUT/runs/$tag.server.log" 2>&1 &
+      else
+        taskset -c 0,1 bench/peers/run.sh "$name" "$port" "$threads" "$members" > "$OUT/runs/$tag.server.log" 2>&1 &
+      fi
+      server_pid=$!
+      for _ in $(seq 300); do
+        ss -Hltn "sport = :$port" | grep -q . && break
+        kill -0 "$server_pid" 2> /dev/null || break
+        sleep 0.1
+      done
+      if ! ss -Hltn "sport = :$port" | grep -q .; then
+        echo "   server did not listen; see $OUT/runs/$tag.server.log"
+        printf '{"label": "%s", "members": %d, "mode": "%s", "failed": "server did not start"}\n' \
+          "$name" "$members" "$mode" > "$json"
+        stop_server
+        continue
+      fi
+      # The server's whole process tree (Nchan's workers are children): CPU sampled 4 times a second.
+      nice -n 19 python3 bench/fanout_report.py --sample-cpu "$server_pid" "$OUT/runs/$tag.cpu.tsv" &
+      sampler_pid=$!
+      args=(fanout --target "127.0.0.1:$port" --kind "$kind" --members "$members" --rooms 1
+        --duration-s "$DURATION_S" --warmup-s "$WARMUP_S" --json "$json" --server-pid "$server_pid"
+        --message-bytes "$MESSAGE_BYTES" --publishers "$PUBLISHERS" --sources "127.0.1.1-127.0.1.$sources"
+        --ports 10000-60999 --threads "$LOAD_THREADS" --label "$name" --deadline-s "$DEADLINE_S")
+      [[ $kind == barrage ]] && args+=(--api "127.0.0.1:$API_PORT")
+      if [[ $mode == rate ]]; then
+        args+=(--rate "$RATE")
+      else
+        args+=(--saturate ${WINDOW:+--window "$WINDOW"})
+      fi
+      status=0
+      nice -n 19 "$LOADGEN" "${args[@]}" > "$OUT/runs/$tag.load.log" 2>&1 || status=$?
+      stop_server
+      if [[ ! -s $json ]]; then
+        printf '{"label": "%s", "members": %d, "mode": "%s", "failed": "load generator exit %d, no report"}\n' \
+          "$name" "$members" "$mode" "$status" > "$json"
+      fi
+      python3 - "$json" "$status" << 'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "delivered_per_s" in r:
+    lat = r.get("latency_ns") or {}
+    print(f"   exit {sys.argv[2]}: {r['delivered_per_s']:,.0f} deliveries/s, {r.get('frames_per_s', 0):,.0f} frames/s, "
+          f"p99 {lat.get('p99', 0) / 1e6:.1f} ms, CPU {r.get('cpu_s_per_million_deliveries') or 0:.2f} s/1M, lost {r.get('lost', 0):,}")
+else:
+    print(f"   {r.get('failed', r.get('na'))}")
+EOF
+    done
+  done
+done
+
+python3 bench/fanout_report.py "$OUT" --plot "$PLOT" >> bench/RESULTS.md
+echo "appended to bench/RESULTS.md; plot $PLOT; reports under $OUT"
