@@ -2,8 +2,15 @@
 # One command for the fan-out comparison: for each room size M (10,000 and 100,000 members by
 # default), run barrage, the floor (1, 8 and 32 frames per send) and every peer server
 # (bench/peers/) back to back, in two modes each — `--rate` (latency at a fixed publish rate) and
-# `--saturate` (throughput) — with the same load generator settings; then append a table of the
-# absolute figures and of barrage's ratios to bench/RESULTS.md, with a plot under bench/plots/.
+# `--saturate` (throughput, closed loop with 32 messages in flight) and `deep` (the same with 256) —
+# plus `frames` (send-bound: more frames demanded than the box sends, to compare the send path), with the same load generator settings; then append a table of
+# the absolute figures and of barrage's ratios to bench/RESULTS.md, with a plot under bench/plots/.
+#
+# Rates fit this 2-core box (shared with the generator): `rate` publishes 100,000 / M messages/s
+# (≈100k deliveries/s, below every server's capacity, so latency is not queueing); `frames`
+# publishes 400,000 / M (more than the one-frame floor can send). barrage's block interval: 20 ms
+# for `rate` and `frames`; for `saturate` M / 100 ms (at least 50), so a room's fan-out stays
+# near 100k sends/s and blocks carry what arrived meanwhile — nothing is dropped or refused.
 #
 #   bench/fanout.sh
 #   SIZES=10000 SERVERS="barrage floor uwsjs" MODES=saturate DURATION_S=5 bench/fanout.sh
@@ -25,30 +32,48 @@ cd "$(dirname "$0")/.."
 
 SIZES="${SIZES:-10000 100000}"
 SERVERS="${SERVERS:-barrage floor floor8 floor32 uwsjs uws tungstenite fastwebsockets nchan ws}"
-MODES="${MODES:-rate saturate}"
-RATE="${RATE:-100}"
-WINDOW="${WINDOW:-}"
+MODES="${MODES:-rate saturate deep frames}"
+RATE="${RATE:-}"
+# Saturate windows (messages in flight per room): 32 is uWebSockets' best case (it packs up to
+# 32 queued messages per write); `deep` keeps 256 in flight, where one-frame writers fall back.
+WINDOW="${WINDOW:-32}"
+DEEP_WINDOW="${DEEP_WINDOW:-256}"
 DURATION_S="${DURATION_S:-10}"
 WARMUP_S="${WARMUP_S:-2}"
 MESSAGE_BYTES="${MESSAGE_BYTES:-100}"
 PUBLISHERS="${PUBLISHERS:-2}"
 THREADS="${THREADS:-2}"
-LOAD_THREADS="${LOAD_THREADS:-1}"
+LOAD_THREADS="${LOAD_THREADS:-2}"
 PORT_BASE="${PORT_BASE:-18500}"
 API_PORT="${API_PORT:-9190}"
 DEADLINE_S="${DEADLINE_S:-600}"
 LOADGEN="${LOADGEN:-./target/release/barrage-load}"
 # barrage's blocks: nothing dropped or refused, so every message reaches every member.
-BLOCK_INTERVAL_MS="${BLOCK_INTERVAL_MS:-50}"
-BARRAGE_FLAGS=(--block-interval-ms "$BLOCK_INTERVAL_MS" --block-messages-max 1000 --pending-messages-max 100000
-  --room-rate-per-s 0 --send-queue-frames-max 64)
+BLOCK_INTERVAL_MS="${BLOCK_INTERVAL_MS:-}"
+BARRAGE_FLAGS=(--block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 --send-queue-frames-max 64)
+# Publish rate (msgs/s) of a mode at M members (see above); RATE overrides.
+rate_for() {
+  if [[ -n $RATE ]]; then echo "$RATE"; return; fi
+  case "$1" in
+    frames) python3 -c "print(round(400000 / $2, 3))" ;;
+    *) python3 -c "print(round(100000 / $2, 3))" ;;
+  esac
+}
+# barrage's block interval (ms) for a mode at M members; BLOCK_INTERVAL_MS overrides.
+block_ms_for() {
+  if [[ -n $BLOCK_INTERVAL_MS ]]; then echo "$BLOCK_INTERVAL_MS"; return; fi
+  case "$1" in
+    saturate | deep) echo $(( $2 / 100 > 50 ? $2 / 100 : 50 )) ;;
+    *) echo 20 ;;
+  esac
+}
 FD_CAPPED="uws uwsjs ws tungstenite fastwebsockets"
 FD_CAP_MEMBERS=19000
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="bench/out/fanout-$STAMP"
 PLOT="bench/plots/fanout-$STAMP.svg"
-COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\" RATE=$RATE${WINDOW:+ WINDOW=$WINDOW} \
+COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\"${RATE:+ RATE=$RATE} WINDOW=$WINDOW DEEP_WINDOW=$DEEP_WINDOW \
 DURATION_S=$DURATION_S WARMUP_S=$WARMUP_S MESSAGE_BYTES=$MESSAGE_BYTES PUBLISHERS=$PUBLISHERS \
 THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS bench/fanout.sh"
 mkdir -p "$OUT/runs" bench/plots
@@ -98,13 +123,21 @@ kind_of() {
 }
 
 # What each server ran with, for the report and for this output.
-python3 - "$OUT/meta.json" "$STAMP" "$COMMAND" "$SIZES" "$SERVERS" "$MODES" "$THREADS" "$BLOCK_INTERVAL_MS" \
-  "$RATE" "$DURATION_S" "${BARRAGE_FLAGS[*]}" << 'EOF'
+plan=""
+for members in $SIZES; do
+  for mode in $MODES; do
+    plan="$plan $members:$mode:$(rate_for "$mode" "$members"):$(block_ms_for "$mode" "$members")"
+  done
+done
+python3 - "$OUT/meta.json" "$STAMP" "$COMMAND" "$SIZES" "$SERVERS" "$MODES" "$THREADS" "$plan" \
+  "$DURATION_S" "${BARRAGE_FLAGS[*]}" << 'EOF'
 import json, sys
-out, stamp, command, sizes, servers, modes, threads, block_ms, rate, duration, flags = sys.argv[1:]
+out, stamp, command, sizes, servers, modes, threads, plan, duration, flags = sys.argv[1:]
+plan = {f"{m}-{mode}": {"rate": float(r), "block_interval_ms": int(b)}
+        for m, mode, r, b in (p.split(":") for p in plan.split())}
 t = int(threads)
 how = {
-    "barrage": f"{t} shards, {flags}",
+    "barrage": f"{t} shards, {flags}, block interval per mode (below)",
     "floor": "1 thread, 1 frame per send", "floor8": "1 thread, up to 8 frames per sendmsg",
     "floor32": "1 thread, up to 32 frames per sendmsg",
     "uwsjs": "1 thread (uWebSockets.js: one event loop)", "uws": "1 thread (socketify: one event loop)",
@@ -114,7 +147,7 @@ how = {
 }
 json.dump({"stamp": stamp, "command": command, "sizes": [int(s) for s in sizes.split()],
            "servers": [{"name": s, "runs_with": how.get(s, "?")} for s in servers.split()],
-           "modes": modes.split(), "threads": t, "block_interval_ms": int(block_ms), "rate": int(rate),
+           "modes": modes.split(), "threads": t, "plan": plan,
            "duration_s": float(duration), "pinning": "taskset -c 0,1 (server); load generator nice 19, same cores"},
           open(out, "w"), indent=1)
 for s in servers.split():
@@ -144,6 +177,7 @@ for members in $SIZES; do
       if [[ $name == barrage ]]; then
         taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
+          --block-interval-ms "$(block_ms_for "$mode" "$members")" \
           --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \
           > "$OUT/runs/$tag.server.log" 2>&1 &
       else
@@ -170,10 +204,12 @@ for members in $SIZES; do
         --message-bytes "$MESSAGE_BYTES" --publishers "$PUBLISHERS" --sources "127.0.1.1-127.0.1.$sources"
         --ports 10000-60999 --threads "$LOAD_THREADS" --label "$name" --deadline-s "$DEADLINE_S")
       [[ $kind == barrage ]] && args+=(--api "127.0.0.1:$API_PORT")
-      if [[ $mode == rate ]]; then
-        args+=(--rate "$RATE")
+      if [[ $mode == saturate ]]; then
+        args+=(--saturate --window "$WINDOW")
+      elif [[ $mode == deep ]]; then
+        args+=(--saturate --window "$DEEP_WINDOW")
       else
-        args+=(--saturate ${WINDOW:+--window "$WINDOW"})
+        args+=(--rate "$(rate_for "$mode" "$members")")
       fi
       status=0
       nice -n 19 "$LOADGEN" "${args[@]}" > "$OUT/runs/$tag.load.log" 2>&1 || status=$?

@@ -2,7 +2,7 @@
 //! connection's `SubReader`; every message found is checked against the book, counted, its
 //! latency recorded in the thread's histogram and its delivery in the thread's tracker (per
 //! measured message: how many members got it, and the slowest one's latency). A room's first
-//! member is its sentinel: what it receives opens the saturate window. Nothing here allocates
+//! LAST member is its sentinel: what it receives opens the saturate window. Nothing here allocates
 //! per read, frame or message; the histogram and trackers are sized before the first read.
 #![forbid(unsafe_code)]
 
@@ -140,7 +140,10 @@ impl Reads for FanoutReads {
         let rooms = u64::from(self.book.streams.rooms);
         let c = &mut lane[slot as usize];
         c.room = (index % rooms) as u32;
-        c.sentinel = index < rooms;
+        // A room's sentinel is its LAST subscriber: the servers here serve members in join
+        // order, so what it has received, the whole room has (nearly) received, and a saturate
+        // window closed on it publishes as fast as the whole room takes messages.
+        c.sentinel = index + rooms >= self.book.members;
         c.frame_messages = 0;
     }
 
@@ -252,8 +255,9 @@ mod tests {
         let mut lane = r.lane(4);
         let mut conns = Conns::new(4);
         let mut c = Counters::default();
-        r.start(&mut lane, 0, 0);
-        r.start(&mut lane, 1, 2);
+        // Slot 0 is member 2, room 0's last member and so its sentinel; slot 1 is member 0.
+        r.start(&mut lane, 0, 2);
+        r.start(&mut lane, 1, 0);
         conns.state[0] = State::Upgrading;
         conns.state[1] = State::Upgrading;
         let mut bytes = HEAD.to_vec();

@@ -67,7 +67,7 @@ pub struct FanoutArgs {
     /// Messages per second, all rooms and publishers together (paced).
     #[arg(long, conflicts_with = "saturate", required_unless_present = "saturate")]
     rate: Option<f64>,
-    /// Closed loop: per room, publish while published − received by the room's first member
+    /// Closed loop: per room, publish while published − received by the room's last member
     /// is under --window.
     #[arg(long)]
     saturate: bool,
