@@ -9,8 +9,9 @@
 # Rates fit this 2-core box (shared with the generator): `rate` publishes 100,000 / M messages/s
 # (≈100k deliveries/s, below every server's capacity, so latency is not queueing); `frames`
 # publishes 400,000 / M (more than the one-frame floor can send). barrage's block interval: 20 ms
-# for `rate` and `frames`; for `saturate` M / 100 ms (at least 50), so a room's fan-out stays
-# near 100k sends/s and blocks carry what arrived meanwhile — nothing is dropped or refused.
+# for `rate` and `frames`; for `saturate`/`deep` M / 200 ms (at least 50), so a room's fan-out
+# stays near 200k sends/s and blocks carry what arrived meanwhile — nothing is dropped or refused.
+# Runs at 100k members last 2x DURATION_S: a round trip there takes seconds.
 #
 #   bench/fanout.sh
 #   SIZES=10000 SERVERS="barrage floor uwsjs" MODES=saturate DURATION_S=5 bench/fanout.sh
@@ -63,7 +64,7 @@ rate_for() {
 block_ms_for() {
   if [[ -n $BLOCK_INTERVAL_MS ]]; then echo "$BLOCK_INTERVAL_MS"; return; fi
   case "$1" in
-    saturate | deep) echo $(( $2 / 100 > 50 ? $2 / 100 : 50 )) ;;
+    saturate | deep) echo $(( $2 / 200 > 50 ? $2 / 200 : 50 )) ;;
     *) echo 20 ;;
   esac
 }
@@ -200,7 +201,7 @@ for members in $SIZES; do
       nice -n 19 python3 bench/fanout_report.py --sample-cpu "$server_pid" "$OUT/runs/$tag.cpu.tsv" &
       sampler_pid=$!
       args=(fanout --target "127.0.0.1:$port" --kind "$kind" --members "$members" --rooms 1
-        --duration-s "$DURATION_S" --warmup-s "$WARMUP_S" --json "$json" --server-pid "$server_pid"
+        --duration-s "$(( members >= 100000 ? 2 * DURATION_S : DURATION_S ))" --warmup-s "$WARMUP_S" --json "$json" --server-pid "$server_pid"
         --message-bytes "$MESSAGE_BYTES" --publishers "$PUBLISHERS" --sources "127.0.1.1-127.0.1.$sources"
         --ports 10000-60999 --threads "$LOAD_THREADS" --label "$name" --deadline-s "$DEADLINE_S")
       [[ $kind == barrage ]] && args+=(--api "127.0.0.1:$API_PORT")

@@ -151,6 +151,10 @@ config! {
     rooms: Rooms {
         /// How often a room with pending messages sends a block.
         block_interval_ms: u64 = 1000, block_interval_ms, "BARRAGE_BLOCK_INTERVAL_MS";
+        /// Longest a block waits past its tick while the shard is still writing the previous
+        /// fan-out (more than an eighth of its connections waiting for a send): under load blocks
+        /// grow instead of send queues. 0 = never wait.
+        block_wait_max_ms: u64 = 1000, block_wait_max_ms, "BARRAGE_BLOCK_WAIT_MAX_MS";
         /// Messages in one block: a client renders about 15-20 a second.
         block_messages_max: usize = 20, block_messages_max, "BARRAGE_BLOCK_MESSAGES_MAX";
         /// Pending messages of one room waiting for the next block; over it a publish is refused

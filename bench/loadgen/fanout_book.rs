@@ -202,8 +202,9 @@ pub struct Window {
 
 /// A window that stays full, its acknowledgements stuck this long, is written off: the
 /// sentinel missed the newest messages (dropped by the server), so no acknowledgement is
-/// coming for them. Longer than any block interval a run uses (barrage's default is 1 s).
-pub const STALL_NS: u64 = 2_000_000_000;
+/// coming for them. Longer than any honest round trip a run sees: at 100,000 members a round
+/// (block interval + fan-out to the last member) takes up to ~5 s on this box.
+pub const STALL_NS: u64 = 10_000_000_000;
 
 /// What the window allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -63,6 +63,7 @@ pub struct HubConfig {
     pub send_queue_frames_max: usize,
     pub partial_bytes_max: usize,
     pub block_interval_ms: u64,
+    pub block_wait_max_ms: u64,
     pub rooms_max: usize,
     pub jwt_secret: Vec<u8>,
     pub jwt_leeway_s: u64,
@@ -100,6 +101,7 @@ impl HubConfig {
             send_queue_frames_max: c.server.send_queue_frames_max as usize,
             partial_bytes_max: c.server.partial_bytes_max,
             block_interval_ms: c.rooms.block_interval_ms,
+            block_wait_max_ms: c.rooms.block_wait_max_ms,
             rooms_max: c.rooms.rooms_max,
             jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
             jwt_leeway_s: c.auth.jwt_leeway_s,
@@ -139,6 +141,13 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
 /// Timeouts are checked by sweeping a tenth of the connections every 100 ms.
 const SWEEP_EVERY_MS: u64 = 100;
 const SWEEP_SLICES: usize = 10;
+/// A block waits for the last fan-out only when more than an eighth of the connections, plus
+/// this many, still wait for a send (a few slow readers must not hold blocks back).
+const BLOCK_BACKLOG_MIN: usize = 64;
+/// How often a waiting block looks again.
+const BLOCK_RETRY_MS: u64 = 5;
+/// A shard whose loop was busy this share of the time (in thousandths) is saturated.
+const BUSY_PERMILLE: u32 = 850;
 /// Owned rooms idle this long are forgotten (their seqs stay monotonic, see owner.rs).
 const ROOM_IDLE_MS: i64 = 60_000;
 
@@ -168,7 +177,14 @@ pub struct Hub {
     send_buckets: HashMap<u32, TokenBucket>,
     counters: Counters,
     websockets: u64,
+    /// When the next block tick runs (later than `block_due_ms` while a block waits).
     next_block_ms: u64,
+    /// When the next block is due by the interval.
+    block_due_ms: u64,
+    /// Sends handed to the driver and not yet completed.
+    sends_in_flight: usize,
+    /// How busy the driver's loop has been lately, in thousandths (see `set_busy`).
+    busy_permille: u32,
     next_sweep_ms: u64,
     sweep_cursor: usize,
     next_room_sweep_ms: u64,
@@ -198,6 +214,9 @@ impl Hub {
             counters: Counters::default(),
             websockets: 0,
             next_block_ms: cfg.block_interval_ms,
+            block_due_ms: cfg.block_interval_ms,
+            sends_in_flight: 0,
+            busy_permille: 0,
             next_sweep_ms: SWEEP_EVERY_MS,
             sweep_cursor: 0,
             next_room_sweep_ms: ROOM_IDLE_MS as u64,
@@ -272,6 +291,12 @@ impl Hub {
         None
     }
 
+    /// The driver's measure of its loop's recent load: the share of time (in thousandths) it
+    /// was not sleeping. Block ticks wait while it is high (see `block_tick`).
+    pub fn set_busy(&mut self, permille: u32) {
+        self.busy_permille = permille;
+    }
+
     /// Whether connections are waiting for a send.
     pub fn has_ready(&self) -> bool {
         !self.ready.is_empty()
@@ -286,6 +311,7 @@ impl Hub {
         }
         let format = conn.format();
         let n = self.outbox.gather(&mut conn.queue, format, iov);
+        self.sends_in_flight += usize::from(n > 0);
         self.counters.inc(Series::Sends);
         self.counters.add(Series::FramesOut, n as u64);
         n
@@ -293,6 +319,7 @@ impl Hub {
 
     /// A send completed: `result` is bytes written or a negative errno.
     pub fn on_sent(&mut self, key: u32, result: i32) {
+        self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         let format = conn.format();
         if result < 0 {
@@ -382,12 +409,7 @@ impl Hub {
     /// Block tick and timeout sweep, when due.
     pub fn on_tick(&mut self, now: Now) {
         if now.ms >= self.next_block_ms {
-            self.cut_blocks(now);
-            self.next_block_ms += self.cfg.block_interval_ms;
-            if self.next_block_ms <= now.ms {
-                // Fell behind (a long turn): skip ticks rather than burst.
-                self.next_block_ms = now.ms + self.cfg.block_interval_ms;
-            }
+            self.block_tick(now);
         }
         if now.ms >= self.next_sweep_ms {
             self.sweep(now);
@@ -398,6 +420,29 @@ impl Hub {
             self.sweep_moderation(now);
             self.next_room_sweep_ms = now.ms + ROOM_IDLE_MS as u64 / 4;
         }
+    }
+
+    /// The owner's block tick, adaptive: while the shard is saturated — its loop had almost no
+    /// idle time lately, or the last fan-out is still waiting to be written to a good share of
+    /// its connections — the next block waits (up to `block_wait_max_ms` past its tick) and
+    /// takes in what arrives meanwhile. Under load blocks grow instead of send queues, so one
+    /// send carries more messages and latency stays near the fan-out time.
+    fn block_tick(&mut self, now: Now) {
+        let due = self.block_due_ms;
+        let backlog = self.ready.len() + self.sends_in_flight;
+        let busy = backlog > self.conns.len() / 8 + BLOCK_BACKLOG_MIN || self.busy_permille >= BUSY_PERMILLE;
+        if busy && now.ms < due + self.cfg.block_wait_max_ms {
+            self.counters.inc(Series::BlocksDeferred);
+            self.next_block_ms = now.ms + BLOCK_RETRY_MS;
+            return;
+        }
+        self.cut_blocks(now);
+        self.block_due_ms = due + self.cfg.block_interval_ms;
+        if self.block_due_ms <= now.ms {
+            // Fell behind (a long turn or a wait): skip ticks rather than burst.
+            self.block_due_ms = now.ms + self.cfg.block_interval_ms;
+        }
+        self.next_block_ms = self.block_due_ms;
     }
 
     /// End of a turn: tell owners about membership changes and refresh gauges.
@@ -609,3 +654,6 @@ impl Hub {
         self.outbox.add_shared(frame)
     }
 }
+
+#[cfg(test)]
+mod tests;

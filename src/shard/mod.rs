@@ -97,6 +97,8 @@ const MAIL_PER_TURN: usize = 8192;
 const SENDS_PER_TURN: usize = 32 * 1024;
 /// Longest sleep without a reason to wake.
 const SLEEP_MAX: Duration = Duration::from_millis(500);
+/// The loop's load is measured over windows this long.
+const LOAD_WINDOW: Duration = Duration::from_millis(50);
 /// Counters are copied for the metrics endpoint at most this often.
 const PUBLISH_EVERY_MS: u64 = 50;
 
@@ -134,6 +136,10 @@ pub struct Shard {
     start: Instant,
     last_publish_ms: u64,
     stop_at: Option<u64>,
+    /// Load measure: time slept in the current window, and its start.
+    slept: Duration,
+    load_window_start: Instant,
+    load: u32,
 }
 
 impl Shard {
@@ -166,6 +172,9 @@ impl Shard {
             start: Instant::now(),
             last_publish_ms: 0,
             stop_at: None,
+            slept: Duration::ZERO,
+            load_window_start: Instant::now(),
+            load: 0,
         })
     }
 
@@ -521,6 +530,20 @@ impl Shard {
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
     }
 
+    /// Every LOAD_WINDOW, tells the hub the share of time the loop did not sleep (smoothed
+    /// over two windows), so block ticks can wait while the shard is saturated.
+    fn measure_load(&mut self) {
+        let elapsed = self.load_window_start.elapsed();
+        if elapsed < LOAD_WINDOW {
+            return;
+        }
+        let busy = 1000 - (self.slept.as_micros() * 1000 / elapsed.as_micros().max(1)).min(1000) as u32;
+        self.load = (self.load + busy) / 2;
+        self.hub.set_busy(self.load);
+        self.slept = Duration::ZERO;
+        self.load_window_start = Instant::now();
+    }
+
     /// Submits everything and sleeps until a completion, mail or the next deadline.
     fn wait(&mut self, now: Now) -> io::Result<()> {
         let mut timeout = Duration::from_millis(self.hub.next_timeout(now)).min(SLEEP_MAX);
@@ -544,7 +567,9 @@ impl Shard {
             ring.submit()?;
         }
         if sleep {
+            let before = Instant::now();
             self.rings[0].submit_and_wait(timeout)?;
+            self.slept += before.elapsed();
         } else {
             self.rings[0].submit()?;
         }
@@ -552,6 +577,7 @@ impl Shard {
         for ring in &mut self.rings[1..] {
             ring.set_notify(false);
         }
+        self.measure_load();
         Ok(())
     }
 }
