@@ -21,7 +21,9 @@
 # and runs single-threaded where that is its design: the floor, uWebSockets (socketify and
 # uWebSockets.js: one event loop, topics are per loop) and Node ws. Nchan gets one nginx worker
 # per 15,000 members when that is more (each worker is a process under the 20,000-fd cap). The
-# load generator runs at nice 19 on the same two cores, so the server is never starved by it.
+# load generator runs at nice 19 on the same two cores, so the server is never starved by it
+# (but a two-thread server can starve the generator: `barrage1` is barrage with one shard, the
+# thread count of the floor and of uWebSockets, for a like-for-like row).
 # Peers that hold one fd per connection in one process (all but barrage, the floor and Nchan)
 # are run only for M <= 19,000 and reported as n/a above it.
 #
@@ -32,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZES="${SIZES:-10000 100000}"
-SERVERS="${SERVERS:-barrage floor floor8 floor32 uwsjs uws tungstenite fastwebsockets nchan ws}"
+SERVERS="${SERVERS:-barrage barrage1 floor floor8 floor32 uwsjs uws tungstenite fastwebsockets nchan ws}"
 MODES="${MODES:-rate saturate deep frames}"
 RATE="${RATE:-}"
 # Saturate windows (messages in flight per room): 32 is uWebSockets' best case (it packs up to
@@ -113,12 +115,14 @@ STATE="bench/out/sysctl.saved" tuning/apply.sh
 threads_of() {
   case "$1" in
     barrage | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
+    barrage1) echo 1 ;;
     *) echo 1 ;;
   esac
 }
 kind_of() {
   case "$1" in
-    barrage | nchan) echo "$1" ;;
+    barrage | barrage1) echo barrage ;;
+    nchan) echo nchan ;;
     *) echo broadcast ;;
   esac
 }
@@ -139,6 +143,7 @@ plan = {f"{m}-{mode}": {"rate": float(r), "block_interval_ms": int(b)}
 t = int(threads)
 how = {
     "barrage": f"{t} shards, {flags}, block interval per mode (below)",
+    "barrage1": "1 shard, otherwise as barrage (thread-matched with the floor and uWebSockets)",
     "floor": "1 thread, 1 frame per send", "floor8": "1 thread, up to 8 frames per sendmsg",
     "floor32": "1 thread, up to 32 frames per sendmsg",
     "uwsjs": "1 thread (uWebSockets.js: one event loop)", "uws": "1 thread (socketify: one event loop)",
@@ -175,7 +180,7 @@ for members in $SIZES; do
       how="$threads thread(s)"
       [[ $name == nchan ]] && how="$(( (members + 14999) / 15000 > threads ? (members + 14999) / 15000 : threads )) nginx workers"
       echo "== $tag: $how, pinned to cores 0,1, port $port"
-      if [[ $name == barrage ]]; then
+      if [[ $kind == barrage ]]; then
         taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
           --block-interval-ms "$(block_ms_for "$mode" "$members")" \

@@ -128,7 +128,8 @@ def markdown(meta, runs, out_dir, plot):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
     lines = [
-        f"\n## {meta['stamp']} fanout: barrage, the floor and {len(meta['servers']) - 1} other servers, "
+        f"\n## {meta['stamp']} fanout: barrage and {sum(not s['name'].startswith('barrage') for s in meta['servers'])} "
+        "other servers (the floors included), "
         f"one room of {' and '.join(f'{m:,}' for m in meta['sizes'])} members",
         "",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; servers and load "

@@ -567,6 +567,10 @@ impl Shard {
             ring.submit()?;
         }
         if sleep {
+            // Submit first: io_uring runs most sends inline while submitting, and that is work,
+            // not sleep, for the load measure (a busy shard lets blocks grow instead of sending
+            // more frames).
+            self.rings[0].submit()?;
             let before = Instant::now();
             self.rings[0].submit_and_wait(timeout)?;
             self.slept += before.elapsed();
