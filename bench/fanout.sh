@@ -3,8 +3,9 @@
 # default), run barrage, the floor (1, 8 and 32 frames per send) and every peer server
 # (bench/peers/) back to back, in two modes each — `--rate` (latency at a fixed publish rate) and
 # `--saturate` (throughput, closed loop with 32 messages in flight) and `deep` (the same with 256) —
-# plus `frames` (send-bound: more frames demanded than the box sends, to compare the send path), with the same load generator settings; then append a table of
-# the absolute figures and of barrage's ratios to bench/RESULTS.md, with a plot under bench/plots/.
+# plus `frames` (send-bound: more frames demanded than the one-frame floor sends), all with the
+# same load generator settings; then append a table of the absolute figures and of barrage's
+# ratios to bench/RESULTS.md, with a plot under bench/plots/.
 #
 # Rates fit this 2-core box (shared with the generator): `rate` publishes 100,000 / M messages/s
 # (≈100k deliveries/s, below every server's capacity, so latency is not queueing); `frames`
@@ -78,7 +79,7 @@ OUT="bench/out/fanout-$STAMP"
 PLOT="bench/plots/fanout-$STAMP.svg"
 COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\"${RATE:+ RATE=$RATE} WINDOW=$WINDOW DEEP_WINDOW=$DEEP_WINDOW \
 DURATION_S=$DURATION_S WARMUP_S=$WARMUP_S MESSAGE_BYTES=$MESSAGE_BYTES PUBLISHERS=$PUBLISHERS \
-THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS bench/fanout.sh"
+THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS${PAGE_REPORTING_ORDER:+ PAGE_REPORTING_ORDER=$PAGE_REPORTING_ORDER} bench/fanout.sh"
 mkdir -p "$OUT/runs" bench/plots
 
 cargo build --release --quiet --bin barrage --bin barrage-floor --bin barrage-load
@@ -105,12 +106,26 @@ stop_server() {
   wait "$server_pid" 2> /dev/null || true
   server_pid=""
 }
+# Guests with free page reporting (virtio-balloon) hand freed pages back to the host; when a
+# slow reader makes TCP buffers churn through gigabytes, every page touched again costs a host
+# fault and kernel copies slow down several-fold. PAGE_REPORTING_ORDER raises the smallest
+# reported block for the run (restored on exit); bare metal has no such parameter.
+reporting=/sys/module/page_reporting/parameters/page_reporting_order
+reporting_was=""
 cleanup() {
   stop_server
   STATE="bench/out/sysctl.saved" tuning/apply.sh --restore
+  if [[ -n $reporting_was ]]; then
+    echo "$reporting_was" > "$reporting" && echo "restored page_reporting_order = $reporting_was"
+  fi
 }
 trap cleanup EXIT
 STATE="bench/out/sysctl.saved" tuning/apply.sh
+if [[ -n ${PAGE_REPORTING_ORDER:-} && -w $reporting ]]; then
+  reporting_was="$(cat "$reporting")"
+  echo "$PAGE_REPORTING_ORDER" > "$reporting"
+  echo "set page_reporting_order = $PAGE_REPORTING_ORDER (was $reporting_was)"
+fi
 
 threads_of() {
   case "$1" in

@@ -41,6 +41,14 @@ def main():
 
 # --- CPU of a process tree ----------------------------------------------------------------------
 
+def reporting_order():
+    """The guest's free page reporting order while the runs went (bench/fanout.sh), or 'none'."""
+    try:
+        return open("/sys/module/page_reporting/parameters/page_reporting_order").read().strip()
+    except OSError:
+        return "none"
+
+
 def tree_cpu_s(pid):
     """User + system CPU seconds of pid and every descendant (threads included), and the count."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -127,13 +135,15 @@ def ms(ns):
 def markdown(meta, runs, out_dir, plot):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
+    others = sum(not s["name"].startswith("barrage") for s in meta["servers"])
     lines = [
-        f"\n## {meta['stamp']} fanout: barrage and {sum(not s['name'].startswith('barrage') for s in meta['servers'])} "
-        "other servers (the floors included), "
+        f"\n## {meta['stamp']} fanout: barrage and {others} other server{'s' if others != 1 else ''} "
+        "(the floors included), "
         f"one room of {' and '.join(f'{m:,}' for m in meta['sizes'])} members",
         "",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; servers and load "
-        "generator on the same box, loopback, tuning/apply.sh applied and restored.",
+        "generator on the same box, loopback, tuning/apply.sh applied and restored; free page reporting "
+        f"order {reporting_order()}.",
         f"- Command: `{meta['command']}`.",
         f"- Pinning: {meta['pinning']}. Threads:",
     ]

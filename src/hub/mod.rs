@@ -291,8 +291,8 @@ impl Hub {
         None
     }
 
-    /// The driver's measure of its loop's recent load: the share of time (in thousandths) it
-    /// was not sleeping. Block ticks wait while it is high (see `block_tick`).
+    /// The driver's measure of recent load: the share of time (in thousandths) the busiest
+    /// shard's loop was not sleeping. Block ticks wait while it is high (see `block_tick`).
     pub fn set_busy(&mut self, permille: u32) {
         self.busy_permille = permille;
     }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -19,6 +19,8 @@ pub struct Inbox {
     wake: File,
     /// Set by the shard before it sleeps; a sender that clears it writes the eventfd.
     sleeping: AtomicBool,
+    /// The shard's recent loop load in thousandths, published every load window.
+    load: AtomicU32,
 }
 
 impl Inbox {
@@ -49,6 +51,11 @@ impl Inbox {
         self.wake.as_raw_fd()
     }
 
+    /// Publishes this shard's loop load (thousandths) for the other shards' block ticks.
+    pub fn set_load(&self, permille: u32) {
+        self.load.store(permille, Ordering::Relaxed);
+    }
+
     /// Mail waiting.
     pub fn len(&self) -> usize {
         self.queue.len()
@@ -69,7 +76,12 @@ impl Mesh {
     pub fn new(shards: usize, queue_len: usize) -> io::Result<Arc<Mesh>> {
         let inboxes = (0..shards)
             .map(|_| {
-                Ok(Inbox { queue: ArrayQueue::new(queue_len), wake: sys::eventfd()?, sleeping: AtomicBool::new(false) })
+                Ok(Inbox {
+                    queue: ArrayQueue::new(queue_len),
+                    wake: sys::eventfd()?,
+                    sleeping: AtomicBool::new(false),
+                    load: AtomicU32::new(0),
+                })
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Mesh { inboxes: inboxes.into_boxed_slice() }))
@@ -81,6 +93,12 @@ impl Mesh {
 
     pub fn inbox(&self, shard: ShardId) -> &Inbox {
         &self.inboxes[shard.index()]
+    }
+
+    /// The busiest shard's published load: a room's block fans out on every shard with members,
+    /// so its owner waits while any of them is saturated, not only itself.
+    pub fn max_load(&self) -> u32 {
+        self.inboxes.iter().map(|i| i.load.load(Ordering::Relaxed)).max().unwrap_or(0)
     }
 
     /// Posts mail to a shard; gives it back when the inbox is full.
@@ -104,6 +122,17 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_load_is_the_busiest_shards() {
+        let mesh = Mesh::new(3, 4).unwrap();
+        assert_eq!(mesh.max_load(), 0);
+        mesh.inbox(ShardId(1)).set_load(900);
+        mesh.inbox(ShardId(2)).set_load(300);
+        assert_eq!(mesh.max_load(), 900);
+        mesh.inbox(ShardId(1)).set_load(100);
+        assert_eq!(mesh.max_load(), 300);
+    }
 
     #[test]
     fn a_full_inbox_gives_mail_back_and_a_sleeping_shard_is_woken_once() {

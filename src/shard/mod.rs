@@ -530,8 +530,9 @@ impl Shard {
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
     }
 
-    /// Every LOAD_WINDOW, tells the hub the share of time the loop did not sleep (smoothed
-    /// over two windows), so block ticks can wait while the shard is saturated.
+    /// Every LOAD_WINDOW, publishes the share of time the loop did not sleep (smoothed over two
+    /// windows) and tells the hub the busiest shard's, so block ticks wait while any shard that
+    /// fans them out is saturated.
     fn measure_load(&mut self) {
         let elapsed = self.load_window_start.elapsed();
         if elapsed < LOAD_WINDOW {
@@ -539,7 +540,8 @@ impl Shard {
         }
         let busy = 1000 - (self.slept.as_micros() * 1000 / elapsed.as_micros().max(1)).min(1000) as u32;
         self.load = (self.load + busy) / 2;
-        self.hub.set_busy(self.load);
+        self.mesh.inbox(self.id).set_load(self.load);
+        self.hub.set_busy(self.mesh.max_load());
         self.slept = Duration::ZERO;
         self.load_window_start = Instant::now();
     }
