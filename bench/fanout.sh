@@ -16,6 +16,7 @@
 #
 #   bench/fanout.sh
 #   SIZES=10000 SERVERS="barrage floor uwsjs" MODES=saturate DURATION_S=5 bench/fanout.sh
+#   ROOMS=10 SIZES=10000 MODES="rate saturate" bench/fanout.sh    # 10 rooms of 1,000 members
 #
 # Threads, matched across servers: every server is pinned to cores 0,1 (taskset) and gets
 # THREADS (2) threads where it can use them — barrage shards, tokio workers, nginx workers —
@@ -45,6 +46,8 @@ DEEP_WINDOW="${DEEP_WINDOW:-256}"
 DURATION_S="${DURATION_S:-10}"
 WARMUP_S="${WARMUP_S:-2}"
 MESSAGE_BYTES="${MESSAGE_BYTES:-100}"
+# The variant: ROOMS rooms of M / ROOMS members each (member i in room i % ROOMS).
+ROOMS="${ROOMS:-1}"
 PUBLISHERS="${PUBLISHERS:-2}"
 THREADS="${THREADS:-2}"
 LOAD_THREADS="${LOAD_THREADS:-2}"
@@ -59,8 +62,8 @@ BARRAGE_FLAGS=(--block-messages-max 1000 --pending-messages-max 100000 --room-ra
 rate_for() {
   if [[ -n $RATE ]]; then echo "$RATE"; return; fi
   case "$1" in
-    frames) python3 -c "print(round(400000 / $2, 3))" ;;
-    *) python3 -c "print(round(100000 / $2, 3))" ;;
+    frames) python3 -c "print(round(400000 * $ROOMS / $2, 3))" ;;
+    *) python3 -c "print(round(100000 * $ROOMS / $2, 3))" ;;
   esac
 }
 # barrage's block interval (ms) for a mode at M members; BLOCK_INTERVAL_MS overrides.
@@ -77,9 +80,11 @@ FD_CAP_MEMBERS=19000
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="bench/out/fanout-$STAMP"
 PLOT="bench/plots/fanout-$STAMP.svg"
+ROOMS_NOTE=""
+if [[ $ROOMS != 1 ]]; then ROOMS_NOTE=" ROOMS=$ROOMS"; fi
 COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\"${RATE:+ RATE=$RATE} WINDOW=$WINDOW DEEP_WINDOW=$DEEP_WINDOW \
 DURATION_S=$DURATION_S WARMUP_S=$WARMUP_S MESSAGE_BYTES=$MESSAGE_BYTES PUBLISHERS=$PUBLISHERS \
-THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS${PAGE_REPORTING_ORDER:+ PAGE_REPORTING_ORDER=$PAGE_REPORTING_ORDER} bench/fanout.sh"
+THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS${ROOMS_NOTE}${PAGE_REPORTING_ORDER:+ PAGE_REPORTING_ORDER=$PAGE_REPORTING_ORDER} bench/fanout.sh"
 mkdir -p "$OUT/runs" bench/plots
 
 cargo build --release --quiet --bin barrage --bin barrage-floor --bin barrage-load
@@ -150,9 +155,9 @@ for members in $SIZES; do
   done
 done
 python3 - "$OUT/meta.json" "$STAMP" "$COMMAND" "$SIZES" "$SERVERS" "$MODES" "$THREADS" "$plan" \
-  "$DURATION_S" "${BARRAGE_FLAGS[*]}" << 'EOF'
+  "$DURATION_S" "${BARRAGE_FLAGS[*]}" "$ROOMS" << 'EOF'
 import json, sys
-out, stamp, command, sizes, servers, modes, threads, plan, duration, flags = sys.argv[1:]
+out, stamp, command, sizes, servers, modes, threads, plan, duration, flags, rooms = sys.argv[1:]
 plan = {f"{m}-{mode}": {"rate": float(r), "block_interval_ms": int(b)}
         for m, mode, r, b in (p.split(":") for p in plan.split())}
 t = int(threads)
@@ -168,7 +173,7 @@ how = {
 }
 json.dump({"stamp": stamp, "command": command, "sizes": [int(s) for s in sizes.split()],
            "servers": [{"name": s, "runs_with": how.get(s, "?")} for s in servers.split()],
-           "modes": modes.split(), "threads": t, "plan": plan,
+           "modes": modes.split(), "threads": t, "plan": plan, "rooms": int(rooms),
            "duration_s": float(duration), "pinning": "taskset -c 0,1 (server); load generator nice 19, same cores"},
           open(out, "w"), indent=1)
 for s in servers.split():
@@ -220,7 +225,7 @@ for members in $SIZES; do
       # The server's whole process tree (Nchan's workers are children): CPU sampled 4 times a second.
       nice -n 19 python3 bench/fanout_report.py --sample-cpu "$server_pid" "$OUT/runs/$tag.cpu.tsv" &
       sampler_pid=$!
-      args=(fanout --target "127.0.0.1:$port" --kind "$kind" --members "$members" --rooms 1
+      args=(fanout --target "127.0.0.1:$port" --kind "$kind" --members "$members" --rooms "$ROOMS"
         --duration-s "$(( members >= 100000 ? 2 * DURATION_S : DURATION_S ))" --warmup-s "$WARMUP_S" --json "$json" --server-pid "$server_pid"
         --message-bytes "$MESSAGE_BYTES" --publishers "$PUBLISHERS" --sources "127.0.1.1-127.0.1.$sources"
         --ports 10000-60999 --threads "$LOAD_THREADS" --label "$name" --deadline-s "$DEADLINE_S")

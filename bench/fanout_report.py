@@ -136,10 +136,12 @@ def markdown(meta, runs, out_dir, plot):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
     others = sum(not s["name"].startswith("barrage") for s in meta["servers"])
+    rooms = meta.get("rooms", 1)
+    sizes = " and ".join(f"{m:,}" for m in meta["sizes"])
     lines = [
         f"\n## {meta['stamp']} fanout: barrage and {others} other server{'s' if others != 1 else ''} "
         "(the floors included), "
-        f"one room of {' and '.join(f'{m:,}' for m in meta['sizes'])} members",
+        + (f"one room of {sizes} members" if rooms == 1 else f"{rooms} rooms sharing {sizes} members"),
         "",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; servers and load "
         "generator on the same box, loopback, tuning/apply.sh applied and restored; free page reporting "
