@@ -54,7 +54,7 @@ series! {
     BytesOut => "barrage_bytes_out_total", "counter", "Bytes written on the public listener.";
     Sends => "barrage_sends_total", "counter", "Send operations submitted (several queued frames leave in one).";
     BlocksCut => "barrage_blocks_total", "counter", "Blocks cut by room owners (one encode per wire format each).";
-    BlocksDeferred => "barrage_block_ticks_deferred_total", "counter", "Block ticks put off a few ms because the last fan-out was still being written.";
+    BlocksDeferred => "barrage_block_ticks_deferred_total", "counter", "Block ticks put off a few ms because a shard was saturated or the last fan-out was still being written.";
     BlockDeliveries => "barrage_block_deliveries_total", "counter", "Block frames queued to members.";
     DirectDeliveries => "barrage_direct_deliveries_total", "counter", "Direct frames queued to a user's connections.";
     BroadcastDeliveries => "barrage_broadcast_deliveries_total", "counter", "Broadcast frames queued.";
