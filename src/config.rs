@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::room::Priority;
+
 /// Declares the config sections, their TOML keys and defaults, and one `--flag` / env var per key
 /// from a single table, so `barrage serve --help` always lists every knob.
 macro_rules! config {
@@ -95,6 +97,12 @@ config! {
         read_mode: ReadMode = ReadMode::Poll, read_mode, "BARRAGE_READ_MODE";
         /// Slots in each cross-shard queue (one per sender and receiver). About 64 B each.
         mesh_queue_len: usize = 65536, mesh_queue_len, "BARRAGE_MESH_QUEUE_LEN";
+        /// Mails a shard keeps for one other shard whose inbox is full (in order; offered again
+        /// every turn). At the bound, block deliveries to that shard are shed (lowest class
+        /// first, counted as frames dropped for mesh_full; members fill the gap by short poll)
+        /// and new requests that would mail it are refused with 503; kicks, replicas and
+        /// answers are never dropped. Costs about 64 B per waiting mail, per destination.
+        mesh_overflow_max: usize = 65536, mesh_overflow_max, "BARRAGE_MESH_OVERFLOW_MAX";
         /// Bytes one shard may hold for partial input (incomplete request heads and frames,
         /// fragmented messages) across all its connections. A connection whose partial data
         /// would exceed it is closed (1013, or 503 in the handshake) and counted: a slowloris
@@ -220,26 +228,17 @@ config! {
     }
 }
 
-/// Defaults for one message type, applied where a message does not say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// Defaults for one message type, applied where a message does not say (an unknown type: low,
+/// never expires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TypeDefaults {
     /// Priority bucket when the publisher gives none (client sends always take this).
     #[serde(default)]
-    pub priority: PriorityName,
+    pub priority: Priority,
     /// Dropped (counted as expired) if not in a block within this many ms; 0 = never.
     #[serde(default)]
     pub ttl_ms: u32,
-}
-
-/// A priority bucket, by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PriorityName {
-    #[default]
-    Low,
-    High,
-    Whitelist,
 }
 
 /// The built-in types: chat and likes are cheap and go stale fast, gifts matter longer and
@@ -247,13 +246,13 @@ pub enum PriorityName {
 fn default_types() -> BTreeMap<String, TypeDefaults> {
     let t = |priority, ttl_ms| TypeDefaults { priority, ttl_ms };
     [
-        ("chat", t(PriorityName::Low, 10_000)),
-        ("like", t(PriorityName::Low, 3_000)),
-        ("enter", t(PriorityName::Low, 5_000)),
-        ("leave", t(PriorityName::Low, 5_000)),
-        ("gift", t(PriorityName::High, 30_000)),
-        ("pk", t(PriorityName::High, 10_000)),
-        ("notice", t(PriorityName::Whitelist, 0)),
+        ("chat", t(Priority::Low, 10_000)),
+        ("like", t(Priority::Low, 3_000)),
+        ("enter", t(Priority::Low, 5_000)),
+        ("leave", t(Priority::Low, 5_000)),
+        ("gift", t(Priority::High, 30_000)),
+        ("pk", t(Priority::High, 10_000)),
+        ("notice", t(Priority::Whitelist, 0)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -301,7 +300,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 18] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -317,6 +316,7 @@ impl Config {
                 "server.recv_buffer_bytes must be a power of two in 256..=1048576",
             ),
             (s.mesh_queue_len >= 64, "server.mesh_queue_len must be at least 64"),
+            (s.mesh_overflow_max >= 1, "server.mesh_overflow_max must be at least 1"),
             ((2..=1024).contains(&s.send_queue_frames_max), "server.send_queue_frames_max must be in 2..=1024"),
             (w.handshake_bytes_max >= 256, "websocket.handshake_bytes_max must be at least 256"),
             (w.handshake_headers_max >= 8, "websocket.handshake_headers_max must be at least 8"),
@@ -336,6 +336,8 @@ impl Config {
                 "rooms.pending_messages_max must be at least rooms.block_messages_max",
             ),
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
+            // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
+            (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
@@ -360,7 +362,7 @@ impl Config {
 
     /// Defaults for a message type (unknown types: low priority, no expiry).
     pub fn type_defaults(&self, kind: &str) -> TypeDefaults {
-        self.types.get(kind).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 })
+        self.types.get(kind).copied().unwrap_or(TypeDefaults { priority: Priority::Low, ttl_ms: 0 })
     }
 
     /// Shard count after resolving 0 to the available cores.
@@ -393,10 +395,10 @@ mod tests {
     #[test]
     fn types_table_has_defaults_and_can_be_overridden() {
         let c = Config::default();
-        assert_eq!(c.type_defaults("gift").priority, PriorityName::High);
+        assert_eq!(c.type_defaults("gift").priority, Priority::High);
         assert_eq!(c.type_defaults("custom").ttl_ms, 0);
         let c = Config::from_toml("[types.gift]\npriority = \"whitelist\"\n[types.song]\nttl_ms = 5\n").unwrap();
-        assert_eq!(c.type_defaults("gift"), TypeDefaults { priority: PriorityName::Whitelist, ttl_ms: 0 });
+        assert_eq!(c.type_defaults("gift"), TypeDefaults { priority: Priority::Whitelist, ttl_ms: 0 });
         assert_eq!(c.type_defaults("song").ttl_ms, 5);
         assert_eq!(c.type_defaults("chat").ttl_ms, 10_000, "built-ins stay");
         assert!(Config::from_toml("[types.x]\npriority = \"urgent\"\n").is_err());

@@ -11,17 +11,17 @@ use crate::api::routes::Routes;
 use crate::api::{Server, ServerConfig};
 use crate::config::{Config, ConfigError};
 use crate::hub::HubConfig;
-use crate::hub::mail::Mail;
+use crate::hub::mail::{HostMail, Mail};
 use crate::ids::ShardId;
 use crate::metrics::Snapshot;
 use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
-use crate::shard::{Shard, ShardParams, listener, sys};
+use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
 
 /// A running gateway.
 pub struct Gateway {
     mesh: Arc<Mesh>,
-    shards: Vec<JoinHandle<std::io::Result<()>>>,
+    shards: Vec<JoinHandle<std::io::Result<ShardExit>>>,
     api: Option<Server>,
     pub public_addr: SocketAddr,
     pub api_addr: SocketAddr,
@@ -70,7 +70,6 @@ impl Gateway {
             // slots are being recycled.
             rings_max: per_shard.div_ceil((files_max - crate::shard::accept_margin(files_max)).max(1) as usize) + 1,
             sendmsg_slots_max: per_shard.clamp(256, 16_384),
-            mesh_backlog_max: config.server.mesh_queue_len,
             stop_grace: Duration::from_millis(config.websocket.close_timeout_ms + 1000),
         };
         let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
@@ -151,15 +150,17 @@ impl Gateway {
         }
     }
 
-    /// Closes every connection with 1001 and waits for the shards and the API to end.
-    pub fn stop(&mut self) {
+    /// Closes every connection with 1001 and waits for the shards and the API to end; says how
+    /// each shard that ran ended.
+    pub fn stop(&mut self) -> Vec<ShardExit> {
+        let mut exits = Vec::new();
         if let Some(api) = self.api.take() {
             api.stop();
         }
         for i in 0..self.mesh.shards() {
             let to = ShardId(i as u16);
             // Keep trying while the inbox is full: Stop must arrive.
-            let mut mail = Mail::Stop;
+            let mut mail = Mail::from(HostMail::Stop);
             while let Err(back) = self.mesh.send(to, mail) {
                 mail = back;
                 std::thread::sleep(Duration::from_millis(1));
@@ -170,9 +171,10 @@ impl Gateway {
             match h.join() {
                 Ok(Err(e)) => eprintln!("barrage: shard ended with an error: {e}"),
                 Err(_) => eprintln!("barrage: a shard panicked"),
-                Ok(Ok(())) => {}
+                Ok(Ok(exit)) => exits.push(exit),
             }
         }
+        exits
     }
 }
 

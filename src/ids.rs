@@ -1,4 +1,9 @@
 //! Small identifiers shared by the shards, the mesh and the room owners.
+#![forbid(unsafe_code)]
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
 
 /// A shard: one thread, one core, its own rings, connections and rooms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -9,6 +14,62 @@ impl ShardId {
     #[inline]
     pub fn index(self) -> usize {
         usize::from(self.0)
+    }
+}
+
+/// A connection's place in its shard's connection table. Valid while the shard's driver holds
+/// the connection (from accept until `release`): inside one shard, and between the hub and its
+/// driver. Across shards a connection is named by a [`ConnId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey(pub u32);
+
+impl ConnKey {
+    /// Index into the table.
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A connection named across a boundary (mail between shards, answers from owners): its key and
+/// the generation it was accepted in. Keys are reused as soon as a connection is released, so a
+/// late answer names its generation, and one for an older generation is dropped (and counted),
+/// never given to the connection that took the slot since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub key: ConnKey,
+    pub generation: u32,
+}
+
+/// A signed-in user's id (the token's `sub`). Cheap to clone across shards.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    pub fn new(id: &str) -> UserId {
+        UserId(Arc::from(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserId({:?})", &*self.0)
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

@@ -80,6 +80,10 @@ series! {
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
     FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";
     MeshFull => "barrage_frames_dropped_total" {"reason" = "mesh_full"}, "counter", "";
+    MeshWaiting => "barrage_mesh_waiting", "gauge", "Mails waiting for another shard's full inbox (per-destination overflow, bounded by server.mesh_overflow_max).";
+    MeshRefused => "barrage_requests_refused_total" {"reason" = "mesh_congested"}, "counter", "";
+    ReplyConnGone => "barrage_replies_dropped_total" {"reason" = "conn_gone"}, "counter", "Owner answers not delivered: the connection had ended (or its slot holds a newer one), or it left the room the answer was for.";
+    ReplyLeftRoom => "barrage_replies_dropped_total" {"reason" = "left_room"}, "counter", "";
     ClosedPeer => "barrage_closed_total" {"reason" = "peer"}, "counter", "Connections closed, by reason.";
     ClosedProtocol => "barrage_closed_total" {"reason" = "protocol"}, "counter", "";
     ClosedUtf8 => "barrage_closed_total" {"reason" = "utf8"}, "counter", "";
@@ -100,6 +104,7 @@ series! {
 }
 
 /// One shard's counters, bumped without atomics on its own core.
+#[derive(Clone)]
 pub struct Counters {
     values: [u64; Series::COUNT],
 }
@@ -132,6 +137,14 @@ impl Counters {
     /// Current value.
     pub fn get(&self, s: Series) -> u64 {
         self.values[s as usize]
+    }
+
+    /// Adds every value of `other` (the parts of a shard count apart; each series is written
+    /// by one part, so gauges add up too).
+    pub fn absorb(&mut self, other: &Counters) {
+        for (v, o) in self.values.iter_mut().zip(other.values.iter()) {
+            *v += o;
+        }
     }
 
     /// Copies every value to the shard's shared snapshot.

@@ -11,10 +11,12 @@ use serde_json::json;
 
 use super::http::{Request, Response};
 use super::routes::{Answer, Routes, percent_decode, reply_channel, wait};
-use crate::hub::mail::{Mail, Origin};
-use crate::proto::{Broadcast, Direct, Message, Priority, PublishRequest, ServerFrame, server_frame};
+use crate::hub::mail::{HostMail, OwnerMail};
+use crate::ids::UserId;
+use crate::proto::{Broadcast, Direct, Message, PublishRequest, ServerFrame, server_frame};
+use crate::room::Priority;
 use crate::room::frames::{Class, SharedFrame};
-use crate::room::owner::{PublishError, Published, Sender};
+use crate::room::owner::{PublishError, Published};
 
 /// Longest message type, and sender / user / coalesce key.
 const TYPE_BYTES_MAX: usize = 32;
@@ -40,11 +42,10 @@ struct PublishJson {
 impl Routes {
     pub(super) fn publish_room(&self, raw: &str, req: &Request) -> Answer {
         let room = self.room_name(raw)?;
-        let (msg, priority_given) = self.message(req)?;
+        let (msg, priority) = self.message(req)?;
         let (reply, rx) = reply_channel::<Result<Published, PublishError>>();
         let owner = room.owner(self.mesh.shards());
-        let sender = Sender::Api { priority_given };
-        self.post(owner, Mail::Publish { room, msg: Box::new(msg), sender, origin: Origin::Api(reply) })?;
+        self.post(owner, OwnerMail::Publish { room, msg: Box::new(msg), priority, reply }.into())?;
         match wait(&rx)? {
             Ok(p) => Ok(Response::json(202, &json!({"id": p.id.to_string(), "coalesced": p.coalesced}))),
             Err(e) => {
@@ -59,44 +60,47 @@ impl Routes {
         if user.is_empty() || user.len() > USER_BYTES_MAX {
             return Err(Response::error(400, "user id must be 1..=128 bytes"));
         }
-        let msg = self.stamped(req)?;
-        let (id, frame) = (msg.id, shared(server_frame::Frame::Direct(Direct { message: Some(msg) })));
-        let user: Arc<str> = Arc::from(user);
-        let n =
-            self.to_every_shard(|reply| Mail::ToUser { user: Arc::clone(&user), frame: Arc::clone(&frame), reply })?;
+        let (msg, class) = self.stamped(req)?;
+        let (id, frame) = (msg.id, shared(server_frame::Frame::Direct(Direct { message: Some(msg) }), class));
+        let user = UserId::new(&user);
+        let n = self.to_every_shard(|reply| {
+            HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply }.into()
+        })?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 
     pub(super) fn broadcast(&self, req: &Request) -> Answer {
-        let msg = self.stamped(req)?;
-        let (id, frame) = (msg.id, shared(server_frame::Frame::Broadcast(Broadcast { message: Some(msg) })));
-        let n = self.to_every_shard(|reply| Mail::ToAll { frame: Arc::clone(&frame), reply })?;
+        let (msg, class) = self.stamped(req)?;
+        let (id, frame) = (msg.id, shared(server_frame::Frame::Broadcast(Broadcast { message: Some(msg) }), class));
+        let n = self.to_every_shard(|reply| HostMail::ToAll { frame: Arc::clone(&frame), reply }.into())?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 
-    /// A direct or broadcast message: id, time and type defaults are stamped here (no owner).
-    fn stamped(&self, req: &Request) -> Result<Message, Response> {
-        let (mut msg, priority_given) = self.message(req)?;
-        let defaults = self.types.get(msg.r#type.as_str()).copied();
-        if !priority_given && let Some(d) = defaults {
-            msg.priority = crate::room::owner::priority_of(d.priority) as i32;
-        }
+    /// A direct or broadcast message and its shedding class: id, time and the type's default
+    /// priority are stamped here (no owner).
+    fn stamped(&self, req: &Request) -> Result<(Message, Class), Response> {
+        let (mut msg, priority) = self.message(req)?;
+        let priority = priority.unwrap_or_else(|| self.types.get(msg.r#type.as_str()).copied().unwrap_or_default().priority);
+        msg.priority = priority.wire();
         let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         msg.id = (API_ID_SOURCE << 48) | (n & 0xFFFF_FFFF_FFFF);
         msg.created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        Ok(msg)
+        Ok((msg, Class::from(priority)))
     }
 
-    /// The message a publish body describes, validated, and whether it named a priority.
-    fn message(&self, req: &Request) -> Result<(Message, bool), Response> {
-        let (msg, given) = match req.content_type.as_deref() {
+    /// The message a publish body describes, validated, and the priority it named (None: the
+    /// type's default applies).
+    fn message(&self, req: &Request) -> Result<(Message, Option<Priority>), Response> {
+        let (msg, priority) = match req.content_type.as_deref() {
             Some("application/x-protobuf") | Some("application/protobuf") => {
                 let p = PublishRequest::decode(req.body.as_slice())
                     .map_err(|e| Response::error(400, &format!("bad PublishRequest: {e}")))?;
-                let given = p.priority.is_some();
+                let priority = match p.priority {
+                    None => None,
+                    Some(v) => Some(Priority::from_wire(v).ok_or_else(bad_priority)?),
+                };
                 let msg = Message {
                     r#type: p.r#type,
-                    priority: p.priority.unwrap_or(0),
                     weight: p.weight,
                     data: p.data,
                     sender: p.sender,
@@ -104,12 +108,12 @@ impl Routes {
                     coalesce_key: p.coalesce_key,
                     ..Message::default()
                 };
-                (msg, given)
+                (msg, priority)
             }
             // Anything else is read as JSON, so `curl -d '{...}'` (form-urlencoded) just works.
             _ => from_json(&req.body)?,
         };
-        Ok((self.check(msg)?, given))
+        Ok((self.check(msg)?, priority))
     }
 
     fn check(&self, mut msg: Message) -> Result<Message, Response> {
@@ -118,9 +122,6 @@ impl Routes {
         }
         if msg.r#type.len() > TYPE_BYTES_MAX {
             return Err(Response::error(400, "type is longer than 32 bytes"));
-        }
-        if Priority::try_from(msg.priority).is_err() {
-            return Err(Response::error(400, "priority must be low, high or whitelist"));
         }
         if msg.data.len() > self.data_bytes_max {
             return Err(Response::error(413, &format!("data is larger than {} bytes", self.data_bytes_max)));
@@ -132,8 +133,12 @@ impl Routes {
     }
 }
 
-/// A JSON publish body: the message and whether it named a priority.
-pub(super) fn from_json(body: &[u8]) -> Result<(Message, bool), Response> {
+fn bad_priority() -> Response {
+    Response::error(400, "priority must be low, high or whitelist")
+}
+
+/// A JSON publish body: the message and the priority it named.
+pub(super) fn from_json(body: &[u8]) -> Result<(Message, Option<Priority>), Response> {
     let p: PublishJson = if body.is_empty() {
         PublishJson::default()
     } else {
@@ -147,15 +152,12 @@ pub(super) fn from_json(body: &[u8]) -> Result<(Message, bool), Response> {
             .map_err(|e| Response::error(400, &format!("bad data_b64: {e}")))?,
         (None, None) => Vec::new(),
     };
-    let priority = match p.priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("low") => Priority::Low,
-        Some("high") => Priority::High,
-        Some("whitelist") => Priority::Whitelist,
-        Some(_) => return Err(Response::error(400, "priority must be low, high or whitelist")),
+    let priority = match p.priority.as_deref() {
+        None => None,
+        Some(name) => Some(Priority::parse(name).ok_or_else(bad_priority)?),
     };
     let msg = Message {
         r#type: p.kind.unwrap_or_default(),
-        priority: priority as i32,
         weight: p.weight.unwrap_or(0),
         data,
         sender: p.sender.unwrap_or_default(),
@@ -163,16 +165,11 @@ pub(super) fn from_json(body: &[u8]) -> Result<(Message, bool), Response> {
         coalesce_key: p.coalesce_key.unwrap_or_default(),
         ..Message::default()
     };
-    Ok((msg, p.priority.is_some()))
+    Ok((msg, priority))
 }
 
 /// A direct or broadcast frame, encoded once for both formats.
-fn shared(frame: server_frame::Frame) -> Arc<SharedFrame> {
-    let class = match &frame {
-        server_frame::Frame::Direct(Direct { message: Some(m) })
-        | server_frame::Frame::Broadcast(Broadcast { message: Some(m) }) => Class::of(std::slice::from_ref(m)),
-        _ => Class::Low,
-    };
+fn shared(frame: server_frame::Frame, class: Class) -> Arc<SharedFrame> {
     Arc::new(SharedFrame::encode(&ServerFrame { frame: Some(frame) }, true, class))
 }
 
@@ -182,13 +179,13 @@ mod tests {
 
     #[test]
     fn json_bodies() {
-        let (m, given) =
+        let (m, priority) =
             from_json(br#"{"type":"gift","priority":"HIGH","weight":5,"text":"hi","sender":"u1"}"#).unwrap();
-        assert_eq!((m.r#type.as_str(), m.priority, m.weight, m.data.as_slice()), ("gift", 1, 5, &b"hi"[..]));
-        assert!(given);
-        let (m, given) = from_json(br#"{"data_b64":"AAE="}"#).unwrap();
+        assert_eq!((m.r#type.as_str(), m.weight, m.data.as_slice()), ("gift", 5, &b"hi"[..]));
+        assert_eq!(priority, Some(Priority::High));
+        let (m, priority) = from_json(br#"{"data_b64":"AAE="}"#).unwrap();
         assert_eq!(m.data, vec![0, 1]);
-        assert!(!given, "no priority named: the type's default applies");
+        assert_eq!(priority, None, "no priority named: the type's default applies");
         assert!(from_json(br#"{"text":"a","data_b64":"AA=="}"#).is_err());
         assert!(from_json(br#"{"priority":"urgent"}"#).is_err());
         assert!(from_json(br#"{"colour":"red"}"#).is_err(), "unknown fields are refused");

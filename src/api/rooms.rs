@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use super::http::{Request, Response};
 use super::publish::USER_BYTES_MAX;
 use super::routes::{Answer, Routes, percent_decode, reply_channel, wait};
-use crate::hub::mail::{Mail, Origin};
-use crate::ids::ShardId;
+use crate::hub::mail::{Origin, OwnerMail};
+use crate::ids::{ShardId, UserId};
 use crate::room::RoomName;
 use crate::room::attrs::AttrError;
 use crate::room::moderation::{Entry, ModerationError};
@@ -45,7 +45,7 @@ impl Routes {
     pub(super) fn room_info(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel::<RoomInfo>();
-        self.post(room.owner(self.mesh.shards()), Mail::RoomInfo { room: room.clone(), reply })?;
+        self.post(room.owner(self.mesh.shards()), OwnerMail::RoomInfo { room: room.clone(), reply }.into())?;
         let info = wait(&rx)?;
         let body =
             json!({"room": room.as_str(), "online": info.online, "last_seq": info.last_seq, "pending": info.pending});
@@ -62,7 +62,7 @@ impl Routes {
         let mut waits = Vec::new();
         for i in 0..self.mesh.shards() {
             let (reply, rx) = reply_channel();
-            self.post(ShardId(i as u16), Mail::TopRooms { n, reply })?;
+            self.post(ShardId(i as u16), OwnerMail::TopRooms { n, reply }.into())?;
             waits.push(rx);
         }
         let mut all = Vec::new();
@@ -106,15 +106,15 @@ impl Routes {
             _ => return Err(Response::error(404, "no such moderation resource")),
         };
         let (reply, rx) = reply_channel::<Result<(), ModerationError>>();
-        let mail = Mail::Moderate {
+        let mail = OwnerMail::Moderate {
             room: room.clone(),
-            user: Arc::from(user.as_str()),
+            user: UserId::new(&user),
             action,
             reason: Arc::from(reason),
             origin: Origin::Api(reply),
         };
-        self.post(room.owner(self.mesh.shards()), mail)?;
-        wait(&rx)?.map_err(|e| Response::error(409, e.message()))?;
+        self.post(room.owner(self.mesh.shards()), mail.into())?;
+        wait(&rx)?.map_err(|e| Response::error(e.status(), e.message()))?;
         Ok(Response::json(200, &json!({"room": room.as_str(), "user": user, "action": list})))
     }
 
@@ -122,7 +122,7 @@ impl Routes {
     pub(super) fn moderation_lists(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel::<ModerationLists>();
-        self.post(room.owner(self.mesh.shards()), Mail::ModerationList { room: room.clone(), reply })?;
+        self.post(room.owner(self.mesh.shards()), OwnerMail::ModerationList { room: room.clone(), reply }.into())?;
         let lists = wait(&rx)?;
         let entries =
             |l: &[Entry]| -> Vec<Value> { l.iter().map(|e| json!({"user": e.user, "until_ms": e.until_ms})).collect() };
@@ -137,7 +137,7 @@ impl Routes {
     pub(super) fn attributes(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel();
-        self.post(room.owner(self.mesh.shards()), Mail::Attrs { room: room.clone(), reply })?;
+        self.post(room.owner(self.mesh.shards()), OwnerMail::Attrs { room: room.clone(), reply }.into())?;
         let (version, entries) = wait(&rx)?;
         let mut attrs = serde_json::Map::new();
         for (k, v) in entries {
@@ -168,8 +168,8 @@ impl Routes {
             })
         };
         let (reply, rx) = reply_channel::<Result<u64, AttrError>>();
-        let mail = Mail::SetAttr { room: room.clone(), key, value, origin: Origin::Api(reply) };
-        self.post(room.owner(self.mesh.shards()), mail)?;
+        let mail = OwnerMail::SetAttr { room: room.clone(), key, value, origin: Origin::Api(reply) };
+        self.post(room.owner(self.mesh.shards()), mail.into())?;
         let version = wait(&rx)?
             .map_err(|e| Response::error(if e == AttrError::ValueTooLarge { 413 } else { 400 }, e.message()))?;
         Ok(Response::json(200, &json!({"room": room.as_str(), "version": version})))

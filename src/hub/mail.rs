@@ -1,18 +1,39 @@
-//! Mail: what crosses between shards (and from the API threads into shards). Each shard has one
-//! bounded inbox; everything in it is owned or reference-counted, never borrowed. Requests to a
-//! room's owner carry where the answer goes: an API thread's reply channel, or a connection on
-//! some shard.
+//! Mail: what crosses between shards (and from the API threads into shards), typed by who
+//! receives it. [`OwnerMail`] goes to the shard that owns a room (its mixer, history, lists and
+//! attributes); [`HostMail`] goes to a shard that hosts connections (frames to deliver, kicks,
+//! replicas, answers). Each shard has one bounded inbox of [`Mail`]; everything in it is owned
+//! or reference-counted, never borrowed. A request names where its answer goes: an API
+//! thread's reply channel, or a connection ([`ConnAt`]) whose generation a late answer must
+//! still match.
 
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 
-use crate::ids::ShardId;
+use crate::ids::{ConnId, ShardId, UserId};
 use crate::proto::Message;
-use crate::room::RoomName;
 use crate::room::attrs::AttrError;
-use crate::room::frames::SharedFrame;
+use crate::room::frames::{Class, SharedFrame};
 use crate::room::moderation::{List, ModerationError};
-use crate::room::owner::{ModAction, ModerationLists, PublishError, Published, RoomInfo, Sender};
+use crate::room::owner::{ModAction, ModerationLists, PublishError, Published, RoomInfo};
+use crate::room::{Priority, RoomName};
+
+/// One item in a shard's inbox.
+pub enum Mail {
+    Owner(OwnerMail),
+    Host(HostMail),
+}
+
+impl From<OwnerMail> for Mail {
+    fn from(m: OwnerMail) -> Mail {
+        Mail::Owner(m)
+    }
+}
+
+impl From<HostMail> for Mail {
+    fn from(m: HostMail) -> Mail {
+        Mail::Host(m)
+    }
+}
 
 /// A one-shot answer to a waiting API thread. Sending never blocks (the channel has room for
 /// the single answer) and a vanished waiter is ignored.
@@ -24,64 +45,132 @@ impl<T> Reply<T> {
     }
 }
 
-/// A room's attribute version and entries, in key order.
-pub type AttrsSnapshot = (u64, Vec<(String, Vec<u8>)>);
+/// A connection on some shard: where an owner's answer to it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnAt {
+    pub shard: ShardId,
+    pub conn: ConnId,
+}
 
 /// Where an owner's answer goes.
 pub enum Origin<T> {
     /// The business API, waiting.
     Api(Reply<T>),
-    /// A client connection on some shard (refusals come back as error frames).
-    Conn { shard: ShardId, conn: u32 },
+    /// A client connection (a refusal comes back as an error frame).
+    Conn(ConnAt),
 }
 
-/// One item of cross-shard traffic.
-pub enum Mail {
-    /// To a room's owner: a message for the room's next block.
-    Publish { room: RoomName, msg: Box<Message>, sender: Sender, origin: Origin<Result<Published, PublishError>> },
-    /// To a room's owner: this shard now holds `members` members of the room (`json` of them
-    /// reading JSON); `left` of them left since the last report, the first few named.
-    Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<Arc<str>> },
-    /// To a room's owner: a connection joined; answered with its backfill and attributes.
-    Joined { room: RoomName, from: ShardId, conn: u32, user: Option<Arc<str>> },
-    /// Frames for one connection, if it is still in `room` (backfill, attribute sync).
-    ToConn { room: RoomName, conn: u32, frames: Vec<Arc<SharedFrame>> },
-    /// From a room's owner: a frame for the room's members on this shard.
-    Deliver { room: RoomName, frame: Arc<SharedFrame> },
-    /// A direct frame for every connection of a user on this shard; replies with the count.
-    ToUser { user: Arc<str>, frame: Arc<SharedFrame>, reply: Option<Reply<usize>> },
-    /// A broadcast frame for every connection on this shard; replies with the count.
-    ToAll { frame: Arc<SharedFrame>, reply: Option<Reply<usize>> },
-    /// To a room's owner: online count and last seq.
-    RoomInfo { room: RoomName, reply: Reply<RoomInfo> },
-    /// To every shard: its owned rooms with the most members.
-    TopRooms { n: usize, reply: Reply<Vec<(RoomName, u64)>> },
-    /// To a room's owner: a short poll from a connection on `from`.
-    Poll { room: RoomName, after: u64, limit: usize, from: ShardId, conn: u32 },
-    /// The owner's answer to a poll: status and JSON body.
-    PollResult { conn: u32, status: u16, body: Vec<u8> },
-    /// To a room's owner: a moderation action (then replicated and enforced everywhere).
+/// A room's attribute version and entries, in key order.
+pub type AttrsSnapshot = (u64, Vec<(String, Vec<u8>)>);
+
+/// Mail to a room's owner. Every variant names its room; `TopRooms` goes to every shard.
+pub enum OwnerMail {
+    /// A message for the room's next block from the business API, with the priority its body
+    /// named (else the type's default).
+    Publish {
+        room: RoomName,
+        msg: Box<Message>,
+        priority: Option<Priority>,
+        reply: Reply<Result<Published, PublishError>>,
+    },
+    /// A signed-in client's `send`, checked by its shard; the owner checks mute and the room's
+    /// rate and answers only a refusal.
+    Send { room: RoomName, msg: Box<Message>, user: UserId, weight: i32, from: ConnAt },
+    /// This shard now holds `members` members of the room (`json` of them reading JSON);
+    /// `left` of them left since the last report, the first few named.
+    Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },
+    /// A connection joined; answered with its backfill and the attribute snapshot.
+    Joined { room: RoomName, from: ConnAt, user: Option<UserId> },
+    /// A short poll from a connection.
+    Poll { room: RoomName, after: u64, limit: usize, from: ConnAt },
+    /// A moderation action (then replicated and enforced on every shard).
     Moderate {
         room: RoomName,
-        user: Arc<str>,
+        user: UserId,
         action: ModAction,
         reason: Arc<str>,
         origin: Origin<Result<(), ModerationError>>,
     },
-    /// From a room's owner to every shard: keep this ban or whitelist entry (or drop it).
-    Replicate { room: RoomName, user: Arc<str>, list: List, until_ms: Option<i64>, add: bool },
-    /// From a room's owner to every shard: close the user's connections in the room.
-    Kick { room: RoomName, user: Arc<str>, reason: Arc<str> },
-    /// To a room's owner: its moderation lists.
-    ModerationList { room: RoomName, reply: Reply<ModerationLists> },
-    /// To a room's owner: set (Some) or delete (None) an attribute.
+    /// Set (Some) or delete (None) an attribute.
     SetAttr { room: RoomName, key: String, value: Option<Vec<u8>>, origin: Origin<Result<u64, AttrError>> },
-    /// To a room's owner: all attributes and the version.
+    /// What a connection at attribute version `after` needs.
+    AttrSync { room: RoomName, after: u64, from: ConnAt },
+    /// Online count and last seq.
+    RoomInfo { room: RoomName, reply: Reply<RoomInfo> },
+    /// To every shard: its owned rooms with the most members.
+    TopRooms { n: usize, reply: Reply<Vec<(RoomName, u64)>> },
+    /// The room's moderation lists.
+    ModerationList { room: RoomName, reply: Reply<ModerationLists> },
+    /// All attributes and the version.
     Attrs { room: RoomName, reply: Reply<AttrsSnapshot> },
-    /// To a room's owner: what a connection at attribute version `after` needs.
-    AttrSync { room: RoomName, after: u64, from: ShardId, conn: u32 },
-    /// From an owner back to a client's shard: its request was refused.
-    Refused { conn: u32, code: u32, reason: &'static str },
+}
+
+impl OwnerMail {
+    /// The connection waiting for an answer to this request, if one is.
+    pub fn asker(&self) -> Option<ConnAt> {
+        match self {
+            OwnerMail::Send { from, .. }
+            | OwnerMail::Joined { from, .. }
+            | OwnerMail::Poll { from, .. }
+            | OwnerMail::AttrSync { from, .. } => Some(*from),
+            OwnerMail::Moderate { origin, .. } => origin.conn(),
+            OwnerMail::SetAttr { origin, .. } => origin.conn(),
+            OwnerMail::Publish { .. }
+            | OwnerMail::Presence { .. }
+            | OwnerMail::RoomInfo { .. }
+            | OwnerMail::TopRooms { .. }
+            | OwnerMail::ModerationList { .. }
+            | OwnerMail::Attrs { .. } => None,
+        }
+    }
+}
+
+impl<T> Origin<T> {
+    fn conn(&self) -> Option<ConnAt> {
+        match self {
+            Origin::Api(_) => None,
+            Origin::Conn(at) => Some(*at),
+        }
+    }
+}
+
+/// Mail to a shard hosting connections.
+pub enum HostMail {
+    /// From a room's owner: a frame (block or attribute delta) for the room's members here.
+    Deliver { room: RoomName, frame: Arc<SharedFrame> },
+    /// Frames for one connection if it is still in `room` (backfill, attribute sync).
+    ToConn { room: RoomName, conn: ConnId, frames: Vec<Arc<SharedFrame>> },
+    /// A direct frame for every connection of a user here; replies with the count.
+    ToUser { user: UserId, frame: Arc<SharedFrame>, reply: Option<Reply<usize>> },
+    /// A broadcast frame for every connection here; replies with the count.
+    ToAll { frame: Arc<SharedFrame>, reply: Option<Reply<usize>> },
+    /// From a room's owner: close the user's connections in the room.
+    Kick { room: RoomName, user: UserId, reason: Arc<str> },
+    /// From a room's owner: keep this ban or whitelist entry (or drop it).
+    Replicate { room: RoomName, user: UserId, list: List, until_ms: Option<i64>, add: bool },
+    /// The owner's answer to a short poll: status and JSON body.
+    PollAnswer { conn: ConnId, status: u16, body: Vec<u8> },
+    /// A connection's request was refused (by its room's owner, or because the way there is
+    /// congested).
+    Refused { conn: ConnId, code: u32, reason: &'static str },
     /// Close every connection (1001) and stop.
     Stop,
+}
+
+impl HostMail {
+    /// The class of a block delivery: the only mail that may be shed (by the post office,
+    /// when the way to its shard stays congested). None for everything else.
+    pub fn delivery_class(&self) -> Option<Class> {
+        match self {
+            HostMail::Deliver { frame, .. } => Some(frame.class),
+            HostMail::ToConn { .. }
+            | HostMail::ToUser { .. }
+            | HostMail::ToAll { .. }
+            | HostMail::Kick { .. }
+            | HostMail::Replicate { .. }
+            | HostMail::PollAnswer { .. }
+            | HostMail::Refused { .. }
+            | HostMail::Stop => None,
+        }
+    }
 }

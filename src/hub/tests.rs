@@ -1,68 +1,307 @@
-//! Hub-level tests through the public API (the same calls the shard driver makes).
-use std::sync::mpsc::sync_channel;
+//! Hub-level tests through the public API: the calls a driver makes, with the mail between
+//! hubs carried by hand (or by a real `Mesh` where an inbox must fill up).
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, sync_channel};
 
-use super::mail::{Mail, Origin, Reply};
-use super::{Hub, HubConfig, Now};
-use crate::config::Config;
-use crate::ids::{ShardId, UnixMs};
-use crate::metrics::Series;
-use crate::proto::Message;
-use crate::room::RoomName;
-use crate::room::owner::Sender;
+use prost::Message as _;
+
+use super::mail::{Origin, OwnerMail, Reply};
+use super::*;
+use crate::ids::{UnixMs, UserId};
+use crate::proto::{ClientFrame, Join, Message, Send, ServerFrame, client_frame, server_frame};
+use crate::room::moderation::ModerationError;
+use crate::room::owner::{self, ModAction};
+use crate::room::{Priority, RoomName};
+use crate::shard::mesh::Mesh;
+use crate::wire::frame::{Opcode, decode_header};
+
+const SECRET: &str = "hub-test-secret-0123456789abcdef";
 
 fn at(ms: u64) -> Now {
     Now { ms, unix: UnixMs(1_795_000_000_000 + ms as i64) }
 }
 
-fn hub(interval_ms: u64, wait_max_ms: u64) -> Hub {
+fn config(edit: impl FnOnce(&mut Config)) -> Config {
     let mut c = Config::default();
-    c.rooms.block_interval_ms = interval_ms;
-    c.rooms.block_wait_max_ms = wait_max_ms;
-    Hub::new(HubConfig::new(&c, ShardId(0), 1))
+    c.auth.jwt_secret = SECRET.into();
+    edit(&mut c);
+    c
 }
 
-fn publish(h: &mut Hub, now: Now) {
-    let (tx, _rx) = sync_channel(1);
-    let room = RoomName::parse("r", 64).unwrap();
+fn hub(c: &Config, shard: u16, shards: usize) -> Hub {
+    Hub::new(HubConfig::new(c, ShardId(shard), shards))
+}
+
+/// A room name that shard `owner` of `shards` owns.
+fn room_owned_by(owner: u16, shards: usize, tag: &str) -> RoomName {
+    (0..)
+        .map(|i| RoomName::parse(&format!("{tag}{i}"), 64).unwrap())
+        .find(|r| r.owner(shards) == ShardId(owner))
+        .unwrap()
+}
+
+fn token(user: &str) -> String {
+    let exp = 1_795_000_000 + 86_400;
+    crate::auth::sign_hs256(SECRET.as_bytes(), &serde_json::json!({"sub": user, "exp": exp, "send": true}))
+}
+
+/// A new connection that sends `request` as its first bytes.
+fn connect(h: &mut Hub, request: &str, now: Now) -> ConnKey {
+    let key = h.handle_accept(0, now).expect("room for a connection");
+    h.handle_recv(key, &mut request.as_bytes().to_vec(), now);
+    key
+}
+
+fn upgrade(h: &mut Hub, user: &str, room: &RoomName, now: Now) -> ConnKey {
+    let request = format!(
+        "GET /ws?room={room}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(user)
+    );
+    connect(h, &request, now)
+}
+
+fn poll(h: &mut Hub, room: &RoomName, now: Now) -> ConnKey {
+    connect(h, &format!("GET /v1/rooms/{room}/messages?after=0 HTTP/1.1\r\nHost: x\r\n\r\n"), now)
+}
+
+/// A client frame as a client sends it (masked, binary protobuf).
+fn client_frame(h: &mut Hub, key: ConnKey, frame: client_frame::Frame, now: Now) {
+    let payload = ClientFrame { frame: Some(frame) }.encode_to_vec();
+    let mask = [1, 2, 3, 4];
+    let mut bytes = vec![0x82];
+    assert!(payload.len() < 126);
+    bytes.push(0x80 | payload.len() as u8);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    h.handle_recv(key, &mut bytes, now);
+}
+
+/// Writes everything the hub wants sent, as fast readers take it: bytes per connection.
+fn drain_sends(h: &mut Hub, out: &mut HashMap<ConnKey, Vec<u8>>, now: Now) {
+    while let Some(key) = h.poll_ready() {
+        let mut iov = [std::io::IoSlice::new(&[]); 16];
+        let n = h.poll_send(key, &mut iov);
+        let bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+        let written = bytes.len() as i32;
+        out.entry(key).or_default().extend(bytes);
+        if n > 0 {
+            h.handle_sent(key, written, now);
+        }
+    }
+}
+
+/// The server frames in `bytes` after the HTTP head.
+fn server_frames(bytes: &[u8]) -> Vec<server_frame::Frame> {
+    let mut rest = match bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &bytes[i + 4..],
+        None => bytes,
+    };
+    let mut frames = Vec::new();
+    while let Ok(Some(h)) = decode_header(rest) {
+        let end = h.header_len + h.payload_len as usize;
+        if h.opcode == Opcode::Binary {
+            frames.push(ServerFrame::decode(&rest[h.header_len..end]).unwrap().frame.unwrap());
+        }
+        rest = &rest[end..];
+    }
+    frames
+}
+
+/// Carries every mail `from` posts to `to` (its inbox never full).
+fn carry(from: &mut Hub, to: &mut Hub, now: Now) {
+    let mut mail = Vec::new();
+    from.flush_mail(&mut |_, m| {
+        mail.push(m);
+        Ok(())
+    });
+    for m in mail {
+        to.handle_mail(m, now);
+    }
+}
+
+fn publish(h: &mut Hub, room: &RoomName, now: Now) -> Receiver<Result<owner::Published, owner::PublishError>> {
+    let (tx, rx) = sync_channel(1);
     let msg = Box::new(Message { r#type: "notice".into(), data: b"x".to_vec(), ..Message::default() });
-    let sender = Sender::Api { priority_given: false };
-    h.on_mail(Mail::Publish { room, msg, sender, origin: Origin::Api(Reply(tx)) }, now);
-}
-
-fn blocks(h: &mut Hub) -> u64 {
-    h.counters().get(Series::BlocksCut)
+    let mail = OwnerMail::Publish { room: room.clone(), msg, priority: Some(Priority::Whitelist), reply: Reply(tx) };
+    h.handle_mail(mail.into(), now);
+    rx
 }
 
 #[test]
 fn a_saturated_shard_defers_blocks_up_to_the_max_wait() {
-    let mut h = hub(100, 300);
-    publish(&mut h, at(0));
-    h.set_busy(900);
-    h.on_tick(at(100));
-    assert_eq!(blocks(&mut h), 0, "busy: the block waits");
-    assert!(h.next_timeout(at(100)) <= 5, "and looks again soon");
-    publish(&mut h, at(150));
-    h.on_tick(at(250));
-    assert_eq!(blocks(&mut h), 0);
+    let c = config(|c| {
+        c.rooms.block_interval_ms = 100;
+        c.rooms.block_wait_max_ms = 300;
+    });
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    publish(&mut h, &r, at(0));
+    h.handle_load(900);
+    h.handle_timeout(at(100));
+    let blocks = |h: &Hub| h.counters().get(Series::BlocksCut);
+    assert_eq!(blocks(&h), 0, "busy: the block waits");
+    assert!(h.poll_timeout(at(100)) <= 5, "and looks again soon");
+    publish(&mut h, &r, at(150));
+    h.handle_timeout(at(250));
+    assert_eq!(blocks(&h), 0);
     assert!(h.counters().get(Series::BlocksDeferred) >= 2);
-    h.on_tick(at(400));
-    assert_eq!(blocks(&mut h), 1, "overdue by block_wait_max_ms: cut anyway, both messages in it");
+    h.handle_timeout(at(400));
+    assert_eq!(blocks(&h), 1, "overdue by block_wait_max_ms: cut anyway, both messages in it");
     assert_eq!(h.counters().get(Series::MessagesOut), 2);
     // Idle again: the next block goes out on time.
-    h.set_busy(100);
-    publish(&mut h, at(410));
-    let due = 410 + h.next_timeout(at(410));
+    h.handle_load(100);
+    publish(&mut h, &r, at(410));
+    let due = 410 + h.poll_timeout(at(410));
     assert!(due <= 500, "the next tick is due by the interval, not later: {due}");
-    h.on_tick(at(due));
-    assert_eq!(blocks(&mut h), 2);
+    h.handle_timeout(at(due));
+    assert_eq!(blocks(&h), 2);
 }
 
 #[test]
 fn a_zero_wait_never_defers() {
-    let mut h = hub(100, 0);
-    publish(&mut h, at(0));
-    h.set_busy(1000);
-    h.on_tick(at(100));
-    assert_eq!(blocks(&mut h), 1);
+    let c = config(|c| {
+        c.rooms.block_interval_ms = 100;
+        c.rooms.block_wait_max_ms = 0;
+    });
+    let mut h = hub(&c, 0, 1);
+    publish(&mut h, &RoomName::parse("r", 64).unwrap(), at(0));
+    h.handle_load(1000);
+    h.handle_timeout(at(100));
+    assert_eq!(h.counters().get(Series::BlocksCut), 1);
     assert_eq!(h.counters().get(Series::BlocksDeferred), 0);
+}
+
+/// The slot-reuse misdelivery: a short poll's answer arrives after its connection ended and a
+/// new connection took the same slot. It must be dropped (and counted), not answer the new one.
+#[test]
+fn a_late_answer_never_reaches_the_connection_that_took_the_slot() {
+    let c = config(|_| {});
+    let (mut h0, mut h1) = (hub(&c, 0, 2), hub(&c, 1, 2));
+    let (first_room, second_room) = (room_owned_by(1, 2, "first"), room_owned_by(1, 2, "second"));
+    let now = at(0);
+    let a = poll(&mut h0, &first_room, now);
+    let mut to_owner = Vec::new();
+    h0.flush_mail(&mut |_, m| {
+        to_owner.push(m);
+        Ok(())
+    });
+    // The poller gives up before the owner answers; the driver releases the connection.
+    h0.handle_eof(a, now);
+    assert_eq!(h0.poll_close(), Some(a));
+    h0.release(a);
+    // A new connection takes the same slot and polls another room.
+    let b = poll(&mut h0, &second_room, now);
+    assert_eq!(b, a, "the slab hands out the freed slot first: the case under test");
+    h0.flush_mail(&mut |_, m| {
+        to_owner.push(m);
+        Ok(())
+    });
+    // The owner answers both, the old poll first.
+    give_history(&mut h1, &first_room, now);
+    for m in to_owner {
+        h1.handle_mail(m, now);
+    }
+    carry(&mut h1, &mut h0, now);
+    let mut out = HashMap::new();
+    drain_sends(&mut h0, &mut out, now);
+    let answer = String::from_utf8_lossy(&out[&b]).to_string();
+    assert!(answer.contains("200 OK") && answer.contains("\"messages\":[]"), "b got its own answer: {answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "and only its own: {answer}");
+    assert_eq!(h0.counters().get(Series::ReplyConnGone), 1, "the stale answer was dropped and counted");
+}
+
+/// Gives a room history, so a stale answer is told apart from a fresh one.
+fn give_history(h: &mut Hub, room: &RoomName, now: Now) {
+    publish(h, room, now);
+    h.handle_timeout(at(now.ms + 2_000));
+}
+
+/// Bans and kicks for a shard whose inbox is full wait in the post office; none is lost, and
+/// the ones taken on before the way was congested are all enforced once it drains.
+#[test]
+fn with_an_inbox_full_no_kick_or_ban_replica_is_lost() {
+    let c = config(|c| c.server.mesh_overflow_max = 8);
+    let (mut owner, mut host) = (hub(&c, 0, 2), hub(&c, 1, 2));
+    let mesh = Mesh::new(2, 2).unwrap();
+    let room = room_owned_by(0, 2, "live");
+    let mut now = at(0);
+    // Twenty viewers on the host shard, in a room the other shard owns.
+    let users: Vec<String> = (0..20).map(|i| format!("viewer{i}")).collect();
+    let keys: Vec<ConnKey> = users.iter().map(|u| upgrade(&mut host, u, &room, now)).collect();
+    let mut out = HashMap::new();
+    drain_sends(&mut host, &mut out, now);
+    // The API bans every one of them; the host shard reads nothing meanwhile (its inbox of 2
+    // fills at once), so replicas and kicks pile up at the owner.
+    let mut answers = Vec::new();
+    for (turn, user) in users.iter().enumerate() {
+        now = at(turn as u64);
+        let (tx, rx) = sync_channel(1);
+        let ban = OwnerMail::Moderate {
+            room: room.clone(),
+            user: UserId::new(user),
+            action: ModAction::Ban { until_ms: None },
+            reason: "spam".into(),
+            origin: Origin::Api(Reply(tx)),
+        };
+        owner.handle_mail(ban.into(), now);
+        answers.push(rx.try_recv().expect("answered at once"));
+        owner.flush_mail(&mut |to, m| mesh.send(to, m));
+    }
+    let accepted: Vec<usize> = (0..users.len()).filter(|&i| answers[i].is_ok()).collect();
+    let busy = answers.iter().filter(|a| **a == Err(ModerationError::Busy)).count();
+    assert!(accepted.len() >= 4, "bans are taken on until the way is congested: {answers:?}");
+    assert_eq!(accepted.len() + busy, users.len(), "the rest are refused as busy (503), not lost: {answers:?}");
+    assert!(busy > 0, "the way became congested");
+    assert!(owner.counters().get(Series::MeshWaiting) >= 8, "mail waits in the overflow");
+    assert_eq!(owner.counters().get(Series::MeshFull), 0, "control mail is never shed");
+    // The host shard wakes up and reads its inbox every turn; the owner keeps offering.
+    for turn in 0..100 {
+        now = at(100 + turn);
+        while let Some(m) = mesh.inbox(ShardId(1)).pop() {
+            host.handle_mail(m, now);
+        }
+        owner.flush_mail(&mut |to, m| mesh.send(to, m));
+    }
+    assert_eq!(owner.counters().get(Series::MeshWaiting), 0, "drained");
+    drain_sends(&mut host, &mut out, now);
+    for &i in &accepted {
+        let frames = server_frames(&out[&keys[i]]);
+        assert!(
+            frames.iter().any(|f| matches!(f, server_frame::Frame::Kicked(_))),
+            "{} was banned: the kick reached its shard",
+            users[i]
+        );
+        // The replica holds: the banned user cannot come back.
+        let again = upgrade(&mut host, &users[i], &room, now);
+        let mut out2 = HashMap::new();
+        drain_sends(&mut host, &mut out2, now);
+        let refused = server_frames(&out2[&again])
+            .iter()
+            .any(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 403));
+        assert!(refused, "{}'s ban was replicated", users[i]);
+    }
+}
+
+/// While the way to a room's owner is congested, a client's request for that room is refused
+/// at once with 503 (and counted) instead of adding to the overflow.
+#[test]
+fn a_congested_way_refuses_new_requests_from_clients() {
+    let c = config(|c| c.server.mesh_overflow_max = 1);
+    let mut host = hub(&c, 1, 2);
+    let room = room_owned_by(0, 2, "busy");
+    let now = at(0);
+    let key = upgrade(&mut host, "alice", &room, now);
+    // The owner's inbox refuses everything: the join report stays, the way is congested.
+    host.flush_mail(&mut |_, m| Err(m));
+    client_frame(&mut host, key, client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec() }), now);
+    client_frame(&mut host, key, client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string() }), now);
+    let mut out = HashMap::new();
+    drain_sends(&mut host, &mut out, now);
+    let refusals = server_frames(&out[&key])
+        .into_iter()
+        .filter(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 503))
+        .count();
+    assert_eq!(refusals, 2, "the send and the join's backfill request were refused");
+    assert_eq!(host.counters().get(Series::MeshRefused), 2);
 }

@@ -4,9 +4,9 @@
 
 use crate::envelope::{self, Format};
 use crate::ids::UnixMs;
-use crate::proto::{AttrEntry, Attrs, Block, Message, Priority, ServerFrame, server_frame};
+use crate::proto::{AttrEntry, Attrs, Block, Message, ServerFrame, server_frame};
 
-use super::RoomName;
+use super::{Priority, RoomName};
 use super::attrs::{AttrLog, Change, Since};
 
 /// How much a queued frame matters to a slow reader: lower classes are dropped first, `Keep`
@@ -21,16 +21,24 @@ pub enum Class {
     Keep = 2,
 }
 
-impl Class {
-    /// The class of a block: that of its most important message.
-    pub fn of(messages: &[Message]) -> Class {
-        let top = messages.iter().map(|m| m.priority).max().unwrap_or(Priority::Low as i32);
-        match Priority::try_from(top) {
-            Ok(Priority::Whitelist) => Class::Keep,
-            Ok(Priority::High) => Class::High,
-            _ => Class::Low,
+impl From<Priority> for Class {
+    /// The class of a frame whose most important message has this priority.
+    fn from(top: Priority) -> Class {
+        match top {
+            Priority::Whitelist => Class::Keep,
+            Priority::High => Class::High,
+            Priority::Low => Class::Low,
         }
     }
+}
+
+/// What a block frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    /// Newly cut messages; `top` is the highest priority among them.
+    Live { top: Priority },
+    /// History for a joining client: never shed (it is what the client missed).
+    Backfill,
 }
 
 /// A frame fanned out to many connections: encoded once, shared by reference.
@@ -66,16 +74,12 @@ fn server(frame: server_frame::Frame) -> ServerFrame {
     ServerFrame { frame: Some(frame) }
 }
 
-/// A block of newly cut messages (or, with `backfill`, of history for a joining client).
-pub fn block(
-    room: &RoomName,
-    messages: Vec<Message>,
-    online: u64,
-    now: UnixMs,
-    json: bool,
-    backfill: bool,
-) -> SharedFrame {
-    let class = if backfill { Class::Keep } else { Class::of(&messages) };
+/// A block of newly cut messages, or of history for a joining client.
+pub fn block(room: &RoomName, messages: Vec<Message>, kind: BlockKind, online: u64, now: UnixMs, json: bool) -> SharedFrame {
+    let (class, backfill) = match kind {
+        BlockKind::Live { top } => (Class::from(top), false),
+        BlockKind::Backfill => (Class::Keep, true),
+    };
     let block = Block {
         room: room.as_str().to_owned(),
         first_seq: messages.first().map_or(0, |m| m.seq),
@@ -126,16 +130,15 @@ fn entry(c: &Change) -> AttrEntry {
 mod tests {
     use super::*;
 
-    fn msg(p: Priority) -> Message {
-        Message { priority: p as i32, ..Message::default() }
-    }
-
     #[test]
     fn a_block_takes_the_class_of_its_most_important_message() {
-        assert_eq!(Class::of(&[]), Class::Low);
-        assert_eq!(Class::of(&[msg(Priority::Low)]), Class::Low);
-        assert_eq!(Class::of(&[msg(Priority::Low), msg(Priority::High)]), Class::High);
-        assert_eq!(Class::of(&[msg(Priority::Whitelist), msg(Priority::Low)]), Class::Keep);
+        assert_eq!(Class::from(Priority::Low), Class::Low);
+        assert_eq!(Class::from(Priority::High), Class::High);
+        assert_eq!(Class::from(Priority::Whitelist), Class::Keep);
         assert!(Class::Low < Class::High && Class::High < Class::Keep);
+        let room = RoomName::parse("r", 8).unwrap();
+        let live = block(&room, Vec::new(), BlockKind::Live { top: Priority::High }, 0, UnixMs(0), false);
+        assert_eq!(live.class, Class::High);
+        assert_eq!(block(&room, Vec::new(), BlockKind::Backfill, 0, UnixMs(0), false).class, Class::Keep);
     }
 }

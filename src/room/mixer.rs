@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 
-use crate::proto::{Message, Priority};
+use super::Priority;
+use crate::proto::Message;
 
 /// Bounds of one room's mixer.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +51,8 @@ pub struct Cut {
     pub dropped_expired: u64,
     /// Whitelist messages that did not fit and wait for the next block.
     pub carried: usize,
+    /// The highest priority among `messages` (the block's shedding class follows it).
+    pub top: Priority,
 }
 
 impl Cut {
@@ -66,6 +69,7 @@ impl Cut {
 
 struct Pending {
     msg: Message,
+    priority: Priority,
     /// Arrival order inside this room; breaks ties after priority and weight.
     arrival: u64,
 }
@@ -89,10 +93,12 @@ impl Mixer {
         Mixer { last_seq, ..Mixer::default() }
     }
 
-    /// Accepts a message for the next block. Its `seq` is assigned at the cut. A message whose
-    /// non-empty `coalesce_key` matches a pending one replaces it, whatever either's priority
-    /// (the newest correction wins as it is), and is accepted even with a full backlog.
-    pub fn push(&mut self, msg: Message, limits: &MixerLimits) -> Result<Pushed, Refused> {
+    /// Accepts a message for the next block in bucket `priority` (written to its wire field).
+    /// Its `seq` is assigned at the cut. A message whose non-empty `coalesce_key` matches a
+    /// pending one replaces it, whatever either's priority (the newest correction wins as it
+    /// is), and is accepted even with a full backlog.
+    pub fn push(&mut self, mut msg: Message, priority: Priority, limits: &MixerLimits) -> Result<Pushed, Refused> {
+        msg.priority = priority.wire();
         let slot = if msg.coalesce_key.is_empty() {
             None
         } else {
@@ -101,7 +107,7 @@ impl Mixer {
         if let Some(slot) = slot {
             debug_assert_eq!(slot.msg.coalesce_key, msg.coalesce_key);
             self.arrivals += 1;
-            *slot = Pending { msg, arrival: self.arrivals };
+            *slot = Pending { msg, priority, arrival: self.arrivals };
             return Ok(Pushed::Coalesced);
         }
         if self.pending.len() >= limits.pending_messages_max {
@@ -111,7 +117,7 @@ impl Mixer {
             self.keys.insert(msg.coalesce_key.clone(), self.pending.len());
         }
         self.arrivals += 1;
-        self.pending.push(Pending { msg, arrival: self.arrivals });
+        self.pending.push(Pending { msg, priority, arrival: self.arrivals });
         Ok(Pushed::Added)
     }
 
@@ -139,13 +145,14 @@ impl Mixer {
         }
         let mut cut = Cut::default();
         let before = self.pending.len();
-        self.pending.retain(|p| !expired(&p.msg, now_ms));
+        self.pending.retain(|p| !expired(p, now_ms));
         cut.dropped_expired = (before - self.pending.len()) as u64;
         self.pending
-            .sort_unstable_by_key(|p| (std::cmp::Reverse(rank(&p.msg)), std::cmp::Reverse(p.msg.weight), p.arrival));
+            .sort_unstable_by_key(|p| (std::cmp::Reverse(p.priority), std::cmp::Reverse(p.msg.weight), p.arrival));
         let take = self.pending.len().min(limits.block_messages_max);
         cut.messages.reserve_exact(take);
         for p in self.pending.drain(..take) {
+            cut.top = cut.top.max(p.priority);
             self.last_seq += 1;
             let mut msg = p.msg;
             msg.seq = self.last_seq;
@@ -153,7 +160,7 @@ impl Mixer {
         }
         // What did not fit: whitelist waits (still first in line next time), the rest goes.
         let before = self.pending.len();
-        self.pending.retain(|p| rank(&p.msg) == Priority::Whitelist as i32);
+        self.pending.retain(|p| p.priority == Priority::Whitelist);
         cut.carried = self.pending.len();
         cut.dropped_overflow = (before - cut.carried) as u64;
         self.reindex();
@@ -171,18 +178,11 @@ impl Mixer {
     }
 }
 
-/// Priority as an orderable number; unknown values rank as LOW.
-fn rank(m: &Message) -> i32 {
-    match Priority::try_from(m.priority) {
-        Ok(p) => p as i32,
-        Err(_) => Priority::Low as i32,
-    }
-}
-
-/// Whether a message is past its time to live at `now_ms`. Whitelist messages never expire;
-/// `ttl_ms == 0` means never; at exactly `created_ms + ttl_ms` it is still fresh.
-fn expired(m: &Message, now_ms: i64) -> bool {
-    rank(m) != Priority::Whitelist as i32 && m.ttl_ms > 0 && m.created_ms.saturating_add(i64::from(m.ttl_ms)) < now_ms
+/// Whether a pending message is past its time to live at `now_ms`. Whitelist messages never
+/// expire; `ttl_ms == 0` means never; at exactly `created_ms + ttl_ms` it is still fresh.
+fn expired(p: &Pending, now_ms: i64) -> bool {
+    let m = &p.msg;
+    p.priority != Priority::Whitelist && m.ttl_ms > 0 && m.created_ms.saturating_add(i64::from(m.ttl_ms)) < now_ms
 }
 
 #[cfg(test)]
@@ -195,7 +195,7 @@ mod tests {
     const NOW_MS: i64 = 1_000_000;
 
     fn msg(id: u64, p: Priority, weight: i32) -> Message {
-        Message { id, priority: p as i32, weight, ..Message::default() }
+        Message { id, priority: p.wire(), weight, ..Message::default() }
     }
 
     fn keyed(id: u64, p: Priority, key: &str) -> Message {
@@ -204,6 +204,12 @@ mod tests {
 
     fn aged(id: u64, p: Priority, created_ms: i64, ttl_ms: u32) -> Message {
         Message { created_ms, ttl_ms, ..msg(id, p, 0) }
+    }
+
+    /// Pushes a test message in the bucket its wire field names.
+    fn push(m: &mut Mixer, msg: Message, limits: &MixerLimits) -> Result<Pushed, Refused> {
+        let p = Priority::from_wire(msg.priority).expect("tests build valid priorities");
+        m.push(msg, p, limits)
     }
 
     fn ids(cut: &Cut) -> Vec<u64> {
@@ -220,11 +226,11 @@ mod tests {
     #[test]
     fn orders_by_priority_then_weight_then_arrival() {
         let mut m = Mixer::default();
-        m.push(msg(1, Priority::Low, 0), &LIMITS).unwrap();
-        m.push(msg(2, Priority::High, 1), &LIMITS).unwrap();
-        m.push(msg(3, Priority::High, 5), &LIMITS).unwrap();
-        m.push(msg(4, Priority::Whitelist, 0), &LIMITS).unwrap();
-        m.push(msg(5, Priority::High, 5), &LIMITS).unwrap();
+        push(&mut m, msg(1, Priority::Low, 0), &LIMITS).unwrap();
+        push(&mut m, msg(2, Priority::High, 1), &LIMITS).unwrap();
+        push(&mut m, msg(3, Priority::High, 5), &LIMITS).unwrap();
+        push(&mut m, msg(4, Priority::Whitelist, 0), &LIMITS).unwrap();
+        push(&mut m, msg(5, Priority::High, 5), &LIMITS).unwrap();
         let cut = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!(ids(&cut), vec![4, 3, 5]);
         assert_eq!((cut.first_seq(), cut.last_seq()), (1, 3));
@@ -237,13 +243,13 @@ mod tests {
     fn whitelist_overflow_is_carried_in_order() {
         let mut m = Mixer::default();
         for id in 1..=5 {
-            m.push(msg(id, Priority::Whitelist, 0), &LIMITS).unwrap();
+            push(&mut m, msg(id, Priority::Whitelist, 0), &LIMITS).unwrap();
         }
-        m.push(msg(9, Priority::Low, 0), &LIMITS).unwrap();
+        push(&mut m, msg(9, Priority::Low, 0), &LIMITS).unwrap();
         let a = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!(ids(&a), vec![1, 2, 3]);
         assert_eq!((a.carried, a.dropped_overflow), (2, 1));
-        m.push(msg(10, Priority::High, 100), &LIMITS).unwrap();
+        push(&mut m, msg(10, Priority::High, 100), &LIMITS).unwrap();
         let b = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!(ids(&b), vec![4, 5, 10]);
         assert_eq!((b.first_seq(), b.last_seq()), (4, 6));
@@ -253,18 +259,18 @@ mod tests {
     fn backlog_is_bounded() {
         let mut m = Mixer::default();
         for id in 0..10 {
-            assert_eq!(m.push(msg(id, Priority::Low, 0), &LIMITS), Ok(Pushed::Added));
+            assert_eq!(push(&mut m, msg(id, Priority::Low, 0), &LIMITS), Ok(Pushed::Added));
         }
-        assert_eq!(m.push(msg(11, Priority::Whitelist, 0), &LIMITS), Err(Refused::Backlog));
+        assert_eq!(push(&mut m, msg(11, Priority::Whitelist, 0), &LIMITS), Err(Refused::Backlog));
         assert_eq!(m.pending_len(), 10);
     }
 
     #[test]
     fn corrections_coalesce_to_the_newest_at_its_arrival() {
         let mut m = Mixer::default();
-        assert_eq!(m.push(keyed(1, Priority::High, "pk"), &LIMITS), Ok(Pushed::Added));
-        assert_eq!(m.push(keyed(2, Priority::High, "other"), &LIMITS), Ok(Pushed::Added));
-        assert_eq!(m.push(keyed(3, Priority::High, "pk"), &LIMITS), Ok(Pushed::Coalesced));
+        assert_eq!(push(&mut m, keyed(1, Priority::High, "pk"), &LIMITS), Ok(Pushed::Added));
+        assert_eq!(push(&mut m, keyed(2, Priority::High, "other"), &LIMITS), Ok(Pushed::Added));
+        assert_eq!(push(&mut m, keyed(3, Priority::High, "pk"), &LIMITS), Ok(Pushed::Coalesced));
         assert_eq!(m.pending_len(), 2);
         let cut = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!(ids(&cut), vec![2, 3], "the correction takes the newest arrival position");
@@ -274,20 +280,20 @@ mod tests {
     #[test]
     fn empty_keys_never_coalesce() {
         let mut m = Mixer::default();
-        assert_eq!(m.push(keyed(1, Priority::Low, ""), &LIMITS), Ok(Pushed::Added));
-        assert_eq!(m.push(keyed(2, Priority::Low, ""), &LIMITS), Ok(Pushed::Added));
+        assert_eq!(push(&mut m, keyed(1, Priority::Low, ""), &LIMITS), Ok(Pushed::Added));
+        assert_eq!(push(&mut m, keyed(2, Priority::Low, ""), &LIMITS), Ok(Pushed::Added));
         assert_eq!(m.pending_len(), 2);
     }
 
     #[test]
     fn a_correction_is_accepted_with_a_full_backlog() {
         let mut m = Mixer::default();
-        m.push(keyed(0, Priority::Low, "pk"), &LIMITS).unwrap();
+        push(&mut m, keyed(0, Priority::Low, "pk"), &LIMITS).unwrap();
         for id in 1..10 {
-            m.push(msg(id, Priority::Low, 0), &LIMITS).unwrap();
+            push(&mut m, msg(id, Priority::Low, 0), &LIMITS).unwrap();
         }
-        assert_eq!(m.push(keyed(10, Priority::Low, "pk"), &LIMITS), Ok(Pushed::Coalesced));
-        assert_eq!(m.push(keyed(11, Priority::Low, "new"), &LIMITS), Err(Refused::Backlog));
+        assert_eq!(push(&mut m, keyed(10, Priority::Low, "pk"), &LIMITS), Ok(Pushed::Coalesced));
+        assert_eq!(push(&mut m, keyed(11, Priority::Low, "new"), &LIMITS), Err(Refused::Backlog));
         assert_eq!(m.pending_len(), 10);
     }
 
@@ -295,22 +301,22 @@ mod tests {
     fn carried_messages_still_coalesce_after_a_cut() {
         let mut m = Mixer::default();
         for id in 1..=4 {
-            m.push(keyed(id, Priority::Whitelist, &format!("k{id}")), &LIMITS).unwrap();
+            push(&mut m, keyed(id, Priority::Whitelist, &format!("k{id}")), &LIMITS).unwrap();
         }
         let a = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!((ids(&a), a.carried), (vec![1, 2, 3], 1));
         assert!(index_agrees(&m));
-        assert_eq!(m.push(keyed(5, Priority::Whitelist, "k4"), &LIMITS), Ok(Pushed::Coalesced));
-        assert_eq!(m.push(keyed(6, Priority::Whitelist, "k1"), &LIMITS), Ok(Pushed::Added), "k1 was sent");
+        assert_eq!(push(&mut m, keyed(5, Priority::Whitelist, "k4"), &LIMITS), Ok(Pushed::Coalesced));
+        assert_eq!(push(&mut m, keyed(6, Priority::Whitelist, "k1"), &LIMITS), Ok(Pushed::Added), "k1 was sent");
         assert_eq!(ids(&m.cut(NOW_MS, &LIMITS).unwrap()), vec![5, 6]);
     }
 
     #[test]
     fn expiry_is_exclusive_of_the_deadline() {
         let mut m = Mixer::default();
-        m.push(aged(1, Priority::High, 1_000, 500), &LIMITS).unwrap(); // fresh until 1_500 inclusive
-        m.push(aged(2, Priority::High, 999, 500), &LIMITS).unwrap(); // expired at 1_500
-        m.push(aged(3, Priority::Low, 0, 0), &LIMITS).unwrap(); // ttl 0: never expires
+        push(&mut m, aged(1, Priority::High, 1_000, 500), &LIMITS).unwrap(); // fresh until 1_500 inclusive
+        push(&mut m, aged(2, Priority::High, 999, 500), &LIMITS).unwrap(); // expired at 1_500
+        push(&mut m, aged(3, Priority::Low, 0, 0), &LIMITS).unwrap(); // ttl 0: never expires
         let cut = m.cut(1_500, &LIMITS).unwrap();
         assert_eq!(ids(&cut), vec![1, 3]);
         assert_eq!((cut.dropped_expired, cut.dropped_overflow), (1, 0));
@@ -321,7 +327,7 @@ mod tests {
     fn whitelist_never_expires() {
         let mut m = Mixer::default();
         for id in 1..=4 {
-            m.push(aged(id, Priority::Whitelist, 0, 1), &LIMITS).unwrap();
+            push(&mut m, aged(id, Priority::Whitelist, 0, 1), &LIMITS).unwrap();
         }
         let a = m.cut(NOW_MS, &LIMITS).unwrap();
         assert_eq!((a.messages.len(), a.carried, a.dropped_expired), (3, 1, 0));
@@ -332,11 +338,11 @@ mod tests {
     #[test]
     fn all_expired_gives_an_empty_cut_with_counts() {
         let mut m = Mixer::starting_after(41);
-        m.push(aged(1, Priority::Low, 0, 10), &LIMITS).unwrap();
-        m.push(aged(2, Priority::High, i64::MAX, u32::MAX), &LIMITS).unwrap(); // no overflow
+        push(&mut m, aged(1, Priority::Low, 0, 10), &LIMITS).unwrap();
+        push(&mut m, aged(2, Priority::High, i64::MAX, u32::MAX), &LIMITS).unwrap(); // no overflow
         let cut = m.cut(100, &LIMITS).unwrap();
         assert_eq!((ids(&cut), cut.dropped_expired), (vec![2], 1));
-        m.push(aged(3, Priority::Low, 0, 10), &LIMITS).unwrap();
+        push(&mut m, aged(3, Priority::Low, 0, 10), &LIMITS).unwrap();
         let cut = m.cut(100, &LIMITS).unwrap();
         assert!(cut.messages.is_empty());
         assert_eq!((cut.dropped_expired, cut.first_seq(), m.last_seq()), (1, 0, 42));
@@ -384,9 +390,9 @@ mod tests {
         limits: &MixerLimits,
     ) -> Result<(), TestCaseError> {
         let key = msg.coalesce_key.clone();
-        let whitelist = msg.priority == Priority::Whitelist as i32;
+        let whitelist = msg.priority == Priority::Whitelist.wire();
         let older = m.pending.iter().find(|p| !key.is_empty() && p.msg.coalesce_key == key).map(|p| p.msg.id);
-        match (m.push(msg, limits), older) {
+        match (push(m, msg, limits), older) {
             (Ok(Pushed::Added), None) => seen.accepted.push((id, whitelist)),
             (Ok(Pushed::Coalesced), Some(old)) => {
                 prop_assert!(seen.coalesced.insert(old));
@@ -400,7 +406,7 @@ mod tests {
 
     fn cut_op(m: &mut Mixer, seen: &mut Seen, now_ms: i64, limits: &MixerLimits) -> Result<(), TestCaseError> {
         let stale = |msg: &Message| {
-            msg.priority != Priority::Whitelist as i32
+            msg.priority != Priority::Whitelist.wire()
                 && msg.ttl_ms > 0
                 && msg.created_ms + i64::from(msg.ttl_ms) < now_ms
         };
@@ -418,10 +424,11 @@ mod tests {
             prop_assert!(!stale(msg), "sent an expired message");
             prop_assert!(seen.sent.insert(msg.id));
         }
-        let order: Vec<_> = cut.messages.iter().map(|m| (rank(m), m.weight)).collect();
+        let order: Vec<_> = cut.messages.iter().map(|m| (m.priority, m.weight)).collect();
         prop_assert!(order.windows(2).all(|w| w[0] >= w[1]), "out of order: {:?}", order);
         prop_assert_eq!(cut.carried, m.pending_len());
-        prop_assert!(m.pending.iter().all(|p| p.msg.priority == Priority::Whitelist as i32));
+        prop_assert!(m.pending.iter().all(|p| p.priority == Priority::Whitelist));
+        prop_assert_eq!(cut.top, cut.messages.iter().filter_map(|m| Priority::from_wire(m.priority)).max().unwrap_or_default());
         seen.dropped += cut.dropped_overflow + cut.dropped_expired;
         Ok(())
     }
@@ -441,7 +448,7 @@ mod tests {
                 match op {
                     Op::Push(p, weight, k, created_ms, ttl_ms) => {
                         let coalesce_key = if k == 0 { String::new() } else { format!("k{k}") };
-                        let msg = Message { id, priority: p as i32, weight, coalesce_key, created_ms, ttl_ms, ..Message::default() };
+                        let msg = Message { id, priority: p.wire(), weight, coalesce_key, created_ms, ttl_ms, ..Message::default() };
                         push_op(&mut m, &mut seen, id, msg, &limits)?;
                     }
                     Op::Cut(now_ms) => cut_op(&mut m, &mut seen, now_ms, &limits)?,

@@ -9,6 +9,9 @@ pub mod limit;
 pub mod mixer;
 pub mod moderation;
 pub mod owner;
+pub mod priority;
+
+pub use priority::Priority;
 
 use std::fmt;
 use std::sync::Arc;

@@ -43,6 +43,8 @@ pub enum ModerationError {
     /// The user id is longer than `USER_BYTES_MAX` bytes.
     UserTooLong,
     EmptyUser,
+    /// The owner could not tell every shard now (the way to one is congested): try again.
+    Busy,
 }
 
 impl ModerationError {
@@ -52,6 +54,15 @@ impl ModerationError {
             ModerationError::Full => "the room's moderation list is full",
             ModerationError::UserTooLong => "user id is longer than 128 bytes",
             ModerationError::EmptyUser => "user id is empty",
+            ModerationError::Busy => "the gateway is busy: try again",
+        }
+    }
+
+    /// The HTTP status of the refusal: 503 when trying again may work, else 409.
+    pub fn status(self) -> u16 {
+        match self {
+            ModerationError::Busy => 503,
+            ModerationError::Full | ModerationError::UserTooLong | ModerationError::EmptyUser => 409,
         }
     }
 }

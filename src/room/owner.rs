@@ -9,14 +9,15 @@ use std::sync::Arc;
 
 use super::RoomName;
 use super::attrs::{AttrError, AttrLimits, AttrLog};
-use super::frames::{self, SharedFrame};
+use super::frames::{self, BlockKind, SharedFrame};
 use super::history::{History, PollError};
 use super::limit::{Rate, TokenBucket};
 use super::mixer::{Mixer, MixerLimits, Pushed, Refused};
 use super::moderation::{Entry, List, Moderation, ModerationError, ModerationLimits};
-use crate::config::{PriorityName, TypeDefaults};
-use crate::ids::{Now, ShardId, UnixMs};
-use crate::proto::{Message, Priority};
+use super::Priority;
+use crate::config::TypeDefaults;
+use crate::ids::{Now, ShardId, UnixMs, UserId};
+use crate::proto::Message;
 
 /// Bounds and identity of one shard's owner table.
 #[derive(Clone, Debug)]
@@ -67,10 +68,10 @@ impl PublishError {
 /// Who publishes, and so which checks apply.
 #[derive(Clone, Debug)]
 pub enum Sender {
-    /// The business API. `priority_given`: the body named a priority (else the type's default).
-    Api { priority_given: bool },
+    /// The business API, with the priority its body named (else the type's default).
+    Api { priority: Option<Priority> },
     /// A signed-in user's `send`, with the weight its token grants.
-    Client { user: Arc<str>, weight: i32 },
+    Client { user: UserId, weight: i32 },
 }
 
 /// A message accepted for the next block.
@@ -130,16 +131,16 @@ pub type Deliver<'a> = dyn FnMut(&RoomName, &Arc<SharedFrame>, &[u32]) + 'a;
 #[derive(Default)]
 struct Churn {
     count: u32,
-    users: Vec<Arc<str>>,
+    users: Vec<UserId>,
 }
 
 impl Churn {
-    fn record(&mut self, user: Option<&Arc<str>>, named_max: usize) {
+    fn record(&mut self, user: Option<&UserId>, named_max: usize) {
         self.count = self.count.saturating_add(1);
         if let Some(u) = user
             && self.users.len() < named_max
         {
-            self.users.push(Arc::clone(u));
+            self.users.push(u.clone());
         }
     }
 }
@@ -255,26 +256,22 @@ impl Owner {
         let types = Arc::clone(&self.config.types);
         let (limits, upstream) = (self.config.limits, self.config.upstream);
         let r = Self::room_mut(&mut self.rooms, &self.config, room, now).ok_or(PublishError::RoomsFull)?;
-        let defaults =
-            types.get(msg.r#type.as_str()).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 });
-        match &sender {
-            Sender::Api { priority_given } => {
-                if !priority_given {
-                    msg.priority = priority_of(defaults.priority) as i32;
-                }
-            }
+        let defaults = types.get(msg.r#type.as_str()).copied().unwrap_or_default();
+        let priority = match &sender {
+            Sender::Api { priority } => priority.unwrap_or(defaults.priority),
             Sender::Client { user, weight } => {
-                if r.moderation.contains(List::Mute, user, now.unix.0) {
+                if r.moderation.contains(List::Mute, user.as_str(), now.unix.0) {
                     return Err(PublishError::Muted);
                 }
-                let whitelisted = r.moderation.contains(List::Whitelist, user, now.unix.0);
-                msg.priority = if whitelisted { Priority::Whitelist } else { priority_of(defaults.priority) } as i32;
                 msg.weight = *weight;
-                msg.sender = user.to_string();
+                msg.sender = user.as_str().to_owned();
+                match r.moderation.contains(List::Whitelist, user.as_str(), now.unix.0) {
+                    true => Priority::Whitelist,
+                    false => defaults.priority,
+                }
             }
-        }
-        let whitelist = msg.priority == Priority::Whitelist as i32;
-        if !whitelist && !r.upstream.try_take(&upstream, now.ms) {
+        };
+        if priority != Priority::Whitelist && !r.upstream.try_take(&upstream, now.ms) {
             return Err(PublishError::RateLimited);
         }
         if msg.ttl_ms == 0 {
@@ -283,7 +280,7 @@ impl Owner {
         msg.id = id;
         msg.room = room.as_str().to_owned();
         msg.created_ms = now.unix.0;
-        let pushed = r.mixer.push(msg, &limits).map_err(|Refused::Backlog| PublishError::Backlog)?;
+        let pushed = r.mixer.push(msg, priority, &limits).map_err(|Refused::Backlog| PublishError::Backlog)?;
         r.last_active = now.unix;
         Self::mark_dirty(&mut self.dirty, r, room);
         Ok(Published { id, coalesced: pushed == Pushed::Coalesced })
@@ -296,7 +293,7 @@ impl Owner {
         room: &RoomName,
         shard: ShardId,
         counts: (u32, u32),
-        left: &[Arc<str>],
+        left: &[UserId],
         left_count: u32,
         now: Now,
     ) -> bool {
@@ -325,7 +322,7 @@ impl Owner {
     /// A connection joined the room on some shard: counts it for the next enter event and
     /// returns what it should receive first (history as a backfill block, the attribute
     /// snapshot), each encoded once and shared by every joiner until the room changes.
-    pub fn joined(&mut self, room: &RoomName, user: Option<&Arc<str>>, now: Now) -> Vec<Arc<SharedFrame>> {
+    pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, now: Now) -> Vec<Arc<SharedFrame>> {
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
         let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return Vec::new() };
         // Only signed-in users are announced: anonymous churn moves the online count (carried in
@@ -339,7 +336,7 @@ impl Owner {
             let online = r.online();
             let frame = r.backfill.get_or_insert_with(|| {
                 let messages: Vec<Message> = r.history.recent().cloned().collect();
-                Arc::new(frames::block(room, messages, online, now.unix, true, true))
+                Arc::new(frames::block(room, messages, BlockKind::Backfill, online, now.unix, true))
             });
             out.push(Arc::clone(frame));
         }
@@ -490,7 +487,8 @@ impl Owner {
             stats.messages += cut.messages.len() as u64;
             room.history.push(&cut.messages);
             room.backfill = None;
-            let frame = Arc::new(frames::block(&name, cut.messages, online, now.unix, json, false));
+            let kind = BlockKind::Live { top: cut.top };
+            let frame = Arc::new(frames::block(&name, cut.messages, kind, online, now.unix, json));
             if online > 0 {
                 deliver(&name, &frame, &room.members);
             }
@@ -524,16 +522,15 @@ fn post_presence(
         if churn.count == 0 {
             continue;
         }
-        let users: Vec<&str> = churn.users.iter().map(|u| &**u).collect();
+        let users: Vec<&str> = churn.users.iter().map(UserId::as_str).collect();
         let data = serde_json::json!({"count": churn.count, "users": users}).to_string().into_bytes();
         *churn = Churn::default();
-        let defaults = types.get(kind).copied().unwrap_or(TypeDefaults { priority: PriorityName::Low, ttl_ms: 0 });
+        let defaults = types.get(kind).copied().unwrap_or_default();
         *next_id += 1;
         let msg = Message {
             id: (u64::from(shard.0) << 48) | (*next_id & 0xFFFF_FFFF_FFFF),
             room: name.as_str().to_owned(),
             r#type: kind.into(),
-            priority: priority_of(defaults.priority) as i32,
             ttl_ms: defaults.ttl_ms,
             created_ms: now.unix.0,
             coalesce_key: format!("presence:{kind}"),
@@ -542,21 +539,13 @@ fn post_presence(
         };
         // Never refused: at most one of each kind waits, coalesced by its key.
         let limits = MixerLimits { block_messages_max: usize::MAX, pending_messages_max: usize::MAX };
-        match room.mixer.push(msg, &limits) {
+        match room.mixer.push(msg, defaults.priority, &limits) {
             Ok(Pushed::Added) => added += 1,
             Ok(Pushed::Coalesced) => coalesced += 1,
             Err(_) => {}
         }
     }
     (added, coalesced)
-}
-
-pub fn priority_of(p: PriorityName) -> Priority {
-    match p {
-        PriorityName::Low => Priority::Low,
-        PriorityName::High => Priority::High,
-        PriorityName::Whitelist => Priority::Whitelist,
-    }
 }
 
 fn poll_interval(intervals: &[u32; 3], online: u64) -> u32 {

@@ -61,6 +61,9 @@ pub struct Ring {
     pub files_used: u32,
     /// Entries pushed since the last submit.
     queued: bool,
+    /// Operations pushed whose last completion has not been reaped: while any is, the memory
+    /// they name must stay (see `Shard::shutdown`).
+    pending: usize,
 }
 
 impl Ring {
@@ -80,7 +83,7 @@ impl Ring {
         if let Some(fd) = notify {
             uring.submitter().register_eventfd(fd)?;
         }
-        Ok(Ring { uring, bufs, files_max: p.files_max, files_used: 0, queued: false })
+        Ok(Ring { uring, bufs, files_max: p.files_max, files_used: 0, queued: false, pending: 0 })
     }
 
     /// Pushes one entry, submitting first when the queue is full.
@@ -93,6 +96,7 @@ impl Ring {
             // SAFETY: forwarded from this function's contract.
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
                 self.queued = true;
+                self.pending += 1;
                 return Ok(());
             }
             match self.uring.submit() {
@@ -186,6 +190,13 @@ impl Ring {
         unsafe { self.push(&e) }
     }
 
+    /// Cancels every request of this ring (the shard is stopping).
+    pub fn cancel_all(&mut self, user_data: u64) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(CancelBuilder::any()).build().user_data(user_data);
+        // SAFETY: the entry holds no pointers.
+        unsafe { self.push(&e) }
+    }
+
     /// Closes a direct descriptor (its slot is free once this completes).
     pub fn close_slot(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
         let e = opcode::Close::new(Fixed(slot)).build().user_data(user_data);
@@ -196,8 +207,18 @@ impl Ring {
     /// Copies out every completion waiting.
     pub fn reap(&mut self, out: &mut Vec<Cqe>) {
         for c in self.uring.completion() {
+            if !cqueue::more(c.flags()) {
+                // Every completion answers one pushed entry; a multishot one ends without MORE.
+                assert!(self.pending > 0, "a completion for an operation never pushed");
+                self.pending -= 1;
+            }
             out.push(Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() });
         }
+    }
+
+    /// Operations pushed and not finished (their last completion not reaped).
+    pub fn pending(&self) -> usize {
+        self.pending
     }
 
     /// Whether completions are waiting.

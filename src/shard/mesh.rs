@@ -122,6 +122,7 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::mail::HostMail;
 
     #[test]
     fn max_load_is_the_busiest_shards() {
@@ -140,14 +141,14 @@ mod tests {
         let to = ShardId(1);
         let inbox = mesh.inbox(to);
         assert!(inbox.prepare_sleep(), "nothing waiting: may sleep");
-        mesh.send(to, Mail::Stop).unwrap_or_else(|_| panic!("room for one"));
+        mesh.send(to, Mail::from(HostMail::Stop)).unwrap_or_else(|_| panic!("room for one"));
         let mut counter = [0u8; 8];
         use std::io::Read;
         assert_eq!((&inbox.wake).read(&mut counter).unwrap(), 8, "the sleeper was woken");
         for _ in 1..64 {
-            assert!(mesh.send(to, Mail::Stop).is_ok());
+            assert!(mesh.send(to, Mail::from(HostMail::Stop)).is_ok());
         }
-        assert!(mesh.send(to, Mail::Stop).is_err(), "the 65th mail does not fit");
+        assert!(mesh.send(to, Mail::from(HostMail::Stop)).is_err(), "the 65th mail does not fit");
         assert!((&inbox.wake).read(&mut counter).is_err(), "no wake-ups while awake");
         assert!(!inbox.prepare_sleep(), "mail is waiting: must not sleep");
         assert_eq!(inbox.len(), 64);

@@ -1,7 +1,12 @@
-//! A shard: one thread pinned to one core, driving its rings and its hub. The loop's rhythm:
-//! reap completions from every ring, drain the inbox, run the tick, flush, turn ready
-//! connections into sends, close what ended, submit once, sleep until something happens.
-//! Everything here moves bytes between io_uring and the sans-IO hub; decisions live in the hub.
+//! A shard: one thread pinned to one core, driving its rings and its hub. Each loop iteration
+//! runs the hub's one turn (`hub::turn`: reap, mail, timers, end of turn, post mail, sends,
+//! closes) with this module's io_uring [`Driver`], then publishes counters and sleeps until
+//! something happens. Everything here moves bytes between io_uring and the sans-IO hub;
+//! decisions live in the hub.
+//!
+//! At stop, every operation still pending on any ring is cancelled and its last completion
+//! awaited before the hub (which owns the frames sends point at) and the rings' buffers are
+//! freed (`shutdown`).
 
 pub mod bufring;
 pub mod driver;
@@ -10,7 +15,6 @@ pub mod mesh;
 pub mod sendmsg;
 pub mod sys;
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -22,8 +26,9 @@ use self::mesh::Mesh;
 use self::sendmsg::{FRAMES_PER_SEND, Slots};
 use crate::config::ReadMode;
 use crate::hub::mail::Mail;
+use crate::hub::turn::{self, Budget, Driver};
 use crate::hub::{Hub, HubConfig, Now};
-use crate::ids::{ShardId, UnixMs};
+use crate::ids::{ConnKey, ShardId, UnixMs};
 use crate::metrics::{Series, Snapshot};
 
 /// Operation tags in the top byte of user_data.
@@ -40,13 +45,23 @@ mod op {
 }
 
 /// user_data = op (8 bits) | aux (24 bits: sendmsg slot or ring) | connection key (32 bits).
+const AUX_BITS: u32 = 24;
+const AUX_MASK: u32 = (1 << AUX_BITS) - 1;
+
 fn user_data(op: u8, aux: u32, key: u32) -> u64 {
-    (u64::from(op) << 56) | (u64::from(aux & 0xFF_FFFF) << 32) | u64::from(key)
+    debug_assert!(aux <= AUX_MASK);
+    (u64::from(op) << 56) | (u64::from(aux & AUX_MASK) << 32) | u64::from(key)
 }
 
 fn split(ud: u64) -> (u8, u32, u32) {
-    ((ud >> 56) as u8, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
+    ((ud >> 56) as u8, ((ud >> 32) as u32) & AUX_MASK, ud as u32)
 }
+
+/// Rings per shard fit the 16 bits `Io` keeps for them, and sendmsg slots (and ring indexes)
+/// the 24-bit aux field of user_data; `ShardParams::check` holds the config to these.
+pub const RINGS_MAX: usize = 1 << 16;
+pub const SENDMSG_SLOTS_MAX: usize = 1 << AUX_BITS;
+const _: () = assert!(RINGS_MAX <= SENDMSG_SLOTS_MAX, "a ring index must fit the aux field too");
 
 /// The driver's handle of a connection, kept in the hub's `Conn::io`: ring, slot and which
 /// operations are pending.
@@ -54,6 +69,9 @@ fn split(ud: u64) -> (u8, u32, u32) {
 struct Io(u64);
 
 impl Io {
+    /// Bits 0..32: the direct-descriptor slot; 32..48: the ring; 48..54: the flags below.
+    const RING_SHIFT: u32 = 32;
+    const RING_MASK: u64 = 0xFFFF;
     /// The armed input request (multishot poll or multishot receive) is pending.
     const RECV: u64 = 1 << 48;
     const SEND: u64 = 1 << 49;
@@ -63,12 +81,14 @@ impl Io {
     const READ: u64 = 1 << 52;
     /// Poll mode: readiness arrived while that receive was in flight; read again after it.
     const AGAIN: u64 = 1 << 53;
+    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN;
 
     fn new(ring: usize, slot: u32) -> Io {
-        Io(((ring as u64 & 0xFFFF) << 32) | u64::from(slot))
+        debug_assert!(ring < RINGS_MAX);
+        Io(((ring as u64 & Io::RING_MASK) << Io::RING_SHIFT) | u64::from(slot))
     }
     fn ring(self) -> usize {
-        ((self.0 >> 32) & 0xFFFF) as usize
+        ((self.0 >> Io::RING_SHIFT) & Io::RING_MASK) as usize
     }
     fn slot(self) -> u32 {
         self.0 as u32
@@ -84,23 +104,26 @@ impl Io {
     }
 }
 
+// The flags sit above the ring bits, and the ring field holds RINGS_MAX rings.
+const _: () = assert!(Io::FLAGS & (Io::RING_MASK << Io::RING_SHIFT) == 0);
+const _: () = assert!(Io::FLAGS & 0xFFFF_FFFF == 0);
+const _: () = assert!(Io::RING_MASK + 1 == RINGS_MAX as u64);
+
 /// Accept moves to another ring this many slots before its table is full: an eighth of the
 /// table, because in a connect storm the kernel can accept hundreds of connections between two
 /// reaps, and one accepted into a full table is lost (counted as `ring_full`).
 pub fn accept_margin(files_max: u32) -> u32 {
     (files_max / 8).clamp(1, 4096)
 }
-/// Mail handled per turn, so a flood of mail cannot starve the sockets.
-const MAIL_PER_TURN: usize = 8192;
-/// Sends submitted per turn: completions are reaped between batches, so a block for a huge
-/// room does not pile its whole fan-out into the completion queues at once.
-const SENDS_PER_TURN: usize = 32 * 1024;
 /// Longest sleep without a reason to wake.
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// The loop's load is measured over windows this long.
 const LOAD_WINDOW: Duration = Duration::from_millis(50);
 /// Counters are copied for the metrics endpoint at most this often.
 const PUBLISH_EVERY_MS: u64 = 50;
+/// At stop, how long to wait for cancelled operations to finish before giving up on them
+/// (their memory is then leaked, never freed under the kernel).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// What a shard needs beyond its hub's config.
 #[derive(Clone, Debug)]
@@ -112,34 +135,56 @@ pub struct ShardParams {
     pub read_mode: ReadMode,
     pub rings_max: usize,
     pub sendmsg_slots_max: usize,
-    pub mesh_backlog_max: usize,
     pub stop_grace: Duration,
+}
+
+/// How a shard ended: operations it had to wait for at stop, and whether all finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardExit {
+    /// Operations pending on the rings when the shard stopped (all cancelled, then awaited).
+    pub ops_awaited: usize,
+    /// Of those, sends still writing frames the hub owns.
+    pub sends_awaited: usize,
+    /// Every operation finished before the memory was freed (else it was leaked).
+    pub finished: bool,
 }
 
 /// One shard's loop state.
 pub struct Shard {
-    id: ShardId,
+    // Declared (and so dropped) before the hub: the rings are torn down before the frames
+    // their sends name are freed — and `shutdown` has waited for every operation before that.
+    io: ShardIo,
     hub: Hub,
-    rings: Vec<Ring>,
-    params: ShardParams,
-    listener: socket2::Socket,
-    /// The ring holding the multishot accept, if armed.
-    accept_ring: Option<usize>,
-    mesh: Arc<Mesh>,
     metrics: Arc<[Snapshot]>,
-    wake_buf: Box<[u8; 8]>,
-    slots: Slots,
-    cqes: Vec<Cqe>,
-    closing: Vec<u32>,
-    /// Mail that found its inbox full, retried next turn.
-    mail_backlog: VecDeque<(ShardId, Mail)>,
     start: Instant,
     last_publish_ms: u64,
     stop_at: Option<u64>,
+    stop_grace: Duration,
     /// Load measure: time slept in the current window, and its start.
     slept: Duration,
     load_window_start: Instant,
     load: u32,
+}
+
+/// The shard's io_uring side: its rings, listener, inbox and sendmsg slots. The hub's
+/// `Driver`.
+struct ShardIo {
+    id: ShardId,
+    // The rings first: dropped before the memory their operations name (buffers, wake_buf,
+    // slots).
+    rings: Vec<Ring>,
+    listener: socket2::Socket,
+    /// The ring holding the multishot accept, if armed.
+    accept_ring: Option<usize>,
+    mesh: Arc<Mesh>,
+    wake_buf: Box<[u8; 8]>,
+    slots: Slots,
+    cqes: Vec<Cqe>,
+    ring_params: RingParams,
+    read_mode: ReadMode,
+    rings_max: usize,
+    /// Stopping: completions are taken in, nothing new is armed.
+    shutting_down: bool,
 }
 
 impl Shard {
@@ -154,49 +199,46 @@ impl Shard {
         let id = hub_config.shard;
         let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s)?;
         let ring = Ring::new(params.ring, None)?;
-        let hub = Hub::new(hub_config);
-        Ok(Shard {
+        let io = ShardIo {
             id,
-            hub,
             rings: vec![ring],
-            slots: Slots::new(params.sendmsg_slots_max),
-            params,
             listener,
             accept_ring: None,
             mesh,
-            metrics,
             wake_buf: Box::new([0; 8]),
+            slots: Slots::new(params.sendmsg_slots_max),
             cqes: Vec::with_capacity(4096),
-            closing: Vec::new(),
-            mail_backlog: VecDeque::new(),
+            ring_params: params.ring,
+            read_mode: params.read_mode,
+            rings_max: params.rings_max,
+            shutting_down: false,
+        };
+        Ok(Shard {
+            io,
+            hub: Hub::new(hub_config),
+            metrics,
             start: Instant::now(),
             last_publish_ms: 0,
             stop_at: None,
+            stop_grace: params.stop_grace,
             slept: Duration::ZERO,
             load_window_start: Instant::now(),
             load: 0,
         })
     }
 
-    /// Runs until stopped by `Mail::Stop` and drained (or the grace period ends).
-    pub fn run(mut self) -> io::Result<()> {
-        self.arm_wake()?;
-        self.arm_accept()?;
+    /// Runs until stopped by `HostMail::Stop` and drained (or the grace period ends), then
+    /// finishes every pending operation (see `shutdown`).
+    pub fn run(mut self) -> io::Result<ShardExit> {
+        self.io.arm_wake()?;
+        self.io.arm_accept(&mut self.hub)?;
         loop {
             let now = self.now();
-            self.reap(now)?;
-            self.read_mail(now);
-            if self.hub.next_timeout(now) == 0 {
-                self.hub.on_tick(now);
-            }
-            self.hub.flush(now);
-            self.send_mail();
-            self.start_sends()?;
-            self.start_closes()?;
+            turn::turn(&mut self.hub, &mut self.io, now, Budget::SHARD)?;
             self.publish(now, false);
             if self.stopped(now)? {
                 self.publish(now, true);
-                return Ok(());
+                return self.shutdown();
             }
             self.wait(now)?;
         }
@@ -208,326 +250,62 @@ impl Shard {
         Now { ms, unix: UnixMs(unix) }
     }
 
-    fn reap(&mut self, now: Now) -> io::Result<()> {
-        for r in 0..self.rings.len() {
-            let mut cqes = std::mem::take(&mut self.cqes);
-            self.rings[r].reap(&mut cqes);
-            for cqe in cqes.drain(..) {
-                self.complete(r, cqe, now)?;
-            }
-            self.cqes = cqes;
-        }
-        Ok(())
-    }
-
-    fn complete(&mut self, r: usize, cqe: Cqe, now: Now) -> io::Result<()> {
-        let (tag, aux, key) = split(cqe.user_data);
-        match tag {
-            op::ACCEPT => self.accepted(r, cqe, now)?,
-            op::RECV => self.received(r, key, cqe, now)?,
-            op::POLL => self.polled(r, key, cqe)?,
-            op::RECV_ONCE => self.received_once(r, key, cqe, now)?,
-            op::SEND | op::SENDMSG => {
-                if tag == op::SENDMSG {
-                    self.slots.release(aux);
-                }
-                self.sent(key, cqe.result)?;
-            }
-            op::WAKE => self.arm_wake()?,
-            op::CLOSE => {
-                let ring = &mut self.rings[r];
-                ring.files_used = ring.files_used.saturating_sub(1);
-                if self.accept_ring.is_none() {
-                    self.arm_accept()?;
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn accepted(&mut self, r: usize, cqe: Cqe, now: Now) -> io::Result<()> {
-        if !cqe.more() && self.accept_ring == Some(r) {
-            self.accept_ring = None;
-        }
-        if cqe.result >= 0 {
-            let slot = cqe.result as u32;
-            self.rings[r].files_used += 1;
-            match self.hub.open(Io::new(r, slot).0, now) {
-                Some(key) => {
-                    self.arm_input(r, slot, key)?;
-                    self.hub.set_io(key, Io::new(r, slot).with(Io::RECV).0);
-                }
-                None => self.rings[r].close_slot(slot, user_data(op::CLOSE, 0, 0))?,
-            }
-            let ring = &self.rings[r];
-            if self.accept_ring == Some(r) && ring.files_used + accept_margin(ring.files_max) >= ring.files_max {
-                // Move the accept before this table fills; the old one ends with ECANCELED.
-                self.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
-                self.accept_ring = None;
-            }
-        } else if cqe.result == -libc::ENFILE {
-            self.hub.counters().inc(Series::RefusedNoSlot);
-        }
-        if self.accept_ring.is_none() {
-            self.arm_accept()?;
-        }
-        Ok(())
-    }
-
-    /// Arms the multishot accept on a ring with free slots, opening a new ring if all are full.
-    fn arm_accept(&mut self) -> io::Result<()> {
-        if self.hub.stopping() || self.accept_ring.is_some() {
-            return Ok(());
-        }
-        let free = |ring: &Ring| ring.files_used + accept_margin(ring.files_max) < ring.files_max;
-        let r = match self.rings.iter().position(free) {
-            Some(r) => r,
-            None if self.rings.len() < self.params.rings_max => {
-                let wake = self.mesh.inbox(self.id).wake_fd();
-                let mut ring = Ring::new(self.params.ring, Some(wake))?;
-                ring.set_notify(false);
-                self.rings.push(ring);
-                self.hub.counters().set(Series::Rings, self.rings.len() as u64);
-                self.rings.len() - 1
-            }
-            // Every ring is full: accepting resumes when a close frees a slot.
-            None => return Ok(()),
-        };
-        let fd = self.listener.as_raw_fd();
-        self.rings[r].accept_multi(fd, user_data(op::ACCEPT, r as u32, 0))?;
-        self.accept_ring = Some(r);
-        Ok(())
-    }
-
-    fn arm_wake(&mut self) -> io::Result<()> {
-        let fd = self.mesh.inbox(self.id).wake_fd();
-        let buf = self.wake_buf.as_mut_ptr();
-        // SAFETY: `wake_buf` is a heap allocation owned by this shard, never read or moved
-        // while the read is pending, and it outlives ring 0 (the shard drops both together,
-        // and the ring is torn down first as the kernel then drops the read).
-        unsafe { self.rings[0].read(fd, buf, 8, user_data(op::WAKE, 0, 0)) }
-    }
-
-    /// Arms the connection's standing input request, by read mode.
-    fn arm_input(&mut self, r: usize, slot: u32, key: u32) -> io::Result<()> {
-        match self.params.read_mode {
-            ReadMode::Poll => self.rings[r].poll_multi(slot, user_data(op::POLL, 0, key)),
-            ReadMode::Recv => self.rings[r].recv_multi(slot, user_data(op::RECV, 0, key)),
-        }
-    }
-
-    /// Poll mode: the socket is readable (or failed). Start a receive unless one is running.
-    fn polled(&mut self, r: usize, key: u32, cqe: Cqe) -> io::Result<()> {
-        let Some(mut io) = self.hub.io(key).map(Io) else { return Ok(()) };
-        if cqe.result < 0 {
-            self.hub.on_eof(key);
-        } else if io.has(Io::TERM) {
-        } else if io.has(Io::READ) {
-            io = io.with(Io::AGAIN);
-        } else {
-            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key))?;
-            io = io.with(Io::READ);
-        }
-        if !cqe.more() {
-            io = io.without(Io::RECV);
-            if cqe.result >= 0 && !io.has(Io::TERM) {
-                self.rings[r].poll_multi(io.slot(), user_data(op::POLL, 0, key))?;
-                io = io.with(Io::RECV);
-            }
-        }
-        self.hub.set_io(key, io.0);
-        self.finish_if_idle(key, io)
-    }
-
-    /// Poll mode: a one-shot receive completed. Read again while the socket has more.
-    fn received_once(&mut self, r: usize, key: u32, cqe: Cqe, now: Now) -> io::Result<()> {
-        let res = cqe.result;
-        if res > 0
-            && let Some(bid) = cqe.buffer()
-        {
-            if let Some(data) = self.rings[r].buffer(bid, res as usize) {
-                self.hub.on_recv(key, data, now);
-            }
-            self.rings[r].recycle(bid);
-        } else if res == -libc::ENOBUFS {
-            self.hub.counters().inc(Series::RecvNoBuffers);
-        } else if res != -libc::EAGAIN {
-            // 0 is the peer's FIN; anything else is a reset, an error or our cancel.
-            self.hub.on_eof(key);
-        }
-        let Some(io) = self.hub.io(key).map(Io) else { return Ok(()) };
-        let again = io.has(Io::AGAIN) || (res > 0 && cqe.sock_nonempty()) || res == -libc::ENOBUFS;
-        let mut io = io.without(Io::READ).without(Io::AGAIN);
-        if again && (res > 0 || res == -libc::EAGAIN || res == -libc::ENOBUFS) && !io.has(Io::TERM) {
-            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key))?;
-            io = io.with(Io::READ);
-        }
-        self.hub.set_io(key, io.0);
-        self.finish_if_idle(key, io)
-    }
-
-    /// Recv mode: a multishot receive delivered bytes, ended, or failed.
-    fn received(&mut self, r: usize, key: u32, cqe: Cqe, now: Now) -> io::Result<()> {
-        let res = cqe.result;
-        if res > 0 {
-            if let Some(bid) = cqe.buffer() {
-                if let Some(data) = self.rings[r].buffer(bid, res as usize) {
-                    self.hub.on_recv(key, data, now);
-                }
-                self.rings[r].recycle(bid);
-            }
-        } else if res == -libc::ENOBUFS {
-            self.hub.counters().inc(Series::RecvNoBuffers);
-        } else {
-            // 0 is the peer's FIN; anything else is a reset or another error.
-            self.hub.on_eof(key);
-        }
-        if cqe.more() {
-            return Ok(());
-        }
-        let Some(io) = self.hub.io(key).map(Io) else { return Ok(()) };
-        let io = io.without(Io::RECV);
-        if (res > 0 || res == -libc::ENOBUFS) && !io.has(Io::TERM) {
-            // The multishot ended without an error (buffers ran dry): arm it again.
-            self.arm_input(io.ring(), io.slot(), key)?;
-            self.hub.set_io(key, io.with(Io::RECV).0);
-            return Ok(());
-        }
-        self.hub.set_io(key, io.0);
-        self.finish_if_idle(key, io)
-    }
-
-    fn sent(&mut self, key: u32, result: i32) -> io::Result<()> {
-        let Some(io) = self.hub.io(key).map(Io) else { return Ok(()) };
-        let io = io.without(Io::SEND);
-        self.hub.set_io(key, io.0);
-        self.hub.on_sent(key, result);
-        self.finish_if_idle(key, io)
-    }
-
-    /// Turns every ready connection's queued frames into one send each.
-    fn start_sends(&mut self) -> io::Result<()> {
-        let mut bufs: [(*const u8, usize); FRAMES_PER_SEND] = [(std::ptr::null(), 0); FRAMES_PER_SEND];
-        for _ in 0..SENDS_PER_TURN {
-            let Some(key) = self.hub.pop_ready() else { break };
-            let Some(io) = self.hub.io(key).map(Io) else { continue };
-            if io.has(Io::SEND) || io.has(Io::TERM) {
-                continue;
-            }
-            let slot = self.slots.alloc();
-            let cap = if slot.is_some() { FRAMES_PER_SEND } else { 1 };
-            let n = {
-                let mut iov = [IoSlice::new(&[]); FRAMES_PER_SEND];
-                let n = self.hub.next_send(key, &mut iov[..cap]);
-                for (b, s) in bufs.iter_mut().zip(&iov[..n]) {
-                    *b = (s.as_ptr(), s.len());
-                }
-                n
-            };
-            let ring = &mut self.rings[io.ring()];
-            // A slot is only used when the send carries more than one frame.
-            let slot = match slot {
-                Some(s) if n < 2 => {
-                    self.slots.release(s);
-                    None
-                }
-                other => other,
-            };
-            match slot {
-                _ if n == 0 => continue,
-                None => {
-                    let (ptr, len) = bufs[0];
-                    // SAFETY: the hub keeps frames handed out by `next_send` alive and unmoved
-                    // until `on_sent` for this connection, which we call from this send's
-                    // completion (or after its cancellation completes).
-                    unsafe { ring.send(io.slot(), ptr, len as u32, user_data(op::SEND, 0, key))? };
-                }
-                Some(s) => {
-                    let hdr = self.slots.fill(s, &bufs[..n]);
-                    // SAFETY: as above for the frames; the msghdr and its iovecs live in a slot
-                    // chunk that never moves and is released only by this send's completion.
-                    unsafe { ring.sendmsg(io.slot(), hdr, user_data(op::SENDMSG, s, key))? };
-                }
-            }
-            self.hub.set_io(key, io.with(Io::SEND).0);
-        }
-        Ok(())
-    }
-
-    /// Cancels the operations of connections the hub ended, and closes those with none left.
-    fn start_closes(&mut self) -> io::Result<()> {
-        self.hub.take_terminating(&mut self.closing);
-        let closing = std::mem::take(&mut self.closing);
-        for &key in &closing {
-            let Some(io) = self.hub.io(key).map(Io) else { continue };
-            let mut io = io.with(Io::TERM);
-            if (io.has(Io::RECV) || io.has(Io::READ) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
-                self.rings[io.ring()].cancel_slot(io.slot(), user_data(op::CANCEL, 0, key))?;
-                io = io.with(Io::CANCEL);
-            }
-            self.hub.set_io(key, io.0);
-            self.finish_if_idle(key, io)?;
-        }
-        self.closing = closing;
-        self.closing.clear();
-        Ok(())
-    }
-
-    /// Closes the socket and forgets the connection once it is ending and nothing is pending.
-    fn finish_if_idle(&mut self, key: u32, io: Io) -> io::Result<()> {
-        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) {
-            self.rings[io.ring()].close_slot(io.slot(), user_data(op::CLOSE, 0, 0))?;
-            self.hub.release(key);
-        }
-        Ok(())
-    }
-
-    fn read_mail(&mut self, now: Now) {
-        let inbox = self.mesh.inbox(self.id);
-        for _ in 0..MAIL_PER_TURN {
-            let Some(mail) = inbox.pop() else { break };
-            self.hub.on_mail(mail, now);
-        }
-    }
-
-    fn send_mail(&mut self) {
-        let mesh = &self.mesh;
-        let mut retry = std::mem::take(&mut self.mail_backlog);
-        retry.extend(self.hub.take_mail());
-        for (to, mail) in retry.drain(..) {
-            if let Err(mail) = mesh.send(to, mail) {
-                if self.mail_backlog.len() < self.params.mesh_backlog_max {
-                    self.mail_backlog.push_back((to, mail));
-                } else {
-                    self.hub.counters().inc(Series::MeshFull);
-                }
-            }
-        }
-    }
-
     fn publish(&mut self, now: Now, force: bool) {
+        self.hub.count(Series::Turns);
         if force || now.ms >= self.last_publish_ms + PUBLISH_EVERY_MS {
             self.last_publish_ms = now.ms;
-            let id = self.id.index();
-            let c = self.hub.counters();
-            c.set(Series::Rings, self.rings.len() as u64);
-            c.publish(&self.metrics[id]);
+            self.hub.set_gauge(Series::Rings, self.io.rings.len() as u64);
+            self.hub.counters().publish(&self.metrics[self.io.id.index()]);
         }
-        self.hub.counters().inc(Series::Turns);
     }
 
-    /// After `Mail::Stop`: stop accepting, and end once drained or the grace time is over.
+    /// After `HostMail::Stop`: stop accepting, and end once drained or the grace time is over.
     fn stopped(&mut self, now: Now) -> io::Result<bool> {
         if !self.hub.stopping() {
             return Ok(false);
         }
-        let grace = self.params.stop_grace.as_millis() as u64;
+        let grace = self.stop_grace.as_millis() as u64;
         let stop_at = *self.stop_at.get_or_insert(now.ms + grace);
-        if let Some(r) = self.accept_ring.take() {
-            self.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
+        if let Some(r) = self.io.accept_ring.take() {
+            self.io.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
         }
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
+    }
+
+    /// Cancels every operation still pending on every ring and feeds their completions to the
+    /// hub until none is pending: only then may the frames sends point at (the hub's), the
+    /// msghdrs (`slots`), the wake buffer and the receive buffers be freed. If the kernel does
+    /// not finish them within `SHUTDOWN_WAIT`, that memory is leaked instead.
+    fn shutdown(mut self) -> io::Result<ShardExit> {
+        self.io.shutting_down = true;
+        let mut exit = ShardExit {
+            ops_awaited: self.io.rings.iter().map(Ring::pending).sum(),
+            sends_awaited: self.hub.sends_in_flight(),
+            finished: false,
+        };
+        for ring in &mut self.io.rings {
+            ring.cancel_all(user_data(op::CANCEL, 0, 0))?;
+        }
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while Instant::now() < deadline {
+            for ring in &mut self.io.rings {
+                ring.submit()?;
+            }
+            let now = self.now();
+            self.io.reap(&mut self.hub, now)?;
+            if self.io.rings.iter().all(|r| r.pending() == 0) {
+                exit.finished = true;
+                break;
+            }
+            self.io.rings[0].submit_and_wait(Duration::from_millis(10))?;
+        }
+        if exit.finished {
+            assert_eq!(self.hub.sends_in_flight(), 0, "every send completed");
+        } else {
+            eprintln!("barrage: shard {}: operations still pending after {SHUTDOWN_WAIT:?}; leaking", self.io.id.0);
+            std::mem::forget(self);
+        }
+        Ok(exit)
     }
 
     /// Every LOAD_WINDOW, publishes the share of time the loop did not sleep (smoothed over two
@@ -540,50 +318,337 @@ impl Shard {
         }
         let busy = 1000 - (self.slept.as_micros() * 1000 / elapsed.as_micros().max(1)).min(1000) as u32;
         self.load = (self.load + busy) / 2;
-        self.mesh.inbox(self.id).set_load(self.load);
-        self.hub.set_busy(self.mesh.max_load());
+        self.io.mesh.inbox(self.io.id).set_load(self.load);
+        self.hub.handle_load(self.io.mesh.max_load());
         self.slept = Duration::ZERO;
         self.load_window_start = Instant::now();
     }
 
     /// Submits everything and sleeps until a completion, mail or the next deadline.
     fn wait(&mut self, now: Now) -> io::Result<()> {
-        let mut timeout = Duration::from_millis(self.hub.next_timeout(now)).min(SLEEP_MAX);
+        let mut timeout = Duration::from_millis(self.hub.poll_timeout(now)).min(SLEEP_MAX);
         if self.hub.has_ready() {
             timeout = Duration::ZERO;
         }
-        if !self.mail_backlog.is_empty() {
+        if self.hub.has_waiting_mail() {
             timeout = timeout.min(Duration::from_millis(1));
         }
-        let inbox = self.mesh.inbox(self.id);
+        let rings = &mut self.io.rings;
+        let inbox = self.io.mesh.inbox(self.io.id);
         let mut sleep = !timeout.is_zero() && inbox.prepare_sleep();
         if sleep {
             // Sub-rings signal the eventfd only while we sleep; look once more after enabling
             // so a completion that landed in between is not slept on.
-            for ring in &mut self.rings[1..] {
+            for ring in &mut rings[1..] {
                 ring.set_notify(true);
             }
-            sleep = !self.rings[1..].iter_mut().any(|r| r.has_completions());
+            sleep = !rings[1..].iter_mut().any(|r| r.has_completions());
         }
-        for ring in &mut self.rings[1..] {
+        for ring in &mut rings[1..] {
             ring.submit()?;
         }
         if sleep {
             // Submit first: io_uring runs most sends inline while submitting, and that is work,
             // not sleep, for the load measure (a busy shard lets blocks grow instead of sending
             // more frames).
-            self.rings[0].submit()?;
+            rings[0].submit()?;
             let before = Instant::now();
-            self.rings[0].submit_and_wait(timeout)?;
+            rings[0].submit_and_wait(timeout)?;
             self.slept += before.elapsed();
         } else {
-            self.rings[0].submit()?;
+            rings[0].submit()?;
         }
         inbox.woke();
-        for ring in &mut self.rings[1..] {
+        for ring in &mut rings[1..] {
             ring.set_notify(false);
         }
         self.measure_load();
+        Ok(())
+    }
+}
+
+impl Driver for ShardIo {
+    type Error = io::Error;
+
+    fn reap(&mut self, hub: &mut Hub, now: Now) -> io::Result<()> {
+        for r in 0..self.rings.len() {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            self.rings[r].reap(&mut cqes);
+            for cqe in cqes.drain(..) {
+                self.complete(hub, r, cqe, now)?;
+            }
+            self.cqes = cqes;
+        }
+        Ok(())
+    }
+
+    fn next_mail(&mut self) -> Option<Mail> {
+        self.mesh.inbox(self.id).pop()
+    }
+
+    fn offer_mail(&mut self, to: ShardId, mail: Mail) -> Result<(), Mail> {
+        self.mesh.send(to, mail)
+    }
+
+    /// Turns a ready connection's queued frames into one send (a sendmsg of up to
+    /// `FRAMES_PER_SEND` frames when a slot is free and there is more than one).
+    fn start_send(&mut self, hub: &mut Hub, key: ConnKey) -> io::Result<()> {
+        let io = Io(hub.io(key));
+        assert!(!io.has(Io::SEND), "{key:?} listed ready with a send in flight");
+        if io.has(Io::TERM) {
+            // Ended after it was listed: its queue is gone (`poll_send` would hand out nothing).
+            return Ok(());
+        }
+        let mut bufs: [(*const u8, usize); FRAMES_PER_SEND] = [(std::ptr::null(), 0); FRAMES_PER_SEND];
+        let slot = self.slots.alloc();
+        let cap = if slot.is_some() { FRAMES_PER_SEND } else { 1 };
+        let n = {
+            let mut iov = [IoSlice::new(&[]); FRAMES_PER_SEND];
+            let n = hub.poll_send(key, &mut iov[..cap]);
+            for (b, s) in bufs.iter_mut().zip(&iov[..n]) {
+                *b = (s.as_ptr(), s.len());
+            }
+            n
+        };
+        // A slot is only used when the send carries more than one frame.
+        let slot = match slot {
+            Some(s) if n < 2 => {
+                self.slots.release(s);
+                None
+            }
+            other => other,
+        };
+        let ring = &mut self.rings[io.ring()];
+        match slot {
+            _ if n == 0 => return Ok(()),
+            None => {
+                let (ptr, len) = bufs[0];
+                // SAFETY: the hub keeps frames handed out by `poll_send` alive and unmoved until
+                // `handle_sent` for this connection, which we call from this send's completion;
+                // `release` asserts no send is in flight, and `Shard::shutdown` awaits this
+                // completion before the hub is dropped.
+                unsafe { ring.send(io.slot(), ptr, len as u32, user_data(op::SEND, 0, key.0))? };
+            }
+            Some(s) => {
+                let hdr = self.slots.fill(s, &bufs[..n]);
+                // SAFETY: as above for the frames; the msghdr and its iovecs live in a slot
+                // chunk that never moves and is released only by this send's completion (and
+                // `slots` outlives the rings: `ShardIo` drops its rings first).
+                unsafe { ring.sendmsg(io.slot(), hdr, user_data(op::SENDMSG, s, key.0))? };
+            }
+        }
+        hub.set_io(key, io.with(Io::SEND).0);
+        Ok(())
+    }
+
+    /// Cancels the operations of a connection the hub ended, and closes it once none is left.
+    fn start_close(&mut self, hub: &mut Hub, key: ConnKey) -> io::Result<()> {
+        let mut io = Io(hub.io(key)).with(Io::TERM);
+        if (io.has(Io::RECV) || io.has(Io::READ) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
+            self.rings[io.ring()].cancel_slot(io.slot(), user_data(op::CANCEL, 0, key.0))?;
+            io = io.with(Io::CANCEL);
+        }
+        hub.set_io(key, io.0);
+        self.finish_if_idle(hub, key, io)
+    }
+}
+
+impl ShardIo {
+    fn complete(&mut self, hub: &mut Hub, r: usize, cqe: Cqe, now: Now) -> io::Result<()> {
+        let (tag, aux, key) = split(cqe.user_data);
+        let key = ConnKey(key);
+        match tag {
+            op::ACCEPT => self.accepted(hub, r, cqe, now),
+            op::RECV => self.received(hub, r, key, cqe, now),
+            op::POLL => self.polled(hub, r, key, cqe, now),
+            op::RECV_ONCE => self.received_once(hub, r, key, cqe, now),
+            op::SEND | op::SENDMSG => {
+                if tag == op::SENDMSG {
+                    self.slots.release(aux);
+                }
+                let io = Io(hub.io(key)).without(Io::SEND);
+                hub.set_io(key, io.0);
+                hub.handle_sent(key, cqe.result, now);
+                self.finish_if_idle(hub, key, io)
+            }
+            op::WAKE => self.arm_wake(),
+            op::CLOSE => {
+                let ring = &mut self.rings[r];
+                assert!(ring.files_used > 0, "a close for a slot never taken");
+                ring.files_used -= 1;
+                if self.accept_ring.is_none() {
+                    self.arm_accept(hub)?;
+                }
+                Ok(())
+            }
+            op::CANCEL => Ok(()),
+            other => panic!("a completion with an unknown tag {other}"),
+        }
+    }
+
+    fn accepted(&mut self, hub: &mut Hub, r: usize, cqe: Cqe, now: Now) -> io::Result<()> {
+        if !cqe.more() && self.accept_ring == Some(r) {
+            self.accept_ring = None;
+        }
+        if cqe.result >= 0 {
+            let slot = cqe.result as u32;
+            self.rings[r].files_used += 1;
+            // A stopping hub takes no connection: one accepted while the accept was being
+            // cancelled is closed at once.
+            match hub.handle_accept(Io::new(r, slot).0, now) {
+                Some(key) => {
+                    self.arm_input(r, slot, key)?;
+                    hub.set_io(key, Io::new(r, slot).with(Io::RECV).0);
+                }
+                None => self.rings[r].close_slot(slot, user_data(op::CLOSE, 0, 0))?,
+            }
+            let ring = &self.rings[r];
+            if self.accept_ring == Some(r) && ring.files_used + accept_margin(ring.files_max) >= ring.files_max {
+                // Move the accept before this table fills; the old one ends with ECANCELED.
+                self.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
+                self.accept_ring = None;
+            }
+        } else if cqe.result == -libc::ENFILE {
+            hub.count(Series::RefusedNoSlot);
+        }
+        if self.accept_ring.is_none() {
+            self.arm_accept(hub)?;
+        }
+        Ok(())
+    }
+
+    /// Arms the multishot accept on a ring with free slots, opening a new ring if all are full.
+    fn arm_accept(&mut self, hub: &mut Hub) -> io::Result<()> {
+        if hub.stopping() || self.shutting_down || self.accept_ring.is_some() {
+            return Ok(());
+        }
+        let free = |ring: &Ring| ring.files_used + accept_margin(ring.files_max) < ring.files_max;
+        let r = match self.rings.iter().position(free) {
+            Some(r) => r,
+            None if self.rings.len() < self.rings_max => {
+                let wake = self.mesh.inbox(self.id).wake_fd();
+                let mut ring = Ring::new(self.ring_params, Some(wake))?;
+                ring.set_notify(false);
+                self.rings.push(ring);
+                hub.set_gauge(Series::Rings, self.rings.len() as u64);
+                self.rings.len() - 1
+            }
+            // Every ring is full: accepting resumes when a close frees a slot.
+            None => return Ok(()),
+        };
+        let fd = self.listener.as_raw_fd();
+        self.rings[r].accept_multi(fd, user_data(op::ACCEPT, r as u32, 0))?;
+        self.accept_ring = Some(r);
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        if self.shutting_down {
+            return Ok(());
+        }
+        let fd = self.mesh.inbox(self.id).wake_fd();
+        let buf = self.wake_buf.as_mut_ptr();
+        // SAFETY: `wake_buf` is a heap allocation owned by this driver, never read or moved
+        // while the read is pending; `Shard::shutdown` awaits the read's completion, and the
+        // rings are dropped before it in any case.
+        unsafe { self.rings[0].read(fd, buf, 8, user_data(op::WAKE, 0, 0)) }
+    }
+
+    /// Arms the connection's standing input request, by read mode.
+    fn arm_input(&mut self, r: usize, slot: u32, key: ConnKey) -> io::Result<()> {
+        match self.read_mode {
+            ReadMode::Poll => self.rings[r].poll_multi(slot, user_data(op::POLL, 0, key.0)),
+            ReadMode::Recv => self.rings[r].recv_multi(slot, user_data(op::RECV, 0, key.0)),
+        }
+    }
+
+    /// Poll mode: the socket is readable (or failed). Start a receive unless one is running.
+    fn polled(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: Cqe, now: Now) -> io::Result<()> {
+        let mut io = Io(hub.io(key));
+        if cqe.result < 0 {
+            hub.handle_eof(key, now);
+        } else if io.has(Io::TERM) || self.shutting_down {
+        } else if io.has(Io::READ) {
+            io = io.with(Io::AGAIN);
+        } else {
+            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key.0))?;
+            io = io.with(Io::READ);
+        }
+        if !cqe.more() {
+            io = io.without(Io::RECV);
+            if cqe.result >= 0 && !io.has(Io::TERM) && !self.shutting_down {
+                self.rings[r].poll_multi(io.slot(), user_data(op::POLL, 0, key.0))?;
+                io = io.with(Io::RECV);
+            }
+        }
+        hub.set_io(key, io.0);
+        self.finish_if_idle(hub, key, io)
+    }
+
+    /// Poll mode: a one-shot receive completed. Read again while the socket has more.
+    fn received_once(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: Cqe, now: Now) -> io::Result<()> {
+        let res = cqe.result;
+        if res > 0
+            && let Some(bid) = cqe.buffer()
+        {
+            if let Some(data) = self.rings[r].buffer(bid, res as usize) {
+                hub.handle_recv(key, data, now);
+            }
+            self.rings[r].recycle(bid);
+        } else if res == -libc::ENOBUFS {
+            hub.count(Series::RecvNoBuffers);
+        } else if res != -libc::EAGAIN {
+            // 0 is the peer's FIN; anything else is a reset, an error or our cancel.
+            hub.handle_eof(key, now);
+        }
+        let io = Io(hub.io(key));
+        let again = io.has(Io::AGAIN) || (res > 0 && cqe.sock_nonempty()) || res == -libc::ENOBUFS;
+        let mut io = io.without(Io::READ).without(Io::AGAIN);
+        let readable = res > 0 || res == -libc::EAGAIN || res == -libc::ENOBUFS;
+        if again && readable && !io.has(Io::TERM) && !self.shutting_down {
+            self.rings[r].recv_once(io.slot(), user_data(op::RECV_ONCE, 0, key.0))?;
+            io = io.with(Io::READ);
+        }
+        hub.set_io(key, io.0);
+        self.finish_if_idle(hub, key, io)
+    }
+
+    /// Recv mode: a multishot receive delivered bytes, ended, or failed.
+    fn received(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: Cqe, now: Now) -> io::Result<()> {
+        let res = cqe.result;
+        if res > 0 {
+            if let Some(bid) = cqe.buffer() {
+                if let Some(data) = self.rings[r].buffer(bid, res as usize) {
+                    hub.handle_recv(key, data, now);
+                }
+                self.rings[r].recycle(bid);
+            }
+        } else if res == -libc::ENOBUFS {
+            hub.count(Series::RecvNoBuffers);
+        } else {
+            // 0 is the peer's FIN; anything else is a reset or another error.
+            hub.handle_eof(key, now);
+        }
+        if cqe.more() {
+            return Ok(());
+        }
+        let io = Io(hub.io(key)).without(Io::RECV);
+        if (res > 0 || res == -libc::ENOBUFS) && !io.has(Io::TERM) && !self.shutting_down {
+            // The multishot ended without an error (buffers ran dry): arm it again.
+            self.arm_input(io.ring(), io.slot(), key)?;
+            hub.set_io(key, io.with(Io::RECV).0);
+            return Ok(());
+        }
+        hub.set_io(key, io.0);
+        self.finish_if_idle(hub, key, io)
+    }
+
+    /// Closes the socket and releases the connection once it is ending and nothing is pending.
+    fn finish_if_idle(&mut self, hub: &mut Hub, key: ConnKey, io: Io) -> io::Result<()> {
+        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) {
+            self.rings[io.ring()].close_slot(io.slot(), user_data(op::CLOSE, 0, 0))?;
+            hub.release(key);
+        }
         Ok(())
     }
 }
@@ -596,9 +661,10 @@ mod tests {
     fn user_data_and_io_round_trip() {
         let ud = user_data(op::SENDMSG, 0xAB_CDEF, 0xDEAD_BEEF);
         assert_eq!(split(ud), (op::SENDMSG, 0xAB_CDEF, 0xDEAD_BEEF));
-        let io = Io::new(77, 19_999).with(Io::RECV).with(Io::TERM);
-        assert_eq!((io.ring(), io.slot()), (77, 19_999));
+        let io = Io::new(RINGS_MAX - 1, 19_999).with(Io::RECV).with(Io::TERM);
+        assert_eq!((io.ring(), io.slot()), (RINGS_MAX - 1, 19_999));
         assert!(io.has(Io::RECV) && io.has(Io::TERM) && !io.has(Io::SEND));
         assert!(!io.without(Io::RECV).has(Io::RECV));
+        assert_eq!(io.without(Io::FLAGS), Io::new(RINGS_MAX - 1, 19_999));
     }
 }

@@ -33,10 +33,12 @@ fn at(ms: i64) -> Now {
     Now { ms: ms as u64, unix: UnixMs(ms) }
 }
 
-const API: Sender = Sender::Api { priority_given: true };
+fn api(p: Priority) -> Sender {
+    Sender::Api { priority: Some(p) }
+}
 
-fn text(p: Priority, data: &str) -> Message {
-    Message { r#type: "custom".into(), priority: p as i32, data: data.as_bytes().to_vec(), ..Message::default() }
+fn text(data: &str) -> Message {
+    Message { r#type: "custom".into(), data: data.as_bytes().to_vec(), ..Message::default() }
 }
 
 fn decode(frame: &SharedFrame) -> server_frame::Frame {
@@ -64,8 +66,8 @@ fn tick_encodes_once_and_targets_shards_with_members() {
     let now = at(5_000);
     assert!(o.presence(&r, ShardId(0), (2, 0), &[], 0, now));
     assert!(o.presence(&r, ShardId(2), (1, 1), &[], 0, now));
-    o.publish(&r, text(Priority::Low, "a"), API, now).unwrap();
-    o.publish(&r, text(Priority::High, "b"), API, now).unwrap();
+    o.publish(&r, text("a"), api(Priority::Low), now).unwrap();
+    o.publish(&r, text("b"), api(Priority::High), now).unwrap();
     let calls = tick_frames(&mut o, at(6_000));
     assert_eq!(calls.len(), 1, "one encode per room per tick");
     let (name, frame, members) = &calls[0];
@@ -88,16 +90,16 @@ fn tick_encodes_once_and_targets_shards_with_members() {
 fn bounds_rooms_backlog_and_upstream_rate() {
     let mut o = owner(1);
     let now = at(0);
-    o.publish(&room("a"), text(Priority::Low, "x"), API, now).unwrap();
-    o.publish(&room("b"), text(Priority::Low, "x"), API, now).unwrap();
-    assert_eq!(o.publish(&room("c"), text(Priority::Low, "x"), API, now), Err(PublishError::RoomsFull));
+    o.publish(&room("a"), text("x"), api(Priority::Low), now).unwrap();
+    o.publish(&room("b"), text("x"), api(Priority::Low), now).unwrap();
+    assert_eq!(o.publish(&room("c"), text("x"), api(Priority::Low), now), Err(PublishError::RoomsFull));
     // Burst of 2 per room, 2 per second: the third in the same instant is refused...
-    o.publish(&room("a"), text(Priority::Low, "x"), API, now).unwrap();
-    assert_eq!(o.publish(&room("a"), text(Priority::Low, "x"), API, now), Err(PublishError::RateLimited));
+    o.publish(&room("a"), text("x"), api(Priority::Low), now).unwrap();
+    assert_eq!(o.publish(&room("a"), text("x"), api(Priority::Low), now), Err(PublishError::RateLimited));
     // ...but whitelist messages are never rate limited, only bounded by the backlog.
-    o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now).unwrap();
-    o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now).unwrap();
-    assert_eq!(o.publish(&room("a"), text(Priority::Whitelist, "w"), API, now), Err(PublishError::Backlog));
+    o.publish(&room("a"), text("w"), api(Priority::Whitelist), now).unwrap();
+    o.publish(&room("a"), text("w"), api(Priority::Whitelist), now).unwrap();
+    assert_eq!(o.publish(&room("a"), text("w"), api(Priority::Whitelist), now), Err(PublishError::Backlog));
 }
 
 #[test]
@@ -106,18 +108,18 @@ fn type_defaults_fill_priority_and_ttl() {
     let r = room("t");
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
     let gift = Message { r#type: "gift".into(), ..Message::default() };
-    o.publish(&r, gift, Sender::Api { priority_given: false }, at(0)).unwrap();
+    o.publish(&r, gift, Sender::Api { priority: None }, at(0)).unwrap();
     let chat = Message { r#type: "chat".into(), ..Message::default() };
-    o.publish(&r, chat.clone(), Sender::Api { priority_given: true }, at(0)).unwrap();
+    o.publish(&r, chat.clone(), api(Priority::Low), at(0)).unwrap();
     let frames = tick_frames(&mut o, at(0));
     let block = decode_block(&frames[0].1);
     assert_eq!(block.messages[0].r#type, "gift");
-    assert_eq!(block.messages[0].priority, Priority::High as i32);
+    assert_eq!(block.messages[0].priority, Priority::High.wire());
     assert_eq!(block.messages[0].ttl_ms, 30_000);
     // A chat line older than its 10 s ttl when the block is cut is dropped and counted.
     let mut o = owner(1);
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
-    o.publish(&r, chat, API, at(0)).unwrap();
+    o.publish(&r, chat, Sender::Api { priority: None }, at(0)).unwrap();
     let mut stats = TickStats::default();
     stats.dropped_expired += o.tick(at(10_001), &mut |_, _, _| panic!("nothing fresh to send")).dropped_expired;
     assert_eq!(stats.dropped_expired, 1);
@@ -127,18 +129,17 @@ fn type_defaults_fill_priority_and_ttl() {
 fn client_sends_obey_mute_and_whitelist() {
     let mut o = owner(1);
     let r = room("m");
-    let alice: Arc<str> = Arc::from("alice");
-    let client = Sender::Client { user: Arc::clone(&alice), weight: 7 };
+    let client = Sender::Client { user: UserId::new("alice"), weight: 7 };
     o.moderate(&r, "alice", ModAction::Mute { until_ms: Some(1_000) }, at(0)).unwrap();
-    assert_eq!(o.publish(&r, text(Priority::Low, "x"), client.clone(), at(500)), Err(PublishError::Muted));
-    o.publish(&r, text(Priority::Low, "x"), client.clone(), at(1_000)).expect("the mute ended");
+    assert_eq!(o.publish(&r, text("x"), client.clone(), at(500)), Err(PublishError::Muted));
+    o.publish(&r, text("x"), client.clone(), at(1_000)).expect("the mute ended");
     o.moderate(&r, "alice", ModAction::Whitelist, at(1_000)).unwrap();
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(1_000));
-    o.publish(&r, text(Priority::Low, "vip"), client, at(1_500)).unwrap();
+    o.publish(&r, text("vip"), client, at(1_500)).unwrap();
     let frames = tick_frames(&mut o, at(1_500));
     let block = decode_block(&frames[0].1);
     let vip = block.messages.iter().find(|m| m.data == b"vip").unwrap();
-    assert_eq!((vip.priority, vip.weight, vip.sender.as_str()), (Priority::Whitelist as i32, 7, "alice"));
+    assert_eq!((vip.priority, vip.weight, vip.sender.as_str()), (Priority::Whitelist.wire(), 7, "alice"));
     let lists = o.moderation(&r, UnixMs(1_500));
     assert_eq!(lists.whitelist.len(), 1);
     assert!(lists.mutes.is_empty(), "expired mutes are not listed");
@@ -151,7 +152,7 @@ fn joiners_get_history_and_attrs_encoded_once() {
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
     assert!(o.joined(&r, None, at(0)).is_empty(), "nothing to backfill yet");
     for i in 0..2 {
-        o.publish(&r, text(Priority::Low, &format!("m{i}")), API, at(0)).unwrap();
+        o.publish(&r, text(&format!("m{i}")), api(Priority::Low), at(0)).unwrap();
         tick_frames(&mut o, at(0));
     }
     o.set_attr(&r, "seat1", Some(b"bob"), at(0)).unwrap();
@@ -184,7 +185,7 @@ fn presence_events_are_one_per_kind_per_tick() {
     let mut o = Owner::new(c);
     let r = room("p");
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
-    let users: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("u{i}"))).collect();
+    let users: Vec<UserId> = (0..5).map(|i| UserId::new(&format!("u{i}"))).collect();
     for u in &users {
         o.joined(&r, Some(u), at(0));
     }
@@ -208,7 +209,7 @@ fn polling_pages_and_hints() {
     let r = room("poll");
     o.presence(&r, ShardId(0), (150, 0), &[], 0, at(0));
     for i in 0..5 {
-        o.publish(&r, text(Priority::Low, &format!("{i}")), API, at(i * 1000)).unwrap();
+        o.publish(&r, text(&format!("{i}")), api(Priority::Low), at(i * 1000)).unwrap();
         tick_frames(&mut o, at(i * 1000));
     }
     let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, 0, 10).unwrap()).unwrap();
@@ -228,14 +229,14 @@ fn polling_pages_and_hints() {
 fn idle_rooms_are_forgotten_and_seqs_still_increase() {
     let mut o = owner(1);
     let r = room("a");
-    o.publish(&r, text(Priority::Low, "x"), API, at(1_000)).unwrap();
+    o.publish(&r, text("x"), api(Priority::Low), at(1_000)).unwrap();
     tick_frames(&mut o, at(1_000));
     let last = o.info(&r).last_seq;
     o.sweep(UnixMs(1_500));
     assert_eq!(o.rooms(), 1, "not idle long enough");
     o.sweep(UnixMs(2_500));
     assert_eq!(o.rooms(), 0);
-    o.publish(&r, text(Priority::Low, "y"), API, at(2_500)).unwrap();
+    o.publish(&r, text("y"), api(Priority::Low), at(2_500)).unwrap();
     tick_frames(&mut o, at(2_500));
     assert!(o.info(&r).last_seq > last, "a re-created room continues above the old seqs");
 }

@@ -1,8 +1,9 @@
-//! One connection as the hub sees it: protocol phase, wire format, room and user, send queue
-//! and the partial-message reader. About 56 bytes; an idle connection owns no heap memory.
+//! One connection as its shard sees it: protocol phase, wire format, generation, room and user,
+//! send queue and the partial-message reader. 56 bytes; an idle connection owns no heap memory.
 
-use super::index::NONE;
 use super::outbox::Queue;
+use super::rooms::{MemberPos, RoomKey};
+use super::users::UserKey;
 use crate::envelope::Format;
 use crate::wire::reader::Reader;
 
@@ -31,7 +32,7 @@ pub mod flag {
     pub const CAN_SEND: u8 = 1 << 1;
     /// Raw echo endpoint (conformance testing): messages go back as they came.
     pub const ECHO: u8 = 1 << 2;
-    /// Listed in the hub's ready list (has frames and no send in flight).
+    /// Listed in the ready list (has frames and no send in flight).
     pub const READY: u8 = 1 << 3;
     /// Signed in (has a user id).
     pub const SIGNED_IN: u8 = 1 << 4;
@@ -47,33 +48,38 @@ pub mod flag {
 pub struct Conn {
     /// The driver's handle (ring, slot, operation flags); opaque to the hub.
     pub io: u64,
+    /// Which connection of this slot this is (see `ConnId`).
+    pub generation: u32,
     pub state: State,
     pub flags: u8,
+    /// The 100 ms tick (mod 2^16, never 0) since when the send queue has been shedding frames;
+    /// 0 = keeping up. 16 bits keep the connection at 56 bytes: a wrap takes 109 minutes, far
+    /// more than `slow_consumer_ms` may be, and the sweep looks at every connection each second.
+    pub behind_since: u16,
     /// In 100 ms ticks since shard start; 0 = none. Handshake, idle or close deadline,
     /// depending on the state.
     pub deadline: u32,
-    /// Local room key and position in its member list, or NONE.
-    pub room: u32,
-    pub member_pos: u32,
-    /// Local user key, or NONE for an anonymous viewer.
-    pub user: u32,
-    /// Tick since when the send queue has been shedding frames (0 = keeping up).
-    pub behind_since: u32,
+    /// The local room and the position among its members, if in one.
+    pub room: RoomKey,
+    pub member_pos: MemberPos,
+    /// The local user, if signed in.
+    pub user: UserKey,
     pub queue: Queue,
     pub reader: Reader,
 }
 
 impl Conn {
-    pub fn new(io: u64, deadline: u32) -> Conn {
+    pub fn new(io: u64, generation: u32, deadline: u32) -> Conn {
         Conn {
             io,
+            generation,
             state: State::Handshake,
             flags: 0,
-            deadline,
-            room: NONE,
-            member_pos: 0,
-            user: NONE,
             behind_since: 0,
+            deadline,
+            room: RoomKey::NONE,
+            member_pos: MemberPos(0),
+            user: UserKey::NONE,
             queue: Queue::default(),
             reader: Reader::default(),
         }
@@ -88,6 +94,18 @@ impl Conn {
     pub fn format(&self) -> Format {
         if self.has(flag::JSON) { Format::Json } else { Format::Proto }
     }
+
+    /// Starts the slow-reader clock at `tick` unless it is running.
+    pub fn fell_behind(&mut self, tick: u32) {
+        if self.behind_since == 0 {
+            self.behind_since = (tick as u16).max(1);
+        }
+    }
+
+    /// Whether the queue has been shedding for more than `ticks` 100 ms ticks at `tick`.
+    pub fn behind_longer_than(&self, ticks: u32, tick: u32) -> bool {
+        self.behind_since != 0 && u32::from((tick as u16).wrapping_sub(self.behind_since)) > ticks
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +114,19 @@ mod tests {
 
     #[test]
     fn a_connection_is_small() {
+        // The slab entry adds nothing (State has a niche): 56 bytes per connection in the table.
         assert!(std::mem::size_of::<Conn>() <= 56, "{}", std::mem::size_of::<Conn>());
+        assert_eq!(std::mem::size_of::<Option<Conn>>(), std::mem::size_of::<Conn>());
+    }
+
+    #[test]
+    fn the_slow_reader_clock_survives_the_wrap() {
+        let mut c = Conn::new(0, 0, 0);
+        c.fell_behind(65_530);
+        assert!(!c.behind_longer_than(100, 65_600), "70 ticks, across the 16-bit wrap");
+        assert!(c.behind_longer_than(100, 65_640));
+        let mut c = Conn::new(0, 0, 0);
+        c.fell_behind(65_536); // tick 0 mod 2^16 is stored as 1: still "behind"
+        assert!(c.behind_since != 0);
     }
 }

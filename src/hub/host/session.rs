@@ -1,20 +1,23 @@
 //! What an open connection's bytes mean: WebSocket events from the reader, client frames
 //! (join, leave, send, ping, attribute sync and set, moderation) from the envelope, and the
-//! close handshake.
+//! close handshake. Requests for a room leave as mail to its owner, named by the connection's
+//! `ConnAt` so the answer finds this connection and no later one in its slot.
 
 use std::sync::Arc;
 
+use super::Host;
 use super::conn::{State, flag};
-use super::index::NONE;
-use super::mail::{Mail, Origin};
-use super::{Hub, Now};
+use super::rooms::RoomKey;
 use crate::envelope;
+use crate::hub::mail::{OwnerMail, Origin};
+use crate::ids::{ConnKey, Now, UserId};
 use crate::metrics::Series;
 use crate::proto::{AttrSet, AttrSync, ClientFrame, Error, Message, Moderate, Pong, ServerFrame, client_frame};
 use crate::proto::{moderate, server_frame};
 use crate::room::RoomName;
 use crate::room::limit::TokenBucket;
-use crate::room::owner::{ModAction, Sender};
+use crate::room::moderation::List;
+use crate::room::owner::ModAction;
 use crate::wire::CloseCode;
 use crate::wire::frame::{self, Opcode};
 use crate::wire::reader::{Event, Flow, ReadError};
@@ -33,23 +36,21 @@ pub mod code {
 /// Longest message type a client may name (`chat`, `gift`, ... or a custom word).
 const TYPE_BYTES_MAX: usize = 32;
 
-impl Hub {
+impl Host {
     /// Feeds bytes to the connection's reader and acts on each event in order.
-    pub(super) fn read_frames(&mut self, key: u32, data: &mut [u8], now: Now) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        // The reader leaves the connection while it runs so events can change the hub freely.
-        let mut reader = std::mem::take(&mut conn.reader);
+    pub(super) fn read_frames(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
+        // The reader leaves the connection while it runs so events can change the host freely.
+        let mut reader = std::mem::take(&mut self.conns.get_mut(key).reader);
         let before = reader.buffered_bytes();
         let limits = self.cfg.read;
         let result = reader.feed(data, &limits, &mut |event| self.on_event(key, event, now));
+        let conn = self.conns.get_mut(key);
         let mut after = 0;
-        if let Some(conn) = self.conns.get_mut(key as usize)
-            && matches!(conn.state, State::Open | State::Closing)
-        {
+        if matches!(conn.state, State::Open | State::Closing) {
             after = reader.buffered_bytes();
             conn.reader = reader;
         }
-        let within = self.account_partial(before, after);
+        let within = self.intake.account(before, after);
         if let Err(e) = result {
             self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);
         } else if !within {
@@ -57,9 +58,9 @@ impl Hub {
         }
     }
 
-    fn on_event(&mut self, key: u32, event: Event<'_>, now: Now) -> Flow {
+    fn on_event(&mut self, key: ConnKey, event: Event<'_>, now: Now) -> Flow {
         self.counters.inc(Series::FramesIn);
-        let Some(conn) = self.conns.get(key as usize) else { return Flow::Stop };
+        let conn = self.conns.get(key);
         let (state, echo) = (conn.state, conn.has(flag::ECHO));
         match event {
             Event::Text(_) | Event::Binary(_) if state != State::Open => Flow::Continue,
@@ -79,13 +80,12 @@ impl Hub {
         }
     }
 
-    fn echo(&mut self, key: u32, opcode: Opcode, payload: &[u8], now: Now) -> Flow {
+    fn echo(&mut self, key: ConnKey, opcode: Opcode, payload: &[u8], now: Now) -> Flow {
         if self.enqueue_owned(key, frame::frame(opcode, payload), now) { Flow::Continue } else { Flow::Stop }
     }
 
-    fn client_message(&mut self, key: u32, text: bool, payload: &[u8], now: Now) -> Flow {
-        let Some(conn) = self.conns.get(key as usize) else { return Flow::Stop };
-        match envelope::decode(conn.format(), text, payload) {
+    fn client_message(&mut self, key: ConnKey, text: bool, payload: &[u8], now: Now) -> Flow {
+        match envelope::decode(self.conns.get(key).format(), text, payload) {
             Ok(frame) => {
                 self.client_frame(key, frame, now);
                 Flow::Continue
@@ -97,7 +97,7 @@ impl Hub {
         }
     }
 
-    fn client_frame(&mut self, key: u32, frame: ClientFrame, now: Now) {
+    fn client_frame(&mut self, key: ConnKey, frame: ClientFrame, now: Now) {
         match frame.frame {
             Some(client_frame::Frame::Join(j)) => match RoomName::parse(&j.room, self.cfg.name_bytes_max) {
                 Ok(room) => self.join(key, &room, now),
@@ -113,9 +113,7 @@ impl Hub {
             Some(client_frame::Frame::Send(s)) => self.client_send(key, s.r#type, s.data, now),
             Some(client_frame::Frame::Ping(_)) => {
                 let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { server_ms: now.unix.0 })) };
-                if let Some(bytes) = self.encode_for(key, &pong) {
-                    self.enqueue_owned(key, bytes, now);
-                }
+                self.send_frame(key, &pong, now);
             }
             Some(client_frame::Frame::AttrSync(s)) => self.attr_sync(key, s, now),
             Some(client_frame::Frame::AttrSet(s)) => self.attr_set(key, s, now),
@@ -124,38 +122,34 @@ impl Hub {
         }
     }
 
-    fn current_room(&self, key: u32) -> Option<&RoomName> {
-        let conn = self.conns.get(key as usize)?;
-        self.rooms.get(conn.room).map(|r| &r.name)
+    fn current_room(&self, key: ConnKey) -> Option<&RoomName> {
+        self.rooms.get(self.conns.get(key).room).map(|r| &r.name)
     }
 
-    fn user_of(&self, key: u32) -> Option<Arc<str>> {
-        let conn = self.conns.get(key as usize)?;
-        self.users.name(conn.user).cloned()
+    fn user_of(&self, key: ConnKey) -> Option<&UserId> {
+        self.users.id(self.conns.get(key).user)
     }
 
     /// Joins a room, leaving the current one first; the owner answers with backfill and the
     /// attribute snapshot. A banned user is refused.
-    pub(super) fn join(&mut self, key: u32, room: &RoomName, now: Now) {
+    pub(super) fn join(&mut self, key: ConnKey, room: &RoomName, now: Now) {
         if self.current_room(key) == Some(room) {
             return;
         }
-        let user = self.user_of(key);
-        if user.as_deref().is_some_and(|u| self.banned(room, u, now)) {
+        let user = self.user_of(key).cloned();
+        if user.as_ref().is_some_and(|u| self.replicas.contains(room, List::Ban, u, now.unix.0)) {
             self.counters.inc(Series::JoinBanned);
             return self.send_error(key, code::FORBIDDEN, "you are banned from this room", now);
         }
         self.leave_room(key);
-        let Some(conn) = self.conns.get(key as usize) else { return };
-        let json = conn.has(flag::JSON);
+        let json = self.conns.get(key).has(flag::JSON);
         match self.rooms.join(room, key, json) {
             Ok((r, pos)) => {
-                if let Some(conn) = self.conns.get_mut(key as usize) {
-                    conn.room = r;
-                    conn.member_pos = pos;
-                }
-                let from = self.cfg.shard;
-                self.ask_owner(room, Mail::Joined { room: room.clone(), from, conn: key, user }, now);
+                let conn = self.conns.get_mut(key);
+                conn.room = r;
+                conn.member_pos = pos;
+                let from = self.at(key);
+                self.ask_owner(room, OwnerMail::Joined { room: room.clone(), from, user });
             }
             Err(_) => {
                 self.counters.inc(Series::JoinRoomsFull);
@@ -165,31 +159,29 @@ impl Hub {
     }
 
     /// Leaves the current room, if any.
-    pub(super) fn leave_room(&mut self, key: u32) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        let room = std::mem::replace(&mut conn.room, NONE);
-        if room == NONE {
+    pub(super) fn leave_room(&mut self, key: ConnKey) {
+        let conn = self.conns.get_mut(key);
+        let room = std::mem::replace(&mut conn.room, RoomKey::NONE);
+        if room == RoomKey::NONE {
             return;
         }
         let (pos, json) = (conn.member_pos, conn.has(flag::JSON));
-        let user = self.users.name(conn.user);
+        let user = self.users.id(conn.user);
         let named = self.cfg.owner.presence_users_max;
         // The last member was swapped into the leaver's position.
-        if let Some(moved) = self.rooms.leave(room, pos, json, user, named)
-            && let Some(m) = self.conns.get_mut(moved as usize)
-        {
-            m.member_pos = pos;
+        if let Some(moved) = self.rooms.leave(room, pos, json, user, named) {
+            self.conns.get_mut(moved).member_pos = pos;
         }
     }
 
     /// Checks every sender-side rule; on refusal sends the error frame and returns None.
-    fn sender_checks(&mut self, key: u32, data_len: usize, now: Now) -> Option<(RoomName, Arc<str>)> {
-        let conn = self.conns.get(key as usize)?;
+    fn sender_checks(&mut self, key: ConnKey, data_len: usize, now: Now) -> Option<(RoomName, UserId)> {
+        let conn = self.conns.get(key);
         let refusal = if !conn.has(flag::SIGNED_IN) {
             Some((code::UNAUTHORIZED, "anonymous viewers cannot send"))
         } else if !conn.has(flag::CAN_SEND) {
             Some((code::FORBIDDEN, "this token may not send"))
-        } else if conn.room == NONE {
+        } else if conn.room == RoomKey::NONE {
             Some((code::NOT_IN_ROOM, "join a room first"))
         } else if data_len > self.cfg.data_bytes_max {
             Some((code::TOO_LARGE, "message data is too large"))
@@ -208,24 +200,24 @@ impl Hub {
             self.send_error(key, code::TOO_MANY, "sending too fast", now);
             return None;
         }
-        Some((self.current_room(key)?.clone(), self.user_of(key)?))
+        // Signed in and in a room: both were just checked.
+        Some((self.current_room(key)?.clone(), self.user_of(key)?.clone()))
     }
 
     /// A signed-in user's chat line: checked here, then mixed by the room's owner (which checks
     /// mute and the room's rate, and stamps sender, time and the type's priority).
-    fn client_send(&mut self, key: u32, kind: String, data: Vec<u8>, now: Now) {
+    fn client_send(&mut self, key: ConnKey, kind: String, data: Vec<u8>, now: Now) {
         if kind.len() > TYPE_BYTES_MAX {
             return self.send_error(key, code::BAD_REQUEST, "message type is too long", now);
         }
         let Some((room, user)) = self.sender_checks(key, data.len(), now) else { return };
-        let weight = self.conns.get(key as usize).map_or(0, |c| self.users.level(c.user));
+        let weight = self.users.level(self.conns.get(key).user);
         let msg = Message { r#type: if kind.is_empty() { "chat".into() } else { kind }, data, ..Message::default() };
-        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
-        let sender = Sender::Client { user, weight };
-        self.ask_owner(&room.clone(), Mail::Publish { room, msg: Box::new(msg), sender, origin }, now);
+        let from = self.at(key);
+        self.ask_owner(&room.clone(), OwnerMail::Send { room, msg: Box::new(msg), user, weight, from });
     }
 
-    fn attr_sync(&mut self, key: u32, s: AttrSync, now: Now) {
+    fn attr_sync(&mut self, key: ConnKey, s: AttrSync, now: Now) {
         let room = match (s.room.is_empty(), self.current_room(key)) {
             (true, Some(r)) => r.clone(),
             (false, _) => match RoomName::parse(&s.room, self.cfg.name_bytes_max) {
@@ -234,24 +226,24 @@ impl Hub {
             },
             (true, None) => return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now),
         };
-        let from = self.cfg.shard;
-        self.ask_owner(&room.clone(), Mail::AttrSync { room, after: s.after_version, from, conn: key }, now);
+        let from = self.at(key);
+        self.ask_owner(&room.clone(), OwnerMail::AttrSync { room, after: s.after_version, from });
     }
 
-    fn attr_set(&mut self, key: u32, s: AttrSet, now: Now) {
-        if !self.conns.get(key as usize).is_some_and(|c| c.has(flag::ATTRS)) {
+    fn attr_set(&mut self, key: ConnKey, s: AttrSet, now: Now) {
+        if !self.conns.get(key).has(flag::ATTRS) {
             return self.send_error(key, code::FORBIDDEN, "this token may not set attributes", now);
         }
         let Some(room) = self.current_room(key).cloned() else {
             return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now);
         };
         let value = (!s.delete).then_some(s.value);
-        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
-        self.ask_owner(&room.clone(), Mail::SetAttr { room, key: s.key, value, origin }, now);
+        let origin = Origin::Conn(self.at(key));
+        self.ask_owner(&room.clone(), OwnerMail::SetAttr { room, key: s.key, value, origin });
     }
 
-    fn moderate(&mut self, key: u32, m: Moderate, now: Now) {
-        if !self.conns.get(key as usize).is_some_and(|c| c.has(flag::ADMIN)) {
+    fn moderate(&mut self, key: ConnKey, m: Moderate, now: Now) {
+        if !self.conns.get(key).has(flag::ADMIN) {
             return self.send_error(key, code::FORBIDDEN, "this token may not moderate", now);
         }
         let Some(room) = self.current_room(key).cloned() else {
@@ -269,23 +261,20 @@ impl Hub {
             Ok(moderate::Action::Unwhitelist) => ModAction::Unwhitelist,
             Err(_) => return self.send_error(key, code::BAD_REQUEST, "unknown moderation action", now),
         };
-        let (user, reason) = (Arc::from(m.user), Arc::from(m.reason));
-        let origin = Origin::Conn { shard: self.cfg.shard, conn: key };
-        self.ask_owner(&room.clone(), Mail::Moderate { room, user, action, reason, origin }, now);
+        let (user, reason) = (UserId::new(&m.user), Arc::from(m.reason));
+        let origin = Origin::Conn(self.at(key));
+        self.ask_owner(&room.clone(), OwnerMail::Moderate { room, user, action, reason, origin });
     }
 
     /// An error frame to one connection.
-    pub(super) fn send_error(&mut self, key: u32, code: u32, reason: &str, now: Now) {
+    pub(super) fn send_error(&mut self, key: ConnKey, code: u32, reason: &str, now: Now) {
         let e = Error { code, reason: reason.into() };
-        let frame = ServerFrame { frame: Some(server_frame::Frame::Error(e)) };
-        if let Some(bytes) = self.encode_for(key, &frame) {
-            self.enqueue_owned(key, bytes, now);
-        }
+        self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Error(e)) }, now);
     }
 
     /// Starts the close handshake: Close frame out, then wait for the peer's Close.
-    pub(super) fn close(&mut self, key: u32, code: CloseCode, reason: &str, series: Series, now: Now) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+    pub(super) fn close(&mut self, key: ConnKey, code: CloseCode, reason: &str, series: Series, now: Now) {
+        let conn = self.conns.get_mut(key);
         match conn.state {
             State::Open => {}
             State::Handshake | State::Polling => return self.terminate(key, Some(series)),
@@ -301,18 +290,17 @@ impl Hub {
 
     /// Fails the connection after a framing error: the stream can no longer be parsed, so send
     /// Close and end once it is written, without waiting for the peer's Close.
-    fn fail(&mut self, key: u32, code: CloseCode, reason: &str, series: Series, now: Now) {
+    fn fail(&mut self, key: ConnKey, code: CloseCode, reason: &str, series: Series, now: Now) {
         self.close(key, code, reason, series, now);
-        if let Some(conn) = self.conns.get_mut(key as usize)
-            && conn.state == State::Closing
-        {
+        let conn = self.conns.get_mut(key);
+        if conn.state == State::Closing {
             conn.state = State::Flushing;
         }
     }
 
     /// The peer sent Close: answer it (if we have not) and end once it is written.
-    fn peer_closed(&mut self, key: u32, code: Option<CloseCode>, now: Now) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+    fn peer_closed(&mut self, key: ConnKey, code: Option<CloseCode>, now: Now) {
+        let conn = self.conns.get_mut(key);
         let was_open = conn.state == State::Open;
         conn.state = State::Flushing;
         conn.deadline = now.tick_after(self.cfg.close_timeout_ms);

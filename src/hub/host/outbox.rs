@@ -1,4 +1,4 @@
-//! Outbound frames of one shard and the send queue of each connection. A frame fanned out to
+//! Outbound frames of one shard's connections and the send queue of each connection. A frame fanned out to
 //! many connections is stored once with a count of the queues holding it; a queue is a chain of
 //! 8-byte nodes from a shard-wide pool, so an idle connection holds no queue memory and a
 //! delivery allocates nothing per member. Frames at the head of a queue that a send operation
@@ -108,9 +108,9 @@ impl Outbox {
         FrameId(self.frames.insert(Entry { body, refs: 0, class }) as u32)
     }
 
-    /// Frees a frame no queue took.
+    /// Frees a frame no queue took (a frame some queue holds lives on).
     pub fn forget_if_unused(&mut self, id: FrameId) {
-        if self.frames.get(id.0 as usize).is_some_and(|e| e.refs == 0) {
+        if self.entry(id.0).refs == 0 {
             self.frames.remove(id.0 as usize);
         }
     }
@@ -122,10 +122,9 @@ impl Outbox {
 
     /// Whether a connection of this format can be sent this frame.
     pub fn has_format(&self, id: FrameId, format: Format) -> bool {
-        match self.frames.get(id.0 as usize).map(|e| &e.body) {
-            Some(Body::Shared(f)) => f.bytes(format).is_some(),
-            Some(Body::Owned(_)) => true,
-            None => false,
+        match &self.entry(id.0).body {
+            Body::Shared(f) => f.bytes(format).is_some(),
+            Body::Owned(_) => true,
         }
     }
 
@@ -133,7 +132,7 @@ impl Outbox {
     pub fn push(&mut self, q: &mut Queue, id: FrameId, max: usize) -> Pushed {
         let mut result = Pushed::Queued;
         if q.len() >= max {
-            let new = self.frames.get(id.0 as usize).map_or(Class::Keep, |e| e.class);
+            let new = self.entry(id.0).class;
             match self.lowest_droppable(q) {
                 Some((_, _, class)) if new < class => return Pushed::DroppedNew,
                 Some((prev, node, _)) => {
@@ -152,9 +151,7 @@ impl Outbox {
         }
         q.tail = node;
         q.len += 1;
-        if let Some(e) = self.frames.get_mut(id.0 as usize) {
-            e.refs += 1;
-        }
+        self.entry_mut(id.0).refs += 1;
         result
     }
 
@@ -231,10 +228,26 @@ impl Outbox {
     }
 
     fn bytes(&self, frame: u32, format: Format) -> &[u8] {
-        match self.frames.get(frame as usize).map(|e| &e.body) {
-            Some(Body::Shared(f)) => f.bytes(format).unwrap_or(&f.proto),
-            Some(Body::Owned(b)) => b,
-            None => &[],
+        match &self.entry(frame).body {
+            // Fan-outs queue a shared frame only to connections whose format it has.
+            Body::Shared(f) => f.bytes(format).unwrap_or(&f.proto),
+            Body::Owned(b) => b,
+        }
+    }
+
+    /// A stored frame. Every id the outbox handed out names one until its last queue node is
+    /// released (or `forget_if_unused` freed it unqueued): a missing one is our bug.
+    fn entry(&self, frame: u32) -> &Entry {
+        match self.frames.get(frame as usize) {
+            Some(e) => e,
+            None => panic!("outbox frame {frame} is not stored"),
+        }
+    }
+
+    fn entry_mut(&mut self, frame: u32) -> &mut Entry {
+        match self.frames.get_mut(frame as usize) {
+            Some(e) => e,
+            None => panic!("outbox frame {frame} is not stored"),
         }
     }
 
@@ -255,7 +268,7 @@ impl Outbox {
         let (mut prev, mut node, mut index) = (NIL, q.head, 0);
         while node != NIL {
             let Node { frame, next } = self.nodes[node as usize];
-            let class = self.frames.get(frame as usize).map_or(Class::Keep, |e| e.class);
+            let class = self.entry(frame).class;
             // In flight, or the partly written head: the peer already has part of it.
             let pinned = index < usize::from(q.inflight) || (index == 0 && q.offset > 0);
             let droppable = !pinned && class < Class::Keep;
@@ -297,12 +310,12 @@ impl Outbox {
     }
 
     fn release_node(&mut self, node: u32) {
-        let frame = self.nodes[node as usize].frame as usize;
-        if let Some(e) = self.frames.get_mut(frame) {
-            e.refs -= 1;
-            if e.refs == 0 {
-                self.frames.remove(frame);
-            }
+        let frame = self.nodes[node as usize].frame;
+        let e = self.entry_mut(frame);
+        assert!(e.refs > 0, "outbox frame {frame}: reference count underflow");
+        e.refs -= 1;
+        if e.refs == 0 {
+            self.frames.remove(frame as usize);
         }
         self.free.push(node);
     }

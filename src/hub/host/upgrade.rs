@@ -1,12 +1,13 @@
-//! The hub's side of the upgrade: route the request (`/ws`, the echo path, or plain HTTP),
-//! authenticate the token, validate the room, then answer 101 + welcome or refuse with a
-//! status and close.
+//! A connection's first bytes: the HTTP request. Route it (`/ws`, the echo path, or plain
+//! HTTP), authenticate the token, validate the room, then answer 101 + welcome, refuse with a
+//! status and close, or ask the room's owner for a short poll's answer.
 
+use super::Host;
 use super::conn::{State, flag};
-use super::mail::Mail;
-use super::{Hub, Now};
 use crate::auth::Claims;
 use crate::envelope::Format;
+use crate::hub::mail::{ConnAt, OwnerMail};
+use crate::ids::{ConnId, ConnKey, Now, UserId};
 use crate::metrics::Series;
 use crate::proto::{ServerFrame, Welcome, server_frame};
 use crate::room::RoomName;
@@ -17,7 +18,7 @@ pub const WS_PATH: &str = "/ws";
 
 /// Who a handshake turned out to be.
 struct Identity {
-    user: Option<String>,
+    user: Option<UserId>,
     can_send: bool,
     admin: bool,
     attrs: bool,
@@ -35,17 +36,13 @@ struct Refusal {
     series: Series,
 }
 
-impl Hub {
+impl Host {
     /// Handshake phase: accumulate the request head; act once it is complete.
-    pub(super) fn read_handshake(&mut self, key: u32, data: &mut [u8], now: Now) {
+    pub(super) fn read_handshake(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         let limits = self.cfg.handshake;
-        match self.take_head(key) {
+        match self.intake.take_head(key) {
             None => match wire::parse_request(data, &limits) {
-                Ok(Parsed::Partial) => {
-                    if !self.stash_head(key, data.to_vec()) {
-                        self.busy(key, now);
-                    }
-                }
+                Ok(Parsed::Partial) => self.stash_head(key, data.to_vec(), now),
                 Ok(Parsed::Complete { request, consumed }) => {
                     self.route(key, request, now);
                     self.read_after_head(key, &mut data[consumed..], now);
@@ -55,11 +52,7 @@ impl Hub {
             Some(mut head) => {
                 head.extend_from_slice(data);
                 match wire::parse_request(&head, &limits) {
-                    Ok(Parsed::Partial) => {
-                        if !self.stash_head(key, head) {
-                            self.busy(key, now);
-                        }
-                    }
+                    Ok(Parsed::Partial) => self.stash_head(key, head, now),
                     Ok(Parsed::Complete { request, consumed }) => {
                         self.route(key, request, now);
                         self.read_after_head(key, &mut head[consumed..], now);
@@ -70,22 +63,26 @@ impl Hub {
         }
     }
 
-    /// The shard's partial-input budget is spent: refuse this handshake for now.
-    fn busy(&mut self, key: u32, now: Now) {
+    /// Keeps a partial request head, or, when the shard's partial-input budget is spent,
+    /// refuses this handshake for now.
+    fn stash_head(&mut self, key: ConnKey, head: Vec<u8>, now: Now) {
+        if self.intake.stash_head(key, head) {
+            return;
+        }
+        self.counters.inc(Series::ClosedBudget);
         let body = serde_json::json!({"error": "server busy: try again"}).to_string();
         let bytes = wire::http_response(503, "application/json", &["Retry-After: 1"], body.as_bytes());
         self.flush_then_close(key, bytes, now);
     }
 
     /// Frames a client sent right behind its request head.
-    fn read_after_head(&mut self, key: u32, rest: &mut [u8], now: Now) {
-        let open = self.conns.get(key as usize).is_some_and(|c| c.state == State::Open);
-        if open && !rest.is_empty() {
+    fn read_after_head(&mut self, key: ConnKey, rest: &mut [u8], now: Now) {
+        if self.conns.get(key).state == State::Open && !rest.is_empty() {
             self.read_frames(key, rest, now);
         }
     }
 
-    fn route(&mut self, key: u32, mut request: Request, now: Now) {
+    fn route(&mut self, key: ConnKey, mut request: Request, now: Now) {
         let upgrade = match request.websocket.take() {
             None => return self.plain_http(key, &request, now),
             Some(Err(e)) => return self.refuse_malformed(key, &e, now),
@@ -109,7 +106,7 @@ impl Hub {
             Ok((id, room))
         });
         match decided {
-            Ok((id, room)) => self.accept(key, &upgrade, id, room, echo, now),
+            Ok((id, room)) => self.open(key, &upgrade, id, room, echo, now),
             Err(r) => self.refuse(key, r, now),
         }
     }
@@ -134,7 +131,7 @@ impl Hub {
         let now_s = (now.unix.0.max(0) / 1000) as u64;
         match verifier.verify(&token, now_s) {
             Ok(Claims { sub, send, admin, attrs, level, .. }) => {
-                Ok(Identity { user: Some(sub), can_send: send, admin, attrs, level })
+                Ok(Identity { user: Some(UserId::new(&sub)), can_send: send, admin, attrs, level })
             }
             Err(e) => {
                 let message = format!("bad token: {}", e.reason());
@@ -143,10 +140,11 @@ impl Hub {
         }
     }
 
-    fn accept(&mut self, key: u32, upgrade: &Upgrade, id: Identity, room: Option<RoomName>, echo: bool, now: Now) {
+    /// Answers 101 and the welcome, and joins the room the URL named.
+    fn open(&mut self, key: ConnKey, upgrade: &Upgrade, id: Identity, room: Option<RoomName>, echo: bool, now: Now) {
         let idle = now.tick_after(self.cfg.idle_timeout_ms);
         let format = Format::from(upgrade.protocol);
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let conn = self.conns.get_mut(key);
         conn.state = State::Open;
         conn.flags |= flag::OPENED;
         conn.deadline = idle;
@@ -164,27 +162,23 @@ impl Hub {
                 }
             }
         }
-        self.websockets += 1;
+        self.conns.opened();
         self.counters.inc(Series::HandshakeOk);
         if let Some(user) = &id.user {
-            let u = self.users.add(user, key, id.level);
-            if let Some(conn) = self.conns.get_mut(key as usize) {
-                conn.user = u;
-            }
+            self.conns.get_mut(key).user = self.users.add(user, key, id.level);
         }
         if !self.enqueue_owned(key, wire::response_101(upgrade), now) || echo {
             return;
         }
         let welcome = Welcome {
-            conn_id: (u64::from(self.cfg.shard.0) << 32) | (u64::from(key) + 1),
-            user: id.user.unwrap_or_default(),
+            conn_id: (u64::from(self.cfg.shard.0) << 32) | (u64::from(key.0) + 1),
+            user: id.user.map(|u| u.as_str().to_owned()).unwrap_or_default(),
             heartbeat_ms: self.cfg.heartbeat_ms,
             server_ms: now.unix.0,
             room: room.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
         };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
-        if let Some(bytes) = self.encode_for(key, &frame)
-            && self.enqueue_owned(key, bytes, now)
+        if self.send_frame(key, &frame, now)
             && let Some(room) = room
         {
             self.join(key, &room, now);
@@ -192,7 +186,7 @@ impl Hub {
     }
 
     /// A request on the public listener that is not an upgrade: a short poll, or a 404.
-    fn plain_http(&mut self, key: u32, request: &Request, now: Now) {
+    fn plain_http(&mut self, key: ConnKey, request: &Request, now: Now) {
         self.counters.inc(Series::HttpRequests);
         let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
         match (request.method, segments.as_slice()) {
@@ -205,7 +199,7 @@ impl Hub {
     }
 
     /// `GET /v1/rooms/{room}/messages?after=SEQ&limit=N`: checked here, answered by the owner.
-    fn short_poll(&mut self, key: u32, room: &str, query: &str, now: Now) {
+    fn short_poll(&mut self, key: ConnKey, room: &str, query: &str, now: Now) {
         let parsed = poll_request(room, query, self.cfg.name_bytes_max, self.cfg.poll_limit_max);
         let (room, after, limit) = match parsed {
             Ok(p) => p,
@@ -215,34 +209,43 @@ impl Hub {
                 return self.http_answer(key, 400, &body, now);
             }
         };
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let conn = self.conns.get_mut(key);
         conn.state = State::Polling;
         conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
-        let from = self.cfg.shard;
-        self.ask_owner(&room.clone(), Mail::Poll { room, after, limit, from, conn: key }, now);
+        let from = self.at(key);
+        self.ask_owner(&room.clone(), OwnerMail::Poll { room, after, limit, from });
     }
 
-    /// The owner answered a short poll.
-    pub(super) fn poll_answered(&mut self, key: u32, status: u16, body: Vec<u8>, now: Now) {
-        if self.conns.get(key as usize).is_some_and(|c| c.state == State::Polling) {
-            self.counters.inc(Series::Polls);
-            self.http_answer(key, status, &body, now);
+    /// Where an owner's answer to this connection goes.
+    pub(super) fn at(&self, key: ConnKey) -> ConnAt {
+        ConnAt { shard: self.cfg.shard, conn: self.conns.id(key) }
+    }
+
+    /// The owner answered a short poll (or refused it: the way there was congested).
+    pub(super) fn poll_answered(&mut self, conn: ConnId, status: u16, body: &[u8], now: Now) {
+        let Some(key) = self.live(conn) else { return };
+        if self.conns.get(key).state != State::Polling {
+            // The poll timed out and the connection is ending.
+            self.counters.inc(Series::ReplyConnGone);
+            return;
         }
+        self.counters.inc(Series::Polls);
+        self.http_answer(key, status, body, now);
     }
 
     /// A JSON answer to a plain HTTP request, readable cross-origin by browsers, then close.
-    fn http_answer(&mut self, key: u32, status: u16, body: &[u8], now: Now) {
+    fn http_answer(&mut self, key: ConnKey, status: u16, body: &[u8], now: Now) {
         let headers = ["Cache-Control: no-store", "Access-Control-Allow-Origin: *"];
         let bytes = wire::http_response(status, "application/json", &headers, body);
         self.flush_then_close(key, bytes, now);
     }
 
-    fn refuse_malformed(&mut self, key: u32, e: &HandshakeError, now: Now) {
+    fn refuse_malformed(&mut self, key: ConnKey, e: &HandshakeError, now: Now) {
         self.counters.inc(handshake_series(e));
         self.flush_then_close(key, wire::refusal(e), now);
     }
 
-    fn refuse(&mut self, key: u32, r: Refusal, now: Now) {
+    fn refuse(&mut self, key: ConnKey, r: Refusal, now: Now) {
         self.counters.inc(r.series);
         let body = serde_json::json!({"error": r.message}).to_string();
         let bytes = wire::http_response(r.status, "application/json", &[], body.as_bytes());
@@ -250,9 +253,9 @@ impl Hub {
     }
 
     /// Sends a final HTTP answer, then closes (input from now on is discarded).
-    fn flush_then_close(&mut self, key: u32, bytes: Vec<u8>, now: Now) {
+    fn flush_then_close(&mut self, key: ConnKey, bytes: Vec<u8>, now: Now) {
         let deadline = now.tick_after(self.cfg.close_timeout_ms);
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let conn = self.conns.get_mut(key);
         conn.state = State::Flushing;
         conn.deadline = deadline;
         self.enqueue_owned(key, bytes, now);

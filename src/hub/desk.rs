@@ -1,0 +1,276 @@
+//! The owner's desk: mail for the rooms this shard owns, handled by `room::Owner` — publishes
+//! and client sends, presence and joins, polls, moderation, attributes, room info — and the
+//! block tick that cuts each dirty room's block, encodes it once, and addresses the same frame
+//! to every shard with members (this one included: the hub routes it). Answers go back as mail
+//! to the asking connection's shard, or on the API thread's reply channel.
+
+use super::mail::{ConnAt, HostMail, Mail, Origin, OwnerMail};
+use super::post::PostOffice;
+use crate::ids::{Now, ShardId, UserId};
+use crate::metrics::{Counters, Series};
+use crate::proto::Message;
+use crate::room::RoomName;
+use crate::room::moderation::{List, ModerationError};
+use crate::room::owner::{ModAction, Owner, OwnerConfig, PublishError, Published, Sender};
+
+/// A block waits for the last fan-out only when more than an eighth of the connections, plus
+/// this many, still wait for a send (a few slow readers must not hold blocks back).
+const BLOCK_BACKLOG_MIN: usize = 64;
+/// How often a waiting block looks again.
+const BLOCK_RETRY_MS: u64 = 5;
+/// A shard whose loop was busy this share of the time (in thousandths) is saturated.
+const BUSY_PERMILLE: u32 = 850;
+/// Owned rooms idle this long are forgotten (their seqs stay monotonic, see owner.rs).
+pub const ROOM_IDLE_MS: i64 = 60_000;
+
+/// How loaded the shard is, for the adaptive block tick.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load {
+    /// Connections with frames waiting for a send or a send in flight.
+    pub backlog: usize,
+    pub conns: usize,
+    /// The busiest shard's loop busy share lately, in thousandths.
+    pub busy_permille: u32,
+}
+
+/// What the desk needs from the config.
+#[derive(Clone, Debug)]
+pub struct DeskConfig {
+    pub block_interval_ms: u64,
+    pub block_wait_max_ms: u64,
+    pub owner: OwnerConfig,
+}
+
+/// The rooms this shard owns and their block schedule.
+pub struct Desk {
+    cfg: DeskConfig,
+    owner: Owner,
+    counters: Counters,
+    mail: Vec<(ShardId, Mail)>,
+    /// When the next block tick runs (later than `block_due_ms` while a block waits).
+    next_block_ms: u64,
+    /// When the next block is due by the interval.
+    block_due_ms: u64,
+    next_room_sweep_ms: u64,
+}
+
+impl Desk {
+    pub fn new(cfg: DeskConfig) -> Desk {
+        Desk {
+            owner: Owner::new(cfg.owner.clone()),
+            counters: Counters::default(),
+            mail: Vec::new(),
+            next_block_ms: cfg.block_interval_ms,
+            block_due_ms: cfg.block_interval_ms,
+            next_room_sweep_ms: ROOM_IDLE_MS as u64,
+            cfg,
+        }
+    }
+
+    /// Handles one request for a room this shard owns. `post` tells whether the way to another
+    /// shard is congested: an action that would mail every shard is then refused.
+    pub fn handle_mail(&mut self, mail: OwnerMail, now: Now, post: &PostOffice) {
+        match mail {
+            OwnerMail::Publish { room, msg, priority, reply } => {
+                let result = self.publish(&room, *msg, Sender::Api { priority }, now);
+                reply.send(result);
+            }
+            OwnerMail::Send { room, msg, user, weight, from } => {
+                if let Err(e) = self.publish(&room, *msg, Sender::Client { user, weight }, now) {
+                    let (code, reason) = e.code();
+                    self.refuse(from, u32::from(code), reason);
+                }
+            }
+            OwnerMail::Presence { room, from, members, json, left, left_users } => {
+                if !self.owner.presence(&room, from, (members, json), &left_users, left, now) {
+                    self.counters.inc(Series::DropNoRoom);
+                }
+            }
+            OwnerMail::Joined { room, from, user } => {
+                let frames = self.owner.joined(&room, user.as_ref(), now);
+                if !frames.is_empty() {
+                    self.mail.push((from.shard, HostMail::ToConn { room, conn: from.conn, frames }.into()));
+                }
+            }
+            OwnerMail::Poll { room, after, limit, from } => self.poll(&room, after, limit, from),
+            OwnerMail::Moderate { room, user, action, reason, origin } => {
+                self.moderate(room, user, action, reason, origin, now, post)
+            }
+            OwnerMail::SetAttr { room, key, value, origin } => {
+                let result = self.owner.set_attr(&room, &key, value.as_deref(), now);
+                if result.is_err() {
+                    self.counters.inc(Series::RefusedAttrs);
+                }
+                self.answer(origin, result, |e| (400, e.message()));
+            }
+            OwnerMail::AttrSync { room, after, from } => {
+                if let Some(frame) = self.owner.attr_sync(&room, after) {
+                    let frames = vec![std::sync::Arc::new(frame)];
+                    self.mail.push((from.shard, HostMail::ToConn { room, conn: from.conn, frames }.into()));
+                }
+            }
+            OwnerMail::RoomInfo { room, reply } => reply.send(self.owner.info(&room)),
+            OwnerMail::TopRooms { n, reply } => reply.send(self.owner.top(n)),
+            OwnerMail::ModerationList { room, reply } => reply.send(self.owner.moderation(&room, now.unix)),
+            OwnerMail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
+        }
+    }
+
+    fn publish(&mut self, room: &RoomName, msg: Message, sender: Sender, now: Now) -> Result<Published, PublishError> {
+        let result = self.owner.publish(room, msg, sender, now);
+        self.counters.inc(match &result {
+            Ok(p) if p.coalesced => Series::MessagesCoalesced,
+            Ok(_) => Series::MessagesIn,
+            Err(PublishError::Backlog) => Series::DropBacklog,
+            Err(PublishError::RoomsFull) => Series::DropNoRoom,
+            Err(PublishError::RateLimited) => Series::DropRate,
+            Err(PublishError::Muted) => Series::DropMuted,
+        });
+        result
+    }
+
+    fn poll(&mut self, room: &RoomName, after: u64, limit: usize, from: ConnAt) {
+        let (status, body) = match self.owner.poll(room, after, limit) {
+            Ok(body) => (200, body),
+            Err(e) => {
+                self.counters.inc(Series::RefusedPoll);
+                (400, serde_json::json!({"error": e.message()}).to_string().into_bytes())
+            }
+        };
+        self.mail.push((from.shard, HostMail::PollAnswer { conn: from.conn, status, body }.into()));
+    }
+
+    /// Applies a moderation action, then replicates bans and whitelist entries to every shard
+    /// and closes the user's connections in the room everywhere on kick and ban. Refused (503)
+    /// while the way to any shard is congested: those mails must not be dropped, so they are
+    /// not taken on.
+    #[allow(clippy::too_many_arguments)]
+    fn moderate(
+        &mut self,
+        room: RoomName,
+        user: UserId,
+        action: ModAction,
+        reason: std::sync::Arc<str>,
+        origin: Origin<Result<(), ModerationError>>,
+        now: Now,
+        post: &PostOffice,
+    ) {
+        let shards = self.cfg.owner.shards;
+        let congested = (0..shards).any(|s| post.is_congested(ShardId(s as u16)));
+        let result = if congested {
+            self.counters.inc(Series::MeshRefused);
+            Err(ModerationError::Busy)
+        } else {
+            self.owner.moderate(&room, user.as_str(), action, now)
+        };
+        if result.is_ok() {
+            let replicate = match action {
+                ModAction::Ban { until_ms } => Some((List::Ban, until_ms, true)),
+                ModAction::Unban => Some((List::Ban, None, false)),
+                ModAction::Whitelist => Some((List::Whitelist, None, true)),
+                ModAction::Unwhitelist => Some((List::Whitelist, None, false)),
+                ModAction::Kick | ModAction::Mute { .. } | ModAction::Unmute => None,
+            };
+            for s in 0..shards {
+                let to = ShardId(s as u16);
+                if let Some((list, until_ms, add)) = replicate {
+                    let (room, user) = (room.clone(), user.clone());
+                    self.mail.push((to, HostMail::Replicate { room, user, list, until_ms, add }.into()));
+                }
+                if matches!(action, ModAction::Kick | ModAction::Ban { .. }) {
+                    let kick = HostMail::Kick { room: room.clone(), user: user.clone(), reason: reason.clone() };
+                    self.mail.push((to, kick.into()));
+                }
+            }
+            self.counters.inc(Series::Moderations);
+        } else {
+            self.counters.inc(Series::RefusedModeration);
+        }
+        self.answer(origin, result, |e| (if e == ModerationError::Busy { 503 } else { 400 }, e.message()));
+    }
+
+    /// Sends an owner's answer: to the waiting API thread, or a refusal to a client.
+    fn answer<T, E: Copy>(&mut self, origin: Origin<Result<T, E>>, result: Result<T, E>, code: impl Fn(E) -> (u16, &'static str)) {
+        match (origin, result) {
+            (Origin::Api(reply), result) => reply.send(result),
+            (Origin::Conn(at), Err(e)) => {
+                let (c, reason) = code(e);
+                self.refuse(at, u32::from(c), reason);
+            }
+            (Origin::Conn(_), Ok(_)) => {}
+        }
+    }
+
+    fn refuse(&mut self, at: ConnAt, code: u32, reason: &'static str) {
+        self.mail.push((at.shard, HostMail::Refused { conn: at.conn, code, reason }.into()));
+    }
+
+    /// Milliseconds until `handle_timeout` has work.
+    pub fn next_timeout(&self, now: Now) -> u64 {
+        self.next_block_ms.saturating_sub(now.ms)
+    }
+
+    /// The block tick when due (adaptive, see `block_tick`), and now and then the sweep of
+    /// idle rooms.
+    pub fn handle_timeout(&mut self, now: Now, load: Load) {
+        if now.ms >= self.next_block_ms {
+            self.block_tick(now, load);
+        }
+        if now.ms >= self.next_room_sweep_ms {
+            self.owner.sweep(now.unix);
+            self.next_room_sweep_ms = now.ms + ROOM_IDLE_MS as u64 / 4;
+        }
+        self.counters.set(Series::RoomsOwned, self.owner.rooms() as u64);
+    }
+
+    /// The block tick, adaptive: while the shard is saturated — its loop (or another shard's)
+    /// had almost no idle time lately, or the last fan-out is still waiting to be written to a
+    /// good share of its connections — the next block waits (up to `block_wait_max_ms` past
+    /// its tick) and takes in what arrives meanwhile. Under load blocks grow instead of send
+    /// queues, so one send carries more messages and latency stays near the fan-out time.
+    fn block_tick(&mut self, now: Now, load: Load) {
+        let due = self.block_due_ms;
+        let busy = load.backlog > load.conns / 8 + BLOCK_BACKLOG_MIN || load.busy_permille >= BUSY_PERMILLE;
+        if busy && now.ms < due + self.cfg.block_wait_max_ms {
+            self.counters.inc(Series::BlocksDeferred);
+            self.next_block_ms = now.ms + BLOCK_RETRY_MS;
+            return;
+        }
+        self.cut_blocks(now);
+        self.block_due_ms = due + self.cfg.block_interval_ms;
+        if self.block_due_ms <= now.ms {
+            // Fell behind (a long turn or a wait): skip ticks rather than burst.
+            self.block_due_ms = now.ms + self.cfg.block_interval_ms;
+        }
+        self.next_block_ms = self.block_due_ms;
+    }
+
+    /// Cuts and encodes each dirty room's block once and addresses the frame to every shard
+    /// with members.
+    fn cut_blocks(&mut self, now: Now) {
+        let mail = &mut self.mail;
+        let stats = self.owner.tick(now, &mut |room, frame, members| {
+            for (shard, _) in members.iter().enumerate().filter(|&(_, &n)| n > 0) {
+                let deliver = HostMail::Deliver { room: room.clone(), frame: std::sync::Arc::clone(frame) };
+                mail.push((ShardId(shard as u16), deliver.into()));
+            }
+        });
+        let c = &mut self.counters;
+        c.add(Series::BlocksCut, stats.blocks);
+        c.add(Series::MessagesOut, stats.messages);
+        c.add(Series::DropOverflow, stats.dropped_overflow);
+        c.add(Series::DropExpired, stats.dropped_expired);
+        c.add(Series::AttrFrames, stats.attr_frames);
+        c.add(Series::MessagesIn, stats.presence_added);
+        c.add(Series::MessagesCoalesced, stats.presence_coalesced);
+    }
+
+    /// Moves the mail gathered since the last call to `out`.
+    pub fn take_mail(&mut self, out: &mut Vec<(ShardId, Mail)>) {
+        out.append(&mut self.mail);
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}

@@ -1,0 +1,447 @@
+//! The host side of a shard: its connections and what they are in. The parts: the connection
+//! table (`conns`), the local room and user indexes (`rooms`, `users`), the outbox of frames
+//! and send queues (`outbox`), the partial-input budget (`intake`) and the moderation replicas
+//! (`replicas`). The walk of a connection's bytes: `upgrade` (the HTTP request: accept, refuse
+//! or answer a short poll) → `session` (WebSocket frames: join, send, ...; requests leave as
+//! mail to the room's owner) → `fanout` (mail arriving for members: blocks, direct, broadcast,
+//! kicks, answers) → the outbox → `poll_send`, one send per connection.
+//!
+//! Sans-IO. The driver calls, per completion: `accept`, `recv`, `eof`, `sent`, `release`; and
+//! takes work with `poll_ready` + `poll_send` (frames to write) and `poll_close` (connections
+//! to cancel, close and release). Keys it passes are of connections it holds; anything else is
+//! a driver bug and fails an assertion.
+
+mod conn;
+mod conns;
+mod fanout;
+mod intake;
+mod outbox;
+mod replicas;
+mod rooms;
+mod session;
+mod upgrade;
+mod users;
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+
+use self::conn::State;
+use self::conns::Conns;
+use self::intake::Intake;
+use self::outbox::{FrameId, Outbox, Pushed};
+use self::replicas::Replicas;
+use self::rooms::Rooms;
+use self::users::{UserKey, Users};
+use super::HubConfig;
+use super::mail::{Mail, OwnerMail};
+use super::post::PostOffice;
+use crate::auth::Verifier;
+use crate::ids::{ConnKey, Now, ShardId};
+use crate::metrics::{Counters, Series};
+use crate::room::RoomName;
+use crate::room::frames::Class;
+use crate::room::limit::TokenBucket;
+use crate::room::moderation::List;
+use crate::wire::CloseCode;
+
+pub use self::upgrade::WS_PATH;
+
+/// Timeouts are checked by sweeping a tenth of the connections every 100 ms.
+const SWEEP_EVERY_MS: u64 = 100;
+const SWEEP_SLICES: usize = 10;
+/// Expired moderation replicas are dropped this often.
+const REPLICA_SWEEP_MS: u64 = 15_000;
+
+/// One shard's connections, indexes and outgoing frames.
+pub struct Host {
+    cfg: HubConfig,
+    verifier: Option<Verifier>,
+    conns: Conns,
+    intake: Intake,
+    rooms: Rooms,
+    users: Users,
+    outbox: Outbox,
+    replicas: Replicas,
+    /// Send-rate state of connections that sent recently (8 B each; idle viewers hold none).
+    send_buckets: HashMap<ConnKey, TokenBucket>,
+    /// The connection whose read is being handled, and the replies gathered for it: they leave
+    /// as one queued frame, so a burst of small client frames costs one queue slot.
+    replying: Option<ConnKey>,
+    replies: Vec<u8>,
+    counters: Counters,
+    /// Mail to room owners (this shard's own included), taken by the hub after each call.
+    mail: Vec<(ShardId, Mail)>,
+    next_sweep_ms: u64,
+    next_replica_sweep_ms: u64,
+    stopping: bool,
+}
+
+impl Host {
+    pub fn new(cfg: HubConfig) -> Host {
+        let verifier = (!cfg.jwt_secret.is_empty()).then(|| Verifier::new(&cfg.jwt_secret, cfg.jwt_leeway_s));
+        Host {
+            verifier,
+            conns: Conns::new(cfg.conns_max),
+            intake: Intake::new(cfg.partial_bytes_max),
+            rooms: Rooms::new(cfg.rooms_max),
+            users: Users::default(),
+            outbox: Outbox::default(),
+            replicas: Replicas::default(),
+            send_buckets: HashMap::new(),
+            replying: None,
+            replies: Vec::new(),
+            counters: Counters::default(),
+            mail: Vec::new(),
+            next_sweep_ms: SWEEP_EVERY_MS,
+            next_replica_sweep_ms: REPLICA_SWEEP_MS,
+            stopping: false,
+            cfg,
+        }
+    }
+
+    // ---- the driver's calls ----
+
+    /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
+    pub fn accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
+        self.counters.inc(Series::Accepted);
+        let id = if self.stopping { None } else { self.conns.insert(io, now.tick_after(self.cfg.handshake_timeout_ms)) };
+        if id.is_none() {
+            self.counters.inc(Series::RefusedFull);
+        }
+        id.map(|id| id.key)
+    }
+
+    /// Bytes received on a connection (the driver's buffer, ours until we return).
+    pub fn recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
+        self.counters.add(Series::BytesIn, data.len() as u64);
+        self.replying = Some(key);
+        let conn = self.conns.get_mut(key);
+        match conn.state {
+            State::Handshake => self.read_handshake(key, data, now),
+            State::Open => {
+                conn.deadline = now.tick_after(self.cfg.idle_timeout_ms);
+                self.read_frames(key, data, now);
+            }
+            State::Closing => self.read_frames(key, data, now),
+            // Input after our final answer, or while the owner answers a poll: discarded.
+            State::Flushing | State::Polling | State::Terminating => {}
+        }
+        self.flush_replies(now);
+    }
+
+    /// The peer closed its side, or reading failed: nothing more will arrive.
+    pub fn eof(&mut self, key: ConnKey) {
+        match self.conns.get(key).state {
+            State::Terminating => {}
+            State::Closing | State::Flushing => self.terminate(key, None),
+            State::Handshake | State::Open | State::Polling => self.terminate(key, Some(Series::ClosedPeer)),
+        }
+    }
+
+    /// Next connection with frames to send and no send in flight.
+    pub fn poll_ready(&mut self) -> Option<ConnKey> {
+        self.conns.pop_ready()
+    }
+
+    /// Fills `iov` with the frames one send should write to `key` and marks them in flight;
+    /// returns how many (0: nothing to send now). The bytes stay alive and unmoved until
+    /// `sent` for this connection.
+    pub fn poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
+        let conn = self.conns.get_mut(key);
+        if conn.state == State::Terminating || conn.queue.is_empty() || conn.queue.in_flight() {
+            return 0;
+        }
+        let format = conn.format();
+        let n = self.outbox.gather(&mut conn.queue, format, iov);
+        if n > 0 {
+            self.conns.send_started();
+            self.counters.inc(Series::Sends);
+            self.counters.add(Series::FramesOut, n as u64);
+        }
+        n
+    }
+
+    /// A send completed: `result` is bytes written or a negative errno.
+    pub fn sent(&mut self, key: ConnKey, result: i32) {
+        self.conns.send_ended();
+        let conn = self.conns.get_mut(key);
+        assert!(conn.queue.in_flight(), "{key:?}: a send completed with none in flight");
+        let format = conn.format();
+        if result < 0 {
+            self.outbox.abort(&mut conn.queue);
+            if conn.state != State::Terminating {
+                self.terminate(key, Some(Series::ClosedError));
+            }
+            return;
+        }
+        self.counters.add(Series::BytesOut, result as u64);
+        self.outbox.sent(&mut conn.queue, format, result as usize);
+        if conn.queue.is_empty() {
+            // Caught up: no longer behind, whatever was shed before.
+            conn.behind_since = 0;
+        }
+        match conn.state {
+            State::Terminating => self.outbox.clear(&mut conn.queue),
+            _ if !conn.queue.is_empty() => self.conns.mark_ready(key),
+            State::Flushing => self.terminate(key, None),
+            State::Handshake | State::Open | State::Closing | State::Polling => {}
+        }
+    }
+
+    /// The next connection ended by the hub: the driver cancels its operations, closes the
+    /// socket and calls `release` once nothing of its is in flight.
+    pub fn poll_close(&mut self) -> Option<ConnKey> {
+        self.conns.pop_closing()
+    }
+
+    /// The driver has closed an ended connection and none of its operations is pending:
+    /// forget it. Its queued frames are freed here, so a send still writing them would read
+    /// freed memory: that is asserted, not assumed.
+    pub fn release(&mut self, key: ConnKey) {
+        let mut conn = self.conns.remove(key);
+        assert_eq!(conn.state, State::Terminating, "{key:?} released before it ended");
+        assert!(!conn.queue.in_flight(), "{key:?} released with a send in flight");
+        self.outbox.abort(&mut conn.queue);
+        self.outbox.clear(&mut conn.queue);
+        assert!(conn.queue.is_empty());
+    }
+
+    /// The driver's handle of a connection.
+    pub fn io(&self, key: ConnKey) -> u64 {
+        self.conns.get(key).io
+    }
+
+    pub fn set_io(&mut self, key: ConnKey, io: u64) {
+        self.conns.get_mut(key).io = io;
+    }
+
+    // ---- time and the end of a turn ----
+
+    /// Milliseconds until `handle_timeout` has work.
+    pub fn next_timeout(&self, now: Now) -> u64 {
+        self.next_sweep_ms.saturating_sub(now.ms)
+    }
+
+    /// Sweeps a slice of the connections for expired deadlines and slow readers; now and then
+    /// drops expired moderation replicas.
+    pub fn handle_timeout(&mut self, now: Now) {
+        if now.ms >= self.next_sweep_ms {
+            self.sweep(now);
+            self.next_sweep_ms = now.ms + SWEEP_EVERY_MS;
+        }
+        if now.ms >= self.next_replica_sweep_ms {
+            self.replicas.sweep(now.unix.0);
+            self.next_replica_sweep_ms = now.ms + REPLICA_SWEEP_MS;
+        }
+    }
+
+    /// End of a turn: tell owners about membership changes (held while the way to an owner is
+    /// congested: the room stays dirty and reports later) and refresh gauges.
+    pub fn end_turn(&mut self, post: &PostOffice) {
+        let shards = self.cfg.shards;
+        let me = self.cfg.shard;
+        let hold = |room: &RoomName| {
+            let owner = room.owner(shards);
+            owner != me && post.is_congested(owner)
+        };
+        let mail = &mut self.mail;
+        self.rooms.flush_presence(&hold, &mut |p| {
+            let report = OwnerMail::Presence {
+                room: p.room.clone(),
+                from: me,
+                members: p.members,
+                json: p.json,
+                left: p.left,
+                left_users: p.left_users,
+            };
+            mail.push((p.room.owner(shards), report.into()));
+        });
+        let c = &mut self.counters;
+        c.set(Series::Connections, self.conns.len() as u64);
+        c.set(Series::ConnectionsOpen, self.conns.websockets());
+        c.set(Series::RoomsLocal, self.rooms.len() as u64);
+        c.set(Series::PartialBytes, self.intake.bytes() as u64);
+    }
+
+    /// Moves the mail gathered since the last call to `out`.
+    pub fn take_mail(&mut self, out: &mut Vec<(ShardId, Mail)>) {
+        out.append(&mut self.mail);
+    }
+
+    // ---- what the hub and tests read ----
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// Connections waiting for a send or with one in flight, and connections in all: the
+    /// owner's blocks wait while the last fan-out is still being written to many.
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.conns.ready_len() + self.conns.sends_in_flight(), self.conns.len())
+    }
+
+    pub fn sends_in_flight(&self) -> usize {
+        self.conns.sends_in_flight()
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.conns.ready_len() > 0
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Frames queued to a connection, in flight included.
+    pub fn queue_len(&self, key: ConnKey) -> usize {
+        self.conns.get(key).queue.len()
+    }
+
+    /// Frames stored in the outbox, each held by at least one queue.
+    pub fn outbox_frames(&self) -> usize {
+        self.outbox.frames()
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    // ---- shared by upgrade, session and fanout ----
+
+    /// Walks a slice of the connections and acts on expired deadlines and slow readers.
+    fn sweep(&mut self, now: Now) {
+        let tick = now.tick();
+        let slow_ticks = self.cfg.slow_consumer_ms.div_ceil(100) as u32;
+        for key in self.conns.sweep_slice(SWEEP_SLICES) {
+            let Some(conn) = self.conns.try_get(key) else { continue };
+            if conn.behind_longer_than(slow_ticks, tick) {
+                self.slow_consumer(key, now);
+                continue;
+            }
+            if conn.deadline == 0 || conn.deadline > tick {
+                continue;
+            }
+            match conn.state {
+                State::Handshake | State::Polling => {
+                    self.counters.inc(Series::HsTimeout);
+                    self.terminate(key, None);
+                }
+                State::Open => self.close(key, CloseCode::GOING_AWAY, "idle timeout", Series::ClosedIdle, now),
+                State::Closing | State::Flushing => self.terminate(key, Some(Series::ClosedCloseTimeout)),
+                State::Terminating => {}
+            }
+        }
+    }
+
+    /// Queues the replies gathered for the connection whose read is being handled.
+    fn flush_replies(&mut self, now: Now) {
+        let Some(key) = self.replying.take() else { return };
+        if self.replies.is_empty() {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.replies);
+        if self.conns.get(key).state != State::Terminating {
+            let id = self.outbox.add_owned(bytes, Class::Keep);
+            self.enqueue(key, id, now);
+        }
+    }
+
+    /// Queues a frame to one connection, shedding lower frames if its queue is full. Returns
+    /// false when the frame was not queued.
+    fn enqueue(&mut self, key: ConnKey, frame: FrameId, now: Now) -> bool {
+        let max = self.cfg.send_queue_frames_max;
+        let conn = self.conns.get_mut(key);
+        let pushed = self.outbox.push(&mut conn.queue, frame, max);
+        self.outbox.forget_if_unused(frame);
+        if pushed != Pushed::Queued {
+            self.counters.inc(Series::FramesDropped);
+            conn.fell_behind(now.tick());
+        }
+        match pushed {
+            Pushed::Queued | Pushed::DroppedOldest => {
+                self.conns.mark_ready(key);
+                true
+            }
+            Pushed::DroppedNew => false,
+            Pushed::Full => {
+                self.slow_consumer(key, now);
+                false
+            }
+        }
+    }
+
+    /// Queues bytes built for one connection (never dropped for a later frame). During the
+    /// connection's own read they join its gathered replies.
+    fn enqueue_owned(&mut self, key: ConnKey, bytes: Vec<u8>, now: Now) -> bool {
+        if self.replying == Some(key) {
+            self.replies.extend_from_slice(&bytes);
+            return true;
+        }
+        let id = self.outbox.add_owned(bytes, Class::Keep);
+        self.enqueue(key, id, now)
+    }
+
+    /// Encodes a server frame for one connection in its format and queues it.
+    fn send_frame(&mut self, key: ConnKey, frame: &crate::proto::ServerFrame, now: Now) -> bool {
+        let bytes = crate::envelope::encode(frame, self.conns.get(key).format());
+        self.enqueue_owned(key, bytes, now)
+    }
+
+    /// A reader that cannot keep up: closed (it would only fall further behind), unless its
+    /// user is whitelisted in its room, who is never auto-kicked and just keeps shedding.
+    fn slow_consumer(&mut self, key: ConnKey, now: Now) {
+        let conn = self.conns.get(key);
+        let user = self.users.id(conn.user);
+        let room = self.rooms.get(conn.room).map(|r| &r.name);
+        if let (Some(user), Some(room)) = (user, room)
+            && self.replicas.contains(room, List::Whitelist, user, now.unix.0)
+        {
+            return;
+        }
+        self.terminate(key, Some(Series::ClosedSlow));
+    }
+
+    /// Ends a connection now: out of its room and user index, queue dropped (but what is in
+    /// flight), and handed to the driver to close.
+    fn terminate(&mut self, key: ConnKey, reason: Option<Series>) {
+        let conn = self.conns.get_mut(key);
+        if conn.state == State::Terminating {
+            return;
+        }
+        let opened = conn.has(conn::flag::OPENED);
+        conn.state = State::Terminating;
+        conn.deadline = 0;
+        let held = conn.reader.buffered_bytes();
+        conn.reader.reset();
+        self.outbox.clear(&mut conn.queue);
+        self.intake.account(held, 0);
+        if opened {
+            self.conns.closed_websocket();
+        }
+        if let Some(r) = reason {
+            self.counters.inc(r);
+        }
+        self.intake.take_head(key);
+        self.send_buckets.remove(&key);
+        self.leave_room(key);
+        self.leave_user(key);
+        self.conns.push_closing(key);
+    }
+
+    fn leave_user(&mut self, key: ConnKey) {
+        let conn = self.conns.get_mut(key);
+        let user = std::mem::replace(&mut conn.user, UserKey::NONE);
+        if user != UserKey::NONE {
+            self.users.remove(user, key);
+        }
+    }
+
+    /// Mail to a room's owner (this shard's included: the hub routes it).
+    fn ask_owner(&mut self, room: &RoomName, mail: OwnerMail) {
+        self.mail.push((room.owner(self.cfg.shards), mail.into()));
+    }
+}
