@@ -112,6 +112,10 @@ config! {
         /// its oldest non-whitelist frames first, and is closed (and counted) when only
         /// undroppable frames are left. Bounds a stalled reader's memory to this many frames.
         send_queue_frames_max: u32 = 16, send_queue_frames_max, "BARRAGE_SEND_QUEUE_FRAMES_MAX";
+        /// At stop (SIGTERM), how long a shard waits for its connections to finish their close
+        /// handshakes before it ends anyway. Whatever it then has on its rings is cancelled and
+        /// awaited before its memory is freed.
+        stop_grace_ms: u64 = 4_000, stop_grace_ms, "BARRAGE_STOP_GRACE_MS";
     }
 
     /// WebSocket handshake and framing limits.

@@ -70,7 +70,7 @@ impl Gateway {
             // slots are being recycled.
             rings_max: per_shard.div_ceil((files_max - crate::shard::accept_margin(files_max)).max(1) as usize) + 1,
             sendmsg_slots_max: per_shard.clamp(256, 16_384),
-            stop_grace: Duration::from_millis(config.websocket.close_timeout_ms + 1000),
+            stop_grace: Duration::from_millis(config.server.stop_grace_ms),
         };
         let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();

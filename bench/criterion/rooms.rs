@@ -6,11 +6,12 @@ use std::io::IoSlice;
 use std::sync::Arc;
 
 use barrage::envelope::Format;
-use barrage::hub::outbox::{Outbox, Queue};
+use barrage::hub::host::outbox::{Outbox, Queue};
 use barrage::ids::UnixMs;
-use barrage::proto::{Message, Priority};
+use barrage::proto::Message;
+use barrage::room::Priority;
 use barrage::room::RoomName;
-use barrage::room::frames::{self, Class};
+use barrage::room::frames::{self, BlockKind, Class};
 use barrage::room::mixer::{Mixer, MixerLimits};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -20,7 +21,7 @@ fn message(i: u64) -> Message {
         room: "live:1".into(),
         seq: 1_000_000 + i,
         r#type: "chat".into(),
-        priority: [Priority::Low, Priority::High, Priority::Whitelist][(i % 3) as usize] as i32,
+        priority: priority(i).wire(),
         weight: (i % 7) as i32,
         sender: format!("user{i}"),
         created_ms: 1_795_000_000_000,
@@ -29,17 +30,21 @@ fn message(i: u64) -> Message {
     }
 }
 
+fn priority(i: u64) -> Priority {
+    [Priority::Low, Priority::High, Priority::Whitelist][(i % 3) as usize]
+}
+
 fn mixer(c: &mut Criterion) {
     let limits = MixerLimits { block_messages_max: 20, pending_messages_max: 1000 };
     let mut g = c.benchmark_group("mixer");
     g.throughput(Throughput::Elements(200));
     g.bench_function("push 200, cut a block of 20", |b| {
         b.iter_batched(
-            || (0..200).map(message).collect::<Vec<_>>(),
+            || (0..200).map(|i| (message(i), priority(i))).collect::<Vec<_>>(),
             |msgs| {
                 let mut m = Mixer::default();
-                for msg in msgs {
-                    m.push(msg, &limits).unwrap();
+                for (msg, p) in msgs {
+                    m.push(msg, p, &limits).unwrap();
                 }
                 black_box(m.cut(1_795_000_000_000, &limits))
             },
@@ -52,13 +57,14 @@ fn mixer(c: &mut Criterion) {
 fn block_encoding(c: &mut Criterion) {
     let room = RoomName::parse("live:1", 64).unwrap();
     let messages: Vec<Message> = (0..20).map(message).collect();
-    let bytes = frames::block(&room, messages.clone(), 500_000, UnixMs(0), true, false);
+    let live = BlockKind::Live { top: Priority::Whitelist };
+    let bytes = frames::block(&room, messages.clone(), live, 500_000, UnixMs(0), true);
     let mut g = c.benchmark_group("block");
     g.throughput(Throughput::Bytes((bytes.proto.len() + bytes.json.as_ref().map_or(0, |j| j.len())) as u64));
     g.bench_function("encode 20 x 100 B once, protobuf + JSON", |b| {
         b.iter_batched(
             || messages.clone(),
-            |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), true, false)),
+            |m| black_box(frames::block(&room, m, live, 500_000, UnixMs(0), true)),
             BatchSize::SmallInput,
         )
     });
@@ -66,7 +72,7 @@ fn block_encoding(c: &mut Criterion) {
     g.bench_function("encode 20 x 100 B once, protobuf only", |b| {
         b.iter_batched(
             || messages.clone(),
-            |m| black_box(frames::block(&room, m, 500_000, UnixMs(0), false, false)),
+            |m| black_box(frames::block(&room, m, live, 500_000, UnixMs(0), false)),
             BatchSize::SmallInput,
         )
     });

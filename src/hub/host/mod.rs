@@ -15,7 +15,7 @@ mod conn;
 mod conns;
 mod fanout;
 mod intake;
-mod outbox;
+pub mod outbox;
 mod replicas;
 mod rooms;
 mod session;
