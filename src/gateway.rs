@@ -18,6 +18,10 @@ use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
 
+/// Sendmsg slots (multi-frame sends in flight) per shard at most: 16,384 × ~300 B = 5 MiB.
+const SENDMSG_SLOTS_PER_SHARD: usize = 16_384;
+const _: () = assert!(SENDMSG_SLOTS_PER_SHARD <= crate::shard::SENDMSG_SLOTS_MAX, "a slot index fits user_data");
+
 /// A running gateway.
 pub struct Gateway {
     mesh: Arc<Mesh>,
@@ -54,6 +58,16 @@ impl Gateway {
         let shards = config.shard_count();
         let files_max = ring_files_max(config)?;
         let per_shard = config.server.connections_max.div_ceil(shards);
+        // Accepts fill a ring to its margin; one spare ring so accepting can move on while
+        // slots are being recycled.
+        let rings_max = per_shard.div_ceil((files_max - crate::shard::accept_margin(files_max)).max(1) as usize) + 1;
+        if rings_max > crate::shard::RINGS_MAX {
+            return Err(StartError(format!(
+                "server.connections_max needs {rings_max} rings of {files_max} descriptors per shard; a shard \
+                 drives at most {} (raise server.ring_files_max or server.shards)",
+                crate::shard::RINGS_MAX
+            )));
+        }
         let (listen, _port_hold) = resolve_port(config.server.listen)?;
         let params = ShardParams {
             listen,
@@ -66,10 +80,8 @@ impl Gateway {
                 recv_buffer_bytes: config.server.recv_buffer_bytes,
             },
             read_mode: config.server.read_mode,
-            // Accepts fill a ring to its margin; one spare ring so accepting can move on while
-            // slots are being recycled.
-            rings_max: per_shard.div_ceil((files_max - crate::shard::accept_margin(files_max)).max(1) as usize) + 1,
-            sendmsg_slots_max: per_shard.clamp(256, 16_384),
+            rings_max,
+            sendmsg_slots_max: per_shard.clamp(256, SENDMSG_SLOTS_PER_SHARD),
             stop_grace: Duration::from_millis(config.server.stop_grace_ms),
         };
         let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;

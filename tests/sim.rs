@@ -44,9 +44,9 @@ use barrage::proto::{
     AttrSync, Attrs, Block, Broadcast, ClientFrame, Direct, Join, Leave, Message, Ping, Send, ServerFrame,
     client_frame, server_frame,
 };
-use barrage::room::{Priority, RoomName};
 use barrage::room::frames::{Class, SharedFrame};
 use barrage::room::owner::{ModAction, PublishError, Published, RoomInfo};
+use barrage::room::{Priority, RoomName};
 use barrage::shard::sendmsg::FRAMES_PER_SEND;
 use prost::Message as _;
 

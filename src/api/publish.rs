@@ -63,9 +63,8 @@ impl Routes {
         let (msg, class) = self.stamped(req)?;
         let (id, frame) = (msg.id, shared(server_frame::Frame::Direct(Direct { message: Some(msg) }), class));
         let user = UserId::new(&user);
-        let n = self.to_every_shard(|reply| {
-            HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply }.into()
-        })?;
+        let n = self
+            .to_every_shard(|reply| HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply }.into())?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 
@@ -80,7 +79,8 @@ impl Routes {
     /// priority are stamped here (no owner).
     fn stamped(&self, req: &Request) -> Result<(Message, Class), Response> {
         let (mut msg, priority) = self.message(req)?;
-        let priority = priority.unwrap_or_else(|| self.types.get(msg.r#type.as_str()).copied().unwrap_or_default().priority);
+        let priority =
+            priority.unwrap_or_else(|| self.types.get(msg.r#type.as_str()).copied().unwrap_or_default().priority);
         msg.priority = priority.wire();
         let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         msg.id = (API_ID_SOURCE << 48) | (n & 0xFFFF_FFFF_FFFF);

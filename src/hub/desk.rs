@@ -190,7 +190,12 @@ impl Desk {
     }
 
     /// Sends an owner's answer: to the waiting API thread, or a refusal to a client.
-    fn answer<T, E: Copy>(&mut self, origin: Origin<Result<T, E>>, result: Result<T, E>, code: impl Fn(E) -> (u16, &'static str)) {
+    fn answer<T, E: Copy>(
+        &mut self,
+        origin: Origin<Result<T, E>>,
+        result: Result<T, E>,
+        code: impl Fn(E) -> (u16, &'static str),
+    ) {
         match (origin, result) {
             (Origin::Api(reply), result) => reply.send(result),
             (Origin::Conn(at), Err(e)) => {

@@ -140,7 +140,6 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
     }
 }
 
-
 /// One shard's connections, owned rooms and outgoing mail.
 pub struct Hub {
     shard: ShardId,

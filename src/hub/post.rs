@@ -140,11 +140,20 @@ mod tests {
         }
         // The inbox takes one, then is full.
         let mut inbox = Vec::new();
-        let f = post.flush(&mut |_, m| if inbox.is_empty() { Ok(inbox.push(label(&m))) } else { Err(m) });
+        let f = post.flush(&mut |_, m| {
+            if !inbox.is_empty() {
+                return Err(m);
+            }
+            inbox.push(label(&m));
+            Ok(())
+        });
         assert_eq!((f.sent, f.shed, post.waiting()), (1, 0, 2));
         assert!(!post.is_congested(to));
         post.post(to, kick("d"));
-        post.flush(&mut |_, m| Ok(inbox.push(label(&m))));
+        post.flush(&mut |_, m| {
+            inbox.push(label(&m));
+            Ok(())
+        });
         assert_eq!(inbox, ["k:a", "k:b", "k:c", "k:d"], "nothing lost, nothing reordered");
         assert_eq!(post.waiting(), 0);
     }
@@ -165,7 +174,10 @@ mod tests {
         assert_eq!(f.shed, 3);
         assert!(post.is_congested(to), "at its bound: new requests are refused");
         let mut left = Vec::new();
-        post.flush(&mut |_, m| Ok(left.push(label(&m))));
+        post.flush(&mut |_, m| {
+            left.push(label(&m));
+            Ok(())
+        });
         assert_eq!(left, ["k:a", "d:3", "k:b", "k:c"]);
         assert!(!post.is_congested(to), "drained");
     }

@@ -276,9 +276,8 @@ fn with_an_inbox_full_no_kick_or_ban_replica_is_lost() {
         let again = upgrade(&mut host, &users[i], &room, now);
         let mut out2 = HashMap::new();
         drain_sends(&mut host, &mut out2, now);
-        let refused = server_frames(&out2[&again])
-            .iter()
-            .any(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 403));
+        let refused =
+            server_frames(&out2[&again]).iter().any(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 403));
         assert!(refused, "{}'s ban was replicated", users[i]);
     }
 }
@@ -295,7 +294,12 @@ fn a_congested_way_refuses_new_requests_from_clients() {
     // The owner's inbox refuses everything: the join report stays, the way is congested.
     host.flush_mail(&mut |_, m| Err(m));
     client_frame(&mut host, key, client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec() }), now);
-    client_frame(&mut host, key, client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string() }), now);
+    client_frame(
+        &mut host,
+        key,
+        client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string() }),
+        now,
+    );
     let mut out = HashMap::new();
     drain_sends(&mut host, &mut out, now);
     let refusals = server_frames(&out[&key])

@@ -6,8 +6,8 @@ use crate::envelope::{self, Format};
 use crate::ids::UnixMs;
 use crate::proto::{AttrEntry, Attrs, Block, Message, ServerFrame, server_frame};
 
-use super::{Priority, RoomName};
 use super::attrs::{AttrLog, Change, Since};
+use super::{Priority, RoomName};
 
 /// How much a queued frame matters to a slow reader: lower classes are dropped first, `Keep`
 /// frames never (a reader that cannot take them is closed instead).
@@ -75,7 +75,14 @@ fn server(frame: server_frame::Frame) -> ServerFrame {
 }
 
 /// A block of newly cut messages, or of history for a joining client.
-pub fn block(room: &RoomName, messages: Vec<Message>, kind: BlockKind, online: u64, now: UnixMs, json: bool) -> SharedFrame {
+pub fn block(
+    room: &RoomName,
+    messages: Vec<Message>,
+    kind: BlockKind,
+    online: u64,
+    now: UnixMs,
+    json: bool,
+) -> SharedFrame {
     let (class, backfill) = match kind {
         BlockKind::Live { top } => (Class::from(top), false),
         BlockKind::Backfill => (Class::Keep, true),

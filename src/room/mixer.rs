@@ -428,7 +428,10 @@ mod tests {
         prop_assert!(order.windows(2).all(|w| w[0] >= w[1]), "out of order: {:?}", order);
         prop_assert_eq!(cut.carried, m.pending_len());
         prop_assert!(m.pending.iter().all(|p| p.priority == Priority::Whitelist));
-        prop_assert_eq!(cut.top, cut.messages.iter().filter_map(|m| Priority::from_wire(m.priority)).max().unwrap_or_default());
+        prop_assert_eq!(
+            cut.top,
+            cut.messages.iter().filter_map(|m| Priority::from_wire(m.priority)).max().unwrap_or_default()
+        );
         seen.dropped += cut.dropped_overflow + cut.dropped_expired;
         Ok(())
     }

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::Priority;
 use super::RoomName;
 use super::attrs::{AttrError, AttrLimits, AttrLog};
 use super::frames::{self, BlockKind, SharedFrame};
@@ -14,7 +15,6 @@ use super::history::{History, PollError};
 use super::limit::{Rate, TokenBucket};
 use super::mixer::{Mixer, MixerLimits, Pushed, Refused};
 use super::moderation::{Entry, List, Moderation, ModerationError, ModerationLimits};
-use super::Priority;
 use crate::config::TypeDefaults;
 use crate::ids::{Now, ShardId, UnixMs, UserId};
 use crate::proto::Message;

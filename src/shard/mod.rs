@@ -588,13 +588,8 @@ impl ShardIo {
     /// Poll mode: a one-shot receive completed. Read again while the socket has more.
     fn received_once(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: Cqe, now: Now) -> io::Result<()> {
         let res = cqe.result;
-        if res > 0
-            && let Some(bid) = cqe.buffer()
-        {
-            if let Some(data) = self.rings[r].buffer(bid, res as usize) {
-                hub.handle_recv(key, data, now);
-            }
-            self.rings[r].recycle(bid);
+        if res > 0 {
+            self.deliver(hub, r, key, &cqe, now);
         } else if res == -libc::ENOBUFS {
             hub.count(Series::RecvNoBuffers);
         } else if res != -libc::EAGAIN {
@@ -617,12 +612,7 @@ impl ShardIo {
     fn received(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: Cqe, now: Now) -> io::Result<()> {
         let res = cqe.result;
         if res > 0 {
-            if let Some(bid) = cqe.buffer() {
-                if let Some(data) = self.rings[r].buffer(bid, res as usize) {
-                    hub.handle_recv(key, data, now);
-                }
-                self.rings[r].recycle(bid);
-            }
+            self.deliver(hub, r, key, &cqe, now);
         } else if res == -libc::ENOBUFS {
             hub.count(Series::RecvNoBuffers);
         } else {
@@ -641,6 +631,18 @@ impl ShardIo {
         }
         hub.set_io(key, io.0);
         self.finish_if_idle(hub, key, io)
+    }
+
+    /// Hands the bytes a receive put in a provided buffer to the hub, and the buffer back.
+    fn deliver(&mut self, hub: &mut Hub, r: usize, key: ConnKey, cqe: &Cqe, now: Now) {
+        // A receive with buffer selection that returned bytes names the buffer it filled, within
+        // the ring's buffers and their size: anything else is a kernel (or ring setup) bug.
+        let Some(bid) = cqe.buffer() else { panic!("a receive of {} bytes without a buffer", cqe.result) };
+        let Some(data) = self.rings[r].buffer(bid, cqe.result as usize) else {
+            panic!("buffer {bid} does not hold the {} bytes received", cqe.result)
+        };
+        hub.handle_recv(key, data, now);
+        self.rings[r].recycle(bid);
     }
 
     /// Closes the socket and releases the connection once it is ending and nothing is pending.

@@ -70,9 +70,9 @@ impl Conns {
         }
     }
 
-    /// The connection at a key if one is there (the broadcast walk visits every slot).
-    pub fn try_get_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
-        self.slab.get_mut(key.index())
+    /// Whether a slot holds a connection (walks over every slot).
+    pub fn contains(&self, key: ConnKey) -> bool {
+        self.slab.contains(key.index())
     }
 
     /// The key of a connection named in mail, if it is still the same connection.

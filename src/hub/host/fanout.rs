@@ -29,9 +29,9 @@ struct Fan<'a> {
 }
 
 impl Fan<'_> {
-    /// Queues the frame to one open connection. Returns whether it was queued.
+    /// Queues the frame to one connection if it is open. Returns whether it was queued.
     fn send(&mut self, key: ConnKey) -> bool {
-        let Some(conn) = self.conns.try_get_mut(key) else { return false };
+        let conn = self.conns.get_mut(key);
         if conn.state != State::Open {
             return false;
         }
@@ -86,10 +86,11 @@ impl Host {
                 }
             }
             HostMail::PollAnswer { conn, status, body } => self.poll_answered(conn, status, &body, now),
-            HostMail::Replicate { room, user, list, until_ms, add } => {
+            HostMail::Replicate { room, user, list, until_ms, add: true } => {
                 let limits = self.cfg.owner.moderation;
-                self.replicas.apply(room, &user, list, until_ms, add, now.unix.0, &limits);
+                self.replicas.add(room, &user, list, until_ms, now.unix.0, &limits);
             }
+            HostMail::Replicate { room, user, list, add: false, .. } => self.replicas.remove(&room, &user, list),
             HostMail::Kick { room, user, reason } => self.kick(&room, &user, &reason, now),
             HostMail::Refused { conn, code, reason } => self.refused(conn, code, reason, now),
             HostMail::Stop => self.stop(now),
@@ -149,8 +150,13 @@ impl Host {
             tick: now.tick(),
             slow: Vec::new(),
         };
-        // By slot: `send` skips vacant slots and connections that are not open.
-        let queued = keys.filter(|&key| fan.send(key)).count();
+        // By slot, vacant ones skipped: no list of every connection is kept or built.
+        let mut queued = 0;
+        for key in keys {
+            if fan.conns.contains(key) && fan.send(key) {
+                queued += 1;
+            }
+        }
         fan.counters.add(Series::BroadcastDeliveries, queued as u64);
         let slow = std::mem::take(&mut fan.slow);
         self.end_fan(slow, id, now);
@@ -189,9 +195,13 @@ impl Host {
 
     /// Kicks: the user's connections in the room get a `kicked` frame and a 1008 close.
     fn kick(&mut self, room: &RoomName, user: &UserId, reason: &str, now: Now) {
-        let Some(rk) = self.rooms.find(room) else { return };
-        let targets: Vec<ConnKey> =
-            self.users.conns(user.as_str()).iter().copied().filter(|&c| self.conns.get(c).room == rk).collect();
+        // Kicks go to every shard; most hold none of the user's connections in the room.
+        let targets: Vec<ConnKey> = match self.rooms.find(room) {
+            Some(rk) => {
+                self.users.conns(user.as_str()).iter().copied().filter(|&c| self.conns.get(c).room == rk).collect()
+            }
+            None => Vec::new(),
+        };
         for key in targets {
             let kicked = Kicked { reason: reason.to_owned(), room: room.as_str().to_owned() };
             self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Kicked(kicked)) }, now);

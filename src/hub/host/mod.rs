@@ -104,7 +104,8 @@ impl Host {
     /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
     pub fn accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
         self.counters.inc(Series::Accepted);
-        let id = if self.stopping { None } else { self.conns.insert(io, now.tick_after(self.cfg.handshake_timeout_ms)) };
+        let id =
+            if self.stopping { None } else { self.conns.insert(io, now.tick_after(self.cfg.handshake_timeout_ms)) };
         if id.is_none() {
             self.counters.inc(Series::RefusedFull);
         }

@@ -3,7 +3,6 @@
 //! and a whitelisted slow reader is never auto-kicked, without asking the owner.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use crate::ids::UserId;
 use crate::room::RoomName;
@@ -16,27 +15,28 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// Applies a change from a room's owner. The owner bounds its lists with the same limits,
-    /// so a replica never refuses what the owner accepted.
-    pub fn apply(&mut self, room: RoomName, user: &UserId, list: List, until_ms: Option<i64>, add: bool, now_ms: i64, limits: &ModerationLimits) {
-        match self.rooms.entry(room) {
-            Entry::Occupied(mut e) => {
-                let m = e.get_mut();
-                if add {
-                    let _ = m.add(list, user.as_str(), until_ms, now_ms, limits);
-                } else {
-                    m.remove(list, user.as_str());
-                }
-                if m.is_empty() {
-                    e.remove();
-                }
+    /// Adds an entry a room's owner added. The owner bounds its lists with the same limits, so
+    /// a replica never refuses what the owner accepted.
+    pub fn add(
+        &mut self,
+        room: RoomName,
+        user: &UserId,
+        list: List,
+        until_ms: Option<i64>,
+        now_ms: i64,
+        limits: &ModerationLimits,
+    ) {
+        let m = self.rooms.entry(room).or_default();
+        let _ = m.add(list, user.as_str(), until_ms, now_ms, limits);
+    }
+
+    /// Drops an entry the room's owner dropped (and the replica with its last entry).
+    pub fn remove(&mut self, room: &RoomName, user: &UserId, list: List) {
+        if let Some(m) = self.rooms.get_mut(room) {
+            m.remove(list, user.as_str());
+            if m.is_empty() {
+                self.rooms.remove(room);
             }
-            Entry::Vacant(e) if add => {
-                let mut m = Moderation::default();
-                let _ = m.add(list, user.as_str(), until_ms, now_ms, limits);
-                e.insert(m);
-            }
-            Entry::Vacant(_) => {}
         }
     }
 
@@ -63,13 +63,13 @@ mod tests {
         let mut r = Replicas::default();
         let (room, bob) = (RoomName::parse("r", 8).unwrap(), UserId::new("bob"));
         let limits = ModerationLimits { entries_max: 4 };
-        r.apply(room.clone(), &bob, List::Ban, Some(1_000), true, 0, &limits);
+        r.add(room.clone(), &bob, List::Ban, Some(1_000), 0, &limits);
         assert!(r.contains(&room, List::Ban, &bob, 999));
         assert!(!r.contains(&room, List::Ban, &bob, 1_001), "expired");
         assert!(!r.contains(&room, List::Whitelist, &bob, 0));
-        r.apply(room.clone(), &bob, List::Ban, None, false, 0, &limits);
+        r.remove(&room, &bob, List::Ban);
         assert!(!r.contains(&room, List::Ban, &bob, 0), "lifted");
-        r.apply(room.clone(), &bob, List::Whitelist, None, true, 0, &limits);
+        r.add(room.clone(), &bob, List::Whitelist, None, 0, &limits);
         r.sweep(5_000);
         assert!(r.contains(&room, List::Whitelist, &bob, 5_000), "no expiry: kept");
     }

@@ -9,7 +9,7 @@ use super::Host;
 use super::conn::{State, flag};
 use super::rooms::RoomKey;
 use crate::envelope;
-use crate::hub::mail::{OwnerMail, Origin};
+use crate::hub::mail::{Origin, OwnerMail};
 use crate::ids::{ConnKey, Now, UserId};
 use crate::metrics::Series;
 use crate::proto::{AttrSet, AttrSync, ClientFrame, Error, Message, Moderate, Pong, ServerFrame, client_frame};
@@ -200,8 +200,10 @@ impl Host {
             self.send_error(key, code::TOO_MANY, "sending too fast", now);
             return None;
         }
-        // Signed in and in a room: both were just checked.
-        Some((self.current_room(key)?.clone(), self.user_of(key)?.clone()))
+        match (self.current_room(key), self.user_of(key)) {
+            (Some(room), Some(user)) => Some((room.clone(), user.clone())),
+            _ => unreachable!("{key:?} was just checked to be signed in and in a room"),
+        }
     }
 
     /// A signed-in user's chat line: checked here, then mixed by the room's owner (which checks
