@@ -17,6 +17,9 @@
 #   bench/fanout.sh
 #   SIZES=10000 SERVERS="barrage floor uwsjs" MODES=saturate DURATION_S=5 bench/fanout.sh
 #   ROOMS=10 SIZES=10000 MODES="rate saturate" bench/fanout.sh    # 10 rooms of 1,000 members
+#   BASE_BIN=/tmp/barrage-before SERVERS="barrage barrage1 base base1" MODES="saturate deep" SIZES=10000 bench/fanout.sh
+#     (`base` and `base1` run an earlier build of barrage with the same flags: a change's
+#     before and after, side by side in one run)
 #
 # Threads, matched across servers: every server is pinned to cores 0,1 (taskset) and gets
 # THREADS (2) threads where it can use them — barrage shards, tokio workers, nginx workers —
@@ -55,6 +58,8 @@ PORT_BASE="${PORT_BASE:-18500}"
 API_PORT="${API_PORT:-9190}"
 DEADLINE_S="${DEADLINE_S:-600}"
 LOADGEN="${LOADGEN:-./target/release/barrage-load}"
+# An earlier barrage binary for the `base` and `base1` rows.
+BASE_BIN="${BASE_BIN:-}"
 # barrage's blocks: nothing dropped or refused, so every message reaches every member.
 BLOCK_INTERVAL_MS="${BLOCK_INTERVAL_MS:-}"
 BARRAGE_FLAGS=(--block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 --send-queue-frames-max 64)
@@ -84,10 +89,14 @@ ROOMS_NOTE=""
 if [[ $ROOMS != 1 ]]; then ROOMS_NOTE=" ROOMS=$ROOMS"; fi
 COMMAND="SIZES=\"$SIZES\" SERVERS=\"$SERVERS\" MODES=\"$MODES\"${RATE:+ RATE=$RATE} WINDOW=$WINDOW DEEP_WINDOW=$DEEP_WINDOW \
 DURATION_S=$DURATION_S WARMUP_S=$WARMUP_S MESSAGE_BYTES=$MESSAGE_BYTES PUBLISHERS=$PUBLISHERS \
-THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS${ROOMS_NOTE}${PAGE_REPORTING_ORDER:+ PAGE_REPORTING_ORDER=$PAGE_REPORTING_ORDER} bench/fanout.sh"
+THREADS=$THREADS LOAD_THREADS=$LOAD_THREADS${ROOMS_NOTE}${PAGE_REPORTING_ORDER:+ PAGE_REPORTING_ORDER=$PAGE_REPORTING_ORDER}${BASE_BIN:+ BASE_BIN=$BASE_BIN} bench/fanout.sh"
 mkdir -p "$OUT/runs" bench/plots
 
 cargo build --release --quiet --bin barrage --bin barrage-floor --bin barrage-load
+if [[ " $SERVERS " == *" base"* && ! -x $BASE_BIN ]]; then
+  echo "fanout.sh: the base rows need BASE_BIN, an earlier barrage binary" >&2
+  exit 2
+fi
 if ! "$LOADGEN" fanout --help > /dev/null 2>&1; then
   echo "fanout.sh: $LOADGEN has no 'fanout' scenario yet (bench/loadgen/)" >&2
   exit 2
@@ -134,14 +143,14 @@ fi
 
 threads_of() {
   case "$1" in
-    barrage | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
-    barrage1) echo 1 ;;
+    barrage | base | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
+    barrage1 | base1) echo 1 ;;
     *) echo 1 ;;
   esac
 }
 kind_of() {
   case "$1" in
-    barrage | barrage1) echo barrage ;;
+    barrage | barrage1 | base | base1) echo barrage ;;
     nchan) echo nchan ;;
     *) echo broadcast ;;
   esac
@@ -155,15 +164,16 @@ for members in $SIZES; do
   done
 done
 python3 - "$OUT/meta.json" "$STAMP" "$COMMAND" "$SIZES" "$SERVERS" "$MODES" "$THREADS" "$plan" \
-  "$DURATION_S" "${BARRAGE_FLAGS[*]}" "$ROOMS" << 'EOF'
+  "$DURATION_S" "${BARRAGE_FLAGS[*]}" "$ROOMS" "$BASE_BIN" << 'EOF'
 import json, sys
-out, stamp, command, sizes, servers, modes, threads, plan, duration, flags, rooms = sys.argv[1:]
+out, stamp, command, sizes, servers, modes, threads, plan, duration, flags, rooms, base = sys.argv[1:]
 plan = {f"{m}-{mode}": {"rate": float(r), "block_interval_ms": int(b)}
         for m, mode, r, b in (p.split(":") for p in plan.split())}
 t = int(threads)
 how = {
     "barrage": f"{t} shards, {flags}, block interval per mode (below)",
     "barrage1": "1 shard, otherwise as barrage (thread-matched with the floor and uWebSockets)",
+    "base": f"an earlier build ({base}), otherwise as barrage", "base1": f"an earlier build ({base}), as barrage1",
     "floor": "1 thread, 1 frame per send", "floor8": "1 thread, up to 8 frames per sendmsg",
     "floor32": "1 thread, up to 32 frames per sendmsg",
     "uwsjs": "1 thread (uWebSockets.js: one event loop)", "uws": "1 thread (socketify: one event loop)",
@@ -201,7 +211,9 @@ for members in $SIZES; do
       [[ $name == nchan ]] && how="$(( (members + 14999) / 15000 > threads ? (members + 14999) / 15000 : threads )) nginx workers"
       echo "== $tag: $how, pinned to cores 0,1, port $port"
       if [[ $kind == barrage ]]; then
-        taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
+        bin=./target/release/barrage
+        [[ $name == base* ]] && bin="$BASE_BIN"
+        taskset -c 0,1 "$bin" --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
           --block-interval-ms "$(block_ms_for "$mode" "$members")" \
           --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \

@@ -1,9 +1,11 @@
 //! barrage: an io_uring, thread-per-core WebSocket message edge for live rooms.
 //!
-//! Data flow: `shard` (io_uring: accept, receive, send) → `hub` (one shard's connections and
-//! rooms, sans-IO) → `wire` (RFC 6455 bytes ↔ events) → `envelope` (events ↔ protobuf/JSON
-//! frames) → `room` (owners' mixers cut blocks) → `hub::outbox` (one encoded frame, many
-//! queues) → `shard` (one send per connection). `api` feeds the shards over the `shard::mesh`.
+//! Data flow: `shard` (io_uring: accept, receive, send; runs `hub::turn`) → `hub::host` (one
+//! shard's connections, sans-IO) → `wire` (RFC 6455 bytes ↔ events) → `envelope` (events ↔
+//! protobuf/JSON frames) → `hub::mail` to the room's owner → `hub::desk` → `room` (the owner's
+//! mixer cuts and encodes a block once) → `hub::mail` to every shard with members →
+//! `hub::host::outbox` (one encoded frame, many queues) → `shard` (one send per connection).
+//! `api` feeds the shards over the `shard::mesh`.
 pub mod api;
 pub mod auth;
 pub mod cli;

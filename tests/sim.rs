@@ -1,9 +1,10 @@
 //! A seeded, deterministic simulation of many clients and rooms through the sans-IO core, after
-//! TigerBeetle's VOPR and quinn's `tests/util.rs` `Pair`: S hubs driven exactly as
-//! `src/shard/mod.rs` drives one (completions, mail, tick, flush, sends, closes), an in-memory
-//! mesh, a simulated clock that steps and jumps, and C WebSocket clients that upgrade in pieces,
-//! join, chat, read slowly or not at all, misbehave, disconnect and reconnect, while the test
-//! publishes, moderates and sets attributes as the business API does. No sockets, threads or real
+//! TigerBeetle's VOPR and quinn's `tests/util.rs` `Pair`: S hubs, each run by the same
+//! `hub::turn` that `src/shard` runs (completions, mail, timers, end of turn, mail out, sends,
+//! closes) with a simulated driver in place of io_uring, an in-memory mesh, a simulated clock
+//! that steps and jumps, and C WebSocket clients that upgrade in pieces, join, chat, read slowly
+//! or not at all, misbehave, disconnect and reconnect, while the test publishes, moderates and
+//! sets attributes as the business API does. No sockets, threads or real
 //! clock: a seed replays the same run.
 //!
 //! Invariants, each failure naming the seed and the turn:

@@ -42,104 +42,6 @@ use crate::room::owner::OwnerConfig;
 use crate::wire::HandshakeLimits;
 use crate::wire::reader::ReadLimits;
 
-/// What a hub needs from the config.
-#[derive(Clone)]
-pub struct HubConfig {
-    pub shard: ShardId,
-    pub shards: usize,
-    pub conns_max: usize,
-    pub handshake: HandshakeLimits,
-    pub read: ReadLimits,
-    pub handshake_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub close_timeout_ms: u64,
-    pub heartbeat_ms: u32,
-    pub allow_anonymous: bool,
-    pub echo_path: String,
-    pub name_bytes_max: usize,
-    pub data_bytes_max: usize,
-    pub send_queue_frames_max: usize,
-    pub partial_bytes_max: usize,
-    pub block_interval_ms: u64,
-    pub block_wait_max_ms: u64,
-    pub rooms_max: usize,
-    pub jwt_secret: Vec<u8>,
-    pub jwt_leeway_s: u64,
-    /// Sends per connection.
-    pub send_rate: Rate,
-    pub slow_consumer_ms: u64,
-    pub poll_limit_max: usize,
-    /// Mails waiting per destination shard before block deliveries to it are shed and new
-    /// requests for it refused (see `post`).
-    pub mesh_overflow_max: usize,
-    /// The owner table of this shard's rooms.
-    pub owner: OwnerConfig,
-}
-
-impl HubConfig {
-    /// The hub config of shard `shard` out of `shards`.
-    pub fn new(c: &Config, shard: ShardId, shards: usize) -> HubConfig {
-        HubConfig {
-            shard,
-            shards,
-            conns_max: c.server.connections_max.div_ceil(shards),
-            handshake: HandshakeLimits {
-                request_bytes_max: c.websocket.handshake_bytes_max,
-                headers_max: c.websocket.handshake_headers_max,
-            },
-            read: ReadLimits {
-                frame_bytes_max: c.websocket.frame_bytes_max,
-                message_bytes_max: c.websocket.message_bytes_max,
-            },
-            handshake_timeout_ms: c.websocket.handshake_timeout_ms,
-            idle_timeout_ms: c.websocket.idle_timeout_ms,
-            close_timeout_ms: c.websocket.close_timeout_ms,
-            heartbeat_ms: c.websocket.heartbeat_ms,
-            allow_anonymous: c.websocket.allow_anonymous,
-            echo_path: c.websocket.echo_path.clone(),
-            name_bytes_max: c.rooms.name_bytes_max,
-            data_bytes_max: c.rooms.data_bytes_max,
-            send_queue_frames_max: c.server.send_queue_frames_max as usize,
-            partial_bytes_max: c.server.partial_bytes_max,
-            block_interval_ms: c.rooms.block_interval_ms,
-            block_wait_max_ms: c.rooms.block_wait_max_ms,
-            rooms_max: c.rooms.rooms_max,
-            jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
-            jwt_leeway_s: c.auth.jwt_leeway_s,
-            send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
-            slow_consumer_ms: c.websocket.slow_consumer_ms,
-            poll_limit_max: c.rooms.poll_limit_max,
-            mesh_overflow_max: c.server.mesh_overflow_max,
-            owner: owner_config(c, shard, shards),
-        }
-    }
-}
-
-fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
-    let r = &c.rooms;
-    OwnerConfig {
-        shard,
-        shards,
-        limits: MixerLimits { block_messages_max: r.block_messages_max, pending_messages_max: r.pending_messages_max },
-        rooms_max: r.rooms_max,
-        room_idle_ms: ROOM_IDLE_MS,
-        history_messages_max: r.history_messages_max,
-        upstream: Rate { per_s: r.room_rate_per_s, burst: r.room_rate_burst },
-        attrs: AttrLimits {
-            keys_max: r.attr_keys_max,
-            key_bytes_max: r.attr_key_bytes_max,
-            value_bytes_max: r.attr_value_bytes_max,
-            log_len_max: r.attr_log_len_max,
-        },
-        moderation: ModerationLimits { entries_max: r.moderation_entries_max },
-        presence_events: r.presence_events,
-        presence_users_max: r.presence_users_max,
-        poll_limit_max: r.poll_limit_max,
-        poll_interval_ms: [r.poll_interval_small_ms, r.poll_interval_medium_ms, r.poll_interval_large_ms],
-        types: Arc::new(c.types.clone()),
-    }
-}
-
 /// One shard's connections, owned rooms and outgoing mail.
 pub struct Hub {
     shard: ShardId,
@@ -363,6 +265,104 @@ impl Hub {
                 self.dispatch(mail, now);
             }
         }
+    }
+}
+
+/// What a hub needs from the config.
+#[derive(Clone)]
+pub struct HubConfig {
+    pub shard: ShardId,
+    pub shards: usize,
+    pub conns_max: usize,
+    pub handshake: HandshakeLimits,
+    pub read: ReadLimits,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub close_timeout_ms: u64,
+    pub heartbeat_ms: u32,
+    pub allow_anonymous: bool,
+    pub echo_path: String,
+    pub name_bytes_max: usize,
+    pub data_bytes_max: usize,
+    pub send_queue_frames_max: usize,
+    pub partial_bytes_max: usize,
+    pub block_interval_ms: u64,
+    pub block_wait_max_ms: u64,
+    pub rooms_max: usize,
+    pub jwt_secret: Vec<u8>,
+    pub jwt_leeway_s: u64,
+    /// Sends per connection.
+    pub send_rate: Rate,
+    pub slow_consumer_ms: u64,
+    pub poll_limit_max: usize,
+    /// Mails waiting per destination shard before block deliveries to it are shed and new
+    /// requests for it refused (see `post`).
+    pub mesh_overflow_max: usize,
+    /// The owner table of this shard's rooms.
+    pub owner: OwnerConfig,
+}
+
+impl HubConfig {
+    /// The hub config of shard `shard` out of `shards`.
+    pub fn new(c: &Config, shard: ShardId, shards: usize) -> HubConfig {
+        HubConfig {
+            shard,
+            shards,
+            conns_max: c.server.connections_max.div_ceil(shards),
+            handshake: HandshakeLimits {
+                request_bytes_max: c.websocket.handshake_bytes_max,
+                headers_max: c.websocket.handshake_headers_max,
+            },
+            read: ReadLimits {
+                frame_bytes_max: c.websocket.frame_bytes_max,
+                message_bytes_max: c.websocket.message_bytes_max,
+            },
+            handshake_timeout_ms: c.websocket.handshake_timeout_ms,
+            idle_timeout_ms: c.websocket.idle_timeout_ms,
+            close_timeout_ms: c.websocket.close_timeout_ms,
+            heartbeat_ms: c.websocket.heartbeat_ms,
+            allow_anonymous: c.websocket.allow_anonymous,
+            echo_path: c.websocket.echo_path.clone(),
+            name_bytes_max: c.rooms.name_bytes_max,
+            data_bytes_max: c.rooms.data_bytes_max,
+            send_queue_frames_max: c.server.send_queue_frames_max as usize,
+            partial_bytes_max: c.server.partial_bytes_max,
+            block_interval_ms: c.rooms.block_interval_ms,
+            block_wait_max_ms: c.rooms.block_wait_max_ms,
+            rooms_max: c.rooms.rooms_max,
+            jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
+            jwt_leeway_s: c.auth.jwt_leeway_s,
+            send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
+            slow_consumer_ms: c.websocket.slow_consumer_ms,
+            poll_limit_max: c.rooms.poll_limit_max,
+            mesh_overflow_max: c.server.mesh_overflow_max,
+            owner: owner_config(c, shard, shards),
+        }
+    }
+}
+
+fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
+    let r = &c.rooms;
+    OwnerConfig {
+        shard,
+        shards,
+        limits: MixerLimits { block_messages_max: r.block_messages_max, pending_messages_max: r.pending_messages_max },
+        rooms_max: r.rooms_max,
+        room_idle_ms: ROOM_IDLE_MS,
+        history_messages_max: r.history_messages_max,
+        upstream: Rate { per_s: r.room_rate_per_s, burst: r.room_rate_burst },
+        attrs: AttrLimits {
+            keys_max: r.attr_keys_max,
+            key_bytes_max: r.attr_key_bytes_max,
+            value_bytes_max: r.attr_value_bytes_max,
+            log_len_max: r.attr_log_len_max,
+        },
+        moderation: ModerationLimits { entries_max: r.moderation_entries_max },
+        presence_events: r.presence_events,
+        presence_users_max: r.presence_users_max,
+        poll_limit_max: r.poll_limit_max,
+        poll_interval_ms: [r.poll_interval_small_ms, r.poll_interval_medium_ms, r.poll_interval_large_ms],
+        types: Arc::new(c.types.clone()),
     }
 }
 
