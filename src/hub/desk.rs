@@ -161,7 +161,7 @@ impl Desk {
             self.counters.inc(Series::MeshRefused);
             Err(ModerationError::Busy)
         } else {
-            self.owner.moderate(&room, user.as_str(), action, now)
+            self.owner.moderate(&room, &user, action, now)
         };
         if result.is_ok() {
             let replicate = match action {

@@ -80,24 +80,24 @@ impl Hub {
 
     /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
     pub fn handle_accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
-        self.host.accept(io, now)
+        self.host.handle_accept(io, now)
     }
 
     /// Bytes received on a connection (the driver's buffer, ours until we return).
     pub fn handle_recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
-        self.host.recv(key, data, now);
+        self.host.handle_recv(key, data, now);
         self.route(now);
     }
 
     /// The peer closed its side, or reading failed: nothing more will arrive.
     pub fn handle_eof(&mut self, key: ConnKey, now: Now) {
-        self.host.eof(key);
+        self.host.handle_eof(key);
         self.route(now);
     }
 
     /// A send completed: `result` is bytes written or a negative errno.
     pub fn handle_sent(&mut self, key: ConnKey, result: i32, now: Now) {
-        self.host.sent(key, result);
+        self.host.handle_sent(key, result);
         self.route(now);
     }
 

@@ -380,11 +380,11 @@ impl Owner {
     pub fn moderate(
         &mut self,
         room: &RoomName,
-        user: &str,
+        user: &UserId,
         action: ModAction,
         now: Now,
     ) -> Result<(), ModerationError> {
-        let limits = self.config.moderation;
+        let (limits, user) = (self.config.moderation, user.as_str());
         let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else {
             return Err(ModerationError::Full);
         };

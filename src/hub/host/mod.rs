@@ -6,7 +6,8 @@
 //! mail to the room's owner) → `fanout` (mail arriving for members: blocks, direct, broadcast,
 //! kicks, answers) → the outbox → `poll_send`, one send per connection.
 //!
-//! Sans-IO. The driver calls, per completion: `accept`, `recv`, `eof`, `sent`, `release`; and
+//! Sans-IO. The driver calls, per completion: `handle_accept`, `handle_recv`, `handle_eof`,
+//! `handle_sent`, `release`; and
 //! takes work with `poll_ready` + `poll_send` (frames to write) and `poll_close` (connections
 //! to cancel, close and release). Keys it passes are of connections it holds; anything else is
 //! a driver bug and fails an assertion.
@@ -102,7 +103,7 @@ impl Host {
     // ---- the driver's calls ----
 
     /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
-    pub fn accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
+    pub fn handle_accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
         self.counters.inc(Series::Accepted);
         let id =
             if self.stopping { None } else { self.conns.insert(io, now.tick_after(self.cfg.handshake_timeout_ms)) };
@@ -113,7 +114,7 @@ impl Host {
     }
 
     /// Bytes received on a connection (the driver's buffer, ours until we return).
-    pub fn recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
+    pub fn handle_recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         self.counters.add(Series::BytesIn, data.len() as u64);
         self.replying = Some(key);
         let conn = self.conns.get_mut(key);
@@ -131,7 +132,7 @@ impl Host {
     }
 
     /// The peer closed its side, or reading failed: nothing more will arrive.
-    pub fn eof(&mut self, key: ConnKey) {
+    pub fn handle_eof(&mut self, key: ConnKey) {
         match self.conns.get(key).state {
             State::Terminating => {}
             State::Closing | State::Flushing => self.terminate(key, None),
@@ -146,7 +147,7 @@ impl Host {
 
     /// Fills `iov` with the frames one send should write to `key` and marks them in flight;
     /// returns how many (0: nothing to send now). The bytes stay alive and unmoved until
-    /// `sent` for this connection.
+    /// `handle_sent` for this connection.
     pub fn poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
         let conn = self.conns.get_mut(key);
         if conn.state == State::Terminating || conn.queue.is_empty() || conn.queue.in_flight() {
@@ -163,7 +164,7 @@ impl Host {
     }
 
     /// A send completed: `result` is bytes written or a negative errno.
-    pub fn sent(&mut self, key: ConnKey, result: i32) {
+    pub fn handle_sent(&mut self, key: ConnKey, result: i32) {
         self.conns.send_ended();
         let conn = self.conns.get_mut(key);
         assert!(conn.queue.in_flight(), "{key:?}: a send completed with none in flight");

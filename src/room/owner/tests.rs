@@ -130,10 +130,10 @@ fn client_sends_obey_mute_and_whitelist() {
     let mut o = owner(1);
     let r = room("m");
     let client = Sender::Client { user: UserId::new("alice"), weight: 7 };
-    o.moderate(&r, "alice", ModAction::Mute { until_ms: Some(1_000) }, at(0)).unwrap();
+    o.moderate(&r, &UserId::new("alice"), ModAction::Mute { until_ms: Some(1_000) }, at(0)).unwrap();
     assert_eq!(o.publish(&r, text("x"), client.clone(), at(500)), Err(PublishError::Muted));
     o.publish(&r, text("x"), client.clone(), at(1_000)).expect("the mute ended");
-    o.moderate(&r, "alice", ModAction::Whitelist, at(1_000)).unwrap();
+    o.moderate(&r, &UserId::new("alice"), ModAction::Whitelist, at(1_000)).unwrap();
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(1_000));
     o.publish(&r, text("vip"), client, at(1_500)).unwrap();
     let frames = tick_frames(&mut o, at(1_500));
