@@ -1,4 +1,5 @@
 //! Small identifiers shared by the shards, the mesh and the room owners.
+#![forbid(unsafe_code)]
 
 /// A shard: one thread, one core, its own rings, connections and rooms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,7 +1,6 @@
 //! A provided-buffer ring (io_uring's `IORING_REGISTER_PBUF_RING`): buffers the kernel picks
 //! from as bytes arrive, handed back after each completion is processed. Shared by the gateway's
 //! rings and the load generator's.
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::ptr::NonNull;

@@ -2,7 +2,6 @@
 //! and typed helpers that build each submission entry. Pushing an entry whose pointers must
 //! outlive the call is the one unsafe step; the helpers that take such pointers are `unsafe fn`
 //! and say what the caller must keep alive.
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::os::fd::RawFd;
