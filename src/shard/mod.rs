@@ -9,6 +9,7 @@ pub mod listener;
 pub mod mesh;
 pub mod sendmsg;
 pub mod sys;
+pub mod uring;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
