@@ -1,6 +1,7 @@
 //! The command line: `serve` (the default) runs the gateway; `token` mints a client token for
 //! trying things out. Flags and `BARRAGE_*` env vars override the TOML file, which overrides
 //! the embedded defaults.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};

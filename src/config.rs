@@ -1,6 +1,7 @@
 //! Configuration: embedded defaults < TOML file < `BARRAGE_*` env < long flags, validated once
 //! at start. Every bound the gateway enforces is a knob here, with its default, its reason and
 //! what it costs.
+#![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 

@@ -1,6 +1,7 @@
 //! `barrage doctor --connections N`: reads this host (limits, sysctls, memory, kernel) and says
 //! what is short of N connections and what to change. The checks are a pure function of the
 //! facts, so they are tested without a host; `HostFacts::read` is the only part touching /proc.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 

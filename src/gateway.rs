@@ -1,5 +1,6 @@
 //! Starting and stopping the whole gateway: the mesh, one pinned thread per shard (each binds
 //! its own SO_REUSEPORT listener and builds its rings on its own thread), and the business API.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

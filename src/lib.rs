@@ -6,6 +6,10 @@
 //! mixer cuts and encodes a block once) → `hub::mail` to every shard with members →
 //! `hub::host::outbox` (one encoded frame, many queues) → `shard` (one send per connection).
 //! `api` feeds the shards over the `shard::mesh`.
+//!
+//! `unsafe` lives in `shard` only (io_uring, the buffer ring, sendmsg, syscalls); every other
+//! module forbids it, and every unsafe block says why it is sound.
+#![deny(clippy::undocumented_unsafe_blocks)]
 pub mod api;
 pub mod auth;
 pub mod cli;

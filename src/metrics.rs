@@ -1,6 +1,7 @@
 //! Counters: each shard bumps plain integers on its own core and publishes a copy to shared
 //! atomics once per loop turn, so nothing atomic sits on the per-connection path. The API thread
 //! reads the copies and renders Prometheus text.
+#![forbid(unsafe_code)]
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 

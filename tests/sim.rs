@@ -49,6 +49,7 @@ use barrage::room::frames::{Class, SharedFrame};
 use barrage::room::owner::{ModAction, PublishError, Published, RoomInfo};
 use barrage::room::{Priority, RoomName};
 use barrage::shard::sendmsg::FRAMES_PER_SEND;
+use barrage::wire::frame::masked_frame;
 use prost::Message as _;
 
 /// Seeds run by `cargo test`: fixed, so every run is the same run.
@@ -1256,23 +1257,12 @@ impl SimClient {
     }
 }
 
-/// A masked client frame (the mask is random, as RFC 6455 asks).
+/// A masked client frame (the mask is random, as RFC 6455 asks); `first_byte` is FIN, RSV and
+/// opcode as sent, so malformed ones can be built too.
 fn masked(rng: &mut Rng, first_byte: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [rng.next_u64() as u8, rng.next_u64() as u8, rng.next_u64() as u8, rng.next_u64() as u8];
-    let mut out = vec![first_byte];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65_536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut out = Vec::new();
+    masked_frame(first_byte & 0x80 != 0, first_byte & 0x7F, payload, mask, &mut out);
     out
 }
 

@@ -20,26 +20,6 @@ use tungstenite::{Message as WsMessage, WebSocket};
 
 const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x4_0000 };
 
-/// A client frame as a browser would send it: masked with `mask`.
-fn client_frame(fin: bool, opcode: Opcode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![u8::from(fin) << 7 | opcode as u8];
-    let len = payload.len();
-    if len <= 125 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 0x7E);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 0x7F);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    frame::apply_mask(&mut out[start..], mask, 0);
-    out
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Owned {
     Text(String),
@@ -130,7 +110,7 @@ fn message(small_only: bool) -> impl Strategy<Value = Message> {
     )
 }
 
-/// The bytes of the messages, masked with keys drawn from `masks`.
+/// The bytes of the messages as a browser would send them, masked with keys drawn from `masks`.
 fn encode(messages: &[Message], masks: &[[u8; 4]]) -> Vec<u8> {
     let mut masks = masks.iter().copied().cycle();
     let mut out = Vec::new();
@@ -145,9 +125,10 @@ fn encode(messages: &[Message], masks: &[[u8; 4]]) -> Vec<u8> {
                 _ => Opcode::Continuation,
             };
             let fin = i + 1 == fragments;
-            out.extend(client_frame(fin, opcode, &message.payload[pair[0]..pair[1]], masks.next().unwrap()));
+            let fragment = &message.payload[pair[0]..pair[1]];
+            frame::masked_frame(fin, opcode as u8, fragment, masks.next().unwrap(), &mut out);
             for (opcode, payload) in message.controls.get(i).into_iter().flatten() {
-                out.extend(client_frame(true, *opcode, payload, masks.next().unwrap()));
+                frame::masked_frame(true, *opcode as u8, payload, masks.next().unwrap(), &mut out);
             }
         }
     }

@@ -4,28 +4,18 @@ use std::hint::black_box;
 
 use barrage::envelope::{self, Format};
 use barrage::proto::{ClientFrame, Join, client_frame};
-use barrage::wire::frame::apply_mask;
+use barrage::wire::frame::{Opcode, apply_mask, masked_frame};
 use barrage::wire::handshake::{HandshakeLimits, parse_request};
 use barrage::wire::reader::{Flow, ReadLimits, Reader};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
 
-fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
+/// `count` masked client frames (FIN) carrying `payload`, back to back.
+fn frames(count: usize, opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        masked_frame(true, opcode as u8, payload, [0x37, 0xfa, 0x21, 0x3d], &mut out);
     }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     out
 }
 
@@ -33,8 +23,7 @@ fn reader(c: &mut Criterion) {
     let limits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20 };
     let mut g = c.benchmark_group("reader");
     for size in [16usize, 128, 4096] {
-        let stream: Vec<u8> =
-            (0..(64 * 1024 / (size + 8)).max(1)).flat_map(|_| masked(0x2, &vec![7u8; size])).collect();
+        let stream = frames((64 * 1024 / (size + 8)).max(1), Opcode::Binary, &vec![7u8; size]);
         g.throughput(Throughput::Bytes(stream.len() as u64));
         g.bench_function(format!("binary frames of {size} B"), |b| {
             b.iter_batched_ref(
@@ -53,7 +42,7 @@ fn reader(c: &mut Criterion) {
             )
         });
     }
-    let text: Vec<u8> = (0..256).flat_map(|_| masked(0x1, "弹幕 danmaku ".repeat(8).as_bytes())).collect();
+    let text = frames(256, Opcode::Text, "弹幕 danmaku ".repeat(8).as_bytes());
     g.throughput(Throughput::Bytes(text.len() as u64));
     g.bench_function("utf-8 text frames", |b| {
         b.iter_batched_ref(

@@ -1,6 +1,6 @@
 //! What the `fanout` scenario sends and where: the server kinds it speaks to, the 24-byte header
 //! every published message starts with, the publish streams (publisher × room) and the members
-//! of each room, the upgrade paths, and the masked frames publishers write.
+//! of each room, and the upgrade paths.
 #![forbid(unsafe_code)]
 
 /// Bytes of the header at the start of every published message:
@@ -137,25 +137,6 @@ pub fn members_in(k: u32, members: u64, rooms: u32) -> u64 {
     members / r + u64::from(u64::from(k) < members % r)
 }
 
-/// A masked binary WebSocket frame (FIN, opcode 2) carrying `payload`.
-pub fn masked_binary(payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
-    out.clear();
-    out.push(0x82);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 0x1_0000 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,26 +203,5 @@ mod tests {
         assert_eq!(Kind::Nchan.sub_path("/sub/", 2), "/sub/r2");
         assert_eq!(Kind::Nchan.pub_path("/pub", 2), "/pub/r2");
         assert_eq!(Kind::Barrage.pub_path("/pub", 9), "/v1/rooms/r9/messages");
-    }
-
-    #[test]
-    fn masked_frames_unmask_to_the_payload() {
-        let mask = [1, 2, 3, 4];
-        for len in [0usize, 24, 100, 125, 126, 65535, 65536] {
-            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let mut f = Vec::new();
-            masked_binary(&payload, mask, &mut f);
-            assert_eq!(f[0], 0x82);
-            assert!(f[1] & 0x80 != 0);
-            let (n, at) = match f[1] & 0x7F {
-                126 => (usize::from(u16::from_be_bytes([f[2], f[3]])), 4),
-                127 => (u64::from_be_bytes(f[2..10].try_into().unwrap()) as usize, 10),
-                n => (usize::from(n), 2),
-            };
-            assert_eq!(n, len);
-            assert_eq!(&f[at..at + 4], &mask);
-            let unmasked: Vec<u8> = f[at + 4..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
-            assert_eq!(unmasked, payload);
-        }
     }
 }

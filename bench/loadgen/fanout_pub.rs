@@ -14,10 +14,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use barrage::proto::{Priority, PublishRequest};
+use barrage::wire::frame::{Opcode, masked_frame};
 use prost::Message as _;
 
 use crate::fanout_book::{Book, Mode, Room, Window, publish_burst};
-use crate::fanout_msg::{Header, Kind, masked_binary, message};
+use crate::fanout_msg::{Header, Kind, message};
 use crate::handshake::{HeadScan, upgrade};
 use crate::pace::TokenBucket;
 use crate::sys::{monotonic_ns, recv_dontwait};
@@ -437,7 +438,8 @@ impl WsPub {
             std::thread::sleep(RETRY_PAUSE);
             return false;
         }
-        masked_binary(msg, MASK, &mut self.frame);
+        self.frame.clear();
+        masked_frame(true, Opcode::Binary as u8, msg, MASK, &mut self.frame);
         let stream = self.stream.as_mut().expect("opened above");
         match stream.write_all(&self.frame) {
             Ok(()) => true,
@@ -497,7 +499,7 @@ mod tests {
         s.read_exact(&mut mask).unwrap();
         let mut p = vec![0u8; len];
         s.read_exact(&mut p).unwrap();
-        p.iter_mut().enumerate().for_each(|(i, b)| *b ^= mask[i % 4]);
+        barrage::wire::frame::apply_mask(&mut p, mask, 0);
         Some((h[0], p))
     }
 

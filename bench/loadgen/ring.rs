@@ -1,19 +1,19 @@
-//! The load generator's io_uring driver: one ring, its direct-descriptor table (the sockets
-//! live only there, never in the process fd table), its provided-buffer ring for reads, and
-//! typed builders for each submission entry. Pushing an entry whose pointers must outlive the
-//! call is the one unsafe step; the one builder that takes such a pointer from its caller is an
-//! `unsafe fn` and says what must stay alive. Modelled on the gateway's `src/shard/driver.rs`.
+//! The load generator's io_uring driver: typed builders for each submission entry it needs, on
+//! the gateway's ring ([`barrage::shard::uring::Uring`]: one ring, its direct-descriptor table
+//! where the sockets live, never in the process fd table, and its provided-buffer ring for
+//! reads). Pushing an entry whose pointers must outlive the call is the one unsafe step; the one
+//! builder that takes such a pointer from its caller is an `unsafe fn` and says what must stay
+//! alive.
 
 use std::io;
 use std::os::fd::RawFd;
 
 use barrage::shard::bufring::BufRing;
+pub use barrage::shard::uring::Cqe;
+use barrage::shard::uring::{BUFFER_GROUP, Uring};
 
 use io_uring::types::{CancelBuilder, DestinationSlot, Fixed};
-use io_uring::{IoUring, cqueue, opcode, squeue};
-
-/// The provided-buffer group of every ring (one group per ring).
-const BUFFER_GROUP: u16 = 0;
+use io_uring::{IoUring, opcode, squeue};
 
 /// SO_REUSEADDR's value, read by the kernel when the setsockopt runs: a static, so it outlives
 /// every request.
@@ -56,37 +56,22 @@ impl Tag {
     }
 }
 
-/// One completion, copied out of the ring so handlers may push new entries freely.
-#[derive(Clone, Copy, Debug)]
-pub struct Cqe {
-    pub user_data: u64,
-    pub result: i32,
-    pub flags: u32,
+/// The load generator's reading of a completion's user data.
+pub trait Tagged {
+    /// What the completion answers.
+    fn tag(&self) -> Option<Tag>;
+    /// The dial index (connect chain) or the slot (everything after).
+    fn index(&self) -> u32;
 }
 
-impl Cqe {
-    pub fn tag(&self) -> Option<Tag> {
+impl Tagged for Cqe {
+    fn tag(&self) -> Option<Tag> {
         let byte = (self.user_data >> 56) as u8;
         Tag::ALL.into_iter().find(|t| *t as u8 == byte)
     }
 
-    pub fn index(&self) -> u32 {
+    fn index(&self) -> u32 {
         self.user_data as u32
-    }
-
-    /// A multishot request stays armed.
-    pub fn more(&self) -> bool {
-        cqueue::more(self.flags)
-    }
-
-    /// The receive left bytes in the socket.
-    pub fn sock_nonempty(&self) -> bool {
-        cqueue::sock_nonempty(self.flags)
-    }
-
-    /// The provided buffer the kernel filled, if any.
-    pub fn buffer(&self) -> Option<u16> {
-        cqueue::buffer_select(self.flags)
     }
 }
 
@@ -104,12 +89,7 @@ pub struct RingParams {
 
 /// One io_uring with its direct descriptors and receive buffers.
 pub struct Ring {
-    // Dropped first: closing the ring releases its sockets and the buffer registration before
-    // the buffer memory is unmapped (and the kernel pins registered buffer pages meanwhile).
-    uring: IoUring,
-    bufs: BufRing,
-    /// Entries pushed since the last submit.
-    queued: bool,
+    ring: Uring,
 }
 
 impl Ring {
@@ -117,35 +97,10 @@ impl Ring {
     /// signal the eventfd `wake` while notifications are on.
     pub fn new(p: RingParams, wake: RawFd) -> io::Result<Ring> {
         let uring = IoUring::builder().setup_cqsize(p.cq_entries).setup_submit_all().build(p.sq_entries)?;
-        uring.submitter().register_files_sparse(p.files)?;
         let bufs = BufRing::new(p.recv_buffers, p.recv_buffer_bytes)?;
-        bufs.register(&uring, BUFFER_GROUP)?;
-        uring.submitter().register_eventfd(wake)?;
-        let mut ring = Ring { uring, bufs, queued: false };
+        let mut ring = Ring { ring: Uring::new(uring, p.files, bufs, Some(wake))? };
         ring.set_notify(false);
         Ok(ring)
-    }
-
-    /// Pushes entries as one unit (a link chain must not be split over two submits),
-    /// submitting first while the queue lacks room.
-    ///
-    /// # Safety
-    /// Every pointer in `entries` must stay valid (and the memory it names unmoved and, for
-    /// reads into it, not otherwise accessed) until the entry's completion is reaped.
-    unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
-        for _ in 0..64 {
-            // SAFETY: forwarded from this function's contract.
-            if unsafe { self.uring.submission().push_multiple(entries) }.is_ok() {
-                self.queued = true;
-                return Ok(());
-            }
-            match self.uring.submit() {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Err(io::Error::other("submission queue stays full"))
     }
 
     /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind `src`
@@ -196,7 +151,7 @@ impl Ring {
         ];
         // SAFETY: `ONE`, `dst` and `request` are 'static; the caller keeps `src` alive until
         // the chain's last completion.
-        unsafe { self.push(&chain) }
+        unsafe { self.ring.push(&chain) }
     }
 
     /// A multishot poll for readability: about a quarter of a multishot receive's kernel
@@ -205,13 +160,13 @@ impl Ring {
         let e =
             opcode::PollAdd::new(Fixed(slot), libc::POLLIN as u32).multi(true).build().user_data(Tag::Poll.data(slot));
         // SAFETY: the entry holds no pointers.
-        unsafe { self.push(&[e]) }
+        unsafe { self.ring.push(&[e]) }
     }
 
     /// One receive into a buffer the kernel picks from this ring's provided buffers. It does
     /// not wait: with nothing to read it completes with -EAGAIN (the poll says when to retry).
     pub fn recv(&mut self, slot: u32) -> io::Result<()> {
-        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.bufs.size())
+        let e = opcode::Recv::new(Fixed(slot), std::ptr::null_mut(), self.ring.recv_buffer_bytes())
             .flags(libc::MSG_DONTWAIT)
             .buf_group(BUFFER_GROUP)
             .build()
@@ -219,7 +174,7 @@ impl Ring {
             .user_data(Tag::Recv.data(slot));
         // SAFETY: no pointer of ours: the kernel picks a buffer from the buffer ring, which
         // lives as long as the ring.
-        unsafe { self.push(&[e]) }
+        unsafe { self.ring.push(&[e]) }
     }
 
     /// Sends fixed bytes (a ping frame).
@@ -230,7 +185,7 @@ impl Ring {
             .build()
             .user_data(tag.data(slot));
         // SAFETY: `bytes` is 'static.
-        unsafe { self.push(&[e]) }
+        unsafe { self.ring.push(&[e]) }
     }
 
     /// Cancels every request on `slot` and closes it; only failures complete.
@@ -242,51 +197,40 @@ impl Ring {
             .user_data(Tag::Cancel.data(slot));
         let close = opcode::Close::new(Fixed(slot)).build().flags(skip).user_data(Tag::Close.data(slot));
         // SAFETY: the entries hold no pointers.
-        unsafe { self.push(&[cancel, close]) }
+        unsafe { self.ring.push(&[cancel, close]) }
     }
 
     /// Copies out every completion waiting.
     pub fn reap(&mut self, out: &mut Vec<Cqe>) {
-        for c in self.uring.completion() {
-            out.push(Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() });
-        }
+        self.ring.reap(out);
     }
 
     pub fn has_completions(&mut self) -> bool {
-        !self.uring.completion().is_empty()
+        self.ring.has_completions()
     }
 
     /// Submits what was pushed (and lets the kernel flush completions it had to hold back).
     pub fn submit(&mut self) -> io::Result<()> {
-        if !self.queued && !self.uring.submission().cq_overflow() {
-            return Ok(());
-        }
-        self.queued = false;
-        match self.uring.submit() {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.ring.submit()
     }
 
     /// Turns the eventfd signal on completions on (before sleeping) or off (while awake).
     pub fn set_notify(&mut self, on: bool) {
-        let cq = self.uring.completion();
-        if on { cq.enable_eventfd() } else { cq.disable_eventfd() }
+        self.ring.set_notify(on);
     }
 
     /// The bytes the kernel received into buffer `bid`.
     pub fn buffer(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
-        self.bufs.filled(bid, len).map(|b| &*b)
+        self.ring.buffer(bid, len).map(|b| &*b)
     }
 
     /// Provided receive buffers.
     pub fn recv_buffers(&self) -> u16 {
-        self.bufs.count()
+        self.ring.recv_buffers()
     }
 
     /// Hands buffer `bid` back to the kernel.
     pub fn recycle(&mut self, bid: u16) {
-        self.bufs.give_back(bid);
+        self.ring.recycle(bid);
     }
 }

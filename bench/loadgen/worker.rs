@@ -18,7 +18,7 @@ use crate::errors::{ErrorCounts, ErrorKind, Op};
 use crate::frames::{Event, Kind, ReadError, Reader};
 use crate::handshake::Subprotocol;
 use crate::pace::TokenBucket;
-use crate::ring::{Cqe, Ring, RingParams, Tag};
+use crate::ring::{Cqe, Ring, RingParams, Tag, Tagged};
 use crate::sys::Wake;
 
 /// A masked WebSocket ping with an empty payload (FIN|ping, MASK|0, a fixed mask key).

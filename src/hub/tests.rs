@@ -13,7 +13,7 @@ use crate::room::moderation::ModerationError;
 use crate::room::owner::{self, ModAction};
 use crate::room::{Priority, RoomName};
 use crate::shard::mesh::Mesh;
-use crate::wire::frame::{Opcode, decode_header};
+use crate::wire::frame::{Opcode, decode_header, masked_frame};
 
 const SECRET: &str = "hub-test-secret-0123456789abcdef";
 
@@ -68,12 +68,8 @@ fn poll(h: &mut Hub, room: &RoomName, now: Now) -> ConnKey {
 /// A client frame as a client sends it (masked, binary protobuf).
 fn client_frame(h: &mut Hub, key: ConnKey, frame: client_frame::Frame, now: Now) {
     let payload = ClientFrame { frame: Some(frame) }.encode_to_vec();
-    let mask = [1, 2, 3, 4];
-    let mut bytes = vec![0x82];
-    assert!(payload.len() < 126);
-    bytes.push(0x80 | payload.len() as u8);
-    bytes.extend_from_slice(&mask);
-    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut bytes = Vec::new();
+    masked_frame(true, Opcode::Binary as u8, &payload, [1, 2, 3, 4], &mut bytes);
     h.handle_recv(key, &mut bytes, now);
 }
 

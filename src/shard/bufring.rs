@@ -1,7 +1,6 @@
 //! A provided-buffer ring (io_uring's `IORING_REGISTER_PBUF_RING`): buffers the kernel picks
-//! from as bytes arrive, handed back after each completion is processed. Shared by the gateway's
-//! rings and the load generator's.
-#![deny(clippy::undocumented_unsafe_blocks)]
+//! from as bytes arrive, handed back after each completion is processed. Owned by
+//! [`super::uring::Uring`], under both the gateway's rings and the load generator's.
 
 use std::io;
 use std::ptr::NonNull;
@@ -56,10 +55,10 @@ impl BufRing {
     /// Registers the ring with `uring` as buffer group `group`.
     ///
     /// The owner must drop `uring` before this BufRing (declare the ring field first).
-    pub fn register(&self, uring: &IoUring, group: u16) -> io::Result<()> {
+    pub(super) fn register(&self, uring: &IoUring, group: u16) -> io::Result<()> {
         // SAFETY: the entry array is page-aligned (mmap), holds `count` entries, and stays mapped
         // until this BufRing drops, which its owner arranges to happen after the ring that uses
-        // it (documented above; both owners declare the ring first).
+        // it (documented above; `uring::Uring`, the owner, declares the ring first).
         unsafe { uring.submitter().register_buf_ring_with_flags(self.entries.as_ptr() as u64, self.count, group, 0) }
     }
 

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod mesh;
 pub mod sendmsg;
 pub mod sys;
+pub mod uring;
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Frame headers (RFC 6455 5.2): decoding a client's header and unmasking its payload on the way
-//! in (for [`super::reader`]), encoding the server's unmasked frames on the way out.
+//! in (for [`super::reader`]), encoding the server's unmasked frames on the way out; and masked
+//! client frames for the tests, benchmarks and load generator that play the client.
 
 use super::close::CloseCode;
 use super::reader::ReadError;
@@ -151,18 +152,37 @@ pub fn header_len(payload_len: usize) -> usize {
 
 /// Appends an unmasked server frame header (FIN set) to `out`.
 pub fn write_header(out: &mut Vec<u8>, opcode: Opcode, payload_len: usize) {
-    out.push(FIN | opcode as u8);
-    // header_len() picked the field the length fits in, so no `as` below truncates.
-    match header_len(payload_len) {
-        2 => out.push(payload_len as u8),
-        4 => {
-            out.push(LEN16_MARK);
-            out.extend_from_slice(&(payload_len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(LEN64_MARK);
-            out.extend_from_slice(&(payload_len as u64).to_be_bytes());
-        }
+    write_head(out, FIN | opcode as u8, 0, payload_len as u64);
+}
+
+/// Appends a masked client frame (RFC 6455 5.3) to `out`: the header, then `payload` XORed with
+/// `mask`. The gateway never sends one; its tests, benchmarks and load generator do, as clients.
+/// `opcode` fills the first byte below FIN as given, so a test may pass a reserved opcode or set
+/// RSV bits (0x70) to build a frame the reader must refuse.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+    assert!(opcode & FIN == 0, "FIN is the `fin` argument, not an opcode bit");
+    out.reserve(HEADER_BYTES_MAX + payload.len());
+    let b0 = if fin { FIN | opcode } else { opcode };
+    write_head(out, b0, MASKED, payload.len() as u64);
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], mask, 0);
+}
+
+/// Appends a header's first byte `b0` and `payload_len` in the shortest field that holds it, with
+/// `masked` (0 or MASKED) in the length byte; a mask key, if any, comes next.
+fn write_head(out: &mut Vec<u8>, b0: u8, masked: u8, payload_len: u64) {
+    out.push(b0);
+    // The bounds pick the field the length fits in, so no `as` below truncates.
+    if payload_len <= CONTROL_PAYLOAD_MAX as u64 {
+        out.push(masked | payload_len as u8);
+    } else if payload_len <= u64::from(u16::MAX) {
+        out.push(masked | LEN16_MARK);
+        out.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    } else {
+        out.push(masked | LEN64_MARK);
+        out.extend_from_slice(&payload_len.to_be_bytes());
     }
 }
 
@@ -188,22 +208,14 @@ pub fn close_frame(code: CloseCode, reason: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::reader::{Event, Flow, ReadLimits, Reader};
     use super::*;
     use proptest::prelude::*;
 
+    /// A masked header alone, for lengths too large to build the payload of.
     fn masked_header(b0: u8, len: u64, mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![b0];
-        match len {
-            0..=125 => out.push(MASKED | len as u8),
-            126..=0xFFFF => {
-                out.push(MASKED | LEN16_MARK);
-                out.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            _ => {
-                out.push(MASKED | LEN64_MARK);
-                out.extend_from_slice(&len.to_be_bytes());
-            }
-        }
+        let mut out = Vec::new();
+        write_head(&mut out, b0, MASKED, len);
         out.extend_from_slice(&mask);
         out
     }
@@ -273,6 +285,64 @@ mod tests {
         assert_eq!(header_len(0xFFFF), 4);
         assert_eq!(header_len(0x1_0000), 10);
         assert_eq!(frame(Opcode::Text, b"hi"), [0x81, 0x02, b'h', b'i']);
+    }
+
+    /// Lengths at both edges of each length field (7-bit, 16-bit, 64-bit), every one mod 4.
+    const EDGE_LENS: [usize; 12] = [0, 1, 2, 3, 125, 126, 127, 128, 0xFFFF, 0x1_0000, 0x1_0001, 0x1_0003];
+
+    #[test]
+    fn masked_frames_decode_to_their_payload() {
+        let mask = [0xA1, 0xB2, 0xC3, 0xD4];
+        for len in EDGE_LENS {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut out = vec![0xEE];
+            masked_frame(true, Opcode::Binary as u8, &payload, mask, &mut out);
+            assert_eq!(out[0], 0xEE, "appends, keeping what `out` held");
+            let bytes = &out[1..];
+            let header = decode_header(bytes).unwrap().unwrap();
+            let header_len = header_len(len) + 4;
+            let want =
+                Header { fin: true, opcode: Opcode::Binary, mask: Some(mask), payload_len: len as u64, header_len };
+            assert_eq!(header, want, "len {len}");
+            assert_eq!(bytes.len(), header_len + len);
+            let masked = &bytes[header_len..];
+            assert!(masked.iter().zip(&payload).enumerate().all(|(i, (m, p))| m ^ mask[i % 4] == *p), "len {len}");
+        }
+        let mut out = Vec::new();
+        masked_frame(false, 0x43, b"x", [0; 4], &mut out);
+        assert_eq!(out, [0x43, 0x81, 0, 0, 0, 0, b'x'], "no FIN; RSV bits and opcode as given");
+    }
+
+    #[test]
+    fn masked_frames_read_whole_from_every_split() {
+        let limits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x2_0000 };
+        let mask = [0x37, 0xFA, 0x21, 0x3D];
+        for len in EDGE_LENS {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            // A fragmented message, so a frame of every length form is followed by another.
+            let tail = [1, 2, 3];
+            let mut bytes = Vec::new();
+            masked_frame(false, Opcode::Binary as u8, &payload, mask, &mut bytes);
+            masked_frame(true, Opcode::Continuation as u8, &tail, mask, &mut bytes);
+            let want = [payload.as_slice(), &tail].concat();
+            // Cuts in the header and in the first payload bytes, so the reader unmasks from each
+            // key offset; and one just before the end.
+            let first = header_len(len) + 4;
+            for cut in (0..first + 5).chain([bytes.len() - 1]).filter(|&c| c < bytes.len()) {
+                let mut reader = Reader::default();
+                let mut got = Vec::new();
+                let (mut a, mut b) = (bytes[..cut].to_vec(), bytes[cut..].to_vec());
+                for input in [&mut a, &mut b] {
+                    let fed = reader.feed(input, &limits, &mut |event| {
+                        let Event::Binary(data) = event else { panic!("{event:?}") };
+                        got.push(data.to_vec());
+                        Flow::Continue
+                    });
+                    assert_eq!(fed, Ok(()), "len {len} cut {cut}");
+                }
+                assert_eq!(got, std::slice::from_ref(&want), "len {len} cut {cut}");
+            }
+        }
     }
 
     #[test]

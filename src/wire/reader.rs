@@ -482,15 +482,10 @@ mod tests {
     const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x1_0000, message_bytes_max: 0x2_0000 };
     const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
+    /// A masked frame whose first byte (FIN, RSV, opcode) is `b0`.
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        frame::write_header(&mut out, Opcode::Binary, payload.len());
-        out[0] = b0;
-        out[1] |= 0x80;
-        out.extend_from_slice(&MASK);
-        let start = out.len();
-        out.extend_from_slice(payload);
-        frame::apply_mask(&mut out[start..], MASK, 0);
+        frame::masked_frame(b0 & 0x80 != 0, b0 & 0x7F, payload, MASK, &mut out);
         out
     }
 

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use barrage::proto::{ClientFrame, ServerFrame, client_frame, server_frame};
+use barrage::wire::frame;
 use prost::Message as _;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
@@ -344,23 +345,10 @@ pub fn upgrade_request(path: &str, extra: &[&str]) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// A masked client frame.
+/// A masked client frame (with a fixed mask).
 pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut out = Vec::new();
+    frame::masked_frame(fin, opcode, payload, [0x12, 0x34, 0x56, 0x78], &mut out);
     out
 }
 
