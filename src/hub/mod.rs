@@ -250,15 +250,17 @@ impl Hub {
                     self.local.push_back(mail);
                     continue;
                 }
-                match mail {
-                    Mail::Owner(m) if self.post.is_congested(to) && m.asker().is_some() => {
-                        if let Some(at) = m.asker() {
-                            self.counters.inc(Series::MeshRefused);
-                            let reason = "server busy: try again";
-                            self.local.push_back(HostMail::Refused { conn: at.conn, code: 503, reason }.into());
-                        }
+                let asker = match &mail {
+                    Mail::Owner(m) if self.post.is_congested(to) => m.asker(),
+                    Mail::Owner(_) | Mail::Host(_) => None,
+                };
+                match asker {
+                    Some(at) => {
+                        self.counters.inc(Series::MeshRefused);
+                        let reason = "server busy: try again";
+                        self.local.push_back(HostMail::Refused { conn: at.conn, code: 503, reason }.into());
                     }
-                    mail => self.post.post(to, mail),
+                    None => self.post.post(to, mail),
                 }
             }
             while let Some(mail) = self.local.pop_front() {
