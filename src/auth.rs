@@ -18,6 +18,28 @@ pub const TOKEN_BYTES_MAX: usize = 4096;
 /// Longest `sub` accepted: user ids are keys of the shard's user index, so they stay short.
 pub const SUBJECT_BYTES_MAX: usize = 128;
 
+/// Entries of the `types` and `rooms` claims, and bytes of each: the grants are kept per
+/// signed-in user on every shard holding one of its connections.
+pub const GRANTS_MAX: usize = 32;
+pub const GRANT_BYTES_MAX: usize = 64;
+
+/// The shortest secret accepted: an HS256 key shorter than the hash's 256 bits can be guessed
+/// offline from one captured token.
+pub const SECRET_BYTES_MIN: usize = 32;
+
+/// What a token must carry besides a valid signature.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_s: u64,
+    /// Refuse tokens without `exp` (they would never expire).
+    pub require_exp: bool,
+    /// When set, `aud` (a string or an array of strings) must name it.
+    pub audience: Option<String>,
+    /// When set, `iss` must equal it.
+    pub issuer: Option<String>,
+}
+
 /// What a verified token says about its bearer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
@@ -36,6 +58,19 @@ pub struct Claims {
     /// The user's level (`level`, default 0): the weight of its chat inside a priority bucket,
     /// so a high-level user's line beats an anonymous one.
     pub level: i32,
+    /// Message types this user may `send` beyond the configured client types (`types`); never
+    /// the system types.
+    pub types: Vec<String>,
+    /// Rooms where `admin` and `attrs` apply (`rooms`; `"*"` = every room). Without it those
+    /// rights apply nowhere.
+    pub rooms: Vec<String>,
+}
+
+impl Claims {
+    /// Whether the admin and attribute rights of this token reach `room`.
+    pub fn rights_in(rooms: &[String], room: &str) -> bool {
+        rooms.iter().any(|r| r == "*" || r == room)
+    }
 }
 
 /// Why a token was refused. Each maps to a metric label with [`TokenError::reason`].
@@ -53,6 +88,12 @@ pub enum TokenError {
     NotYetValid,
     /// `sub` is missing, not a string, empty or too long.
     Subject,
+    /// No `exp`, and the gateway requires one.
+    NoExpiry,
+    /// `aud` does not name this gateway's audience.
+    Audience,
+    /// `iss` is not this gateway's issuer.
+    Issuer,
 }
 
 impl TokenError {
@@ -65,6 +106,9 @@ impl TokenError {
             TokenError::Expired => "expired",
             TokenError::NotYetValid => "nbf",
             TokenError::Subject => "subject",
+            TokenError::NoExpiry => "no_exp",
+            TokenError::Audience => "aud",
+            TokenError::Issuer => "iss",
         }
     }
 }
@@ -82,29 +126,29 @@ impl std::error::Error for TokenError {}
 #[derive(Clone)]
 pub struct Verifier {
     mac: Hmac<Sha256>,
-    leeway_s: u64,
+    rules: Rules,
 }
 
 impl fmt::Debug for Verifier {
     // The keyed MAC state is derived from the secret: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier").field("leeway_s", &self.leeway_s).finish_non_exhaustive()
+        f.debug_struct("Verifier").field("rules", &self.rules).finish_non_exhaustive()
     }
 }
 
 impl Verifier {
-    /// `secret` is the HS256 key shared with the business server; `leeway_s` tolerates clock
-    /// skew between the token issuer and this host on both `exp` and `nbf`. Refusing an empty or
-    /// short secret is config validation's job.
-    pub fn new(secret: &[u8], leeway_s: u64) -> Self {
-        Verifier { mac: keyed_mac(secret), leeway_s }
+    /// `secret` is the HS256 key shared with the business server; `rules` say what else a token
+    /// must carry. Refusing an empty or short secret is config validation's job.
+    pub fn new(secret: &[u8], rules: Rules) -> Self {
+        Verifier { mac: keyed_mac(secret), rules }
     }
 
     /// Verifies a compact JWS: header must say alg HS256 (typ optional, any other alg incl.
     /// "none" → Algorithm), signature by HMAC-SHA256 compared in constant time, base64url without
     /// padding (strict), claims JSON with `sub` a non-empty string of at most 128 bytes (else
     /// Subject), `exp`/`nbf` numeric seconds (exp <= now - leeway → Expired; nbf > now + leeway →
-    /// NotYetValid). Token length over 4096 bytes → Malformed.
+    /// NotYetValid; no exp while required → NoExpiry), `aud`/`iss` when the rules name them
+    /// (→ Audience, Issuer). Token length over 4096 bytes → Malformed.
     ///
     /// The signature is checked before the payload is parsed, so claims from an unsigned or
     /// forged token are never looked at.
@@ -119,8 +163,21 @@ impl Verifier {
         }
         check_header(&decode_segment(header_b64)?)?;
         self.check_signature(signing_input.as_bytes(), &decode_segment(signature_b64)?)?;
-        let claims = parse_claims(&decode_segment(payload_b64)?)?;
-        check_times(&claims, now_unix_s, self.leeway_s)?;
+        let (claims, audience, issuer) = parse_claims(&decode_segment(payload_b64)?)?;
+        check_times(&claims, now_unix_s, self.rules.leeway_s)?;
+        if self.rules.require_exp && claims.exp.is_none() {
+            return Err(TokenError::NoExpiry);
+        }
+        if let Some(want) = &self.rules.audience
+            && !audience.iter().any(|a| a == want)
+        {
+            return Err(TokenError::Audience);
+        }
+        if let Some(want) = &self.rules.issuer
+            && issuer.as_deref() != Some(want.as_str())
+        {
+            return Err(TokenError::Issuer);
+        }
         Ok(claims)
     }
 
@@ -181,15 +238,29 @@ struct RawClaims {
     admin: Option<bool>,
     attrs: Option<bool>,
     level: Option<i32>,
+    types: Option<Vec<String>>,
+    rooms: Option<Vec<String>>,
+    aud: Option<Value>,
+    iss: Option<String>,
 }
 
-fn parse_claims(json: &[u8]) -> Result<Claims, TokenError> {
+/// The claims, and the audiences and issuer they name (checked against the rules).
+fn parse_claims(json: &[u8]) -> Result<(Claims, Vec<String>, Option<String>), TokenError> {
     let raw: RawClaims = parse_object(json)?;
     let sub = match raw.sub {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= SUBJECT_BYTES_MAX => s,
         _ => return Err(TokenError::Subject),
     };
-    Ok(Claims {
+    let audience = match raw.aud {
+        None => Vec::new(),
+        Some(Value::String(a)) => vec![a],
+        Some(Value::Array(all)) => all
+            .into_iter()
+            .map(|a| a.as_str().map(str::to_owned).ok_or(TokenError::Malformed))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(TokenError::Malformed),
+    };
+    let claims = Claims {
         sub,
         exp: raw.exp.as_ref().map(seconds).transpose()?,
         nbf: raw.nbf.as_ref().map(seconds).transpose()?,
@@ -197,7 +268,19 @@ fn parse_claims(json: &[u8]) -> Result<Claims, TokenError> {
         admin: raw.admin.unwrap_or(false),
         attrs: raw.attrs.unwrap_or(false),
         level: raw.level.unwrap_or(0),
-    })
+        types: grants(raw.types)?,
+        rooms: grants(raw.rooms)?,
+    };
+    Ok((claims, audience, raw.iss))
+}
+
+/// A bounded list claim (`types`, `rooms`).
+fn grants(list: Option<Vec<String>>) -> Result<Vec<String>, TokenError> {
+    let list = list.unwrap_or_default();
+    if list.len() > GRANTS_MAX || list.iter().any(|g| g.is_empty() || g.len() > GRANT_BYTES_MAX) {
+        return Err(TokenError::Malformed);
+    }
+    Ok(list)
 }
 
 /// Parses a JSON object only. A derived struct would also take a JSON array positionally; the
@@ -251,7 +334,7 @@ mod tests {
     const NOW: u64 = 1_700_000_000;
 
     fn verifier() -> Verifier {
-        Verifier::new(SECRET, 30)
+        Verifier::new(SECRET, Rules { leeway_s: 30, ..Rules::default() })
     }
 
     fn b64(bytes: &[u8]) -> String {
@@ -278,6 +361,8 @@ mod tests {
             admin: false,
             attrs: false,
             level: 0,
+            types: Vec::new(),
+            rooms: Vec::new(),
         };
         assert_eq!(claims, expect);
     }
@@ -288,7 +373,9 @@ mod tests {
         let token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
                      eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.\
                      SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
-        let claims = Verifier::new(b"your-256-bit-secret", 0).verify(token, NOW).unwrap();
+        let claims = Verifier::new(b"your-256-bit-secret", Rules { leeway_s: 0, ..Rules::default() })
+            .verify(token, NOW)
+            .unwrap();
         assert_eq!(claims.sub, "1234567890");
         assert_eq!((claims.exp, claims.nbf, claims.send), (None, None, true));
     }
@@ -369,8 +456,11 @@ mod tests {
         let v = verifier(); // leeway 30 s
         assert!(v.verify(&token, NOW + 29).is_ok());
         assert_eq!(v.verify(&token, NOW + 30), Err(TokenError::Expired));
-        assert_eq!(Verifier::new(SECRET, 0).verify(&token, NOW), Err(TokenError::Expired));
-        assert!(Verifier::new(SECRET, 0).verify(&token, NOW - 1).is_ok());
+        assert_eq!(
+            Verifier::new(SECRET, Rules { leeway_s: 0, ..Rules::default() }).verify(&token, NOW),
+            Err(TokenError::Expired)
+        );
+        assert!(Verifier::new(SECRET, Rules { leeway_s: 0, ..Rules::default() }).verify(&token, NOW - 1).is_ok());
     }
 
     #[test]
@@ -379,14 +469,17 @@ mod tests {
         let v = verifier(); // leeway 30 s
         assert_eq!(v.verify(&token, NOW + 69), Err(TokenError::NotYetValid));
         assert!(v.verify(&token, NOW + 70).is_ok());
-        assert_eq!(Verifier::new(SECRET, 0).verify(&token, NOW + 99), Err(TokenError::NotYetValid));
-        assert!(Verifier::new(SECRET, 0).verify(&token, NOW + 100).is_ok());
+        assert_eq!(
+            Verifier::new(SECRET, Rules { leeway_s: 0, ..Rules::default() }).verify(&token, NOW + 99),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(Verifier::new(SECRET, Rules { leeway_s: 0, ..Rules::default() }).verify(&token, NOW + 100).is_ok());
     }
 
     #[test]
     fn leeway_does_not_overflow() {
         let token = sign_hs256(SECRET, &json!({"sub": "a", "exp": u64::MAX, "nbf": u64::MAX}));
-        let v = Verifier::new(SECRET, u64::MAX);
+        let v = Verifier::new(SECRET, Rules { leeway_s: u64::MAX, ..Rules::default() });
         assert!(v.verify(&token, u64::MAX).is_ok());
         let old = sign_hs256(SECRET, &json!({"sub": "a", "exp": 0}));
         assert!(v.verify(&old, 0).is_ok());
@@ -499,7 +592,7 @@ mod tests {
 
     #[test]
     fn debug_hides_the_secret() {
-        let shown = format!("{:?}", Verifier::new(b"hunter2", 5));
+        let shown = format!("{:?}", Verifier::new(b"hunter2", Rules { leeway_s: 5, ..Rules::default() }));
         assert!(!shown.contains("hunter2") && shown.contains("leeway_s: 5"), "{shown}");
     }
 
@@ -524,6 +617,56 @@ mod tests {
             let mut changed = token.clone();
             changed.replace_range(i..=i, c.encode_utf8(&mut [0; 4]));
             prop_assert!(verifier().verify(&changed, NOW).is_err());
+        }
+    }
+
+    #[test]
+    fn expiry_is_required_unless_the_rules_waive_it() {
+        let strict = Verifier::new(SECRET, Rules { leeway_s: 30, require_exp: true, ..Rules::default() });
+        let forever = sign_hs256(SECRET, &json!({"sub": "a"}));
+        assert_eq!(strict.verify(&forever, NOW), Err(TokenError::NoExpiry));
+        assert!(verifier().verify(&forever, NOW).is_ok(), "the operator opted out");
+        let timed = sign_hs256(SECRET, &json!({"sub": "a", "exp": NOW + 60}));
+        assert!(strict.verify(&timed, NOW).is_ok());
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let rules = Rules { audience: Some("barrage".into()), issuer: Some("shop".into()), ..Rules::default() };
+        let v = Verifier::new(SECRET, rules);
+        let ok = [
+            json!({"sub": "a", "aud": "barrage", "iss": "shop"}),
+            json!({"sub": "a", "aud": ["x", "barrage"], "iss": "shop"}),
+        ];
+        for claims in ok {
+            assert!(v.verify(&sign_hs256(SECRET, &claims), NOW).is_ok(), "{claims}");
+        }
+        let aud = [json!({"sub": "a", "iss": "shop"}), json!({"sub": "a", "aud": "other", "iss": "shop"})];
+        for claims in aud {
+            assert_eq!(v.verify(&sign_hs256(SECRET, &claims), NOW), Err(TokenError::Audience), "{claims}");
+        }
+        let iss = json!({"sub": "a", "aud": "barrage", "iss": "evil"});
+        assert_eq!(v.verify(&sign_hs256(SECRET, &iss), NOW), Err(TokenError::Issuer));
+        let bad = json!({"sub": "a", "aud": 7});
+        assert_eq!(v.verify(&sign_hs256(SECRET, &bad), NOW), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn grants_are_bounded_and_scope_rights() {
+        let c = verifier()
+            .verify(&sign_hs256(SECRET, &json!({"sub": "a", "types": ["gift"], "rooms": ["r1"]})), NOW)
+            .unwrap();
+        assert_eq!((c.types, c.rooms.clone()), (vec!["gift".to_string()], vec!["r1".to_string()]));
+        assert!(Claims::rights_in(&c.rooms, "r1") && !Claims::rights_in(&c.rooms, "r2"));
+        assert!(Claims::rights_in(&["*".to_string()], "any"));
+        assert!(!Claims::rights_in(&[], "r1"), "no rooms claim: rights apply nowhere");
+        let many: Vec<String> = (0..=GRANTS_MAX).map(|i| format!("t{i}")).collect();
+        for claims in [
+            json!({"sub": "a", "types": many}),
+            json!({"sub": "a", "rooms": [""]}),
+            json!({"sub": "a", "types": "gift"}),
+        ] {
+            assert_eq!(verifier().verify(&sign_hs256(SECRET, &claims), NOW), Err(TokenError::Malformed), "{claims}");
         }
     }
 }

@@ -70,6 +70,18 @@ struct TokenArgs {
     /// Make a token that may only watch (claim `send: false`).
     #[arg(long)]
     no_send: bool,
+    /// Moderation rights (claim `admin: true`) in the rooms given with --rooms.
+    #[arg(long)]
+    admin: bool,
+    /// Attribute rights (claim `attrs: true`) in the rooms given with --rooms.
+    #[arg(long)]
+    attrs: bool,
+    /// Rooms the admin and attribute rights reach (claim `rooms`; `*` = all), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    rooms: Vec<String>,
+    /// Message types this user may send beyond the client types (claim `types`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    types: Vec<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -140,7 +152,17 @@ fn doctor(args: &DoctorArgs) -> i32 {
 
 fn token(args: &TokenArgs) -> Result<(), Box<dyn std::error::Error>> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let claims = serde_json::json!({"sub": args.user, "exp": now + args.ttl_s, "send": !args.no_send});
+    let mut claims = serde_json::json!({"sub": args.user, "exp": now + args.ttl_s, "send": !args.no_send});
+    for (set, claim) in [(args.admin, "admin"), (args.attrs, "attrs")] {
+        if set {
+            claims[claim] = true.into();
+        }
+    }
+    for (list, claim) in [(&args.rooms, "rooms"), (&args.types, "types")] {
+        if !list.is_empty() {
+            claims[claim] = serde_json::json!(list);
+        }
+    }
     println!("{}", crate::auth::sign_hs256(args.secret.as_bytes(), &claims));
     Ok(())
 }

@@ -26,11 +26,15 @@ macro_rules! config {
             /// Per message type: default priority and time to live (`[types.gift]`).
             #[serde(default = "default_types")]
             pub types: BTreeMap<String, TypeDefaults>,
+            /// The types a client may `send`, and their priority (`[client_types] chat =
+            /// "low"`); a token's `types` claim adds to it, never the system types.
+            #[serde(default = "default_client_types")]
+            pub client_types: BTreeMap<String, Priority>,
         }
 
         impl Default for Config {
             fn default() -> Self {
-                Config { $( $section: $Section::default(), )* types: default_types() }
+                Config { $( $section: $Section::default(), )* types: default_types(), client_types: default_client_types() }
             }
         }
 
@@ -158,6 +162,17 @@ config! {
         jwt_secret: String = String::new(), jwt_secret, "BARRAGE_JWT_SECRET";
         /// Clock skew tolerated on `exp` and `nbf`.
         jwt_leeway_s: u64 = 30, jwt_leeway_s, "BARRAGE_JWT_LEEWAY_S";
+        /// Refuse tokens without `exp` (such a token never expires: a leaked one is good for
+        /// ever). false = accept them.
+        require_exp: bool = true, jwt_require_exp, "BARRAGE_JWT_REQUIRE_EXP";
+        /// When set, a token's `aud` must name it (a string or one of an array).
+        audience: String = String::new(), jwt_audience, "BARRAGE_JWT_AUDIENCE";
+        /// When set, a token's `iss` must equal it.
+        issuer: String = String::new(), jwt_issuer, "BARRAGE_JWT_ISSUER";
+        /// When a connection's token expires it is told so (error 401) and closed (1008) this
+        /// long after unless it sends `refresh` with a new token for the same user. Costs 16 B
+        /// per signed-in connection whose token has an `exp`.
+        refresh_grace_ms: u64 = 30_000, refresh_grace_ms, "BARRAGE_REFRESH_GRACE_MS";
     }
 
     /// Rooms and their merged blocks.
@@ -244,6 +259,16 @@ pub struct TypeDefaults {
     /// Dropped (counted as expired) if not in a block within this many ms; 0 = never.
     #[serde(default)]
     pub ttl_ms: u32,
+}
+
+/// Types only the gateway posts (presence): never from a client or a token's grant. A type
+/// whose default priority is whitelist (`notice`) is a system type too (see `Config::is_system_type`).
+pub const SYSTEM_TYPES: [&str; 2] = ["enter", "leave"];
+
+/// Clients send chat lines and likes, at low priority; anything else comes from the business
+/// (the API) or a token's `types` grant.
+fn default_client_types() -> BTreeMap<String, Priority> {
+    [("chat", Priority::Low), ("like", Priority::Low)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// The built-in types: chat and likes are cheap and go stale fast, gifts matter longer and
@@ -347,6 +372,24 @@ impl Config {
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
         }
+        let secret = self.auth.jwt_secret.len();
+        if secret > 0 && secret < crate::auth::SECRET_BYTES_MIN {
+            return Err(ConfigError(format!(
+                "auth.jwt_secret is {secret} bytes; it must be at least {} (an HS256 key shorter than the hash's \
+                 256 bits can be guessed offline from one captured token)",
+                crate::auth::SECRET_BYTES_MIN
+            )));
+        }
+        for (kind, &priority) in &self.client_types {
+            if self.is_system_type(kind) {
+                return Err(ConfigError(format!("client_types.{kind}: a system type cannot be sent by clients")));
+            }
+            if priority == Priority::Whitelist {
+                return Err(ConfigError(format!(
+                    "client_types.{kind}: clients cannot send whitelist (only room-whitelisted users' sends ride it)"
+                )));
+            }
+        }
         if s.partial_bytes_max < w.message_bytes_max + w.handshake_bytes_max {
             return Err(ConfigError(
                 "server.partial_bytes_max must hold at least one websocket.message_bytes_max + handshake_bytes_max"
@@ -363,6 +406,12 @@ impl Config {
             return Err(ConfigError("websocket.echo_path must start with '/'".into()));
         }
         Ok(())
+    }
+
+    /// Whether only the gateway and the API may post this type: presence events, and every
+    /// type whose default priority is whitelist.
+    pub fn is_system_type(&self, kind: &str) -> bool {
+        SYSTEM_TYPES.contains(&kind) || self.type_defaults(kind).priority == Priority::Whitelist
     }
 
     /// Defaults for a message type (unknown types: low priority, no expiry).

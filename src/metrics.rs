@@ -77,7 +77,9 @@ series! {
     RefusedAttrs => "barrage_requests_refused_total" {"reason" = "attrs"}, "counter", "Attribute, moderation and poll requests refused (bad key, too large, list full, bad cursor).";
     RefusedModeration => "barrage_requests_refused_total" {"reason" = "moderation"}, "counter", "";
     RefusedPoll => "barrage_requests_refused_total" {"reason" = "poll"}, "counter", "";
-    SendRefused => "barrage_client_sends_refused_total", "counter", "Client sends refused (anonymous, no room, too big).";
+    RefusedRights => "barrage_requests_refused_total" {"reason" = "rights"}, "counter", "";
+    SendRefused => "barrage_client_sends_refused_total" {"reason" = "rules"}, "counter", "Client sends refused: by the sender rules (anonymous, read-only token, no room, too big), or for a type the client may not send.";
+    SendTypeRefused => "barrage_client_sends_refused_total" {"reason" = "type"}, "counter", "";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
     FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";
     MeshFull => "barrage_frames_dropped_total" {"reason" = "mesh_full"}, "counter", "";
@@ -97,6 +99,9 @@ series! {
     ClosedKicked => "barrage_closed_total" {"reason" = "kicked"}, "counter", "";
     ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
+    ClosedExpired => "barrage_closed_total" {"reason" = "token_expired"}, "counter", "";
+    Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
+    RefreshRefused => "barrage_token_refreshes_total" {"result" = "refused"}, "counter", "";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";

@@ -141,9 +141,19 @@ fn kick_mute_ban_and_whitelist_through_the_api_and_admin_frames() {
     assert_eq!(http(gw.api, "DELETE", "/v1/rooms/mod/bans/alice", None, &[]).0, 200);
     again.send(client_frame::Frame::Join(Join { room: "mod".into() }));
     gw.wait_online("mod", 1);
-    // An admin token kicks with a frame.
-    let mut admin =
-        Client::connect(&gw.url(&format!("?room=mod&token={}", signed(json!({"sub": "boss", "admin": true})))), PROTO);
+    // An admin token scoped to another room may not moderate this one.
+    let elsewhere = signed(json!({"sub": "intruder", "admin": true, "rooms": ["other"]}));
+    let mut intruder = Client::connect(&gw.url(&format!("?room=mod&token={elsewhere}")), PROTO);
+    intruder.welcome();
+    let ban =
+        Moderate { action: moderate::Action::Ban as i32, user: "alice".into(), duration_ms: 0, reason: "x".into() };
+    intruder.send(client_frame::Frame::Moderate(ban));
+    assert_eq!(error_code(&mut intruder), 403, "admin rights reach only the token's rooms");
+    drop(intruder);
+    gw.wait_online("mod", 1);
+    // An admin token for this room kicks with a frame.
+    let boss = signed(json!({"sub": "boss", "admin": true, "rooms": ["mod"]}));
+    let mut admin = Client::connect(&gw.url(&format!("?room=mod&token={boss}")), PROTO);
     admin.welcome();
     gw.wait_online("mod", 2);
     let kick =
@@ -270,8 +280,10 @@ fn attributes_snapshot_on_join_deltas_after_and_sync_by_version() {
     let set = AttrSet { key: "seat9".into(), value: b"me".to_vec(), delete: false };
     c.send(client_frame::Frame::AttrSet(set.clone()));
     assert_eq!(error_code(&mut c), 403);
-    let mut mic =
-        Client::connect(&gw.url(&format!("?room=a&token={}", signed(json!({"sub": "mc", "attrs": true})))), PROTO);
+    let mut mic = Client::connect(
+        &gw.url(&format!("?room=a&token={}", signed(json!({"sub": "mc", "attrs": true, "rooms": ["*"]})))),
+        PROTO,
+    );
     mic.welcome();
     assert!(matches!(mic.recv(), server_frame::Frame::Attrs(a) if a.snapshot));
     mic.send(client_frame::Frame::AttrSet(set));

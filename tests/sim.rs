@@ -56,7 +56,7 @@ use prost::Message as _;
 const SEEDS: [u64; 16] = [1, 2, 3, 5, 8, 13, 21, 34, 0xB1A5, 0xDA11, 0xC0FFEE, 0xFEED, 0x5EED, 0xBEEF, 0x7777, 0x2024];
 /// Turns of the main phase per seed (about 10 ms of simulated time each).
 const MAIN_TURNS: u64 = 4_000;
-const SECRET: &str = "sim-secret-0123456789";
+const SECRET: &str = "sim-secret-0123456789-0123456789";
 /// The wall clock at the start of every run.
 const UNIX_START_MS: i64 = 1_750_000_000_000;
 /// Witnesses join before anything is published, and the counters are read after this.

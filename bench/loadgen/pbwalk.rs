@@ -347,7 +347,7 @@ mod tests {
     }
 
     fn welcome_frame() -> Vec<u8> {
-        let w = Welcome { conn_id: 77, user: String::new(), heartbeat_ms: 30_000, server_ms: 1, room: "r3".into() };
+        let w = Welcome { conn_id: 77, heartbeat_ms: 30_000, server_ms: 1, room: "r3".into(), ..Welcome::default() };
         ServerFrame { frame: Some(server_frame::Frame::Welcome(w)) }.encode_to_vec()
     }
 

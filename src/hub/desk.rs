@@ -75,8 +75,8 @@ impl Desk {
                 let result = self.publish(&room, *msg, Sender::Api { priority }, now);
                 reply.send(result);
             }
-            OwnerMail::Send { room, msg, user, weight, from } => {
-                if let Err(e) = self.publish(&room, *msg, Sender::Client { user, weight }, now) {
+            OwnerMail::Send { room, msg, user, weight, priority, from } => {
+                if let Err(e) = self.publish(&room, *msg, Sender::Client { user, weight, priority }, now) {
                     let (code, reason) = e.code();
                     self.refuse(from, u32::from(code), reason);
                 }

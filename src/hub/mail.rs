@@ -73,9 +73,9 @@ pub enum OwnerMail {
         priority: Option<Priority>,
         reply: Reply<Result<Published, PublishError>>,
     },
-    /// A signed-in client's `send`, checked by its shard; the owner checks mute and the room's
-    /// rate and answers only a refusal.
-    Send { room: RoomName, msg: Box<Message>, user: UserId, weight: i32, from: ConnAt },
+    /// A signed-in client's `send`, checked by its shard (which chose the priority its type
+    /// may ride); the owner checks mute and the room's rate and answers only a refusal.
+    Send { room: RoomName, msg: Box<Message>, user: UserId, weight: i32, priority: Priority, from: ConnAt },
     /// This shard now holds `members` members of the room (`json` of them reading JSON);
     /// `left` of them left since the last report, the first few named.
     Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },

@@ -292,7 +292,12 @@ pub struct HubConfig {
     pub block_wait_max_ms: u64,
     pub rooms_max: usize,
     pub jwt_secret: Vec<u8>,
-    pub jwt_leeway_s: u64,
+    /// What a token must carry (expiry, audience, issuer, leeway).
+    pub token_rules: crate::auth::Rules,
+    /// How long a connection whose token expired has to refresh it.
+    pub refresh_grace_ms: u64,
+    /// Which types clients may send, at what priority.
+    pub client_types: Arc<host::ClientTypes>,
     /// Sends per connection.
     pub send_rate: Rate,
     pub slow_consumer_ms: u64,
@@ -333,7 +338,14 @@ impl HubConfig {
             block_wait_max_ms: c.rooms.block_wait_max_ms,
             rooms_max: c.rooms.rooms_max,
             jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
-            jwt_leeway_s: c.auth.jwt_leeway_s,
+            token_rules: crate::auth::Rules {
+                leeway_s: c.auth.jwt_leeway_s,
+                require_exp: c.auth.require_exp,
+                audience: (!c.auth.audience.is_empty()).then(|| c.auth.audience.clone()),
+                issuer: (!c.auth.issuer.is_empty()).then(|| c.auth.issuer.clone()),
+            },
+            refresh_grace_ms: c.auth.refresh_grace_ms,
+            client_types: Arc::new(host::ClientTypes::new(c)),
             send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
             slow_consumer_ms: c.websocket.slow_consumer_ms,
             poll_limit_max: c.rooms.poll_limit_max,

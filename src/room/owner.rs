@@ -70,8 +70,9 @@ impl PublishError {
 pub enum Sender {
     /// The business API, with the priority its body named (else the type's default).
     Api { priority: Option<Priority> },
-    /// A signed-in user's `send`, with the weight its token grants.
-    Client { user: UserId, weight: i32 },
+    /// A signed-in user's `send`, with the weight its token grants and the priority its type
+    /// may ride (whitelist instead when the user is on the room's whitelist).
+    Client { user: UserId, weight: i32, priority: Priority },
 }
 
 /// A message accepted for the next block.
@@ -259,7 +260,7 @@ impl Owner {
         let defaults = types.get(msg.r#type.as_str()).copied().unwrap_or_default();
         let priority = match &sender {
             Sender::Api { priority } => priority.unwrap_or(defaults.priority),
-            Sender::Client { user, weight } => {
+            Sender::Client { user, weight, priority } => {
                 if r.moderation.contains(List::Mute, user.as_str(), now.unix.0) {
                     return Err(PublishError::Muted);
                 }
@@ -267,7 +268,7 @@ impl Owner {
                 msg.sender = user.as_str().to_owned();
                 match r.moderation.contains(List::Whitelist, user.as_str(), now.unix.0) {
                     true => Priority::Whitelist,
-                    false => defaults.priority,
+                    false => *priority,
                 }
             }
         };

@@ -14,9 +14,9 @@ use prost::Message as _;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 use tungstenite::protocol::Message as WsMessage;
-use tungstenite::stream::MaybeTlsStream;
+pub use tungstenite::stream::MaybeTlsStream;
 
-pub const SECRET: &str = "test-secret-0123456789";
+pub const SECRET: &str = "test-secret-0123456789-0123456789";
 
 /// A running gateway process, stopped (SIGTERM, then kill) on drop.
 pub struct Gateway {

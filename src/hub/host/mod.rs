@@ -15,11 +15,13 @@
 mod conn;
 mod conns;
 mod fanout;
+mod grants;
 mod intake;
 pub mod outbox;
 mod replicas;
 mod rooms;
 mod session;
+mod tokens;
 mod upgrade;
 mod users;
 
@@ -45,6 +47,7 @@ use crate::room::limit::TokenBucket;
 use crate::room::moderation::List;
 use crate::wire::CloseCode;
 
+pub use self::grants::ClientTypes;
 pub use self::upgrade::WS_PATH;
 
 /// Timeouts are checked by sweeping a tenth of the connections every 100 ms.
@@ -65,6 +68,8 @@ pub struct Host {
     replicas: Replicas,
     /// Send-rate state of connections that sent recently (8 B each; idle viewers hold none).
     send_buckets: HashMap<ConnKey, TokenBucket>,
+    /// When signed-in connections' tokens expire (only tokens with an `exp`).
+    expiries: HashMap<ConnKey, tokens::Expiry>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
     /// as one queued frame, so a burst of small client frames costs one queue slot.
     replying: Option<ConnKey>,
@@ -79,7 +84,7 @@ pub struct Host {
 
 impl Host {
     pub fn new(cfg: HubConfig) -> Host {
-        let verifier = (!cfg.jwt_secret.is_empty()).then(|| Verifier::new(&cfg.jwt_secret, cfg.jwt_leeway_s));
+        let verifier = (!cfg.jwt_secret.is_empty()).then(|| Verifier::new(&cfg.jwt_secret, cfg.token_rules.clone()));
         Host {
             verifier,
             conns: Conns::new(cfg.conns_max),
@@ -89,6 +94,7 @@ impl Host {
             outbox: Outbox::default(),
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
+            expiries: HashMap::new(),
             replying: None,
             replies: Vec::new(),
             counters: Counters::default(),
@@ -324,6 +330,10 @@ impl Host {
                 self.slow_consumer(key, now);
                 continue;
             }
+            if conn.state == State::Open && conn.has(conn::flag::SIGNED_IN) {
+                self.check_expiry(key, now);
+            }
+            let conn = self.conns.get(key);
             if conn.deadline == 0 || conn.deadline > tick {
                 continue;
             }
@@ -429,6 +439,7 @@ impl Host {
         }
         self.intake.take_head(key);
         self.send_buckets.remove(&key);
+        self.expiries.remove(&key);
         self.leave_room(key);
         self.leave_user(key);
         self.conns.push_closing(key);

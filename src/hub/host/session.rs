@@ -118,6 +118,7 @@ impl Host {
             Some(client_frame::Frame::AttrSync(s)) => self.attr_sync(key, s, now),
             Some(client_frame::Frame::AttrSet(s)) => self.attr_set(key, s, now),
             Some(client_frame::Frame::Moderate(m)) => self.moderate(key, m, now),
+            Some(client_frame::Frame::Refresh(r)) => self.refresh(key, r, now),
             None => {}
         }
     }
@@ -209,14 +210,21 @@ impl Host {
     /// A signed-in user's chat line: checked here, then mixed by the room's owner (which checks
     /// mute and the room's rate, and stamps sender, time and the type's priority).
     fn client_send(&mut self, key: ConnKey, kind: String, data: Vec<u8>, now: Now) {
+        let kind = if kind.is_empty() { "chat".to_owned() } else { kind };
         if kind.len() > TYPE_BYTES_MAX {
             return self.send_error(key, code::BAD_REQUEST, "message type is too long", now);
         }
         let Some((room, user)) = self.sender_checks(key, data.len(), now) else { return };
-        let weight = self.users.level(self.conns.get(key).user);
-        let msg = Message { r#type: if kind.is_empty() { "chat".into() } else { kind }, data, ..Message::default() };
+        let user_key = self.conns.get(key).user;
+        let Some(priority) = self.cfg.client_types.priority(&kind, self.users.grants(user_key)) else {
+            self.counters.inc(Series::SendTypeRefused);
+            return self.send_error(key, code::FORBIDDEN, "clients may not send this message type", now);
+        };
+        let weight = self.users.level(user_key);
+        let msg = Message { r#type: kind, data, ..Message::default() };
         let from = self.at(key);
-        self.ask_owner(&room.clone(), OwnerMail::Send { room, msg: Box::new(msg), user, weight, from });
+        let send = OwnerMail::Send { room: room.clone(), msg: Box::new(msg), user, weight, priority, from };
+        self.ask_owner(&room, send);
     }
 
     fn attr_sync(&mut self, key: ConnKey, s: AttrSync, now: Now) {
@@ -233,24 +241,33 @@ impl Host {
     }
 
     fn attr_set(&mut self, key: ConnKey, s: AttrSet, now: Now) {
-        if !self.conns.get(key).has(flag::ATTRS) {
-            return self.send_error(key, code::FORBIDDEN, "this token may not set attributes", now);
-        }
         let Some(room) = self.current_room(key).cloned() else {
             return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now);
         };
+        if !self.has_right(key, flag::ATTRS, &room) {
+            self.counters.inc(Series::RefusedRights);
+            return self.send_error(key, code::FORBIDDEN, "this token may not set attributes in this room", now);
+        }
         let value = (!s.delete).then_some(s.value);
         let origin = Origin::Conn(self.at(key));
         self.ask_owner(&room.clone(), OwnerMail::SetAttr { room, key: s.key, value, origin });
     }
 
+    /// Whether the connection's token grants `right` (ADMIN or ATTRS) in `room` (its `rooms`
+    /// claim must name the room, or `"*"`).
+    fn has_right(&self, key: ConnKey, right: u8, room: &RoomName) -> bool {
+        let conn = self.conns.get(key);
+        conn.has(right) && self.users.grants(conn.user).is_some_and(|g| g.rights_in(room.as_str()))
+    }
+
     fn moderate(&mut self, key: ConnKey, m: Moderate, now: Now) {
-        if !self.conns.get(key).has(flag::ADMIN) {
-            return self.send_error(key, code::FORBIDDEN, "this token may not moderate", now);
-        }
         let Some(room) = self.current_room(key).cloned() else {
             return self.send_error(key, code::NOT_IN_ROOM, "join a room first", now);
         };
+        if !self.has_right(key, flag::ADMIN, &room) {
+            self.counters.inc(Series::RefusedRights);
+            return self.send_error(key, code::FORBIDDEN, "this token may not moderate this room", now);
+        }
         let until_ms =
             (m.duration_ms > 0).then(|| now.unix.0.saturating_add(m.duration_ms.min(i64::MAX as u64) as i64));
         let action = match moderate::Action::try_from(m.action) {

@@ -7,7 +7,7 @@ use super::conn::{State, flag};
 use crate::auth::Claims;
 use crate::envelope::Format;
 use crate::hub::mail::{ConnAt, OwnerMail};
-use crate::ids::{ConnId, ConnKey, Now, UserId};
+use crate::ids::{ConnId, ConnKey, Now};
 use crate::metrics::Series;
 use crate::proto::{ServerFrame, Welcome, server_frame};
 use crate::room::RoomName;
@@ -16,18 +16,8 @@ use crate::wire::handshake::{self as wire, HandshakeError, Method, Parsed, Reque
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
 
-/// Who a handshake turned out to be.
-struct Identity {
-    user: Option<UserId>,
-    can_send: bool,
-    admin: bool,
-    attrs: bool,
-    level: i32,
-}
-
-impl Identity {
-    const ANONYMOUS: Identity = Identity { user: None, can_send: false, admin: false, attrs: false, level: 0 };
-}
+/// Who a handshake turned out to be: a verified token, or None for an anonymous viewer.
+type Identity = Option<Claims>;
 
 /// A refused upgrade: status, reason and the counter it bumps.
 struct Refusal {
@@ -119,7 +109,7 @@ impl Host {
             .filter(|t| !t.is_empty());
         let Some(token) = token else {
             if self.cfg.allow_anonymous {
-                return Ok(Identity::ANONYMOUS);
+                return Ok(None);
             }
             let message = "a token is required".into();
             return Err(Refusal { status: 401, message, series: Series::HsAnonymous });
@@ -130,9 +120,7 @@ impl Host {
         };
         let now_s = (now.unix.0.max(0) / 1000) as u64;
         match verifier.verify(&token, now_s) {
-            Ok(Claims { sub, send, admin, attrs, level, .. }) => {
-                Ok(Identity { user: Some(UserId::new(&sub)), can_send: send, admin, attrs, level })
-            }
+            Ok(claims) => Ok(Some(claims)),
             Err(e) => {
                 let message = format!("bad token: {}", e.reason());
                 Err(Refusal { status: 401, message, series: Series::HsToken })
@@ -154,28 +142,19 @@ impl Host {
         if echo {
             conn.flags |= flag::ECHO;
         }
-        if id.user.is_some() {
-            conn.flags |= flag::SIGNED_IN;
-            for (granted, f) in [(id.can_send, flag::CAN_SEND), (id.admin, flag::ADMIN), (id.attrs, flag::ATTRS)] {
-                if granted {
-                    conn.flags |= f;
-                }
-            }
-        }
         self.conns.opened();
         self.counters.inc(Series::HandshakeOk);
-        if let Some(user) = &id.user {
-            self.conns.get_mut(key).user = self.users.add(user, key, id.level);
-        }
+        let expires_ms = id.as_ref().map_or(0, |claims| self.sign_in(key, claims));
         if !self.enqueue_owned(key, wire::response_101(upgrade), now) || echo {
             return;
         }
         let welcome = Welcome {
             conn_id: (u64::from(self.cfg.shard.0) << 32) | (u64::from(key.0) + 1),
-            user: id.user.map(|u| u.as_str().to_owned()).unwrap_or_default(),
+            user: id.map(|c| c.sub).unwrap_or_default(),
             heartbeat_ms: self.cfg.heartbeat_ms,
             server_ms: now.unix.0,
             room: room.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
+            expires_ms,
         };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
         if self.send_frame(key, &frame, now)

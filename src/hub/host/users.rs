@@ -2,9 +2,11 @@
 //! messages, kicks and the chat weight of the user's level).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use slab::Slab;
 
+use super::grants::Grants;
 use crate::ids::{ConnKey, UserId};
 
 /// A user in the local index.
@@ -21,6 +23,8 @@ struct User {
     conns: Vec<ConnKey>,
     /// The `level` claim of the latest token: weight of the user's chat.
     level: i32,
+    /// The latest token's grants (types it may send, rooms its rights reach).
+    grants: Arc<Grants>,
 }
 
 /// Signed-in users with connections on this shard.
@@ -31,20 +35,34 @@ pub struct Users {
 }
 
 impl Users {
-    /// Records a connection of `id` (its token's level wins from now on); returns the key.
-    pub fn add(&mut self, id: &UserId, conn: ConnKey, level: i32) -> UserKey {
+    /// Records a connection of `id` (its token's level and grants win from now on); returns
+    /// the key.
+    pub fn add(&mut self, id: &UserId, conn: ConnKey, level: i32, grants: Arc<Grants>) -> UserKey {
         let key = match self.by_id.get(id) {
             Some(&k) => k,
             None => {
-                let k = UserKey(self.slab.insert(User { id: id.clone(), conns: Vec::new(), level }) as u32);
+                let user = User { id: id.clone(), conns: Vec::new(), level, grants: Arc::clone(&grants) };
+                let k = UserKey(self.slab.insert(user) as u32);
                 self.by_id.insert(id.clone(), k);
                 k
             }
         };
         let user = &mut self.slab[key.0 as usize];
         user.conns.push(conn);
-        user.level = level;
+        self.update(key, level, grants);
         key
+    }
+
+    /// A newer token of the user (a refresh): its level and grants win from now on.
+    pub fn update(&mut self, user: UserKey, level: i32, grants: Arc<Grants>) {
+        let u = &mut self.slab[user.0 as usize];
+        u.level = level;
+        u.grants = grants;
+    }
+
+    /// The user's grants (None for `UserKey::NONE`).
+    pub fn grants(&self, user: UserKey) -> Option<&Grants> {
+        self.slab.get(user.0 as usize).map(|u| &*u.grants)
     }
 
     /// The user's level (0 for `UserKey::NONE`).
@@ -91,8 +109,8 @@ mod tests {
     fn users_track_connections() {
         let mut users = Users::default();
         let alice = UserId::new("alice");
-        let u = users.add(&alice, ConnKey(1), 0);
-        assert_eq!(users.add(&alice, ConnKey(2), 5), u);
+        let u = users.add(&alice, ConnKey(1), 0, Arc::default());
+        assert_eq!(users.add(&alice, ConnKey(2), 5, Arc::default()), u);
         assert_eq!(users.level(u), 5);
         assert_eq!(users.conns("alice"), &[ConnKey(1), ConnKey(2)]);
         users.remove(u, ConnKey(1));

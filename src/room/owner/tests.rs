@@ -129,7 +129,7 @@ fn type_defaults_fill_priority_and_ttl() {
 fn client_sends_obey_mute_and_whitelist() {
     let mut o = owner(1);
     let r = room("m");
-    let client = Sender::Client { user: UserId::new("alice"), weight: 7 };
+    let client = Sender::Client { user: UserId::new("alice"), weight: 7, priority: Priority::Low };
     o.moderate(&r, &UserId::new("alice"), ModAction::Mute { until_ms: Some(1_000) }, at(0)).unwrap();
     assert_eq!(o.publish(&r, text("x"), client.clone(), at(500)), Err(PublishError::Muted));
     o.publish(&r, text("x"), client.clone(), at(1_000)).expect("the mute ended");

@@ -1,0 +1,118 @@
+//! The abuse paths of issue 10, each tried as an attacker would, against the real binary over
+//! loopback: every test here failed on the gateway before the fix it names.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use barrage::proto::{Priority, Refresh, Send, client_frame, server_frame};
+use common::{Client, Gateway, SECRET, token};
+use serde_json::{Value, json};
+
+const PROTO: Option<&str> = Some("barrage.v1.proto");
+
+fn unix_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn signed(claims: Value) -> String {
+    barrage::auth::sign_hs256(SECRET.as_bytes(), &claims)
+}
+
+fn send(c: &mut Client, kind: &str, text: &str) {
+    c.send(client_frame::Frame::Send(Send { r#type: kind.into(), data: text.as_bytes().to_vec() }));
+}
+
+fn error_code(c: &mut Client) -> u32 {
+    match c.recv() {
+        server_frame::Frame::Error(e) => e.code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Attack 1: a signed-in user forges system and business types (a `notice` rode WHITELIST:
+/// no rate limit, never expired, never shed). Now only the client types and the token's grants
+/// may be sent, system types never.
+#[test]
+fn clients_cannot_forge_system_or_business_types() {
+    let gw = Gateway::start(&["--block-interval-ms", "50", "--send-rate-burst", "20"]);
+    let mut viewer = Client::connect(&gw.url("?room=r"), PROTO);
+    viewer.welcome();
+    let mut user = Client::connect(&gw.url(&format!("?room=r&token={}", token("mallory"))), PROTO);
+    user.welcome();
+    for forged in ["notice", "gift", "pk", "enter", "leave", "custom"] {
+        send(&mut user, forged, "forged");
+        assert_eq!(error_code(&mut user), 403, "{forged} is refused");
+    }
+    // A grant lets the business allow gifts (at their default, high), never notices.
+    let exp = unix_s() + 600;
+    let granted = signed(json!({"sub": "vip", "exp": exp, "types": ["gift", "notice"]}));
+    let mut vip = Client::connect(&gw.url(&format!("?room=r&token={granted}")), PROTO);
+    vip.welcome();
+    send(&mut vip, "notice", "still forged");
+    assert_eq!(error_code(&mut vip), 403);
+    send(&mut vip, "gift", "rocket");
+    send(&mut user, "chat", "hello");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.extend(viewer.block().messages.into_iter().map(|m| (m.r#type, m.priority)));
+    }
+    seen.sort();
+    assert_eq!(seen, [("chat".into(), Priority::Low as i32), ("gift".into(), Priority::High as i32)]);
+}
+
+/// Attack 4: a token without `exp` never expired, a one-byte secret started the gateway, and an
+/// admin token moderated every room (tests/live.rs covers the room scope).
+#[test]
+fn tokens_must_expire_and_secrets_must_be_long() {
+    let gw = Gateway::start(&[]);
+    let forever = signed(json!({"sub": "alice"}));
+    let req =
+        tungstenite::client::IntoClientRequest::into_client_request(gw.url(&format!("?token={forever}"))).unwrap();
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("a token without exp was not refused: {:?}", other.map(|_| ())),
+    }
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_barrage")).args(["--jwt-secret", "a", "--print-config"]).output().unwrap();
+    assert!(!out.status.success(), "a one-byte secret must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 32"), "the refusal says why: {stderr}");
+}
+
+/// A token that expires on an open connection ends it after the grace period, unless the
+/// client refreshes it with a new token for the same user.
+#[test]
+fn an_expired_token_ends_the_connection_unless_refreshed() {
+    let gw = Gateway::start(&["--refresh-grace-ms", "1000", "--jwt-leeway-s", "0"]);
+    let soon = |user: &str| signed(json!({"sub": user, "exp": unix_s() + 2}));
+    let mut lapsing = Client::connect(&gw.url(&format!("?token={}", soon("ann"))), PROTO);
+    let w = lapsing.welcome();
+    assert!(w.expires_ms > 0, "the welcome says when the token expires");
+    let mut refreshing = Client::connect(&gw.url(&format!("?token={}", soon("bob"))), PROTO);
+    refreshing.welcome();
+    for c in [&mut lapsing, &mut refreshing] {
+        if let common::MaybeTlsStream::Plain(s) = c.ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        }
+    }
+    let started = Instant::now();
+    assert_eq!(error_code(&mut lapsing), 401, "told the token expired");
+    assert_eq!(error_code(&mut refreshing), 401);
+    // Another user's token does not refresh bob; his own new one does.
+    let other = signed(json!({"sub": "eve", "exp": unix_s() + 600}));
+    refreshing.send(client_frame::Frame::Refresh(Refresh { token: other }));
+    assert_eq!(error_code(&mut refreshing), 403);
+    let fresh = signed(json!({"sub": "bob", "exp": unix_s() + 600}));
+    refreshing.send(client_frame::Frame::Refresh(Refresh { token: fresh }));
+    match refreshing.recv() {
+        server_frame::Frame::Refreshed(r) => assert!(r.expires_ms > w.expires_ms),
+        other => panic!("expected refreshed, got {other:?}"),
+    }
+    assert_eq!(lapsing.close_code(), Some(1008), "closed after the grace");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not before the grace");
+    // Bob goes on: a ping is still answered after ann's close.
+    refreshing.send(client_frame::Frame::Ping(barrage::proto::Ping {}));
+    assert!(matches!(refreshing.recv(), server_frame::Frame::Pong(_)));
+}
