@@ -294,7 +294,7 @@ fn long_room_names_and_big_client_messages_are_refused() {
         barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 413),
         other => panic!("expected error, got {other:?}"),
     }
-    eventually("counted", || gw.metric("barrage_client_sends_refused_total") == 1);
+    eventually("counted", || gw.metric("barrage_client_sends_refused_total{reason=\"rules\"}") == 1);
 }
 
 #[test]
