@@ -188,8 +188,16 @@ config! {
         /// Pending messages of one room waiting for the next block; over it a publish is refused
         /// (429 / error frame). Costs up to this many messages of data per busy room.
         pending_messages_max: usize = 1000, pending_messages_max, "BARRAGE_PENDING_MESSAGES_MAX";
-        /// Rooms the node tracks; a join or publish for a new room over it is refused.
+        /// Rooms with state of their own (messages, attributes, moderation entries) the node
+        /// keeps, split evenly over the owner shards; a publish, attribute or moderation entry
+        /// for one more is refused (503 / counted). Rooms that only have members do not count:
+        /// each exists only while it has a member, so they are bounded by the connections.
         rooms_max: usize = 100_000, rooms_max, "BARRAGE_ROOMS_MAX";
+        /// A room with no members, nothing pending and no attributes or moderation entries is
+        /// forgotten this long after its last activity (its history goes with it; seqs keep
+        /// increasing and a poll cursor from before reads `truncated`). Rooms that only ever
+        /// had members go a second after their last one.
+        room_idle_ms: u64 = 60_000, room_idle_ms, "BARRAGE_ROOM_IDLE_MS";
         /// Bytes of a room name.
         name_bytes_max: usize = 64, name_bytes_max, "BARRAGE_NAME_BYTES_MAX";
         /// Bytes of one message's data.
@@ -207,6 +215,12 @@ config! {
         send_rate_per_s: u32 = 2, send_rate_per_s, "BARRAGE_SEND_RATE_PER_S";
         /// Burst allowed above send_rate_per_s.
         send_rate_burst: u32 = 5, send_rate_burst, "BARRAGE_SEND_RATE_BURST";
+        /// `join` frames per second from one connection (the room in the URL is free); over it
+        /// the client gets an error frame (429). 0 = unlimited. State is kept only for
+        /// connections that joined in the last seconds (8 B each).
+        join_rate_per_s: u32 = 2, join_rate_per_s, "BARRAGE_JOIN_RATE_PER_S";
+        /// Burst allowed above join_rate_per_s.
+        join_rate_burst: u32 = 10, join_rate_burst, "BARRAGE_JOIN_RATE_BURST";
         /// Post `enter` and `leave` messages in rooms: at most one of each per room per block,
         /// counting the users (so 5,000 joins a second make one message a second, not 5,000).
         presence_events: bool = true, presence_events, "BARRAGE_PRESENCE_EVENTS";

@@ -70,7 +70,7 @@ series! {
     MessagesCoalesced => "barrage_messages_coalesced_total", "counter", "Pending messages superseded by a newer one with the same coalesce key.";
     SendRateLimited => "barrage_client_sends_rate_limited_total", "counter", "Client sends refused by the per-connection rate.";
     JoinBanned => "barrage_joins_refused_total" {"reason" = "banned"}, "counter", "Joins refused.";
-    JoinRoomsFull => "barrage_joins_refused_total" {"reason" = "rooms_max"}, "counter", "";
+    JoinRateLimited => "barrage_joins_refused_total" {"reason" = "rate"}, "counter", "";
     Moderations => "barrage_moderation_actions_total", "counter", "Moderation actions applied by room owners.";
     AttrFrames => "barrage_attr_frames_total", "counter", "Attribute delta or snapshot frames fanned out by owners.";
     Polls => "barrage_polls_total", "counter", "Short polls answered on the public listener.";
@@ -103,6 +103,7 @@ series! {
     Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
     RefreshRefused => "barrage_token_refreshes_total" {"result" = "refused"}, "counter", "";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
+    RoomsKept => "barrage_rooms_kept", "gauge", "Owned rooms with state of their own (messages, attributes, moderation), counted against rooms.rooms_max; the others exist only while they have members.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";

@@ -349,7 +349,7 @@ fn a_client_resumes_by_short_polling_without_gaps_or_duplicates() {
 }
 
 #[test]
-fn short_polling_refuses_bad_cursors_and_reports_truncation() {
+fn short_polling_refuses_bad_cursors_reports_truncation_and_tells_no_existence() {
     let gw = Gateway::start(&["--history-messages-max", "2", "--block-interval-ms", "50"]);
     let get = |path: &str| {
         let mut r = Raw::connect(gw.ws);
@@ -367,12 +367,19 @@ fn short_polling_refuses_bad_cursors_and_reports_truncation() {
     let page: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((page["messages"].as_array().unwrap().len(), &page["truncated"]), (2, &json!(true)));
     let next = page["next"].as_u64().unwrap();
-    assert_eq!(get(&format!("/v1/rooms/h/messages?after={}", next + 1)).0, 400, "a cursor in the future");
+    // A cursor past the room's last seq answers exactly as a room nobody knows (no existence
+    // oracle): nothing, the cursor back, truncated.
+    let (status, future) = get(&format!("/v1/rooms/h/messages?after={}", next + 1));
+    let (_, unknown) = get(&format!("/v1/rooms/nobody/messages?after={}", next + 1));
+    assert_eq!(status, 200);
+    assert_eq!(future, unknown);
+    let future: Value = serde_json::from_str(&future).unwrap();
+    assert_eq!((future["messages"].as_array().unwrap().len(), &future["truncated"]), (0, &json!(true)));
     assert_eq!(get("/v1/rooms/h/messages?after=-1").0, 400);
     assert_eq!(get("/v1/rooms/h/messages?after=abc").0, 400);
     assert_eq!(get("/v1/rooms/bad%20room/messages").0, 400);
     eventually("counted", || {
-        gw.metric("barrage_polls_total") >= 2 && gw.metric("barrage_requests_refused_total{reason=\"poll\"}") == 4
+        gw.metric("barrage_polls_total") >= 3 && gw.metric("barrage_requests_refused_total{reason=\"poll\"}") == 3
     });
 }
 

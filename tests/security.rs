@@ -116,3 +116,69 @@ fn an_expired_token_ends_the_connection_unless_refreshed() {
     refreshing.send(client_frame::Frame::Ping(barrage::proto::Ping {}));
     assert!(matches!(refreshing.recv(), server_frame::Frame::Pong(_)));
 }
+
+/// Attack 2: one anonymous connection sent 5,000 `join` frames (no error frames) and every API
+/// publish to a new room got 503 for a minute. Now join frames are rate limited per connection,
+/// and rooms that only have members do not count against `rooms_max`.
+#[test]
+fn join_churn_cannot_exhaust_the_room_table() {
+    let gw = Gateway::start(&["--rooms-max", "20", "--join-rate-per-s", "5", "--join-rate-burst", "10"]);
+    let mut churner = Client::connect(&gw.url(""), PROTO);
+    churner.welcome();
+    for i in 0..500 {
+        churner.send(client_frame::Frame::Join(barrage::proto::Join { room: format!("churn{i}") }));
+    }
+    let mut refused = 0;
+    while refused < 490 {
+        match churner.recv() {
+            server_frame::Frame::Error(e) => {
+                assert_eq!(e.code, 429);
+                refused += 1;
+            }
+            server_frame::Frame::Block(_) | server_frame::Frame::Attrs(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Many viewers, each in a room of its own: rooms with members only.
+    let viewers: Vec<Client> = (0..60)
+        .map(|i| {
+            let mut c = Client::connect(&gw.url(&format!("?room=solo{i}")), PROTO);
+            c.welcome();
+            c
+        })
+        .collect();
+    gw.wait_online("solo59", 1);
+    let (status, body) = gw.publish("fresh", json!({"text": "still open"}));
+    assert_eq!(status, 202, "a publish to a fresh room is taken: {body}");
+    common::eventually("counted", || gw.metric("barrage_joins_refused_total{reason=\"rate\"}") >= 490);
+    drop(viewers);
+}
+
+/// Attack 6: after a room was idle its mutes were forgotten (a muted user's chat was delivered
+/// again), and a poll cursor from before said nothing was missed. Now moderation outlives
+/// idleness, and `truncated` is right across a forgotten room.
+#[test]
+fn moderation_outlives_idleness_and_truncated_survives_forgetting() {
+    let gw = Gateway::start(&["--room-idle-ms", "1000", "--block-interval-ms", "20"]);
+    let (status, _) = common::http(gw.api, "POST", "/v1/rooms/quiet/mutes", Some(r#"{"user":"troll"}"#), &[]);
+    assert_eq!(status, 200);
+    gw.publish("gone", json!({"text": "before"}));
+    std::thread::sleep(Duration::from_millis(150));
+    let poll = |after: u64| {
+        let (_, body) = common::http(gw.ws, "GET", &format!("/v1/rooms/gone/messages?after={after}"), None, &[]);
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let cursor = poll(0)["next"].as_u64().unwrap();
+    assert!(cursor > 0);
+    std::thread::sleep(Duration::from_millis(2_500)); // both rooms idle well past room_idle_ms
+    gw.publish("gone", json!({"text": "after"}));
+    std::thread::sleep(Duration::from_millis(200));
+    let page = poll(cursor);
+    assert_eq!(page["truncated"], true, "the room was forgotten in between: {page}");
+    let mut troll = Client::connect(&gw.url(&format!("?room=quiet&token={}", token("troll"))), PROTO);
+    troll.welcome();
+    send(&mut troll, "chat", "I'm back");
+    assert_eq!(error_code(&mut troll), 403, "still muted");
+    let (_, lists) = common::http(gw.api, "GET", "/v1/rooms/quiet/moderation", None, &[]);
+    assert!(lists.contains("troll"), "{lists}");
+}

@@ -20,8 +20,6 @@ const BLOCK_BACKLOG_MIN: usize = 64;
 const BLOCK_RETRY_MS: u64 = 5;
 /// A shard whose loop was busy this share of the time (in thousandths) is saturated.
 const BUSY_PERMILLE: u32 = 850;
-/// Owned rooms idle this long are forgotten (their seqs stay monotonic, see owner.rs).
-pub const ROOM_IDLE_MS: i64 = 60_000;
 
 /// How loaded the shard is, for the adaptive block tick.
 #[derive(Clone, Copy, Debug, Default)]
@@ -62,7 +60,7 @@ impl Desk {
             mail: Vec::new(),
             next_block_ms: cfg.block_interval_ms,
             block_due_ms: cfg.block_interval_ms,
-            next_room_sweep_ms: ROOM_IDLE_MS as u64,
+            next_room_sweep_ms: Self::room_sweep_every_ms(&cfg),
             cfg,
         }
     }
@@ -82,9 +80,7 @@ impl Desk {
                 }
             }
             OwnerMail::Presence { room, from, members, json, left, left_users } => {
-                if !self.owner.presence(&room, from, (members, json), &left_users, left, now) {
-                    self.counters.inc(Series::DropNoRoom);
-                }
+                self.owner.presence(&room, from, (members, json), &left_users, left, now)
             }
             OwnerMail::Joined { room, from, user } => {
                 let frames = self.owner.joined(&room, user.as_ref(), now);
@@ -130,14 +126,8 @@ impl Desk {
     }
 
     fn poll(&mut self, room: &RoomName, after: u64, limit: usize, from: ConnAt) {
-        let (status, body) = match self.owner.poll(room, after, limit) {
-            Ok(body) => (200, body),
-            Err(e) => {
-                self.counters.inc(Series::RefusedPoll);
-                (400, serde_json::json!({"error": e.message()}).to_string().into_bytes())
-            }
-        };
-        self.mail.push((from.shard, HostMail::PollAnswer { conn: from.conn, status, body }.into()));
+        let body = self.owner.poll(room, after, limit);
+        self.mail.push((from.shard, HostMail::PollAnswer { conn: from.conn, status: 200, body }.into()));
     }
 
     /// Applies a moderation action, then replicates bans and whitelist entries to every shard
@@ -223,9 +213,10 @@ impl Desk {
         }
         if now.ms >= self.next_room_sweep_ms {
             self.owner.sweep(now.unix);
-            self.next_room_sweep_ms = now.ms + ROOM_IDLE_MS as u64 / 4;
+            self.next_room_sweep_ms = now.ms + Self::room_sweep_every_ms(&self.cfg);
         }
         self.counters.set(Series::RoomsOwned, self.owner.rooms() as u64);
+        self.counters.set(Series::RoomsKept, self.owner.kept_rooms() as u64);
     }
 
     /// The block tick, adaptive: while the shard is saturated — its loop (or another shard's)
@@ -268,6 +259,12 @@ impl Desk {
         c.add(Series::AttrFrames, stats.attr_frames);
         c.add(Series::MessagesIn, stats.presence_added);
         c.add(Series::MessagesCoalesced, stats.presence_coalesced);
+    }
+
+    /// Idle rooms are looked for four times per `room_idle_ms` (and at least once a second, so
+    /// that rooms that only had members go soon after them).
+    fn room_sweep_every_ms(cfg: &DeskConfig) -> u64 {
+        (cfg.owner.room_idle_ms.max(0) as u64 / 4).clamp(100, 1_000)
     }
 
     /// Moves the mail gathered since the last call to `out`.

@@ -149,7 +149,7 @@ pub enum HostMail {
     /// From a room's owner: keep this ban or whitelist entry (or drop it).
     Replicate { room: RoomName, user: UserId, list: List, until_ms: Option<i64>, add: bool },
     /// The owner's answer to a short poll: status and JSON body.
-    PollAnswer { conn: ConnId, status: u16, body: Vec<u8> },
+    PollAnswer { conn: ConnId, status: u16, body: Arc<[u8]> },
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
 
-use self::desk::{Desk, DeskConfig, Load, ROOM_IDLE_MS};
+use self::desk::{Desk, DeskConfig, Load};
 use self::host::Host;
 use self::mail::{HostMail, Mail};
 use self::post::PostOffice;
@@ -258,7 +258,9 @@ impl Hub {
                     Some(at) => {
                         self.counters.inc(Series::MeshRefused);
                         let reason = "server busy: try again";
-                        self.local.push_back(HostMail::Refused { conn: at.conn, code: 503, reason }.into());
+                        self.local.push_back(
+                            HostMail::Refused { conn: at.conn, code: host::code::UNAVAILABLE, reason }.into(),
+                        );
                     }
                     None => self.post.post(to, mail),
                 }
@@ -290,7 +292,6 @@ pub struct HubConfig {
     pub partial_bytes_max: usize,
     pub block_interval_ms: u64,
     pub block_wait_max_ms: u64,
-    pub rooms_max: usize,
     pub jwt_secret: Vec<u8>,
     /// What a token must carry (expiry, audience, issuer, leeway).
     pub token_rules: crate::auth::Rules,
@@ -300,6 +301,8 @@ pub struct HubConfig {
     pub client_types: Arc<host::ClientTypes>,
     /// Sends per connection.
     pub send_rate: Rate,
+    /// Join frames per connection.
+    pub join_rate: Rate,
     pub slow_consumer_ms: u64,
     pub poll_limit_max: usize,
     /// Mails waiting per destination shard before block deliveries to it are shed and new
@@ -336,7 +339,6 @@ impl HubConfig {
             partial_bytes_max: c.server.partial_bytes_max,
             block_interval_ms: c.rooms.block_interval_ms,
             block_wait_max_ms: c.rooms.block_wait_max_ms,
-            rooms_max: c.rooms.rooms_max,
             jwt_secret: c.auth.jwt_secret.as_bytes().to_vec(),
             token_rules: crate::auth::Rules {
                 leeway_s: c.auth.jwt_leeway_s,
@@ -347,6 +349,7 @@ impl HubConfig {
             refresh_grace_ms: c.auth.refresh_grace_ms,
             client_types: Arc::new(host::ClientTypes::new(c)),
             send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
+            join_rate: Rate { per_s: c.rooms.join_rate_per_s, burst: c.rooms.join_rate_burst },
             slow_consumer_ms: c.websocket.slow_consumer_ms,
             poll_limit_max: c.rooms.poll_limit_max,
             mesh_overflow_max: c.server.mesh_overflow_max,
@@ -361,8 +364,9 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
         shard,
         shards,
         limits: MixerLimits { block_messages_max: r.block_messages_max, pending_messages_max: r.pending_messages_max },
-        rooms_max: r.rooms_max,
-        room_idle_ms: ROOM_IDLE_MS,
+        // rooms_max is the node's: each owner shard keeps its share (rooms hash evenly).
+        rooms_max: r.rooms_max.div_ceil(shards),
+        room_idle_ms: i64::try_from(r.room_idle_ms).unwrap_or(i64::MAX),
         history_messages_max: r.history_messages_max,
         upstream: Rate { per_s: r.room_rate_per_s, burst: r.room_rate_burst },
         attrs: AttrLimits {

@@ -29,22 +29,6 @@ pub struct Page<'a> {
     pub truncated: bool,
 }
 
-/// Why a poll was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PollError {
-    /// The cursor is beyond the room's last seq (a cursor from another node or a made-up one).
-    Future,
-}
-
-impl PollError {
-    /// Human text for the API's 4xx answer.
-    pub fn message(&self) -> &'static str {
-        match self {
-            PollError::Future => "cursor is beyond the room's last message",
-        }
-    }
-}
-
 impl History {
     /// Keeps at most `capacity` messages; 0 keeps nothing (every poll with an old cursor is then
     /// `truncated`).
@@ -86,18 +70,21 @@ impl History {
     }
 
     /// Short polling: up to `limit` messages with seq > `after`, oldest first. `last_seq` is the
-    /// room's last assigned seq. `next` = seq of the last message returned, or `after` when none.
-    /// `truncated` = messages with seq > `after` were evicted before this poll could see them (a
-    /// cursor older than what is kept); false for a cursor that only predates the room's first
-    /// message when nothing was ever evicted.
-    pub fn after(&self, after: u64, limit: usize, last_seq: u64) -> Result<Page<'_>, PollError> {
+    /// room's last assigned seq and `base_seq` the one before its first (the room's seqs start
+    /// after it). `next` = seq of the last message returned, or `after` when none. `truncated` =
+    /// messages after the cursor may be missing: some were evicted before this poll could see
+    /// them, or the cursor (not 0, which asks from the start) comes from before this room's
+    /// first seq or after its last one — an earlier incarnation of the room, before it was
+    /// forgotten or the node restarted, or another node.
+    pub fn after(&self, after: u64, limit: usize, last_seq: u64, base_seq: u64) -> Page<'_> {
         if after > last_seq {
-            return Err(PollError::Future);
+            return Page { messages: Vec::new(), next: after, truncated: true };
         }
         let start = self.kept.partition_point(|m| m.seq <= after);
         let messages: Vec<&Message> = self.kept.range(start..).take(limit).collect();
         let next = messages.last().map_or(after, |m| m.seq);
-        Ok(Page { messages, next, truncated: after < self.evicted_seq })
+        let stale = after != 0 && after < base_seq;
+        Page { messages, next, truncated: after < self.evicted_seq || stale }
     }
 
     fn evict_oldest(&mut self) {
@@ -127,35 +114,39 @@ mod tests {
     fn empty_history() {
         let h = History::new(4);
         assert!(h.is_empty());
-        let p = h.after(0, 10, BASE).unwrap();
+        let p = h.after(0, 10, BASE, BASE);
         assert!(p.messages.is_empty());
         assert_eq!((p.next, p.truncated), (0, false));
-        let p = h.after(BASE, 10, BASE).unwrap();
+        let p = h.after(BASE, 10, BASE, BASE);
         assert_eq!((p.next, p.truncated), (BASE, false));
-        assert_eq!(h.after(BASE + 1, 10, BASE).unwrap_err(), PollError::Future);
+        let p = h.after(BASE + 1, 10, BASE, BASE);
+        assert_eq!((p.next, p.truncated), (BASE + 1, true), "a cursor past the last seq: another incarnation");
     }
 
     #[test]
     fn cursors_before_inside_at_end_and_future() {
         let mut h = History::new(4);
         h.push(&block(BASE, 3));
-        let p = h.after(0, 10, BASE + 3).unwrap();
+        let p = h.after(0, 10, BASE + 3, BASE);
         assert_eq!((seqs(&p), p.truncated), (vec![1, 2, 3], false), "before the first message, nothing evicted");
         assert_eq!(p.next, BASE + 3);
-        let p = h.after(BASE + 1, 10, BASE + 3).unwrap();
+        let p = h.after(BASE + 1, 10, BASE + 3, BASE);
         assert_eq!((seqs(&p), p.next, p.truncated), (vec![2, 3], BASE + 3, false));
-        let p = h.after(BASE + 3, 10, BASE + 3).unwrap();
+        let p = h.after(BASE + 3, 10, BASE + 3, BASE);
         assert_eq!((seqs(&p), p.next, p.truncated), (vec![], BASE + 3, false));
-        assert_eq!(h.after(BASE + 4, 10, BASE + 3).unwrap_err(), PollError::Future);
+        let p = h.after(BASE + 4, 10, BASE + 3, BASE);
+        assert!(p.messages.is_empty() && p.truncated && p.next == BASE + 4);
+        let p = h.after(BASE - 7, 10, BASE + 3, BASE);
+        assert_eq!((seqs(&p), p.truncated), (vec![1, 2, 3], true), "a cursor from before this room's first seq");
 
         h.push(&block(BASE + 3, 3)); // evicts 1 and 2
         assert_eq!(h.len(), 4);
         assert_eq!(h.recent().map(|m| m.seq - BASE).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
-        let p = h.after(0, 10, BASE + 6).unwrap();
+        let p = h.after(0, 10, BASE + 6, BASE);
         assert_eq!((seqs(&p), p.truncated), (vec![3, 4, 5, 6], true));
-        let p = h.after(BASE + 1, 10, BASE + 6).unwrap();
+        let p = h.after(BASE + 1, 10, BASE + 6, BASE);
         assert!(p.truncated, "message 2 is gone");
-        let p = h.after(BASE + 2, 10, BASE + 6).unwrap();
+        let p = h.after(BASE + 2, 10, BASE + 6, BASE);
         assert_eq!((seqs(&p), p.truncated), (vec![3, 4, 5, 6], false), "nothing after 2 was lost");
     }
 
@@ -164,14 +155,14 @@ mod tests {
         let mut h = History::new(10);
         h.push(&block(BASE, 4));
         h.push(&block(BASE + 4, 3));
-        let p = h.after(BASE, 3, BASE + 7).unwrap();
+        let p = h.after(BASE, 3, BASE + 7, BASE);
         assert_eq!((seqs(&p), p.next), (vec![1, 2, 3], BASE + 3));
-        let p = h.after(BASE, 0, BASE + 7).unwrap();
+        let p = h.after(BASE, 0, BASE + 7, BASE);
         assert_eq!((seqs(&p), p.next), (vec![], BASE));
         let mut cursor = 0;
         let mut seen = Vec::new();
         loop {
-            let p = h.after(cursor, 2, BASE + 7).unwrap();
+            let p = h.after(cursor, 2, BASE + 7, BASE);
             if p.messages.is_empty() {
                 break;
             }
@@ -186,9 +177,9 @@ mod tests {
         let mut h = History::new(0);
         h.push(&block(BASE, 3));
         assert!(h.is_empty());
-        let p = h.after(BASE, 10, BASE + 3).unwrap();
+        let p = h.after(BASE, 10, BASE + 3, BASE);
         assert!(p.messages.is_empty() && p.truncated);
-        assert!(!h.after(BASE + 3, 10, BASE + 3).unwrap().truncated);
+        assert!(!h.after(BASE + 3, 10, BASE + 3, BASE).truncated);
     }
 
     #[test]
@@ -222,10 +213,11 @@ mod tests {
             for (offset, limit) in polls {
                 // Cursors from 0, around the base, and past the last seq.
                 let after = if offset == 0 { 0 } else { BASE + offset - 1 };
-                let Ok(p) = h.after(after, limit, last) else {
-                    prop_assert!(after > last);
+                let p = h.after(after, limit, last, BASE);
+                if after > last {
+                    prop_assert!(p.messages.is_empty() && p.truncated && p.next == after);
                     continue;
-                };
+                }
                 let want: Vec<u64> = kept.iter().copied().filter(|&s| s > after).take(limit).collect();
                 prop_assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), want.clone());
                 prop_assert_eq!(p.next, want.last().copied().unwrap_or(after));
@@ -234,7 +226,7 @@ mod tests {
                 // Walk from here with `next`.
                 let (mut cursor, mut seen) = (after, Vec::new());
                 loop {
-                    let p = h.after(cursor, limit, last).unwrap();
+                    let p = h.after(cursor, limit, last, BASE);
                     if p.messages.is_empty() { break; }
                     seen.extend(p.messages.iter().map(|m| m.seq));
                     cursor = p.next;

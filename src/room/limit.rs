@@ -66,6 +66,14 @@ impl TokenBucket {
     }
 }
 
+impl TokenBucket {
+    /// Whether the bucket is full at `now_ms` (it can be dropped and made anew: a new bucket
+    /// starts full). Unlimited rates are always full.
+    pub fn is_full(&self, rate: &Rate, now_ms: u64) -> bool {
+        rate.per_s == 0 || self.full_at.wrapping_sub(units(rate, now_ms)) as i64 <= 0
+    }
+}
+
 /// Time in units: a wrapping count, only ever compared as a difference.
 fn units(rate: &Rate, now_ms: u64) -> u64 {
     now_ms.wrapping_mul(u64::from(rate.per_s))
@@ -77,6 +85,17 @@ mod tests {
     use proptest::prelude::*;
 
     const _: () = assert!(std::mem::size_of::<TokenBucket>() <= 8);
+
+    #[test]
+    fn a_bucket_knows_when_it_is_full_again() {
+        let rate = Rate { per_s: 2, burst: 2 };
+        let mut b = TokenBucket::new(&rate, 0);
+        assert!(b.is_full(&rate, 0));
+        assert!(b.try_take(&rate, 0));
+        assert!(!b.is_full(&rate, 0) && !b.is_full(&rate, 499));
+        assert!(b.is_full(&rate, 500), "one token back after half a second");
+        assert!(TokenBucket::new(&Rate::UNLIMITED, 0).is_full(&Rate::UNLIMITED, 0));
+    }
 
     /// How many of `tries` takes at `now_ms` succeed.
     fn take_n(b: &mut TokenBucket, rate: &Rate, now_ms: u64, tries: u32) -> u32 {

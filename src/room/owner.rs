@@ -11,7 +11,7 @@ use super::Priority;
 use super::RoomName;
 use super::attrs::{AttrError, AttrLimits, AttrLog};
 use super::frames::{self, BlockKind, SharedFrame};
-use super::history::{History, PollError};
+use super::history::History;
 use super::limit::{Rate, TokenBucket};
 use super::mixer::{Mixer, MixerLimits, Pushed, Refused};
 use super::moderation::{Entry, List, Moderation, ModerationError, ModerationLimits};
@@ -25,8 +25,11 @@ pub struct OwnerConfig {
     pub shard: ShardId,
     pub shards: usize,
     pub limits: MixerLimits,
+    /// Rooms with state (messages, attributes, moderation) this owner keeps; rooms that only
+    /// have members do not count (each has a member: they are bounded by the connections).
     pub rooms_max: usize,
-    /// An owned room with no members and nothing pending is forgotten after this long.
+    /// An owned room with no members, nothing pending and no attributes or moderation entries
+    /// is forgotten after this long.
     pub room_idle_ms: i64,
     pub history_messages_max: usize,
     pub upstream: Rate,
@@ -45,7 +48,7 @@ pub struct OwnerConfig {
 pub enum PublishError {
     /// The room's pending backlog is full.
     Backlog,
-    /// The node tracks `rooms_max` rooms already.
+    /// The owner keeps `rooms_max` rooms with state already.
     RoomsFull,
     /// The room's upstream rate is exceeded.
     RateLimited,
@@ -160,7 +163,17 @@ struct OwnedRoom {
     entered: Churn,
     left: Churn,
     dirty: bool,
+    /// The room has state of its own (published messages, attributes, moderation): it counts
+    /// against `rooms_max` and outlives its members. Without, it exists only while it has
+    /// members (presence events alone do not keep it).
+    kept: bool,
+    /// The room's first seq minus one: a poll cursor below it (but 0) comes from an earlier
+    /// incarnation of the room (before it was forgotten, or before a restart).
+    base_seq: u64,
     last_active: UnixMs,
+    /// Short-poll answers by (cursor, limit) until the next block (a few: most pollers are up
+    /// to date and ask with the same cursor).
+    poll_cache: Vec<(u64, usize, Arc<[u8]>)>,
     /// Encoded once per change and handed to every joining client.
     backfill: Option<Arc<SharedFrame>>,
     snapshot: Option<Arc<SharedFrame>>,
@@ -170,6 +183,21 @@ impl OwnedRoom {
     fn online(&self) -> u64 {
         self.members.iter().map(|&n| u64::from(n)).sum()
     }
+
+    /// A room without state, members or anything pending that never handed out a seq: it can
+    /// go at once (one that did waits for the sweep, so that a new room of the same name
+    /// starts its seqs in a later second).
+    fn unused(&self) -> bool {
+        !self.kept && !self.dirty && self.online() == 0 && self.mixer.last_seq() == self.base_seq
+    }
+
+    /// Whether the sweep may forget the room after `idle_ms` without activity: no members,
+    /// nothing pending, and no attributes or moderation entries (those outlive idleness until
+    /// they expire or are lifted; the room keeps counting against `rooms_max` meanwhile).
+    fn forgettable(&self, now: UnixMs, idle_ms: i64) -> bool {
+        let holds = !self.attrs.is_empty() || !self.moderation.is_empty();
+        !self.dirty && self.online() == 0 && !holds && now.0 - self.last_active.0 >= idle_ms
+    }
 }
 
 /// Seqs and attribute versions of a room start at (creation Unix seconds) << 20 and count up,
@@ -177,10 +205,15 @@ impl OwnedRoom {
 /// second), and stay below 2^53 (exact in JavaScript numbers) until the year 2242.
 const SEQ_SECOND_SHIFT: u32 = 20;
 
+/// Poll answers cached per room.
+const POLL_CACHE_MAX: usize = 4;
+
 /// The rooms owned by one shard.
 pub struct Owner {
     config: OwnerConfig,
     rooms: HashMap<RoomName, OwnedRoom>,
+    /// Rooms with `kept` set.
+    kept: usize,
     /// Rooms with something to send at the next tick: only these are visited.
     dirty: Vec<RoomName>,
     next_id: u64,
@@ -188,12 +221,17 @@ pub struct Owner {
 
 impl Owner {
     pub fn new(config: OwnerConfig) -> Owner {
-        Owner { config, rooms: HashMap::new(), dirty: Vec::new(), next_id: 0 }
+        Owner { config, rooms: HashMap::new(), kept: 0, dirty: Vec::new(), next_id: 0 }
     }
 
-    /// Rooms tracked.
+    /// Rooms tracked (with state or with members).
     pub fn rooms(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// Rooms with state, counted against `rooms_max`.
+    pub fn kept_rooms(&self) -> usize {
+        self.kept
     }
 
     /// A node-unique message id: the shard in the top 16 bits.
@@ -202,21 +240,19 @@ impl Owner {
         (u64::from(self.config.shard.0) << 48) | (self.next_id & 0xFFFF_FFFF_FFFF)
     }
 
-    /// A room, created on first use (None at rooms_max). An associated function over the map so
-    /// callers can still mark the dirty list, a sibling field.
+    /// A room, created on first use with no state of its own (it then lives while it has
+    /// members). An associated function over the map so callers can still mark the dirty list,
+    /// a sibling field.
     fn room_mut<'a>(
         rooms: &'a mut HashMap<RoomName, OwnedRoom>,
         config: &OwnerConfig,
         room: &RoomName,
         now: Now,
-    ) -> Option<&'a mut OwnedRoom> {
-        if !rooms.contains_key(room) {
-            if rooms.len() >= config.rooms_max {
-                return None;
-            }
+    ) -> &'a mut OwnedRoom {
+        rooms.entry(room.clone()).or_insert_with(|| {
             let base = (now.unix.0.max(0) as u64 / 1000) << SEQ_SECOND_SHIFT;
             let shards = config.shards;
-            let r = OwnedRoom {
+            OwnedRoom {
                 mixer: Mixer::starting_after(base),
                 history: History::new(config.history_messages_max),
                 attrs: AttrLog::new(base),
@@ -228,13 +264,35 @@ impl Owner {
                 entered: Churn::default(),
                 left: Churn::default(),
                 dirty: false,
+                kept: false,
+                base_seq: base,
                 last_active: now.unix,
+                poll_cache: Vec::new(),
                 backfill: None,
                 snapshot: None,
-            };
-            rooms.insert(room.clone(), r);
+            }
+        })
+    }
+
+    /// A room that is taking on state (a message, an attribute, a moderation entry): it counts
+    /// against `rooms_max` from now on. None when the owner keeps `rooms_max` such rooms.
+    fn keep<'a>(
+        rooms: &'a mut HashMap<RoomName, OwnedRoom>,
+        kept: &mut usize,
+        config: &OwnerConfig,
+        room: &RoomName,
+        now: Now,
+    ) -> Option<&'a mut OwnedRoom> {
+        let known_kept = rooms.get(room).is_some_and(|r| r.kept);
+        if !known_kept && *kept >= config.rooms_max {
+            return None;
         }
-        rooms.get_mut(room)
+        let r = Self::room_mut(rooms, config, room, now);
+        if !r.kept {
+            r.kept = true;
+            *kept += 1;
+        }
+        Some(r)
     }
 
     fn mark_dirty(dirty: &mut Vec<RoomName>, r: &mut OwnedRoom, room: &RoomName) {
@@ -256,7 +314,7 @@ impl Owner {
         let id = self.next_message_id();
         let types = Arc::clone(&self.config.types);
         let (limits, upstream) = (self.config.limits, self.config.upstream);
-        let r = Self::room_mut(&mut self.rooms, &self.config, room, now).ok_or(PublishError::RoomsFull)?;
+        let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(PublishError::RoomsFull)?;
         let defaults = types.get(msg.r#type.as_str()).copied().unwrap_or_default();
         let priority = match &sender {
             Sender::Api { priority } => priority.unwrap_or(defaults.priority),
@@ -288,7 +346,7 @@ impl Owner {
     }
 
     /// A shard reports its members in a room (`json` of them reading JSON), and who left since
-    /// its last report. Returns false when the room cannot be tracked (rooms_max).
+    /// its last report. A room that has only ever had members is dropped once it has none.
     pub fn presence(
         &mut self,
         room: &RoomName,
@@ -297,13 +355,13 @@ impl Owner {
         left: &[UserId],
         left_count: u32,
         now: Now,
-    ) -> bool {
+    ) {
         let (members, json) = counts;
         if members == 0 && !self.rooms.contains_key(room) {
-            return true;
+            return;
         }
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
-        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return false };
+        let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
         if let (Some(m), Some(j)) = (r.members.get_mut(shard.index()), r.json.get_mut(shard.index())) {
             *m = members;
             *j = json;
@@ -317,7 +375,9 @@ impl Owner {
             r.left.count = r.left.count.saturating_add(anonymous);
             Self::mark_dirty(&mut self.dirty, r, room);
         }
-        true
+        if r.unused() {
+            self.rooms.remove(room);
+        }
     }
 
     /// A connection joined the room on some shard: counts it for the next enter event and
@@ -325,7 +385,7 @@ impl Owner {
     /// snapshot), each encoded once and shared by every joiner until the room changes.
     pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, now: Now) -> Vec<Arc<SharedFrame>> {
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
-        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else { return Vec::new() };
+        let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
         // Only signed-in users are announced: anonymous churn moves the online count (carried in
         // every block) and nothing else, so a room full of viewers coming and going stays quiet.
         if events && user.is_some() {
@@ -364,20 +424,32 @@ impl Owner {
         all
     }
 
-    /// Short polling: the JSON body of `{messages, next, truncated, poll_interval_ms}`.
-    pub fn poll(&self, room: &RoomName, after: u64, limit: usize) -> Result<Vec<u8>, PollError> {
+    /// Short polling: the JSON body of `{messages, next, truncated, poll_interval_ms}`. The same
+    /// for a room this owner does not know as for a known one with nothing after the cursor, so a
+    /// poll tells nobody whether a room exists; `truncated` when messages after the cursor may
+    /// be gone (evicted, or from before the room was forgotten or the node restarted). Bodies are
+    /// cached per room and cursor until the room's next block.
+    pub fn poll(&mut self, room: &RoomName, after: u64, limit: usize) -> Arc<[u8]> {
         let limit = limit.clamp(1, self.config.poll_limit_max);
-        let Some(r) = self.rooms.get(room) else {
-            let interval = self.config.poll_interval_ms[0];
-            return Ok(poll_body(&[], after, false, interval));
+        let Some(r) = self.rooms.get_mut(room) else {
+            return poll_body(&[], after, after != 0, self.config.poll_interval_ms[0]).into();
         };
-        let page = r.history.after(after, limit, r.mixer.last_seq())?;
+        if let Some((_, _, body)) = r.poll_cache.iter().find(|(a, l, _)| *a == after && *l == limit) {
+            return Arc::clone(body);
+        }
+        let page = r.history.after(after, limit, r.mixer.last_seq(), r.base_seq);
         let interval = poll_interval(&self.config.poll_interval_ms, r.online());
-        Ok(poll_body(&page.messages, page.next, page.truncated, interval))
+        let body: Arc<[u8]> = poll_body(&page.messages, page.next, page.truncated, interval).into();
+        if r.poll_cache.len() == POLL_CACHE_MAX {
+            r.poll_cache.remove(0);
+        }
+        r.poll_cache.push((after, limit, Arc::clone(&body)));
+        body
     }
 
     /// Applies a moderation action. Kick needs no state: the caller closes the user's
-    /// connections in the room everywhere.
+    /// connections in the room everywhere. An entry makes the room keep state (it counts
+    /// against `rooms_max`, and outlives idleness until the entry expires or is lifted).
     pub fn moderate(
         &mut self,
         room: &RoomName,
@@ -385,27 +457,26 @@ impl Owner {
         action: ModAction,
         now: Now,
     ) -> Result<(), ModerationError> {
-        let (limits, user) = (self.config.moderation, user.as_str());
-        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else {
-            return Err(ModerationError::Full);
-        };
-        let m = &mut r.moderation;
-        let t = now.unix.0;
-        match action {
-            ModAction::Kick => Ok(()),
-            ModAction::Mute { until_ms } => m.add(List::Mute, user, until_ms, t, &limits),
-            ModAction::Ban { until_ms } => m.add(List::Ban, user, until_ms, t, &limits),
-            ModAction::Whitelist => m.add(List::Whitelist, user, None, t, &limits),
+        let (limits, user, t) = (self.config.moderation, user.as_str(), now.unix.0);
+        let (list, until_ms) = match action {
+            ModAction::Kick => return Ok(()),
             ModAction::Unmute | ModAction::Unban | ModAction::Unwhitelist => {
                 let list = match action {
                     ModAction::Unmute => List::Mute,
                     ModAction::Unban => List::Ban,
                     _ => List::Whitelist,
                 };
-                m.remove(list, user);
-                Ok(())
+                if let Some(r) = self.rooms.get_mut(room) {
+                    r.moderation.remove(list, user);
+                }
+                return Ok(());
             }
-        }
+            ModAction::Mute { until_ms } => (List::Mute, until_ms),
+            ModAction::Ban { until_ms } => (List::Ban, until_ms),
+            ModAction::Whitelist => (List::Whitelist, None),
+        };
+        let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(ModerationError::Full)?;
+        r.moderation.add(list, user, until_ms, t, &limits)
     }
 
     /// A room's moderation lists (empty for an unknown room).
@@ -423,9 +494,10 @@ impl Owner {
     /// Returns the room's attribute version after the change.
     pub fn set_attr(&mut self, room: &RoomName, key: &str, value: Option<&[u8]>, now: Now) -> Result<u64, AttrError> {
         let limits = self.config.attrs;
-        let Some(r) = Self::room_mut(&mut self.rooms, &self.config, room, now) else {
-            return Err(AttrError::TooManyKeys);
-        };
+        if value.is_none() && !self.rooms.contains_key(room) {
+            return Ok(0);
+        }
+        let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(AttrError::TooManyKeys)?;
         let version = match value {
             Some(v) => r.attrs.set(key, v, &limits)?,
             None => r.attrs.delete(key).unwrap_or(r.attrs.version()),
@@ -488,6 +560,7 @@ impl Owner {
             stats.messages += cut.messages.len() as u64;
             room.history.push(&cut.messages);
             room.backfill = None;
+            room.poll_cache.clear();
             let kind = BlockKind::Live { top: cut.top };
             let frame = Arc::new(frames::block(&name, cut.messages, kind, online, now.unix, json));
             if online > 0 {
@@ -501,10 +574,16 @@ impl Owner {
     /// moderation entries. Call rarely (it walks every owned room).
     pub fn sweep(&mut self, now: UnixMs) {
         let idle = self.config.room_idle_ms;
+        let mut kept = self.kept;
         self.rooms.retain(|_, r| {
             r.moderation.sweep(now.0);
-            r.dirty || r.online() > 0 || now.0 - r.last_active.0 < idle
+            // A room that only ever had members waits a second: its seqs were handed out in an
+            // earlier second than a new room of that name will start from.
+            let forget = r.forgettable(now, if r.kept { idle } else { 1_000 });
+            kept -= usize::from(forget && r.kept);
+            !forget
         });
+        self.kept = kept;
     }
 }
 

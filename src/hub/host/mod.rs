@@ -48,6 +48,7 @@ use crate::room::moderation::List;
 use crate::wire::CloseCode;
 
 pub use self::grants::ClientTypes;
+pub use self::session::code;
 pub use self::upgrade::WS_PATH;
 
 /// Timeouts are checked by sweeping a tenth of the connections every 100 ms.
@@ -68,6 +69,8 @@ pub struct Host {
     replicas: Replicas,
     /// Send-rate state of connections that sent recently (8 B each; idle viewers hold none).
     send_buckets: HashMap<ConnKey, TokenBucket>,
+    /// Join-rate state of connections that joined by frame recently.
+    join_buckets: HashMap<ConnKey, TokenBucket>,
     /// When signed-in connections' tokens expire (only tokens with an `exp`).
     expiries: HashMap<ConnKey, tokens::Expiry>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
@@ -89,11 +92,12 @@ impl Host {
             verifier,
             conns: Conns::new(cfg.conns_max),
             intake: Intake::new(cfg.partial_bytes_max),
-            rooms: Rooms::new(cfg.rooms_max),
+            rooms: Rooms::default(),
             users: Users::default(),
             outbox: Outbox::default(),
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
+            join_buckets: HashMap::new(),
             expiries: HashMap::new(),
             replying: None,
             replies: Vec::new(),
@@ -320,8 +324,13 @@ impl Host {
 
     // ---- shared by upgrade, session and fanout ----
 
-    /// Walks a slice of the connections and acts on expired deadlines and slow readers.
+    /// Walks a slice of the connections and acts on expired deadlines and slow readers; drops
+    /// rate buckets that have refilled (a new one starts full), so only connections that sent or
+    /// joined in the last seconds hold one.
     fn sweep(&mut self, now: Now) {
+        let (send, join) = (self.cfg.send_rate, self.cfg.join_rate);
+        self.send_buckets.retain(|_, b| !b.is_full(&send, now.ms));
+        self.join_buckets.retain(|_, b| !b.is_full(&join, now.ms));
         let tick = now.tick();
         let slow_ticks = self.cfg.slow_consumer_ms.div_ceil(100) as u32;
         for key in self.conns.sweep_slice(SWEEP_SLICES) {
@@ -439,6 +448,7 @@ impl Host {
         }
         self.intake.take_head(key);
         self.send_buckets.remove(&key);
+        self.join_buckets.remove(&key);
         self.expiries.remove(&key);
         self.leave_room(key);
         self.leave_user(key);

@@ -45,22 +45,14 @@ pub struct PresenceReport<'a> {
 }
 
 /// Rooms with members on this shard.
+#[derive(Default)]
 pub struct Rooms {
     slab: Slab<LocalRoom>,
     by_name: HashMap<RoomName, RoomKey>,
     dirty: Vec<RoomKey>,
-    max: usize,
 }
 
-/// The shard's local room table is at `rooms_max`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RoomsFull;
-
 impl Rooms {
-    pub fn new(max: usize) -> Rooms {
-        Rooms { slab: Slab::new(), by_name: HashMap::new(), dirty: Vec::new(), max }
-    }
-
     /// Rooms with members (or waiting to report their last member left).
     pub fn len(&self) -> usize {
         self.slab.len()
@@ -81,13 +73,10 @@ impl Rooms {
     }
 
     /// Adds `conn` to a room; returns the room and the member's position.
-    pub fn join(&mut self, name: &RoomName, conn: ConnKey, json: bool) -> Result<(RoomKey, MemberPos), RoomsFull> {
+    pub fn join(&mut self, name: &RoomName, conn: ConnKey, json: bool) -> (RoomKey, MemberPos) {
         let room = match self.by_name.get(name) {
             Some(&r) => r,
             None => {
-                if self.slab.len() >= self.max {
-                    return Err(RoomsFull);
-                }
                 let entry = LocalRoom {
                     name: name.clone(),
                     members: Vec::new(),
@@ -105,7 +94,7 @@ impl Rooms {
         r.members.push(conn);
         r.json += u32::from(json);
         Self::mark(&mut self.dirty, r, room);
-        Ok((room, MemberPos((r.members.len() - 1) as u32)))
+        (room, MemberPos((r.members.len() - 1) as u32))
     }
 
     /// Removes the member at `pos` (`user` names it for the leave event, up to `named_max`
@@ -185,10 +174,10 @@ mod tests {
 
     #[test]
     fn join_leave_keeps_positions_and_reports_presence() {
-        let mut rooms = Rooms::new(10);
-        let (r, p0) = rooms.join(&name("a"), ConnKey(10), false).unwrap();
-        let (_, p1) = rooms.join(&name("a"), ConnKey(11), true).unwrap();
-        let (_, p2) = rooms.join(&name("a"), ConnKey(12), false).unwrap();
+        let mut rooms = Rooms::default();
+        let (r, p0) = rooms.join(&name("a"), ConnKey(10), false);
+        let (_, p1) = rooms.join(&name("a"), ConnKey(11), true);
+        let (_, p2) = rooms.join(&name("a"), ConnKey(12), false);
         assert_eq!((p0, p1, p2), (MemberPos(0), MemberPos(1), MemberPos(2)));
         // Conn 10 leaves: 12 moves into position 0.
         let bob = UserId::new("bob");
@@ -207,21 +196,13 @@ mod tests {
 
     #[test]
     fn a_held_report_waits_and_sums_its_changes() {
-        let mut rooms = Rooms::new(10);
-        let (r, p) = rooms.join(&name("a"), ConnKey(1), false).unwrap();
-        rooms.join(&name("a"), ConnKey(2), false).unwrap();
+        let mut rooms = Rooms::default();
+        let (r, p) = rooms.join(&name("a"), ConnKey(1), false);
+        rooms.join(&name("a"), ConnKey(2), false);
         rooms.flush_presence(&|_| true, &mut |_| panic!("held"));
         rooms.leave(r, p, false, Some(&UserId::new("u")), 4);
         let mut seen = Vec::new();
         rooms.flush_presence(&|_| false, &mut |p| seen.push((p.members, p.left)));
         assert_eq!(seen, vec![(1, 1)], "one report with the net count and the leave");
-    }
-
-    #[test]
-    fn rooms_are_bounded() {
-        let mut rooms = Rooms::new(1);
-        rooms.join(&name("a"), ConnKey(1), false).unwrap();
-        assert_eq!(rooms.join(&name("b"), ConnKey(2), false), Err(RoomsFull));
-        assert!(rooms.join(&name("a"), ConnKey(3), false).is_ok());
     }
 }

@@ -100,7 +100,7 @@ impl Host {
     fn client_frame(&mut self, key: ConnKey, frame: ClientFrame, now: Now) {
         match frame.frame {
             Some(client_frame::Frame::Join(j)) => match RoomName::parse(&j.room, self.cfg.name_bytes_max) {
-                Ok(room) => self.join(key, &room, now),
+                Ok(room) => self.join_frame(key, &room, now),
                 Err(e) => self.send_error(key, code::BAD_REQUEST, e.message(), now),
             },
             Some(client_frame::Frame::Leave(l)) => {
@@ -144,19 +144,26 @@ impl Host {
         }
         self.leave_room(key);
         let json = self.conns.get(key).has(flag::JSON);
-        match self.rooms.join(room, key, json) {
-            Ok((r, pos)) => {
-                let conn = self.conns.get_mut(key);
-                conn.room = r;
-                conn.member_pos = pos;
-                let from = self.at(key);
-                self.ask_owner(room, OwnerMail::Joined { room: room.clone(), from, user });
-            }
-            Err(_) => {
-                self.counters.inc(Series::JoinRoomsFull);
-                self.send_error(key, code::UNAVAILABLE, "too many rooms on this node", now);
-            }
+        let (r, pos) = self.rooms.join(room, key, json);
+        let conn = self.conns.get_mut(key);
+        conn.room = r;
+        conn.member_pos = pos;
+        let from = self.at(key);
+        self.ask_owner(room, OwnerMail::Joined { room: room.clone(), from, user });
+    }
+
+    /// A `join` frame, within the connection's join rate (the room named in the URL is free).
+    fn join_frame(&mut self, key: ConnKey, room: &RoomName, now: Now) {
+        if self.current_room(key) == Some(room) {
+            return;
         }
+        let rate = self.cfg.join_rate;
+        let bucket = self.join_buckets.entry(key).or_insert_with(|| TokenBucket::new(&rate, now.ms));
+        if !bucket.try_take(&rate, now.ms) {
+            self.counters.inc(Series::JoinRateLimited);
+            return self.send_error(key, code::TOO_MANY, "joining too fast", now);
+        }
+        self.join(key, room, now);
     }
 
     /// Leaves the current room, if any.

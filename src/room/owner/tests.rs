@@ -64,8 +64,8 @@ fn tick_encodes_once_and_targets_shards_with_members() {
     let mut o = owner(3);
     let r = room("r");
     let now = at(5_000);
-    assert!(o.presence(&r, ShardId(0), (2, 0), &[], 0, now));
-    assert!(o.presence(&r, ShardId(2), (1, 1), &[], 0, now));
+    o.presence(&r, ShardId(0), (2, 0), &[], 0, now);
+    o.presence(&r, ShardId(2), (1, 1), &[], 0, now);
     o.publish(&r, text("a"), api(Priority::Low), now).unwrap();
     o.publish(&r, text("b"), api(Priority::High), now).unwrap();
     let calls = tick_frames(&mut o, at(6_000));
@@ -212,17 +212,81 @@ fn polling_pages_and_hints() {
         o.publish(&r, text(&format!("{i}")), api(Priority::Low), at(i * 1000)).unwrap();
         tick_frames(&mut o, at(i * 1000));
     }
-    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, 0, 10).unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, 0, 10)).unwrap();
     assert_eq!(body["messages"].as_array().unwrap().len(), 3, "history keeps 3");
     assert_eq!(body["truncated"], true);
     assert_eq!(body["poll_interval_ms"], 2000);
     let last = o.info(&r).last_seq;
     assert_eq!(body["next"].as_u64(), Some(last));
-    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, last, 10).unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, last, 10)).unwrap();
     assert_eq!((body["messages"].as_array().unwrap().len(), body["truncated"].as_bool()), (0, Some(false)));
-    assert!(o.poll(&r, last + 1, 10).is_err(), "a cursor in the future");
-    let unknown: serde_json::Value = serde_json::from_slice(&o.poll(&room("nobody"), 7, 10).unwrap()).unwrap();
+    assert!(Arc::ptr_eq(&o.poll(&r, last, 10), &o.poll(&r, last, 10)), "cached until the next block");
+    // No existence oracle: a cursor past a known room's last seq answers as an unknown room.
+    let future = o.poll(&r, last + 1_000, 10);
+    let unknown = o.poll(&room("nobody"), last + 1_000, 10);
+    let strip = |b: &[u8]| {
+        let mut v: serde_json::Value = serde_json::from_slice(b).unwrap();
+        v["poll_interval_ms"] = 0.into();
+        v
+    };
+    assert_eq!(strip(&future), strip(&unknown));
+    assert_eq!(strip(&future)["truncated"], true, "a cursor from elsewhere may have missed messages");
+    let unknown: serde_json::Value = serde_json::from_slice(&o.poll(&room("nobody"), 7, 10)).unwrap();
     assert_eq!((unknown["next"].as_u64(), unknown["poll_interval_ms"].as_u64()), (Some(7), Some(1500)));
+}
+
+#[test]
+fn a_cursor_from_a_forgotten_room_is_truncated() {
+    let mut o = owner(1);
+    let r = room("t");
+    o.publish(&r, text("x"), api(Priority::Low), at(1_000)).unwrap();
+    tick_frames(&mut o, at(1_000));
+    let old = o.info(&r).last_seq;
+    o.sweep(UnixMs(3_000));
+    assert_eq!(o.rooms(), 0, "forgotten");
+    o.publish(&r, text("y"), api(Priority::Low), at(3_000)).unwrap();
+    tick_frames(&mut o, at(3_000));
+    let body: serde_json::Value = serde_json::from_slice(&o.poll(&r, old, 10)).unwrap();
+    assert_eq!(body["truncated"], true, "what came between is gone");
+    assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+    let fresh: serde_json::Value = serde_json::from_slice(&o.poll(&r, 0, 10)).unwrap();
+    assert_eq!(fresh["truncated"], false, "a new client asks from 0");
+}
+
+#[test]
+fn rooms_with_members_only_do_not_count_and_go_with_their_members() {
+    let mut o = owner(1); // rooms_max 2
+    for i in 0..10 {
+        o.presence(&room(&format!("m{i}")), ShardId(0), (1, 0), &[], 0, at(0));
+    }
+    assert_eq!((o.rooms(), o.kept_rooms()), (10, 0));
+    o.publish(&room("a"), text("x"), api(Priority::Low), at(0)).unwrap();
+    o.publish(&room("m0"), text("x"), api(Priority::Low), at(0)).unwrap();
+    assert_eq!(o.kept_rooms(), 2);
+    assert_eq!(o.publish(&room("b"), text("x"), api(Priority::Low), at(0)), Err(PublishError::RoomsFull));
+    for i in 1..10 {
+        o.presence(&room(&format!("m{i}")), ShardId(0), (0, 0), &[], 0, at(1));
+    }
+    assert_eq!(o.rooms(), 2, "member-only rooms leave with their last member (a and m0 stay)");
+}
+
+#[test]
+fn moderation_and_attributes_outlive_idleness() {
+    let mut o = Owner::new(OwnerConfig { rooms_max: 10, ..config(1) });
+    let (r, s) = (room("mod"), room("attrs"));
+    o.moderate(&r, &UserId::new("troll"), ModAction::Mute { until_ms: None }, at(0)).unwrap();
+    o.set_attr(&s, "seat1", Some(b"bob"), at(0)).unwrap();
+    o.sweep(UnixMs(3_600_000));
+    assert_eq!(o.rooms(), 2, "an hour idle: both kept");
+    let muted = Sender::Client { user: UserId::new("troll"), weight: 0, priority: Priority::Low };
+    assert_eq!(o.publish(&r, text("x"), muted, at(3_600_000)), Err(PublishError::Muted));
+    assert_eq!(o.attrs(&s).1.len(), 1);
+    // A timed ban expires; then the room goes with the next sweep.
+    let t = room("timed");
+    o.moderate(&t, &UserId::new("u"), ModAction::Ban { until_ms: Some(5_000) }, at(0)).unwrap();
+    o.sweep(UnixMs(3_600_000));
+    assert!(o.moderation(&t, UnixMs(3_600_000)).bans.is_empty());
+    assert_eq!(o.kept_rooms(), 2, "the expired ban's room was forgotten");
 }
 
 #[test]
