@@ -151,6 +151,10 @@ config! {
         /// A connection whose send queue has been overflowing (dropping frames) this long is
         /// closed and counted; whitelisted users are never closed for it.
         slow_consumer_ms: u64 = 10_000, slow_consumer_ms, "BARRAGE_SLOW_CONSUMER_MS";
+        /// Browser origins (`https://example.com`, comma-separated) allowed to open WebSockets
+        /// and short-poll; a request with another `Origin` is refused (403). "" = any origin.
+        /// Requests without `Origin` (not from a browser) are not affected.
+        origins: String = String::new(), origins, "BARRAGE_ORIGINS";
         /// Path of a raw echo endpoint for conformance testing (Autobahn); "" = off.
         echo_path: String = String::new(), echo_path, "BARRAGE_ECHO_PATH";
     }

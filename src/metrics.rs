@@ -47,6 +47,7 @@ series! {
     HsToken => "barrage_handshakes_total" {"result" = "token"}, "counter", "";
     HsAnonymous => "barrage_handshakes_total" {"result" = "anonymous"}, "counter", "";
     HsRoom => "barrage_handshakes_total" {"result" = "room"}, "counter", "";
+    HsOrigin => "barrage_handshakes_total" {"result" = "origin"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";

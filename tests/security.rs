@@ -182,3 +182,68 @@ fn moderation_outlives_idleness_and_truncated_survives_forgetting() {
     let (_, lists) = common::http(gw.api, "GET", "/v1/rooms/quiet/moderation", None, &[]);
     assert!(lists.contains("troll"), "{lists}");
 }
+
+/// A plain HTTP exchange on one raw connection: sends `request`, reads one answer (head and
+/// Content-Length body); returns (status, head, body).
+fn exchange(s: &mut std::net::TcpStream, request: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "an answer: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+/// Attack 3: with `allow_anonymous = false` the WebSocket refused a token-less client while the
+/// short poll served the room's history to anyone. Now a poll follows the WebSocket's rules
+/// (token, anonymous, bans, origins), answers the CORS preflight and keeps the connection alive.
+#[test]
+fn short_polls_follow_the_websocket_rules() {
+    let gw = Gateway::start(&["--allow-anonymous", "false", "--origins", "https://live.example"]);
+    gw.publish("secret", json!({"text": "members only"}));
+    let (status, _) = common::http(gw.ws, "GET", "/v1/rooms/secret/messages?after=0", None, &[]);
+    assert_eq!(status, 401, "no token, no anonymous viewers");
+    let banned = signed(json!({"sub": "troll", "exp": unix_s() + 600}));
+    let (status, _) = common::http(gw.api, "POST", "/v1/rooms/secret/bans", Some(r#"{"user":"troll"}"#), &[]);
+    assert_eq!(status, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let auth = format!("Bearer {banned}");
+    let (status, _) = common::http(gw.ws, "GET", "/v1/rooms/secret/messages", None, &[("Authorization", &auth)]);
+    assert_eq!(status, 403, "a banned user cannot read the room by polling");
+    let (status, _) =
+        common::http(gw.ws, "GET", "/v1/rooms/secret/messages", None, &[("Origin", "https://evil.example")]);
+    assert_eq!(status, 403, "an Origin outside the allow-list");
+    // Preflight, then two polls on one kept-alive connection, with a token.
+    let mut s = std::net::TcpStream::connect(gw.ws).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let origin = "Origin: https://live.example\r\n";
+    let (status, head, _) =
+        exchange(&mut s, &format!("OPTIONS /v1/rooms/secret/messages HTTP/1.1\r\nHost: x\r\n{origin}\r\n"));
+    assert_eq!(status, 204);
+    assert!(head.contains("Access-Control-Allow-Origin: https://live.example\r\n"), "{head}");
+    assert!(head.contains("Access-Control-Allow-Headers: Authorization\r\n") && head.contains("keep-alive"), "{head}");
+    let fan = token("fan");
+    for _ in 0..2 {
+        let req = format!("GET /v1/rooms/secret/messages?token={fan} HTTP/1.1\r\nHost: x\r\n{origin}\r\n");
+        let (status, _, body) = exchange(&mut s, &req);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("bWVtYmVycyBvbmx5"), "the message (data is base64 in JSON): {body}");
+    }
+    // And the WebSocket refuses the foreign Origin too.
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(gw.url(&format!("?token={fan}"))).unwrap();
+    req.headers_mut().insert("Origin", "https://evil.example".parse().unwrap());
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("a foreign Origin was not refused: {:?}", other.map(|_| ())),
+    }
+}

@@ -299,6 +299,8 @@ pub struct HubConfig {
     pub refresh_grace_ms: u64,
     /// Which types clients may send, at what priority.
     pub client_types: Arc<host::ClientTypes>,
+    /// Browser origins allowed to open WebSockets and poll (empty: any).
+    pub origins: Arc<[String]>,
     /// Sends per connection.
     pub send_rate: Rate,
     /// Join frames per connection.
@@ -348,6 +350,14 @@ impl HubConfig {
             },
             refresh_grace_ms: c.auth.refresh_grace_ms,
             client_types: Arc::new(host::ClientTypes::new(c)),
+            origins: c
+                .websocket
+                .origins
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(String::from)
+                .collect(),
             send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
             join_rate: Rate { per_s: c.rooms.join_rate_per_s, burst: c.rooms.join_rate_burst },
             slow_consumer_ms: c.websocket.slow_consumer_ms,

@@ -31,6 +31,8 @@ pub enum Parsed {
 pub enum Method {
     Get,
     Head,
+    /// A CORS preflight.
+    Options,
     Other,
 }
 
@@ -46,6 +48,11 @@ pub struct Request {
     /// None when the request has no `Upgrade` header (a plain HTTP GET, e.g. short polling);
     /// Some(Err) when it asks for a WebSocket but the upgrade is invalid.
     pub websocket: Option<Result<Upgrade, HandshakeError>>,
+    /// The `Origin` header, if sent (browsers always send it).
+    pub origin: Option<String>,
+    /// The connection may carry another request after the answer: HTTP/1.1 without
+    /// `Connection: close` (1.0 with `keep-alive`), and no request body to skip.
+    pub keep_alive: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,12 +179,22 @@ fn request_from(head: &httparse::Request<'_, '_>) -> Option<Request> {
     let method = match head.method? {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
+        "OPTIONS" => Method::Options,
         _ => Method::Other,
     };
     let target = head.path?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let websocket = header(head.headers, "upgrade").map(|_| upgrade(head, method));
-    Some(Request { method, path: path.to_owned(), query: query.to_owned(), bearer: bearer(head.headers), websocket })
+    let origin = header(head.headers, "origin").and_then(|o| std::str::from_utf8(o).ok()).map(|o| o.trim().to_owned());
+    let body = header(head.headers, "content-length").is_some_and(|l| l.trim_ascii() != b"0")
+        || header(head.headers, "transfer-encoding").is_some();
+    let keep_alive = !body
+        && match head.version? {
+            1 => !has_token(head.headers, "connection", b"close"),
+            _ => has_token(head.headers, "connection", b"keep-alive"),
+        };
+    let bearer = bearer(head.headers);
+    Some(Request { method, path: path.to_owned(), query: query.to_owned(), bearer, websocket, origin, keep_alive })
 }
 
 /// RFC 6455 4.2.1, checked in the order a client most likely gets wrong.
@@ -317,11 +334,17 @@ pub fn response_101(upgrade: &Upgrade) -> Vec<u8> {
 /// small plain-HTTP answers. `extra_headers` are full "Name: value" lines without CRLF. An empty
 /// `content_type` leaves the Content-Type header out.
 pub fn http_response(status: u16, content_type: &str, extra_headers: &[&str], body: &[u8]) -> Vec<u8> {
+    http_answer(status, content_type, extra_headers, body, false)
+}
+
+/// As `http_response`, with `Connection: keep-alive` when `keep_alive`.
+pub fn http_answer(status: u16, content_type: &str, extra_headers: &[&str], body: &[u8], keep_alive: bool) -> Vec<u8> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
-    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n", body.len()));
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    head.push_str(&format!("Content-Length: {}\r\nConnection: {connection}\r\n", body.len()));
     for line in extra_headers {
         head.push_str(line);
         head.push_str("\r\n");

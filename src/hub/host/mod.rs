@@ -18,6 +18,7 @@ mod fanout;
 mod grants;
 mod intake;
 pub mod outbox;
+mod poll;
 mod replicas;
 mod rooms;
 mod session;
@@ -71,6 +72,8 @@ pub struct Host {
     send_buckets: HashMap<ConnKey, TokenBucket>,
     /// Join-rate state of connections that joined by frame recently.
     join_buckets: HashMap<ConnKey, TokenBucket>,
+    /// Plain-HTTP requests waiting for their answer (keep-alive, CORS origin).
+    http: HashMap<ConnKey, poll::HttpRequest>,
     /// When signed-in connections' tokens expire (only tokens with an `exp`).
     expiries: HashMap<ConnKey, tokens::Expiry>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
@@ -98,6 +101,7 @@ impl Host {
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
             join_buckets: HashMap::new(),
+            http: HashMap::new(),
             expiries: HashMap::new(),
             replying: None,
             replies: Vec::new(),
@@ -135,8 +139,10 @@ impl Host {
                 self.read_frames(key, data, now);
             }
             State::Closing => self.read_frames(key, data, now),
-            // Input after our final answer, or while the owner answers a poll: discarded.
-            State::Flushing | State::Polling | State::Terminating => {}
+            // A request sent before the answer to the last one: not queued (see poll.rs).
+            State::Polling => self.polling_input(key),
+            // Input after our final answer: discarded.
+            State::Flushing | State::Terminating => {}
         }
         self.flush_replies(now);
     }
@@ -449,6 +455,7 @@ impl Host {
         self.intake.take_head(key);
         self.send_buckets.remove(&key);
         self.join_buckets.remove(&key);
+        self.http.remove(&key);
         self.expiries.remove(&key);
         self.leave_room(key);
         self.leave_user(key);

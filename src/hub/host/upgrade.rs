@@ -6,24 +6,24 @@ use super::Host;
 use super::conn::{State, flag};
 use crate::auth::Claims;
 use crate::envelope::Format;
-use crate::hub::mail::{ConnAt, OwnerMail};
-use crate::ids::{ConnId, ConnKey, Now};
+use crate::hub::mail::ConnAt;
+use crate::ids::{ConnKey, Now};
 use crate::metrics::Series;
 use crate::proto::{ServerFrame, Welcome, server_frame};
 use crate::room::RoomName;
-use crate::wire::handshake::{self as wire, HandshakeError, Method, Parsed, Request, Upgrade};
+use crate::wire::handshake::{self as wire, HandshakeError, Parsed, Request, Upgrade};
 
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
 
 /// Who a handshake turned out to be: a verified token, or None for an anonymous viewer.
-type Identity = Option<Claims>;
+pub(super) type Identity = Option<Claims>;
 
-/// A refused upgrade: status, reason and the counter it bumps.
-struct Refusal {
-    status: u16,
-    message: String,
-    series: Series,
+/// A refused request: status, reason and the counter it bumps.
+pub(super) struct Refusal {
+    pub status: u16,
+    pub message: String,
+    pub series: Series,
 }
 
 impl Host {
@@ -84,6 +84,14 @@ impl Host {
                 Refusal { status: 404, message: format!("no WebSocket at {}", request.path), series: Series::HsPath };
             return self.refuse(key, r, now);
         }
+        if self.allowed_origin(request.origin.as_deref()).is_none() {
+            let r = Refusal {
+                status: 403,
+                message: "this Origin may not use this gateway".into(),
+                series: Series::HsOrigin,
+            };
+            return self.refuse(key, r, now);
+        }
         let decided = self.identify(&request, now).and_then(|id| {
             let room = match wire::query_param(&request.query, "room") {
                 Some(name) if !echo => Some(RoomName::parse(&name, self.cfg.name_bytes_max).map_err(|e| Refusal {
@@ -102,7 +110,7 @@ impl Host {
     }
 
     /// Token from `?token=` or `Authorization: Bearer`; anonymous when allowed.
-    fn identify(&self, request: &Request, now: Now) -> Result<Identity, Refusal> {
+    pub(super) fn identify(&self, request: &Request, now: Now) -> Result<Identity, Refusal> {
         let token = wire::query_param(&request.query, "token")
             .map(|t| t.into_owned())
             .or_else(|| request.bearer.clone())
@@ -164,59 +172,9 @@ impl Host {
         }
     }
 
-    /// A request on the public listener that is not an upgrade: a short poll, or a 404.
-    fn plain_http(&mut self, key: ConnKey, request: &Request, now: Now) {
-        self.counters.inc(Series::HttpRequests);
-        let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
-        match (request.method, segments.as_slice()) {
-            (Method::Get, ["v1", "rooms", room, "messages"]) => self.short_poll(key, room, &request.query, now),
-            _ => {
-                let message = format!("no such resource: {}", request.path);
-                self.http_answer(key, 404, &serde_json::json!({"error": message}).to_string().into_bytes(), now);
-            }
-        }
-    }
-
-    /// `GET /v1/rooms/{room}/messages?after=SEQ&limit=N`: checked here, answered by the owner.
-    fn short_poll(&mut self, key: ConnKey, room: &str, query: &str, now: Now) {
-        let parsed = poll_request(room, query, self.cfg.name_bytes_max, self.cfg.poll_limit_max);
-        let (room, after, limit) = match parsed {
-            Ok(p) => p,
-            Err(why) => {
-                self.counters.inc(Series::RefusedPoll);
-                let body = serde_json::json!({"error": why}).to_string().into_bytes();
-                return self.http_answer(key, 400, &body, now);
-            }
-        };
-        let conn = self.conns.get_mut(key);
-        conn.state = State::Polling;
-        conn.deadline = now.tick_after(self.cfg.close_timeout_ms);
-        let from = self.at(key);
-        self.ask_owner(&room.clone(), OwnerMail::Poll { room, after, limit, from });
-    }
-
     /// Where an owner's answer to this connection goes.
     pub(super) fn at(&self, key: ConnKey) -> ConnAt {
         ConnAt { shard: self.cfg.shard, conn: self.conns.id(key) }
-    }
-
-    /// The owner answered a short poll (or refused it: the way there was congested).
-    pub(super) fn poll_answered(&mut self, conn: ConnId, status: u16, body: &[u8], now: Now) {
-        let Some(key) = self.live(conn) else { return };
-        if self.conns.get(key).state != State::Polling {
-            // The poll timed out and the connection is ending.
-            self.counters.inc(Series::ReplyConnGone);
-            return;
-        }
-        self.counters.inc(Series::Polls);
-        self.http_answer(key, status, body, now);
-    }
-
-    /// A JSON answer to a plain HTTP request, readable cross-origin by browsers, then close.
-    fn http_answer(&mut self, key: ConnKey, status: u16, body: &[u8], now: Now) {
-        let headers = ["Cache-Control: no-store", "Access-Control-Allow-Origin: *"];
-        let bytes = wire::http_response(status, "application/json", &headers, body);
-        self.flush_then_close(key, bytes, now);
     }
 
     fn refuse_malformed(&mut self, key: ConnKey, e: &HandshakeError, now: Now) {
@@ -224,7 +182,7 @@ impl Host {
         self.flush_then_close(key, wire::refusal(e), now);
     }
 
-    fn refuse(&mut self, key: ConnKey, r: Refusal, now: Now) {
+    pub(super) fn refuse(&mut self, key: ConnKey, r: Refusal, now: Now) {
         self.counters.inc(r.series);
         let body = serde_json::json!({"error": r.message}).to_string();
         let bytes = wire::http_response(r.status, "application/json", &[], body.as_bytes());
@@ -232,7 +190,7 @@ impl Host {
     }
 
     /// Sends a final HTTP answer, then closes (input from now on is discarded).
-    fn flush_then_close(&mut self, key: ConnKey, bytes: Vec<u8>, now: Now) {
+    pub(super) fn flush_then_close(&mut self, key: ConnKey, bytes: Vec<u8>, now: Now) {
         let deadline = now.tick_after(self.cfg.close_timeout_ms);
         let conn = self.conns.get_mut(key);
         conn.state = State::Flushing;
@@ -251,21 +209,4 @@ fn handshake_series(e: &HandshakeError) -> Series {
         HandshakeError::Key => Series::HsKey,
         HandshakeError::Subprotocol => Series::HsSubprotocol,
     }
-}
-
-/// Parses a short poll: the room (percent-decoded), `after` (a seq, default 0) and `limit`
-/// (default and cap `limit_max`). Malformed input gets a reason for a 400.
-fn poll_request(room: &str, query: &str, name_max: usize, limit_max: usize) -> Result<(RoomName, u64, usize), String> {
-    let raw = format!("r={room}");
-    let room = wire::query_param(&raw, "r").unwrap_or_default();
-    let room = RoomName::parse(&room, name_max).map_err(|e| e.message().to_string())?;
-    let number = |name: &str| -> Result<Option<u64>, String> {
-        match wire::query_param(query, name) {
-            None => Ok(None),
-            Some(v) => v.parse::<u64>().map(Some).map_err(|_| format!("{name} must be a non-negative integer")),
-        }
-    };
-    let after = number("after")?.unwrap_or(0);
-    let limit = number("limit")?.map_or(limit_max, |l| (l as usize).clamp(1, limit_max));
-    Ok((room, after, limit))
 }
