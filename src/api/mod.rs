@@ -8,5 +8,5 @@ mod rooms;
 pub mod routes;
 pub mod server;
 
-pub use http::{HttpError, Limits, Method, Progress, Request, RequestReader, Response};
+pub use http::{HttpError, Limits, Method, Progress, Request, RequestHead, RequestReader, Response};
 pub use server::{Handler, Server, ServerConfig, ServerStats};

@@ -51,16 +51,16 @@ impl Routes {
     }
 
     fn route(&self, req: &Request) -> Answer {
-        let path = req.path.as_str();
+        let (path, method) = (req.head.path.as_str(), req.head.method);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let (get, post) = (matches!(req.method, Method::Get | Method::Head), matches!(req.method, Method::Post));
-        let (put, delete) = (matches!(req.method, Method::Put), matches!(req.method, Method::Delete));
+        let (get, post) = (matches!(method, Method::Get | Method::Head), matches!(method, Method::Post));
+        let (put, delete) = (matches!(method, Method::Put), matches!(method, Method::Delete));
         match segments.as_slice() {
             ["healthz"] if get => Ok(self.health()),
             ["metrics"] if get => {
                 Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text().into_bytes()))
             }
-            ["v1", "rooms"] if get => self.top_rooms(&req.query),
+            ["v1", "rooms"] if get => self.top_rooms(&req.head.query),
             ["v1", "rooms", room] if get => self.room_info(room),
             ["v1", "rooms", room, "messages"] if post => self.publish_room(room, req),
             ["v1", "rooms", room, "moderation"] if get => self.moderation_lists(room),
@@ -123,7 +123,7 @@ impl Routes {
             }
             return Err(Response::error(403, "no API key is configured: only loopback callers are served"));
         }
-        match &req.api_key {
+        match &req.head.api_key {
             Some(k) if constant_time_eq(k.as_bytes(), self.api_key.as_bytes()) => Ok(()),
             Some(_) => Err(Response::error(401, "wrong API key")),
             None => Err(Response::error(401, "API key required (Authorization: Bearer or X-Api-Key)")),
@@ -134,7 +134,7 @@ impl Routes {
 impl Handler for Routes {
     fn handle(&self, request: &Request, peer: SocketAddr) -> Response {
         // Health checks are served without a key so load balancers can probe.
-        let open = request.path == "/healthz";
+        let open = request.head.path == "/healthz";
         if !open && let Err(denied) = self.authorized(request, peer) {
             return denied;
         }

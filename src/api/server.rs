@@ -315,6 +315,8 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
     let mut deadline = Instant::now() + idle;
     loop {
         match reader.read(&buf) {
+            // The head alone decides nothing yet: the handler sees the whole request below.
+            Ok(Progress::Head(_)) => {}
             Ok(Progress::Complete { request, consumed }) => {
                 let keep_alive = respond(&mut stream, &request, peer, shared)?;
                 compact(&mut buf, consumed);
@@ -354,8 +356,9 @@ fn respond(stream: &mut TcpStream, request: &Request, peer: SocketAddr, shared: 
         }
     };
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let keep_alive = healthy && request.keep_alive && !shared.stop.load(Ordering::Acquire);
-    stream.write_all(&response.to_bytes(keep_alive, request.method == Method::Head))?;
+    let head = &request.head;
+    let keep_alive = healthy && head.keep_alive && !shared.stop.load(Ordering::Acquire);
+    stream.write_all(&response.to_bytes(keep_alive, head.method == Method::Head))?;
     Ok(keep_alive)
 }
 
@@ -447,13 +450,14 @@ mod tests {
 
     /// Echoes method, path, query, key and body as JSON.
     fn echo(request: &Request, _peer: SocketAddr) -> Response {
+        let head = &request.head;
         Response::json(
             200,
             &serde_json::json!({
-                "method": format!("{:?}", request.method),
-                "path": request.path,
-                "query": request.query,
-                "key": request.api_key,
+                "method": format!("{:?}", head.method),
+                "path": head.path,
+                "query": head.query,
+                "key": head.api_key,
                 "body": String::from_utf8_lossy(&request.body),
             }),
         )
