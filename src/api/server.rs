@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::http::{CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestReader, Response};
+use super::access::Denied;
+use super::http::{CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestHead, RequestReader, Response};
 
 /// Bytes asked of the kernel per read. The buffer grows by at most this past the reader's limits.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -31,13 +32,22 @@ const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// The routes: called for each complete request. `peer` is the client's address (the routes
-/// layer refuses non-loopback peers when no API key is configured).
+/// The routes. `peer` is the client's address.
 pub trait Handler: Send + Sync + 'static {
+    /// Called once per request as soon as its head is complete, before any of its body is read
+    /// (and before a `100 Continue`). A refusal is answered at once and the connection closed
+    /// with the body unread, so an unauthorised caller cannot make the server read or buffer up
+    /// to `body_bytes_max`.
+    fn admit(&self, head: &RequestHead, peer: SocketAddr) -> Result<(), Denied> {
+        let _ = (head, peer);
+        Ok(())
+    }
+
+    /// Called for each complete request whose head `admit` accepted.
     fn handle(&self, request: &Request, peer: SocketAddr) -> Response;
 }
 
-/// A plain function or closure is a handler (tests, small tools).
+/// A plain function or closure is a handler that admits everyone (tests, small tools).
 impl<F> Handler for F
 where
     F: Fn(&Request, SocketAddr) -> Response + Send + Sync + 'static,
@@ -315,8 +325,12 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
     let mut deadline = Instant::now() + idle;
     loop {
         match reader.read(&buf) {
-            // The head alone decides nothing yet: the handler sees the whole request below.
-            Ok(Progress::Head(_)) => {}
+            Ok(Progress::Head(head)) => {
+                if let Err(denied) = shared.handler.admit(head, peer) {
+                    deny(stream, head, denied);
+                    return Ok(());
+                }
+            }
             Ok(Progress::Complete { request, consumed }) => {
                 let keep_alive = respond(&mut stream, &request, peer, shared)?;
                 compact(&mut buf, consumed);
@@ -360,6 +374,20 @@ fn respond(stream: &mut TcpStream, request: &Request, peer: SocketAddr, shared: 
     let keep_alive = healthy && head.keep_alive && !shared.stop.load(Ordering::Acquire);
     stream.write_all(&response.to_bytes(keep_alive, head.method == Method::Head))?;
     Ok(keep_alive)
+}
+
+/// Answers a caller the handler refused on the head, and closes without reading the body: an
+/// unauthorised client must not make us read (or buffer) up to `body_bytes_max`, whatever it
+/// asked for (`Expect: 100-continue` gets this answer instead of the 100; keep-alive is
+/// ignored). Whatever of the body had already arrived with the head (one read at most) is
+/// dropped unread, so the kernel ends the connection with RST behind our response; on Linux the
+/// client can still read the response it received, and a client still sending sees its write
+/// fail rather than the server draining megabytes for it.
+fn deny(mut stream: TcpStream, head: &RequestHead, denied: Denied) {
+    let response = denied.response();
+    if stream.write_all(&response.to_bytes(false, head.method == Method::Head)).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+    }
 }
 
 /// Reads once more into `buf`. False: the peer closed, the request did not arrive by
@@ -445,6 +473,7 @@ fn close_quietly(stream: &mut TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::access::Access;
     use std::io::BufRead;
     use std::io::BufReader;
 
@@ -461,6 +490,42 @@ mod tests {
                 "body": String::from_utf8_lossy(&request.body),
             }),
         )
+    }
+
+    /// Echoes callers with the key "k" (or asking for /healthz); refuses the rest on the head.
+    struct Keyed(Access);
+
+    impl Handler for Keyed {
+        fn admit(&self, head: &RequestHead, peer: SocketAddr) -> Result<(), Denied> {
+            self.0.check(head, peer)
+        }
+
+        fn handle(&self, request: &Request, peer: SocketAddr) -> Response {
+            echo(request, peer)
+        }
+    }
+
+    fn start_keyed(limits: Limits) -> Server {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Server::start(addr, ServerConfig { limits, ..ServerConfig::default() }, Arc::new(Keyed(Access::new("k"))))
+            .unwrap()
+    }
+
+    /// Writes `bytes` of body from another thread until done or refused; says how far it got.
+    fn send_body(stream: TcpStream, bytes: usize) -> thread::JoinHandle<(usize, io::Result<()>)> {
+        // A backstop: a server that neither reads nor closes would otherwise hang the test.
+        stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        thread::spawn(move || {
+            let chunk = [b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < bytes {
+                match (&stream).write(&chunk[..(bytes - sent).min(chunk.len())]) {
+                    Ok(n) => sent += n,
+                    Err(e) => return (sent, Err(e)),
+                }
+            }
+            (sent, Ok(()))
+        })
     }
 
     fn start_with(config: ServerConfig) -> Server {
@@ -611,6 +676,76 @@ mod tests {
         assert_closed(&mut reader);
         assert_eq!(server.stats().requests_body_too_large, 1);
         assert_eq!(server.stats().requests, 0);
+        server.stop();
+    }
+
+    #[test]
+    fn unauthorised_head_is_refused_before_the_body_is_read() {
+        const BODY: usize = 64 << 20;
+        let server = start_keyed(Limits { body_bytes_max: BODY, ..Limits::default() });
+        let mut stream = connect(&server);
+        let head = format!("POST /v1/broadcast HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let writer = send_body(stream.try_clone().unwrap(), BODY);
+        let mut reader = BufReader::new(stream);
+        let reply = read_reply(&mut reader);
+        assert!(started.elapsed() < Duration::from_secs(2), "401 took {:?}", started.elapsed());
+        assert_eq!((reply.status, reply.header("connection")), (401, Some("close")));
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        assert!(reply.json()["error"].as_str().unwrap().contains("API key"));
+        // The server closed with the body unread: the client's sending fails part way.
+        let (sent, result) = writer.join().unwrap();
+        let error = result.expect_err("the whole body was taken");
+        assert!(matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{error}");
+        assert!(sent < BODY, "{sent}");
+        server.stop();
+    }
+
+    #[test]
+    fn unauthorised_expect_100_gets_the_refusal_instead_of_100() {
+        let server = start_keyed(Limits::default());
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nX-Api-Key: nope\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let reply = read_reply(&mut reader);
+        assert_eq!((reply.status, reply.header("connection")), (401, Some("close")));
+        assert_eq!(reply.json(), serde_json::json!({"error": "wrong API key"}));
+        assert_closed(&mut reader);
+        // With the key, the same request is invited to send its body.
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nX-Api-Key: k\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .unwrap();
+        let mut interim = [0u8; CONTINUE_100.len()];
+        stream.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, CONTINUE_100);
+        server.stop();
+    }
+
+    #[test]
+    fn refusal_closes_a_keep_alive_connection() {
+        let server = start_keyed(Limits::default());
+        let mut stream = connect(&server);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        // Pipelined: a good request, an unauthorised one, and one that must never be served.
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nX-Api-Key: k\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nX-Api-Key: k\r\n\r\n")
+            .unwrap();
+        let a = read_reply(&mut reader);
+        assert_eq!(
+            (a.status, a.header("connection"), a.json()["path"].as_str()),
+            (200, Some("keep-alive"), Some("/a"))
+        );
+        let b = read_reply(&mut reader);
+        assert_eq!((b.status, b.header("connection")), (401, Some("close")));
+        assert_closed(&mut reader);
+        // Health is open without a key.
+        let mut stream = connect(&server);
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut BufReader::new(stream)).status, 200);
         server.stop();
     }
 
