@@ -14,6 +14,7 @@ use serde_json::json;
 use super::access::{Access, Denied};
 use super::http::{Method, Request, RequestHead, Response};
 use super::server::Handler;
+use super::stats::ServerCounters;
 use crate::config::{Config, TypeDefaults};
 use crate::hub::mail::{Mail, Reply};
 use crate::ids::ShardId;
@@ -51,7 +52,7 @@ impl Routes {
         }
     }
 
-    fn route(&self, req: &Request) -> Answer {
+    fn route(&self, req: &Request, server: &ServerCounters) -> Answer {
         let (path, method) = (req.head.path.as_str(), req.head.method);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let (get, post) = (matches!(method, Method::Get | Method::Head), matches!(method, Method::Post));
@@ -59,7 +60,7 @@ impl Routes {
         match segments.as_slice() {
             ["healthz"] if get => Ok(self.health()),
             ["metrics"] if get => {
-                Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text().into_bytes()))
+                Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text(server).into_bytes()))
             }
             ["v1", "rooms"] if get => self.top_rooms(&req.head.query),
             ["v1", "rooms", room] if get => self.room_info(room),
@@ -92,8 +93,9 @@ impl Routes {
         Response::json(200, &json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections}))
     }
 
-    fn metrics_text(&self) -> String {
-        metrics::render(&self.metrics, "")
+    /// The shards' series, then the API listener's own.
+    fn metrics_text(&self, server: &ServerCounters) -> String {
+        metrics::render(&self.metrics, &server.snapshot().render())
     }
 
     pub(super) fn room_name(&self, raw: &str) -> Result<RoomName, Response> {
@@ -123,8 +125,8 @@ impl Handler for Routes {
         self.access.check(head, peer)
     }
 
-    fn handle(&self, request: &Request, _peer: SocketAddr) -> Response {
-        self.route(request).unwrap_or_else(|e| e)
+    fn handle(&self, request: &Request, _peer: SocketAddr, server: &ServerCounters) -> Response {
+        self.route(request, server).unwrap_or_else(|e| e)
     }
 }
 
