@@ -151,7 +151,7 @@ impl ServerStats {
     /// `metrics::render`'s extra lines.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4 * 1024);
-        for (name, kind, help, samples) in self.families() {
+        for Family(name, kind, help, samples) in self.families() {
             let _ = writeln!(out, "# HELP barrage_api_{name} {help}\n# TYPE barrage_api_{name} {kind}");
             for (labels, value) in samples {
                 if labels.is_empty() {
@@ -164,8 +164,8 @@ impl ServerStats {
         out
     }
 
-    /// Every family: name after `barrage_api_`, type, help, and its samples as (labels, value).
-    fn families(&self) -> [(&'static str, &'static str, &'static str, Vec<(String, u64)>); 10] {
+    /// Every family, in exposition order.
+    fn families(&self) -> [Family; 10] {
         let one = |value| vec![(String::new(), value)];
         let classes = CLASSES.into_iter().zip(self.requests);
         let denied = Denied::ALL.map(|d| (denied_label(d), self.denied_for(d)));
@@ -173,54 +173,57 @@ impl ServerStats {
         let refused_connections =
             [("connections_max", self.connections_refused), ("thread_spawn", self.connections_unspawned)];
         [
-            (
+            Family(
                 "connections_accepted_total",
                 "counter",
                 "API connections accepted, refused ones too.",
                 one(self.connections_accepted),
             ),
-            ("connections", "gauge", "API connections being served.", one(self.connections_active)),
-            (
+            Family("connections", "gauge", "API connections being served.", one(self.connections_active)),
+            Family(
                 "connections_refused_total",
                 "counter",
                 "API connections closed at once: 503 over api.connections_max, or no thread could be started.",
                 labelled("reason", refused_connections),
             ),
-            (
+            Family(
                 "idle_timeouts_total",
                 "counter",
                 "API connections closed because a request did not arrive whole within api.idle_timeout_ms.",
                 one(self.idle_timeouts),
             ),
-            (
+            Family(
                 "requests_total",
                 "counter",
                 "API requests answered, by status class (routes' answers and refusals alike).",
                 labelled("status", classes),
             ),
-            (
+            Family(
                 "auth_failures_total",
                 "counter",
                 "API requests refused on their head (401, 403) before any of the body was read; the connection is closed.",
                 labelled("reason", denied),
             ),
-            (
+            Family(
                 "requests_refused_total",
                 "counter",
                 "API requests the HTTP reader refused (400, 411, 413, 431); the connection is closed.",
                 labelled("reason", refused),
             ),
-            (
+            Family(
                 "handler_panics_total",
                 "counter",
                 "API routes that panicked, answered 500 (a bug).",
                 one(self.handler_panics),
             ),
-            ("bytes_in_total", "counter", "Bytes read off API connections.", one(self.bytes_in)),
-            ("bytes_out_total", "counter", "Bytes written to API connections.", one(self.bytes_out)),
+            Family("bytes_in_total", "counter", "Bytes read off API connections.", one(self.bytes_in)),
+            Family("bytes_out_total", "counter", "Bytes written to API connections.", one(self.bytes_out)),
         ]
     }
 }
+
+/// One metric family: name after `barrage_api_`, type, help, and its samples as (labels, value).
+struct Family(&'static str, &'static str, &'static str, Vec<(String, u64)>);
 
 /// Samples of one labelled family: `key="value"` per pair.
 fn labelled(key: &str, pairs: impl IntoIterator<Item = (&'static str, u64)>) -> Vec<(String, u64)> {
