@@ -52,7 +52,7 @@ impl Denied {
 }
 
 /// The API key check: with a key, every caller must present it; without one, only loopback
-/// callers are served. [`OPEN_PATHS`] are served either way.
+/// callers are served. `/healthz` is served either way.
 #[derive(Debug, Clone)]
 pub struct Access {
     /// Empty: no key configured.
