@@ -1,6 +1,11 @@
-//! The business API over loopback through the real binary: API key, validation errors as JSON
-//! 4xx, protobuf bodies, room info, health and metrics.
+//! The business API over loopback through the real binary: API key (checked before the body is
+//! read), validation errors as JSON 4xx, protobuf bodies, room info, health and metrics.
 mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use barrage::proto::{Priority, PublishRequest};
 use common::{Client, Gateway, http};
@@ -27,6 +32,108 @@ fn api_key_is_required_when_configured() {
     assert_eq!(s, 200);
     let (s, b) = http(gw.api, "GET", "/healthz", None, &[]);
     assert_eq!((s, serde_json::from_str::<Value>(&b).unwrap()["status"].as_str()), (200, Some("ok")));
+}
+
+/// The `barrage_api_*` samples of one scrape, by series (name and labels).
+fn api_metrics(gw: &Gateway, key: &str) -> HashMap<String, u64> {
+    let (status, text) = http(gw.api, "GET", "/metrics", None, &[("X-Api-Key", key)]);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| l.starts_with("barrage_api_"))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn unauthorised_large_post_is_refused_before_its_body_is_read() {
+    const BODY: usize = 8 << 20;
+    let gw = Gateway::start(&["--api-key", "k3y", "--api-body-bytes-max", &(2 * BODY).to_string()]);
+    let mut s = TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /v1/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    // The body goes out from another thread, as fast as the server takes it.
+    let mut body_out = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let (chunk, mut sent) = ([b' '; 64 * 1024], 0);
+        while sent < BODY {
+            match body_out.write(&chunk[..(BODY - sent).min(chunk.len())]) {
+                Ok(n) => sent += n,
+                Err(e) => return (sent, Some(e)),
+            }
+        }
+        (sent, None)
+    });
+    let mut reader = BufReader::new(s);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 401 "), "{status_line}");
+    assert!(started.elapsed() < Duration::from_secs(3), "401 after {:?}", started.elapsed());
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest); // the server closes (a RST may follow the response)
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("Connection: close\r\n") && rest.contains("API key required"), "{rest}");
+    // The server never read the body: the client could not send it all.
+    let (sent, error) = writer.join().unwrap();
+    assert!(sent < BODY && error.is_some(), "sent {sent} of {BODY}, error {error:?}");
+    let after = api_metrics(&gw, "k3y");
+    assert_eq!(after["barrage_api_auth_failures_total{reason=\"key_missing\"}"], 1);
+    let read = after["barrage_api_bytes_in_total"];
+    assert!(read < 256 * 1024, "the API read {read} bytes");
+}
+
+#[test]
+fn unauthorised_expect_continue_gets_401_not_100() {
+    let gw = Gateway::start(&["--api-key", "k3y"]);
+    let mut s = TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = "POST /v1/broadcast HTTP/1.1\r\nHost: t\r\nX-Api-Key: nope\r\nExpect: 100-continue\r\n\
+                Content-Length: 1000000\r\n\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 401 "), "{out}");
+    assert!(!out.contains("100 Continue") && out.contains("wrong API key"), "{out}");
+}
+
+#[test]
+fn metrics_count_the_api_listener_itself() {
+    let gw = Gateway::start(&["--api-key", "k3y"]);
+    let key = [("X-Api-Key", "k3y")];
+    let before = api_metrics(&gw, "k3y");
+    let (s, _) = http(gw.api, "POST", "/v1/rooms/r/messages", Some(r#"{"text":"x"}"#), &[]);
+    assert_eq!(s, 401);
+    let (s, _) = http(gw.api, "GET", "/v1/nothing", None, &key);
+    assert_eq!(s, 404);
+    let (s, _) = http(gw.api, "POST", "/v1/rooms/r/messages", Some(r#"{"text":"x"}"#), &key);
+    assert_eq!(s, 202);
+    let mut raw = TcpStream::connect(gw.api).unwrap();
+    raw.write_all(b"NOT HTTP\r\n\r\n").unwrap();
+    let mut out = String::new();
+    raw.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    let after = api_metrics(&gw, "k3y");
+    let moved = |series: &str| after[series] - before.get(series).copied().unwrap_or(0);
+    // The first scrape is counted in the second: a response is counted as it is written.
+    assert_eq!(moved("barrage_api_requests_total{status=\"2xx\"}"), 2);
+    assert_eq!(moved("barrage_api_requests_total{status=\"4xx\"}"), 3);
+    assert_eq!(moved("barrage_api_requests_total{status=\"5xx\"}"), 0);
+    assert_eq!(moved("barrage_api_auth_failures_total{reason=\"key_missing\"}"), 1);
+    assert_eq!(moved("barrage_api_auth_failures_total{reason=\"key_wrong\"}"), 0);
+    assert_eq!(moved("barrage_api_requests_refused_total{reason=\"malformed\"}"), 1);
+    assert_eq!(moved("barrage_api_connections_accepted_total"), 5);
+    assert!(moved("barrage_api_bytes_in_total") > 100 && moved("barrage_api_bytes_out_total") > 100);
+    let (_, text) = http(gw.api, "GET", "/metrics", None, &key);
+    for family in ["barrage_api_requests_total counter", "barrage_api_connections gauge"] {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "missing {family}");
+    }
 }
 
 #[test]
@@ -78,8 +185,7 @@ fn protobuf_bodies_publish_too() {
         ..PublishRequest::default()
     };
     let body = req.encode_to_vec();
-    let mut s = std::net::TcpStream::connect(gw.api).unwrap();
-    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(gw.api).unwrap();
     let head = format!(
         "POST /v1/rooms/pb/messages HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
         body.len()

@@ -1,5 +1,6 @@
-//! Business API, wire layer: bytes read from an API connection become a [`Request`] here, and
-//! the routes' [`Response`] becomes bytes to write. Sans-IO: the server owns the socket.
+//! Business API, wire layer: bytes read from an API connection become a [`RequestHead`] (shown
+//! to the authoriser before any body byte is asked for), then a [`Request`]; the routes'
+//! [`Response`] becomes bytes to write. Sans-IO: the server owns the socket.
 //!
 //! HTTP/1.1 subset: Content-Length bodies only (no chunked), `Expect: 100-continue`, keep-alive
 //! and pipelining. Every size is bounded by [`Limits`] before the bytes are buffered.
@@ -55,9 +56,10 @@ impl Method {
     }
 }
 
-/// One complete request, owned (the connection's buffer is compacted after it).
+/// A request's head: the request line and the fields the API acts on. The server shows it to the
+/// handler's authoriser before reading any of the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+pub struct RequestHead {
     pub method: Method,
     /// The request target before `?`, raw: not percent-decoded.
     pub path: String,
@@ -69,14 +71,27 @@ pub struct Request {
     pub api_key: Option<String>,
     /// HTTP/1.1: true unless `Connection: close`; HTTP/1.0: only with `Connection: keep-alive`.
     pub keep_alive: bool,
+    /// Content-Length, 0 without one; already within `body_bytes_max`.
+    pub body_bytes: usize,
+}
+
+/// One complete request, owned (the connection's buffer is compacted after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub head: RequestHead,
+    /// Exactly `head.body_bytes` long.
     pub body: Vec<u8>,
 }
 
 /// What [`RequestReader::read`] made of the bytes so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
+pub enum Progress<'r> {
     /// Need more bytes.
     Partial,
+    /// The head is complete: once per request, before anything else about it. The caller decides
+    /// from the head alone whether to go on (authorisation); to go on, it calls `read` again
+    /// with the same buffer, since the body may already be there. To refuse, it stops calling.
+    Head(&'r RequestHead),
     /// Write [`CONTINUE_100`], then read on: the client waits for it before sending the body.
     Continue100,
     /// A whole request; `consumed` bytes of the buffer were its. The rest is the next request's.
@@ -97,6 +112,10 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// Every refusal, in declaration order (`error as usize` indexes it).
+    pub const ALL: [HttpError; 4] =
+        [HttpError::HeadTooLarge, HttpError::BodyTooLarge, HttpError::Malformed, HttpError::LengthRequired];
+
     /// The response status for this refusal.
     pub fn status(&self) -> u16 {
         match self {
@@ -128,61 +147,59 @@ impl std::error::Error for HttpError {}
 
 /// Stateful reader for one connection: feed it the connection's unread bytes each time.
 ///
-/// Call order: `read(buf)` after every receive, with `buf` holding all unconsumed bytes (it only
-/// grows between calls); after `Complete { consumed, .. }` drop `consumed` bytes from the front
-/// and call again, since a pipelined request may already be whole.
+/// Call order, per request: `read(buf)` after every receive, with `buf` holding all unconsumed
+/// bytes (it only grows between calls). `Partial` until the head is whole; then `Head` once —
+/// authorise, and to go on call `read` again at once with the same `buf`; then `Continue100` at
+/// most once, `Partial` while the body arrives, and `Complete { consumed, .. }`: drop `consumed`
+/// bytes from the front and call again, since a pipelined request may already be whole.
 #[derive(Debug)]
 pub struct RequestReader {
     limits: Limits,
-    /// The parsed head of the request in progress, kept while its body arrives so the head is
-    /// parsed once, not once per read.
-    head: Option<Head>,
-    /// Continue100 already returned for the request in progress.
-    continued: bool,
+    /// The request in progress once its head is parsed, kept while its body arrives so the head
+    /// is parsed once, not once per read.
+    pending: Option<Pending>,
 }
 
 #[derive(Debug)]
-struct Head {
-    /// The request with an empty body.
-    request: Request,
+struct Pending {
+    head: RequestHead,
     head_bytes: usize,
-    body_bytes: usize,
     expects_continue: bool,
+    /// Continue100 already returned for this request.
+    continued: bool,
 }
 
 impl RequestReader {
     pub fn new(limits: Limits) -> Self {
-        RequestReader { limits, head: None, continued: false }
+        RequestReader { limits, pending: None }
     }
 
-    /// `buf` holds all unconsumed bytes received on the connection. Returns Continue100 once per
-    /// request when the head is complete, has `Expect: 100-continue`, and the body has not fully
-    /// arrived (the caller writes [`CONTINUE_100`] and reads on). Complete gives the request and
-    /// how many bytes of buf it used (pipelining: the rest belongs to the next request).
-    pub fn read(&mut self, buf: &[u8]) -> Result<Progress, HttpError> {
-        let head = match self.head.take() {
-            Some(head) => head,
-            None => match parse_head(buf, &self.limits)? {
-                Some(head) => head,
-                None => return Ok(Progress::Partial),
-            },
+    /// `buf` holds all unconsumed bytes received on the connection; see the call order above.
+    /// Continue100 comes when the head has `Expect: 100-continue` and the body has not fully
+    /// arrived (the caller writes [`CONTINUE_100`] and reads on); never before `Head`, so a
+    /// caller refused on its head is never invited to send the body.
+    pub fn read(&mut self, buf: &[u8]) -> Result<Progress<'_>, HttpError> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(match parse_head(buf, &self.limits)? {
+                Some(parsed) => Progress::Head(&self.pending.insert(parsed).head),
+                None => Progress::Partial,
+            });
         };
-        let total = head.head_bytes.saturating_add(head.body_bytes);
-        if let Some(body) = buf.get(head.head_bytes..total) {
-            self.continued = false;
-            let mut request = head.request;
-            request.body = body.to_vec();
-            return Ok(Progress::Complete { request, consumed: total });
+        let consumed = pending.head_bytes.saturating_add(pending.head.body_bytes);
+        if buf.len() < consumed {
+            let send_continue = pending.expects_continue && !pending.continued;
+            pending.continued |= send_continue;
+            return Ok(if send_continue { Progress::Continue100 } else { Progress::Partial });
         }
-        let send_continue = head.expects_continue && !self.continued;
-        self.continued |= send_continue;
-        self.head = Some(head);
-        Ok(if send_continue { Progress::Continue100 } else { Progress::Partial })
+        let body = buf[pending.head_bytes..consumed].to_vec();
+        // `pending` is Some: matched above.
+        let head = self.pending.take().map(|p| p.head).unwrap();
+        Ok(Progress::Complete { request: Request { head, body }, consumed })
     }
 }
 
 /// Parses the head if it is all there; `None` while it is not (and still within limits).
-fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError> {
+fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Pending>, HttpError> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.headers_max];
     let mut parsed = httparse::Request::new(&mut slots);
     match parsed.parse(buf) {
@@ -195,7 +212,7 @@ fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError> {
     }
 }
 
-fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Limits) -> Result<Head, HttpError> {
+fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Limits) -> Result<Pending, HttpError> {
     let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
         return Err(HttpError::Malformed);
     };
@@ -209,18 +226,18 @@ fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Li
     };
     let http11 = version == 1;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let request = Request {
+    let head = RequestHead {
         method: Method::from_token(method),
         path: path.to_owned(),
         query: query.to_owned(),
         content_type: fields.content_type,
         api_key: fields.bearer.or(fields.x_api_key),
         keep_alive: !fields.close && (http11 || fields.keep_alive),
-        body: Vec::new(),
+        body_bytes,
     };
     // RFC 9110 §10.1.1: never send 100 to an HTTP/1.0 client, nor when there is no body.
     let expects_continue = fields.expect_continue && http11 && body_bytes > 0;
-    Ok(Head { request, head_bytes, body_bytes, expects_continue })
+    Ok(Pending { head, head_bytes, expects_continue, continued: false })
 }
 
 /// The header fields the API acts on, read once from the head.
@@ -417,11 +434,30 @@ mod tests {
         RequestReader::new(Limits::default())
     }
 
-    /// Reads a buffer expected to hold one whole request.
+    /// Reads a buffer expected to hold one whole request: its head first, then all of it.
     fn complete(buf: &[u8]) -> (Request, usize) {
-        match reader().read(buf) {
-            Ok(Progress::Complete { request, consumed }) => (request, consumed),
+        complete_with(buf, Limits::default())
+    }
+
+    fn complete_with(buf: &[u8], limits: Limits) -> (Request, usize) {
+        let mut r = RequestReader::new(limits);
+        let head = match r.read(buf) {
+            Ok(Progress::Head(head)) => head.clone(),
+            other => panic!("expected Head, got {other:?}"),
+        };
+        match r.read(buf) {
+            Ok(Progress::Complete { request, consumed }) => {
+                assert_eq!(request.head, head, "Complete carries the head shown before");
+                (request, consumed)
+            }
             other => panic!("expected Complete, got {other:?}"),
+        }
+    }
+
+    fn head_of(buf: &[u8]) -> RequestHead {
+        match reader().read(buf) {
+            Ok(Progress::Head(head)) => head.clone(),
+            other => panic!("expected Head, got {other:?}"),
         }
     }
 
@@ -440,12 +476,15 @@ mod tests {
         assert_eq!(
             request,
             Request {
-                method: Method::Get,
-                path: "/v1/rooms/r1".into(),
-                query: "x=1&y=%20".into(),
-                content_type: None,
-                api_key: None,
-                keep_alive: true,
+                head: RequestHead {
+                    method: Method::Get,
+                    path: "/v1/rooms/r1".into(),
+                    query: "x=1&y=%20".into(),
+                    content_type: None,
+                    api_key: None,
+                    keep_alive: true,
+                    body_bytes: 0,
+                },
                 body: Vec::new(),
             }
         );
@@ -457,8 +496,8 @@ mod tests {
                     CONTENT-length: 13\r\n\r\n{\"text\":\"hi\"}";
         let (request, consumed) = complete(buf);
         assert_eq!(consumed, buf.len());
-        assert_eq!(request.method, Method::Post);
-        assert_eq!(request.content_type.as_deref(), Some("application/json"));
+        assert_eq!(request.head.method, Method::Post);
+        assert_eq!(request.head.content_type.as_deref(), Some("application/json"));
         assert_eq!(request.body, b"{\"text\":\"hi\"}");
     }
 
@@ -474,7 +513,7 @@ mod tests {
             ("get", Method::Other),
         ] {
             let buf = format!("{token} / HTTP/1.1\r\n\r\n");
-            assert_eq!(complete(buf.as_bytes()).0.method, method, "{token}");
+            assert_eq!(complete(buf.as_bytes()).0.head.method, method, "{token}");
         }
     }
 
@@ -483,6 +522,7 @@ mod tests {
         let buf = b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
         let mut r = reader();
         assert_eq!(r.read(&buf[..10]), Ok(Progress::Partial));
+        assert!(matches!(r.read(&buf[..buf.len() - 3]), Ok(Progress::Head(h)) if h.body_bytes == 5));
         assert_eq!(r.read(&buf[..buf.len() - 3]), Ok(Progress::Partial));
         assert_eq!(r.read(&buf[..buf.len() - 1]), Ok(Progress::Partial));
         let Ok(Progress::Complete { request, consumed }) = r.read(buf) else { panic!() };
@@ -498,8 +538,9 @@ mod tests {
         let mut r = reader();
         let mut seen = Vec::new();
         while !buf.is_empty() {
+            assert!(matches!(r.read(&buf), Ok(Progress::Head(_))));
             let Ok(Progress::Complete { request, consumed }) = r.read(&buf) else { panic!() };
-            seen.push((request.method, request.path, request.body, request.keep_alive));
+            seen.push((request.head.method, request.head.path, request.body, request.head.keep_alive));
             buf.drain(..consumed);
         }
         assert_eq!(
@@ -518,6 +559,7 @@ mod tests {
         let head = b"POST /m HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 4\r\n\r\n".to_vec();
         let mut r = reader();
         assert_eq!(r.read(&head[..5]), Ok(Progress::Partial));
+        assert!(matches!(r.read(&head), Ok(Progress::Head(_))));
         assert_eq!(r.read(&head), Ok(Progress::Continue100));
         assert_eq!(r.read(&head), Ok(Progress::Partial));
         let with_some = [head.as_slice(), b"ab"].concat();
@@ -525,7 +567,8 @@ mod tests {
         let whole = [head.as_slice(), b"abcd"].concat();
         let Ok(Progress::Complete { request, .. }) = r.read(&whole) else { panic!() };
         assert_eq!(request.body, b"abcd");
-        // The next request on the connection gets its own 100.
+        // The next request on the connection gets its own 100, after its own head.
+        assert!(matches!(r.read(&head), Ok(Progress::Head(_))));
         assert_eq!(r.read(&head), Ok(Progress::Continue100));
     }
 
@@ -539,7 +582,35 @@ mod tests {
         complete(b"GET /m HTTP/1.1\r\nExpect: 100-continue\r\n\r\n");
         // HTTP/1.0 clients do not know 100.
         let old = b"POST /m HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
-        assert_eq!(reader().read(old), Ok(Progress::Partial));
+        let mut r = reader();
+        assert!(matches!(r.read(old), Ok(Progress::Head(_))));
+        assert_eq!(r.read(old), Ok(Progress::Partial));
+    }
+
+    #[test]
+    fn head_is_shown_before_any_body_byte() {
+        // A large announced body: the head alone is enough to decide, nothing of the body needed.
+        let limits = Limits { body_bytes_max: 8 << 20, ..Limits::default() };
+        let head = b"POST /v1/broadcast HTTP/1.1\r\nX-Api-Key: k\r\nContent-Length: 8388608\r\n\r\n";
+        let mut r = RequestReader::new(limits);
+        let Ok(Progress::Head(seen)) = r.read(head) else { panic!("no head") };
+        assert_eq!(
+            (seen.path.as_str(), seen.api_key.as_deref(), seen.body_bytes),
+            ("/v1/broadcast", Some("k"), 8 << 20)
+        );
+        assert_eq!(r.read(head), Ok(Progress::Partial));
+        // Head once per request, however often the caller asks while the body arrives.
+        let more = [head.as_slice(), &[b'x'; 100]].concat();
+        assert_eq!(r.read(&more), Ok(Progress::Partial));
+    }
+
+    #[test]
+    fn head_comes_before_continue_100() {
+        // A caller refused on the head stops here, so it never invites the body with a 100.
+        let head = b"POST /m HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
+        let mut r = reader();
+        assert!(matches!(r.read(head), Ok(Progress::Head(h)) if h.body_bytes == 4));
+        assert_eq!(r.read(head), Ok(Progress::Continue100));
     }
 
     #[test]
@@ -553,7 +624,7 @@ mod tests {
             (b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", false),
         ];
         for (buf, keep_alive) in cases {
-            assert_eq!(complete(buf).0.keep_alive, keep_alive, "{}", String::from_utf8_lossy(buf));
+            assert_eq!(head_of(buf).keep_alive, keep_alive, "{}", String::from_utf8_lossy(buf));
         }
     }
 
@@ -561,7 +632,7 @@ mod tests {
     fn api_key_sources() {
         let key = |headers: &str| {
             let buf = format!("GET / HTTP/1.1\r\n{headers}\r\n");
-            complete(buf.as_bytes()).0.api_key
+            head_of(buf.as_bytes()).api_key
         };
         assert_eq!(key("Authorization: Bearer k1\r\n").as_deref(), Some("k1"));
         assert_eq!(key("authorization: bearer  k2 \r\n").as_deref(), Some("k2"));
@@ -614,7 +685,7 @@ mod tests {
         let head = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n";
         assert_eq!(error_of(head, limits), HttpError::BodyTooLarge);
         let at_limit = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789";
-        assert!(matches!(RequestReader::new(limits).read(at_limit), Ok(Progress::Complete { .. })));
+        assert_eq!(complete_with(at_limit, limits).0.body, b"0123456789");
     }
 
     #[test]
@@ -628,14 +699,14 @@ mod tests {
         // Exactly at the limit is fine.
         let exact = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(64 - 18));
         assert_eq!(exact.len(), 64);
-        assert!(matches!(RequestReader::new(limits).read(exact.as_bytes()), Ok(Progress::Complete { .. })));
+        complete_with(exact.as_bytes(), limits);
     }
 
     #[test]
     fn too_many_headers() {
         let limits = Limits { headers_max: 2, ..Limits::default() };
         let two = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n";
-        assert!(matches!(RequestReader::new(limits).read(two), Ok(Progress::Complete { .. })));
+        complete_with(two, limits);
         let three = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert_eq!(error_of(three, limits), HttpError::HeadTooLarge);
     }
@@ -737,12 +808,15 @@ mod tests {
                 }
                 raw.push_str("\r\n");
                 let request = Request {
-                    method: Method::from_token(method),
-                    path,
-                    query: query.unwrap_or_default(),
-                    content_type: Some("application/octet-stream".into()),
-                    api_key: key,
-                    keep_alive: !close,
+                    head: RequestHead {
+                        method: Method::from_token(method),
+                        path,
+                        query: query.unwrap_or_default(),
+                        content_type: Some("application/octet-stream".into()),
+                        api_key: key,
+                        keep_alive: !close,
+                        body_bytes: body.len(),
+                    },
                     body: body.clone(),
                 };
                 ([raw.into_bytes(), body].concat(), request)
@@ -766,6 +840,7 @@ mod tests {
                         out.push(request);
                         buf.drain(..consumed);
                     }
+                    Ok(Progress::Head(_)) => {}
                     Ok(Progress::Partial | Progress::Continue100) => break,
                     Err(e) => panic!("valid request refused: {e}"),
                 }
@@ -803,6 +878,45 @@ mod tests {
             let mut r = reader();
             let continues = ends.iter().filter(|end| r.read(&bytes[..**end]) == Ok(Progress::Continue100)).count();
             prop_assert!(continues <= 1);
+        }
+
+        #[test]
+        fn head_once_per_request_and_first(
+            (first, a) in valid_request(),
+            (second, b) in valid_request(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let bytes = [first, second].concat();
+            let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            ends.push(bytes.len());
+            ends.sort_unstable();
+            let mut r = reader();
+            let (mut start, mut events) = (0, Vec::new());
+            for end in ends {
+                loop {
+                    match r.read(&bytes[start..end.max(start)]) {
+                        Ok(Progress::Head(head)) => events.push(format!("head {}", head.path)),
+                        Ok(Progress::Continue100) => events.push("100".into()),
+                        Ok(Progress::Complete { request, consumed }) => {
+                            events.push(format!("complete {}", request.head.path));
+                            start += consumed;
+                        }
+                        Ok(Progress::Partial) => break,
+                        Err(e) => panic!("valid request refused: {e}"),
+                    }
+                }
+            }
+            // Each request: its head, maybe one 100, then the whole request; never interleaved.
+            let mut expected_shape = Vec::new();
+            for request in [&a, &b] {
+                expected_shape.push(format!("head {}", request.head.path));
+                expected_shape.push(format!("complete {}", request.head.path));
+            }
+            for (i, event) in events.iter().enumerate() {
+                prop_assert!(event != "100" || (i > 0 && events[i - 1].starts_with("head ")), "{:?}", events);
+            }
+            events.retain(|e| e != "100");
+            prop_assert_eq!(events, expected_shape);
         }
 
         #[test]

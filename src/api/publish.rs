@@ -91,7 +91,7 @@ impl Routes {
     /// The message a publish body describes, validated, and the priority it named (None: the
     /// type's default applies).
     fn message(&self, req: &Request) -> Result<(Message, Option<Priority>), Response> {
-        let (msg, priority) = match req.content_type.as_deref() {
+        let (msg, priority) = match req.head.content_type.as_deref() {
             Some("application/x-protobuf") | Some("application/protobuf") => {
                 let p = PublishRequest::decode(req.body.as_slice())
                     .map_err(|e| Response::error(400, &format!("bad PublishRequest: {e}")))?;

@@ -1,6 +1,6 @@
-//! The business API's front: check the caller (API key, or loopback when none is set), route
-//! the request to its resource (`publish.rs`, `rooms.rs`), and the plumbing they share — mail
-//! to the shards and waiting for their answers.
+//! The business API's front: admit the caller from the head (`access.rs`: API key, or loopback
+//! when none is set), route the request to its resource (`publish.rs`, `rooms.rs`), and the
+//! plumbing they share — mail to the shards and waiting for their answers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::http::{Method, Request, Response};
+use super::access::{Access, Denied};
+use super::http::{Method, Request, RequestHead, Response};
 use super::server::Handler;
+use super::stats::ServerCounters;
 use crate::config::{Config, TypeDefaults};
 use crate::hub::mail::{Mail, Reply};
 use crate::ids::ShardId;
@@ -27,7 +29,7 @@ const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Routes {
     pub(super) mesh: Arc<Mesh>,
     metrics: Arc<[Snapshot]>,
-    api_key: String,
+    access: Access,
     name_bytes_max: usize,
     pub(super) data_bytes_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
@@ -42,7 +44,7 @@ impl Routes {
         Routes {
             mesh,
             metrics,
-            api_key: config.api.key.clone(),
+            access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
             types: config.types.clone(),
@@ -50,17 +52,17 @@ impl Routes {
         }
     }
 
-    fn route(&self, req: &Request) -> Answer {
-        let path = req.path.as_str();
+    fn route(&self, req: &Request, server: &ServerCounters) -> Answer {
+        let (path, method) = (req.head.path.as_str(), req.head.method);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let (get, post) = (matches!(req.method, Method::Get | Method::Head), matches!(req.method, Method::Post));
-        let (put, delete) = (matches!(req.method, Method::Put), matches!(req.method, Method::Delete));
+        let (get, post) = (matches!(method, Method::Get | Method::Head), matches!(method, Method::Post));
+        let (put, delete) = (matches!(method, Method::Put), matches!(method, Method::Delete));
         match segments.as_slice() {
             ["healthz"] if get => Ok(self.health()),
             ["metrics"] if get => {
-                Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text().into_bytes()))
+                Ok(Response::text(200, "text/plain; version=0.0.4", self.metrics_text(server).into_bytes()))
             }
-            ["v1", "rooms"] if get => self.top_rooms(&req.query),
+            ["v1", "rooms"] if get => self.top_rooms(&req.head.query),
             ["v1", "rooms", room] if get => self.room_info(room),
             ["v1", "rooms", room, "messages"] if post => self.publish_room(room, req),
             ["v1", "rooms", room, "moderation"] if get => self.moderation_lists(room),
@@ -91,8 +93,9 @@ impl Routes {
         Response::json(200, &json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections}))
     }
 
-    fn metrics_text(&self) -> String {
-        metrics::render(&self.metrics, "")
+    /// The shards' series, then the API listener's own.
+    fn metrics_text(&self, server: &ServerCounters) -> String {
+        metrics::render(&self.metrics, &server.snapshot().render())
     }
 
     pub(super) fn room_name(&self, raw: &str) -> Result<RoomName, Response> {
@@ -115,30 +118,15 @@ impl Routes {
     pub(super) fn post(&self, to: ShardId, mail: Mail) -> Result<(), Response> {
         self.mesh.send(to, mail).map_err(|_| Response::error(503, "gateway busy: shard inbox full"))
     }
-
-    fn authorized(&self, req: &Request, peer: SocketAddr) -> Result<(), Response> {
-        if self.api_key.is_empty() {
-            if peer.ip().is_loopback() {
-                return Ok(());
-            }
-            return Err(Response::error(403, "no API key is configured: only loopback callers are served"));
-        }
-        match &req.api_key {
-            Some(k) if constant_time_eq(k.as_bytes(), self.api_key.as_bytes()) => Ok(()),
-            Some(_) => Err(Response::error(401, "wrong API key")),
-            None => Err(Response::error(401, "API key required (Authorization: Bearer or X-Api-Key)")),
-        }
-    }
 }
 
 impl Handler for Routes {
-    fn handle(&self, request: &Request, peer: SocketAddr) -> Response {
-        // Health checks are served without a key so load balancers can probe.
-        let open = request.path == "/healthz";
-        if !open && let Err(denied) = self.authorized(request, peer) {
-            return denied;
-        }
-        self.route(request).unwrap_or_else(|e| e)
+    fn admit(&self, head: &RequestHead, peer: SocketAddr) -> Result<(), Denied> {
+        self.access.check(head, peer)
+    }
+
+    fn handle(&self, request: &Request, _peer: SocketAddr, server: &ServerCounters) -> Response {
+        self.route(request, server).unwrap_or_else(|e| e)
     }
 }
 
@@ -149,10 +137,6 @@ pub(super) fn reply_channel<T>() -> (Reply<T>, Receiver<T>) {
 
 pub(super) fn wait<T>(rx: &Receiver<T>) -> Result<T, Response> {
     rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| Response::error(503, "a shard did not answer in time"))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Decodes %XX escapes of a path segment; None for a bad escape or non-UTF-8 result.
@@ -185,12 +169,5 @@ mod tests {
         assert_eq!(percent_decode("%2"), None);
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%ff"), None);
-    }
-
-    #[test]
-    fn key_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

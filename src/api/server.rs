@@ -8,13 +8,15 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::http::{CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestReader, Response};
+use super::access::Denied;
+use super::http::{CONTINUE_100, HttpError, Limits, Method, Progress, Request, RequestHead, RequestReader, Response};
+use super::stats::{ServerCounters, ServerStats};
 
 /// Bytes asked of the kernel per read. The buffer grows by at most this past the reader's limits.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -31,18 +33,28 @@ const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// The routes: called for each complete request. `peer` is the client's address (the routes
-/// layer refuses non-loopback peers when no API key is configured).
+/// The routes. `peer` is the client's address.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: &Request, peer: SocketAddr) -> Response;
+    /// Called once per request as soon as its head is complete, before any of its body is read
+    /// (and before a `100 Continue`). A refusal is answered at once and the connection closed
+    /// with the body unread, so an unauthorised caller cannot make the server read or buffer up
+    /// to `body_bytes_max`.
+    fn admit(&self, head: &RequestHead, peer: SocketAddr) -> Result<(), Denied> {
+        let _ = (head, peer);
+        Ok(())
+    }
+
+    /// Called for each complete request whose head `admit` accepted. `server` is this
+    /// listener's own counters (for `/metrics`).
+    fn handle(&self, request: &Request, peer: SocketAddr, server: &ServerCounters) -> Response;
 }
 
-/// A plain function or closure is a handler (tests, small tools).
+/// A plain function or closure is a handler that admits everyone (tests, small tools).
 impl<F> Handler for F
 where
     F: Fn(&Request, SocketAddr) -> Response + Send + Sync + 'static,
 {
-    fn handle(&self, request: &Request, peer: SocketAddr) -> Response {
+    fn handle(&self, request: &Request, peer: SocketAddr, _server: &ServerCounters) -> Response {
         self(request, peer)
     }
 }
@@ -70,39 +82,6 @@ impl Default for ServerConfig {
     }
 }
 
-/// Counter snapshots for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ServerStats {
-    pub connections_accepted: u64,
-    /// Gauge: connections being served now.
-    pub connections_active: u64,
-    /// Refused with 503 because `connections_max` were being served.
-    pub connections_refused: u64,
-    /// Closed because a request did not arrive within `idle_timeout_ms`.
-    pub connections_timed_out: u64,
-    /// Requests answered by the handler.
-    pub requests: u64,
-    /// Handler panics, answered 500 (a bug in the routes).
-    pub handler_panics: u64,
-    /// Requests refused by the reader, by status: 400, 411, 413, 431.
-    pub requests_malformed: u64,
-    pub requests_length_required: u64,
-    pub requests_body_too_large: u64,
-    pub requests_head_too_large: u64,
-}
-
-impl ServerStats {
-    /// The refused-request counters as (status, count), for a `status` label.
-    pub fn requests_refused_by_status(&self) -> [(u16, u64); 4] {
-        [
-            (400, self.requests_malformed),
-            (411, self.requests_length_required),
-            (413, self.requests_body_too_large),
-            (431, self.requests_head_too_large),
-        ]
-    }
-}
-
 /// A running API listener. Stopping: [`Server::stop`], or drop.
 pub struct Server {
     local_addr: SocketAddr,
@@ -117,21 +96,7 @@ struct Shared {
     config: ServerConfig,
     handler: Arc<dyn Handler>,
     stop: AtomicBool,
-    active: AtomicUsize,
-    counters: Counters,
-}
-
-#[derive(Default)]
-struct Counters {
-    connections_accepted: AtomicU64,
-    connections_refused: AtomicU64,
-    connections_timed_out: AtomicU64,
-    requests: AtomicU64,
-    handler_panics: AtomicU64,
-    requests_malformed: AtomicU64,
-    requests_length_required: AtomicU64,
-    requests_body_too_large: AtomicU64,
-    requests_head_too_large: AtomicU64,
+    counters: ServerCounters,
 }
 
 impl Server {
@@ -143,13 +108,8 @@ impl Server {
         let listener = bind(addr)?;
         let std_listener: TcpListener = listener.try_clone()?.into();
         let local_addr = std_listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            config,
-            handler,
-            stop: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            counters: Counters::default(),
-        });
+        let shared =
+            Arc::new(Shared { config, handler, stop: AtomicBool::new(false), counters: ServerCounters::default() });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = thread::Builder::new()
             .name("api-acceptor".into())
@@ -161,23 +121,9 @@ impl Server {
         self.local_addr
     }
 
-    /// Counters for metrics: connections refused over the cap, requests refused by HttpError
-    /// (by status), and the rest of [`ServerStats`].
+    /// This listener's counters now (the handler sees the same through `handle`'s `server`).
     pub fn stats(&self) -> ServerStats {
-        let c = &self.shared.counters;
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        ServerStats {
-            connections_accepted: load(&c.connections_accepted),
-            connections_active: self.shared.active.load(Ordering::Relaxed) as u64,
-            connections_refused: load(&c.connections_refused),
-            connections_timed_out: load(&c.connections_timed_out),
-            requests: load(&c.requests),
-            handler_panics: load(&c.handler_panics),
-            requests_malformed: load(&c.requests_malformed),
-            requests_length_required: load(&c.requests_length_required),
-            requests_body_too_large: load(&c.requests_body_too_large),
-            requests_head_too_large: load(&c.requests_head_too_large),
-        }
+        self.shared.counters.snapshot()
     }
 
     /// Stops accepting, wakes the acceptor and joins it. Connection threads finish their
@@ -265,15 +211,16 @@ struct Slot(Arc<Shared>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.counters.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
-    shared.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    shared.counters.accepted();
+    let active = &shared.counters.active;
     // Take the slot before checking, so the count can never exceed the cap.
-    if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.config.connections_max {
-        shared.active.fetch_sub(1, Ordering::AcqRel);
+    if active.fetch_add(1, Ordering::AcqRel) >= shared.config.connections_max {
+        active.fetch_sub(1, Ordering::AcqRel);
         refuse_connection(stream, shared);
         return;
     }
@@ -285,22 +232,19 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     });
     if spawned.is_err() {
         // The closure, with its slot and stream, was dropped: the peer sees the close.
-        shared.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+        shared.counters.refused_spawn();
     }
 }
 
 /// 503 from the acceptor thread: bounded write, half-close, no waiting.
 fn refuse_connection(mut stream: TcpStream, shared: &Shared) {
-    shared.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+    shared.counters.refused_full();
     let response = Response::error(503, "too many API connections").to_bytes(false, false);
     let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
-    if stream.write_all(&response).is_ok() {
-        let _ = stream.shutdown(Shutdown::Write);
+    if send(&mut stream, &response, shared).is_ok() {
         // Unread request bytes would turn our close into a RST that can destroy the 503 in
         // flight; take what has already arrived without waiting for more.
-        let _ = stream.set_nonblocking(true);
-        let mut sink = [0u8; 4096];
-        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        close_quietly(&mut stream, shared);
     }
 }
 
@@ -315,17 +259,23 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
     let mut deadline = Instant::now() + idle;
     loop {
         match reader.read(&buf) {
+            Ok(Progress::Head(head)) => {
+                if let Err(denied) = shared.handler.admit(head, peer) {
+                    deny(stream, head, denied, shared);
+                    return Ok(());
+                }
+            }
             Ok(Progress::Complete { request, consumed }) => {
                 let keep_alive = respond(&mut stream, &request, peer, shared)?;
                 compact(&mut buf, consumed);
                 if !keep_alive {
-                    close_quietly(&mut stream);
+                    close_quietly(&mut stream, shared);
                     return Ok(());
                 }
                 deadline = Instant::now() + idle;
             }
             Ok(Progress::Continue100) => {
-                stream.write_all(CONTINUE_100)?;
+                send(&mut stream, CONTINUE_100, shared)?;
                 if !fill(&mut stream, &mut buf, deadline, shared)? {
                     return Ok(());
                 }
@@ -345,18 +295,42 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
 
 /// Calls the handler and writes its response; returns whether the connection stays open.
 fn respond(stream: &mut TcpStream, request: &Request, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
-    let handled = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.handle(request, peer)));
+    let handled = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.handle(request, peer, &shared.counters)));
     let (response, healthy) = match handled {
         Ok(response) => (response, true),
         Err(_) => {
-            shared.counters.handler_panics.fetch_add(1, Ordering::Relaxed);
+            shared.counters.handler_panic();
             (Response::error(500, "internal error"), false)
         }
     };
-    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let keep_alive = healthy && request.keep_alive && !shared.stop.load(Ordering::Acquire);
-    stream.write_all(&response.to_bytes(keep_alive, request.method == Method::Head))?;
+    shared.counters.responded(response.status);
+    let head = &request.head;
+    let keep_alive = healthy && head.keep_alive && !shared.stop.load(Ordering::Acquire);
+    send(stream, &response.to_bytes(keep_alive, head.method == Method::Head), shared)?;
     Ok(keep_alive)
+}
+
+/// Answers a caller the handler refused on the head, and closes without reading the body: an
+/// unauthorised client must not make us read (or buffer) up to `body_bytes_max`, whatever it
+/// asked for (`Expect: 100-continue` gets this answer instead of the 100; keep-alive is
+/// ignored). Whatever of the body had already arrived with the head (one read at most) is
+/// dropped unread, so the kernel ends the connection with RST behind our response; on Linux the
+/// client can still read the response it received, and a client still sending sees its write
+/// fail rather than the server draining megabytes for it.
+fn deny(mut stream: TcpStream, head: &RequestHead, denied: Denied, shared: &Shared) {
+    shared.counters.denied(denied);
+    let response = denied.response();
+    shared.counters.responded(response.status);
+    if send(&mut stream, &response.to_bytes(false, head.method == Method::Head), shared).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+    }
+}
+
+/// Writes all of `bytes`, counting them.
+fn send(stream: &mut TcpStream, bytes: &[u8], shared: &Shared) -> io::Result<()> {
+    stream.write_all(bytes)?;
+    shared.counters.wrote(bytes.len());
+    Ok(())
 }
 
 /// Reads once more into `buf`. False: the peer closed, the request did not arrive by
@@ -371,6 +345,7 @@ fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant, shared: &S
             Err(_) => 0,
         };
         buf.truncate(start + n);
+        shared.counters.read(n);
         match read {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),
@@ -379,7 +354,7 @@ fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant, shared: &S
                     return Ok(false);
                 }
                 if Instant::now() >= deadline {
-                    shared.counters.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    shared.counters.idle_timeout();
                     return Ok(false);
                 }
             }
@@ -400,24 +375,18 @@ fn compact(buf: &mut Vec<u8>, consumed: usize) {
 
 /// Answers a refused request with its status and closes.
 fn refuse_request(mut stream: TcpStream, error: HttpError, shared: &Shared) {
-    let c = &shared.counters;
-    let counter = match error {
-        HttpError::Malformed => &c.requests_malformed,
-        HttpError::LengthRequired => &c.requests_length_required,
-        HttpError::BodyTooLarge => &c.requests_body_too_large,
-        HttpError::HeadTooLarge => &c.requests_head_too_large,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    shared.counters.refused(error);
+    shared.counters.responded(error.status());
     let response = Response::error(error.status(), error.message()).to_bytes(false, false);
-    if stream.write_all(&response).is_ok() {
-        linger_close(stream);
+    if send(&mut stream, &response, shared).is_ok() {
+        linger_close(stream, shared);
     }
 }
 
 /// Closing with unread bytes queued makes the kernel send RST, and a client still sending (an
 /// oversize body, say) may then lose our error response. So half-close, and drain what the
 /// client still sends for a bounded time and amount, before closing.
-fn linger_close(mut stream: TcpStream) {
+fn linger_close(mut stream: TcpStream, shared: &Shared) {
     let _ = stream.shutdown(Shutdown::Write);
     let _ = stream.set_read_timeout(Some(LINGER));
     let deadline = Instant::now() + LINGER;
@@ -425,38 +394,79 @@ fn linger_close(mut stream: TcpStream) {
     while Instant::now() < deadline && drained < LINGER_BYTES_MAX {
         match stream.read(&mut sink) {
             Ok(n) if n > 0 => drained += n,
-            _ => return,
+            _ => break,
         }
     }
+    shared.counters.read(drained);
 }
 
 /// After a `Connection: close` response: half-close and drop what has already arrived, so a
 /// pipelined request the client sent anyway does not turn the close into a RST.
-fn close_quietly(stream: &mut TcpStream) {
+fn close_quietly(stream: &mut TcpStream, shared: &Shared) {
     let _ = stream.shutdown(Shutdown::Write);
     let _ = stream.set_nonblocking(true);
     let mut sink = [0u8; 4096];
-    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    while let Ok(n @ 1..) = stream.read(&mut sink) {
+        shared.counters.read(n);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::access::Access;
     use std::io::BufRead;
     use std::io::BufReader;
 
     /// Echoes method, path, query, key and body as JSON.
     fn echo(request: &Request, _peer: SocketAddr) -> Response {
+        let head = &request.head;
         Response::json(
             200,
             &serde_json::json!({
-                "method": format!("{:?}", request.method),
-                "path": request.path,
-                "query": request.query,
-                "key": request.api_key,
+                "method": format!("{:?}", head.method),
+                "path": head.path,
+                "query": head.query,
+                "key": head.api_key,
                 "body": String::from_utf8_lossy(&request.body),
             }),
         )
+    }
+
+    /// Echoes callers with the key "k" (or asking for /healthz); refuses the rest on the head.
+    struct Keyed(Access);
+
+    impl Handler for Keyed {
+        fn admit(&self, head: &RequestHead, peer: SocketAddr) -> Result<(), Denied> {
+            self.0.check(head, peer)
+        }
+
+        fn handle(&self, request: &Request, peer: SocketAddr, _server: &ServerCounters) -> Response {
+            echo(request, peer)
+        }
+    }
+
+    fn start_keyed(limits: Limits) -> Server {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Server::start(addr, ServerConfig { limits, ..ServerConfig::default() }, Arc::new(Keyed(Access::new("k"))))
+            .unwrap()
+    }
+
+    /// Writes `bytes` of body from another thread until done or refused; says how far it got.
+    fn send_body(stream: TcpStream, bytes: usize) -> thread::JoinHandle<(usize, io::Result<()>)> {
+        // A backstop: a server that neither reads nor closes would otherwise hang the test.
+        stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        thread::spawn(move || {
+            let chunk = [b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < bytes {
+                match (&stream).write(&chunk[..(bytes - sent).min(chunk.len())]) {
+                    Ok(n) => sent += n,
+                    Err(e) => return (sent, Err(e)),
+                }
+            }
+            (sent, Ok(()))
+        })
     }
 
     fn start_with(config: ServerConfig) -> Server {
@@ -534,7 +544,14 @@ mod tests {
             reply.json(),
             serde_json::json!({"method": "Post", "path": "/v1/rooms/r1/messages", "query": "x=1", "key": "k", "body": "hello"})
         );
-        assert_eq!(server.stats().requests, 1);
+        let stats = server.stats();
+        assert_eq!((stats.requests, stats.requests_total(), stats.bytes_in), ([1, 0, 0, 0], 1, 81));
+        // Bytes out are counted once written, which may be just after the client has them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.stats().bytes_out < reply.body.len() as u64 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(server.stats().bytes_out > reply.body.len() as u64, "{:?}", server.stats());
         server.stop();
     }
 
@@ -605,8 +622,85 @@ mod tests {
         assert_eq!((reply.status, reply.header("connection")), (413, Some("close")));
         assert_eq!(reply.json(), serde_json::json!({"error": "request body too large"}));
         assert_closed(&mut reader);
-        assert_eq!(server.stats().requests_body_too_large, 1);
-        assert_eq!(server.stats().requests, 0);
+        let stats = server.stats();
+        assert_eq!(stats.refused_for(HttpError::BodyTooLarge), 1);
+        assert_eq!(stats.requests, [0, 0, 1, 0]);
+        server.stop();
+    }
+
+    #[test]
+    fn unauthorised_head_is_refused_before_the_body_is_read() {
+        const BODY: usize = 64 << 20;
+        let server = start_keyed(Limits { body_bytes_max: BODY, ..Limits::default() });
+        let mut stream = connect(&server);
+        let head = format!("POST /v1/broadcast HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let writer = send_body(stream.try_clone().unwrap(), BODY);
+        let mut reader = BufReader::new(stream);
+        let reply = read_reply(&mut reader);
+        assert!(started.elapsed() < Duration::from_secs(2), "401 took {:?}", started.elapsed());
+        assert_eq!((reply.status, reply.header("connection")), (401, Some("close")));
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        assert!(reply.json()["error"].as_str().unwrap().contains("API key"));
+        // The server closed with the body unread: the client's sending fails part way.
+        let (sent, result) = writer.join().unwrap();
+        let error = result.expect_err("the whole body was taken");
+        assert!(matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{error}");
+        assert!(sent < BODY, "{sent}");
+        let stats = server.stats();
+        assert_eq!((stats.denied_for(Denied::KeyMissing), stats.requests), (1, [0, 0, 1, 0]));
+        // At most the one read that completed the head: nothing was read for the body's sake.
+        assert!(stats.bytes_in <= (head.len() + READ_CHUNK_BYTES) as u64, "{stats:?}");
+        server.stop();
+    }
+
+    #[test]
+    fn unauthorised_expect_100_gets_the_refusal_instead_of_100() {
+        let server = start_keyed(Limits::default());
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nX-Api-Key: nope\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let reply = read_reply(&mut reader);
+        assert_eq!((reply.status, reply.header("connection")), (401, Some("close")));
+        assert_eq!(reply.json(), serde_json::json!({"error": "wrong API key"}));
+        assert_closed(&mut reader);
+        assert_eq!(server.stats().denied_for(Denied::KeyWrong), 1);
+        // With the key, the same request is invited to send its body.
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nX-Api-Key: k\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .unwrap();
+        let mut interim = [0u8; CONTINUE_100.len()];
+        stream.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, CONTINUE_100);
+        server.stop();
+    }
+
+    #[test]
+    fn refusal_closes_a_keep_alive_connection() {
+        let server = start_keyed(Limits::default());
+        let mut stream = connect(&server);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        // Pipelined: a good request, an unauthorised one, and one that must never be served.
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nX-Api-Key: k\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nX-Api-Key: k\r\n\r\n")
+            .unwrap();
+        let a = read_reply(&mut reader);
+        assert_eq!(
+            (a.status, a.header("connection"), a.json()["path"].as_str()),
+            (200, Some("keep-alive"), Some("/a"))
+        );
+        let b = read_reply(&mut reader);
+        assert_eq!((b.status, b.header("connection")), (401, Some("close")));
+        assert_closed(&mut reader);
+        assert_eq!(server.stats().requests, [1, 0, 1, 0]);
+        // Health is open without a key.
+        let mut stream = connect(&server);
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut BufReader::new(stream)).status, 200);
         server.stop();
     }
 
@@ -625,8 +719,9 @@ mod tests {
             assert_closed(&mut reader);
         }
         let stats = server.stats();
-        let by_status = stats.requests_refused_by_status();
-        assert_eq!(by_status, [(400, 1), (411, 1), (413, 0), (431, 0)]);
+        let by_error = HttpError::ALL.map(|e| (e.status(), stats.refused_for(e)));
+        assert_eq!(by_error, [(431, 0), (413, 0), (400, 1), (411, 1)]);
+        assert_eq!(stats.requests_like(400), 2);
         server.stop();
     }
 
@@ -665,7 +760,7 @@ mod tests {
         let started = Instant::now();
         assert_closed(&mut BufReader::new(stream));
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-        assert_eq!(server.stats().connections_timed_out, 1);
+        assert_eq!(server.stats().idle_timeouts, 1);
         server.stop();
     }
 
