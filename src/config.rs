@@ -113,6 +113,11 @@ config! {
         /// would exceed it is closed (1013, or 503 in the handshake) and counted: a slowloris
         /// flood costs at most this, not connections x message_bytes_max.
         partial_bytes_max: usize = 64 << 20, partial_bytes_max, "BARRAGE_PARTIAL_BYTES_MAX";
+        /// Bytes one connection may hold for partial input (allocated, not only used: a
+        /// message's reserved buffer, a request head's capacity); over it the connection is
+        /// closed (1009). At least websocket.message_bytes_max + 4 KiB and twice
+        /// websocket.handshake_bytes_max (a growing head may double its capacity); 0 = that.
+        partial_bytes_conn_max: usize = 0, partial_bytes_conn_max, "BARRAGE_PARTIAL_BYTES_CONN_MAX";
         /// Frames per connection waiting to be sent. A reader that falls further behind loses
         /// its oldest non-whitelist frames first, and is closed (and counted) when only
         /// undroppable frames are left. Bounds a stalled reader's memory to this many frames.
@@ -408,6 +413,16 @@ impl Config {
                 )));
             }
         }
+        if s.partial_bytes_conn_max != 0 && s.partial_bytes_conn_max < self.partial_bytes_conn_floor() {
+            return Err(ConfigError(
+                "server.partial_bytes_conn_max must hold websocket.message_bytes_max + 4096 and twice \
+                 websocket.handshake_bytes_max"
+                    .into(),
+            ));
+        }
+        if s.partial_bytes_max < self.partial_bytes_conn() {
+            return Err(ConfigError("server.partial_bytes_max must be at least server.partial_bytes_conn_max".into()));
+        }
         if s.partial_bytes_max < w.message_bytes_max + w.handshake_bytes_max {
             return Err(ConfigError(
                 "server.partial_bytes_max must hold at least one websocket.message_bytes_max + handshake_bytes_max"
@@ -424,6 +439,20 @@ impl Config {
             return Err(ConfigError("websocket.echo_path must start with '/'".into()));
         }
         Ok(())
+    }
+
+    /// The least a connection must be able to hold for partial input: one largest message with
+    /// its spill box, or a request head that doubled its capacity while growing.
+    fn partial_bytes_conn_floor(&self) -> usize {
+        (self.websocket.message_bytes_max + 4096).max(2 * self.websocket.handshake_bytes_max)
+    }
+
+    /// `server.partial_bytes_conn_max`, 0 resolved to its floor.
+    pub fn partial_bytes_conn(&self) -> usize {
+        match self.server.partial_bytes_conn_max {
+            0 => self.partial_bytes_conn_floor(),
+            n => n,
+        }
     }
 
     /// Whether only the gateway and the API may post this type: presence events, and every

@@ -99,6 +99,7 @@ series! {
     ClosedShutdown => "barrage_closed_total" {"reason" = "shutdown"}, "counter", "";
     ClosedKicked => "barrage_closed_total" {"reason" = "kicked"}, "counter", "";
     ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
+    ClosedPartialConn => "barrage_closed_total" {"reason" = "partial_conn"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
     ClosedExpired => "barrage_closed_total" {"reason" = "token_expired"}, "counter", "";
     Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
@@ -106,6 +107,7 @@ series! {
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsKept => "barrage_rooms_kept", "gauge", "Owned rooms with state of their own (messages, attributes, moderation), counted against rooms.rooms_max; the others exist only while they have members.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
+    SendsInFlight => "barrage_sends_in_flight", "gauge", "Send operations submitted and not completed (a reader that stopped reading holds one).";
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
     Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";

@@ -298,29 +298,30 @@ fn long_room_names_and_big_client_messages_are_refused() {
 }
 
 #[test]
-fn partial_input_is_bounded_per_shard() {
-    // Budget 70,000 B on one shard; each client parks 30,000 B of an unfinished 60,000 B frame.
-    let gw = Gateway::start(&["--shards", "1", "--partial-bytes-max", "70000"]);
-    let unfinished = {
-        let f = frame(true, 0x2, &vec![0u8; 60_000]);
-        f[..f.len() - 30_000].to_vec()
-    };
+fn partial_input_is_bounded_per_shard_and_the_largest_holder_goes() {
+    // Attack 5: connections holding unfinished frames used to lock every newcomer out (1013).
+    // Now the connection holding the most goes, and the newcomer carries on. Budget 110,000 B
+    // on one shard, counted as allocated capacity (a message buffer doubles as it grows): the
+    // first client parks 20,000 B of a 60,000 B frame (32 KiB reserved), the second 40,000 B
+    // (64 KiB), then a newcomer sends 30,000 B.
+    let gw = Gateway::start(&["--shards", "1", "--partial-bytes-max", "110000"]);
+    let whole = frame(true, 0x2, &vec![0u8; 60_000]);
+    let head = whole.len() - 60_000;
     let mut clients: Vec<Raw> = (0..3).map(|_| Raw::upgraded(gw.ws, "")).collect();
     for c in &mut clients {
         c.read_frame(); // welcome
     }
-    for c in &mut clients[..2] {
-        c.write(&unfinished);
-    }
-    eventually("two partial frames held", || gw.metric("barrage_bytes_in_total") > 2 * 29_000);
-    clients[2].write(&unfinished);
-    assert_eq!(clients[2].close_code(), 1013, "over the budget: try again later");
+    clients[0].write(&whole[..head + 20_000]);
+    eventually("one partial frame held", || gw.metric("barrage_partial_bytes") > 32_000);
+    clients[1].write(&whole[..head + 40_000]);
+    eventually("two partial frames held", || gw.metric("barrage_partial_bytes") > 97_000);
+    clients[2].write(&whole[..head + 30_000]);
+    assert_eq!(clients[1].close_code(), 1013, "the largest holder is closed: try again later");
     eventually("counted", || gw.metric("barrage_closed_total{reason=\"partial_budget\"}") == 1);
-    // Once another client goes away, the first has room to finish its message (a bad
-    // ClientFrame, so closed with 1007 — read whole, not refused with 1013).
-    drop(clients.remove(1));
-    eventually("budget freed", || gw.metric("barrage_partial_bytes") < 40_000);
-    let rest = frame(true, 0x2, &vec![0u8; 60_000]);
-    clients[0].write(&rest[rest.len() - 30_000..]);
+    // The newcomer and the first client finish their messages (bad ClientFrames, so closed with
+    // 1007 — read whole, not refused with 1013).
+    clients[2].write(&whole[head + 30_000..]);
+    assert_eq!(clients[2].close_code(), 1007);
+    clients[0].write(&whole[head + 20_000..]);
     assert_eq!(clients[0].close_code(), 1007);
 }

@@ -58,12 +58,22 @@ fn a_shard_stopped_under_fan_out_finishes_its_sends_before_freeing_frames() {
     // Blocks of 4 KiB messages until the viewers' sockets are full and sends wait on them.
     let text = "x".repeat(4_000);
     let body = serde_json::json!({"type": "gift", "text": text}).to_string();
-    let until = Instant::now() + Duration::from_millis(1_500);
+    let until = Instant::now() + Duration::from_secs(30);
     let mut published = 0;
-    while Instant::now() < until {
-        let (status, answer) = common::http(gw.api_addr, "POST", "/v1/rooms/big/messages", Some(&body), &[]);
-        assert_eq!(status, 202, "{answer}");
-        published += 1;
+    let in_flight = || {
+        let (_, text) = common::http(gw.api_addr, "GET", "/metrics", None, &[]);
+        text.lines()
+            .filter(|l| l.starts_with("barrage_sends_in_flight{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    while in_flight() < 150 {
+        assert!(Instant::now() < until, "the viewers' sockets never filled ({published} published)");
+        for _ in 0..50 {
+            let (status, answer) = common::http(gw.api_addr, "POST", "/v1/rooms/big/messages", Some(&body), &[]);
+            assert_eq!(status, 202, "{answer}");
+            published += 1;
+        }
     }
     let exits = gw.stop();
     drop(viewers);

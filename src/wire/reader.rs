@@ -140,6 +140,14 @@ impl Reader {
         self.spill.as_ref().map_or(0, |spill| spill.buffered_bytes())
     }
 
+    /// Memory the reader holds for partial input: its spill box and the capacity reserved for
+    /// a message still arriving (0 while idle). What a shard's partial-input budget counts.
+    pub fn held_bytes(&self) -> usize {
+        self.spill
+            .as_ref()
+            .map_or(0, |spill| std::mem::size_of::<Spill>() + spill.message.as_ref().map_or(0, |m| m.bytes.capacity()))
+    }
+
     /// Drops any buffered state and frees the spill buffer.
     pub fn reset(&mut self) {
         self.spill = None;

@@ -31,7 +31,7 @@ use std::io::IoSlice;
 
 use self::conn::State;
 use self::conns::Conns;
-use self::intake::Intake;
+use self::intake::{Budget, Intake};
 use self::outbox::{FrameId, Outbox, Pushed};
 use self::replicas::Replicas;
 use self::rooms::Rooms;
@@ -94,7 +94,7 @@ impl Host {
         Host {
             verifier,
             conns: Conns::new(cfg.conns_max),
-            intake: Intake::new(cfg.partial_bytes_max),
+            intake: Intake::new(cfg.partial_bytes_max, cfg.partial_bytes_conn_max),
             rooms: Rooms::default(),
             users: Users::default(),
             outbox: Outbox::default(),
@@ -279,6 +279,7 @@ impl Host {
         c.set(Series::ConnectionsOpen, self.conns.websockets());
         c.set(Series::RoomsLocal, self.rooms.len() as u64);
         c.set(Series::PartialBytes, self.intake.bytes() as u64);
+        c.set(Series::SendsInFlight, self.conns.sends_in_flight() as u64);
     }
 
     /// Moves the mail gathered since the last call to `out`.
@@ -442,17 +443,15 @@ impl Host {
         let opened = conn.has(conn::flag::OPENED);
         conn.state = State::Terminating;
         conn.deadline = 0;
-        let held = conn.reader.buffered_bytes();
         conn.reader.reset();
         self.outbox.clear(&mut conn.queue);
-        self.intake.account(held, 0);
+        self.intake.release(key);
         if opened {
             self.conns.closed_websocket();
         }
         if let Some(r) = reason {
             self.counters.inc(r);
         }
-        self.intake.take_head(key);
         self.send_buckets.remove(&key);
         self.join_buckets.remove(&key);
         self.http.remove(&key);
@@ -460,6 +459,48 @@ impl Host {
         self.leave_room(key);
         self.leave_user(key);
         self.conns.push_closing(key);
+    }
+
+    /// Acts on where a connection's partial input left the budgets: over its own cap it is
+    /// failed (1009); over the shard's, the connections holding the most are closed (1013, or
+    /// 503 in the handshake) until the budget holds — which may be this one.
+    fn within_budget(&mut self, key: ConnKey, budget: Budget, now: Now) {
+        match budget {
+            Budget::Within => {}
+            Budget::ConnOver => {
+                self.intake.release(key);
+                self.conns.get_mut(key).reader.reset();
+                let why = "partial input over the per-connection cap";
+                self.fail(key, CloseCode::TOO_BIG, why, Series::ClosedPartialConn, now);
+            }
+            Budget::ShardFull => {
+                while self.intake.over() {
+                    let Some(victim) = self.intake.largest() else { break };
+                    self.evict(victim, now);
+                    if victim == key {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes a connection for holding the most partial input while the shard's budget is
+    /// full, freeing what it holds at once.
+    fn evict(&mut self, key: ConnKey, now: Now) {
+        self.intake.release(key);
+        let conn = self.conns.get_mut(key);
+        conn.reader.reset();
+        match conn.state {
+            State::Handshake => {
+                self.counters.inc(Series::ClosedBudget);
+                self.busy(key, now);
+            }
+            State::Open | State::Closing => {
+                self.fail(key, CloseCode::TRY_AGAIN, "server busy: try again", Series::ClosedBudget, now)
+            }
+            State::Polling | State::Flushing | State::Terminating => self.terminate(key, Some(Series::ClosedBudget)),
+        }
     }
 
     fn leave_user(&mut self, key: ConnKey) {

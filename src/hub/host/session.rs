@@ -41,20 +41,22 @@ impl Host {
     pub(super) fn read_frames(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         // The reader leaves the connection while it runs so events can change the host freely.
         let mut reader = std::mem::take(&mut self.conns.get_mut(key).reader);
-        let before = reader.buffered_bytes();
         let limits = self.cfg.read;
         let result = reader.feed(data, &limits, &mut |event| self.on_event(key, event, now));
         let conn = self.conns.get_mut(key);
-        let mut after = 0;
+        let mut held = 0;
         if matches!(conn.state, State::Open | State::Closing) {
-            after = reader.buffered_bytes();
+            held = reader.held_bytes();
             conn.reader = reader;
         }
-        let within = self.intake.account(before, after);
         if let Err(e) = result {
-            self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);
-        } else if !within {
-            self.fail(key, CloseCode::TRY_AGAIN, "server busy: try again", Series::ClosedBudget, now);
+            self.intake.hold(key, 0);
+            return self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);
+        }
+        // A connection that ended during the feed already released its holding.
+        if self.conns.get(key).state != State::Terminating {
+            let budget = self.intake.hold(key, held);
+            self.within_budget(key, budget, now);
         }
     }
 
@@ -316,7 +318,7 @@ impl Host {
 
     /// Fails the connection after a framing error: the stream can no longer be parsed, so send
     /// Close and end once it is written, without waiting for the peer's Close.
-    fn fail(&mut self, key: ConnKey, code: CloseCode, reason: &str, series: Series, now: Now) {
+    pub(super) fn fail(&mut self, key: ConnKey, code: CloseCode, reason: &str, series: Series, now: Now) {
         self.close(key, code, reason, series, now);
         let conn = self.conns.get_mut(key);
         if conn.state == State::Closing {

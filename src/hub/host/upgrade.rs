@@ -53,13 +53,16 @@ impl Host {
         }
     }
 
-    /// Keeps a partial request head, or, when the shard's partial-input budget is spent,
-    /// refuses this handshake for now.
+    /// Keeps a partial request head within the partial-input budgets (see `Host::make_room`).
     fn stash_head(&mut self, key: ConnKey, head: Vec<u8>, now: Now) {
-        if self.intake.stash_head(key, head) {
-            return;
-        }
-        self.counters.inc(Series::ClosedBudget);
+        let budget = self.intake.stash_head(key, head);
+        self.within_budget(key, budget, now);
+    }
+
+    /// The shard's partial-input budget is spent and this connection holds the most: its
+    /// handshake is refused for now.
+    pub(super) fn busy(&mut self, key: ConnKey, now: Now) {
+        self.intake.release(key);
         let body = serde_json::json!({"error": "server busy: try again"}).to_string();
         let bytes = wire::http_response(503, "application/json", &["Retry-After: 1"], body.as_bytes());
         self.flush_then_close(key, bytes, now);
