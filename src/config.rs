@@ -126,6 +126,26 @@ config! {
         /// handshakes before it ends anyway. Whatever it then has on its rings is cancelled and
         /// awaited before its memory is freed.
         stop_grace_ms: u64 = 4_000, stop_grace_ms, "BARRAGE_STOP_GRACE_MS";
+        /// New connections per second from one client address, per shard (each shard counts its
+        /// own: the node allows up to shards × this); over it a connection is closed at once
+        /// (`barrage_refused_total{reason="addr_rate"}`). Generous by default: a mobile carrier
+        /// puts thousands of viewers behind one address. 0 = unlimited.
+        addr_conn_rate_per_s: u32 = 500, addr_conn_rate_per_s, "BARRAGE_ADDR_CONN_RATE_PER_S";
+        /// Burst allowed above addr_conn_rate_per_s.
+        addr_conn_rate_burst: u32 = 5_000, addr_conn_rate_burst, "BARRAGE_ADDR_CONN_RATE_BURST";
+        /// Requests (WebSocket upgrades, short polls) per second from one client address, per
+        /// shard; over it the request gets 429. 0 = unlimited.
+        addr_request_rate_per_s: u32 = 500, addr_request_rate_per_s, "BARRAGE_ADDR_REQUEST_RATE_PER_S";
+        /// Burst allowed above addr_request_rate_per_s.
+        addr_request_rate_burst: u32 = 5_000, addr_request_rate_burst, "BARRAGE_ADDR_REQUEST_RATE_BURST";
+        /// Client addresses each shard tracks for those rates at once (about 64 B each; an
+        /// address is kept until its buckets refill). A new address while it is full is refused
+        /// (`reason="addr_table"`).
+        addr_table_max: usize = 262_144, addr_table_max, "BARRAGE_ADDR_TABLE_MAX";
+        /// The listener sits behind an L4 balancer that sends a PROXY protocol v2 header first:
+        /// the client's address (for the rates above) comes from it, and a connection without a
+        /// valid header is closed (`barrage_handshakes_total{result="proxy"}`).
+        proxy_protocol: bool = false, proxy_protocol, "BARRAGE_PROXY_PROTOCOL";
     }
 
     /// WebSocket handshake and framing limits.

@@ -35,6 +35,8 @@ series! {
     Accepted => "barrage_accepted_total", "counter", "TCP connections accepted.";
     RefusedFull => "barrage_refused_total" {"reason" = "connections_max"}, "counter", "Connections closed at once because the shard was full.";
     RefusedNoSlot => "barrage_refused_total" {"reason" = "ring_full"}, "counter", "Accepts that failed for want of a direct-descriptor slot.";
+    RefusedAddrRate => "barrage_refused_total" {"reason" = "addr_rate"}, "counter", "";
+    RefusedAddrTable => "barrage_refused_total" {"reason" = "addr_table"}, "counter", "";
     HandshakeOk => "barrage_handshakes_total" {"result" = "ok"}, "counter", "WebSocket handshakes by result.";
     HsTooLarge => "barrage_handshakes_total" {"result" = "too_large"}, "counter", "";
     HsMalformed => "barrage_handshakes_total" {"result" = "malformed"}, "counter", "";
@@ -48,6 +50,8 @@ series! {
     HsAnonymous => "barrage_handshakes_total" {"result" = "anonymous"}, "counter", "";
     HsRoom => "barrage_handshakes_total" {"result" = "room"}, "counter", "";
     HsOrigin => "barrage_handshakes_total" {"result" = "origin"}, "counter", "";
+    HsRate => "barrage_handshakes_total" {"result" = "addr_rate"}, "counter", "";
+    HsProxy => "barrage_handshakes_total" {"result" = "proxy"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
@@ -108,6 +112,7 @@ series! {
     RoomsKept => "barrage_rooms_kept", "gauge", "Owned rooms with state of their own (messages, attributes, moderation), counted against rooms.rooms_max; the others exist only while they have members.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
     SendsInFlight => "barrage_sends_in_flight", "gauge", "Send operations submitted and not completed (a reader that stopped reading holds one).";
+    EdgeAddresses => "barrage_edge_addresses", "gauge", "Client addresses tracked for the per-address rates (against server.addr_table_max).";
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
     Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";

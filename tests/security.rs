@@ -247,3 +247,83 @@ fn short_polls_follow_the_websocket_rules() {
         other => panic!("a foreign Origin was not refused: {:?}", other.map(|_| ())),
     }
 }
+
+/// Connects from `source` (any 127.0.0.0/8 address) to `to`.
+fn connect_from(source: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&format!("{source}:0").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Whether the server closed `s` without a word (EOF or reset before any byte).
+fn closed_silently(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+/// The edge: per client address, connections and requests are rate-limited, and behind a
+/// balancer the address comes from a PROXY v2 header.
+#[test]
+fn the_edge_limits_each_client_address() {
+    // One shard: each shard keeps its own table (the node allows shards × these rates).
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--addr-conn-rate-per-s",
+        "1",
+        "--addr-conn-rate-burst",
+        "3",
+        "--addr-request-rate-per-s",
+        "1",
+        "--addr-request-rate-burst",
+        "2",
+    ]);
+    let poll = "GET /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held: Vec<std::net::TcpStream> = (0..3).map(|_| connect_from("127.0.9.1", gw.ws)).collect();
+    let mut fourth = connect_from("127.0.9.1", gw.ws);
+    assert!(closed_silently(&mut fourth), "a fourth connection in the same second is closed at once");
+    let mut other = connect_from("127.0.9.2", gw.ws);
+    assert_eq!(exchange(&mut other, poll).0, 200, "another address is not limited");
+    assert_eq!(exchange(&mut held[0], poll).0, 200);
+    assert_eq!(exchange(&mut held[1], poll).0, 200);
+    assert_eq!(exchange(&mut held[2], poll).0, 429, "the third request in the same second");
+    common::eventually("counted", || gw.metric("barrage_refused_total{reason=\"addr_rate\"}") == 1);
+}
+
+#[test]
+fn behind_a_balancer_the_proxy_header_names_the_client() {
+    use std::io::Write;
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--proxy-protocol",
+        "true",
+        "--addr-conn-rate-per-s",
+        "1",
+        "--addr-conn-rate-burst",
+        "1",
+    ]);
+    let lb = gw.ws;
+    let via = |client: &str| {
+        let mut s = connect_from("127.0.9.3", lb);
+        let header = barrage::wire::proxy::header(client.parse().unwrap(), lb, &[]);
+        s.write_all(&header).unwrap();
+        s
+    };
+    let poll = "GET /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Three clients through one balancer address: each has its own rate.
+    for client in ["198.51.100.1:4000", "198.51.100.2:4000", "[2001:db8::7]:4000"] {
+        assert_eq!(exchange(&mut via(client), poll).0, 200, "{client}");
+    }
+    let mut again = via("198.51.100.1:4001");
+    assert!(closed_silently(&mut again), "the same client again in the same second");
+    // A connection that does not start with the header is closed without an answer.
+    let mut bare = connect_from("127.0.9.3", lb);
+    bare.write_all(poll.as_bytes()).unwrap();
+    assert!(closed_silently(&mut bare));
+    common::eventually("counted", || gw.metric("barrage_handshakes_total{result=\"proxy\"}") == 1);
+}

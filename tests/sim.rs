@@ -667,7 +667,7 @@ impl Driver for SimIo<'_> {
     fn reap(&mut self, hub: &mut Hub, now: Now) -> Result<(), String> {
         let h = self.h;
         while let Some(sock) = self.driver.accepts.pop_front() {
-            match hub.handle_accept(sock as u64, now) {
+            match hub.handle_accept(sock as u64, None, now) {
                 Some(key) => {
                     if let Some(old) = self.driver.keys.insert(key, sock) {
                         return Err(format!("hub {h} reused {key:?} of socket {old} before its release"));

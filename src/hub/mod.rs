@@ -78,9 +78,10 @@ impl Hub {
 
     // ---- inputs ----
 
-    /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
-    pub fn handle_accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
-        self.host.handle_accept(io, now)
+    /// A new TCP connection from `peer` (when known). None when the shard is full or
+    /// stopping, or the address is over its rate: the driver closes it.
+    pub fn handle_accept(&mut self, io: u64, peer: Option<std::net::SocketAddr>, now: Now) -> Option<ConnKey> {
+        self.host.handle_accept(io, peer, now)
     }
 
     /// Bytes received on a connection (the driver's buffer, ours until we return).
@@ -302,6 +303,10 @@ pub struct HubConfig {
     pub client_types: Arc<host::ClientTypes>,
     /// Browser origins allowed to open WebSockets and poll (empty: any).
     pub origins: Arc<[String]>,
+    /// Rates per client address.
+    pub edge: host::EdgeLimits,
+    /// Every connection starts with a PROXY v2 header naming the client.
+    pub proxy_protocol: bool,
     /// Sends per connection.
     pub send_rate: Rate,
     /// Join frames per connection.
@@ -352,6 +357,12 @@ impl HubConfig {
             },
             refresh_grace_ms: c.auth.refresh_grace_ms,
             client_types: Arc::new(host::ClientTypes::new(c)),
+            edge: host::EdgeLimits {
+                connections: Rate { per_s: c.server.addr_conn_rate_per_s, burst: c.server.addr_conn_rate_burst },
+                requests: Rate { per_s: c.server.addr_request_rate_per_s, burst: c.server.addr_request_rate_burst },
+                addresses_max: c.server.addr_table_max,
+            },
+            proxy_protocol: c.server.proxy_protocol,
             origins: c
                 .websocket
                 .origins

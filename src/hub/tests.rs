@@ -47,7 +47,7 @@ fn token(user: &str) -> String {
 
 /// A new connection that sends `request` as its first bytes.
 fn connect(h: &mut Hub, request: &str, now: Now) -> ConnKey {
-    let key = h.handle_accept(0, now).expect("room for a connection");
+    let key = h.handle_accept(0, None, now).expect("room for a connection");
     h.handle_recv(key, &mut request.as_bytes().to_vec(), now);
     key
 }

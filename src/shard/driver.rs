@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use io_uring::types::{CancelBuilder, Fd, Fixed};
+use io_uring::types::{CancelBuilder, DestinationSlot, Fd, Fixed};
 use io_uring::{IoUring, opcode, squeue};
 
 use super::bufring::BufRing;
@@ -66,6 +66,28 @@ impl Ring {
     pub fn accept_multi(&mut self, listener: RawFd, user_data: u64) -> io::Result<()> {
         let e = opcode::AcceptMulti::new(Fd(listener)).allocate_file_index(true).build().user_data(user_data);
         // SAFETY: the entry holds no pointers.
+        unsafe { self.push(e) }
+    }
+
+    /// Accepts one connection on `listener` into this ring's table (the kernel picks the slot)
+    /// and writes the peer's address to `addr` (`len` holds its size on the way in and the
+    /// address length on the way out).
+    ///
+    /// # Safety
+    /// `addr` and `len` must stay valid, unmoved and untouched until this accept's completion
+    /// is reaped.
+    pub unsafe fn accept(
+        &mut self,
+        listener: RawFd,
+        addr: *mut libc::sockaddr_storage,
+        len: *mut libc::socklen_t,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let e = opcode::Accept::new(Fd(listener), addr.cast(), len)
+            .file_index(Some(DestinationSlot::auto_target()))
+            .build()
+            .user_data(user_data);
+        // SAFETY: forwarded from this function's contract.
         unsafe { self.push(e) }
     }
 

@@ -110,6 +110,11 @@ const _: () = assert!(Io::FLAGS & (Io::RING_MASK << Io::RING_SHIFT) == 0);
 const _: () = assert!(Io::FLAGS & 0xFFFF_FFFF == 0);
 const _: () = assert!(Io::RING_MASK + 1 == RINGS_MAX as u64);
 
+/// Accepts kept in flight per shard, each with its own buffer for the peer's address (a
+/// multishot accept would write every peer's address to one buffer). Enough that a connect
+/// storm keeps the listener drained between two reaps.
+const ACCEPTS_IN_FLIGHT: usize = 16;
+
 /// Accept moves to another ring this many slots before its table is full: an eighth of the
 /// table, because in a connect storm the kernel can accept hundreds of connections between two
 /// reaps, and one accepted into a full table is lost (counted as `ring_full`).
@@ -167,6 +172,49 @@ pub struct Shard {
     load: u32,
 }
 
+/// One accept in flight and the buffer it writes its peer's address to.
+struct AcceptSlot {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    /// The ring it is armed on.
+    ring: Option<usize>,
+    /// Cancelled at stop and not yet completed: not to be armed again.
+    cancelled: bool,
+}
+
+impl Default for AcceptSlot {
+    fn default() -> Self {
+        // SAFETY: sockaddr_storage is plain old data (integers and byte arrays): all zeros is
+        // a valid value (family AF_UNSPEC).
+        let addr = unsafe { std::mem::zeroed() };
+        AcceptSlot { addr, len: 0, ring: None, cancelled: false }
+    }
+}
+
+impl AcceptSlot {
+    /// The peer's address the completed accept wrote.
+    fn peer(&self) -> Option<SocketAddr> {
+        let len = usize::try_from(self.len).ok()?;
+        let storage = &self.addr as *const libc::sockaddr_storage;
+        match i32::from(self.addr.ss_family) {
+            libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the kernel wrote an AF_INET address of at least that size into the
+                // storage, which is larger and aligned for every sockaddr type.
+                let sin = unsafe { &*storage.cast::<libc::sockaddr_in>() };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+            }
+            libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: as above, for AF_INET6.
+                let sin6 = unsafe { &*storage.cast::<libc::sockaddr_in6>() };
+                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The shard's io_uring side: its rings, listener, inbox and sendmsg slots. The hub's
 /// `Driver`.
 struct ShardIo {
@@ -175,8 +223,9 @@ struct ShardIo {
     // slots).
     rings: Vec<Ring>,
     listener: socket2::Socket,
-    /// The ring holding the multishot accept, if armed.
-    accept_ring: Option<usize>,
+    /// The accepts in flight: where each writes its peer's address, and the ring it is armed
+    /// on. Boxed so the addresses never move while the kernel may write them.
+    accepts: Box<[AcceptSlot]>,
     mesh: Arc<Mesh>,
     wake_buf: Box<[u8; 8]>,
     slots: Slots,
@@ -204,7 +253,7 @@ impl Shard {
             id,
             rings: vec![ring],
             listener,
-            accept_ring: None,
+            accepts: (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptSlot::default()).collect(),
             mesh,
             wake_buf: Box::new([0; 8]),
             slots: Slots::new(params.sendmsg_slots_max),
@@ -232,7 +281,7 @@ impl Shard {
     /// finishes every pending operation (see `shutdown`).
     pub fn run(mut self) -> io::Result<ShardExit> {
         self.io.arm_wake()?;
-        self.io.arm_accept(&mut self.hub)?;
+        self.io.arm_accepts(&mut self.hub)?;
         loop {
             let now = self.now();
             turn::turn(&mut self.hub, &mut self.io, now, Budget::SHARD)?;
@@ -267,8 +316,12 @@ impl Shard {
         }
         let grace = self.stop_grace.as_millis() as u64;
         let stop_at = *self.stop_at.get_or_insert(now.ms + grace);
-        if let Some(r) = self.io.accept_ring.take() {
-            self.io.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
+        for (i, slot) in self.io.accepts.iter_mut().enumerate() {
+            if let Some(r) = slot.ring.take() {
+                // The slot stays busy until the cancelled accept completes (its buffer with it).
+                slot.cancelled = true;
+                self.io.rings[r].cancel_request(user_data(op::ACCEPT, i as u32, 0), user_data(op::CANCEL, 0, 0))?;
+            }
         }
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
     }
@@ -459,7 +512,7 @@ impl ShardIo {
         let (tag, aux, key) = split(cqe.user_data);
         let key = ConnKey(key);
         match tag {
-            op::ACCEPT => self.accepted(hub, r, cqe, now),
+            op::ACCEPT => self.accepted(hub, r, aux as usize, cqe, now),
             op::RECV => self.received(hub, r, key, cqe, now),
             op::POLL => self.polled(hub, r, key, cqe, now),
             op::RECV_ONCE => self.received_once(hub, r, key, cqe, now),
@@ -477,69 +530,73 @@ impl ShardIo {
                 let ring = &mut self.rings[r];
                 assert!(ring.files_used > 0, "a close for a slot never taken");
                 ring.files_used -= 1;
-                if self.accept_ring.is_none() {
-                    self.arm_accept(hub)?;
-                }
-                Ok(())
+                self.arm_accepts(hub)
             }
             op::CANCEL => Ok(()),
             other => panic!("a completion with an unknown tag {other}"),
         }
     }
 
-    fn accepted(&mut self, hub: &mut Hub, r: usize, cqe: Cqe, now: Now) -> io::Result<()> {
-        if !cqe.more() && self.accept_ring == Some(r) {
-            self.accept_ring = None;
-        }
+    fn accepted(&mut self, hub: &mut Hub, r: usize, i: usize, cqe: Cqe, now: Now) -> io::Result<()> {
+        let slot = &mut self.accepts[i];
+        slot.ring = None;
+        slot.cancelled = false;
         if cqe.result >= 0 {
-            let slot = cqe.result as u32;
+            let peer = slot.peer();
+            let fd = cqe.result as u32;
             self.rings[r].files_used += 1;
-            // A stopping hub takes no connection: one accepted while the accept was being
+            // A stopping hub takes no connection: one accepted while the accepts were being
             // cancelled is closed at once.
-            match hub.handle_accept(Io::new(r, slot).0, now) {
+            match hub.handle_accept(Io::new(r, fd).0, peer, now) {
                 Some(key) => {
-                    self.arm_input(r, slot, key)?;
-                    hub.set_io(key, Io::new(r, slot).with(Io::RECV).0);
+                    self.arm_input(r, fd, key)?;
+                    hub.set_io(key, Io::new(r, fd).with(Io::RECV).0);
                 }
-                None => self.rings[r].close_slot(slot, user_data(op::CLOSE, 0, 0))?,
-            }
-            let ring = &self.rings[r];
-            if self.accept_ring == Some(r) && ring.files_used + accept_margin(ring.files_max) >= ring.files_max {
-                // Move the accept before this table fills; the old one ends with ECANCELED.
-                self.rings[r].cancel_request(user_data(op::ACCEPT, r as u32, 0), user_data(op::CANCEL, 0, 0))?;
-                self.accept_ring = None;
+                None => self.rings[r].close_slot(fd, user_data(op::CLOSE, 0, 0))?,
             }
         } else if cqe.result == -libc::ENFILE {
             hub.count(Series::RefusedNoSlot);
         }
-        if self.accept_ring.is_none() {
-            self.arm_accept(hub)?;
-        }
-        Ok(())
+        self.arm_accepts(hub)
     }
 
-    /// Arms the multishot accept on a ring with free slots, opening a new ring if all are full.
-    fn arm_accept(&mut self, hub: &mut Hub) -> io::Result<()> {
-        if hub.stopping() || self.shutting_down || self.accept_ring.is_some() {
+    /// Keeps `ACCEPTS_IN_FLIGHT` accepts armed, each on a ring whose table has room for it (the
+    /// margin keeps a storm from filling a table between two reaps), opening a new ring when
+    /// every table is near full. Accepting resumes when a close frees a slot.
+    fn arm_accepts(&mut self, hub: &mut Hub) -> io::Result<()> {
+        if hub.stopping() || self.shutting_down {
             return Ok(());
         }
-        let free = |ring: &Ring| ring.files_used + accept_margin(ring.files_max) < ring.files_max;
-        let r = match self.rings.iter().position(free) {
-            Some(r) => r,
-            None if self.rings.len() < self.rings_max => {
-                let wake = self.mesh.inbox(self.id).wake_fd();
-                let mut ring = Ring::new(self.ring_params, Some(wake))?;
-                ring.set_notify(false);
-                self.rings.push(ring);
-                hub.set_gauge(Series::Rings, self.rings.len() as u64);
-                self.rings.len() - 1
-            }
-            // Every ring is full: accepting resumes when a close frees a slot.
-            None => return Ok(()),
-        };
         let fd = self.listener.as_raw_fd();
-        self.rings[r].accept_multi(fd, user_data(op::ACCEPT, r as u32, 0))?;
-        self.accept_ring = Some(r);
+        for i in 0..self.accepts.len() {
+            if self.accepts[i].ring.is_some() || self.accepts[i].cancelled {
+                continue;
+            }
+            let armed = |r: usize, accepts: &[AcceptSlot]| accepts.iter().filter(|a| a.ring == Some(r)).count() as u32;
+            let room = |r: usize, ring: &Ring| {
+                ring.files_used + armed(r, &self.accepts) + accept_margin(ring.files_max) < ring.files_max
+            };
+            let r = match self.rings.iter().enumerate().position(|(r, ring)| room(r, ring)) {
+                Some(r) => r,
+                None if self.rings.len() < self.rings_max => {
+                    let wake = self.mesh.inbox(self.id).wake_fd();
+                    let mut ring = Ring::new(self.ring_params, Some(wake))?;
+                    ring.set_notify(false);
+                    self.rings.push(ring);
+                    hub.set_gauge(Series::Rings, self.rings.len() as u64);
+                    self.rings.len() - 1
+                }
+                None => return Ok(()),
+            };
+            let slot = &mut self.accepts[i];
+            slot.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let (addr, len): (*mut libc::sockaddr_storage, *mut libc::socklen_t) = (&mut slot.addr, &mut slot.len);
+            // SAFETY: the slot lives in `accepts`, a boxed slice that never moves or shrinks
+            // while the driver lives; it is not touched until this accept completes (`ring`
+            // marks it armed), and `Shard::shutdown` awaits that completion before freeing it.
+            unsafe { self.rings[r].accept(fd, addr, len, user_data(op::ACCEPT, i as u32, 0))? };
+            self.accepts[i].ring = Some(r);
+        }
         Ok(())
     }
 

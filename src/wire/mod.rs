@@ -1,7 +1,8 @@
 //! The WebSocket wire (RFC 6455), sans-IO: bytes a socket read go in, events and bytes to write
 //! come out. The shard owns the sockets and the clock; nothing here does I/O or reads time.
 //!
-//! Data flow for one connection: [`handshake`] parses the upgrade request and builds the
+//! Data flow for one connection: behind a balancer, [`proxy`] first takes the PROXY v2 header
+//! naming the client; [`handshake`] parses the upgrade request and builds the
 //! response; then [`reader`] turns client bytes into [`reader::Event`]s (using [`frame`] to decode
 //! headers and unmask), and [`frame`] builds the server's frames; [`close`] names close codes.
 #![forbid(unsafe_code)]
@@ -9,6 +10,7 @@
 pub mod close;
 pub mod frame;
 pub mod handshake;
+pub mod proxy;
 pub mod reader;
 
 pub use close::CloseCode;

@@ -20,7 +20,9 @@ pub struct Conns {
     /// never has the generation of its last one until 2^32 accepts later.
     next_generation: u32,
     max: usize,
-    ready: VecDeque<ConnKey>,
+    /// Connections with frames to send, by id: one that ended after it was listed (and maybe
+    /// whose slot holds a new connection) is skipped when its turn comes.
+    ready: VecDeque<ConnId>,
     closing: Vec<ConnKey>,
     /// Sends handed to the driver and not yet completed.
     sends_in_flight: usize,
@@ -96,15 +98,24 @@ impl Conns {
         let conn = self.get_mut(key);
         if !conn.has(flag::READY) && !conn.queue.in_flight() {
             conn.flags |= flag::READY;
-            self.ready.push_back(key);
+            let generation = conn.generation;
+            self.ready.push_back(ConnId { key, generation });
         }
     }
 
     /// The next connection with frames to send and no send in flight.
     pub fn pop_ready(&mut self) -> Option<ConnKey> {
-        let key = self.ready.pop_front()?;
-        self.get_mut(key).flags &= !flag::READY;
-        Some(key)
+        while let Some(id) = self.ready.pop_front() {
+            match self.slab.get_mut(id.key.index()) {
+                Some(conn) if conn.generation == id.generation && conn.has(flag::READY) => {
+                    conn.flags &= !flag::READY;
+                    return Some(id.key);
+                }
+                // Released after it was listed (its slot empty, or a newer connection's).
+                _ => continue,
+            }
+        }
+        None
     }
 
     pub fn ready_len(&self) -> usize {
@@ -202,6 +213,19 @@ mod tests {
         t.mark_ready(a);
         t.mark_ready(a);
         assert_eq!((t.pop_ready(), t.pop_ready()), (Some(a), None));
+    }
+
+    #[test]
+    fn a_connection_released_while_listed_is_skipped_even_if_its_slot_is_taken() {
+        let mut t = Conns::new(4);
+        let a = t.insert(1, 0).unwrap().key;
+        t.mark_ready(a);
+        t.remove(a);
+        let b = t.insert(2, 0).unwrap().key;
+        assert_eq!(b, a, "the same slot");
+        assert_eq!(t.pop_ready(), None, "the old listing is not the new connection's");
+        t.mark_ready(b);
+        assert_eq!((t.pop_ready(), t.pop_ready()), (Some(b), None));
     }
 
     #[test]

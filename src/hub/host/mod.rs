@@ -14,6 +14,7 @@
 
 mod conn;
 mod conns;
+mod edge;
 mod fanout;
 mod grants;
 mod intake;
@@ -28,9 +29,11 @@ mod users;
 
 use std::collections::HashMap;
 use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
 
 use self::conn::State;
 use self::conns::Conns;
+use self::edge::{Admit, Edge};
 use self::intake::{Budget, Intake};
 use self::outbox::{FrameId, Outbox, Pushed};
 use self::replicas::Replicas;
@@ -48,6 +51,7 @@ use crate::room::limit::TokenBucket;
 use crate::room::moderation::List;
 use crate::wire::CloseCode;
 
+pub use self::edge::EdgeLimits;
 pub use self::grants::ClientTypes;
 pub use self::session::code;
 pub use self::upgrade::WS_PATH;
@@ -55,8 +59,17 @@ pub use self::upgrade::WS_PATH;
 /// Timeouts are checked by sweeping a tenth of the connections every 100 ms.
 const SWEEP_EVERY_MS: u64 = 100;
 const SWEEP_SLICES: usize = 10;
-/// Expired moderation replicas are dropped this often.
+/// Expired moderation replicas, and edge addresses whose buckets refilled, are dropped this
+/// often (the edge also sweeps itself when its table is full).
 const REPLICA_SWEEP_MS: u64 = 15_000;
+
+/// A connection's client address while it speaks HTTP.
+struct Peer {
+    /// The TCP peer's address, then the one a PROXY header named.
+    addr: Option<IpAddr>,
+    /// The listener expects a PROXY v2 header first and it has not been read yet.
+    awaiting_proxy: bool,
+}
 
 /// One shard's connections, indexes and outgoing frames.
 pub struct Host {
@@ -72,6 +85,10 @@ pub struct Host {
     send_buckets: HashMap<ConnKey, TokenBucket>,
     /// Join-rate state of connections that joined by frame recently.
     join_buckets: HashMap<ConnKey, TokenBucket>,
+    /// Rates per client address.
+    edge: Edge,
+    /// The client address of connections still speaking HTTP (gone once a WebSocket opens).
+    peers: HashMap<ConnKey, Peer>,
     /// Plain-HTTP requests waiting for their answer (keep-alive, CORS origin).
     http: HashMap<ConnKey, poll::HttpRequest>,
     /// When signed-in connections' tokens expire (only tokens with an `exp`).
@@ -101,6 +118,8 @@ impl Host {
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
             join_buckets: HashMap::new(),
+            edge: Edge::new(cfg.edge),
+            peers: HashMap::new(),
             http: HashMap::new(),
             expiries: HashMap::new(),
             replying: None,
@@ -116,15 +135,43 @@ impl Host {
 
     // ---- the driver's calls ----
 
-    /// A new TCP connection. None when the shard is full or stopping: the driver closes it.
-    pub fn handle_accept(&mut self, io: u64, now: Now) -> Option<ConnKey> {
+    /// A new TCP connection from `peer` (when the driver knows it). None when the shard is full
+    /// or stopping, or the address is over its connection rate: the driver closes it.
+    pub fn handle_accept(&mut self, io: u64, peer: Option<SocketAddr>, now: Now) -> Option<ConnKey> {
         self.counters.inc(Series::Accepted);
+        let addr = peer.map(|p| p.ip());
+        // Behind a balancer the peer is the balancer: the client's address comes first.
+        let awaiting_proxy = self.cfg.proxy_protocol;
+        if let Some(ip) = addr.filter(|_| !awaiting_proxy)
+            && !self.admit_connection(ip, now)
+        {
+            return None;
+        }
         let id =
             if self.stopping { None } else { self.conns.insert(io, now.tick_after(self.cfg.handshake_timeout_ms)) };
-        if id.is_none() {
+        let Some(id) = id else {
             self.counters.inc(Series::RefusedFull);
+            return None;
+        };
+        if addr.is_some() || awaiting_proxy {
+            self.peers.insert(id.key, Peer { addr, awaiting_proxy });
         }
-        id.map(|id| id.key)
+        Some(id.key)
+    }
+
+    /// The edge's word on one more connection from `ip` (counted when it is no).
+    fn admit_connection(&mut self, ip: IpAddr, now: Now) -> bool {
+        match self.edge.connection(ip, now.ms) {
+            Admit::Yes => true,
+            Admit::Limited => {
+                self.counters.inc(Series::RefusedAddrRate);
+                false
+            }
+            Admit::TableFull => {
+                self.counters.inc(Series::RefusedAddrTable);
+                false
+            }
+        }
     }
 
     /// Bytes received on a connection (the driver's buffer, ours until we return).
@@ -133,6 +180,9 @@ impl Host {
         self.replying = Some(key);
         let conn = self.conns.get_mut(key);
         match conn.state {
+            State::Handshake if self.peers.get(&key).is_some_and(|p| p.awaiting_proxy) => {
+                self.read_proxy(key, data, now)
+            }
             State::Handshake => self.read_handshake(key, data, now),
             State::Open => {
                 conn.deadline = now.tick_after(self.cfg.idle_timeout_ms);
@@ -248,6 +298,7 @@ impl Host {
             self.next_sweep_ms = now.ms + SWEEP_EVERY_MS;
         }
         if now.ms >= self.next_replica_sweep_ms {
+            self.edge.sweep(now.ms);
             self.replicas.sweep(now.unix.0);
             self.next_replica_sweep_ms = now.ms + REPLICA_SWEEP_MS;
         }
@@ -280,6 +331,7 @@ impl Host {
         c.set(Series::RoomsLocal, self.rooms.len() as u64);
         c.set(Series::PartialBytes, self.intake.bytes() as u64);
         c.set(Series::SendsInFlight, self.conns.sends_in_flight() as u64);
+        c.set(Series::EdgeAddresses, self.edge.len() as u64);
     }
 
     /// Moves the mail gathered since the last call to `out`.
@@ -455,6 +507,7 @@ impl Host {
         self.send_buckets.remove(&key);
         self.join_buckets.remove(&key);
         self.http.remove(&key);
+        self.peers.remove(&key);
         self.expiries.remove(&key);
         self.leave_room(key);
         self.leave_user(key);

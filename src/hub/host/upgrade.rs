@@ -4,6 +4,7 @@
 
 use super::Host;
 use super::conn::{State, flag};
+use super::edge::Admit;
 use crate::auth::Claims;
 use crate::envelope::Format;
 use crate::hub::mail::ConnAt;
@@ -12,6 +13,7 @@ use crate::metrics::Series;
 use crate::proto::{ServerFrame, Welcome, server_frame};
 use crate::room::RoomName;
 use crate::wire::handshake::{self as wire, HandshakeError, Parsed, Request, Upgrade};
+use crate::wire::proxy::Parsed as ProxyParsed;
 
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
@@ -68,6 +70,41 @@ impl Host {
         self.flush_then_close(key, bytes, now);
     }
 
+    /// Behind a balancer: the PROXY v2 header, then the request. A malformed header ends the
+    /// connection without an answer (the balancer expects none).
+    pub(super) fn read_proxy(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
+        let mut buf = match self.intake.take_head(key) {
+            Some(mut head) => {
+                head.extend_from_slice(data);
+                head
+            }
+            None => data.to_vec(),
+        };
+        match crate::wire::proxy::parse(&buf) {
+            Ok(ProxyParsed::Partial) => self.stash_head(key, buf, now),
+            Ok(ProxyParsed::Complete { source, consumed }) => {
+                let Some(peer) = self.peers.get_mut(&key) else { unreachable!("awaiting_proxy is a peer's") };
+                peer.awaiting_proxy = false;
+                if let Some(source) = source {
+                    peer.addr = Some(source.ip());
+                }
+                let addr = peer.addr;
+                if let Some(ip) = addr
+                    && !self.admit_connection(ip, now)
+                {
+                    return self.terminate(key, None);
+                }
+                if consumed < buf.len() {
+                    self.read_handshake(key, &mut buf[consumed..], now);
+                }
+            }
+            Err(_) => {
+                self.counters.inc(Series::HsProxy);
+                self.terminate(key, None);
+            }
+        }
+    }
+
     /// Frames a client sent right behind its request head.
     fn read_after_head(&mut self, key: ConnKey, rest: &mut [u8], now: Now) {
         if self.conns.get(key).state == State::Open && !rest.is_empty() {
@@ -76,6 +113,17 @@ impl Host {
     }
 
     fn route(&mut self, key: ConnKey, mut request: Request, now: Now) {
+        let addr = self.peers.get(&key).and_then(|p| p.addr);
+        if let Some(ip) = addr {
+            let refusal = match self.edge.request(ip, now.ms) {
+                Admit::Yes => None,
+                Admit::Limited => Some((429, "too many requests from this address", Series::HsRate)),
+                Admit::TableFull => Some((503, "server busy: try again", Series::RefusedAddrTable)),
+            };
+            if let Some((status, message, series)) = refusal {
+                return self.refuse(key, Refusal { status, message: message.into(), series }, now);
+            }
+        }
         let upgrade = match request.websocket.take() {
             None => return self.plain_http(key, &request, now),
             Some(Err(e)) => return self.refuse_malformed(key, &e, now),
@@ -154,6 +202,7 @@ impl Host {
             conn.flags |= flag::ECHO;
         }
         self.conns.opened();
+        self.peers.remove(&key);
         self.counters.inc(Series::HandshakeOk);
         let expires_ms = id.as_ref().map_or(0, |claims| self.sign_in(key, claims));
         if !self.enqueue_owned(key, wire::response_101(upgrade), now) || echo {
