@@ -45,6 +45,7 @@ STATE="$OUT/sysctl.saved" tuning/apply.sh
   --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" \
   --connections-max "$((N + 10000))" --rooms-max "$((ROOMS * 2))" \
   --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \
+  --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 \
   > "$OUT/gateway-$STAMP.log" 2>&1 &
 gateway_pid=$!
 sleep 1
