@@ -132,6 +132,8 @@ pub struct ShardParams {
     pub listen: SocketAddr,
     pub backlog: u32,
     pub tcp_keepalive_s: u32,
+    /// SO_SNDBUF of accepted sockets (0 = autotuning).
+    pub send_buffer_bytes: u32,
     pub ring: RingParams,
     pub read_mode: ReadMode,
     pub rings_max: usize,
@@ -198,7 +200,7 @@ impl Shard {
         metrics: Arc<[Snapshot]>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
-        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s)?;
+        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s, params.send_buffer_bytes)?;
         let ring = Ring::new(params.ring, None)?;
         let io = ShardIo {
             id,
