@@ -157,6 +157,12 @@ config! {
         /// they are shed by priority, which the kernel cannot do. A frame larger than the
         /// buffer just leaves in several sends. 0 = kernel autotuning.
         send_buffer_bytes: u32 = 32 * 1024, send_buffer_bytes, "BARRAGE_SEND_BUFFER_BYTES";
+        /// Close hopeless peers abortively: a slow consumer, a connection whose send failed,
+        /// and one that did not finish the closing handshake within close_timeout_ms are closed
+        /// with SO_LINGER 0 (an RST), so the kernel frees their unsent bytes at once instead of
+        /// keeping them in an orphaned socket for as long as the peer acknowledges probes.
+        /// Every other close stays orderly (Close frame, then FIN). false = FIN for all.
+        abortive_close: bool = true, abortive_close, "BARRAGE_ABORTIVE_CLOSE";
         /// Path of a raw echo endpoint for conformance testing (Autobahn); "" = off.
         echo_path: String = String::new(), echo_path, "BARRAGE_ECHO_PATH";
     }

@@ -97,6 +97,8 @@ series! {
     ClosedKicked => "barrage_closed_total" {"reason" = "kicked"}, "counter", "";
     ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
+    ClosedReset => "barrage_resets_total", "counter", "Connections closed abortively (SO_LINGER 0, an RST: the kernel frees their unsent bytes at once): slow consumers, failed sends, unanswered closes. Also counted in barrage_closed_total by reason.";
+    ResetFailed => "barrage_reset_failed_total", "counter", "Abortive closes whose SO_LINGER could not be set (closed orderly instead).";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
