@@ -180,6 +180,22 @@ config! {
         /// and short-poll; a request with another `Origin` is refused (403). "" = any origin.
         /// Requests without `Origin` (not from a browser) are not affected.
         origins: String = String::new(), origins, "BARRAGE_ORIGINS";
+        /// SO_SNDBUF of accepted sockets (set on the listener, which they inherit; the kernel
+        /// doubles it for its bookkeeping and caps it at net.core.wmem_max). It bounds the
+        /// kernel memory a reader that stops reading pins: about twice this (64 KiB) instead of
+        /// a send buffer autotuned up to tcp_wmem's max (≈1.5 MB per stalled loopback socket
+        /// measured, 4 MiB possible). Blocks are small (20 messages, a few KB) and a viewer
+        /// needs a few KB/s, so 32 KiB in the kernel holds about one full send queue of
+        /// blocks; past it frames wait in barrage's own queue (send_queue_frames_max), where
+        /// they are shed by priority, which the kernel cannot do. A frame larger than the
+        /// buffer just leaves in several sends. 0 = kernel autotuning.
+        send_buffer_bytes: u32 = 32 * 1024, send_buffer_bytes, "BARRAGE_SEND_BUFFER_BYTES";
+        /// Close hopeless peers abortively: a slow consumer, a connection whose send failed,
+        /// and one that did not finish the closing handshake within close_timeout_ms are closed
+        /// with SO_LINGER 0 (an RST), so the kernel frees their unsent bytes at once instead of
+        /// keeping them in an orphaned socket for as long as the peer acknowledges probes.
+        /// Every other close stays orderly (Close frame, then FIN). false = FIN for all.
+        abortive_close: bool = true, abortive_close, "BARRAGE_ABORTIVE_CLOSE";
         /// Path of a raw echo endpoint for conformance testing (Autobahn); "" = off.
         echo_path: String = String::new(), echo_path, "BARRAGE_ECHO_PATH";
     }
@@ -373,7 +389,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 18] = [
+        let checks: [(bool, &str); 19] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -411,6 +427,12 @@ impl Config {
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
+            // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a
+            // frame header and a message no longer share a segment. Over 64 MiB is a typo.
+            (
+                w.send_buffer_bytes == 0 || (4096..=64 << 20).contains(&w.send_buffer_bytes),
+                "websocket.send_buffer_bytes must be 0 (autotuning) or in 4096..=67108864",
+            ),
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));

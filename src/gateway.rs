@@ -74,6 +74,7 @@ impl Gateway {
             listen,
             backlog: config.server.listen_backlog,
             tcp_keepalive_s: config.websocket.tcp_keepalive_s,
+            send_buffer_bytes: config.websocket.send_buffer_bytes,
             ring: RingParams {
                 entries: config.server.ring_entries,
                 files_max,

@@ -108,6 +108,8 @@ series! {
     ClosedExpired => "barrage_closed_total" {"reason" = "token_expired"}, "counter", "";
     Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
     RefreshRefused => "barrage_token_refreshes_total" {"result" = "refused"}, "counter", "";
+    ClosedReset => "barrage_resets_total", "counter", "Connections closed abortively (SO_LINGER 0, an RST: the kernel frees their unsent bytes at once): slow consumers, failed sends, unanswered closes. Also counted in barrage_closed_total by reason.";
+    ResetFailed => "barrage_reset_failed_total", "counter", "Abortive closes whose SO_LINGER could not be set (closed orderly instead).";
     RoomsOwned => "barrage_rooms_owned", "gauge", "Rooms whose mixer runs on this shard.";
     RoomsKept => "barrage_rooms_kept", "gauge", "Owned rooms with state of their own (messages, attributes, moderation), counted against rooms.rooms_max; the others exist only while they have members.";
     RoomsLocal => "barrage_rooms_local", "gauge", "Rooms with members on this shard.";

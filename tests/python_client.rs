@@ -31,7 +31,8 @@ fn venv_python() -> PathBuf {
 #[test]
 fn python_websockets_client_end_to_end() {
     let python = venv_python();
-    let gw = Gateway::start(&["--block-interval-ms", "100"]);
+    // Long enough that three API publishes in a row land in one block on a loaded machine.
+    let gw = Gateway::start(&["--block-interval-ms", "600"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/client.py");
     let out = Command::new(python)
         .arg(script)

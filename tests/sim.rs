@@ -38,7 +38,7 @@ use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
 use barrage::config::Config;
 use barrage::hub::mail::{HostMail, Mail, Origin, OwnerMail, Reply};
 use barrage::hub::turn::{self, Budget, Driver};
-use barrage::hub::{Hub, HubConfig, Now};
+use barrage::hub::{Hub, HubConfig, Now, Teardown};
 use barrage::ids::{ConnKey, ShardId, UnixMs, UserId};
 use barrage::metrics::Series;
 use barrage::proto::{
@@ -313,6 +313,9 @@ struct Socket {
     cancel: bool,
     /// The driver closed the socket and released the connection.
     closed: bool,
+    /// ... abortively (`Teardown::Reset`, SO_LINGER 0): the client reads what reached it, then
+    /// a reset instead of EOF.
+    aborted: bool,
     /// The unwritten tail of the frame the last (partial) send cut: the next send must start
     /// with exactly these bytes.
     rest: Option<Vec<u8>>,
@@ -324,6 +327,8 @@ struct Socket {
 struct SimDriver {
     keys: BTreeMap<ConnKey, usize>,
     accepts: VecDeque<usize>,
+    /// Connections the hub had closed with `Teardown::Reset`.
+    resets: u64,
 }
 
 /// The unwritten tail of the frame a send of `written` bytes stopped inside, if any.
@@ -366,6 +371,7 @@ impl Net {
             term: false,
             cancel: false,
             closed: false,
+            aborted: false,
             rest: None,
             corrupt: false,
         });
@@ -436,7 +442,8 @@ impl World {
         let p = Params::new(&mut rng, main_turns);
         let config = p.config();
         let hubs = (0..p.shards).map(|i| Hub::new(HubConfig::new(&config, ShardId(i as u16), p.shards))).collect();
-        let drivers = (0..p.shards).map(|_| SimDriver { keys: BTreeMap::new(), accepts: VecDeque::new() }).collect();
+        let drivers =
+            (0..p.shards).map(|_| SimDriver { keys: BTreeMap::new(), accepts: VecDeque::new(), resets: 0 }).collect();
         let mesh = (0..=p.shards).map(|_| (0..p.shards).map(|_| VecDeque::new()).collect()).collect();
         let rooms: Vec<String> = (0..p.rooms).map(|i| format!("room{i}")).collect();
         // One witness per room (anonymous, fast, proto, on a shard by turns), then the crowd.
@@ -575,6 +582,7 @@ impl World {
                 ("closed_peer", Series::ClosedPeer),
                 ("closed_io_error", Series::ClosedError),
                 ("closed_close_timeout", Series::ClosedCloseTimeout),
+                ("closed_reset", Series::ClosedReset),
                 ("hs_timeout", Series::HsTimeout),
                 ("hs_token", Series::HsToken),
                 ("refused_full", Series::RefusedFull),
@@ -752,11 +760,19 @@ impl Driver for SimIo<'_> {
         Ok(())
     }
 
-    /// A connection the hub ended: cancel what is pending, close and release once nothing is.
-    fn start_close(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), String> {
+    /// A connection the hub ended: cancel what is pending, close (abortively if asked) and
+    /// release once nothing is.
+    fn start_close(&mut self, hub: &mut Hub, key: ConnKey, how: Teardown) -> Result<(), String> {
         let sock = hub.io(key) as usize;
         let s = &mut self.sockets[sock];
+        if s.term {
+            return Err(format!("hub {} handed {key:?} to close twice", self.h));
+        }
         s.term = true;
+        if how == Teardown::Reset {
+            s.aborted = true;
+            self.driver.resets += 1;
+        }
         if s.recv || s.send.is_some() {
             s.cancel = true;
         }
@@ -1766,7 +1782,7 @@ impl World {
         // A partial frame or answer may be left: a connection the server ends (a slow reader)
         // is cut wherever its last send stopped.
         let stuck = conn.ask == Ask::Stuck;
-        self.bump("eofs");
+        self.bump(if self.net.sockets[conn.sock].aborted { "resets_seen" } else { "eofs" });
         if stuck {
             self.bump("handshake_timeouts");
         }
@@ -2090,6 +2106,19 @@ impl World {
             }
             if hub.outbox_frames() != 0 {
                 return Err(format!("hub {h} still stores {} frames at the end", hub.outbox_frames()));
+            }
+            // Abortive closes: as many as the hub counted reached the driver, and only for
+            // peers that were not taking their bytes.
+            let c = hub.counters();
+            let resets = c.get(Series::ClosedReset);
+            if resets != d.resets {
+                return Err(format!("hub {h} counted {resets} resets, its driver closed {} abortively", d.resets));
+            }
+            let hopeless = c.get(Series::ClosedSlow) + c.get(Series::ClosedError) + c.get(Series::ClosedCloseTimeout);
+            if resets > hopeless {
+                return Err(format!(
+                    "hub {h}: {resets} resets, more than slow + io_error + close_timeout closes ({hopeless})"
+                ));
             }
         }
         if let Some(i) = self.net.sockets.iter().position(|s| !s.closed) {

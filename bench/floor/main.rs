@@ -87,7 +87,7 @@ fn main() -> io::Result<()> {
     let files_max = u32::try_from(sys::raise_nofile_limit()?.saturating_sub(1024)).unwrap_or(u32::MAX);
     assert!(files_max > 2 * ACCEPT_MARGIN, "RLIMIT_NOFILE too low for a ring of useful size");
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
-    let listener = listener::bind(addr, LISTEN_BACKLOG, 0)?;
+    let listener = listener::bind(addr, LISTEN_BACKLOG, 0, 0)?;
     let wake = sys::eventfd()?;
     let mut floor = Floor::new(listener.as_raw_fd(), wake.as_raw_fd(), files_max, args.frames_per_send)?;
     eprintln!(

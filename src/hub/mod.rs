@@ -12,7 +12,8 @@
 //!
 //! Inputs: `handle_accept`, `handle_recv`, `handle_eof`, `handle_sent` (completions),
 //! `handle_mail`, `handle_timeout`, `handle_load`. Outputs: `poll_ready` + `poll_send` (frames
-//! to write), `poll_close` (connections to end), `flush_mail` (mail for other shards),
+//! to write), `poll_close` (connections to end, and how: `Teardown`), `flush_mail` (mail for
+//! other shards),
 //! `poll_timeout`. No sockets, no clocks: the simulation drives it exactly as the shard does.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 use self::desk::{Desk, DeskConfig, Load};
 use self::host::Host;
+pub use self::host::Teardown;
 use self::mail::{HostMail, Mail};
 use self::post::PostOffice;
 use crate::config::Config;
@@ -150,8 +152,8 @@ impl Hub {
         self.host.poll_send(key, iov)
     }
 
-    /// Next connection to cancel, close and release.
-    pub fn poll_close(&mut self) -> Option<ConnKey> {
+    /// Next connection to cancel, close (orderly or abortively) and release.
+    pub fn poll_close(&mut self) -> Option<(ConnKey, Teardown)> {
         self.host.poll_close()
     }
 
@@ -312,6 +314,8 @@ pub struct HubConfig {
     /// Join frames per connection.
     pub join_rate: Rate,
     pub slow_consumer_ms: u64,
+    /// Close peers that are not taking their bytes with an RST (see `Teardown::Reset`).
+    pub abortive_close: bool,
     pub poll_limit_max: usize,
     /// Mails waiting per destination shard before block deliveries to it are shed and new
     /// requests for it refused (see `post`).
@@ -374,6 +378,7 @@ impl HubConfig {
             send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
             join_rate: Rate { per_s: c.rooms.join_rate_per_s, burst: c.rooms.join_rate_burst },
             slow_consumer_ms: c.websocket.slow_consumer_ms,
+            abortive_close: c.websocket.abortive_close,
             poll_limit_max: c.rooms.poll_limit_max,
             mesh_overflow_max: c.server.mesh_overflow_max,
             owner: owner_config(c, shard, shards),

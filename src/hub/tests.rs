@@ -184,7 +184,7 @@ fn a_late_answer_never_reaches_the_connection_that_took_the_slot() {
     });
     // The poller gives up before the owner answers; the driver releases the connection.
     h0.handle_eof(a, now);
-    assert_eq!(h0.poll_close(), Some(a));
+    assert_eq!(h0.poll_close(), Some((a, Teardown::Fin)), "the peer left: an orderly close");
     h0.release(a);
     // A new connection takes the same slot and polls another room.
     let b = poll(&mut h0, &second_room, now);
@@ -304,4 +304,119 @@ fn a_congested_way_refuses_new_requests_from_clients() {
         .count();
     assert_eq!(refusals, 2, "the send and the join's backfill request were refused");
     assert_eq!(host.counters().get(Series::MeshRefused), 2);
+}
+
+/// A chat line (low priority: shed first from a full send queue).
+fn publish_low(h: &mut Hub, room: &RoomName, now: Now) {
+    let (tx, _rx) = sync_channel(1);
+    let msg = Box::new(Message { r#type: "chat".into(), data: vec![b'x'; 100], ..Message::default() });
+    let mail = OwnerMail::Publish { room: room.clone(), msg, priority: Some(Priority::Low), reply: Reply(tx) };
+    h.handle_mail(mail.into(), now);
+}
+
+/// A member whose first send never completes (the peer stopped reading with its socket full)
+/// while a block is cut every 100 ms; returns how the hub closes it and when.
+fn stall_a_reader(abortive_close: bool) -> (Hub, ConnKey, Option<(ConnKey, Teardown)>, u64) {
+    let c = config(|c| {
+        c.websocket.slow_consumer_ms = 500;
+        c.websocket.abortive_close = abortive_close;
+        c.server.send_queue_frames_max = 4;
+        c.rooms.block_interval_ms = 100;
+        c.rooms.block_wait_max_ms = 0;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("stall", 64).unwrap();
+    let key = upgrade(&mut h, "reader", &room, at(0));
+    {
+        let ready = h.poll_ready();
+        assert_eq!(ready, Some(key));
+        let mut iov = [std::io::IoSlice::new(&[]); 16];
+        assert!(h.poll_send(key, &mut iov) > 0, "the 101 and welcome go out, and never complete");
+    }
+    h.end_turn(at(0));
+    for step in 1..=40 {
+        let now = at(step * 100);
+        publish_low(&mut h, &room, now);
+        h.handle_timeout(now);
+        h.end_turn(now);
+        if let Some(closed) = h.poll_close() {
+            return (h, key, Some(closed), now.ms);
+        }
+    }
+    (h, key, None, 4_000)
+}
+
+#[test]
+fn a_slow_consumer_is_closed_with_a_reset() {
+    let (h, key, closed, ms) = stall_a_reader(true);
+    assert_eq!(closed, Some((key, Teardown::Reset)), "SO_LINGER 0: the kernel drops what it holds for it");
+    assert!(ms >= 500, "not before slow_consumer_ms of shedding (closed at {ms} ms)");
+    let c = h.counters();
+    assert!(c.get(Series::FramesDropped) > 0, "it was shedding");
+    assert_eq!((c.get(Series::ClosedSlow), c.get(Series::ClosedReset)), (1, 1));
+}
+
+#[test]
+fn without_abortive_close_a_slow_consumer_gets_a_fin() {
+    let (h, key, closed, _) = stall_a_reader(false);
+    assert_eq!(closed, Some((key, Teardown::Fin)));
+    let c = h.counters();
+    assert_eq!((c.get(Series::ClosedSlow), c.get(Series::ClosedReset)), (1, 0));
+}
+
+/// A failed send means a broken socket: reset. The peer's own FIN: an orderly close.
+#[test]
+fn a_failed_send_resets_and_a_peer_fin_does_not() {
+    let c = config(|_| {});
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("r", 64).unwrap();
+    let (broken, leaving) = (upgrade(&mut h, "a", &room, at(0)), upgrade(&mut h, "b", &room, at(0)));
+    while let Some(key) = h.poll_ready() {
+        let mut iov = [std::io::IoSlice::new(&[]); 16];
+        h.poll_send(key, &mut iov);
+        let result = if key == broken { -libc::EPIPE } else { 1 };
+        h.handle_sent(key, result, at(1));
+    }
+    assert_eq!(h.poll_close(), Some((broken, Teardown::Reset)));
+    h.handle_eof(leaving, at(2));
+    assert_eq!(h.poll_close(), Some((leaving, Teardown::Fin)));
+    let c = h.counters();
+    assert_eq!((c.get(Series::ClosedError), c.get(Series::ClosedPeer), c.get(Series::ClosedReset)), (1, 1, 1));
+}
+
+/// Our Close (here for idleness) keeps the orderly close when the peer answers it, and ends
+/// with a reset when the peer leaves it unanswered past close_timeout_ms.
+#[test]
+fn an_unanswered_close_ends_with_a_reset_an_answered_one_with_a_fin() {
+    let c = config(|c| {
+        c.websocket.idle_timeout_ms = 1_000;
+        c.websocket.close_timeout_ms = 1_000;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("r", 64).unwrap();
+    let (silent, polite) = (upgrade(&mut h, "silent", &room, at(0)), upgrade(&mut h, "polite", &room, at(0)));
+    let mut out = HashMap::new();
+    let mut closes = Vec::new();
+    let mut answered = false;
+    for step in 1..=40 {
+        let now = at(step * 100);
+        h.handle_timeout(now);
+        drain_sends(&mut h, &mut out, now);
+        if !answered && h.counters().get(Series::ClosedIdle) == 2 {
+            // Our Close was queued to both: the polite peer answers it.
+            let mut close = Vec::new();
+            masked_frame(true, Opcode::Close as u8, &0x03E9u16.to_be_bytes(), [9, 8, 7, 6], &mut close);
+            h.handle_recv(polite, &mut close, now);
+            drain_sends(&mut h, &mut out, now);
+            answered = true;
+        }
+        while let Some(closed) = h.poll_close() {
+            closes.push((closed, now.ms));
+        }
+    }
+    assert!(answered, "both were closed for idleness");
+    let how: Vec<(ConnKey, Teardown)> = closes.iter().map(|&(c, _)| c).collect();
+    assert_eq!(how, [(polite, Teardown::Fin), (silent, Teardown::Reset)], "{closes:?}");
+    let c = h.counters();
+    assert_eq!((c.get(Series::ClosedIdle), c.get(Series::ClosedCloseTimeout), c.get(Series::ClosedReset)), (2, 1, 1));
 }

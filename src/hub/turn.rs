@@ -6,8 +6,8 @@
 //! ticks → end of turn (membership reports) → post mail to other shards → start sends → start
 //! closes. Sends start after everything that queues frames, so one send carries all of them.
 
-use super::Hub;
 use super::mail::Mail;
+use super::{Hub, Teardown};
 use crate::ids::{ConnKey, Now, ShardId};
 
 /// What a shard's loop does with the world outside the hub.
@@ -27,9 +27,10 @@ pub trait Driver {
     /// Starts one send of what `hub.poll_send(key, ..)` hands out.
     fn start_send(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), Self::Error>;
 
-    /// Starts ending a connection the hub let go: cancel what it has pending; close it and
-    /// `hub.release` it once nothing is.
-    fn start_close(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), Self::Error>;
+    /// Starts ending a connection the hub let go: cancel what it has pending; close it as `how`
+    /// says (for `Teardown::Reset`, SO_LINGER 0 first, so the kernel drops its unsent bytes)
+    /// and `hub.release` it once nothing is.
+    fn start_close(&mut self, hub: &mut Hub, key: ConnKey, how: Teardown) -> Result<(), Self::Error>;
 }
 
 /// Work per turn, so no one kind starves the others.
@@ -63,8 +64,8 @@ pub fn turn<D: Driver>(hub: &mut Hub, driver: &mut D, now: Now, budget: Budget) 
         let Some(key) = hub.poll_ready() else { break };
         driver.start_send(hub, key)?;
     }
-    while let Some(key) = hub.poll_close() {
-        driver.start_close(hub, key)?;
+    while let Some((key, how)) = hub.poll_close() {
+        driver.start_close(hub, key, how)?;
     }
     Ok(())
 }

@@ -15,6 +15,10 @@ use super::bufring::BufRing;
 pub use super::uring::Cqe;
 use super::uring::{BUFFER_GROUP, Uring};
 
+/// SO_LINGER {on, 0}: a close after it discards the socket's unsent bytes and sends an RST. A
+/// static, because the kernel reads it when the setsockopt runs, after the push has returned.
+static LINGER_RESET: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
+
 /// Sizes of one ring.
 #[derive(Clone, Copy, Debug)]
 pub struct RingParams {
@@ -57,8 +61,18 @@ impl Ring {
     /// As `Uring::push`: every pointer in `entry` stays valid until its last completion.
     unsafe fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         // SAFETY: forwarded from this function's contract.
-        unsafe { self.ring.push(&[entry]) }?;
-        self.pending += 1;
+        unsafe { self.push_chain(&[entry]) }
+    }
+
+    /// Pushes entries as one unit (a link chain) and counts each pending until its last
+    /// completion.
+    ///
+    /// # Safety
+    /// As `Uring::push`: every pointer in `entries` stays valid until its last completion.
+    unsafe fn push_chain(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.ring.push(entries) }?;
+        self.pending += entries.len();
         Ok(())
     }
 
@@ -178,6 +192,26 @@ impl Ring {
         let e = opcode::Close::new(Fixed(slot)).build().user_data(user_data);
         // SAFETY: the entry holds no pointers.
         unsafe { self.push(e) }
+    }
+
+    /// Closes a direct descriptor abortively: SO_LINGER {on, 0}, then close, hard-linked so
+    /// the close runs after the setsockopt even if that fails (the slot is always freed). Two
+    /// completions: `linger_data` (the setsockopt's result) and `close_data`.
+    pub fn close_slot_reset(&mut self, slot: u32, linger_data: u64, close_data: u64) -> io::Result<()> {
+        let linger = opcode::SetSockOpt::new(
+            Fixed(slot),
+            libc::SOL_SOCKET as u32,
+            libc::SO_LINGER as u32,
+            (&raw const LINGER_RESET).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+        .build()
+        .flags(squeue::Flags::IO_HARDLINK)
+        .user_data(linger_data);
+        let close = opcode::Close::new(Fixed(slot)).build().user_data(close_data);
+        // SAFETY: the setsockopt's only pointer is to `LINGER_RESET`, a static never written;
+        // the close holds no pointers.
+        unsafe { self.push_chain(&[linger, close]) }
     }
 
     /// Copies out every completion waiting.

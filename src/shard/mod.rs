@@ -28,7 +28,7 @@ use self::sendmsg::{FRAMES_PER_SEND, Slots};
 use crate::config::ReadMode;
 use crate::hub::mail::Mail;
 use crate::hub::turn::{self, Budget, Driver};
-use crate::hub::{Hub, HubConfig, Now};
+use crate::hub::{Hub, HubConfig, Now, Teardown};
 use crate::ids::{ConnKey, ShardId, UnixMs};
 use crate::metrics::{Series, Snapshot};
 
@@ -43,6 +43,8 @@ mod op {
     pub const CLOSE: u8 = 7;
     pub const POLL: u8 = 8;
     pub const RECV_ONCE: u8 = 9;
+    /// SO_LINGER 0 before an abortive close.
+    pub const LINGER: u8 = 10;
 }
 
 /// user_data = op (8 bits) | aux (24 bits: sendmsg slot or ring) | connection key (32 bits).
@@ -70,7 +72,7 @@ const _: () = assert!(RINGS_MAX <= SENDMSG_SLOTS_MAX, "a ring index must fit the
 struct Io(u64);
 
 impl Io {
-    /// Bits 0..32: the direct-descriptor slot; 32..48: the ring; 48..54: the flags below.
+    /// Bits 0..32: the direct-descriptor slot; 32..48: the ring; 48..55: the flags below.
     const RING_SHIFT: u32 = 32;
     const RING_MASK: u64 = 0xFFFF;
     /// The armed input request (multishot poll or multishot receive) is pending.
@@ -82,7 +84,9 @@ impl Io {
     const READ: u64 = 1 << 52;
     /// Poll mode: readiness arrived while that receive was in flight; read again after it.
     const AGAIN: u64 = 1 << 53;
-    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN;
+    /// Ending with `Teardown::Reset`: SO_LINGER 0 before the close.
+    const RESET: u64 = 1 << 54;
+    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN | Io::RESET;
 
     fn new(ring: usize, slot: u32) -> Io {
         debug_assert!(ring < RINGS_MAX);
@@ -137,6 +141,8 @@ pub struct ShardParams {
     pub listen: SocketAddr,
     pub backlog: u32,
     pub tcp_keepalive_s: u32,
+    /// SO_SNDBUF of accepted sockets (0 = autotuning).
+    pub send_buffer_bytes: u32,
     pub ring: RingParams,
     pub read_mode: ReadMode,
     pub rings_max: usize,
@@ -247,7 +253,7 @@ impl Shard {
         metrics: Arc<[Snapshot]>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
-        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s)?;
+        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s, params.send_buffer_bytes)?;
         let ring = Ring::new(params.ring, None)?;
         let io = ShardIo {
             id,
@@ -495,9 +501,13 @@ impl Driver for ShardIo {
         Ok(())
     }
 
-    /// Cancels the operations of a connection the hub ended, and closes it once none is left.
-    fn start_close(&mut self, hub: &mut Hub, key: ConnKey) -> io::Result<()> {
+    /// Cancels the operations of a connection the hub ended, and closes it (abortively for
+    /// `Teardown::Reset`) once none is left.
+    fn start_close(&mut self, hub: &mut Hub, key: ConnKey, how: Teardown) -> io::Result<()> {
         let mut io = Io(hub.io(key)).with(Io::TERM);
+        if how == Teardown::Reset {
+            io = io.with(Io::RESET);
+        }
         if (io.has(Io::RECV) || io.has(Io::READ) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
             self.rings[io.ring()].cancel_slot(io.slot(), user_data(op::CANCEL, 0, key.0))?;
             io = io.with(Io::CANCEL);
@@ -533,6 +543,13 @@ impl ShardIo {
                 self.arm_accepts(hub)
             }
             op::CANCEL => Ok(()),
+            op::LINGER => {
+                // The close linked after it runs anyway, orderly.
+                if cqe.result < 0 {
+                    hub.count(Series::ResetFailed);
+                }
+                Ok(())
+            }
             other => panic!("a completion with an unknown tag {other}"),
         }
     }
@@ -703,10 +720,16 @@ impl ShardIo {
         self.rings[r].recycle(bid);
     }
 
-    /// Closes the socket and releases the connection once it is ending and nothing is pending.
+    /// Closes the socket (with SO_LINGER 0 first when the hub asked for a reset) and releases
+    /// the connection once it is ending and nothing is pending.
     fn finish_if_idle(&mut self, hub: &mut Hub, key: ConnKey, io: Io) -> io::Result<()> {
         if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) {
-            self.rings[io.ring()].close_slot(io.slot(), user_data(op::CLOSE, 0, 0))?;
+            let (ring, close) = (&mut self.rings[io.ring()], user_data(op::CLOSE, 0, 0));
+            if io.has(Io::RESET) {
+                ring.close_slot_reset(io.slot(), user_data(op::LINGER, 0, 0), close)?;
+            } else {
+                ring.close_slot(io.slot(), close)?;
+            }
             hub.release(key);
         }
         Ok(())
@@ -721,7 +744,7 @@ mod tests {
     fn user_data_and_io_round_trip() {
         let ud = user_data(op::SENDMSG, 0xAB_CDEF, 0xDEAD_BEEF);
         assert_eq!(split(ud), (op::SENDMSG, 0xAB_CDEF, 0xDEAD_BEEF));
-        let io = Io::new(RINGS_MAX - 1, 19_999).with(Io::RECV).with(Io::TERM);
+        let io = Io::new(RINGS_MAX - 1, 19_999).with(Io::RECV).with(Io::TERM).with(Io::RESET);
         assert_eq!((io.ring(), io.slot()), (RINGS_MAX - 1, 19_999));
         assert!(io.has(Io::RECV) && io.has(Io::TERM) && !io.has(Io::SEND));
         assert!(!io.without(Io::RECV).has(Io::RECV));

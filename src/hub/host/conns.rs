@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use slab::Slab;
 
+use super::Teardown;
 use super::conn::{Conn, flag};
 use crate::ids::{ConnId, ConnKey};
 
@@ -23,7 +24,7 @@ pub struct Conns {
     /// Connections with frames to send, by id: one that ended after it was listed (and maybe
     /// whose slot holds a new connection) is skipped when its turn comes.
     ready: VecDeque<ConnId>,
-    closing: Vec<ConnKey>,
+    closing: Vec<(ConnKey, Teardown)>,
     /// Sends handed to the driver and not yet completed.
     sends_in_flight: usize,
     /// Connections past the WebSocket handshake.
@@ -122,12 +123,12 @@ impl Conns {
         self.ready.len()
     }
 
-    /// Hands an ended connection to the driver.
-    pub fn push_closing(&mut self, key: ConnKey) {
-        self.closing.push(key);
+    /// Hands an ended connection to the driver, to be closed as `how` says.
+    pub fn push_closing(&mut self, key: ConnKey, how: Teardown) {
+        self.closing.push((key, how));
     }
 
-    pub fn pop_closing(&mut self) -> Option<ConnKey> {
+    pub fn pop_closing(&mut self) -> Option<(ConnKey, Teardown)> {
         self.closing.pop()
     }
 

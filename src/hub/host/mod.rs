@@ -9,8 +9,8 @@
 //! Sans-IO. The driver calls, per completion: `handle_accept`, `handle_recv`, `handle_eof`,
 //! `handle_sent`, `release`; and
 //! takes work with `poll_ready` + `poll_send` (frames to write) and `poll_close` (connections
-//! to cancel, close and release). Keys it passes are of connections it holds; anything else is
-//! a driver bug and fails an assertion.
+//! to cancel, close — orderly or abortively, see [`Teardown`] — and release). Keys it passes are
+//! of connections it holds; anything else is a driver bug and fails an assertion.
 
 mod conn;
 mod conns;
@@ -62,6 +62,22 @@ const SWEEP_SLICES: usize = 10;
 /// Expired moderation replicas, and edge addresses whose buckets refilled, are dropped this
 /// often (the edge also sweeps itself when its table is full).
 const REPLICA_SWEEP_MS: u64 = 15_000;
+
+/// How the driver closes a connection the hub ended (`poll_close`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// Orderly: what the kernel still holds for the peer is sent, then a FIN. Every close that
+    /// has a peer to talk to: answers to its Close, our Close (kick, idle, shutdown, protocol
+    /// errors), refusals, short polls, the peer's own FIN.
+    Fin,
+    /// Abortive: SO_LINGER {on, 0}, then close. The kernel discards what it still holds for the
+    /// peer and sends an RST, so the socket's buffers are freed at once instead of sitting in
+    /// an orphaned socket for as long as the peer acknowledges window probes. For peers that
+    /// are not taking their bytes: slow consumers, failed sends, and closing handshakes not
+    /// finished within `close_timeout_ms` (`websocket.abortive_close`; counted as
+    /// `barrage_resets_total`).
+    Reset,
+}
 
 /// A connection's client address while it speaks HTTP.
 struct Peer {
@@ -238,7 +254,8 @@ impl Host {
         if result < 0 {
             self.outbox.abort(&mut conn.queue);
             if conn.state != State::Terminating {
-                self.terminate(key, Some(Series::ClosedError));
+                // The socket is broken: nothing more reaches the peer anyway.
+                self.abort(key, Series::ClosedError);
             }
             return;
         }
@@ -256,9 +273,10 @@ impl Host {
         }
     }
 
-    /// The next connection ended by the hub: the driver cancels its operations, closes the
-    /// socket and calls `release` once nothing of its is in flight.
-    pub fn poll_close(&mut self) -> Option<ConnKey> {
+    /// The next connection ended by the hub and how to close it: the driver cancels its
+    /// operations, closes the socket (for `Teardown::Reset`, after setting SO_LINGER 0) and
+    /// calls `release` once nothing of its is in flight.
+    pub fn poll_close(&mut self) -> Option<(ConnKey, Teardown)> {
         self.conns.pop_closing()
     }
 
@@ -411,7 +429,9 @@ impl Host {
                     self.terminate(key, None);
                 }
                 State::Open => self.close(key, CloseCode::GOING_AWAY, "idle timeout", Series::ClosedIdle, now),
-                State::Closing | State::Flushing => self.terminate(key, Some(Series::ClosedCloseTimeout)),
+                // Our Close (or final answer) went unanswered: whatever of it is still unsent
+                // is not being read.
+                State::Closing | State::Flushing => self.abort(key, Series::ClosedCloseTimeout),
                 State::Terminating => {}
             }
         }
@@ -482,12 +502,25 @@ impl Host {
         {
             return;
         }
-        self.terminate(key, Some(Series::ClosedSlow));
+        self.abort(key, Series::ClosedSlow);
     }
 
-    /// Ends a connection now: out of its room and user index, queue dropped (but what is in
-    /// flight), and handed to the driver to close.
+    /// Ends a connection now and has the driver close it orderly (`Teardown::Fin`).
     fn terminate(&mut self, key: ConnKey, reason: Option<Series>) {
+        self.end(key, reason, Teardown::Fin);
+    }
+
+    /// Ends a connection whose peer is not taking its bytes: closed with an RST, so the kernel
+    /// frees what it holds for it at once (`Teardown::Reset`), unless
+    /// `websocket.abortive_close` is off.
+    fn abort(&mut self, key: ConnKey, reason: Series) {
+        let how = if self.cfg.abortive_close { Teardown::Reset } else { Teardown::Fin };
+        self.end(key, Some(reason), how);
+    }
+
+    /// Ends a connection: out of its room and user index, queue dropped (but what is in
+    /// flight), and handed to the driver to close as `how` says.
+    fn end(&mut self, key: ConnKey, reason: Option<Series>, how: Teardown) {
         let conn = self.conns.get_mut(key);
         if conn.state == State::Terminating {
             return;
@@ -511,7 +544,10 @@ impl Host {
         self.expiries.remove(&key);
         self.leave_room(key);
         self.leave_user(key);
-        self.conns.push_closing(key);
+        if how == Teardown::Reset {
+            self.counters.inc(Series::ClosedReset);
+        }
+        self.conns.push_closing(key, how);
     }
 
     /// Acts on where a connection's partial input left the budgets: over its own cap it is
