@@ -30,6 +30,8 @@ pub const RECV: u8 = 1;
 pub const POLL_AGAIN: u8 = 2;
 /// A ping (or pong) send is in flight.
 pub const PING: u8 = 4;
+/// A stalled reader (`fanout --stalled`): subscribed, never read again, held open.
+pub const STALL: u8 = 8;
 
 /// The connections on one ring. Slots are handed out once each, in order: a run opens each
 /// connection once, so a failed slot is never needed again.

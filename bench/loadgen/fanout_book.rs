@@ -52,6 +52,9 @@ pub struct PubWait {
 pub struct Book {
     pub streams: Streams,
     pub members: u64,
+    /// Members 0..stalled stop reading once subscribed (`--stalled`): nothing is expected of
+    /// them. Set before the book is shared.
+    pub stalled: u64,
     pub mode: Mode,
     /// CLOCK_MONOTONIC when the run started: a message sent before it is from another run
     /// (barrage's history backfill).
@@ -90,6 +93,7 @@ impl Book {
         Book {
             streams,
             members,
+            stalled: 0,
             mode,
             run_start_ns,
             window_start_ns: AtomicU64::new(u64::MAX),
@@ -110,6 +114,17 @@ impl Book {
 
     pub fn members_in(&self, k: u32) -> u64 {
         members_in(k, self.members, self.streams.rooms)
+    }
+
+    /// Members of room `k` that read: its members less its stalled ones (member i is in room
+    /// i % R, so the first `stalled` spread over rooms as members do).
+    pub fn readers_in(&self, k: u32) -> u64 {
+        self.members_in(k) - members_in(k, self.stalled, self.streams.rooms)
+    }
+
+    /// Whether member `index` stops reading once subscribed.
+    pub fn is_stalled(&self, index: u64) -> bool {
+        index < self.stalled
     }
 
     /// Sets the measurement window (before any publisher starts).

@@ -30,6 +30,8 @@ pub struct SubConn {
     room: u32,
     /// The room's first member: its receipts acknowledge the saturate window.
     sentinel: bool,
+    /// Stops reading once subscribed (`--stalled`).
+    stalled: bool,
     /// Messages of ours in the data message being read.
     frame_messages: u32,
 }
@@ -132,7 +134,8 @@ impl Reads for FanoutReads {
 
     fn lane(&mut self, capacity: u32) -> Vec<SubConn> {
         let body = if self.kind == Kind::Barrage { Body::proto() } else { Body::raw() };
-        let blank = SubConn { reader: SubReader::new(body), room: 0, sentinel: false, frame_messages: 0 };
+        let blank =
+            SubConn { reader: SubReader::new(body), room: 0, sentinel: false, stalled: false, frame_messages: 0 };
         vec![blank; capacity as usize]
     }
 
@@ -144,6 +147,7 @@ impl Reads for FanoutReads {
         // order, so what it has received, the whole room has (nearly) received, and a saturate
         // window closed on it publishes as fast as the whole room takes messages.
         c.sentinel = index + rooms >= self.book.members;
+        c.stalled = self.book.is_stalled(index);
         c.frame_messages = 0;
     }
 
@@ -205,6 +209,8 @@ impl Reads for FanoutReads {
             Err(ReadError::Frame(f)) => out.close = Some(ErrorKind::Frame(f)),
             Ok(()) => {}
         }
+        // A stalled member reads until it is subscribed, then never again.
+        out.stall = conn.stalled && *state == State::Joined;
         out
     }
 
@@ -269,7 +275,7 @@ mod tests {
         bytes.extend(frame(&[1, 2]));
         bytes.extend([0x89, 0x00]);
         let got = r.absorb(&mut lane, &mut conns, 0, &bytes, &mut c);
-        assert_eq!(got, Absorbed { close: None, pong: true });
+        assert_eq!(got, Absorbed { close: None, pong: true, stall: false });
         assert_eq!(conns.state[0], State::Joined);
         assert_eq!((c[Stat::Joined], c[Stat::Handshakes], c[Stat::Frames]), (1, 1, 6));
         assert_eq!(r.tally.received, 3, "the warm-up one and two measured");
@@ -317,5 +323,31 @@ mod tests {
         r.absorb(&mut lane, &mut conns, 0, &f, &mut c);
         assert_eq!(conns.state[0], State::Joined);
         assert_eq!(c[Stat::Joined], 1);
+    }
+
+    #[test]
+    fn stalled_members_stop_reading_once_subscribed_and_are_not_expected() {
+        use barrage::proto::{ServerFrame, Welcome, server_frame};
+        use prost::Message as _;
+        let mut book = Book::new(Streams { publishers: 1, rooms: 2 }, 5, Mode::Saturate(4), 1.0, 0);
+        book.stalled = 3;
+        // Members 0, 2, 4 are in room 0 (0 and 2 stalled), 1 and 3 in room 1 (1 stalled).
+        assert_eq!((book.readers_in(0), book.readers_in(1)), (1, 1));
+        let mut r = FanoutReads::new(Kind::Barrage, Arc::new(book));
+        let mut lane = r.lane(2);
+        let mut conns = Conns::new(2);
+        let mut c = Counters::default();
+        r.start(&mut lane, 0, 2);
+        r.start(&mut lane, 1, 4);
+        let w = ServerFrame { frame: Some(server_frame::Frame::Welcome(Welcome::default())) }.encode_to_vec();
+        let mut bytes = HEAD.to_vec();
+        bytes.extend([0x82, w.len() as u8]);
+        bytes.extend_from_slice(&w);
+        for slot in 0..2 {
+            conns.state[slot] = State::Upgrading;
+            let got = r.absorb(&mut lane, &mut conns, slot as u32, &bytes, &mut c);
+            assert_eq!(conns.state[slot], State::Joined, "both subscribe");
+            assert_eq!(got.stall, slot == 0, "only member 2 stalls");
+        }
     }
 }

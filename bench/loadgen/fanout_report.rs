@@ -66,7 +66,7 @@ pub struct Report {
     pub frames_per_s: f64,
     pub bytes_per_s: f64,
     pub messages_per_frame: f64,
-    /// published × members of each message's room.
+    /// published × members of each message's room (less its stalled members).
     pub expected: u64,
     pub lost: u64,
     /// barrage: the part of `lost` that its drop counters account for (null for peers).
@@ -102,6 +102,8 @@ pub struct Report {
     pub rings: u64,
     pub recv_nobufs: u64,
     pub deadline_hit: bool,
+    /// Members that stopped reading once subscribed (`--stalled`), left out of `expected`.
+    pub stalled: u64,
 }
 
 /// Deliveries worked out from the merged trackers.
@@ -116,14 +118,15 @@ pub struct Deliveries {
     pub reach_all: ReachAll,
 }
 
-/// Walks every measured message of every stream: delivered (capped at the room's members),
+/// Walks every measured message of every stream: delivered (capped at the room's members that
+/// read: stalled ones are expected to receive nothing),
 /// duplicates, losses (whole or partial), and the reach-everyone latency of those that
 /// reached every member. `counts` and `worst_us` are the merged trackers.
 pub fn deliveries(book: &Book, counts: &[u32], worst_us: &[u32]) -> Deliveries {
     let mut d = Deliveries::default();
     let mut reach = Histogram::<u64>::new_with_bounds(1, crate::fanout_recv::LATENCY_NS_MAX, 3).expect("valid bounds");
     for j in 0..book.streams.count() {
-        let members = book.members_in(book.streams.of(j).1);
+        let members = book.readers_in(book.streams.of(j).1);
         let s = &book.stream[j as usize];
         let measured = book.measured(j).min(s.cap);
         for slot in s.offset..s.offset + measured {

@@ -122,6 +122,15 @@ pub struct FanoutArgs {
     /// server's idle timeout.
     #[arg(long, default_value_t = 0)]
     ping_ms: u64,
+    /// Members 0..N stop reading once subscribed and hold their connections open (readers that
+    /// stall: their socket buffers fill, the server sheds and closes them); nothing is expected
+    /// of them. Never a room's last member (its sentinel): N ≤ members − rooms.
+    #[arg(long, default_value_t = 0)]
+    stalled: u64,
+    /// Seconds to hold every member subscribed before publishing begins (an idle baseline for
+    /// whoever samples the server meanwhile).
+    #[arg(long, default_value_t = 0.0)]
+    idle_s: f64,
 }
 
 /// Arguments checked and turned into what the run needs.
@@ -143,7 +152,9 @@ pub fn run(args: FanoutArgs) -> i32 {
         }
     };
     let streams = Streams { publishers: args.publishers, rooms: args.rooms };
-    let book = Arc::new(Book::new(streams, args.members, setup.mode, args.duration_s, monotonic_ns()));
+    let mut book = Book::new(streams, args.members, setup.mode, args.duration_s, monotonic_ns());
+    book.stalled = args.stalled;
+    let book = Arc::new(book);
     let mut run = Run::new(&args, Arc::clone(&book));
     let protocol = (args.kind == Kind::Barrage).then_some("barrage.v1.proto");
     let host = setup.target.to_string();
@@ -197,11 +208,17 @@ fn validate(args: &FanoutArgs) -> Result<Setup, String> {
     if u64::from(args.rooms) > args.members || u64::from(args.threads) > args.members {
         return Err("--rooms and --threads may not exceed --members (every room needs a member)".into());
     }
+    if args.stalled > args.members - u64::from(args.rooms) {
+        return Err("--stalled may not exceed --members − --rooms (a room's last member reads)".into());
+    }
     if !(positive(args.duration_s) && args.warmup_s.is_finite() && args.warmup_s >= 0.0) {
         return Err("--duration-s must be positive and --warmup-s not negative".into());
     }
-    if args.warmup_s + args.duration_s > args.deadline_s as f64 {
-        return Err("--warmup-s + --duration-s exceed --deadline-s".into());
+    if !(args.idle_s.is_finite() && args.idle_s >= 0.0) {
+        return Err("--idle-s must not be negative".into());
+    }
+    if args.idle_s + args.warmup_s + args.duration_s > args.deadline_s as f64 {
+        return Err("--idle-s + --warmup-s + --duration-s exceed --deadline-s".into());
     }
     if !positive(args.connect_rate) {
         return Err("--connect-rate must be positive".into());
@@ -438,6 +455,10 @@ impl<'a> Run<'a> {
             self.phase = "settle";
             self.settle(api);
         }
+        if m.subscribed > 0 && self.args.idle_s > 0.0 && !self.past_deadline() {
+            self.phase = "idle";
+            self.wait_until(Instant::now() + Duration::from_secs_f64(self.args.idle_s), |_| false);
+        }
         if m.subscribed > 0 && !self.past_deadline() {
             self.workers.iter().for_each(|w| w.ping_ms.store(self.args.ping_ms, Ordering::Relaxed));
             self.workers.iter().for_each(|w| w.wake.signal());
@@ -511,7 +532,7 @@ impl<'a> Run<'a> {
     /// Deliveries every member should receive of the measured messages so far.
     fn expected(&self) -> u64 {
         let b = &self.book;
-        (0..b.streams.count()).map(|j| b.measured(j) * b.members_in(b.streams.of(j).1)).sum()
+        (0..b.streams.count()).map(|j| b.measured(j) * b.readers_in(b.streams.of(j).1)).sum()
     }
 
     /// Waits until every expected delivery is in, none came for `DRAIN_IDLE`, or `DRAIN_MAX`.
@@ -692,6 +713,7 @@ impl<'a> Run<'a> {
             rings: m.end[Stat::Rings],
             recv_nobufs: m.end[Stat::RecvNoBufs],
             deadline_hit: self.deadline_hit,
+            stalled: args.stalled,
         }
     }
 }

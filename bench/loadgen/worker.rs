@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::addrs::{Sources, sockaddr_in};
-use crate::conn::{Conns, Dials, PING, POLL_AGAIN, RECV, State};
+use crate::conn::{Conns, Dials, PING, POLL_AGAIN, RECV, STALL, State};
 use crate::errors::{ErrorCounts, ErrorKind, Op};
 use crate::frames::{Event, Kind, ReadError, Reader};
 use crate::handshake::Subprotocol;
@@ -77,6 +77,8 @@ pub struct Absorbed {
     pub close: Option<ErrorKind>,
     /// The server pinged: send a pong (unless a ping or pong send is already out).
     pub pong: bool,
+    /// Stop reading this connection for good, and hold it open (a stalled reader).
+    pub stall: bool,
 }
 
 /// A worker's counters: running totals and levels.
@@ -368,6 +370,10 @@ impl<R: Reads> Worker<R> {
             return;
         }
         let mut result = Ok(());
+        if lane.conns.flags[s] & STALL != 0 {
+            // Stalled: readiness (data, or the server's close) is ignored; nothing is read.
+            return;
+        }
         if lane.conns.flags[s] & RECV != 0 {
             lane.conns.flags[s] |= POLL_AGAIN;
         } else {
@@ -396,10 +402,12 @@ impl<R: Reads> Worker<R> {
                 let Lane { ring, conns, reads, .. } = lane;
                 let got = match ring.buffer(bid, cqe.result as usize) {
                     Some(bytes) => self.reads.absorb(reads, conns, slot, bytes, &mut self.c),
-                    None => Absorbed { close: Some(ErrorKind::Os(Op::Recv, libc::EFAULT)), pong: false },
+                    None => Absorbed { close: Some(ErrorKind::Os(Op::Recv, libc::EFAULT)), ..Absorbed::default() },
                 };
                 failure = got.close;
-                if got.pong && failure.is_none() {
+                if got.stall && failure.is_none() {
+                    lane.conns.flags[s] |= STALL;
+                } else if got.pong && failure.is_none() {
                     pong(lane, slot, &mut self.errors);
                 }
             }
@@ -435,6 +443,9 @@ impl<R: Reads> Worker<R> {
         let flags = &mut lane.conns.flags[slot as usize];
         let again = *flags & POLL_AGAIN != 0;
         *flags &= !POLL_AGAIN;
+        if *flags & STALL != 0 {
+            return;
+        }
         let more = (cqe.result > 0 && cqe.sock_nonempty()) || cqe.result == -libc::ENOBUFS;
         if (more || again)
             && let Err(e) = lane.want_recv(slot)
@@ -643,7 +654,7 @@ impl<R: Reads> Worker<R> {
             round.visited += 1;
             let (li, s) = ((k / files) as usize, (k % files) as usize);
             let Some(lane) = self.lanes.get_mut(li) else { continue };
-            if lane.conns.state.get(s) != Some(&State::Joined) || lane.conns.flags[s] & PING != 0 {
+            if lane.conns.state.get(s) != Some(&State::Joined) || lane.conns.flags[s] & (PING | STALL) != 0 {
                 continue;
             }
             lane.conns.flags[s] |= PING;
@@ -734,7 +745,8 @@ impl Reads for ConnectReads {
         bytes: &[u8],
         c: &mut Counters,
     ) -> Absorbed {
-        Absorbed { close: absorb(&mut lane[slot as usize], conns, slot as usize, bytes, self.protocol, c), pong: false }
+        let close = absorb(&mut lane[slot as usize], conns, slot as usize, bytes, self.protocol, c);
+        Absorbed { close, ..Absorbed::default() }
     }
 }
 
