@@ -139,7 +139,8 @@ fn fragments_and_interleaved_ping_are_reassembled() {
     let gw = Gateway::start(&[]);
     let mut r = Raw::upgraded(gw.ws, "");
     r.read_frame();
-    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "frag".into() })) }.encode_to_vec();
+    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "frag".into(), ..Join::default() })) }
+        .encode_to_vec();
     let (a, b) = join.split_at(3);
     let bytes = [frame(false, 0x2, a), frame(true, 0x9, b"are you there"), frame(true, 0x0, b)].concat();
     // Deliver it a few bytes at a time.
@@ -284,7 +285,7 @@ fn long_room_names_and_big_client_messages_are_refused() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     let mut c = Client::connect(&gw.url(&format!("?room=12345678&token={}", token("big"))), None);
     c.welcome();
-    c.send(client_frame::Frame::Join(Join { room: "123456789".into() }));
+    c.send(client_frame::Frame::Join(Join { room: "123456789".into(), ..Join::default() }));
     match c.recv() {
         barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 400),
         other => panic!("expected error, got {other:?}"),

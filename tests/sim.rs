@@ -1557,9 +1557,9 @@ impl World {
                 let room = self.rooms[r.index(self.rooms.len())].clone();
                 conn.joined.insert(room.clone());
                 conn.forget_attrs();
-                frame(r, client_frame::Frame::Join(Join { room }))
+                frame(r, client_frame::Frame::Join(Join { room, after_seq: 0 }))
             }
-            150..170 => frame(r, client_frame::Frame::Join(Join { room: "no room!".into() })),
+            150..170 => frame(r, client_frame::Frame::Join(Join { room: "no room!".into(), ..Join::default() })),
             170..220 => {
                 conn.forget_attrs();
                 frame(r, client_frame::Frame::Leave(Leave { room: String::new() }))

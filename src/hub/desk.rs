@@ -82,8 +82,8 @@ impl Desk {
             OwnerMail::Presence { room, from, members, json, left, left_users } => {
                 self.owner.presence(&room, from, (members, json), &left_users, left, now)
             }
-            OwnerMail::Joined { room, from, user } => {
-                let frames = self.owner.joined(&room, user.as_ref(), now);
+            OwnerMail::Joined { room, from, user, after } => {
+                let frames = self.owner.joined(&room, user.as_ref(), after, now);
                 if !frames.is_empty() {
                     self.mail.push((from.shard, HostMail::ToConn { room, conn: from.conn, frames }.into()));
                 }

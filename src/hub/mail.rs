@@ -79,8 +79,9 @@ pub enum OwnerMail {
     /// This shard now holds `members` members of the room (`json` of them reading JSON);
     /// `left` of them left since the last report, the first few named.
     Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },
-    /// A connection joined; answered with its backfill and the attribute snapshot.
-    Joined { room: RoomName, from: ConnAt, user: Option<UserId> },
+    /// A connection joined, resuming `after` a seq (0: none); answered with its backfill and
+    /// the attribute snapshot.
+    Joined { room: RoomName, from: ConnAt, user: Option<UserId>, after: u64 },
     /// A short poll from a connection.
     Poll { room: RoomName, after: u64, limit: usize, from: ConnAt },
     /// A moderation action (then replicated and enforced on every shard).

@@ -293,7 +293,7 @@ fn a_congested_way_refuses_new_requests_from_clients() {
     client_frame(
         &mut host,
         key,
-        client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string() }),
+        client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string(), ..Join::default() }),
         now,
     );
     let mut out = HashMap::new();

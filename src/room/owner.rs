@@ -174,6 +174,8 @@ struct OwnedRoom {
     /// Short-poll answers by (cursor, limit) until the next block (a few: most pollers are up
     /// to date and ask with the same cursor).
     poll_cache: Vec<(u64, usize, Arc<[u8]>)>,
+    /// Resuming joiners' backfills by cursor until the next block (None: nothing to send).
+    resumes: Vec<(u64, Option<Arc<SharedFrame>>)>,
     /// Encoded once per change and handed to every joining client.
     backfill: Option<Arc<SharedFrame>>,
     snapshot: Option<Arc<SharedFrame>>,
@@ -205,7 +207,7 @@ impl OwnedRoom {
 /// second), and stay below 2^53 (exact in JavaScript numbers) until the year 2242.
 const SEQ_SECOND_SHIFT: u32 = 20;
 
-/// Poll answers cached per room.
+/// Poll answers, and resuming backfills, cached per room.
 const POLL_CACHE_MAX: usize = 4;
 
 /// The rooms owned by one shard.
@@ -268,6 +270,7 @@ impl Owner {
                 base_seq: base,
                 last_active: now.unix,
                 poll_cache: Vec::new(),
+                resumes: Vec::new(),
                 backfill: None,
                 snapshot: None,
             }
@@ -381,10 +384,13 @@ impl Owner {
     }
 
     /// A connection joined the room on some shard: counts it for the next enter event and
-    /// returns what it should receive first (history as a backfill block, the attribute
-    /// snapshot), each encoded once and shared by every joiner until the room changes.
-    pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, now: Now) -> Vec<Arc<SharedFrame>> {
-        let (events, named) = (self.config.presence_events, self.config.presence_users_max);
+    /// returns what it should receive first — the history as a backfill block (all of it, or,
+    /// for a client resuming `after` a seq it showed, exactly the messages after it, with
+    /// `truncated` when the history no longer reaches back) and the attribute snapshot — each
+    /// encoded once and shared by every joiner with the same cursor until the room changes.
+    pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, after: u64, now: Now) -> Vec<Arc<SharedFrame>> {
+        let (events, named, max) =
+            (self.config.presence_events, self.config.presence_users_max, self.config.history_messages_max);
         let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
         // Only signed-in users are announced: anonymous churn moves the online count (carried in
         // every block) and nothing else, so a room full of viewers coming and going stays quiet.
@@ -393,13 +399,36 @@ impl Owner {
             Self::mark_dirty(&mut self.dirty, r, room);
         }
         let mut out = Vec::new();
-        if !r.history.is_empty() {
-            let online = r.online();
+        let online = r.online();
+        if after == 0 && !r.history.is_empty() {
             let frame = r.backfill.get_or_insert_with(|| {
                 let messages: Vec<Message> = r.history.recent().cloned().collect();
-                Arc::new(frames::block(room, messages, BlockKind::Backfill, online, now.unix, true))
+                Arc::new(frames::block(
+                    room,
+                    messages,
+                    BlockKind::Backfill { truncated: false },
+                    online,
+                    now.unix,
+                    true,
+                ))
             });
             out.push(Arc::clone(frame));
+        } else if after != 0 {
+            let cached = r.resumes.iter().find(|(a, _)| *a == after).map(|(_, f)| f.clone());
+            let frame = cached.unwrap_or_else(|| {
+                let page = r.history.after(after, max, r.mixer.last_seq(), r.base_seq);
+                let frame = (!page.messages.is_empty() || page.truncated).then(|| {
+                    let messages: Vec<Message> = page.messages.into_iter().cloned().collect();
+                    let kind = BlockKind::Backfill { truncated: page.truncated };
+                    Arc::new(frames::block(room, messages, kind, online, now.unix, true))
+                });
+                if r.resumes.len() == POLL_CACHE_MAX {
+                    r.resumes.remove(0);
+                }
+                r.resumes.push((after, frame.clone()));
+                frame
+            });
+            out.extend(frame);
         }
         if !r.attrs.is_empty() {
             let log = &r.attrs;
@@ -561,6 +590,7 @@ impl Owner {
             room.history.push(&cut.messages);
             room.backfill = None;
             room.poll_cache.clear();
+            room.resumes.clear();
             let kind = BlockKind::Live { top: cut.top };
             let frame = Arc::new(frames::block(&name, cut.messages, kind, online, now.unix, json));
             if online > 0 {

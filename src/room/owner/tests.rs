@@ -150,14 +150,14 @@ fn joiners_get_history_and_attrs_encoded_once() {
     let mut o = owner(1);
     let r = room("h");
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
-    assert!(o.joined(&r, None, at(0)).is_empty(), "nothing to backfill yet");
+    assert!(o.joined(&r, None, 0, at(0)).is_empty(), "nothing to backfill yet");
     for i in 0..2 {
         o.publish(&r, text(&format!("m{i}")), api(Priority::Low), at(0)).unwrap();
         tick_frames(&mut o, at(0));
     }
     o.set_attr(&r, "seat1", Some(b"bob"), at(0)).unwrap();
-    let first = o.joined(&r, None, at(0));
-    let second = o.joined(&r, None, at(0));
+    let first = o.joined(&r, None, 0, at(0));
+    let second = o.joined(&r, None, 0, at(0));
     assert_eq!(first.len(), 2);
     assert!(Arc::ptr_eq(&first[0], &second[0]) && Arc::ptr_eq(&first[1], &second[1]), "shared, not re-encoded");
     let backfill = decode_block(&first[0]);
@@ -187,9 +187,9 @@ fn presence_events_are_one_per_kind_per_tick() {
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
     let users: Vec<UserId> = (0..5).map(|i| UserId::new(&format!("u{i}"))).collect();
     for u in &users {
-        o.joined(&r, Some(u), at(0));
+        o.joined(&r, Some(u), 0, at(0));
     }
-    o.joined(&r, None, at(0)); // anonymous: not announced
+    o.joined(&r, None, 0, at(0)); // anonymous: not announced
     o.presence(&r, ShardId(0), (3, 0), &users[..1], 3, at(0));
     let frames = tick_frames(&mut o, at(0));
     let block = decode_block(&frames[0].1);
@@ -312,4 +312,25 @@ fn top_rooms_by_online() {
     o.presence(&room("b"), ShardId(1), (9, 0), &[], 0, at(0));
     let top = o.top(1);
     assert_eq!(top, vec![(room("b"), 9)]);
+}
+
+#[test]
+fn a_resuming_joiner_gets_exactly_what_came_after_its_cursor() {
+    let mut o = Owner::new(OwnerConfig { history_messages_max: 3, ..config(1) });
+    let r = room("resume");
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        o.publish(&r, text(&format!("m{i}")), api(Priority::Whitelist), at(i * 1_000)).unwrap();
+        tick_frames(&mut o, at(i * 1_000));
+        seqs.push(o.info(&r).last_seq);
+    }
+    let backfill = |o: &mut Owner, after: u64| o.joined(&r, None, after, at(10_000)).first().map(|f| decode_block(f));
+    let b = backfill(&mut o, seqs[2]).unwrap();
+    assert_eq!((b.messages.len(), b.truncated, b.first_seq), (2, false, seqs[3]), "m3 and m4");
+    assert!(backfill(&mut o, seqs[4]).is_none(), "up to date: nothing to send");
+    let b = backfill(&mut o, seqs[0]).unwrap();
+    assert_eq!((b.messages.len(), b.truncated), (3, true), "m1 fell out of the 3 kept");
+    let full = backfill(&mut o, 0).unwrap();
+    assert_eq!((full.messages.len(), full.truncated), (3, false));
 }
