@@ -198,6 +198,9 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
     let t = token("slow");
     let mut slow = Raw::connect(gw.ws);
     slow.write(&upgrade_request(&format!("/ws?token={t}"), &[]));
+    // Upgraded before the first publish (else "no connections" would be the handshake not
+    // done yet, not the reader closed); from here on it never reads.
+    assert!(slow.read_head().starts_with("HTTP/1.1 101"));
     let body = json!({"priority": "whitelist", "data_b64": base64_zeros(60_000)}).to_string();
     let mut closed = false;
     for _ in 0..2000 {
@@ -209,7 +212,14 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
         }
     }
     assert!(closed, "the stalled reader was closed");
-    eventually("counted", || gw.metric("barrage_closed_total{reason=\"slow_consumer\"}") == 1);
+    let slow = || gw.metric("barrage_closed_total{reason=\"slow_consumer\"}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while slow() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (_, text) = http(gw.api, "GET", "/metrics", None, &[]);
+    let closed: Vec<&str> = text.lines().filter(|l| l.starts_with("barrage_closed_total") && !l.ends_with(" 0")).collect();
+    assert_eq!(slow(), 1, "{closed:?}");
 }
 
 #[test]
