@@ -135,11 +135,36 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);
     }
     if let Some(sig) = signals.forever().next() {
-        println!("barrage: signal {sig}, closing connections");
+        if config.drain.on_sigterm && sig == SIGTERM {
+            drain_then_stop(&gateway, &mut signals, config.drain.deadline_ms);
+        } else {
+            println!("barrage: signal {sig}, closing connections");
+        }
     }
     gateway.stop();
     println!("barrage: stopped");
     Ok(())
+}
+
+/// SIGTERM: drain (every pending message delivered, clients sent elsewhere in waves), then
+/// stop once every connection is gone, at the deadline, or at a second signal.
+fn drain_then_stop(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64) {
+    println!("barrage: SIGTERM, draining (a second SIGTERM stops at once)");
+    gateway.drain();
+    // Past the shards' own deadline they close what is left; this only bounds the wait.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_add(5_000));
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if signals.pending().next().is_some() {
+            println!("barrage: second signal, stopping");
+            return;
+        }
+        let progress = gateway.drain_progress();
+        if progress.done() || std::time::Instant::now() >= until {
+            println!("barrage: drained ({} reconnects sent)", progress.reconnects);
+            return;
+        }
+    }
 }
 
 fn doctor(args: &DoctorArgs) -> i32 {

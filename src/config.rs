@@ -292,6 +292,27 @@ config! {
         moderation_entries_max: usize = 1000, moderation_entries_max, "BARRAGE_MODERATION_ENTRIES_MAX";
     }
 
+    /// Draining: moving every client off this node in waves (`POST /v1/admin/drain`, SIGTERM).
+    drain: Drain {
+        /// SIGTERM drains (the second SIGTERM, or the deadline, stops at once); false = SIGTERM
+        /// closes every connection (1001) and exits.
+        on_sigterm: bool = true, drain_on_sigterm, "BARRAGE_DRAIN_ON_SIGTERM";
+        /// Reconnect frames per second, node-wide (split over the shards): how fast clients
+        /// are sent elsewhere. 2,000/s moves a million viewers in about 8 minutes without a
+        /// reconnect storm on the next node. 0 = all at once.
+        reconnect_rate_per_s: u32 = 2_000, drain_reconnect_rate_per_s, "BARRAGE_DRAIN_RECONNECT_RATE_PER_S";
+        /// How long after the start every connection still open is closed.
+        deadline_ms: u64 = 600_000, drain_deadline_ms, "BARRAGE_DRAIN_DEADLINE_MS";
+        /// The least delay a client is told to wait before reconnecting.
+        delay_ms: u32 = 500, drain_delay_ms, "BARRAGE_DRAIN_DELAY_MS";
+        /// Extra delay spread over clients (0..=this, by connection) so that reconnects sent
+        /// together do not arrive together.
+        jitter_ms: u32 = 2_000, drain_jitter_ms, "BARRAGE_DRAIN_JITTER_MS";
+        /// Where clients reconnect (a ws:// or wss:// URL); "" = the same address (another
+        /// node behind the same balancer, or the process that takes over).
+        url: String = String::new(), drain_url, "BARRAGE_DRAIN_URL";
+    }
+
     /// The private business API.
     api: Api {
         /// Business API listener (keep it private).

@@ -26,6 +26,8 @@ const _: () = assert!(SENDMSG_SLOTS_PER_SHARD <= crate::shard::SENDMSG_SLOTS_MAX
 /// A running gateway.
 pub struct Gateway {
     mesh: Arc<Mesh>,
+    metrics: Arc<[Snapshot]>,
+    config: Config,
     shards: Vec<JoinHandle<std::io::Result<ShardExit>>>,
     api: Option<Server>,
     pub public_addr: SocketAddr,
@@ -134,6 +136,8 @@ impl Gateway {
         }
         let mut gateway = Gateway {
             mesh,
+            metrics: Arc::clone(&metrics),
+            config: config.clone(),
             shards: handles,
             api: None,
             public_addr: params.listen,
@@ -162,6 +166,18 @@ impl Gateway {
                 Err(StartError(format!("API listener {}: {e}", config.api.listen)))
             }
         }
+    }
+
+    /// Starts a drain with the config's `[drain]` plan: every shard stops accepting and moves
+    /// its clients off in waves (see `hub::host::drain`).
+    pub fn drain(&self) {
+        let plan = crate::drain::plan(&self.config, self.shard_count, crate::drain::Overrides::default());
+        crate::drain::start(&self.mesh, &plan);
+    }
+
+    /// Where the drain is, from the shards' last published gauges.
+    pub fn drain_progress(&self) -> crate::drain::Progress {
+        crate::drain::Progress::read(&self.metrics)
     }
 
     /// Closes every connection with 1001 and waits for the shards and the API to end; says how

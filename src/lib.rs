@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod drain;
 pub mod envelope;
 pub mod gateway;
 pub mod hub;

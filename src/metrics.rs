@@ -52,6 +52,7 @@ series! {
     HsOrigin => "barrage_handshakes_total" {"result" = "origin"}, "counter", "";
     HsRate => "barrage_handshakes_total" {"result" = "addr_rate"}, "counter", "";
     HsProxy => "barrage_handshakes_total" {"result" = "proxy"}, "counter", "";
+    HsDraining => "barrage_handshakes_total" {"result" = "draining"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
@@ -105,6 +106,8 @@ series! {
     ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
     ClosedPartialConn => "barrage_closed_total" {"reason" = "partial_conn"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
+    ClosedDrain => "barrage_closed_total" {"reason" = "drain"}, "counter", "";
+    ClosedDrainDeadline => "barrage_closed_total" {"reason" = "drain_deadline"}, "counter", "";
     ClosedExpired => "barrage_closed_total" {"reason" = "token_expired"}, "counter", "";
     Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
     RefreshRefused => "barrage_token_refreshes_total" {"result" = "refused"}, "counter", "";
@@ -118,6 +121,9 @@ series! {
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
     Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";
+    DrainPhase => "barrage_drain_phase", "gauge", "Drain progress: 0 none, 1 flushing rooms, 2 sending reconnects in waves, 3 done.";
+    DrainRemaining => "barrage_drain_remaining", "gauge", "Connections left on a draining shard.";
+    Reconnects => "barrage_reconnects_sent_total", "counter", "Reconnect frames sent by a drain.";
 }
 
 /// One shard's counters, bumped without atomics on its own core.

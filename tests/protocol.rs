@@ -218,7 +218,8 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let (_, text) = http(gw.api, "GET", "/metrics", None, &[]);
-    let closed: Vec<&str> = text.lines().filter(|l| l.starts_with("barrage_closed_total") && !l.ends_with(" 0")).collect();
+    let closed: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("barrage_closed_total") && !l.ends_with(" 0")).collect();
     assert_eq!(slow(), 1, "{closed:?}");
 }
 

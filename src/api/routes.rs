@@ -28,6 +28,8 @@ const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The API handler.
 pub struct Routes {
     pub(super) mesh: Arc<Mesh>,
+    /// The config a drain's plan starts from.
+    config: Config,
     metrics: Arc<[Snapshot]>,
     access: Access,
     name_bytes_max: usize,
@@ -42,6 +44,7 @@ pub(super) type Answer = Result<Response, Response>;
 impl Routes {
     pub fn new(config: &Config, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>) -> Routes {
         Routes {
+            config: config.clone(),
             mesh,
             metrics,
             access: Access::new(&config.api.key),
@@ -76,6 +79,8 @@ impl Routes {
             ["v1", "rooms", room, "attributes", key] if put || delete => self.set_attribute(room, key, req, delete),
             ["v1", "users", user, "messages"] if post => self.publish_user(user, req),
             ["v1", "broadcast"] if post => self.broadcast(req),
+            ["v1", "admin", "drain"] if get => Ok(self.drain_progress(200)),
+            ["v1", "admin", "drain"] if post => self.drain(req),
             ["healthz"]
             | ["metrics"]
             | ["v1", "rooms"]
@@ -91,6 +96,24 @@ impl Routes {
     fn health(&self) -> Response {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
         Response::json(200, &json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections}))
+    }
+
+    /// `POST /v1/admin/drain` (body optional: `{url, reason, rate_per_s, deadline_ms, delay_ms,
+    /// jitter_ms}` over the config's `[drain]`): every shard stops accepting and moves its
+    /// clients off in waves. Answers 202 with the progress.
+    fn drain(&self, req: &Request) -> Answer {
+        let overrides: crate::drain::Overrides = if req.body.is_empty() {
+            crate::drain::Overrides::default()
+        } else {
+            serde_json::from_slice(&req.body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))?
+        };
+        let plan = crate::drain::plan(&self.config, self.mesh.shards(), overrides);
+        crate::drain::start(&self.mesh, &plan);
+        Ok(self.drain_progress(202))
+    }
+
+    fn drain_progress(&self, status: u16) -> Response {
+        Response::json(status, &crate::drain::Progress::read(&self.metrics).json())
     }
 
     /// The shards' series, then the API listener's own.

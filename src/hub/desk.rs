@@ -109,6 +109,7 @@ impl Desk {
             OwnerMail::TopRooms { n, reply } => reply.send(self.owner.top(n)),
             OwnerMail::ModerationList { room, reply } => reply.send(self.owner.moderation(&room, now.unix)),
             OwnerMail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
+            OwnerMail::Flush => self.flush(now),
         }
     }
 
@@ -239,6 +240,21 @@ impl Desk {
             self.block_due_ms = now.ms + self.cfg.block_interval_ms;
         }
         self.next_block_ms = self.block_due_ms;
+    }
+
+    /// A drain: cut every room's pending messages into blocks now (as many as the carried
+    /// whitelist messages need), then tell every shard, after those blocks.
+    fn flush(&mut self, now: Now) {
+        let rounds = self.cfg.owner.limits.pending_messages_max / self.cfg.owner.limits.block_messages_max.max(1) + 2;
+        for _ in 0..rounds {
+            if !self.owner.has_pending() {
+                break;
+            }
+            self.cut_blocks(now);
+        }
+        for s in 0..self.cfg.owner.shards {
+            self.mail.push((ShardId(s as u16), HostMail::Flushed.into()));
+        }
     }
 
     /// Cuts and encodes each dirty room's block once and addresses the frame to every shard

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 
+use super::host::DrainPlan;
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::proto::Message;
 use crate::room::attrs::AttrError;
@@ -104,6 +105,9 @@ pub enum OwnerMail {
     ModerationList { room: RoomName, reply: Reply<ModerationLists> },
     /// All attributes and the version.
     Attrs { room: RoomName, reply: Reply<AttrsSnapshot> },
+    /// To this shard's owner when a drain starts: cut every room's pending messages into
+    /// blocks now, then tell every shard (`HostMail::Flushed`).
+    Flush,
 }
 
 impl OwnerMail {
@@ -121,7 +125,8 @@ impl OwnerMail {
             | OwnerMail::RoomInfo { .. }
             | OwnerMail::TopRooms { .. }
             | OwnerMail::ModerationList { .. }
-            | OwnerMail::Attrs { .. } => None,
+            | OwnerMail::Attrs { .. }
+            | OwnerMail::Flush => None,
         }
     }
 }
@@ -154,6 +159,11 @@ pub enum HostMail {
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },
+    /// Start draining (see `host::drain`): accept nothing more, then reconnect every
+    /// connection in waves.
+    Drain(DrainPlan),
+    /// An owner has cut its rooms' pending messages into blocks (mailed before this).
+    Flushed,
     /// Close every connection (1001) and stop.
     Stop,
 }
@@ -171,6 +181,8 @@ impl HostMail {
             | HostMail::Replicate { .. }
             | HostMail::PollAnswer { .. }
             | HostMail::Refused { .. }
+            | HostMail::Drain(_)
+            | HostMail::Flushed
             | HostMail::Stop => None,
         }
     }

@@ -209,6 +209,11 @@ impl Hub {
         self.host.stopping()
     }
 
+    /// Whether a drain has started (the driver stops accepting).
+    pub fn draining(&self) -> bool {
+        self.host.draining()
+    }
+
     /// Connections of any state.
     pub fn connections(&self) -> usize {
         self.host.connections()

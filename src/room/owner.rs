@@ -231,6 +231,11 @@ impl Owner {
         self.rooms.len()
     }
 
+    /// Whether some room has messages waiting for a block.
+    pub fn has_pending(&self) -> bool {
+        self.dirty.iter().any(|name| self.rooms.get(name).is_some_and(|r| r.mixer.has_pending()))
+    }
+
     /// Rooms with state, counted against `rooms_max`.
     pub fn kept_rooms(&self) -> usize {
         self.kept

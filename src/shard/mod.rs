@@ -291,6 +291,9 @@ impl Shard {
         loop {
             let now = self.now();
             turn::turn(&mut self.hub, &mut self.io, now, Budget::SHARD)?;
+            if self.hub.draining() {
+                self.io.cancel_accepts()?;
+            }
             self.publish(now, false);
             if self.stopped(now)? {
                 self.publish(now, true);
@@ -322,13 +325,7 @@ impl Shard {
         }
         let grace = self.stop_grace.as_millis() as u64;
         let stop_at = *self.stop_at.get_or_insert(now.ms + grace);
-        for (i, slot) in self.io.accepts.iter_mut().enumerate() {
-            if let Some(r) = slot.ring.take() {
-                // The slot stays busy until the cancelled accept completes (its buffer with it).
-                slot.cancelled = true;
-                self.io.rings[r].cancel_request(user_data(op::ACCEPT, i as u32, 0), user_data(op::CANCEL, 0, 0))?;
-            }
-        }
+        self.io.cancel_accepts()?;
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
     }
 
@@ -577,11 +574,23 @@ impl ShardIo {
         self.arm_accepts(hub)
     }
 
+    /// Cancels the accepts in flight (stopping or draining: no new connection).
+    fn cancel_accepts(&mut self) -> io::Result<()> {
+        for (i, slot) in self.accepts.iter_mut().enumerate() {
+            if let Some(r) = slot.ring.take() {
+                // The slot stays busy until the cancelled accept completes (its buffer with it).
+                slot.cancelled = true;
+                self.rings[r].cancel_request(user_data(op::ACCEPT, i as u32, 0), user_data(op::CANCEL, 0, 0))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps `ACCEPTS_IN_FLIGHT` accepts armed, each on a ring whose table has room for it (the
     /// margin keeps a storm from filling a table between two reaps), opening a new ring when
     /// every table is near full. Accepting resumes when a close frees a slot.
     fn arm_accepts(&mut self, hub: &mut Hub) -> io::Result<()> {
-        if hub.stopping() || self.shutting_down {
+        if hub.stopping() || hub.draining() || self.shutting_down {
             return Ok(());
         }
         let fd = self.listener.as_raw_fd();

@@ -95,6 +95,23 @@ impl Gateway {
         false
     }
 
+    /// The gateway process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself; true when it did, successfully.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn url(&self, query: &str) -> String {
         format!("ws://{}/ws{}", self.ws, query)
     }
@@ -275,6 +292,11 @@ impl Raw {
         let head = r.read_head();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         r
+    }
+
+    /// The socket, for callers that read it their own way.
+    pub fn into_stream(self) -> TcpStream {
+        self.s
     }
 
     pub fn write(&mut self, b: &[u8]) {

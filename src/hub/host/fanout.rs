@@ -93,6 +93,8 @@ impl Host {
             HostMail::Replicate { room, user, list, add: false, .. } => self.replicas.remove(&room, &user, list),
             HostMail::Kick { room, user, reason } => self.kick(&room, &user, &reason, now),
             HostMail::Refused { conn, code, reason } => self.refused(conn, code, reason, now),
+            HostMail::Drain(plan) => self.start_drain(plan, now),
+            HostMail::Flushed => self.owner_flushed(1, now),
             HostMail::Stop => self.stop(now),
         }
     }

@@ -129,6 +129,10 @@ impl Host {
             Some(Err(e)) => return self.refuse_malformed(key, &e, now),
             Some(Ok(upgrade)) => upgrade,
         };
+        if self.draining() {
+            let message = "this node is draining: connect to another".into();
+            return self.refuse(key, Refusal { status: 503, message, series: Series::HsDraining }, now);
+        }
         let echo = !self.cfg.echo_path.is_empty() && request.path == self.cfg.echo_path;
         if !echo && request.path != WS_PATH {
             let r =
