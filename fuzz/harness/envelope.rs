@@ -137,7 +137,7 @@ impl Run {
         let c = config();
         let mut hubs: Vec<Hub> = (0..shards).map(|s| Hub::new(HubConfig::new(&c, ShardId(s as u16), shards))).collect();
         let now = Now { ms: 0, unix: UnixMs(UNIX_START_MS) };
-        let key = hubs[0].handle_accept(0, now).expect("an empty hub takes a connection");
+        let key = hubs[0].handle_accept(0, None, now).expect("an empty hub takes a connection");
         let format = if setup & 1 != 0 { Format::Json } else { Format::Proto };
         let mut run = Run {
             hubs,
@@ -245,7 +245,7 @@ impl Run {
             self.hubs.iter_mut().for_each(|h| h.end_turn(now));
             let carried = self.carry_mail();
             let sent = self.send();
-            while let Some(key) = self.hubs[0].poll_close() {
+            while let Some((key, _teardown)) = self.hubs[0].poll_close() {
                 assert_eq!(key, self.key);
                 self.closing = true;
             }

@@ -9,5 +9,9 @@ pub mod wire;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `fuzz/seeds/` and `fuzz/regressions/`.
-pub const TARGETS: [(&str, Target); 3] =
-    [("handshake", wire::handshake), ("frame_reader", wire::frame_reader), ("envelope", envelope::run)];
+pub const TARGETS: [(&str, Target); 4] = [
+    ("handshake", wire::handshake),
+    ("frame_reader", wire::frame_reader),
+    ("envelope", envelope::run),
+    ("proxy", wire::proxy),
+];
