@@ -183,8 +183,8 @@ config! {
         /// SO_SNDBUF of accepted sockets (set on the listener, which they inherit; the kernel
         /// doubles it for its bookkeeping and caps it at net.core.wmem_max). It bounds the
         /// kernel memory a reader that stops reading pins: about twice this (64 KiB) instead of
-        /// a send buffer autotuned up to tcp_wmem's max (≈1.5 MB per stalled loopback socket
-        /// measured, 4 MiB possible). Blocks are small (20 messages, a few KB) and a viewer
+        /// a send buffer autotuned up to tcp_wmem's max (3.8 MiB per stalled reader measured
+        /// on loopback, bench/stalled.sh). Blocks are small (20 messages, a few KB) and a viewer
         /// needs a few KB/s, so 32 KiB in the kernel holds about one full send queue of
         /// blocks; past it frames wait in barrage's own queue (send_queue_frames_max), where
         /// they are shed by priority, which the kernel cannot do. A frame larger than the
