@@ -103,6 +103,27 @@ impl AttrLog {
         AttrLog { entries: BTreeMap::new(), log: VecDeque::new(), version: base, payload_bytes: 0, log_len_max: 0 }
     }
 
+    /// Attributes handed over by another process at `version`, with no change log: a client
+    /// behind `version` gets a snapshot. Entries over `limits` are skipped (the count is
+    /// returned), so the restored log obeys this process's bounds.
+    pub fn restore(version: u64, entries: Vec<(String, Vec<u8>)>, limits: &AttrLimits) -> (AttrLog, usize) {
+        let mut log = AttrLog::new(version);
+        log.log_len_max = limits.log_len_max;
+        let mut skipped = 0;
+        for (key, value) in entries {
+            let fits = check_key(&key, limits).is_ok()
+                && value.len() <= limits.value_bytes_max
+                && log.entries.len() < limits.keys_max;
+            if fits {
+                log.payload_bytes += key.len() + value.len();
+                log.entries.insert(key, value);
+            } else {
+                skipped += 1;
+            }
+        }
+        (log, skipped)
+    }
+
     /// The version of the newest change (`base` before any).
     pub fn version(&self) -> u64 {
         self.version

@@ -679,5 +679,8 @@ fn poll_body(messages: &[&Message], next: u64, truncated: bool, interval_ms: u32
         .into_bytes()
 }
 
+mod handover;
+pub use handover::{Imported, Replica, replicas};
+
 #[cfg(test)]
 mod tests;

@@ -334,3 +334,83 @@ fn a_resuming_joiner_gets_exactly_what_came_after_its_cursor() {
     let full = backfill(&mut o, 0).unwrap();
     assert_eq!((full.messages.len(), full.truncated), (3, false));
 }
+
+#[test]
+fn a_handed_over_room_continues_its_seqs_history_attributes_and_lists() {
+    let mut old = owner(2);
+    let r = room("r");
+    let t = at(10_000);
+    for (i, d) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        old.publish(&r, text(d), api(Priority::Whitelist), t).unwrap();
+        tick_frames(&mut old, at(10_000 + i as i64));
+    }
+    old.set_attr(&r, "seat", Some(b"alice"), t).unwrap();
+    tick_frames(&mut old, t);
+    old.moderate(&r, &UserId::new("bob"), ModAction::Ban { until_ms: Some(99_000) }, t).unwrap();
+    old.moderate(&r, &UserId::new("eve"), ModAction::Mute { until_ms: None }, t).unwrap();
+    old.moderate(&r, &UserId::new("vip"), ModAction::Whitelist, t).unwrap();
+    // A room that only ever had members and handed out no seq is not carried.
+    old.presence(&room("idle"), ShardId(0), (1, 0), &[], 0, t);
+    let last = old.info(&r).last_seq;
+
+    let states = old.export(t.unix.0);
+    assert_eq!(states.len(), 1, "{states:?}");
+    let s = &states[0];
+    assert_eq!((s.last_seq, s.history.len(), s.kept), (last, 3, true), "history_messages_max is 3");
+    assert_eq!(s.evicted_seq, s.history[0].seq - 1);
+    // Through the wire, as the upgrade sends it.
+    let bytes = crate::proto::StateSnapshot { rooms: states }.encode_to_vec();
+    let states = crate::proto::StateSnapshot::decode(&bytes[..]).unwrap().rooms;
+    let replicas = super::replicas(&states, 64);
+    assert_eq!(replicas.len(), 2, "bans and whitelist, not mutes: {replicas:?}");
+
+    let mut new = owner(3);
+    let done = new.import(states, 64, at(20_000));
+    assert_eq!(done, Imported { rooms: 1, rooms_skipped: 0, entries_skipped: 0 });
+    assert_eq!(new.info(&r).last_seq, last);
+    assert_eq!(new.kept_rooms(), 1);
+    // A client resuming after the second message gets exactly the rest; one from before the
+    // kept history learns it was truncated.
+    let resumed = new.joined(&r, None, last - 1, at(20_000));
+    let b = decode_block(&resumed[0]);
+    assert_eq!(b.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![last]);
+    assert!(!b.truncated);
+    let early = decode_block(&new.joined(&r, None, last - 4, at(20_000))[0]);
+    assert!(early.truncated);
+    // The next publish continues the seqs; attributes and lists came along.
+    new.presence(&r, ShardId(2), (1, 0), &[], 0, at(20_000));
+    new.publish(&r, text("e"), api(Priority::Whitelist), at(20_000)).unwrap();
+    let out = tick_frames(&mut new, at(20_001));
+    assert_eq!(decode_block(&out.last().unwrap().1).messages[0].seq, last + 1);
+    assert_eq!(new.attrs(&r).1, vec![("seat".to_owned(), b"alice".to_vec())]);
+    let lists = new.moderation(&r, UnixMs(20_000));
+    assert_eq!(lists.bans, vec![Entry { user: "bob".into(), until_ms: Some(99_000) }]);
+    assert_eq!(lists.mutes, vec![Entry { user: "eve".into(), until_ms: None }]);
+    assert_eq!(
+        new.publish(
+            &r,
+            text("x"),
+            Sender::Client { user: UserId::new("eve"), weight: 0, priority: Priority::Low },
+            at(20_000)
+        ),
+        Err(PublishError::Muted)
+    );
+}
+
+#[test]
+fn an_import_is_checked_like_input() {
+    let mut new = owner(1);
+    let state = |name: &str| crate::proto::RoomState {
+        room: name.into(),
+        base_seq: 5 << 20,
+        last_seq: (5 << 20) + 2,
+        kept: true,
+        moderation: vec![crate::proto::ModerationEntry { list: 9, user: "x".into(), until_ms: 0 }],
+        ..Default::default()
+    };
+    let done = new.import(vec![state("a b"), state("r1"), state("r1"), state("r2"), state("r3")], 64, at(1_000));
+    // A bad name, a room already imported, and one over rooms_max (2) are refused; an unknown
+    // list is skipped.
+    assert_eq!(done, Imported { rooms: 2, rooms_skipped: 3, entries_skipped: 2 });
+    assert_eq!(new.kept_rooms(), 2);
+}
