@@ -73,6 +73,7 @@ series! {
     DropExpired => "barrage_messages_dropped_total" {"reason" = "expired"}, "counter", "";
     DropRate => "barrage_messages_dropped_total" {"reason" = "room_rate"}, "counter", "";
     DropMuted => "barrage_messages_dropped_total" {"reason" = "muted"}, "counter", "";
+    DropHandover => "barrage_messages_dropped_total" {"reason" = "handover"}, "counter", "";
     MessagesCoalesced => "barrage_messages_coalesced_total", "counter", "Pending messages superseded by a newer one with the same coalesce key.";
     SendRateLimited => "barrage_client_sends_rate_limited_total", "counter", "Client sends refused by the per-connection rate.";
     JoinBanned => "barrage_joins_refused_total" {"reason" = "banned"}, "counter", "Joins refused.";
@@ -84,6 +85,7 @@ series! {
     RefusedModeration => "barrage_requests_refused_total" {"reason" = "moderation"}, "counter", "";
     RefusedPoll => "barrage_requests_refused_total" {"reason" = "poll"}, "counter", "";
     RefusedRights => "barrage_requests_refused_total" {"reason" = "rights"}, "counter", "";
+    RefusedHandover => "barrage_requests_refused_total" {"reason" = "handover"}, "counter", "";
     SendRefused => "barrage_client_sends_refused_total" {"reason" = "rules"}, "counter", "Client sends refused: by the sender rules (anonymous, read-only token, no room, too big), or for a type the client may not send.";
     SendTypeRefused => "barrage_client_sends_refused_total" {"reason" = "type"}, "counter", "";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
@@ -124,6 +126,9 @@ series! {
     DrainPhase => "barrage_drain_phase", "gauge", "Drain progress: 0 none, 1 flushing rooms, 2 sending reconnects in waves, 3 done.";
     DrainRemaining => "barrage_drain_remaining", "gauge", "Connections left on a draining shard.";
     Reconnects => "barrage_reconnects_sent_total", "counter", "Reconnect frames sent by a drain.";
+    RoomsExported => "barrage_handover_rooms_total" {"way" = "exported"}, "counter", "Rooms handed to a new process on an upgrade, or taken from the old one.";
+    RoomsImported => "barrage_handover_rooms_total" {"way" = "imported"}, "counter", "";
+    ImportSkipped => "barrage_handover_skipped_total", "counter", "Rooms, attributes and moderation entries of an upgrade's snapshot refused by this process (bad names, over its bounds).";
 }
 
 /// One shard's counters, bumped without atomics on its own core.

@@ -10,6 +10,7 @@ use crate::ids::{Now, ShardId, UserId};
 use crate::metrics::{Counters, Series};
 use crate::proto::Message;
 use crate::room::RoomName;
+use crate::room::attrs::AttrError;
 use crate::room::moderation::{List, ModerationError};
 use crate::room::owner::{ModAction, Owner, OwnerConfig, PublishError, Published, Sender};
 
@@ -37,6 +38,8 @@ pub struct DeskConfig {
     pub block_interval_ms: u64,
     pub block_wait_max_ms: u64,
     pub owner: OwnerConfig,
+    /// For room names in a snapshot taken over from another process.
+    pub name_bytes_max: usize,
 }
 
 /// The rooms this shard owns and their block schedule.
@@ -50,6 +53,9 @@ pub struct Desk {
     /// When the next block is due by the interval.
     block_due_ms: u64,
     next_room_sweep_ms: u64,
+    /// The rooms were exported to a new process: nothing changes here any more (no publish,
+    /// no attribute or list change, no block) until thawed.
+    frozen: bool,
 }
 
 impl Desk {
@@ -61,6 +67,7 @@ impl Desk {
             next_block_ms: cfg.block_interval_ms,
             block_due_ms: cfg.block_interval_ms,
             next_room_sweep_ms: Self::room_sweep_every_ms(&cfg),
+            frozen: false,
             cfg,
         }
     }
@@ -68,6 +75,13 @@ impl Desk {
     /// Handles one request for a room this shard owns. `post` tells whether the way to another
     /// shard is congested: an action that would mail every shard is then refused.
     pub fn handle_mail(&mut self, mail: OwnerMail, now: Now, post: &PostOffice) {
+        let mail = match self.frozen {
+            true => match self.refuse_frozen(mail, now) {
+                Some(mail) => mail,
+                None => return,
+            },
+            false => mail,
+        };
         match mail {
             OwnerMail::Publish { room, msg, priority, reply } => {
                 let result = self.publish(&room, *msg, Sender::Api { priority }, now);
@@ -97,7 +111,7 @@ impl Desk {
                 if result.is_err() {
                     self.counters.inc(Series::RefusedAttrs);
                 }
-                self.answer(origin, result, |e| (400, e.message()));
+                self.answer(origin, result, |e| (e.status(), e.message()));
             }
             OwnerMail::AttrSync { room, after, from } => {
                 if let Some(frame) = self.owner.attr_sync(&room, after) {
@@ -110,7 +124,60 @@ impl Desk {
             OwnerMail::ModerationList { room, reply } => reply.send(self.owner.moderation(&room, now.unix)),
             OwnerMail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
             OwnerMail::Flush => self.flush(now),
+            OwnerMail::Export { reply } => {
+                self.cut_all(now);
+                let rooms = self.owner.export(now.unix.0);
+                self.counters.add(Series::RoomsExported, rooms.len() as u64);
+                self.frozen = true;
+                reply.send(rooms);
+            }
+            OwnerMail::Thaw => self.frozen = false,
         }
+    }
+
+    /// While frozen: refuses (503, retry: the next process will take it) what would change a
+    /// room, answers a repeated export and a drain's flush without cutting anything (a cut would
+    /// hand out seqs the next process also hands out), and passes the rest on.
+    fn refuse_frozen(&mut self, mail: OwnerMail, now: Now) -> Option<OwnerMail> {
+        match mail {
+            OwnerMail::Publish { reply, .. } => {
+                self.counters.inc(Series::DropHandover);
+                reply.send(Err(PublishError::HandedOver));
+            }
+            OwnerMail::Send { from, .. } => {
+                self.counters.inc(Series::DropHandover);
+                let (code, reason) = PublishError::HandedOver.code();
+                self.refuse(from, u32::from(code), reason);
+            }
+            OwnerMail::Moderate { origin, .. } => {
+                self.counters.inc(Series::RefusedHandover);
+                let e = ModerationError::HandedOver;
+                self.answer(origin, Err::<(), _>(e), |e| (e.status(), e.message()));
+            }
+            OwnerMail::SetAttr { origin, .. } => {
+                self.counters.inc(Series::RefusedHandover);
+                self.answer(origin, Err::<u64, _>(AttrError::HandedOver), |e| (e.status(), e.message()));
+            }
+            OwnerMail::Flush => self.mail_flushed(),
+            OwnerMail::Export { reply } => reply.send(self.owner.export(now.unix.0)),
+            OwnerMail::Thaw => self.frozen = false,
+            mail @ (OwnerMail::Presence { .. }
+            | OwnerMail::Joined { .. }
+            | OwnerMail::Poll { .. }
+            | OwnerMail::AttrSync { .. }
+            | OwnerMail::RoomInfo { .. }
+            | OwnerMail::TopRooms { .. }
+            | OwnerMail::ModerationList { .. }
+            | OwnerMail::Attrs { .. }) => return Some(mail),
+        }
+        None
+    }
+
+    /// Takes over rooms another process exported (before this shard takes connections).
+    pub fn import(&mut self, rooms: Vec<crate::proto::RoomState>, now: Now) {
+        let done = self.owner.import(rooms, self.cfg.name_bytes_max, now);
+        self.counters.add(Series::RoomsImported, done.rooms);
+        self.counters.add(Series::ImportSkipped, done.rooms_skipped + done.entries_skipped);
     }
 
     fn publish(&mut self, room: &RoomName, msg: Message, sender: Sender, now: Now) -> Result<Published, PublishError> {
@@ -122,6 +189,7 @@ impl Desk {
             Err(PublishError::RoomsFull) => Series::DropNoRoom,
             Err(PublishError::RateLimited) => Series::DropRate,
             Err(PublishError::Muted) => Series::DropMuted,
+            Err(PublishError::HandedOver) => Series::DropHandover,
         });
         result
     }
@@ -177,7 +245,7 @@ impl Desk {
         } else {
             self.counters.inc(Series::RefusedModeration);
         }
-        self.answer(origin, result, |e| (if e == ModerationError::Busy { 503 } else { 400 }, e.message()));
+        self.answer(origin, result, |e| (e.status(), e.message()));
     }
 
     /// Sends an owner's answer: to the waiting API thread, or a refusal to a client.
@@ -209,6 +277,10 @@ impl Desk {
     /// The block tick when due (adaptive, see `block_tick`), and now and then the sweep of
     /// idle rooms.
     pub fn handle_timeout(&mut self, now: Now, load: Load) {
+        if self.frozen {
+            self.next_block_ms = now.ms + self.cfg.block_interval_ms;
+            return;
+        }
         if now.ms >= self.next_block_ms {
             self.block_tick(now, load);
         }
@@ -245,6 +317,13 @@ impl Desk {
     /// A drain: cut every room's pending messages into blocks now (as many as the carried
     /// whitelist messages need), then tell every shard, after those blocks.
     fn flush(&mut self, now: Now) {
+        self.cut_all(now);
+        self.mail_flushed();
+    }
+
+    /// Cuts every room's pending messages into blocks, as many as the carried whitelist
+    /// messages need.
+    fn cut_all(&mut self, now: Now) {
         let rounds = self.cfg.owner.limits.pending_messages_max / self.cfg.owner.limits.block_messages_max.max(1) + 2;
         for _ in 0..rounds {
             if !self.owner.has_pending() {
@@ -252,6 +331,9 @@ impl Desk {
             }
             self.cut_blocks(now);
         }
+    }
+
+    fn mail_flushed(&mut self) {
         for s in 0..self.cfg.owner.shards {
             self.mail.push((ShardId(s as u16), HostMail::Flushed.into()));
         }

@@ -108,6 +108,12 @@ pub enum OwnerMail {
     /// To this shard's owner when a drain starts: cut every room's pending messages into
     /// blocks now, then tell every shard (`HostMail::Flushed`).
     Flush,
+    /// To every shard on an upgrade: cut every pending message into blocks, answer with the
+    /// owned rooms' state, and refuse every change from then on (the next process continues
+    /// the rooms) until `Thaw`.
+    Export { reply: Reply<Vec<crate::proto::RoomState>> },
+    /// The upgrade failed: this process keeps its rooms and takes changes again.
+    Thaw,
 }
 
 impl OwnerMail {
@@ -126,7 +132,9 @@ impl OwnerMail {
             | OwnerMail::TopRooms { .. }
             | OwnerMail::ModerationList { .. }
             | OwnerMail::Attrs { .. }
-            | OwnerMail::Flush => None,
+            | OwnerMail::Flush
+            | OwnerMail::Export { .. }
+            | OwnerMail::Thaw => None,
         }
     }
 }

@@ -65,6 +65,7 @@ impl Hub {
             block_interval_ms: cfg.block_interval_ms,
             block_wait_max_ms: cfg.block_wait_max_ms,
             owner: cfg.owner.clone(),
+            name_bytes_max: cfg.name_bytes_max,
         };
         Hub {
             shard: cfg.shard,
@@ -76,6 +77,18 @@ impl Hub {
             busy_permille: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// Rooms (this shard's share) and moderation replicas (every room's) taken over from the
+    /// process this one replaces; call before the shard takes connections.
+    pub fn import(
+        &mut self,
+        rooms: Vec<crate::proto::RoomState>,
+        replicas: Vec<crate::room::owner::Replica>,
+        now: Now,
+    ) {
+        self.desk.import(rooms, now);
+        self.host.import_replicas(replicas, now);
     }
 
     // ---- inputs ----

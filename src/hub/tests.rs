@@ -420,3 +420,86 @@ fn an_unanswered_close_ends_with_a_reset_an_answered_one_with_a_fin() {
     let c = h.counters();
     assert_eq!((c.get(Series::ClosedIdle), c.get(Series::ClosedCloseTimeout), c.get(Series::ClosedReset)), (2, 1, 1));
 }
+
+/// An upgrade's export: everything pending reaches the members first and is in the state; from
+/// then on the old owner refuses every change (so no seq is handed out twice) until thawed,
+/// and the new process continues the room where it stopped.
+#[test]
+fn an_exported_room_is_frozen_here_and_continues_in_the_next_process() {
+    let c = config(|_| {});
+    let mut old = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut old, "alice", &r, at(0));
+    old.end_turn(at(0));
+    let mut out = HashMap::new();
+    drain_sends(&mut old, &mut out, at(0));
+    let accepted: Vec<_> = (0..3).map(|_| publish(&mut old, &r, at(10)).recv().unwrap().unwrap()).collect();
+    assert_eq!(accepted.len(), 3);
+
+    let (tx, rx) = sync_channel(1);
+    old.handle_mail(OwnerMail::Export { reply: Reply(tx) }.into(), at(20));
+    let rooms = rx.recv().unwrap();
+    drain_sends(&mut old, &mut out, at(20));
+    let seqs: Vec<u64> = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().filter(|m| m.r#type == "notice").map(|m| m.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seqs.len(), 3, "the pending messages were cut and delivered before the export");
+    assert_eq!(rooms.len(), 1);
+    let last = rooms[0].last_seq;
+    assert!(last >= seqs[2], "the export holds every seq handed out");
+
+    // Frozen: a publish and a client's send are refused with 503; time passing cuts nothing.
+    assert_eq!(publish(&mut old, &r, at(30)).recv().unwrap(), Err(owner::PublishError::HandedOver));
+    let send = Send { r#type: "chat".into(), data: b"hi".to_vec() };
+    client_frame(&mut old, viewer, client_frame::Frame::Send(send), at(30));
+    old.handle_timeout(at(5_000));
+    let mut later = HashMap::new();
+    drain_sends(&mut old, &mut later, at(5_000));
+    let frames = server_frames(&later[&viewer]);
+    assert!(frames.iter().any(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 503)), "{frames:?}");
+    assert!(!frames.iter().any(|f| matches!(f, server_frame::Frame::Block(_))), "{frames:?}");
+    assert_eq!(old.counters().get(Series::DropHandover), 2);
+
+    // The next process continues the seqs; a resuming client gets exactly what it missed.
+    let mut new = hub(&c, 0, 1);
+    new.import(rooms, Vec::new(), at(6_000));
+    assert_eq!(new.counters().get(Series::RoomsImported), 1);
+    let next = publish(&mut new, &r, at(6_000)).recv().unwrap().unwrap();
+    assert!(next.id > 0);
+    let resumed = connect(
+        &mut new,
+        &format!(
+            "GET /ws?room={r}&after={}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            seqs[2],
+            token("alice")
+        ),
+        at(6_000),
+    );
+    new.end_turn(at(6_000));
+    new.handle_timeout(at(8_000));
+    let mut fresh = HashMap::new();
+    drain_sends(&mut new, &mut fresh, at(8_000));
+    let got: Vec<u64> = server_frames(&fresh[&resumed])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().map(|m| m.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // What it missed (alice's enter event, cut with the export), then the new process's first
+    // block: consecutive, no gap, no duplicate.
+    assert_eq!(got.first(), Some(&(seqs[2] + 1)), "{got:?}");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    assert!(got.contains(&(last + 1)), "{got:?}");
+
+    // An upgrade that failed: the old process takes changes again.
+    old.handle_mail(OwnerMail::Thaw.into(), at(9_000));
+    assert!(publish(&mut old, &r, at(9_000)).recv().unwrap().is_ok());
+}

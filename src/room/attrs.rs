@@ -48,9 +48,20 @@ pub enum AttrError {
     /// Empty, or a byte outside `[A-Za-z0-9_.:-]`.
     BadKey,
     ValueTooLarge,
+    /// The rooms are being handed to a new process (an upgrade): retry, it will take it.
+    HandedOver,
 }
 
 impl AttrError {
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            AttrError::ValueTooLarge => 413,
+            AttrError::HandedOver => 503,
+            AttrError::TooManyKeys | AttrError::KeyTooLong | AttrError::BadKey => 400,
+        }
+    }
+
     /// Human text for API 4xx answers and error frames.
     pub fn message(&self) -> &'static str {
         match self {
@@ -58,6 +69,7 @@ impl AttrError {
             AttrError::KeyTooLong => "attribute key is too long",
             AttrError::BadKey => "attribute key must be 1 or more of A-Z a-z 0-9 _ . : -",
             AttrError::ValueTooLarge => "attribute value is too large",
+            AttrError::HandedOver => "the gateway is handing its rooms to a new process: retry",
         }
     }
 }

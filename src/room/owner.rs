@@ -54,6 +54,8 @@ pub enum PublishError {
     RateLimited,
     /// The sender is muted in this room.
     Muted,
+    /// The rooms are being handed to a new process (an upgrade): retry, it will take it.
+    HandedOver,
 }
 
 impl PublishError {
@@ -64,6 +66,7 @@ impl PublishError {
             PublishError::RoomsFull => (503, "too many rooms on this node"),
             PublishError::RateLimited => (429, "the room's message rate is exceeded"),
             PublishError::Muted => (403, "you are muted in this room"),
+            PublishError::HandedOver => (503, "the gateway is handing its rooms to a new process: retry"),
         }
     }
 }

@@ -613,3 +613,19 @@ impl Host {
         self.mail.push((room.owner(self.cfg.shards), mail.into()));
     }
 }
+
+impl Host {
+    /// Keeps a ban or whitelist entry of a room's owner (a replica).
+    fn replicate(&mut self, room: RoomName, user: &crate::ids::UserId, list: List, until_ms: Option<i64>, now: Now) {
+        let limits = self.cfg.owner.moderation;
+        self.replicas.add(room, user, list, until_ms, now.unix.0, &limits);
+    }
+
+    /// The bans and whitelist entries of rooms taken over from another process, before this
+    /// shard takes connections (so a banned user's join is refused from the first one).
+    pub fn import_replicas(&mut self, replicas: Vec<crate::room::owner::Replica>, now: Now) {
+        for (room, user, list, until_ms) in replicas {
+            self.replicate(room, &user, list, until_ms, now);
+        }
+    }
+}
