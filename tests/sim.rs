@@ -975,6 +975,7 @@ fn publish_error_name(e: PublishError) -> &'static str {
         PublishError::RoomsFull => "api_rooms_full",
         PublishError::RateLimited => "api_rate",
         PublishError::Muted => "api_muted",
+        PublishError::HandedOver => "api_handed_over",
     }
 }
 
