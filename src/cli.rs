@@ -52,6 +52,10 @@ struct ServeArgs {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Replace the barrage serving upgrade.control_socket without dropping anything: take its
+    /// listeners and rooms, then have it drain its clients into this process.
+    #[arg(long)]
+    takeover: bool,
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -122,7 +126,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let mut gateway = Gateway::start(&config)?;
+    let mut gateway = if args.takeover { Gateway::take_over(&config)? } else { Gateway::start(&config)? };
     println!(
         "barrage {}: {} shards, {} direct descriptors per ring",
         env!("CARGO_PKG_VERSION"),
@@ -134,23 +138,34 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !config.websocket.echo_path.is_empty() {
         println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);
     }
-    if let Some(sig) = signals.forever().next() {
-        if config.drain.on_sigterm && sig == SIGTERM {
-            drain_then_stop(&gateway, &mut signals, config.drain.deadline_ms);
-        } else {
-            println!("barrage: signal {sig}, closing connections");
+    loop {
+        if let Some(sig) = signals.pending().next() {
+            if config.drain.on_sigterm && sig == SIGTERM && !gateway.handed_over() {
+                gateway.drain();
+                wait_drained(&gateway, &mut signals, config.drain.deadline_ms, "SIGTERM, draining");
+            } else {
+                println!("barrage: signal {sig}, closing connections");
+            }
+            break;
         }
+        if gateway.handed_over() {
+            // The drain's deadline is the new process's [drain] one, at most the old's.
+            let deadline = config.drain.deadline_ms;
+            wait_drained(&gateway, &mut signals, deadline, "upgraded, draining into the new process");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     gateway.stop();
     println!("barrage: stopped");
     Ok(())
 }
 
-/// SIGTERM: drain (every pending message delivered, clients sent elsewhere in waves), then
-/// stop once every connection is gone, at the deadline, or at a second signal.
-fn drain_then_stop(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64) {
-    println!("barrage: SIGTERM, draining (a second SIGTERM stops at once)");
-    gateway.drain();
+/// A drain under way (SIGTERM, or an upgrade: every pending message delivered, clients sent
+/// elsewhere in waves): returns once every connection is gone, at the deadline, or at a
+/// second signal.
+fn wait_drained(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64, why: &str) {
+    println!("barrage: {why} (a second SIGTERM stops at once)");
     // Past the shards' own deadline they close what is left; this only bounds the wait.
     let until = std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_add(5_000));
     loop {

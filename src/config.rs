@@ -313,6 +313,21 @@ config! {
         url: String = String::new(), drain_url, "BARRAGE_DRAIN_URL";
     }
 
+    /// Zero-downtime upgrade on one box: a new process (`barrage serve --takeover`) takes the
+    /// listening sockets and the rooms' state from this one over a Unix control socket, then
+    /// this one drains its clients into it.
+    upgrade: Upgrade {
+        /// Path of the control socket ("" = no upgrades). Both processes use the same path;
+        /// keep it in a directory only the gateway's user can write.
+        control_socket: String = String::new(), upgrade_control_socket, "BARRAGE_UPGRADE_CONTROL_SOCKET";
+        /// How long the old process waits for the new one to be serving before it takes its
+        /// rooms back and carries on (publishes get 503 while it waits).
+        timeout_ms: u64 = 30_000, upgrade_timeout_ms, "BARRAGE_UPGRADE_TIMEOUT_MS";
+        /// Bytes of the rooms' state a new process accepts from the old one (history is most
+        /// of it: about 200 B per message kept).
+        snapshot_bytes_max: u64 = 1 << 30, upgrade_snapshot_bytes_max, "BARRAGE_UPGRADE_SNAPSHOT_BYTES_MAX";
+    }
+
     /// The private business API.
     api: Api {
         /// Business API listener (keep it private).
@@ -410,7 +425,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 19] = [
+        let checks: [(bool, &str); 20] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -446,6 +461,7 @@ impl Config {
                 "rooms.pending_messages_max must be at least rooms.block_messages_max",
             ),
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
+            (self.upgrade.timeout_ms >= 100, "upgrade.timeout_ms must be at least 100"),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
             // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a

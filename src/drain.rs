@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::Config;
@@ -18,7 +18,7 @@ use crate::metrics::{Series, Snapshot};
 use crate::shard::mesh::Mesh;
 
 /// What a drain request may change from the config (every field optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     pub url: Option<String>,

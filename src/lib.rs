@@ -24,4 +24,5 @@ pub mod metrics;
 pub mod proto;
 pub mod room;
 pub mod shard;
+pub mod upgrade;
 pub mod wire;

@@ -114,9 +114,9 @@ const _: () = assert!(Io::FLAGS & (Io::RING_MASK << Io::RING_SHIFT) == 0);
 const _: () = assert!(Io::FLAGS & 0xFFFF_FFFF == 0);
 const _: () = assert!(Io::RING_MASK + 1 == RINGS_MAX as u64);
 
-/// Accepts kept in flight per shard, each with its own buffer for the peer's address (a
-/// multishot accept would write every peer's address to one buffer). Enough that a connect
-/// storm keeps the listener drained between two reaps.
+/// Accepts kept in flight per shard (at least one per listener), each with its own buffer for
+/// the peer's address (a multishot accept would write every peer's address to one buffer).
+/// Enough that a connect storm keeps the listener drained between two reaps.
 const ACCEPTS_IN_FLIGHT: usize = 16;
 
 /// Accept moves to another ring this many slots before its table is full: an eighth of the
@@ -138,11 +138,6 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// What a shard needs beyond its hub's config.
 #[derive(Clone, Debug)]
 pub struct ShardParams {
-    pub listen: SocketAddr,
-    pub backlog: u32,
-    pub tcp_keepalive_s: u32,
-    /// SO_SNDBUF of accepted sockets (0 = autotuning).
-    pub send_buffer_bytes: u32,
     pub ring: RingParams,
     pub read_mode: ReadMode,
     pub rings_max: usize,
@@ -228,7 +223,9 @@ struct ShardIo {
     // The rings first: dropped before the memory their operations name (buffers, wake_buf,
     // slots).
     rings: Vec<Ring>,
-    listener: socket2::Socket,
+    /// Its own SO_REUSEPORT listener, or those taken over from the process this one replaced
+    /// (their queued connections included): accept slot `i` takes from `listeners[i % n]`.
+    listeners: Vec<socket2::Socket>,
     /// The accepts in flight: where each writes its peer's address, and the ring it is armed
     /// on. Boxed so the addresses never move while the kernel may write them.
     accepts: Box<[AcceptSlot]>,
@@ -244,22 +241,25 @@ struct ShardIo {
 }
 
 impl Shard {
-    /// Binds the listener and builds the first ring. Call on the shard's own thread: rings are
-    /// single-issuer.
+    /// Builds the first ring; the shard accepts on `listeners` (at least one). Call on the
+    /// shard's own thread: rings are single-issuer.
     pub fn new(
         hub_config: HubConfig,
         params: ShardParams,
+        listeners: Vec<socket2::Socket>,
         mesh: Arc<Mesh>,
         metrics: Arc<[Snapshot]>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
-        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s, params.send_buffer_bytes)?;
+        if listeners.is_empty() {
+            return Err(io::Error::other("a shard needs a listener"));
+        }
         let ring = Ring::new(params.ring, None)?;
         let io = ShardIo {
             id,
             rings: vec![ring],
-            listener,
-            accepts: (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptSlot::default()).collect(),
+            accepts: (0..ACCEPTS_IN_FLIGHT.max(listeners.len())).map(|_| AcceptSlot::default()).collect(),
+            listeners,
             mesh,
             wake_buf: Box::new([0; 8]),
             slots: Slots::new(params.sendmsg_slots_max),
@@ -281,6 +281,12 @@ impl Shard {
             load_window_start: Instant::now(),
             load: 0,
         })
+    }
+
+    /// Takes over rooms and replicas from the process this one replaces (before `run`).
+    pub fn import(&mut self, rooms: Vec<crate::proto::RoomState>, replicas: Vec<crate::room::owner::Replica>) {
+        let now = self.now();
+        self.hub.import(rooms, replicas, now);
     }
 
     /// Runs until stopped by `HostMail::Stop` and drained (or the grace period ends), then
@@ -593,11 +599,11 @@ impl ShardIo {
         if hub.stopping() || hub.draining() || self.shutting_down {
             return Ok(());
         }
-        let fd = self.listener.as_raw_fd();
         for i in 0..self.accepts.len() {
             if self.accepts[i].ring.is_some() || self.accepts[i].cancelled {
                 continue;
             }
+            let fd = self.listeners[i % self.listeners.len()].as_raw_fd();
             let armed = |r: usize, accepts: &[AcceptSlot]| accepts.iter().filter(|a| a.ring == Some(r)).count() as u32;
             let room = |r: usize, ring: &Ring| {
                 ring.files_used + armed(r, &self.accepts) + accept_margin(ring.files_max) < ring.files_max

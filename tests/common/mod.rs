@@ -28,7 +28,8 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts with fast blocks (50 ms), a JWT secret, and the given extra flags.
-    /// `extra` holds flag/value pairs; a flag given there replaces its default.
+    /// `extra` holds flag/value pairs; a flag given there replaces its default; a switch (a flag
+    /// without a value) is given with the value "".
     pub fn start(extra: &[&str]) -> Gateway {
         let mut args: Vec<(&str, &str)> = vec![
             ("--listen", "127.0.0.1:0"),
@@ -48,7 +49,8 @@ impl Gateway {
                 None => args.push((flag, value)),
             }
         }
-        let flat: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).collect();
+        let flat: Vec<&str> =
+            args.iter().flat_map(|(f, v)| [*f, *v]).filter(|a| !a.is_empty()).collect();
         Self::start_raw(&flat)
     }
 
