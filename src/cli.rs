@@ -53,7 +53,8 @@ struct ServeArgs {
     #[arg(long)]
     print_config: bool,
     /// Replace the barrage serving upgrade.control_socket without dropping anything: take its
-    /// listeners and rooms, then have it drain its clients into this process.
+    /// listeners and rooms, then have it drain its clients into this process (with none
+    /// there, start fresh).
     #[arg(long)]
     takeover: bool,
     #[command(flatten)]

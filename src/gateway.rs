@@ -18,11 +18,11 @@ use crate::hub::HubConfig;
 use crate::hub::mail::{HostMail, Mail};
 use crate::ids::ShardId;
 use crate::metrics::Snapshot;
-use crate::shard::driver::RingParams;
-use crate::shard::mesh::Mesh;
 use crate::proto::RoomState;
 use crate::room::RoomName;
 use crate::room::owner::{Replica, replicas};
+use crate::shard::driver::RingParams;
+use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
 use crate::upgrade::Inherited;
 use crate::upgrade::control::{Control, Holdings};
@@ -76,11 +76,15 @@ impl Gateway {
     }
 
     /// Starts in place of the barrage serving `upgrade.control_socket`: takes its listeners and
-    /// rooms, serves them, then tells it to drain its clients into this process.
+    /// rooms, serves them, then tells it to drain its clients into this process. With no
+    /// barrage there, starts as `start` does (so one command serves first starts and upgrades).
     pub fn take_over(config: &Config) -> Result<Gateway, StartError> {
         config.validate()?;
-        let (inherited, pending) =
-            crate::upgrade::takeover::request(config).map_err(|e| StartError(format!("upgrade: {e}")))?;
+        let taken = crate::upgrade::takeover::request(config).map_err(|e| StartError(format!("upgrade: {e}")))?;
+        let Some((inherited, pending)) = taken else {
+            println!("barrage: upgrade: no barrage serves {}; starting fresh", config.upgrade.control_socket);
+            return Gateway::start(config);
+        };
         let rooms = inherited.rooms.len();
         let mut gateway = Gateway::start_with(config, Some(inherited))?;
         pending.ready().map_err(|e| StartError(format!("upgrade: telling the old process: {e}")))?;
@@ -322,8 +326,7 @@ fn bind_listeners(config: &Config, shards: usize) -> Result<Vec<socket2::Socket>
     // that takes no connections until the shards have bound it.
     let _hold = match addr.port() {
         0 => {
-            let (probe, local) =
-                listener::reserve_port(addr).map_err(|e| StartError(format!("listen {addr}: {e}")))?;
+            let (probe, local) = listener::reserve_port(addr).map_err(|e| StartError(format!("listen {addr}: {e}")))?;
             addr = local;
             Some(probe)
         }

@@ -133,7 +133,8 @@ impl Follower {
     fn fill_gap(&mut self, ws: SocketAddr, until: u64) {
         self.gaps_filled += 1;
         while self.last + 1 < until {
-            let (status, body) = http(ws, "GET", &format!("/v1/rooms/{}/messages?after={}", self.room, self.last), None, &[]);
+            let (status, body) =
+                http(ws, "GET", &format!("/v1/rooms/{}/messages?after={}", self.room, self.last), None, &[]);
             assert_eq!(status, 200, "{body}");
             let page: Value = serde_json::from_str(&body).unwrap();
             let messages = page["messages"].as_array().unwrap();
@@ -245,7 +246,8 @@ fn an_upgrade_loses_nothing_and_clients_see_no_gap_and_no_duplicate() {
     std::thread::sleep(Duration::from_millis(700));
 
     // State the next process must keep: a ban with an expiry, an attribute.
-    let (status, body) = http(old.api, "POST", "/v1/rooms/up0/bans", Some(r#"{"user":"mallory","duration_ms":3600000}"#), &[]);
+    let (status, body) =
+        http(old.api, "POST", "/v1/rooms/up0/bans", Some(r#"{"user":"mallory","duration_ms":3600000}"#), &[]);
     assert_eq!(status, 200, "{body}");
     let (status, body) = http(old.api, "PUT", "/v1/rooms/up0/attributes/seat1", Some(r#"{"value":"alice"}"#), &[]);
     assert!(status == 200 || status == 202, "{status} {body}");
@@ -336,7 +338,8 @@ fn a_takeover_that_never_completes_leaves_the_old_process_serving() {
     assert_eq!(&header[..4], b"BRGO", "an offer");
     // While the rooms are frozen the API accepts nothing: this publish waits in the queue.
     let api = gw.api;
-    let held = std::thread::spawn(move || try_http(api, "POST", "/v1/rooms/r/messages", r#"{"type":"chat","text":"held"}"#));
+    let held =
+        std::thread::spawn(move || try_http(api, "POST", "/v1/rooms/r/messages", r#"{"type":"chat","text":"held"}"#));
     std::thread::sleep(Duration::from_millis(300));
     assert!(!held.is_finished(), "accepting is paused while the rooms are handed over");
     drop(ctl);
@@ -354,5 +357,19 @@ fn a_takeover_that_never_completes_leaves_the_old_process_serving() {
         .unwrap();
     assert!(!clash.status.success());
     assert!(String::from_utf8_lossy(&clash.stderr).contains("--takeover"), "{clash:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--takeover` where no barrage serves the control socket starts fresh (one command for first
+/// starts and upgrades) and serves the socket itself.
+#[test]
+fn a_takeover_with_nobody_there_starts_fresh() {
+    let dir = std::env::temp_dir().join(format!("barrage-upgrade-fresh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("control.sock");
+    let gw = Gateway::start(&flags(control.to_str().unwrap(), &["--takeover", ""]));
+    assert!(gw.stdout.iter().any(|l| l.contains("starting fresh")), "{:?}", gw.stdout);
+    assert_eq!(gw.publish("r", json!({"type": "chat", "text": "x"})).0, 202);
+    assert!(UnixStream::connect(&control).is_ok(), "it serves the control socket");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -852,10 +852,32 @@ mod tests {
         }
     }
 
+    /// An upgrade: the old process pauses (the connection waits in the listen queue), stops
+    /// (which must not end the socket it shares), and the new one serves what was queued.
     #[test]
-    fn wake_addr_maps_unspecified_to_loopback() {
-        assert_eq!(wake_addr("0.0.0.0:9090".parse().unwrap()), "127.0.0.1:9090".parse().unwrap());
-        assert_eq!(wake_addr("[::]:9090".parse().unwrap()), "[::1]:9090".parse().unwrap());
-        assert_eq!(wake_addr("10.0.0.1:1".parse().unwrap()), "10.0.0.1:1".parse().unwrap());
+    fn a_paused_server_leaves_connections_queued_and_a_sharing_one_outlives_its_stop() {
+        let old = start();
+        let new =
+            Server::start_on(old.listener().try_clone().unwrap(), ServerConfig::default(), Arc::new(echo)).unwrap();
+        new.gate().pause();
+        old.gate().pause();
+        thread::sleep(STOP_POLL + Duration::from_millis(50));
+        let queued = connect(&old);
+        (&queued).write_all(b"GET /queued HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let accepted = |s: &Server| s.stats().connections_accepted;
+        assert_eq!(accepted(&old) + accepted(&new), 0, "paused: nothing accepted");
+        old.stop();
+        new.gate().resume();
+        let mut reader = BufReader::new(queued);
+        assert_eq!(read_reply(&mut reader).status, 200, "the queued connection is served by the other");
+        assert_eq!(accepted(&new), 1);
+        // Retired: no more accepting, without waiting for the acceptor.
+        new.gate().retire();
+        thread::sleep(STOP_POLL + Duration::from_millis(50));
+        let late = connect(&new);
+        (&late).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(accepted(&new), 1, "retired: the connection stays queued");
     }
 }

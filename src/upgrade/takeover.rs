@@ -28,14 +28,19 @@ impl Pending {
 }
 
 /// Asks the process serving `upgrade.control_socket` for its listeners and rooms, with this
-/// config's `[drain]` as the way it moves its clients here.
-pub fn request(config: &Config) -> io::Result<(Inherited, Pending)> {
+/// config's `[drain]` as the way it moves its clients here. None when no process serves the
+/// socket (the first start: nothing to take over; a barrage serving elsewhere still holds the
+/// API address, so a fresh start then fails on it rather than running beside it).
+pub fn request(config: &Config) -> io::Result<Option<(Inherited, Pending)>> {
     let path = &config.upgrade.control_socket;
     if path.is_empty() {
         return Err(io::Error::other("--takeover needs upgrade.control_socket"));
     }
-    let stream = UnixStream::connect(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("control socket {path}: {e} (is a barrage running there?)")))?;
+    let stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("control socket {path}: {e}"))),
+    };
     let timeout = Duration::from_millis(config.upgrade.timeout_ms);
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -76,5 +81,5 @@ pub fn request(config: &Config) -> io::Result<(Inherited, Pending)> {
     let mut sockets = fds.into_iter().map(Socket::from);
     let api = sockets.next().ok_or_else(|| io::Error::other("no API listener"))?;
     let inherited = Inherited { api, public: sockets.collect(), rooms };
-    Ok((inherited, Pending { stream }))
+    Ok(Some((inherited, Pending { stream })))
 }

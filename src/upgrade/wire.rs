@@ -127,7 +127,9 @@ impl Answer {
             return Err(WireError::Version(version));
         }
         match answer {
-            Answer::Offer { public, .. } if public == 0 || usize::from(public) + 1 > FDS_MAX => Err(WireError::Malformed),
+            Answer::Offer { public, .. } if public == 0 || usize::from(public) + 1 > FDS_MAX => {
+                Err(WireError::Malformed)
+            }
             Answer::Refusal { reason_bytes } if usize::from(reason_bytes) > REASON_BYTES_MAX => Err(WireError::TooLong),
             a => Ok(a),
         }
@@ -162,7 +164,11 @@ mod tests {
 
     #[test]
     fn a_request_round_trips_and_its_drain_goes_to_the_same_address() {
-        let r = Request { version: VERSION, pid: 42, drain: DrainRequest { rate_per_s: Some(5_000), ..Default::default() } };
+        let r = Request {
+            version: VERSION,
+            pid: 42,
+            drain: DrainRequest { rate_per_s: Some(5_000), ..Default::default() },
+        };
         let line = r.encode();
         assert_eq!(line.last(), Some(&b'\n'));
         let back = Request::decode(&line[..line.len() - 1]).unwrap();

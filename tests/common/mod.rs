@@ -49,8 +49,7 @@ impl Gateway {
                 None => args.push((flag, value)),
             }
         }
-        let flat: Vec<&str> =
-            args.iter().flat_map(|(f, v)| [*f, *v]).filter(|a| !a.is_empty()).collect();
+        let flat: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).filter(|a| !a.is_empty()).collect();
         Self::start_raw(&flat)
     }
 
