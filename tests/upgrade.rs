@@ -317,16 +317,16 @@ fn an_upgrade_loses_nothing_and_clients_see_no_gap_and_no_duplicate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A new process that asks and then goes away without saying READY (it crashed, its config was
-/// bad): the old one takes its rooms back — publishes held while it waited are served, and
-/// viewers keep getting blocks.
+/// A new process that asks and then never says READY (it hangs): at `upgrade.timeout_ms` the
+/// old one takes its rooms back — publishes held while it waited are served, and viewers keep
+/// getting blocks.
 #[test]
 fn a_takeover_that_never_completes_leaves_the_old_process_serving() {
     let dir = std::env::temp_dir().join(format!("barrage-upgrade-abort-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let control = dir.join("control.sock");
     let control = control.to_str().unwrap();
-    let gw = Gateway::start(&flags(control, &[]));
+    let gw = Gateway::start(&flags(control, &["--upgrade-timeout-ms", "1500"]));
     let mut viewer = Client::connect(&gw.url("?room=r"), None);
     viewer.welcome();
     gw.wait_online("r", 1);
@@ -357,6 +357,35 @@ fn a_takeover_that_never_completes_leaves_the_old_process_serving() {
         .unwrap();
     assert!(!clash.status.success());
     assert!(String::from_utf8_lossy(&clash.stderr).contains("--takeover"), "{clash:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A new process whose `upgrade.snapshot_bytes_max` is smaller than the rooms' state refuses
+/// it, says why and exits; the old one keeps serving with its rooms.
+#[test]
+fn a_snapshot_over_the_bound_is_refused_and_the_old_process_keeps_its_rooms() {
+    let dir = std::env::temp_dir().join(format!("barrage-upgrade-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("control.sock");
+    let control = control.to_str().unwrap();
+    let gw = Gateway::start(&flags(control, &[]));
+    for i in 0..20 {
+        assert_eq!(gw.publish("big", json!({"type": "chat", "text": format!("message {i}")})).0, 202);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let seq = last_seq(gw.api, "big");
+    let new = std::process::Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--jwt-secret", common::SECRET])
+        .args(["--upgrade-control-socket", control, "--upgrade-snapshot-bytes-max", "100", "--takeover"])
+        .output()
+        .unwrap();
+    assert!(!new.status.success());
+    let err = String::from_utf8_lossy(&new.stderr);
+    assert!(err.contains("upgrade.snapshot_bytes_max"), "{err}");
+    // The old process thawed: it takes publishes, and its seqs go on from where they were.
+    assert_eq!(gw.publish("big", json!({"type": "chat", "text": "after"})).0, 202);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_seq(gw.api, "big"), seq + 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
