@@ -328,6 +328,37 @@ config! {
         snapshot_bytes_max: u64 = 1 << 30, upgrade_snapshot_bytes_max, "BARRAGE_UPGRADE_SNAPSHOT_BYTES_MAX";
     }
 
+    /// Durable room state in Redis: history, seqs, attributes and moderation outlive the
+    /// process, and replay by server time. Off without a URL: everything stays in memory.
+    redis: Redis {
+        /// `redis://[user:password@]host:port[/db]`; "" = no Redis (the embedded default).
+        url: String = String::new(), redis, "BARRAGE_REDIS";
+        /// Prefix of every key barrage writes (several gateways' state can share one Redis).
+        prefix: String = "barrage:".into(), redis_prefix, "BARRAGE_REDIS_PREFIX";
+        /// How long messages are kept for replay by server time (per room, also capped by
+        /// replay_messages_max). About 200 B of Redis memory per message kept.
+        replay_retention_s: u64 = 86_400, redis_replay_retention_s, "BARRAGE_REDIS_REPLAY_RETENTION_S";
+        /// Messages kept for replay per room at most, whatever their age.
+        replay_messages_max: usize = 100_000, redis_replay_messages_max, "BARRAGE_REDIS_REPLAY_MESSAGES_MAX";
+        /// A room's keys (history, seqs, attributes) expire this long after its last write;
+        /// moderation entries keep their own expiry (or none).
+        room_ttl_s: u64 = 604_800, redis_room_ttl_s, "BARRAGE_REDIS_ROOM_TTL_S";
+        /// Writes held while Redis is slow or away, node-wide; past it the oldest are dropped
+        /// (counted). Each is a block's messages or one attribute or list change.
+        write_buffer_max: usize = 100_000, redis_write_buffer_max, "BARRAGE_REDIS_WRITE_BUFFER_MAX";
+        /// Rooms being loaded from Redis at once per shard (a room not in memory is loaded on
+        /// first use); past it a room starts from memory alone (counted).
+        loads_max: usize = 4_096, redis_loads_max, "BARRAGE_REDIS_LOADS_MAX";
+        /// Requests for one room waiting for its load; past it they are refused with 503.
+        load_waiters_max: usize = 1_024, redis_load_waiters_max, "BARRAGE_REDIS_LOAD_WAITERS_MAX";
+        /// A load not answered by then gives up: the room starts from memory alone (counted).
+        load_timeout_ms: u64 = 1_000, redis_load_timeout_ms, "BARRAGE_REDIS_LOAD_TIMEOUT_MS";
+        /// Connect and per-command timeout.
+        timeout_ms: u64 = 2_000, redis_timeout_ms, "BARRAGE_REDIS_TIMEOUT_MS";
+        /// Longest wait between reconnection attempts (doubling from 50 ms).
+        reconnect_max_ms: u64 = 5_000, redis_reconnect_max_ms, "BARRAGE_REDIS_RECONNECT_MAX_MS";
+    }
+
     /// The private business API.
     api: Api {
         /// Business API listener (keep it private).
@@ -425,7 +456,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 20] = [
+        let checks: [(bool, &str); 23] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -462,6 +493,18 @@ impl Config {
             ),
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
             (self.upgrade.timeout_ms >= 100, "upgrade.timeout_ms must be at least 100"),
+            (
+                self.redis.url.is_empty() || self.redis.url.starts_with("redis://"),
+                "redis.url must be empty or a redis:// URL",
+            ),
+            (
+                self.redis.write_buffer_max >= 1 && self.redis.loads_max >= 1,
+                "redis.write_buffer_max and redis.loads_max must be at least 1",
+            ),
+            (
+                self.redis.timeout_ms >= 1 && self.redis.load_timeout_ms >= 1,
+                "redis.timeout_ms and redis.load_timeout_ms must be at least 1",
+            ),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
             // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a

@@ -24,6 +24,7 @@ use crate::room::owner::{Replica, replicas};
 use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
+use crate::store::Store;
 use crate::upgrade::Inherited;
 use crate::upgrade::control::{Control, Holdings};
 
@@ -42,6 +43,8 @@ pub struct Gateway {
     public_listeners: Vec<socket2::Socket>,
     control: Option<Control>,
     handed_over: Arc<AtomicBool>,
+    /// Durable room state (with `redis.url`).
+    store: Option<Arc<Store>>,
     pub public_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shard_count: usize,
@@ -138,6 +141,7 @@ impl Gateway {
             stop_grace: Duration::from_millis(config.server.stop_grace_ms),
         };
         let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
+        let store = Store::start(config, Arc::clone(&mesh)).map_err(StartError)?;
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -145,8 +149,8 @@ impl Gateway {
         for (i, listeners) in per_shard_listeners.into_iter().enumerate().rev() {
             let hub = HubConfig::new(config, ShardId(i as u16), shards);
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
-            let (params, mesh, metrics, ready) =
-                (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone());
+            let (params, mesh, metrics, ready, store) =
+                (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone(), store.clone());
             let (rooms, replicas): (Vec<RoomState>, Vec<Replica>) =
                 (per_shard_rooms.pop().unwrap_or_default(), replicas.clone());
             let handle = std::thread::Builder::new()
@@ -155,7 +159,7 @@ impl Gateway {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    match Shard::new(hub, params, listeners, mesh, metrics) {
+                    match Shard::new(hub, params, listeners, mesh, metrics, store) {
                         Ok(mut shard) => {
                             // The rooms before the first connection: a join never sees a
                             // room this process has not taken over yet.
@@ -198,6 +202,7 @@ impl Gateway {
             public_listeners,
             control: None,
             handed_over: Arc::new(AtomicBool::new(false)),
+            store: store.clone(),
             public_addr,
             api_addr: config.api.listen,
             shard_count: shards,
@@ -207,7 +212,7 @@ impl Gateway {
             gateway.stop();
             return Err(StartError(e));
         }
-        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics);
+        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store);
         let api_config = ServerConfig {
             connections_max: config.api.connections_max,
             idle_timeout_ms: config.api.idle_timeout_ms,
@@ -294,6 +299,10 @@ impl Gateway {
                 Err(_) => eprintln!("barrage: a shard panicked"),
                 Ok(Ok(exit)) => exits.push(exit),
             }
+        }
+        // After the shards: their last blocks' writes are queued; send what waits.
+        if let Some(store) = self.store.take() {
+            store.stop(Duration::from_millis(self.config.server.stop_grace_ms));
         }
         exits
     }

@@ -24,5 +24,6 @@ pub mod metrics;
 pub mod proto;
 pub mod room;
 pub mod shard;
+pub mod store;
 pub mod upgrade;
 pub mod wire;

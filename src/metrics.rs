@@ -126,6 +126,13 @@ series! {
     DrainPhase => "barrage_drain_phase", "gauge", "Drain progress: 0 none, 1 flushing rooms, 2 sending reconnects in waves, 3 done.";
     DrainRemaining => "barrage_drain_remaining", "gauge", "Connections left on a draining shard.";
     Reconnects => "barrage_reconnects_sent_total", "counter", "Reconnect frames sent by a drain.";
+    LoadFound => "barrage_redis_loads_total" {"result" = "found"}, "counter", "Rooms loaded from Redis on first use, by result: found state, found nothing, failed (Redis down or the store's queue full), timed out (redis.load_timeout_ms), skipped (redis.loads_max loading already).";
+    LoadEmpty => "barrage_redis_loads_total" {"result" = "empty"}, "counter", "";
+    LoadFailed => "barrage_redis_loads_total" {"result" = "failed"}, "counter", "";
+    LoadTimeout => "barrage_redis_loads_total" {"result" = "timeout"}, "counter", "";
+    LoadSkipped => "barrage_redis_loads_total" {"result" = "skipped"}, "counter", "";
+    LoadWaitersFull => "barrage_redis_load_waiters_full_total", "counter", "Requests for a loading room served from memory because redis.load_waiters_max were waiting.";
+    StoreQueueFull => "barrage_redis_writes_dropped_total" {"reason" = "queue_full"}, "counter", "Writes for Redis dropped: the store's queue from the shards was full, or its buffer (redis.write_buffer_max) overflowed while Redis was away.";
     RoomsExported => "barrage_handover_rooms_total" {"way" = "exported"}, "counter", "Rooms handed to a new process on an upgrade, or taken from the old one.";
     RoomsImported => "barrage_handover_rooms_total" {"way" = "imported"}, "counter", "";
     ImportSkipped => "barrage_handover_skipped_total", "counter", "Rooms, attributes and moderation entries of an upgrade's snapshot refused by this process (bad names, over its bounds).";

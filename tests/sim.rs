@@ -45,6 +45,7 @@ use barrage::proto::{
     AttrSync, Attrs, Block, Broadcast, ClientFrame, Direct, Join, Leave, Message, Ping, Send, ServerFrame,
     client_frame, server_frame,
 };
+use barrage::room::durable::StoreOp;
 use barrage::room::frames::{Class, SharedFrame};
 use barrage::room::owner::{ModAction, PublishError, Published, RoomInfo};
 use barrage::room::{Priority, RoomName};
@@ -715,6 +716,12 @@ impl Driver for SimIo<'_> {
         assert!(to.index() != self.h && to.index() < self.shards, "hub {} mailed shard {to:?}", self.h);
         self.mesh[self.h][to.index()].push_back((self.turn, mail));
         Ok(())
+    }
+
+    /// The simulated gateway has no durable storage (its hubs are not durable, so they hand
+    /// out nothing to store).
+    fn offer_store(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        Err(op)
     }
 
     /// A ready connection's queued frames become one send: up to `FRAMES_PER_SEND` frames, or

@@ -21,6 +21,7 @@ use crate::ids::ShardId;
 use crate::metrics::{self, Snapshot};
 use crate::room::RoomName;
 use crate::shard::mesh::Mesh;
+use crate::store::Store;
 
 /// How long an API request waits for the shards before answering 503.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,17 +37,20 @@ pub struct Routes {
     pub(super) data_bytes_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
     pub(super) next_id: AtomicU64,
+    /// Durable state (with `redis.url`): replay, and Redis's health.
+    pub(super) store: Option<Arc<Store>>,
 }
 
 /// A response either way; `Err` short-circuits with `?`.
 pub(super) type Answer = Result<Response, Response>;
 
 impl Routes {
-    pub fn new(config: &Config, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>) -> Routes {
+    pub fn new(config: &Config, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>, store: Option<Arc<Store>>) -> Routes {
         Routes {
             config: config.clone(),
             mesh,
             metrics,
+            store,
             access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
@@ -68,6 +72,7 @@ impl Routes {
             ["v1", "rooms"] if get => self.top_rooms(&req.head.query),
             ["v1", "rooms", room] if get => self.room_info(room),
             ["v1", "rooms", room, "messages"] if post => self.publish_room(room, req),
+            ["v1", "rooms", room, "replay"] if get => self.replay(room, req),
             ["v1", "rooms", room, "moderation"] if get => self.moderation_lists(room),
             ["v1", "rooms", room, list @ ("kick" | "mutes" | "bans" | "whitelist")] if post => {
                 self.moderate(room, list, None, req)
@@ -95,7 +100,16 @@ impl Routes {
 
     fn health(&self) -> Response {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
-        Response::json(200, &json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections}))
+        let mut body = json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections});
+        if let Some(store) = &self.store {
+            // Delivery goes on from memory while Redis is away; writes wait for it.
+            let up = store.up();
+            body["redis"] = json!(if up { "up" } else { "down" });
+            if !up {
+                body["status"] = json!("degraded");
+            }
+        }
+        Response::json(200, &body)
     }
 
     /// `POST /v1/admin/drain` (body optional: `{url, reason, rate_per_s, deadline_ms, delay_ms,
@@ -118,7 +132,11 @@ impl Routes {
 
     /// The shards' series, then the API listener's own.
     fn metrics_text(&self, server: &ServerCounters) -> String {
-        metrics::render(&self.metrics, &server.snapshot().render())
+        let mut tail = server.snapshot().render();
+        if let Some(store) = &self.store {
+            store.stats().render(&mut tail);
+        }
+        metrics::render(&self.metrics, &tail)
     }
 
     pub(super) fn room_name(&self, raw: &str) -> Result<RoomName, Response> {

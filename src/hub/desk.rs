@@ -9,10 +9,13 @@ use super::post::PostOffice;
 use crate::ids::{Now, ShardId, UserId};
 use crate::metrics::{Counters, Series};
 use crate::proto::Message;
+use crate::proto::RoomState;
 use crate::room::RoomName;
 use crate::room::attrs::AttrError;
+use crate::room::durable::StoreOp;
 use crate::room::moderation::{List, ModerationError};
-use crate::room::owner::{ModAction, Owner, OwnerConfig, PublishError, Published, Sender};
+use crate::room::owner::{Loaded, ModAction, Owner, OwnerConfig, Phase, PublishError, Published, Sender};
+use std::collections::HashMap;
 
 /// A block waits for the last fan-out only when more than an eighth of the connections, plus
 /// this many, still wait for a send (a few slow readers must not hold blocks back).
@@ -40,6 +43,18 @@ pub struct DeskConfig {
     pub owner: OwnerConfig,
     /// For room names in a snapshot taken over from another process.
     pub name_bytes_max: usize,
+    /// Loads from durable storage (when `owner.durable`).
+    pub loads: LoadLimits,
+}
+
+/// Bounds of loading rooms from durable storage.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadLimits {
+    /// Rooms loading at once; past it a room starts from memory alone.
+    pub in_flight_max: usize,
+    /// Requests parked per loading room; past it they are served from memory.
+    pub waiters_max: usize,
+    pub timeout_ms: u64,
 }
 
 /// The rooms this shard owns and their block schedule.
@@ -56,6 +71,10 @@ pub struct Desk {
     /// The rooms were exported to a new process: nothing changes here any more (no publish,
     /// no attribute or list change, no block) until thawed.
     frozen: bool,
+    /// Requests for rooms being loaded from durable storage, answered once they are.
+    parked: HashMap<RoomName, Vec<OwnerMail>>,
+    /// Writes and loads for the store since the shard last took them.
+    store_ops: Vec<StoreOp>,
 }
 
 impl Desk {
@@ -68,6 +87,8 @@ impl Desk {
             block_due_ms: cfg.block_interval_ms,
             next_room_sweep_ms: Self::room_sweep_every_ms(&cfg),
             frozen: false,
+            parked: HashMap::new(),
+            store_ops: Vec::new(),
             cfg,
         }
     }
@@ -77,6 +98,13 @@ impl Desk {
     pub fn handle_mail(&mut self, mail: OwnerMail, now: Now, post: &PostOffice) {
         let mail = match self.frozen {
             true => match self.refuse_frozen(mail, now) {
+                Some(mail) => mail,
+                None => return,
+            },
+            false => mail,
+        };
+        let mail = match self.cfg.owner.durable {
+            true => match self.park(mail, now) {
                 Some(mail) => mail,
                 None => return,
             },
@@ -132,7 +160,96 @@ impl Desk {
                 reply.send(rooms);
             }
             OwnerMail::Thaw => self.frozen = false,
+            OwnerMail::Loaded { room, state } => self.loaded(&room, state.map(|s| *s), now, post),
         }
+    }
+
+    /// For a durable owner: a request for a room not in memory starts its load and waits for
+    /// it (parked, up to `waiters_max` per room), so that it sees the stored history, lists and
+    /// attributes. Publishes go on into the room's mixer at once (nothing is cut before the
+    /// load), presence too. None when the mail was parked.
+    fn park(&mut self, mail: OwnerMail, now: Now) -> Option<OwnerMail> {
+        let room = match &mail {
+            OwnerMail::Publish { room, .. } => {
+                self.ensure_loading(room, now);
+                return Some(mail);
+            }
+            OwnerMail::Presence { room, members, .. } => {
+                if *members > 0 {
+                    self.ensure_loading(room, now);
+                }
+                return Some(mail);
+            }
+            OwnerMail::Send { room, .. }
+            | OwnerMail::Joined { room, .. }
+            | OwnerMail::Poll { room, .. }
+            | OwnerMail::Moderate { room, .. }
+            | OwnerMail::SetAttr { room, .. }
+            | OwnerMail::AttrSync { room, .. }
+            | OwnerMail::RoomInfo { room, .. }
+            | OwnerMail::ModerationList { room, .. }
+            | OwnerMail::Attrs { room, .. } => room.clone(),
+            OwnerMail::TopRooms { .. }
+            | OwnerMail::Flush
+            | OwnerMail::Export { .. }
+            | OwnerMail::Thaw
+            | OwnerMail::Loaded { .. } => return Some(mail),
+        };
+        if !self.ensure_loading(&room, now) {
+            return Some(mail);
+        }
+        let waiting = self.parked.entry(room).or_default();
+        if waiting.len() >= self.cfg.loads.waiters_max {
+            self.counters.inc(Series::LoadWaitersFull);
+            return Some(mail);
+        }
+        waiting.push(mail);
+        None
+    }
+
+    /// True while the room is loading (its load started now if it was not in memory and the
+    /// loads in flight allow; else it goes on from memory alone).
+    fn ensure_loading(&mut self, room: &RoomName, now: Now) -> bool {
+        match self.owner.phase(room) {
+            Phase::Ready => false,
+            Phase::Loading => true,
+            Phase::Absent if self.owner.loads() >= self.cfg.loads.in_flight_max => {
+                self.counters.inc(Series::LoadSkipped);
+                false
+            }
+            Phase::Absent => {
+                self.owner.start_loading(room, now);
+                self.store_ops.push(StoreOp::Load { room: room.clone(), owner: self.cfg.owner.shard });
+                true
+            }
+        }
+    }
+
+    /// A load ended (None: it failed or timed out): the room takes the state, then the parked
+    /// requests are served in their order.
+    fn loaded(&mut self, room: &RoomName, state: Option<RoomState>, now: Now, post: &PostOffice) {
+        let outcome = self.owner.loaded(room, state, now);
+        self.counters.inc(match outcome {
+            Loaded::Found => Series::LoadFound,
+            Loaded::Empty => Series::LoadEmpty,
+            Loaded::Failed => Series::LoadFailed,
+        });
+        for mail in self.parked.remove(room).unwrap_or_default() {
+            self.handle_mail(mail, now, post);
+        }
+        self.owner.drop_if_unused(room);
+    }
+
+    /// The store could not take a load request (its queue is full): the room goes on from
+    /// memory alone.
+    pub fn load_refused(&mut self, room: &RoomName, now: Now, post: &PostOffice) {
+        self.loaded(room, None, now, post);
+    }
+
+    /// Moves the writes and loads gathered since the last call to `out`.
+    pub fn take_store_ops(&mut self, out: &mut Vec<StoreOp>) {
+        self.owner.take_store_ops(out);
+        out.append(&mut self.store_ops);
     }
 
     /// While frozen: refuses (503, retry: the next process will take it) what would change a
@@ -161,7 +278,10 @@ impl Desk {
             OwnerMail::Flush => self.mail_flushed(),
             OwnerMail::Export { reply } => reply.send(self.owner.export(now.unix.0)),
             OwnerMail::Thaw => self.frozen = false,
+            // A load's answer is taken in (nothing is cut while frozen); its waiters come back
+            // through here.
             mail @ (OwnerMail::Presence { .. }
+            | OwnerMail::Loaded { .. }
             | OwnerMail::Joined { .. }
             | OwnerMail::Poll { .. }
             | OwnerMail::AttrSync { .. }
@@ -276,7 +396,14 @@ impl Desk {
 
     /// The block tick when due (adaptive, see `block_tick`), and now and then the sweep of
     /// idle rooms.
-    pub fn handle_timeout(&mut self, now: Now, load: Load) {
+    pub fn handle_timeout(&mut self, now: Now, load: Load, post: &PostOffice) {
+        if self.cfg.owner.durable && self.owner.loads() > 0 {
+            let expired = now.ms.checked_sub(self.cfg.loads.timeout_ms).map(|t| self.owner.loads_started_before(t));
+            for room in expired.unwrap_or_default() {
+                self.counters.inc(Series::LoadTimeout);
+                self.loaded(&room, None, now, post);
+            }
+        }
         if self.frozen {
             self.next_block_ms = now.ms + self.cfg.block_interval_ms;
             return;

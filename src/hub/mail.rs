@@ -114,6 +114,8 @@ pub enum OwnerMail {
     Export { reply: Reply<Vec<crate::proto::RoomState>> },
     /// The upgrade failed: this process keeps its rooms and takes changes again.
     Thaw,
+    /// From the store: a room's state read from durable storage (None: it could not be read).
+    Loaded { room: RoomName, state: Option<Box<crate::proto::RoomState>> },
 }
 
 impl OwnerMail {
@@ -134,7 +136,8 @@ impl OwnerMail {
             | OwnerMail::Attrs { .. }
             | OwnerMail::Flush
             | OwnerMail::Export { .. }
-            | OwnerMail::Thaw => None,
+            | OwnerMail::Thaw
+            | OwnerMail::Loaded { .. } => None,
         }
     }
 }

@@ -503,3 +503,107 @@ fn an_exported_room_is_frozen_here_and_continues_in_the_next_process() {
     old.handle_mail(OwnerMail::Thaw.into(), at(9_000));
     assert!(publish(&mut old, &r, at(9_000)).recv().unwrap().is_ok());
 }
+
+/// Takes what a durable hub hands to the store.
+fn store_ops(h: &mut Hub, now: Now) -> Vec<crate::room::durable::StoreOp> {
+    let mut ops = Vec::new();
+    h.flush_store(
+        &mut |op| {
+            ops.push(op);
+            Ok(())
+        },
+        now,
+    );
+    ops
+}
+
+/// A durable owner (Redis): a room not in memory is loaded before use — the join waits for it
+/// and then gets the stored history; a publish meanwhile waits in the mixer and is cut after
+/// the stored seqs; every block and list change is handed out to be written.
+#[test]
+fn a_durable_room_is_loaded_before_use_and_written_as_it_changes() {
+    use crate::room::durable::StoreOp;
+    let c = config(|c| c.redis.url = "redis://127.0.0.1:1".into());
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut h, "alice", &r, at(0));
+    h.end_turn(at(0));
+    let ops = store_ops(&mut h, at(0));
+    assert!(matches!(&ops[..], [StoreOp::Load { room, .. }] if *room == r), "{ops:?}");
+    // A publish while it loads is taken, not cut.
+    publish(&mut h, &r, at(10)).recv().unwrap().unwrap();
+    h.handle_timeout(at(500));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(500));
+    assert!(!server_frames(&out[&viewer]).iter().any(|f| matches!(f, server_frame::Frame::Block(_))));
+
+    // Storage answers: 3 messages up to seq S, and a ban.
+    let s = 1_000u64 << 20;
+    let history: Vec<Message> =
+        (1..=3).map(|i| Message { seq: s - 3 + i, r#type: "chat".into(), ..Message::default() }).collect();
+    let ban = crate::proto::ModerationEntry { list: 1, user: "mallory".into(), until_ms: 0 };
+    let state = crate::proto::RoomState {
+        room: "r".into(),
+        base_seq: s - 10,
+        last_seq: s,
+        history,
+        moderation: vec![ban],
+        kept: true,
+        ..Default::default()
+    };
+    h.handle_mail(OwnerMail::Loaded { room: r.clone(), state: Some(Box::new(state)) }.into(), at(600));
+    h.handle_timeout(at(1_000));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(1_000));
+    let blocks: Vec<Vec<u64>> = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().map(|m| m.seq).collect()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(blocks[0], vec![s - 2, s - 1, s], "the stored history as the backfill: {blocks:?}");
+    let live = blocks.last().unwrap();
+    assert!(live[0] > s, "the publish made while loading is cut after the stored seqs: {blocks:?}");
+    assert_eq!(h.counters().get(Series::LoadFound), 1);
+
+    // What changed is handed out to be written: the block, and a mute.
+    let mute = OwnerMail::Moderate {
+        room: r.clone(),
+        user: UserId::new("eve"),
+        action: ModAction::Mute { until_ms: None },
+        reason: "".into(),
+        origin: Origin::Api(Reply(sync_channel(1).0)),
+    };
+    h.handle_mail(mute.into(), at(1_100));
+    let ops = store_ops(&mut h, at(1_100));
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, StoreOp::Block { last_seq, kept: true, .. } if *last_seq == live[live.len() - 1])),
+        "{ops:?}"
+    );
+    assert!(ops.iter().any(|o| matches!(o, StoreOp::Moderation { user, add: true, .. } if user == "eve")), "{ops:?}");
+}
+
+/// Storage that does not answer: at `redis.load_timeout_ms` the room goes on from memory and
+/// the waiting requests are served; a late answer is ignored.
+#[test]
+fn a_load_that_times_out_lets_the_room_go_on_from_memory() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.load_timeout_ms = 200;
+    });
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let (tx, rx) = sync_channel(1);
+    h.handle_mail(OwnerMail::RoomInfo { room: r.clone(), reply: Reply(tx) }.into(), at(0));
+    assert_eq!(store_ops(&mut h, at(0)).len(), 1);
+    assert!(rx.try_recv().is_err(), "waits for the load");
+    h.handle_timeout(at(100));
+    assert!(rx.try_recv().is_err());
+    h.handle_timeout(at(250));
+    let info = rx.try_recv().expect("answered from memory after the timeout");
+    assert_eq!(info.online, 0);
+    assert_eq!(h.counters().get(Series::LoadTimeout), 1);
+    h.handle_mail(OwnerMail::Loaded { room: r, state: None }.into(), at(300));
+}

@@ -131,6 +131,11 @@ impl Moderation {
         self.map(list).get(user).is_some_and(|&until_ms| holds(until_ms, now_ms))
     }
 
+    /// The expiry of an unexpired entry (Some(None): until lifted); None when absent.
+    pub fn until(&self, list: List, user: &str, now_ms: i64) -> Option<Option<i64>> {
+        self.map(list).get(user).copied().filter(|&until_ms| holds(until_ms, now_ms))
+    }
+
     /// Unexpired entries of a list, sorted by user.
     pub fn entries(&self, list: List, now_ms: i64) -> Vec<Entry> {
         self.map(list)

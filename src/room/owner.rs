@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::Priority;
 use super::RoomName;
 use super::attrs::{AttrError, AttrLimits, AttrLog};
+use super::durable::StoreOp;
 use super::frames::{self, BlockKind, SharedFrame};
 use super::history::History;
 use super::limit::{Rate, TokenBucket};
@@ -41,6 +42,9 @@ pub struct OwnerConfig {
     /// Poll interval hints for rooms under 100, up to 1,000, and over 1,000 members.
     pub poll_interval_ms: [u32; 3],
     pub types: Arc<BTreeMap<String, TypeDefaults>>,
+    /// Rooms are kept in durable storage: every block, attribute and list change is also
+    /// handed out as a `StoreOp`, and a room not in memory is loaded before use (`loading`).
+    pub durable: bool,
 }
 
 /// Why a publish was refused.
@@ -182,6 +186,8 @@ struct OwnedRoom {
     /// Encoded once per change and handed to every joining client.
     backfill: Option<Arc<SharedFrame>>,
     snapshot: Option<Arc<SharedFrame>>,
+    /// Being loaded from durable storage since this time (ms): nothing is cut until it is.
+    loading: Option<u64>,
 }
 
 impl OwnedRoom {
@@ -201,7 +207,7 @@ impl OwnedRoom {
     /// they expire or are lifted; the room keeps counting against `rooms_max` meanwhile).
     fn forgettable(&self, now: UnixMs, idle_ms: i64) -> bool {
         let holds = !self.attrs.is_empty() || !self.moderation.is_empty();
-        !self.dirty && self.online() == 0 && !holds && now.0 - self.last_active.0 >= idle_ms
+        self.loading.is_none() && !self.dirty && self.online() == 0 && !holds && now.0 - self.last_active.0 >= idle_ms
     }
 }
 
@@ -222,11 +228,23 @@ pub struct Owner {
     /// Rooms with something to send at the next tick: only these are visited.
     dirty: Vec<RoomName>,
     next_id: u64,
+    /// Writes for durable storage since the desk last took them.
+    store_ops: Vec<StoreOp>,
+    /// Rooms being loaded.
+    loading: usize,
 }
 
 impl Owner {
     pub fn new(config: OwnerConfig) -> Owner {
-        Owner { config, rooms: HashMap::new(), kept: 0, dirty: Vec::new(), next_id: 0 }
+        Owner {
+            config,
+            rooms: HashMap::new(),
+            kept: 0,
+            dirty: Vec::new(),
+            next_id: 0,
+            store_ops: Vec::new(),
+            loading: 0,
+        }
     }
 
     /// Rooms tracked (with state or with members).
@@ -281,6 +299,7 @@ impl Owner {
                 resumes: Vec::new(),
                 backfill: None,
                 snapshot: None,
+                loading: None,
             }
         })
     }
@@ -503,8 +522,12 @@ impl Owner {
                     ModAction::Unban => List::Ban,
                     _ => List::Whitelist,
                 };
-                if let Some(r) = self.rooms.get_mut(room) {
-                    r.moderation.remove(list, user);
+                if let Some(r) = self.rooms.get_mut(room)
+                    && r.moderation.remove(list, user)
+                    && self.config.durable
+                {
+                    let (room, user) = (room.clone(), user.to_owned());
+                    self.store_ops.push(StoreOp::Moderation { room, list, user, until_ms: None, add: false });
                 }
                 return Ok(());
             }
@@ -513,7 +536,13 @@ impl Owner {
             ModAction::Whitelist => (List::Whitelist, None),
         };
         let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(ModerationError::Full)?;
-        r.moderation.add(list, user, until_ms, t, &limits)
+        r.moderation.add(list, user, until_ms, t, &limits)?;
+        // What is stored is the entry as it now holds (an add may have extended it).
+        if let (true, Some(until_ms)) = (self.config.durable, r.moderation.until(list, user, t)) {
+            let (room, user) = (room.clone(), user.to_owned());
+            self.store_ops.push(StoreOp::Moderation { room, list, user, until_ms, add: true });
+        }
+        Ok(())
     }
 
     /// A room's moderation lists (empty for an unknown room).
@@ -535,10 +564,15 @@ impl Owner {
             return Ok(0);
         }
         let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(AttrError::TooManyKeys)?;
+        let before = r.attrs.version();
         let version = match value {
             Some(v) => r.attrs.set(key, v, &limits)?,
             None => r.attrs.delete(key).unwrap_or(r.attrs.version()),
         };
+        if self.config.durable && version != before {
+            let value = value.map(<[u8]>::to_vec);
+            self.store_ops.push(StoreOp::Attr { room: room.clone(), version, key: key.to_owned(), value });
+        }
         if version != r.attrs_sent {
             r.snapshot = None;
             r.last_active = now.unix;
@@ -567,8 +601,14 @@ impl Owner {
     pub fn tick(&mut self, now: Now, deliver: &mut Deliver<'_>) -> TickStats {
         let mut stats = TickStats::default();
         let limits = self.config.limits;
+        let mut waiting = Vec::new();
         for name in std::mem::take(&mut self.dirty) {
             let Some(room) = self.rooms.get_mut(&name) else { continue };
+            if room.loading.is_some() {
+                // Cut once its stored state is in: its seqs must go on from there.
+                waiting.push(name);
+                continue;
+            }
             room.dirty = false;
             let json = room.json.iter().any(|&n| n > 0);
             let online = room.online();
@@ -596,6 +636,16 @@ impl Owner {
             stats.blocks += 1;
             stats.messages += cut.messages.len() as u64;
             room.history.push(&cut.messages);
+            if self.config.durable {
+                self.store_ops.push(StoreOp::Block {
+                    room: name.clone(),
+                    messages: cut.messages.clone(),
+                    base_seq: room.base_seq,
+                    last_seq: room.mixer.last_seq(),
+                    evicted_seq: room.history.evicted_seq(),
+                    kept: room.kept,
+                });
+            }
             room.backfill = None;
             room.poll_cache.clear();
             room.resumes.clear();
@@ -605,6 +655,7 @@ impl Owner {
                 deliver(&name, &frame, &room.members);
             }
         }
+        self.dirty.extend(waiting);
         stats
     }
 
@@ -683,7 +734,9 @@ fn poll_body(messages: &[&Message], next: u64, truncated: bool, interval_ms: u32
 }
 
 mod handover;
+mod loading;
 pub use handover::{Imported, Replica, replicas};
+pub use loading::{Loaded, Phase};
 
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,8 @@ use crate::hub::turn::{self, Budget, Driver};
 use crate::hub::{Hub, HubConfig, Now, Teardown};
 use crate::ids::{ConnKey, ShardId, UnixMs};
 use crate::metrics::{Series, Snapshot};
+use crate::room::durable::StoreOp;
+use crate::store::Store;
 
 /// Operation tags in the top byte of user_data.
 mod op {
@@ -238,6 +240,8 @@ struct ShardIo {
     rings_max: usize,
     /// Stopping: completions are taken in, nothing new is armed.
     shutting_down: bool,
+    /// Durable storage's queues (with `redis.url`).
+    store: Option<Arc<Store>>,
 }
 
 impl Shard {
@@ -249,6 +253,7 @@ impl Shard {
         listeners: Vec<socket2::Socket>,
         mesh: Arc<Mesh>,
         metrics: Arc<[Snapshot]>,
+        store: Option<Arc<Store>>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
         if listeners.is_empty() {
@@ -268,6 +273,7 @@ impl Shard {
             read_mode: params.read_mode,
             rings_max: params.rings_max,
             shutting_down: false,
+            store,
         };
         Ok(Shard {
             io,
@@ -451,6 +457,13 @@ impl Driver for ShardIo {
 
     fn offer_mail(&mut self, to: ShardId, mail: Mail) -> Result<(), Mail> {
         self.mesh.send(to, mail)
+    }
+
+    fn offer_store(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        match &self.store {
+            Some(store) => store.offer(op),
+            None => Err(op),
+        }
     }
 
     /// Turns a ready connection's queued frames into one send (a sendmsg of up to

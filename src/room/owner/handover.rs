@@ -4,7 +4,7 @@
 //! change log stays behind, so a client behind the version gets a snapshot) and moderation
 //! entries with their expiries pass; members do not (they reconnect and resume by seq).
 
-use super::{OwnedRoom, Owner};
+use super::{OwnedRoom, Owner, OwnerConfig};
 use crate::ids::{Now, UserId};
 use crate::proto::{AttrEntry, ModerationEntry, RoomState, moderation_entry};
 use crate::room::RoomName;
@@ -74,26 +74,10 @@ impl Owner {
                 done.rooms_skipped += 1;
                 continue;
             }
-            let cfg = &self.config;
-            let r: &mut OwnedRoom = Self::room_mut(&mut self.rooms, cfg, &name, now);
-            let last_seq = s.last_seq.max(s.base_seq);
-            r.base_seq = s.base_seq;
-            r.mixer = Mixer::starting_after(last_seq);
-            r.history = History::restore(cfg.history_messages_max, s.history, s.evicted_seq);
-            let entries = s.attrs.into_iter().filter(|a| !a.deleted).map(|a| (a.key, a.value)).collect();
-            let (attrs, skipped) = AttrLog::restore(s.attrs_version, entries, &cfg.attrs);
-            done.entries_skipped += skipped as u64;
-            r.attrs = attrs;
-            r.attrs_sent = s.attrs_version;
-            for e in s.moderation {
-                let list = list_of(e.list);
-                let until = (e.until_ms != 0).then_some(e.until_ms);
-                let added = list.map(|l| r.moderation.add(l, &e.user, until, now.unix.0, &cfg.moderation));
-                if !matches!(added, Some(Ok(()))) {
-                    done.entries_skipped += 1;
-                }
-            }
-            if s.kept {
+            let kept = s.kept;
+            let r = Self::room_mut(&mut self.rooms, &self.config, &name, now);
+            done.entries_skipped += restore(r, &self.config, s, Continue::Exactly, now);
+            if kept {
                 r.kept = true;
                 self.kept += 1;
             }
@@ -101,6 +85,56 @@ impl Owner {
         }
         done
     }
+}
+
+/// How a restored room's seqs go on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Continue {
+    /// From the state's last seq: a live hand-over, where nothing was cut after the export.
+    Exactly,
+    /// From the later of the state's last seq and this room's own start (its creation second
+    /// << 20): state read back from storage may miss the last blocks cut before a crash, and a
+    /// seq must never be handed out twice.
+    After,
+}
+
+/// Puts `s` into `r` (history, seqs, attributes, moderation; `kept` is the caller's); returns
+/// the attributes and moderation entries over this process's bounds, skipped.
+pub(super) fn restore(r: &mut OwnedRoom, cfg: &OwnerConfig, s: RoomState, how: Continue, now: Now) -> u64 {
+    let mut skipped = 0;
+    let last_seq = s.last_seq.max(s.base_seq);
+    match how {
+        Continue::Exactly => {
+            r.base_seq = s.base_seq;
+            r.mixer = Mixer::starting_after(last_seq);
+        }
+        Continue::After => {
+            if s.base_seq != 0 {
+                r.base_seq = r.base_seq.min(s.base_seq);
+            }
+            r.mixer = Mixer::starting_after(last_seq.max(r.mixer.last_seq()));
+        }
+    }
+    r.history = History::restore(cfg.history_messages_max, s.history, s.evicted_seq);
+    let entries = s.attrs.into_iter().filter(|a| !a.deleted).map(|a| (a.key, a.value)).collect();
+    let version = match how {
+        Continue::Exactly => s.attrs_version,
+        Continue::After => s.attrs_version.max(r.attrs.version()),
+    };
+    let (attrs, over) = AttrLog::restore(version, entries, &cfg.attrs);
+    skipped += over as u64;
+    r.attrs = attrs;
+    r.attrs_sent = version;
+    r.snapshot = None;
+    r.backfill = None;
+    for e in s.moderation {
+        let until = (e.until_ms != 0).then_some(e.until_ms);
+        let added = list_of(e.list).map(|l| r.moderation.add(l, &e.user, until, now.unix.0, &cfg.moderation));
+        if !matches!(added, Some(Ok(()))) {
+            skipped += 1;
+        }
+    }
+    skipped
 }
 
 /// The ban and whitelist entries in `states`, for every hosting shard's replicas.
