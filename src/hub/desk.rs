@@ -234,10 +234,34 @@ impl Desk {
             Loaded::Empty => Series::LoadEmpty,
             Loaded::Failed => Series::LoadFailed,
         });
+        if outcome == Loaded::Found {
+            self.replicate_lists(room, now);
+        }
         for mail in self.parked.remove(room).unwrap_or_default() {
             self.handle_mail(mail, now, post);
         }
         self.owner.drop_if_unused(room);
+    }
+
+    /// Every shard learns a loaded room's bans and whitelist (joins are checked there), and a
+    /// banned user who joined while the room was loading is closed.
+    fn replicate_lists(&mut self, room: &RoomName, now: Now) {
+        let lists = self.owner.moderation(room, now.unix);
+        let reason: std::sync::Arc<str> = "banned".into();
+        for s in 0..self.cfg.owner.shards {
+            let to = ShardId(s as u16);
+            for (list, entries) in [(List::Ban, &lists.bans), (List::Whitelist, &lists.whitelist)] {
+                for e in entries {
+                    let (room, user) = (room.clone(), UserId::new(&e.user));
+                    let replicate = HostMail::Replicate { room, user, list, until_ms: e.until_ms, add: true };
+                    self.mail.push((to, replicate.into()));
+                }
+            }
+            for e in &lists.bans {
+                let kick = HostMail::Kick { room: room.clone(), user: UserId::new(&e.user), reason: reason.clone() };
+                self.mail.push((to, kick.into()));
+            }
+        }
     }
 
     /// The store could not take a load request (its queue is full): the room goes on from

@@ -16,6 +16,8 @@ const BATCH_WRITES: usize = 256;
 /// How long the writer sleeps when there is nothing to send.
 const IDLE: Duration = Duration::from_millis(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// How often an idle writer checks that Redis still answers.
+const PING_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) fn run(store: &Store, buffer_max: usize, backoff_max: Duration) {
     let stats = &store.stats;
@@ -23,6 +25,7 @@ pub(super) fn run(store: &Store, buffer_max: usize, backoff_max: Duration) {
     let mut con: Option<redis::Connection> = None;
     let mut backoff = BACKOFF_MIN;
     let mut next_attempt = Instant::now();
+    let mut last_ping = Instant::now();
     loop {
         while let Some(op) = store.writes.pop() {
             if buffer.len() >= buffer_max {
@@ -36,8 +39,21 @@ pub(super) fn run(store: &Store, buffer_max: usize, backoff_max: Duration) {
             return;
         }
         if buffer.is_empty() {
-            std::thread::sleep(IDLE);
-            continue;
+            // Idle: keep `up` (and /healthz) true to Redis, with a PING now and then.
+            if let Some(c) = con.as_mut()
+                && last_ping.elapsed() >= PING_EVERY
+            {
+                last_ping = Instant::now();
+                if redis::cmd("PING").exec(c).is_err() {
+                    StoreStats::add(&stats.errors, 1);
+                    stats.up.store(false, std::sync::atomic::Ordering::Relaxed);
+                    con = None;
+                }
+            }
+            if con.is_some() || Instant::now() < next_attempt {
+                std::thread::sleep(IDLE);
+                continue;
+            }
         }
         let Some(c) = con.as_mut() else {
             if Instant::now() < next_attempt {
