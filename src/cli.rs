@@ -42,6 +42,9 @@ struct DoctorArgs {
     /// A load generator on this host holds the other end of every connection.
     #[arg(long)]
     with_loadgen: bool,
+    /// Also check the Redis that durable state would use (redis.url).
+    #[arg(long, env = "BARRAGE_REDIS")]
+    redis: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -185,7 +188,11 @@ fn wait_drained(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64, why:
 
 fn doctor(args: &DoctorArgs) -> i32 {
     let plan = crate::doctor::Plan { connections: args.connections, with_loadgen: args.with_loadgen };
-    let findings = crate::doctor::diagnose(&crate::doctor::HostFacts::read(), plan);
+    let mut findings = crate::doctor::diagnose(&crate::doctor::HostFacts::read(), plan);
+    if let Some(url) = args.redis.as_deref().filter(|u| !u.is_empty()) {
+        let facts = crate::doctor::RedisFacts::read(url, std::time::Duration::from_secs(2));
+        findings.extend(crate::doctor::diagnose_redis(&facts));
+    }
     let (text, ok) = crate::doctor::render(&findings, plan);
     print!("{text}");
     if ok { 0 } else { 1 }

@@ -195,3 +195,24 @@ fn with_redis_gone_delivery_goes_on_and_writes_land_when_it_returns() {
     assert_eq!(down, delivered, "every write made while Redis was away, once, in order: {stored:?}");
     eventually("/healthz says ok again", || http(gw.api, "GET", "/healthz", None, &[]).1.contains("\"redis\":\"up\""));
 }
+
+/// `barrage doctor --redis URL` checks the connection, the version and the eviction policy.
+#[test]
+fn doctor_checks_the_redis_connection() {
+    let redis = Redis::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args(["doctor", "--connections", "10", "--redis", &redis.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[ok   ] redis connection"), "{text}");
+    assert!(text.contains("[ok   ] redis version"), "{text}");
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args(["doctor", "--connections", "10", "--redis", &redis.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[SHORT] redis maxmemory-policy"), "{text}");
+    assert!(!out.status.success());
+}
