@@ -61,6 +61,16 @@ fn history_seqs_lists_and_attributes_survive_a_restart() {
     assert!(first.terminate(), "a clean stop sends what waits to Redis");
 
     let second = gateway(&redis);
+    // A short poll is the first to ask for the room: served from Redis.
+    let (status, body) = http(second.ws, "GET", "/v1/rooms/d/messages?after=0", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let polled: Vec<u64> = serde_json::from_str::<Value>(&body).unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(seq)
+        .collect();
+    assert_eq!(polled, seen, "a poll after the restart reads the stored history");
     let mut back = Client::connect(&second.url("?room=d"), None);
     back.welcome();
     let backfill = back.block();
