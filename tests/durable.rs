@@ -64,12 +64,8 @@ fn history_seqs_lists_and_attributes_survive_a_restart() {
     // A short poll is the first to ask for the room: served from Redis.
     let (status, body) = http(second.ws, "GET", "/v1/rooms/d/messages?after=0", None, &[]);
     assert_eq!(status, 200, "{body}");
-    let polled: Vec<u64> = serde_json::from_str::<Value>(&body).unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(seq)
-        .collect();
+    let polled: Vec<u64> =
+        serde_json::from_str::<Value>(&body).unwrap()["messages"].as_array().unwrap().iter().map(seq).collect();
     assert_eq!(polled, seen, "a poll after the restart reads the stored history");
     let mut back = Client::connect(&second.url("?room=d"), None);
     back.welcome();
@@ -225,4 +221,32 @@ fn doctor_checks_the_redis_connection() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[SHORT] redis maxmemory-policy"), "{text}");
     assert!(!out.status.success());
+}
+
+/// `redis.write_buffer_max`: with Redis away, writes past the bound drop the oldest (counted),
+/// and what is left lands when it returns.
+#[test]
+fn the_write_buffer_is_bounded_while_redis_is_away() {
+    let mut redis = Redis::start();
+    let gw = Gateway::start(&["--redis", &redis.url(), "--block-interval-ms", "20", "--redis-write-buffer-max", "3"]);
+    eventually("Redis up", || http(gw.api, "GET", "/healthz", None, &[]).1.contains("\"redis\":\"up\""));
+    redis.kill();
+    for i in 0..10 {
+        assert_eq!(gw.publish("w", json!({"type": "chat", "text": format!("w{i}")})).0, 202);
+        // One block each: ten writes.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    eventually("seven writes dropped", || gw.metric("barrage_redis_writes_overflowed_total") == 7);
+    assert_eq!(gw.metric("barrage_redis_write_buffer"), 3);
+    redis.restart();
+    let mut texts = Vec::new();
+    eventually("the three left land", || {
+        let page = replay(&gw, "w", "from_ms=0");
+        texts = page["messages"].as_array().unwrap().iter().map(|m| m["data"].as_str().unwrap().to_owned()).collect();
+        texts.len() == 3
+    });
+    let decode = |b: &str| {
+        String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).unwrap()).unwrap()
+    };
+    assert_eq!(texts.iter().map(|t| decode(t)).collect::<Vec<_>>(), ["w7", "w8", "w9"], "the newest kept, in order");
 }

@@ -607,3 +607,31 @@ fn a_load_that_times_out_lets_the_room_go_on_from_memory() {
     assert_eq!(h.counters().get(Series::LoadTimeout), 1);
     h.handle_mail(OwnerMail::Loaded { room: r, state: None }.into(), at(300));
 }
+
+/// `redis.loads_max` and `redis.load_waiters_max`: past them a room starts from memory and a
+/// request is served from memory, each counted.
+#[test]
+fn loads_and_their_waiters_are_bounded() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.loads_max = 1;
+        c.redis.load_waiters_max = 1;
+    });
+    let mut h = hub(&c, 0, 1);
+    let (a, b) = (RoomName::parse("a", 64).unwrap(), RoomName::parse("b", 64).unwrap());
+    let info = |h: &mut Hub, room: &RoomName| {
+        let (tx, rx) = sync_channel(1);
+        h.handle_mail(OwnerMail::RoomInfo { room: room.clone(), reply: Reply(tx) }.into(), at(0));
+        rx
+    };
+    let first = info(&mut h, &a);
+    assert!(first.try_recv().is_err(), "waits for a's load");
+    let second = info(&mut h, &a);
+    assert!(second.try_recv().is_ok(), "past load_waiters_max: served from memory");
+    assert_eq!(h.counters().get(Series::LoadWaitersFull), 1);
+    let other = info(&mut h, &b);
+    assert!(other.try_recv().is_ok(), "past loads_max: b starts from memory");
+    assert_eq!(h.counters().get(Series::LoadSkipped), 1);
+    let loads: Vec<_> = store_ops(&mut h, at(0));
+    assert_eq!(loads.len(), 1, "only a was asked for: {loads:?}");
+}
