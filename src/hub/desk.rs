@@ -153,6 +153,11 @@ impl Desk {
             OwnerMail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
             OwnerMail::Flush => self.flush(now),
             OwnerMail::Export { reply } => {
+                // A room still loading goes on from memory, so what waits in it is cut and
+                // handed over too.
+                for room in self.owner.loads_started_before(u64::MAX) {
+                    self.loaded(&room, None, now, post);
+                }
                 self.cut_all(now);
                 let rooms = self.owner.export(now.unix.0);
                 self.counters.add(Series::RoomsExported, rooms.len() as u64);

@@ -564,7 +564,17 @@ fn a_durable_room_is_loaded_before_use_and_written_as_it_changes() {
         .collect();
     assert_eq!(blocks[0], vec![s - 2, s - 1, s], "the stored history as the backfill: {blocks:?}");
     let live = blocks.last().unwrap();
-    assert!(live[0] > s, "the publish made while loading is cut after the stored seqs: {blocks:?}");
+    assert!(live[0] > s, "cut after the stored seqs: {blocks:?}");
+    let notices: usize = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) if !b.backfill => {
+                Some(b.messages.iter().filter(|m| m.r#type == "notice").count())
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(notices, 1, "the publish made while the room loaded is delivered: {blocks:?}");
     assert_eq!(h.counters().get(Series::LoadFound), 1);
 
     // What changed is handed out to be written: the block, and a mute.

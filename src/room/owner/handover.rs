@@ -112,7 +112,8 @@ pub(super) fn restore(r: &mut OwnedRoom, cfg: &OwnerConfig, s: RoomState, how: C
             if s.base_seq != 0 {
                 r.base_seq = r.base_seq.min(s.base_seq);
             }
-            r.mixer = Mixer::starting_after(last_seq.max(r.mixer.last_seq()));
+            // Publishes taken while the room loaded wait in the mixer: keep them.
+            r.mixer.continue_after(last_seq);
         }
     }
     r.history = History::restore(cfg.history_messages_max, s.history, s.evicted_seq);
@@ -127,6 +128,8 @@ pub(super) fn restore(r: &mut OwnedRoom, cfg: &OwnerConfig, s: RoomState, how: C
     r.attrs_sent = version;
     r.snapshot = None;
     r.backfill = None;
+    r.poll_cache.clear();
+    r.resumes.clear();
     for e in s.moderation {
         let until = (e.until_ms != 0).then_some(e.until_ms);
         let added = list_of(e.list).map(|l| r.moderation.add(l, &e.user, until, now.unix.0, &cfg.moderation));
