@@ -645,3 +645,27 @@ fn loads_and_their_waiters_are_bounded() {
     let loads: Vec<_> = store_ops(&mut h, at(0));
     assert_eq!(loads.len(), 1, "only a was asked for: {loads:?}");
 }
+
+/// A viewer who joins and leaves while the room loads does not make the owner forget the load
+/// (which would leak the count against `redis.loads_max`).
+#[test]
+fn a_room_left_while_loading_still_finishes_its_load() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.loads_max = 1;
+        c.rooms.presence_events = false;
+    });
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut h, "alice", &r, at(0));
+    h.end_turn(at(0));
+    h.handle_eof(viewer, at(10));
+    h.end_turn(at(10));
+    assert_eq!(store_ops(&mut h, at(10)).len(), 1);
+    h.handle_mail(OwnerMail::Loaded { room: r.clone(), state: None }.into(), at(20));
+    // The load was counted off: another room may load.
+    let (tx, rx) = sync_channel(1);
+    h.handle_mail(OwnerMail::RoomInfo { room: RoomName::parse("s", 64).unwrap(), reply: Reply(tx) }.into(), at(30));
+    assert!(rx.try_recv().is_err(), "s waits for its own load");
+    assert_eq!(h.counters().get(Series::LoadSkipped), 0);
+}

@@ -199,7 +199,12 @@ impl OwnedRoom {
     /// go at once (one that did waits for the sweep, so that a new room of the same name
     /// starts its seqs in a later second).
     fn unused(&self) -> bool {
-        !self.kept && !self.dirty && self.online() == 0 && self.mixer.last_seq() == self.base_seq
+        // A loading room is kept until its load answers (the count of loads is the owner's).
+        self.loading.is_none()
+            && !self.kept
+            && !self.dirty
+            && self.online() == 0
+            && self.mixer.last_seq() == self.base_seq
     }
 
     /// Whether the sweep may forget the room after `idle_ms` without activity: no members,
