@@ -456,7 +456,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 25] = [
+        let checks: [(bool, &str); 24] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -501,10 +501,9 @@ impl Config {
                 self.redis.write_buffer_max >= 1 && self.redis.loads_max >= 1,
                 "redis.write_buffer_max and redis.loads_max must be at least 1",
             ),
-            (
-                self.redis.timeout_ms >= 1 && self.redis.load_timeout_ms >= 1,
-                "redis.timeout_ms and redis.load_timeout_ms must be at least 1",
-            ),
+            (self.redis.timeout_ms >= 1, "redis.timeout_ms must be at least 1"),
+            // An API request waiting for a room's load waits at most 5 s for its answer.
+            ((1..=4_000).contains(&self.redis.load_timeout_ms), "redis.load_timeout_ms must be in 1..=4000"),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
             // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a
