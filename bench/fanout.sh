@@ -20,6 +20,10 @@
 #   BASE_BIN=/tmp/barrage-before SERVERS="barrage barrage1 base base1" MODES="saturate deep" SIZES=10000 bench/fanout.sh
 #     (`base` and `base1` run an earlier build of barrage with the same flags: a change's
 #     before and after, side by side in one run)
+#   ROOMS=1000 SIZES=10000 SERVERS="barrage barrage-redis" MODES=saturate bench/fanout.sh
+#     (`barrage-redis` is barrage with --redis: durable state on a private redis-server started
+#     per run on REDIS_PORT, pinned to the same cores, no persistence to disk; its commands/s and
+#     CPU (INFO, sampled 4x a second) and barrage's redis counters go in a table of their own)
 #
 # Threads, matched across servers: every server is pinned to cores 0,1 (taskset) and gets
 # THREADS (2) threads where it can use them — barrage shards, tokio workers, nginx workers —
@@ -56,6 +60,7 @@ THREADS="${THREADS:-2}"
 LOAD_THREADS="${LOAD_THREADS:-2}"
 PORT_BASE="${PORT_BASE:-18500}"
 API_PORT="${API_PORT:-9190}"
+REDIS_PORT="${REDIS_PORT:-16390}"
 DEADLINE_S="${DEADLINE_S:-600}"
 LOADGEN="${LOADGEN:-./target/release/barrage-load}"
 # An earlier barrage binary for the `base` and `base1` rows.
@@ -105,9 +110,26 @@ if ! "$LOADGEN" fanout --help > /dev/null 2>&1; then
   exit 2
 fi
 bench/peers/install.sh > "$OUT/install.log" 2>&1 || { tail -3 "$OUT/install.log" >&2; exit 1; }
+if [[ " $SERVERS " == *"-redis "* ]] && ! command -v redis-server > /dev/null; then
+  { apt-get update -q && apt-get install -y -q redis-server; } >> "$OUT/install.log" 2>&1 \
+    || { echo "fanout.sh: could not install redis-server" >&2; exit 1; }
+fi
 
 server_pid=""
 sampler_pid=""
+redis_pid=""
+redis_dir=""
+redis_sampler_pid=""
+stop_redis() {
+  for pid in $redis_sampler_pid $redis_pid; do
+    kill "$pid" 2> /dev/null || true
+    wait "$pid" 2> /dev/null || true
+  done
+  redis_sampler_pid=""
+  redis_pid=""
+  [[ -n $redis_dir ]] && rm -rf "$redis_dir"
+  redis_dir=""
+}
 stop_server() {
   if [[ -n "$sampler_pid" ]]; then
     kill "$sampler_pid" 2> /dev/null || true
@@ -122,6 +144,7 @@ stop_server() {
   kill -KILL "$server_pid" 2> /dev/null || true
   wait "$server_pid" 2> /dev/null || true
   server_pid=""
+  stop_redis
 }
 # Guests with free page reporting (virtio-balloon) hand freed pages back to the host; when a
 # slow reader makes TCP buffers churn through gigabytes, every page touched again costs a host
@@ -146,14 +169,14 @@ fi
 
 threads_of() {
   case "$1" in
-    barrage | base | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
+    barrage | barrage-redis | base | tungstenite | fastwebsockets | nchan) echo "$THREADS" ;;
     barrage1 | base1) echo 1 ;;
     *) echo 1 ;;
   esac
 }
 kind_of() {
   case "$1" in
-    barrage | barrage1 | base | base1) echo barrage ;;
+    barrage | barrage1 | barrage-redis | base | base1) echo barrage ;;
     nchan) echo nchan ;;
     *) echo broadcast ;;
   esac
@@ -176,6 +199,8 @@ t = int(threads)
 how = {
     "barrage": f"{t} shards, {flags}, block interval per mode (below)",
     "barrage1": "1 shard, otherwise as barrage (thread-matched with the floor and uWebSockets)",
+    "barrage-redis": "as barrage, with --redis: durable state on a private redis-server 7 (one thread, "
+                     "pinned to the same cores, no RDB/AOF persistence) started for the run",
     "base": f"an earlier build ({base}), otherwise as barrage", "base1": f"an earlier build ({base}), as barrage1",
     "floor": "1 thread, 1 frame per send", "floor8": "1 thread, up to 8 frames per sendmsg",
     "floor32": "1 thread, up to 32 frames per sendmsg",
@@ -213,12 +238,23 @@ for members in $SIZES; do
       how="$threads thread(s)"
       [[ $name == nchan ]] && how="$(( (members + 14999) / 15000 > threads ? (members + 14999) / 15000 : threads )) nginx workers"
       echo "== $tag: $how, pinned to cores 0,1, port $port"
+      redis_flags=()
+      if [[ $name == *-redis ]]; then
+        redis_dir="$(mktemp -d)"
+        taskset -c 0,1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+          --dir "$redis_dir" > "$OUT/runs/$tag.redis.log" 2>&1 &
+        redis_pid=$!
+        for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping > /dev/null 2>&1 && break; sleep 0.1; done
+        nice -n 19 python3 bench/fanout_report.py --sample-redis "$REDIS_PORT" "$OUT/runs/$tag.redis.tsv" &
+        redis_sampler_pid=$!
+        redis_flags=(--redis "redis://127.0.0.1:$REDIS_PORT")
+      fi
       if [[ $kind == barrage ]]; then
         bin=./target/release/barrage
         [[ $name == base* ]] && bin="$BASE_BIN"
         taskset -c 0,1 "$bin" --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
-          $([[ $name == base* ]] || echo "${EDGE_FLAGS[@]}") \
+          $([[ $name == base* ]] || echo "${EDGE_FLAGS[@]}") ${redis_flags[@]+"${redis_flags[@]}"} \
           --block-interval-ms "$(block_ms_for "$mode" "$members")" \
           --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \
           > "$OUT/runs/$tag.server.log" 2>&1 &
@@ -255,6 +291,8 @@ for members in $SIZES; do
       fi
       status=0
       nice -n 19 "$LOADGEN" "${args[@]}" > "$OUT/runs/$tag.load.log" 2>&1 || status=$?
+      # barrage's own counters at the end of the run (Redis writes, overflows, errors, ...).
+      [[ $kind == barrage ]] && { curl -s -m 5 "http://127.0.0.1:$API_PORT/metrics" > "$OUT/runs/$tag.metrics.txt" || true; }
       stop_server
       if [[ ! -s $json ]]; then
         printf '{"label": "%s", "members": %d, "mode": "%s", "failed": "load generator exit %d, no report"}\n' \

@@ -8,6 +8,8 @@ Usage:
   fanout_report.py DIR [--plot OUT.svg]      markdown to stdout (DIR/meta.json, DIR/runs/*.json)
   fanout_report.py --sample-cpu PID OUT.tsv  samples the CPU of PID and its descendants 4x a second
                                              until PID exits (fanout.sh runs it beside each server)
+  fanout_report.py --sample-redis PORT OUT.tsv  samples a redis-server's INFO (commands processed,
+                                             CPU, memory) 4x a second until it stops answering
 
 CPU s / 1M deliveries is the generator's figure (the server pid's CPU over the measured window).
 A server of several processes (Nchan: nginx workers are the master's children) has most of its CPU
@@ -28,6 +30,8 @@ FIELDS_MS = ("p50", "p99", "p999")
 def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "--sample-cpu":
         return sample_cpu(int(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) >= 4 and sys.argv[1] == "--sample-redis":
+        return sample_redis(int(sys.argv[2]), sys.argv[3])
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     out_dir = sys.argv[1]
@@ -94,6 +98,106 @@ def tree_window_cpu(tsv, end_t, duration):
     return best, procs
 
 
+# --- Redis beside barrage-redis -----------------------------------------------------------------
+
+REDIS_FIELDS = ("total_commands_processed", "used_cpu_user", "used_cpu_sys", "used_memory")
+
+
+def redis_info(sock):
+    sock.sendall(b"INFO\r\n")
+    data = b""
+    while not data.startswith(b"$") or data.count(b"\r\n") < 1:
+        data += sock.recv(65536)
+    size = int(data[1:data.index(b"\r\n")])
+    body_at = data.index(b"\r\n") + 2
+    while len(data) < body_at + size + 2:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise OSError("redis closed")
+        data += chunk
+    info = dict(l.split(":", 1) for l in data[body_at:body_at + size].decode().splitlines() if ":" in l)
+    return [float(info.get(k, "nan")) for k in REDIS_FIELDS]
+
+
+def sample_redis(port, out):
+    import socket
+    with open(out, "w") as f, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        f.write("t_unix\t" + "\t".join(REDIS_FIELDS) + "\n")
+        while True:
+            try:
+                values = redis_info(sock)
+            except (OSError, ValueError):
+                return
+            f.write(f"{time.time():.3f}\t" + "\t".join(f"{v:.3f}" for v in values) + "\n")
+            f.flush()
+            time.sleep(0.25)
+
+
+def redis_window(tsv, end_t, duration):
+    """Commands/s, CPU s/s and the memory of the redis-server over the measured window: the rows
+    within [end_t - duration, end_t] (the report's mtime closes the window)."""
+    try:
+        rows = [list(map(float, l.split("\t"))) for l in open(tsv).read().splitlines()[1:]]
+    except (OSError, ValueError):
+        return None
+    rows = [r for r in rows if end_t - duration - 0.5 <= r[0] <= end_t]
+    if len(rows) < 2 or rows[-1][0] - rows[0][0] < 1:
+        return None
+    a, b = rows[0], rows[-1]
+    span = b[0] - a[0]
+    return {"commands_per_s": (b[1] - a[1]) / span, "cpu_per_s": (b[2] + b[3] - a[2] - a[3]) / span,
+            "cpu_s": (b[2] + b[3] - a[2] - a[3]) * duration / span, "used_memory": b[4]}
+
+
+def metrics(path):
+    """barrage's /metrics at the end of a run: {name{labels}: value}."""
+    out = {}
+    try:
+        for line in open(path):
+            if line.startswith("#") or " " not in line:
+                continue
+            key, value = line.rsplit(" ", 1)
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def redis_table(meta, runs):
+    rows = [(k, r) for k, r in sorted(runs.items()) if r.get("_redis")]
+    if not rows:
+        return []
+    out = [
+        "\n### Redis beside barrage-redis (the measured window)\n",
+        "Redis commands are counted by the server (INFO `total_commands_processed`; a pipelined "
+        "batch counts each command); Redis CPU is its user + system time; barrage's counters come from "
+        "its /metrics at the end of the run (warm-up included). ÷ = barrage-redis ÷ barrage in the same "
+        "run and mode.\n",
+        "| members | mode | Redis commands/s | Redis CPU (cores) | Redis CPU s/1M deliveries | barrage + Redis CPU s/1M "
+        "| Redis memory at end | store writes (blocks, changes) | write buffer overflowed | Redis errors "
+        "| ÷ deliveries/s | ÷ barrage CPU s/1M |",
+        "|---:|---|" + "---:|" * 10,
+    ]
+    for (members, mode, server), r in rows:
+        x, m = r["_redis"], r.get("_metrics", {})
+        per_m = x["cpu_s"] / r["delivered"] * 1e6 if r.get("delivered") else None
+        own = r.get("cpu_s_per_million_deliveries")
+        base = runs.get((members, mode, server.removesuffix("-redis")), {})
+        out.append("| " + " | ".join([
+            f"{members:,}", mode, num(x["commands_per_s"]), f"{x['cpu_per_s']:.2f}", num(per_m, "{:.2f}"),
+            num(own + per_m if own is not None and per_m is not None else None, "{:.2f}"),
+            f"{x['used_memory'] / 2**20:,.0f} MiB",
+            num(m.get("barrage_redis_writes_total")), num(m.get("barrage_redis_writes_overflowed_total")),
+            num(m.get("barrage_redis_errors_total")),
+            ratio(r.get("delivered_per_s"), base.get("delivered_per_s")),
+            ratio(own, base.get("cpu_s_per_million_deliveries")),
+        ]) + " |")
+    return out
+
+
 # --- Runs ----------------------------------------------------------------------------------------
 
 def load_runs(out_dir, meta):
@@ -114,6 +218,11 @@ def load_runs(out_dir, meta):
             if (procs > 1 or r.get("cpu_s_per_million_deliveries") is None) and cpu is not None and r["delivered"]:
                 r["cpu_s_per_million_deliveries"] = cpu / r["delivered"] * 1e6
                 r["_cpu_note"] = "≈"
+            base = path[:-5]
+            if os.path.exists(base + ".redis.tsv"):
+                r["_redis"] = redis_window(base + ".redis.tsv", os.path.getmtime(path),
+                                           r.get("duration_s") or meta["duration_s"])
+                r["_metrics"] = metrics(base + ".metrics.txt")
         runs[(int(members), mode, server)] = r
     return runs
 
@@ -160,6 +269,7 @@ def markdown(meta, runs, out_dir, plot):
     for members in meta["sizes"]:
         for mode in meta["modes"]:
             lines += table(meta, runs, members, mode)
+    lines += redis_table(meta, runs)
     lines += targets(meta, runs)
     if plot:
         lines.append(f"\n- Plot: [{os.path.basename(plot)}](plots/{os.path.basename(plot)}); reports: `{out_dir}/runs/`.")
