@@ -16,6 +16,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod addrs;
+mod churn;
 mod conn;
 mod errors;
 mod fanout_book;

@@ -35,10 +35,12 @@ pub enum Tag {
     Ping,
     Cancel,
     Close,
+    /// Our Close frame (the soak's churn).
+    Bye,
 }
 
 impl Tag {
-    const ALL: [Tag; 10] = [
+    const ALL: [Tag; 11] = [
         Tag::Socket,
         Tag::SockOpt,
         Tag::Bind,
@@ -49,6 +51,7 @@ impl Tag {
         Tag::Ping,
         Tag::Cancel,
         Tag::Close,
+        Tag::Bye,
     ];
 
     fn data(self, index: u32) -> u64 {
@@ -177,7 +180,7 @@ impl Ring {
         unsafe { self.ring.push(&[e]) }
     }
 
-    /// Sends fixed bytes (a ping frame).
+    /// Sends fixed bytes (a ping, pong or close frame).
     pub fn send_static(&mut self, slot: u32, tag: Tag, bytes: &'static [u8]) -> io::Result<()> {
         let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("send too long"))?;
         let e = opcode::Send::new(Fixed(slot), bytes.as_ptr(), len)
