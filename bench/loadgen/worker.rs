@@ -433,8 +433,9 @@ impl<R: Reads> Worker<R> {
         if failed {
             lane.conns.state[s] = State::Dead;
             let reconnect = lane.conns.flags[s] & RECONNECT != 0;
-            // The socket may exist (a failed bind or connect): free the slot's file.
-            if let Err(e) = lane.ring.close(slot) {
+            // The socket may exist (a failed bind or connect): free the slot's file. The chain
+            // is over, so nothing of it waits.
+            if let Err(e) = lane.ring.close(slot, &[]) {
                 self.errors.add(os(Op::Submit, &e));
             }
             self.failed(reconnect);
@@ -666,7 +667,17 @@ impl<R: Reads> Worker<R> {
         if error {
             self.errors.add(kind);
         }
-        if let Err(e) = lane.ring.close(slot) {
+        let flags = lane.conns.flags[s];
+        let waiting = [(POLL, Tag::Poll), (PING, Tag::Ping), (BYE, Tag::Bye)];
+        let mut tags = [Tag::Poll; 3];
+        let mut n = 0;
+        for (flag, tag) in waiting {
+            if flags & flag != 0 {
+                tags[n] = tag;
+                n += 1;
+            }
+        }
+        if let Err(e) = lane.ring.close(slot, &tags[..n]) {
             self.errors.add(os(Op::Submit, &e));
         }
         self.give_back_pair(li, slot);
