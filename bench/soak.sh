@@ -2,9 +2,13 @@
 # The soak: hold CONNECTIONS (100,000) WebSocket connections against the release gateway for
 # DURATION_S (an hour) while CHURN (1,000) of them a second — 1 % — close (a Close frame, then
 # the server's answer) and reconnect into the same room (victims drawn at random, so a connection
-# lives CONNECTIONS / CHURN = 100 s on average), and PUBLISH (1,000) messages a second are posted
-# through the business API round ROOMS (1,000) rooms: one message per room per second, 100
-# deliveries a message. Every SAMPLE_S (10 s) the load generator writes a TSV row: the gateway's
+# lives CONNECTIONS / CHURN = 100 s on average), and PUBLISH (ROOMS / 5: 200) messages a second
+# are posted through the business API round ROOMS (1,000) rooms: one message per room every 5 s,
+# 100 members a room, 20,000 deliveries a second. Why not one per room per second: on this 2-core
+# box the churn alone keeps the gateway at about 1.3 cores (each close cancels its connection's
+# requests by descriptor, which walks every armed poll of its ring: perf, 2026-12-04), so
+# 100,000 deliveries a second on top saturated it (the generator's publisher and readers fell
+# behind); 20,000 leave room. Every SAMPLE_S (10 s) the load generator writes a TSV row: the gateway's
 # RSS, the kernel's TCP memory (/proc/net/sockstat: mem pages × 4096, inuse, orphan, tw; the TCP
 # socket slabs), the gateway's /metrics (connections, rings, refusals, handshakes by result,
 # closes by reason, ...) and its own counts (reconnect handshake failures among them).
@@ -29,7 +33,7 @@ DURATION_S="${DURATION_S:-3600}"
 CONNECTIONS="${CONNECTIONS:-100000}"
 CHURN="${CHURN:-1000}"
 ROOMS="${ROOMS:-1000}"
-PUBLISH="${PUBLISH:-$ROOMS}"
+PUBLISH="${PUBLISH:-$((ROOMS / 5))}"
 MESSAGE_BYTES="${MESSAGE_BYTES:-100}"
 RATE="${RATE:-5000}"
 SAMPLE_S="${SAMPLE_S:-10}"
