@@ -20,7 +20,9 @@ pub enum State {
     Open,
     /// Welcome received: a member of its room.
     Joined,
-    /// Failed or closed; the slot is not reused.
+    /// We sent Close (the soak's churn); waiting for the server's Close or the end of the stream.
+    Closing,
+    /// Failed or closed; the slot is reused only after `Conns::release` (the soak's churn).
     Dead,
 }
 
@@ -32,21 +34,42 @@ pub const POLL_AGAIN: u8 = 2;
 pub const PING: u8 = 4;
 /// A stalled reader (`fanout --stalled`): subscribed, never read again, held open.
 pub const STALL: u8 = 8;
+/// A multishot poll is armed (its last completion, without MORE, has not arrived).
+pub const POLL: u8 = 16;
+/// Our Close frame's send is in flight.
+pub const BYE: u8 = 32;
+/// The connection replaces one the churn closed (its failures are reconnect failures).
+pub const RECONNECT: u8 = 64;
+/// Requests that may still complete for a slot: it is reused only when none is out.
+pub const IN_FLIGHT: u8 = RECV | PING | POLL | BYE;
 
-/// The connections on one ring. Slots are handed out once each, in order: a run opens each
-/// connection once, so a failed slot is never needed again.
+/// The connections on one ring. Slots are handed out in order, each once, unless a dead one
+/// is released (the soak's churn, once nothing of it is in flight): then it is handed out
+/// again, after the next submit has carried its close to the kernel.
 pub struct Conns {
     pub state: Vec<State>,
     pub flags: Vec<u8>,
     /// Blocks received since the probe started (saturating).
     pub blocks: Vec<u16>,
+    /// Slots ever handed out: every slot below is or was in use.
     used: u32,
+    /// Released slots ready to be handed out again.
+    free: Vec<u32>,
+    /// Released slots whose close may not have been submitted yet.
+    freed: Vec<u32>,
 }
 
 impl Conns {
     pub fn new(capacity: u32) -> Conns {
         let n = capacity as usize;
-        Conns { state: vec![State::Free; n], flags: vec![0; n], blocks: vec![0; n], used: 0 }
+        Conns {
+            state: vec![State::Free; n],
+            flags: vec![0; n],
+            blocks: vec![0; n],
+            used: 0,
+            free: Vec::new(),
+            freed: Vec::new(),
+        }
     }
 
     /// Bytes of user memory per slot.
@@ -62,13 +85,40 @@ impl Conns {
         self.used
     }
 
-    /// The next unused slot.
+    /// A released slot, else the next unused one.
     pub fn take_slot(&mut self) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
         if self.used >= self.capacity() {
             return None;
         }
         self.used += 1;
         Some(self.used - 1)
+    }
+
+    /// Whether `take_slot` would hand out a slot.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty() || self.used < self.capacity()
+    }
+
+    /// Releases dead `slot` if nothing of it is in flight; true if it did. It is handed out
+    /// again only after `after_submit`.
+    pub fn release(&mut self, slot: u32) -> bool {
+        let s = slot as usize;
+        if self.state[s] != State::Dead || self.flags[s] & IN_FLIGHT != 0 {
+            return false;
+        }
+        self.state[s] = State::Free;
+        self.flags[s] = 0;
+        self.blocks[s] = 0;
+        self.freed.push(slot);
+        true
+    }
+
+    /// The ring has submitted what was pushed (the released slots' closes among it).
+    pub fn after_submit(&mut self) {
+        self.free.append(&mut self.freed);
     }
 }
 
@@ -159,6 +209,29 @@ mod tests {
         assert_eq!(c.take_slot(), Some(1));
         assert_eq!(c.take_slot(), None);
         assert_eq!(c.used(), 2);
+    }
+
+    #[test]
+    fn a_dead_slot_comes_back_only_when_quiet_and_after_a_submit() {
+        let mut c = Conns::new(2);
+        let (a, b) = (c.take_slot().unwrap(), c.take_slot().unwrap());
+        assert!(!c.has_room());
+        c.state[a as usize] = State::Joined;
+        assert!(!c.release(a), "a live slot stays");
+        c.state[a as usize] = State::Dead;
+        c.flags[a as usize] = POLL | RECONNECT;
+        assert!(!c.release(a), "its poll may still complete");
+        c.flags[a as usize] = RECONNECT;
+        assert!(c.release(a));
+        assert_eq!((c.state[a as usize], c.flags[a as usize]), (State::Free, 0));
+        assert!(!c.has_room(), "not before the close is submitted");
+        assert_eq!(c.take_slot(), None);
+        c.after_submit();
+        assert!(c.has_room());
+        assert_eq!(c.take_slot(), Some(a));
+        assert_eq!(c.take_slot(), None);
+        assert_eq!(c.used(), 2);
+        assert_ne!(a, b);
     }
 
     #[test]

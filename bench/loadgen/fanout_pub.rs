@@ -93,7 +93,10 @@ impl Publisher {
     fn new(plan: PubPlan, streams: &[u32]) -> Publisher {
         let host = plan.addr.to_string();
         let out = match plan.kind {
-            Kind::Barrage => Out::Http(Box::new(Http::new(plan.addr, &host, &plan.api_key, streams, &plan.book))),
+            Kind::Barrage => {
+                let rooms: Vec<u32> = streams.iter().map(|&j| plan.book.streams.of(j).1).collect();
+                Out::Http(Box::new(Http::new(plan.addr, &host, &plan.api_key, &rooms)))
+            }
             kind => Out::Ws(
                 streams
                     .iter()
@@ -262,10 +265,10 @@ fn io_kind(prefix: &str, e: &io::Error) -> String {
     }
 }
 
-/// One keep-alive connection to barrage's business API.
-struct Http {
+/// One keep-alive connection to barrage's business API (also the `soak` publisher's).
+pub struct Http {
     addr: SocketAddrV4,
-    /// Per stream of this publisher: the request head up to `Content-Length: `.
+    /// Per room given to `new`: the request head up to `Content-Length: `.
     heads: Vec<Vec<u8>>,
     stream: Option<TcpStream>,
     publish: PublishRequest,
@@ -277,12 +280,13 @@ struct Http {
 }
 
 impl Http {
-    fn new(addr: SocketAddrV4, host: &str, key: &str, streams: &[u32], book: &Book) -> Http {
+    /// Publishes into `rooms` (`post`'s `i` indexes this list).
+    pub fn new(addr: SocketAddrV4, host: &str, key: &str, rooms: &[u32]) -> Http {
         let key = if key.is_empty() { String::new() } else { format!("X-Api-Key: {key}\r\n") };
-        let heads = streams
+        let heads = rooms
             .iter()
-            .map(|&j| {
-                let path = Kind::Barrage.pub_path("", book.streams.of(j).1);
+            .map(|&k| {
+                let path = Kind::Barrage.pub_path("", k);
                 format!(
                     "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\n{key}Content-Length: "
                 )
@@ -307,8 +311,8 @@ impl Http {
         }
     }
 
-    /// Publishes `msg` into stream `i`'s room; true on 202.
-    fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
+    /// Publishes `msg` into the `i`-th room given to `new`; true on 202.
+    pub fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
         if self.stream.is_none() {
             match connect(self.addr) {
                 Ok(s) => {
@@ -609,8 +613,7 @@ mod tests {
             }
             datas
         });
-        let book = book(1e9, 10.0);
-        let mut http = Http::new(addr, "h", "", &[0], &book);
+        let mut http = Http::new(addr, "h", "", &[0]);
         let mut errors = BTreeMap::new();
         let mut accepted = Vec::new();
         let mut msg = Vec::new();

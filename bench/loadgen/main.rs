@@ -9,6 +9,10 @@
 //! (per-connection state) → `handshake` / `frames` (the bytes read, counted) → `errors`,
 //! `probe` (/proc and the gateway API) → `report` (summary and JSON).
 //!
+//! `scenario_soak` ramps through the same workers with a churn plan (`churn`: victims, source
+//! pairs, close deadlines) and publishes through `fanout_pub`'s HTTP client, sampling the
+//! gateway and the kernel into a TSV.
+//!
 //! `scenario_fanout` subscribes through the same workers, with `fanout_recv` as their reads
 //! (`fanout_read` → `pbwalk`: messages out of frames, without copies), while `fanout_pub`
 //! threads publish `fanout_msg` messages; `fanout_book` is what they share, `fanout_report`
@@ -16,6 +20,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod addrs;
+mod churn;
 mod conn;
 mod errors;
 mod fanout_book;
@@ -33,6 +38,7 @@ mod report;
 mod ring;
 mod scenario_connect;
 mod scenario_fanout;
+mod scenario_soak;
 mod sys;
 mod worker;
 
@@ -57,6 +63,12 @@ enum Scenario {
     /// everyone subscribed and nothing was lost (or, for barrage, only what its drop counters
     /// account for); 1 otherwise; 2 for refused arguments.
     Fanout(Box<scenario_fanout::FanoutArgs>),
+    /// Ramp N connections into R rooms, then for a while close and reopen (same room) a set
+    /// number of random ones a second while publishing through the business API, sampling the
+    /// gateway's memory and counters and the kernel's TCP memory into a TSV. Exit 0 if everyone
+    /// joined, no reconnect failed, the churn reached its rate and the gateway's online counts
+    /// matched at the end; 1 otherwise; 2 for refused arguments.
+    Soak(Box<scenario_soak::SoakArgs>),
 }
 
 fn main() {
@@ -64,6 +76,7 @@ fn main() {
     let code = match cli.scenario {
         Scenario::Connect(args) => scenario_connect::run(*args),
         Scenario::Fanout(args) => scenario_fanout::run(*args),
+        Scenario::Soak(args) => scenario_soak::run(*args),
     };
     std::process::exit(code);
 }
