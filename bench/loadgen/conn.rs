@@ -1,8 +1,8 @@
 //! Per-connection state: struct-of-arrays per ring, indexed by the connection's direct-descriptor
 //! slot, 4 bytes a connection (state 1 + flags 1 + blocks 2) beside the scenario's read state
 //! (`worker::Reads::Lane`: 20 bytes for `connect`). And the pool of
-//! connect contexts: the source address a connect chain's bind reads, kept still until the
-//! chain's last completion.
+//! connect contexts: the source address a connect chain's bind reads and the upgrade request its
+//! send writes, kept still until the chain's last completion.
 #![forbid(unsafe_code)]
 
 /// Where a connection is in its life.
@@ -122,19 +122,35 @@ impl Conns {
     }
 }
 
+/// The longest upgrade request a connect chain sends: barrage's with a room and a resume cursor
+/// (`GET /ws?room=r99&after=1882449317462017`, the host, the key, the subprotocol) is about 220
+/// bytes; a peer's path is the user's. 384 bytes × `pending_max` contexts: 1.5 MiB at 4,096.
+pub const REQUEST_BYTES_MAX: usize = 384;
+
 /// One connect chain in the kernel.
 #[derive(Clone, Copy)]
 pub struct Dial {
     /// Read by the chain's bind; must not change until `left` reaches 0.
     pub src: libc::sockaddr_in,
+    /// The upgrade request, written by the chain's send; must not change until `left` reaches 0.
+    request: [u8; REQUEST_BYTES_MAX],
     pub lane: u32,
     pub slot: u32,
-    /// Bytes the upgrade send must write.
+    /// Bytes the upgrade send must write (the start of `request`).
     pub request_len: u32,
     /// Completions still to come (the chain posts one per operation).
     pub left: u8,
     /// An operation of the chain failed (the first failure is the one counted).
     pub failed: bool,
+}
+
+/// What a connect chain reads from its context, valid until its last completion (the pool is
+/// leaked, and an entry is not reused before `Dials::finish`).
+#[derive(Clone, Copy, Debug)]
+pub struct DialPtrs {
+    pub src: *const libc::sockaddr_in,
+    pub request: *const u8,
+    pub request_len: u32,
 }
 
 /// Completions one connect chain posts: socket, setsockopt, bind, connect, send.
@@ -152,6 +168,7 @@ impl Dials {
     pub fn new(capacity: u32) -> Dials {
         let blank = Dial {
             src: crate::addrs::sockaddr_in(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            request: [0; REQUEST_BYTES_MAX],
             lane: 0,
             slot: 0,
             request_len: 0,
@@ -166,18 +183,19 @@ impl Dials {
         (self.pool.len() - self.free.len()) as u32
     }
 
-    /// Takes a context for a new chain; returns its index and the address its bind reads.
-    pub fn start(
-        &mut self,
-        src: libc::sockaddr_in,
-        lane: u32,
-        slot: u32,
-        request_len: u32,
-    ) -> Option<(u32, *const libc::sockaddr_in)> {
+    /// Takes a context for a new chain and copies `request` into it; returns its index and what
+    /// the chain reads: the address its bind reads and the bytes its send writes. None when
+    /// every context is in flight or `request` is longer than `REQUEST_BYTES_MAX`.
+    pub fn start(&mut self, src: libc::sockaddr_in, lane: u32, slot: u32, request: &[u8]) -> Option<(u32, DialPtrs)> {
+        if request.len() > REQUEST_BYTES_MAX {
+            return None;
+        }
         let i = self.free.pop()?;
         let d = &mut self.pool[i as usize];
-        *d = Dial { src, lane, slot, request_len, left: DIAL_OPS, failed: false };
-        Some((i, &raw const d.src))
+        d.request[..request.len()].copy_from_slice(request);
+        d.src = src;
+        (d.lane, d.slot, d.request_len, d.left, d.failed) = (lane, slot, request.len() as u32, DIAL_OPS, false);
+        Some((i, DialPtrs { src: &raw const d.src, request: d.request.as_ptr(), request_len: d.request_len }))
     }
 
     pub fn get_mut(&mut self, i: u32) -> Option<&mut Dial> {
@@ -238,15 +256,20 @@ mod tests {
     fn dial_contexts_are_bounded_and_reused_after_finish() {
         let mut d = Dials::new(2);
         let sa = crate::addrs::sockaddr_in("127.0.1.1:10000".parse().unwrap());
-        let (a, pa) = d.start(sa, 0, 7, 100).unwrap();
-        let (b, _) = d.start(sa, 0, 8, 100).unwrap();
-        assert!(d.start(sa, 0, 9, 100).is_none());
+        let (a, pa) = d.start(sa, 0, 7, b"GET /a").unwrap();
+        let (b, _) = d.start(sa, 0, 8, b"GET /b").unwrap();
+        assert!(d.start(sa, 0, 9, b"GET /c").is_none());
         assert_eq!(d.in_flight(), 2);
         assert_eq!(d.get_mut(a).unwrap().slot, 7);
+        assert_eq!(pa.request_len, 6);
         d.finish(a);
         assert!(d.get_mut(a).is_none());
-        let (c, pc) = d.start(sa, 0, 9, 100).unwrap();
-        assert_eq!((c, pc), (a, pa));
+        let (c, pc) = d.start(sa, 0, 9, b"GET /longer").unwrap();
+        assert_eq!((c, pc.src, pc.request, pc.request_len), (a, pa.src, pa.request, 11));
+        assert_eq!(&d.pool[c as usize].request[..11], b"GET /longer");
         assert_ne!(b, c);
+        d.finish(c);
+        assert!(d.start(sa, 0, 9, &[b'x'; REQUEST_BYTES_MAX + 1]).is_none(), "too long for a context");
+        assert_eq!(d.in_flight(), 1);
     }
 }

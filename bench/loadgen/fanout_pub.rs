@@ -313,6 +313,22 @@ impl Http {
 
     /// Publishes `msg` into the `i`-th room given to `new`; true on 202.
     pub fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
+        match self.send(i, msg) {
+            Ok(202) => true,
+            Ok(status) => {
+                count(errors, format!("status_{status}"));
+                false
+            }
+            Err(e) => {
+                count(errors, e.kind);
+                false
+            }
+        }
+    }
+
+    /// Publishes `msg` into the `i`-th room given to `new`; returns the status, or why there
+    /// was none (after a failed connect, having paused `RETRY_PAUSE`).
+    pub fn send(&mut self, i: usize, msg: &[u8]) -> Result<u16, Unanswered> {
         if self.stream.is_none() {
             match connect(self.addr) {
                 Ok(s) => {
@@ -320,9 +336,8 @@ impl Http {
                     self.filled = 0;
                 }
                 Err(e) => {
-                    count(errors, io_kind("api", &e));
                     std::thread::sleep(RETRY_PAUSE);
-                    return false;
+                    return Err(Unanswered { kind: io_kind("api", &e), sent: false });
                 }
             }
         }
@@ -334,32 +349,28 @@ impl Http {
         self.request.extend_from_slice(&self.heads[i]);
         let _ = write!(self.request, "{}\r\n\r\n", self.body.len());
         self.request.extend_from_slice(&self.body);
-        match self.exchange() {
-            Ok((202, keep)) => {
-                if !keep {
-                    self.stream = None;
-                }
-                true
-            }
+        let stream = self.stream.as_mut().expect("connected above");
+        if let Err(e) = stream.write_all(&self.request) {
+            self.stream = None;
+            return Err(Unanswered { kind: io_kind("api", &e), sent: false });
+        }
+        match self.response() {
             Ok((status, keep)) => {
-                count(errors, format!("status_{status}"));
                 if !keep {
                     self.stream = None;
                 }
-                false
+                Ok(status)
             }
             Err(e) => {
-                count(errors, io_kind("api", &e));
                 self.stream = None;
-                false
+                Err(Unanswered { kind: io_kind("api", &e), sent: true })
             }
         }
     }
 
-    /// Writes the request and reads its response: (status, keep-alive).
-    fn exchange(&mut self) -> io::Result<(u16, bool)> {
+    /// Reads the response to the request written: (status, keep-alive).
+    fn response(&mut self) -> io::Result<(u16, bool)> {
         let stream = self.stream.as_mut().expect("connected above");
-        stream.write_all(&self.request)?;
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 16];
             let mut resp = httparse::Response::new(&mut headers);
@@ -389,6 +400,16 @@ impl Http {
             self.filled += read_some(stream, &mut self.buf[self.filled..])?;
         }
     }
+}
+
+/// A publish that got no status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    /// `api_ERRNO`, `api_timeout`, `api_eof`, `api_other`.
+    pub kind: String,
+    /// The request was written whole before the connection failed: the server may have taken
+    /// it (a retry may publish it twice).
+    pub sent: bool,
 }
 
 fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {

@@ -13,6 +13,11 @@
 //! pairs, close deadlines) and publishes through `fanout_pub`'s HTTP client, sampling the
 //! gateway and the kernel into a TSV.
 //!
+//! `scenario_upgrade` follows clients through a zero-downtime upgrade: the same workers, with
+//! `upgrade_recv` as their reads (`fanout_read` → `upgrade_walk`: seqs, backfills, reconnect
+//! frames → `upgrade_follow`: the README's client algorithm) and `reopen` bringing clients back
+//! with `after=last`; `upgrade_pub` publishes with retries, `upgrade_gaps` short-polls gaps.
+//!
 //! `scenario_fanout` subscribes through the same workers, with `fanout_recv` as their reads
 //! (`fanout_read` → `pbwalk`: messages out of frames, without copies), while `fanout_pub`
 //! threads publish `fanout_msg` messages; `fanout_book` is what they share, `fanout_report`
@@ -34,12 +39,19 @@ mod handshake;
 mod pace;
 mod pbwalk;
 mod probe;
+mod reopen;
 mod report;
 mod ring;
 mod scenario_connect;
 mod scenario_fanout;
 mod scenario_soak;
+mod scenario_upgrade;
 mod sys;
+mod upgrade_follow;
+mod upgrade_gaps;
+mod upgrade_pub;
+mod upgrade_recv;
+mod upgrade_walk;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -69,6 +81,13 @@ enum Scenario {
     /// joined, no reconnect failed, the churn reached its rate and the gateway's online counts
     /// matched at the end; 1 otherwise; 2 for refused arguments.
     Soak(Box<scenario_soak::SoakArgs>),
+    /// Hold N clients into R rooms of the running gateway while publishing through the API,
+    /// start a new gateway that takes it over (--takeover), follow every client through the
+    /// drain (reconnect frames, resume with after=last, duplicates and gaps counted, gaps short
+    /// polled), then check each reached its room's last seq. Reports drain time, reconnects per
+    /// second, both processes' peak RSS, messages lost. Exit 0 if nothing was lost, everyone
+    /// caught up and the old process exited; 1 otherwise; 2 for refused arguments.
+    Upgrade(Box<scenario_upgrade::UpgradeArgs>),
 }
 
 fn main() {
@@ -77,6 +96,7 @@ fn main() {
         Scenario::Connect(args) => scenario_connect::run(*args),
         Scenario::Fanout(args) => scenario_fanout::run(*args),
         Scenario::Soak(args) => scenario_soak::run(*args),
+        Scenario::Upgrade(args) => scenario_upgrade::run(*args),
     };
     std::process::exit(code);
 }

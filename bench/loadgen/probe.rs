@@ -39,6 +39,18 @@ pub fn rss_bytes(path: &str) -> Option<u64> {
     kb_field(&std::fs::read_to_string(path).ok()?, "VmRSS:")
 }
 
+/// Whether process `pid` still runs: /proc has it, and it is not a zombie waiting to be reaped.
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
+}
+
+/// VmHWM (the peak resident set) of a /proc/PID/status file.
+pub fn hwm_bytes(path: &str) -> Option<u64> {
+    kb_field(&std::fs::read_to_string(path).ok()?, "VmHWM:")
+}
+
 /// CPU time (utime + stime, all threads) of the process whose stat file is `path`
 /// (`/proc/PID/stat`, `/proc/self/stat`), in seconds.
 pub fn cpu_s(path: &str) -> Option<f64> {
@@ -280,6 +292,21 @@ impl Api {
         v["online"].as_u64().ok_or(ApiError::Malformed)
     }
 
+    /// `GET /v1/rooms/{room}` → its `last_seq` (a number, or a string of one).
+    pub fn last_seq(&self, room: &str) -> Result<u64, ApiError> {
+        let (status, body) = self.call("GET", &format!("/v1/rooms/{room}"), "")?;
+        if status != 200 {
+            return Err(ApiError::Malformed);
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|_| ApiError::Malformed)?;
+        json_u64(&v["last_seq"]).ok_or(ApiError::Malformed)
+    }
+
+    /// `GET path` → (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String), ApiError> {
+        self.call("GET", path, "")
+    }
+
     /// `POST /v1/rooms/{room}/messages` with a JSON body; returns the status.
     pub fn publish(&self, room: &str, body: &str) -> Result<u16, ApiError> {
         Ok(self.call("POST", &format!("/v1/rooms/{room}/messages"), body)?.0)
@@ -318,6 +345,11 @@ impl Api {
     }
 }
 
+/// A u64 in JSON: a number, or a string of one (protobuf JSON writes 64-bit integers as strings).
+pub fn json_u64(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
+}
+
 /// `HTTP/1.1 NNN ...\r\n...\r\n\r\nbody` → (NNN, body).
 fn parse_response(bytes: &[u8]) -> Option<(u16, String)> {
     let text = std::str::from_utf8(bytes).ok()?;
@@ -342,6 +374,13 @@ mod tests {
         assert_eq!(kb_field(meminfo, "Missing:"), None);
         assert_eq!(kb_field("VmRSS:\t  2048 kB\n", "VmRSS:"), Some(2048 * 1024));
         assert_eq!(kb_field("VmRSS: 12 MB\n", "VmRSS:"), None);
+    }
+
+    #[test]
+    fn we_are_alive_and_pid_zero_is_not_a_process() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(0));
+        assert!(hwm_bytes("/proc/self/status").unwrap() >= rss_bytes("/proc/self/status").unwrap() / 2);
     }
 
     #[test]

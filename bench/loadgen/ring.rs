@@ -12,6 +12,7 @@ use barrage::shard::bufring::BufRing;
 pub use barrage::shard::uring::Cqe;
 use barrage::shard::uring::{BUFFER_GROUP, Uring};
 
+use crate::conn::DialPtrs;
 use io_uring::types::{CancelBuilder, DestinationSlot, Fixed};
 use io_uring::{IoUring, opcode, squeue};
 
@@ -106,26 +107,26 @@ impl Ring {
         Ok(ring)
     }
 
-    /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind `src`
-    /// → connect `dst` → send `request`. A failure cancels the rest (each still completes,
-    /// with -ECANCELED), so exactly five completions tagged with `dial` arrive.
+    /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind
+    /// `at.src` → connect `dst` → send the `at.request_len` bytes at `at.request`. A failure
+    /// cancels the rest (each still completes, with -ECANCELED), so exactly five completions
+    /// tagged with `dial` arrive.
     ///
     /// # Safety
-    /// `src` must point to a sockaddr_in that stays valid and unmodified until the fifth
-    /// completion is reaped.
+    /// `at.src` must point to a sockaddr_in, and `at.request` to `at.request_len` bytes, that
+    /// stay valid and unmodified until the fifth completion is reaped.
     pub unsafe fn dial(
         &mut self,
         slot: u32,
         dial: u32,
-        src: *const libc::sockaddr_in,
+        at: DialPtrs,
         dst: &'static libc::sockaddr_in,
-        request: &'static [u8],
     ) -> io::Result<()> {
         let target = DestinationSlot::try_from_slot_target(slot)
             .map_err(|s| io::Error::other(format!("slot {s} out of range")))?;
         let fd = Fixed(slot);
         let link = squeue::Flags::IO_LINK;
-        let len = u32::try_from(request.len()).map_err(|_| io::Error::other("request too long"))?;
+        let (src, request, len) = (at.src, at.request, at.request_len);
         let chain = [
             opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0)
                 .file_index(Some(target))
@@ -147,13 +148,10 @@ impl Ring {
                 .build()
                 .flags(link)
                 .user_data(Tag::Connect.data(dial)),
-            opcode::Send::new(fd, request.as_ptr(), len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(Tag::Upgrade.data(dial)),
+            opcode::Send::new(fd, request, len).flags(libc::MSG_NOSIGNAL).build().user_data(Tag::Upgrade.data(dial)),
         ];
-        // SAFETY: `ONE`, `dst` and `request` are 'static; the caller keeps `src` alive until
-        // the chain's last completion.
+        // SAFETY: `ONE` and `dst` are 'static; the caller keeps `src` and `request` alive
+        // until the chain's last completion.
         unsafe { self.ring.push(&chain) }
     }
 

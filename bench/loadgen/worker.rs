@@ -8,7 +8,10 @@
 //! (`soak`), the loop also closes random joined connections at the rate the main thread sets
 //! (a Close frame, then the server's answer) and opens a new one into the same room for each,
 //! from a source pair that has rested past TIME_WAIT; a slot comes back for reuse once nothing
-//! of its last connection is in flight.
+//! of its last connection is in flight. A scenario whose clients come back by themselves
+//! (`upgrade`: told to reconnect, or closed unexpectedly) says so when a connection ends
+//! (`Reads::ended`); the loop then opens it again when due (`reopen`), with the request the
+//! scenario gives (`Reads::request`: a resume cursor), within the same in-flight cap as the ramp.
 
 use std::collections::VecDeque;
 use std::ops::{Index, IndexMut};
@@ -23,6 +26,7 @@ use crate::errors::{ErrorCounts, ErrorKind, Op};
 use crate::frames::{Event, Kind, ReadError, Reader};
 use crate::handshake::Subprotocol;
 use crate::pace::TokenBucket;
+use crate::reopen::{Reopen, Reopens};
 use crate::ring::{Cqe, Ring, RingParams, Tag, Tagged};
 use crate::sys::Wake;
 
@@ -94,6 +98,26 @@ pub trait Reads {
     ) -> Absorbed;
     /// Once a loop turn, when the worker publishes its counters.
     fn publish(&mut self) {}
+    /// The upgrade request of connection `index` into `room` when it is not the plan's one for
+    /// the room (a resume cursor); None: the plan's.
+    fn request(&mut self, _index: u64, _room: u32) -> Option<&[u8]> {
+        None
+    }
+    /// Connection `index` ended (`why`; `joined`: it had joined; needs a churn plan, which keeps
+    /// the slots' indices): whether that was expected, and whether to open it again. Default:
+    /// an error, gone for good.
+    fn ended(&mut self, _index: u64, _why: ErrorKind, _joined: bool) -> Ended {
+        Ended::default()
+    }
+}
+
+/// What becomes of a connection that ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Not an error (the server said it would close it: a `reconnect` frame).
+    pub expected: bool,
+    /// Open it again (same index and room) after this long.
+    pub reopen_after: Option<Duration>,
 }
 
 /// What one read asks of the loop.
@@ -153,6 +177,9 @@ pub enum Stat {
     ChurnSkipped,
     /// Source pairs resting after a close, or rested and not yet taken again (level).
     PairsResting,
+    /// Connections the scenario wants opened again, waiting for their time or the in-flight cap
+    /// (level).
+    Reopening,
     /// The probe generation the block counts belong to.
     ProbeGen,
     /// 1 once no more connections will be started (all started, or a ring could not be made).
@@ -265,6 +292,8 @@ struct SlotMeta {
     /// Tells this connection from a later one in the same slot.
     serial: u32,
     pair: u64,
+    /// The connection's run-wide index (`Reads::start`'s).
+    index: u64,
 }
 
 impl<L> Lane<L> {
@@ -322,6 +351,8 @@ struct Worker<R: Reads> {
     probe_gen: u64,
     ping: Option<PingRound>,
     ring_failed: bool,
+    /// Connections to open again (`Reads::ended`).
+    reopens: Reopens,
 }
 
 /// Runs a worker until the main thread says stop; returns its error counts and its `Reads`
@@ -351,6 +382,7 @@ pub fn run<R: Reads>(plan: Plan, shared: Arc<Shared>, reads: R) -> (ErrorCounts,
         probe_gen: 0,
         ping: None,
         ring_failed: false,
+        reopens: Reopens::default(),
         plan,
         shared,
         reads,
@@ -360,13 +392,14 @@ pub fn run<R: Reads>(plan: Plan, shared: Arc<Shared>, reads: R) -> (ErrorCounts,
         let mut busy = w.reap();
         w.check_probe();
         busy |= w.ramp(now);
+        busy |= w.reopen(now);
         busy |= w.churn(now);
         w.close_overdue(now);
         let ping_wait = w.ping(now);
         w.submit();
         w.publish();
         if !busy {
-            let waits = [w.ramp_wait(now), ping_wait, w.churn_wait(now)];
+            let waits = [w.ramp_wait(now), ping_wait, w.churn_wait(now), w.reopen_wait(now)];
             let wait = waits.into_iter().flatten().min().unwrap_or(IDLE_SLEEP);
             w.sleep(wait.min(IDLE_SLEEP));
         }
@@ -433,12 +466,16 @@ impl<R: Reads> Worker<R> {
         if failed {
             lane.conns.state[s] = State::Dead;
             let reconnect = lane.conns.flags[s] & RECONNECT != 0;
+            let meta = lane.meta.get(s).copied();
             // The socket may exist (a failed bind or connect): free the slot's file. The chain
             // is over, so nothing of it waits.
             if let Err(e) = lane.ring.close(slot, &[]) {
                 self.errors.add(os(Op::Submit, &e));
             }
             self.failed(reconnect);
+            if let Some(m) = meta {
+                self.after_end(m.index, m.room, ErrorKind::Named("dial_failed"), false);
+            }
             self.give_back_pair(li, slot);
             self.release(li, slot);
             return;
@@ -457,6 +494,16 @@ impl<R: Reads> Worker<R> {
         if reconnect {
             self.c[Stat::ReconnectsFailed] += 1;
         }
+    }
+
+    /// Tells the scenario connection `index` (of `room`) ended, and queues it to be opened
+    /// again if it asks; returns whether the end was expected (no error).
+    fn after_end(&mut self, index: u64, room: u32, why: ErrorKind, joined: bool) -> bool {
+        let e = self.reads.ended(index, why, joined);
+        if let Some(after) = e.reopen_after {
+            self.reopens.push(Reopen { at: Instant::now() + after, index, room });
+        }
+        e.expected
     }
 
     /// The socket is readable (data, EOF or an error): receive unless a receive is out.
@@ -635,25 +682,31 @@ impl<R: Reads> Worker<R> {
     /// Ends a connection: counts why (a churn close the server answered is no error), fixes
     /// the levels, cancels its requests, closes its slot.
     fn kill(&mut self, li: usize, slot: u32, kind: ErrorKind) {
-        let Some(lane) = self.lanes.get_mut(li) else { return };
         let s = slot as usize;
+        let Some(lane) = self.lanes.get(li) else { return };
+        let Some(&state) = lane.conns.state.get(s) else { return };
+        let (flags, blocks, meta) = (lane.conns.flags[s], lane.conns.blocks[s], lane.meta.get(s).copied());
         let mut error = true;
-        match lane.conns.state.get(s) {
-            Some(State::Upgrading | State::Open) => {
+        // Some(had joined) when the scenario hears of the end (not for our own closes).
+        let mut tell = None;
+        match state {
+            State::Upgrading | State::Open => {
                 self.c.sub(Stat::Open);
                 self.c[Stat::Failed] += 1;
-                if lane.conns.flags[s] & RECONNECT != 0 {
+                if flags & RECONNECT != 0 {
                     self.c[Stat::ReconnectsFailed] += 1;
                 }
+                tell = Some(false);
             }
-            Some(State::Joined) => {
+            State::Joined => {
                 self.c.sub(Stat::Open);
                 self.c.sub(Stat::Joined);
-                if lane.conns.blocks[s] > 0 {
+                if blocks > 0 {
                     self.c.sub(Stat::Reached);
                 }
+                tell = Some(true);
             }
-            Some(State::Closing) => {
+            State::Closing => {
                 self.c.sub(Stat::Open);
                 self.c.sub(Stat::Closing);
                 if matches!(kind, ErrorKind::ClosedByServer(_) | ErrorKind::Eof) {
@@ -663,6 +716,12 @@ impl<R: Reads> Worker<R> {
             }
             _ => return,
         }
+        if let (Some(joined), Some(m)) = (tell, meta)
+            && self.after_end(m.index, m.room, kind, joined)
+        {
+            error = false;
+        }
+        let lane = &mut self.lanes[li];
         lane.conns.state[s] = State::Dead;
         if error {
             self.errors.add(kind);
@@ -723,6 +782,29 @@ impl<R: Reads> Worker<R> {
         Some(self.bucket.wait(now))
     }
 
+    /// Starts the reopens due by `now`, within the in-flight cap; true if any.
+    fn reopen(&mut self, now: Instant) -> bool {
+        let mut room = u64::from(self.plan.pending_max).saturating_sub(self.pending());
+        let mut any = false;
+        while room > 0
+            && let Some(r) = self.reopens.pop_due(now)
+        {
+            self.start_one(r.index, r.room, true);
+            room -= 1;
+            any = true;
+        }
+        any
+    }
+
+    /// How long until the next reopen is due (None: none waits, or the in-flight cap holds
+    /// them, which completions lift).
+    fn reopen_wait(&self, now: Instant) -> Option<Duration> {
+        if self.pending() >= u64::from(self.plan.pending_max) {
+            return None;
+        }
+        self.reopens.wait(now)
+    }
+
     /// Connections started that have neither joined nor failed yet (at least the dials in
     /// flight, so the dial pool, sized `pending_max`, never runs dry).
     fn pending(&self) -> u64 {
@@ -732,7 +814,7 @@ impl<R: Reads> Worker<R> {
     }
 
     /// Connection `i` into `room`: its source pair (the grid's `i`-th, or with a churn plan
-    /// the next rested one), its room's request, a slot, a chain.
+    /// the next rested one), its request (the scenario's, else its room's), a slot, a chain.
     fn start_one(&mut self, i: u64, room: u32, reconnect: bool) {
         self.c[Stat::Attempted] += 1;
         if reconnect {
@@ -745,14 +827,15 @@ impl<R: Reads> Worker<R> {
         let Some((pair, src)) = pair.and_then(|p| Some((p, self.plan.sources.pair(p)?))) else {
             self.failed(reconnect);
             self.errors.add(ErrorKind::NoSlot);
+            self.after_end(i, room, ErrorKind::NoSlot, false);
             return;
         };
         let requests: &'static [Vec<u8>] = self.plan.requests;
-        let request: &'static [u8] = &requests[room as usize];
         let target = self.plan.target;
         let slot = self.lane_with_room().and_then(|li| Some((li, self.lanes[li].conns.take_slot()?)));
-        let dial = slot.and_then(|(li, slot)| self.dials.start(sockaddr_in(src), li as u32, slot, request.len() as u32));
-        let (Some((li, slot)), Some((d, src_ptr))) = (slot, dial) else {
+        let request = self.reads.request(i, room).unwrap_or(&requests[room as usize]);
+        let dial = slot.and_then(|(li, slot)| self.dials.start(sockaddr_in(src), li as u32, slot, request));
+        let (Some((li, slot)), Some((d, at))) = (slot, dial) else {
             if let Some((li, slot)) = slot {
                 // Taken, but no dial context: nothing was pushed for it.
                 self.lanes[li].conns.state[slot as usize] = State::Dead;
@@ -763,6 +846,7 @@ impl<R: Reads> Worker<R> {
             if let Some(churn) = &mut self.churn {
                 churn.pairs.give_back(pair, Instant::now());
             }
+            self.after_end(i, room, ErrorKind::NoSlot, false);
             return;
         };
         let serial = self.churn.as_mut().map_or(0, |c| {
@@ -774,14 +858,14 @@ impl<R: Reads> Worker<R> {
         lane.conns.state[s] = State::Dialing;
         lane.conns.flags[s] = if reconnect { RECONNECT } else { 0 };
         if let Some(meta) = lane.meta.get_mut(s) {
-            *meta = SlotMeta { room, serial, pair };
+            *meta = SlotMeta { room, serial, pair, index: i };
         }
         self.reads.start(&mut lane.reads, slot, i);
-        // SAFETY: `src_ptr` points into the dial pool, which is leaked (never freed), and its
-        // entry `d` is not reused or written until `Dials::finish(d)`: `on_dial` calls it only
-        // after the chain's fifth and last completion, and the error arm below only when
-        // `dial` failed, which pushes all five entries or none.
-        match unsafe { lane.ring.dial(slot, d, src_ptr, target, request) } {
+        // SAFETY: `at` points into the dial pool, which is leaked (never freed), and its entry
+        // `d` is not reused or written until `Dials::finish(d)`: `on_dial` calls it only after
+        // the chain's fifth and last completion, and the error arm below only when `dial`
+        // failed, which pushes all five entries or none.
+        match unsafe { lane.ring.dial(slot, d, at, target) } {
             Ok(()) => self.c[Stat::Dialing] += 1,
             Err(e) => {
                 self.dials.finish(d);
@@ -790,10 +874,10 @@ impl<R: Reads> Worker<R> {
                 self.errors.add(os(Op::Submit, &e));
                 self.give_back_pair(li, slot);
                 self.release(li, slot);
+                self.after_end(i, room, os(Op::Submit, &e), false);
             }
         }
     }
-
 
     /// A lane with a free slot (with a churn plan, released slots count), else a new one
     /// sized for what is left (with a churn plan, full size: its slots are reused).
@@ -974,6 +1058,7 @@ impl<R: Reads> Worker<R> {
         if let Some(churn) = &self.churn {
             self.c[Stat::PairsResting] = churn.pairs.resting() as u64;
         }
+        self.c[Stat::Reopening] = self.reopens.len() as u64;
         self.c[Stat::Errors] = self.errors.total();
         self.shared.store(&self.c);
     }
