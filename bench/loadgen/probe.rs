@@ -292,14 +292,16 @@ impl Api {
         v["online"].as_u64().ok_or(ApiError::Malformed)
     }
 
-    /// `GET /v1/rooms/{room}` → its `last_seq` (a number, or a string of one).
-    pub fn last_seq(&self, room: &str) -> Result<u64, ApiError> {
+    /// `GET /v1/rooms/{room}` → its `last_seq` (a number, or a string of one) and `pending`
+    /// (messages accepted and not yet cut into a block: they have no seq yet).
+    pub fn last_seq(&self, room: &str) -> Result<(u64, u64), ApiError> {
         let (status, body) = self.call("GET", &format!("/v1/rooms/{room}"), "")?;
         if status != 200 {
             return Err(ApiError::Malformed);
         }
         let v: serde_json::Value = serde_json::from_str(&body).map_err(|_| ApiError::Malformed)?;
-        json_u64(&v["last_seq"]).ok_or(ApiError::Malformed)
+        let last = json_u64(&v["last_seq"]).ok_or(ApiError::Malformed)?;
+        Ok((last, json_u64(&v["pending"]).unwrap_or(0)))
     }
 
     /// `GET path` → (status, body).

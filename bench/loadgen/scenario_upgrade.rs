@@ -49,6 +49,9 @@ const RING: RingParams =
     RingParams { sq_entries: 512, cq_entries: 8192, files: 0, recv_buffers: 64, recv_buffer_bytes: 2048 };
 /// How often the old and new processes are looked at (exit, peak RSS).
 const WATCH_EVERY: Duration = Duration::from_millis(10);
+/// How long a room's last seq may take to settle (its pending messages cut into a block: the
+/// block interval, 1 s by default).
+const SEQ_WAIT: Duration = Duration::from_secs(10);
 /// How often the API is asked, during the takeover, whether the new process answers it.
 const READY_POLL: Duration = Duration::from_millis(100);
 
@@ -838,26 +841,27 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Reads every room's last seq from the API into `into` (bases or targets), retrying each
-    /// for a few seconds; false if some room never answered.
+    /// Reads every room's last seq from the API into `into` (bases or targets), once nothing
+    /// is pending in the room (an accepted message has no seq until the next block is cut),
+    /// retrying each for a few seconds; false if some room never answered so.
     fn read_seqs(&mut self, into: &[AtomicU64]) -> bool {
         let mut ok = true;
         for (k, slot) in into.iter().enumerate() {
             let room = format!("r{k}");
-            let until = Instant::now() + Duration::from_secs(10);
+            let until = Instant::now() + SEQ_WAIT;
             loop {
-                match self.setup.api.last_seq(&room) {
-                    Ok(seq) => {
-                        slot.store(seq, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) if Instant::now() >= until => {
-                        self.error(e.kind());
-                        ok = false;
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                let read = self.setup.api.last_seq(&room);
+                if let Ok((seq, 0)) = read {
+                    slot.store(seq, Ordering::Relaxed);
+                    break;
                 }
+                if Instant::now() >= until {
+                    self.error(read.map_or_else(|e| e.kind(), |_| "pending_at_end".into()));
+                    ok = false;
+                    break;
+                }
+                self.tick();
+                std::thread::sleep(Duration::from_millis(50));
             }
             self.tick();
         }
