@@ -19,6 +19,8 @@ pub enum Op {
     Poll,
     Recv,
     Ping,
+    /// Sending our Close frame (the soak's churn).
+    Bye,
     Ring,
     Submit,
 }
@@ -34,6 +36,7 @@ impl Op {
             Op::Poll => "poll",
             Op::Recv => "recv",
             Op::Ping => "ping_send",
+            Op::Bye => "close_send",
             Op::Ring => "ring_setup",
             Op::Submit => "submit",
         }

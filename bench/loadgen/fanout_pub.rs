@@ -93,7 +93,10 @@ impl Publisher {
     fn new(plan: PubPlan, streams: &[u32]) -> Publisher {
         let host = plan.addr.to_string();
         let out = match plan.kind {
-            Kind::Barrage => Out::Http(Box::new(Http::new(plan.addr, &host, &plan.api_key, streams, &plan.book))),
+            Kind::Barrage => {
+                let rooms: Vec<u32> = streams.iter().map(|&j| plan.book.streams.of(j).1).collect();
+                Out::Http(Box::new(Http::new(plan.addr, &host, &plan.api_key, &rooms)))
+            }
             kind => Out::Ws(
                 streams
                     .iter()
@@ -262,10 +265,10 @@ fn io_kind(prefix: &str, e: &io::Error) -> String {
     }
 }
 
-/// One keep-alive connection to barrage's business API.
-struct Http {
+/// One keep-alive connection to barrage's business API (also the `soak` publisher's).
+pub struct Http {
     addr: SocketAddrV4,
-    /// Per stream of this publisher: the request head up to `Content-Length: `.
+    /// Per room given to `new`: the request head up to `Content-Length: `.
     heads: Vec<Vec<u8>>,
     stream: Option<TcpStream>,
     publish: PublishRequest,
@@ -277,12 +280,13 @@ struct Http {
 }
 
 impl Http {
-    fn new(addr: SocketAddrV4, host: &str, key: &str, streams: &[u32], book: &Book) -> Http {
+    /// Publishes into `rooms` (`post`'s `i` indexes this list).
+    pub fn new(addr: SocketAddrV4, host: &str, key: &str, rooms: &[u32]) -> Http {
         let key = if key.is_empty() { String::new() } else { format!("X-Api-Key: {key}\r\n") };
-        let heads = streams
+        let heads = rooms
             .iter()
-            .map(|&j| {
-                let path = Kind::Barrage.pub_path("", book.streams.of(j).1);
+            .map(|&k| {
+                let path = Kind::Barrage.pub_path("", k);
                 format!(
                     "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\n{key}Content-Length: "
                 )
@@ -307,8 +311,24 @@ impl Http {
         }
     }
 
-    /// Publishes `msg` into stream `i`'s room; true on 202.
-    fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
+    /// Publishes `msg` into the `i`-th room given to `new`; true on 202.
+    pub fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
+        match self.send(i, msg) {
+            Ok(202) => true,
+            Ok(status) => {
+                count(errors, format!("status_{status}"));
+                false
+            }
+            Err(e) => {
+                count(errors, e.kind);
+                false
+            }
+        }
+    }
+
+    /// Publishes `msg` into the `i`-th room given to `new`; returns the status, or why there
+    /// was none (after a failed connect, having paused `RETRY_PAUSE`).
+    pub fn send(&mut self, i: usize, msg: &[u8]) -> Result<u16, Unanswered> {
         if self.stream.is_none() {
             match connect(self.addr) {
                 Ok(s) => {
@@ -316,9 +336,8 @@ impl Http {
                     self.filled = 0;
                 }
                 Err(e) => {
-                    count(errors, io_kind("api", &e));
                     std::thread::sleep(RETRY_PAUSE);
-                    return false;
+                    return Err(Unanswered { kind: io_kind("api", &e), sent: false });
                 }
             }
         }
@@ -330,32 +349,28 @@ impl Http {
         self.request.extend_from_slice(&self.heads[i]);
         let _ = write!(self.request, "{}\r\n\r\n", self.body.len());
         self.request.extend_from_slice(&self.body);
-        match self.exchange() {
-            Ok((202, keep)) => {
-                if !keep {
-                    self.stream = None;
-                }
-                true
-            }
+        let stream = self.stream.as_mut().expect("connected above");
+        if let Err(e) = stream.write_all(&self.request) {
+            self.stream = None;
+            return Err(Unanswered { kind: io_kind("api", &e), sent: false });
+        }
+        match self.response() {
             Ok((status, keep)) => {
-                count(errors, format!("status_{status}"));
                 if !keep {
                     self.stream = None;
                 }
-                false
+                Ok(status)
             }
             Err(e) => {
-                count(errors, io_kind("api", &e));
                 self.stream = None;
-                false
+                Err(Unanswered { kind: io_kind("api", &e), sent: true })
             }
         }
     }
 
-    /// Writes the request and reads its response: (status, keep-alive).
-    fn exchange(&mut self) -> io::Result<(u16, bool)> {
+    /// Reads the response to the request written: (status, keep-alive).
+    fn response(&mut self) -> io::Result<(u16, bool)> {
         let stream = self.stream.as_mut().expect("connected above");
-        stream.write_all(&self.request)?;
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 16];
             let mut resp = httparse::Response::new(&mut headers);
@@ -385,6 +400,16 @@ impl Http {
             self.filled += read_some(stream, &mut self.buf[self.filled..])?;
         }
     }
+}
+
+/// A publish that got no status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    /// `api_ERRNO`, `api_timeout`, `api_eof`, `api_other`.
+    pub kind: String,
+    /// The request was written whole before the connection failed: the server may have taken
+    /// it (a retry may publish it twice).
+    pub sent: bool,
 }
 
 fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
@@ -609,8 +634,7 @@ mod tests {
             }
             datas
         });
-        let book = book(1e9, 10.0);
-        let mut http = Http::new(addr, "h", "", &[0], &book);
+        let mut http = Http::new(addr, "h", "", &[0]);
         let mut errors = BTreeMap::new();
         let mut accepted = Vec::new();
         let mut msg = Vec::new();

@@ -1,6 +1,7 @@
 //! A `fanout` subscriber's inbound stream: the upgrade's response head, then WebSocket frames
 //! whose data messages are taken apart as they arrive — for peers each message is one published
-//! message (its first `HEADER_BYTES` kept), for barrage one `ServerFrame` walked by `pbwalk`.
+//! message (its first `HEADER_BYTES` kept), for barrage one `ServerFrame` walked by `pbwalk`, or
+//! handed on as it comes for the caller's own walk (`Body::Pass`: `upgrade_walk`).
 //! No payload is copied beyond a header, nothing is reassembled, nothing allocates: the state
 //! between reads is about a hundred bytes whatever the frame sizes and the splits.
 #![forbid(unsafe_code)]
@@ -26,6 +27,8 @@ pub enum Event<'a> {
     Message(&'a [u8; HEADER_BYTES]),
     /// A message too short to hold the header (or a barrage message without data).
     Short,
+    /// Payload bytes of the open data message, in order (`Body::Pass` only).
+    Data(&'a [u8]),
     /// A data message ended (one WebSocket message: a peer's message, a barrage frame).
     DataEnd,
     /// A barrage frame that is not a well-formed `ServerFrame` (its rest was ignored).
@@ -45,6 +48,8 @@ pub enum Body {
     Raw { hdr: [u8; HEADER_BYTES], len: u8 },
     /// Each data message is a barrage `ServerFrame`.
     Proto(PbWalk),
+    /// The data messages' payload goes to the caller as it arrives (`Event::Data`).
+    Pass,
 }
 
 impl Body {
@@ -71,6 +76,8 @@ impl Body {
                     Found::Short => Event::Short,
                 })
             }),
+            Body::Pass if bytes.is_empty() => {}
+            Body::Pass => on(Event::Data(bytes)),
         }
     }
 
@@ -89,6 +96,7 @@ impl Body {
                     on(Event::Malformed);
                 }
             }
+            Body::Pass => {}
         }
     }
 }
@@ -313,6 +321,7 @@ mod tests {
         TooLarge,
         Ping,
         Close(Option<u16>),
+        Data(Vec<u8>),
     }
 
     fn run(body: Body, bytes: &[u8], cuts: &[usize]) -> Result<Vec<Seen>, ReadError> {
@@ -331,6 +340,7 @@ mod tests {
                     Event::TooLarge => Seen::TooLarge,
                     Event::Ping => Seen::Ping,
                     Event::Close(c) => Seen::Close(c),
+                    Event::Data(d) => Seen::Data(d.to_vec()),
                 })
             })?;
             at = cut;
@@ -455,6 +465,26 @@ mod tests {
                     assert_eq!(seen, want, "cuts {a} {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn pass_hands_on_each_data_message_s_payload_whole_across_fragments_and_reads() {
+        let (bytes, _) = broadcast_stream();
+        let payloads = [msg(0, 100), msg(1, 300), msg(2, 70_000), msg(3, 100), msg(4, 24), vec![1, 2, 3]];
+        for cuts in [vec![], vec![HEAD.len() + 1], vec![200, 500, 70_100, 70_300]] {
+            let seen = run(Body::Pass, &bytes, &cuts).unwrap();
+            // Join the pieces between the ends; the ping inside message 3 comes first.
+            let (mut got, mut open) = (Vec::new(), Vec::new());
+            for s in seen {
+                match s {
+                    Seen::Data(d) => open.extend(d),
+                    Seen::End => got.push(std::mem::take(&mut open)),
+                    Seen::Up | Seen::Ping | Seen::Close(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(got, payloads, "cuts {cuts:?}");
         }
     }
 

@@ -197,6 +197,7 @@ impl Reads for FanoutReads {
                 conn.frame_messages = 0;
             }
             Event::Short => self.errors.add(ErrorKind::Named("short_message")),
+            Event::Data(_) => {}
             Event::Malformed => self.errors.add(ErrorKind::Named("malformed_frame")),
             Event::TooLarge => self.errors.add(ErrorKind::Named("frame_too_large")),
             Event::Ping => out.pong = true,

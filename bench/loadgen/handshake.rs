@@ -34,6 +34,21 @@ pub fn request(host: &str, room: &str, protocol: Subprotocol) -> Vec<u8> {
     upgrade(host, &format!("/ws?room={room}"), Some(protocol.name()))
 }
 
+/// The upgrade request that joins `room` resuming after seq `after` (`/ws?room=R&after=SEQ`),
+/// written into `out` (cleared first): a reconnect's, built per connection without allocating
+/// once `out` has grown.
+pub fn resume_request(out: &mut Vec<u8>, host: &str, room: &str, after: u64, protocol: Subprotocol) {
+    use std::io::Write as _;
+    out.clear();
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "GET /ws?room={room}&after={after} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+        protocol.name()
+    );
+}
+
 /// An upgrade request for `path` (and query), offering `protocol` if any.
 pub fn upgrade(host: &str, path: &str, protocol: Option<&str>) -> Vec<u8> {
     let offer = protocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
@@ -205,6 +220,11 @@ mod tests {
         assert!(r.ends_with("\r\n\r\n") && r.matches("\r\n\r\n").count() == 1);
         let j = String::from_utf8(request("h", "r0", Subprotocol::Json)).unwrap();
         assert!(j.contains("Sec-WebSocket-Protocol: barrage.v1.json\r\n"));
+        let mut out = b"left over".to_vec();
+        resume_request(&mut out, "127.0.0.1:8080", "r7", 1_882_449_317_462_017, Subprotocol::Proto);
+        let resume = String::from_utf8(out).unwrap();
+        let plain_request = String::from_utf8(request("127.0.0.1:8080", "r7", Subprotocol::Proto)).unwrap();
+        assert_eq!(resume, plain_request.replacen("room=r7", "room=r7&after=1882449317462017", 1));
         let plain = String::from_utf8(upgrade("h", "/sub?room=r1", None)).unwrap();
         assert!(plain.starts_with("GET /sub?room=r1 HTTP/1.1\r\nHost: h\r\n"));
         assert!(!plain.contains("Protocol") && plain.ends_with("Version: 13\r\n\r\n"));

@@ -9,6 +9,15 @@
 //! (per-connection state) → `handshake` / `frames` (the bytes read, counted) → `errors`,
 //! `probe` (/proc and the gateway API) → `report` (summary and JSON).
 //!
+//! `scenario_soak` ramps through the same workers with a churn plan (`churn`: victims, source
+//! pairs, close deadlines) and publishes through `fanout_pub`'s HTTP client, sampling the
+//! gateway and the kernel into a TSV.
+//!
+//! `scenario_upgrade` follows clients through a zero-downtime upgrade: the same workers, with
+//! `upgrade_recv` as their reads (`fanout_read` → `upgrade_walk`: seqs, backfills, reconnect
+//! frames → `upgrade_follow`: the README's client algorithm) and `reopen` bringing clients back
+//! with `after=last`; `upgrade_pub` publishes with retries, `upgrade_gaps` short-polls gaps.
+//!
 //! `scenario_fanout` subscribes through the same workers, with `fanout_recv` as their reads
 //! (`fanout_read` → `pbwalk`: messages out of frames, without copies), while `fanout_pub`
 //! threads publish `fanout_msg` messages; `fanout_book` is what they share, `fanout_report`
@@ -16,6 +25,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod addrs;
+mod churn;
 mod conn;
 mod errors;
 mod fanout_book;
@@ -29,11 +39,19 @@ mod handshake;
 mod pace;
 mod pbwalk;
 mod probe;
+mod reopen;
 mod report;
 mod ring;
 mod scenario_connect;
 mod scenario_fanout;
+mod scenario_soak;
+mod scenario_upgrade;
 mod sys;
+mod upgrade_follow;
+mod upgrade_gaps;
+mod upgrade_pub;
+mod upgrade_recv;
+mod upgrade_walk;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +75,19 @@ enum Scenario {
     /// everyone subscribed and nothing was lost (or, for barrage, only what its drop counters
     /// account for); 1 otherwise; 2 for refused arguments.
     Fanout(Box<scenario_fanout::FanoutArgs>),
+    /// Ramp N connections into R rooms, then for a while close and reopen (same room) a set
+    /// number of random ones a second while publishing through the business API, sampling the
+    /// gateway's memory and counters and the kernel's TCP memory into a TSV. Exit 0 if everyone
+    /// joined, no reconnect failed, the churn reached its rate and the gateway's online counts
+    /// matched at the end; 1 otherwise; 2 for refused arguments.
+    Soak(Box<scenario_soak::SoakArgs>),
+    /// Hold N clients into R rooms of the running gateway while publishing through the API,
+    /// start a new gateway that takes it over (--takeover), follow every client through the
+    /// drain (reconnect frames, resume with after=last, duplicates and gaps counted, gaps short
+    /// polled), then check each reached its room's last seq. Reports drain time, reconnects per
+    /// second, both processes' peak RSS, messages lost. Exit 0 if nothing was lost, everyone
+    /// caught up and the old process exited; 1 otherwise; 2 for refused arguments.
+    Upgrade(Box<scenario_upgrade::UpgradeArgs>),
 }
 
 fn main() {
@@ -64,6 +95,8 @@ fn main() {
     let code = match cli.scenario {
         Scenario::Connect(args) => scenario_connect::run(*args),
         Scenario::Fanout(args) => scenario_fanout::run(*args),
+        Scenario::Soak(args) => scenario_soak::run(*args),
+        Scenario::Upgrade(args) => scenario_upgrade::run(*args),
     };
     std::process::exit(code);
 }

@@ -12,6 +12,7 @@ use barrage::shard::bufring::BufRing;
 pub use barrage::shard::uring::Cqe;
 use barrage::shard::uring::{BUFFER_GROUP, Uring};
 
+use crate::conn::DialPtrs;
 use io_uring::types::{CancelBuilder, DestinationSlot, Fixed};
 use io_uring::{IoUring, opcode, squeue};
 
@@ -35,10 +36,12 @@ pub enum Tag {
     Ping,
     Cancel,
     Close,
+    /// Our Close frame (the soak's churn).
+    Bye,
 }
 
 impl Tag {
-    const ALL: [Tag; 10] = [
+    const ALL: [Tag; 11] = [
         Tag::Socket,
         Tag::SockOpt,
         Tag::Bind,
@@ -49,6 +52,7 @@ impl Tag {
         Tag::Ping,
         Tag::Cancel,
         Tag::Close,
+        Tag::Bye,
     ];
 
     fn data(self, index: u32) -> u64 {
@@ -103,26 +107,26 @@ impl Ring {
         Ok(ring)
     }
 
-    /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind `src`
-    /// → connect `dst` → send `request`. A failure cancels the rest (each still completes,
-    /// with -ECANCELED), so exactly five completions tagged with `dial` arrive.
+    /// One connection's start as a link chain: socket into `slot` → SO_REUSEADDR → bind
+    /// `at.src` → connect `dst` → send the `at.request_len` bytes at `at.request`. A failure
+    /// cancels the rest (each still completes, with -ECANCELED), so exactly five completions
+    /// tagged with `dial` arrive.
     ///
     /// # Safety
-    /// `src` must point to a sockaddr_in that stays valid and unmodified until the fifth
-    /// completion is reaped.
+    /// `at.src` must point to a sockaddr_in, and `at.request` to `at.request_len` bytes, that
+    /// stay valid and unmodified until the fifth completion is reaped.
     pub unsafe fn dial(
         &mut self,
         slot: u32,
         dial: u32,
-        src: *const libc::sockaddr_in,
+        at: DialPtrs,
         dst: &'static libc::sockaddr_in,
-        request: &'static [u8],
     ) -> io::Result<()> {
         let target = DestinationSlot::try_from_slot_target(slot)
             .map_err(|s| io::Error::other(format!("slot {s} out of range")))?;
         let fd = Fixed(slot);
         let link = squeue::Flags::IO_LINK;
-        let len = u32::try_from(request.len()).map_err(|_| io::Error::other("request too long"))?;
+        let (src, request, len) = (at.src, at.request, at.request_len);
         let chain = [
             opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0)
                 .file_index(Some(target))
@@ -144,13 +148,10 @@ impl Ring {
                 .build()
                 .flags(link)
                 .user_data(Tag::Connect.data(dial)),
-            opcode::Send::new(fd, request.as_ptr(), len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(Tag::Upgrade.data(dial)),
+            opcode::Send::new(fd, request, len).flags(libc::MSG_NOSIGNAL).build().user_data(Tag::Upgrade.data(dial)),
         ];
-        // SAFETY: `ONE`, `dst` and `request` are 'static; the caller keeps `src` alive until
-        // the chain's last completion.
+        // SAFETY: `ONE` and `dst` are 'static; the caller keeps `src` and `request` alive
+        // until the chain's last completion.
         unsafe { self.ring.push(&chain) }
     }
 
@@ -177,7 +178,7 @@ impl Ring {
         unsafe { self.ring.push(&[e]) }
     }
 
-    /// Sends fixed bytes (a ping frame).
+    /// Sends fixed bytes (a ping, pong or close frame).
     pub fn send_static(&mut self, slot: u32, tag: Tag, bytes: &'static [u8]) -> io::Result<()> {
         let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("send too long"))?;
         let e = opcode::Send::new(Fixed(slot), bytes.as_ptr(), len)
@@ -188,16 +189,24 @@ impl Ring {
         unsafe { self.ring.push(&[e]) }
     }
 
-    /// Cancels every request on `slot` and closes it; only failures complete.
-    pub fn close(&mut self, slot: u32) -> io::Result<()> {
+    /// Cancels the requests on `slot` that may still wait — those tagged `waiting`: its
+    /// multishot poll, a send — and closes it; only failures complete (ENOENT: it had ended).
+    /// Receives never wait (MSG_DONTWAIT). Each cancel names its request by user data, a hash
+    /// lookup: cancelling by descriptor walks every armed poll of the ring, which at 19,000
+    /// connections a ring and 1,000 closes a second took most of a core (the soak's churn).
+    pub fn close(&mut self, slot: u32, waiting: &[Tag]) -> io::Result<()> {
         let skip = squeue::Flags::SKIP_SUCCESS;
-        let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
-            .build()
-            .flags(skip)
-            .user_data(Tag::Cancel.data(slot));
+        for tag in waiting {
+            let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(tag.data(slot)))
+                .build()
+                .flags(skip)
+                .user_data(Tag::Cancel.data(slot));
+            // SAFETY: the entry holds no pointers.
+            unsafe { self.ring.push(&[cancel])? };
+        }
         let close = opcode::Close::new(Fixed(slot)).build().flags(skip).user_data(Tag::Close.data(slot));
-        // SAFETY: the entries hold no pointers.
-        unsafe { self.ring.push(&[cancel, close]) }
+        // SAFETY: the entry holds no pointers.
+        unsafe { self.ring.push(&[close]) }
     }
 
     /// Copies out every completion waiting.

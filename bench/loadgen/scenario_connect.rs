@@ -141,6 +141,7 @@ pub fn run(args: ConnectArgs) -> i32 {
             rooms: args.rooms,
             requests,
             target,
+            churn: None,
         };
         match start_worker(t, plan, args.subprotocol) {
             Ok((shared, handle)) => {

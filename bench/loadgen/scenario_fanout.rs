@@ -180,6 +180,7 @@ pub fn run(args: FanoutArgs) -> i32 {
             rooms: args.rooms,
             requests,
             target,
+            churn: None,
         };
         if let Err(e) = run.start_worker(t, plan) {
             eprintln!("barrage-load: cannot start load thread {t}: {e}");

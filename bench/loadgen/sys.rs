@@ -1,6 +1,6 @@
 //! The few raw system calls beside io_uring: the descriptor limit (which also caps a ring's
 //! direct-descriptor table), the eventfd a worker sleeps on, the shared monotonic clock, the
-//! clock-tick unit of /proc CPU times, and a receive that never waits.
+//! clock-tick unit of /proc CPU times, a receive that never waits, and our own niceness.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -85,4 +85,12 @@ pub fn recv_dontwait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: recv writes at most `buf.len()` bytes into the valid, exclusively borrowed `buf`.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// The calling thread's nice value (−20..=19; a process started under `nice -n 19` has 19).
+pub fn niceness() -> i32 {
+    // SAFETY: getpriority takes no pointers; for PRIO_PROCESS and who = 0 it reads the caller's
+    // nice value. Its -1 is ambiguous with an error only in theory: for the calling thread it
+    // cannot fail.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
 }
