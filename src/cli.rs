@@ -42,6 +42,9 @@ struct DoctorArgs {
     /// A load generator on this host holds the other end of every connection.
     #[arg(long)]
     with_loadgen: bool,
+    /// Also check the Redis that durable state would use (redis.url).
+    #[arg(long, env = "BARRAGE_REDIS")]
+    redis: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +55,11 @@ struct ServeArgs {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Replace the barrage serving upgrade.control_socket without dropping anything: take its
+    /// listeners and rooms, then have it drain its clients into this process (with none
+    /// there, start fresh).
+    #[arg(long)]
+    takeover: bool,
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -122,7 +130,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let mut gateway = Gateway::start(&config)?;
+    let mut gateway = if args.takeover { Gateway::take_over(&config)? } else { Gateway::start(&config)? };
     println!(
         "barrage {}: {} shards, {} direct descriptors per ring",
         env!("CARGO_PKG_VERSION"),
@@ -134,17 +142,57 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !config.websocket.echo_path.is_empty() {
         println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);
     }
-    if let Some(sig) = signals.forever().next() {
-        println!("barrage: signal {sig}, closing connections");
+    loop {
+        if let Some(sig) = signals.pending().next() {
+            if config.drain.on_sigterm && sig == SIGTERM && !gateway.handed_over() {
+                gateway.drain();
+                wait_drained(&gateway, &mut signals, config.drain.deadline_ms, "SIGTERM, draining");
+            } else {
+                println!("barrage: signal {sig}, closing connections");
+            }
+            break;
+        }
+        if gateway.handed_over() {
+            // The drain's deadline is the new process's [drain] one, at most the old's.
+            let deadline = config.drain.deadline_ms;
+            wait_drained(&gateway, &mut signals, deadline, "upgraded, draining into the new process");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     gateway.stop();
     println!("barrage: stopped");
     Ok(())
 }
 
+/// A drain under way (SIGTERM, or an upgrade: every pending message delivered, clients sent
+/// elsewhere in waves): returns once every connection is gone, at the deadline, or at a
+/// second signal.
+fn wait_drained(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64, why: &str) {
+    println!("barrage: {why} (a second SIGTERM stops at once)");
+    // Past the shards' own deadline they close what is left; this only bounds the wait.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_add(5_000));
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if signals.pending().next().is_some() {
+            println!("barrage: second signal, stopping");
+            return;
+        }
+        let progress = gateway.drain_progress();
+        if progress.done() || std::time::Instant::now() >= until {
+            println!("barrage: drained ({} reconnects sent)", progress.reconnects);
+            return;
+        }
+    }
+}
+
 fn doctor(args: &DoctorArgs) -> i32 {
     let plan = crate::doctor::Plan { connections: args.connections, with_loadgen: args.with_loadgen };
-    let findings = crate::doctor::diagnose(&crate::doctor::HostFacts::read(), plan);
+    let mut findings = crate::doctor::diagnose(&crate::doctor::HostFacts::read(), plan);
+    if let Some(url) = args.redis.as_deref().filter(|u| !u.is_empty()) {
+        let facts = crate::doctor::RedisFacts::read(url, std::time::Duration::from_secs(2));
+        findings.extend(crate::doctor::diagnose_redis(&facts));
+    }
     let (text, ok) = crate::doctor::render(&findings, plan);
     print!("{text}");
     if ok { 0 } else { 1 }

@@ -183,8 +183,8 @@ config! {
         /// SO_SNDBUF of accepted sockets (set on the listener, which they inherit; the kernel
         /// doubles it for its bookkeeping and caps it at net.core.wmem_max). It bounds the
         /// kernel memory a reader that stops reading pins: about twice this (64 KiB) instead of
-        /// a send buffer autotuned up to tcp_wmem's max (≈1.5 MB per stalled loopback socket
-        /// measured, 4 MiB possible). Blocks are small (20 messages, a few KB) and a viewer
+        /// a send buffer autotuned up to tcp_wmem's max (3.8 MiB per stalled reader measured
+        /// on loopback, bench/stalled.sh). Blocks are small (20 messages, a few KB) and a viewer
         /// needs a few KB/s, so 32 KiB in the kernel holds about one full send queue of
         /// blocks; past it frames wait in barrage's own queue (send_queue_frames_max), where
         /// they are shed by priority, which the kernel cannot do. A frame larger than the
@@ -292,6 +292,73 @@ config! {
         moderation_entries_max: usize = 1000, moderation_entries_max, "BARRAGE_MODERATION_ENTRIES_MAX";
     }
 
+    /// Draining: moving every client off this node in waves (`POST /v1/admin/drain`, SIGTERM).
+    drain: Drain {
+        /// SIGTERM drains (the second SIGTERM, or the deadline, stops at once); false = SIGTERM
+        /// closes every connection (1001) and exits.
+        on_sigterm: bool = true, drain_on_sigterm, "BARRAGE_DRAIN_ON_SIGTERM";
+        /// Reconnect frames per second, node-wide (split over the shards): how fast clients
+        /// are sent elsewhere. 2,000/s moves a million viewers in about 8 minutes without a
+        /// reconnect storm on the next node. 0 = all at once.
+        reconnect_rate_per_s: u32 = 2_000, drain_reconnect_rate_per_s, "BARRAGE_DRAIN_RECONNECT_RATE_PER_S";
+        /// How long after the start every connection still open is closed.
+        deadline_ms: u64 = 600_000, drain_deadline_ms, "BARRAGE_DRAIN_DEADLINE_MS";
+        /// The least delay a client is told to wait before reconnecting.
+        delay_ms: u32 = 500, drain_delay_ms, "BARRAGE_DRAIN_DELAY_MS";
+        /// Extra delay spread over clients (0..=this, by connection) so that reconnects sent
+        /// together do not arrive together.
+        jitter_ms: u32 = 2_000, drain_jitter_ms, "BARRAGE_DRAIN_JITTER_MS";
+        /// Where clients reconnect (a ws:// or wss:// URL); "" = the same address (another
+        /// node behind the same balancer, or the process that takes over).
+        url: String = String::new(), drain_url, "BARRAGE_DRAIN_URL";
+    }
+
+    /// Zero-downtime upgrade on one box: a new process (`barrage serve --takeover`) takes the
+    /// listening sockets and the rooms' state from this one over a Unix control socket, then
+    /// this one drains its clients into it.
+    upgrade: Upgrade {
+        /// Path of the control socket ("" = no upgrades). Both processes use the same path;
+        /// keep it in a directory only the gateway's user can write.
+        control_socket: String = String::new(), upgrade_control_socket, "BARRAGE_UPGRADE_CONTROL_SOCKET";
+        /// How long the old process waits for the new one to be serving before it takes its
+        /// rooms back and carries on (publishes get 503 while it waits).
+        timeout_ms: u64 = 30_000, upgrade_timeout_ms, "BARRAGE_UPGRADE_TIMEOUT_MS";
+        /// Bytes of the rooms' state a new process accepts from the old one (history is most
+        /// of it: about 200 B per message kept).
+        snapshot_bytes_max: u64 = 1 << 30, upgrade_snapshot_bytes_max, "BARRAGE_UPGRADE_SNAPSHOT_BYTES_MAX";
+    }
+
+    /// Durable room state in Redis: history, seqs, attributes and moderation outlive the
+    /// process, and replay by server time. Off without a URL: everything stays in memory.
+    redis: Redis {
+        /// `redis://[user:password@]host:port[/db]`; "" = no Redis (the embedded default).
+        url: String = String::new(), redis, "BARRAGE_REDIS";
+        /// Prefix of every key barrage writes (several gateways' state can share one Redis).
+        prefix: String = "barrage:".into(), redis_prefix, "BARRAGE_REDIS_PREFIX";
+        /// How long messages are kept for replay by server time (per room, also capped by
+        /// replay_messages_max). About 200 B of Redis memory per message kept.
+        replay_retention_s: u64 = 86_400, redis_replay_retention_s, "BARRAGE_REDIS_REPLAY_RETENTION_S";
+        /// Messages kept for replay per room at most, whatever their age.
+        replay_messages_max: usize = 100_000, redis_replay_messages_max, "BARRAGE_REDIS_REPLAY_MESSAGES_MAX";
+        /// A room's keys (history, seqs, attributes) expire this long after its last write;
+        /// moderation entries keep their own expiry (or none).
+        room_ttl_s: u64 = 604_800, redis_room_ttl_s, "BARRAGE_REDIS_ROOM_TTL_S";
+        /// Writes held while Redis is slow or away, node-wide; past it the oldest are dropped
+        /// (counted). Each is a block's messages or one attribute or list change.
+        write_buffer_max: usize = 100_000, redis_write_buffer_max, "BARRAGE_REDIS_WRITE_BUFFER_MAX";
+        /// Rooms being loaded from Redis at once per shard (a room not in memory is loaded on
+        /// first use); past it a room starts from memory alone (counted).
+        loads_max: usize = 4_096, redis_loads_max, "BARRAGE_REDIS_LOADS_MAX";
+        /// Requests for one room waiting for its load; past it they are refused with 503.
+        load_waiters_max: usize = 1_024, redis_load_waiters_max, "BARRAGE_REDIS_LOAD_WAITERS_MAX";
+        /// A load not answered by then gives up: the room starts from memory alone (counted).
+        load_timeout_ms: u64 = 1_000, redis_load_timeout_ms, "BARRAGE_REDIS_LOAD_TIMEOUT_MS";
+        /// Connect and per-command timeout.
+        timeout_ms: u64 = 2_000, redis_timeout_ms, "BARRAGE_REDIS_TIMEOUT_MS";
+        /// Longest wait between reconnection attempts (doubling from 50 ms).
+        reconnect_max_ms: u64 = 5_000, redis_reconnect_max_ms, "BARRAGE_REDIS_RECONNECT_MAX_MS";
+    }
+
     /// The private business API.
     api: Api {
         /// Business API listener (keep it private).
@@ -389,7 +456,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 19] = [
+        let checks: [(bool, &str); 24] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -425,6 +492,18 @@ impl Config {
                 "rooms.pending_messages_max must be at least rooms.block_messages_max",
             ),
             ((1..=255).contains(&r.name_bytes_max), "rooms.name_bytes_max must be in 1..=255"),
+            (self.upgrade.timeout_ms >= 100, "upgrade.timeout_ms must be at least 100"),
+            (
+                self.redis.url.is_empty() || self.redis.url.starts_with("redis://"),
+                "redis.url must be empty or a redis:// URL",
+            ),
+            (
+                self.redis.write_buffer_max >= 1 && self.redis.loads_max >= 1,
+                "redis.write_buffer_max and redis.loads_max must be at least 1",
+            ),
+            (self.redis.timeout_ms >= 1, "redis.timeout_ms must be at least 1"),
+            // An API request waiting for a room's load waits at most 5 s for its answer.
+            ((1..=4_000).contains(&self.redis.load_timeout_ms), "redis.load_timeout_ms must be in 1..=4000"),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
             // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a

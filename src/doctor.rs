@@ -153,6 +153,74 @@ pub fn diagnose(facts: &HostFacts, plan: Plan) -> Vec<Finding> {
     out
 }
 
+/// What `barrage doctor --redis URL` found at the Redis that `redis.url` names.
+#[derive(Debug, Clone)]
+pub struct RedisFacts {
+    pub url: String,
+    /// `redis_version` and `maxmemory-policy`, or why Redis could not be asked.
+    pub reached: Result<(String, String), String>,
+}
+
+impl RedisFacts {
+    /// Connects (within `timeout`), PINGs, and reads the version and the eviction policy.
+    pub fn read(url: &str, timeout: std::time::Duration) -> RedisFacts {
+        let ask = || -> redis::RedisResult<(String, String)> {
+            let mut con = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+            con.set_read_timeout(Some(timeout))?;
+            redis::cmd("PING").exec(&mut con)?;
+            let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
+            let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_owned();
+            let policy: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query(&mut con)?;
+            Ok((version, policy.get(1).cloned().unwrap_or_else(|| "?".into())))
+        };
+        RedisFacts { url: url.to_owned(), reached: ask().map_err(|e| e.to_string()) }
+    }
+}
+
+/// The checks of durable state's Redis: reachable, new enough (6.2: `PXAT`, `ZRANGE ...
+/// BYSCORE LIMIT`), and not evicting keys it needs (bans, seqs) under memory pressure.
+pub fn diagnose_redis(facts: &RedisFacts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let (version, policy) = match &facts.reached {
+        Ok(v) => v.clone(),
+        Err(e) => {
+            out.push(Finding {
+                check: "redis connection",
+                have: e.clone(),
+                need: format!("PONG from {}", facts.url),
+                ok: false,
+                fix: "start redis-server, or fix redis.url (--redis)".into(),
+            });
+            return out;
+        }
+    };
+    out.push(Finding {
+        check: "redis connection",
+        have: "PONG".into(),
+        need: "PONG".into(),
+        ok: true,
+        fix: String::new(),
+    });
+    let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    let new_enough = parts.first().copied().unwrap_or(0) * 100 + parts.get(1).copied().unwrap_or(0) >= 602;
+    out.push(Finding {
+        check: "redis version",
+        have: version,
+        need: ">= 6.2".into(),
+        ok: new_enough,
+        fix: "install Redis 7 (Debian: apt-get install redis-server)".into(),
+    });
+    let evicts_anything = policy.starts_with("allkeys");
+    out.push(Finding {
+        check: "redis maxmemory-policy",
+        have: policy,
+        need: "noeviction or volatile-*".into(),
+        ok: !evicts_anything,
+        fix: "CONFIG SET maxmemory-policy noeviction (allkeys-* can evict bans and seq counters)".into(),
+    });
+    out
+}
+
 /// A table of findings; the second value is whether everything is fine.
 pub fn render(findings: &[Finding], plan: Plan) -> (String, bool) {
     let mut s = String::new();
@@ -287,5 +355,19 @@ mod tests {
         assert_eq!(kernel_version("6.18.44-fc-v657"), (6, 18));
         assert_eq!(kernel_version("5.15.0-91-generic"), (5, 15));
         assert_eq!(kernel_version(""), (0, 0));
+    }
+
+    #[test]
+    fn redis_findings() {
+        let down = RedisFacts { url: "redis://x".into(), reached: Err("refused".into()) };
+        let f = diagnose_redis(&down);
+        assert_eq!((f.len(), f[0].ok), (1, false));
+        let old = RedisFacts { url: "u".into(), reached: Ok(("6.0.16".into(), "noeviction".into())) };
+        assert!(!diagnose_redis(&old)[1].ok);
+        let risky = RedisFacts { url: "u".into(), reached: Ok(("7.0.15".into(), "allkeys-lru".into())) };
+        let f = diagnose_redis(&risky);
+        assert!(f[1].ok && !f[2].ok);
+        let fine = RedisFacts { url: "u".into(), reached: Ok(("7.2.4".into(), "volatile-lru".into())) };
+        assert!(diagnose_redis(&fine).iter().all(|f| f.ok));
     }
 }

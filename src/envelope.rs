@@ -100,12 +100,12 @@ mod tests {
     #[test]
     fn json_join_matches_the_contract() {
         let f = decode(Format::Json, true, br#"{"join":{"room":"r2"}}"#).unwrap();
-        assert_eq!(f.frame, Some(client_frame::Frame::Join(Join { room: "r2".into() })));
+        assert_eq!(f.frame, Some(client_frame::Frame::Join(Join { room: "r2".into(), ..Join::default() })));
     }
 
     #[test]
     fn proto_round_trip_and_type_checks() {
-        let f = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "a".into() })) };
+        let f = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "a".into(), ..Join::default() })) };
         let bytes = f.encode_to_vec();
         assert_eq!(decode(Format::Proto, false, &bytes).unwrap(), f);
         assert_eq!(decode(Format::Proto, true, &bytes), Err(EnvelopeError::WrongType));

@@ -1,9 +1,12 @@
-//! Starting and stopping the whole gateway: the mesh, one pinned thread per shard (each binds
-//! its own SO_REUSEPORT listener and builds its rings on its own thread), and the business API.
+//! Starting and stopping the whole gateway: the listeners (one SO_REUSEPORT socket per shard,
+//! or those taken over from the process this one replaces), the mesh, one pinned thread per
+//! shard (each builds its rings on its own thread), the business API, and the upgrade control
+//! socket.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,9 +18,15 @@ use crate::hub::HubConfig;
 use crate::hub::mail::{HostMail, Mail};
 use crate::ids::ShardId;
 use crate::metrics::Snapshot;
+use crate::proto::RoomState;
+use crate::room::RoomName;
+use crate::room::owner::{Replica, replicas};
 use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
+use crate::store::Store;
+use crate::upgrade::Inherited;
+use crate::upgrade::control::{Control, Holdings};
 
 /// Sendmsg slots (multi-frame sends in flight) per shard at most: 16,384 × ~300 B = 5 MiB.
 const SENDMSG_SLOTS_PER_SHARD: usize = 16_384;
@@ -26,8 +35,16 @@ const _: () = assert!(SENDMSG_SLOTS_PER_SHARD <= crate::shard::SENDMSG_SLOTS_MAX
 /// A running gateway.
 pub struct Gateway {
     mesh: Arc<Mesh>,
+    metrics: Arc<[Snapshot]>,
+    config: Config,
     shards: Vec<JoinHandle<std::io::Result<ShardExit>>>,
     api: Option<Server>,
+    /// Duplicates of the shards' listeners, for handing over on an upgrade.
+    public_listeners: Vec<socket2::Socket>,
+    control: Option<Control>,
+    handed_over: Arc<AtomicBool>,
+    /// Durable room state (with `redis.url`).
+    store: Option<Arc<Store>>,
     pub public_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shard_count: usize,
@@ -53,8 +70,34 @@ impl From<ConfigError> for StartError {
 }
 
 impl Gateway {
-    /// Validates the config and starts every shard and the API; returns once all listen.
+    /// Validates the config and starts every shard and the API; returns once all listen. With
+    /// `upgrade.control_socket` set, serves it (refused if a barrage already does).
     pub fn start(config: &Config) -> Result<Gateway, StartError> {
+        let mut gateway = Gateway::start_with(config, None)?;
+        gateway.open_control(false)?;
+        Ok(gateway)
+    }
+
+    /// Starts in place of the barrage serving `upgrade.control_socket`: takes its listeners and
+    /// rooms, serves them, then tells it to drain its clients into this process. With no
+    /// barrage there, starts as `start` does (so one command serves first starts and upgrades).
+    pub fn take_over(config: &Config) -> Result<Gateway, StartError> {
+        config.validate()?;
+        let taken = crate::upgrade::takeover::request(config).map_err(|e| StartError(format!("upgrade: {e}")))?;
+        let Some((inherited, pending)) = taken else {
+            println!("barrage: upgrade: no barrage serves {}; starting fresh", config.upgrade.control_socket);
+            return Gateway::start(config);
+        };
+        let rooms = inherited.rooms.len();
+        let mut gateway = Gateway::start_with(config, Some(inherited))?;
+        pending.ready().map_err(|e| StartError(format!("upgrade: telling the old process: {e}")))?;
+        println!("barrage: upgrade: took over the listeners and {rooms} rooms");
+        gateway.open_control(true)?;
+        Ok(gateway)
+    }
+
+    /// Starts on fresh listeners, or on `inherited` ones with the rooms that came with them.
+    fn start_with(config: &Config, inherited: Option<Inherited>) -> Result<Gateway, StartError> {
         config.validate()?;
         let shards = config.shard_count();
         let files_max = ring_files_max(config)?;
@@ -69,12 +112,23 @@ impl Gateway {
                 crate::shard::RINGS_MAX
             )));
         }
-        let (listen, _port_hold) = resolve_port(config.server.listen)?;
+        let (api_listener, public, rooms) = match inherited {
+            Some(i) => (Some(i.api), adopt_listeners(config, i.public, shards)?, i.rooms),
+            None => (None, bind_listeners(config, shards)?, Vec::new()),
+        };
+        let public_addr = local_addr(&public[0])?;
+        let public_listeners = public
+            .iter()
+            .map(socket2::Socket::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartError(format!("listener: {e}")))?;
+        let mut per_shard_listeners: Vec<Vec<socket2::Socket>> = (0..shards).map(|_| Vec::new()).collect();
+        for (i, l) in public.into_iter().enumerate() {
+            per_shard_listeners[i % shards].push(l);
+        }
+        let replicas = replicas(&rooms, config.rooms.name_bytes_max);
+        let mut per_shard_rooms = split_rooms(rooms, shards, config.rooms.name_bytes_max);
         let params = ShardParams {
-            listen,
-            backlog: config.server.listen_backlog,
-            tcp_keepalive_s: config.websocket.tcp_keepalive_s,
-            send_buffer_bytes: config.websocket.send_buffer_bytes,
             ring: RingParams {
                 entries: config.server.ring_entries,
                 files_max,
@@ -87,23 +141,29 @@ impl Gateway {
             stop_grace: Duration::from_millis(config.server.stop_grace_ms),
         };
         let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
+        let store = Store::start(config, Arc::clone(&mesh)).map_err(StartError)?;
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(shards);
-        for i in 0..shards {
+        for (i, listeners) in per_shard_listeners.into_iter().enumerate().rev() {
             let hub = HubConfig::new(config, ShardId(i as u16), shards);
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
-            let (params, mesh, metrics, ready) =
-                (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone());
+            let (params, mesh, metrics, ready, store) =
+                (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone(), store.clone());
+            let (rooms, replicas): (Vec<RoomState>, Vec<Replica>) =
+                (per_shard_rooms.pop().unwrap_or_default(), replicas.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
                 .spawn(move || {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    match Shard::new(hub, params, mesh, metrics) {
-                        Ok(shard) => {
+                    match Shard::new(hub, params, listeners, mesh, metrics, store) {
+                        Ok(mut shard) => {
+                            // The rooms before the first connection: a join never sees a
+                            // room this process has not taken over yet.
+                            shard.import(rooms, replicas);
                             let _ = ready.send(Ok(()));
                             let result = shard.run();
                             if let Err(e) = &result {
@@ -123,6 +183,7 @@ impl Gateway {
                 .map_err(|e| StartError(format!("spawn shard {i}: {e}")))?;
             handles.push(handle);
         }
+        handles.reverse();
         drop(ready_tx);
         let mut failure = None;
         for _ in 0..shards {
@@ -134,9 +195,15 @@ impl Gateway {
         }
         let mut gateway = Gateway {
             mesh,
+            metrics: Arc::clone(&metrics),
+            config: config.clone(),
             shards: handles,
             api: None,
-            public_addr: params.listen,
+            public_listeners,
+            control: None,
+            handed_over: Arc::new(AtomicBool::new(false)),
+            store: store.clone(),
+            public_addr,
             api_addr: config.api.listen,
             shard_count: shards,
             ring_files_max: files_max,
@@ -145,13 +212,17 @@ impl Gateway {
             gateway.stop();
             return Err(StartError(e));
         }
-        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics);
+        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store);
         let api_config = ServerConfig {
             connections_max: config.api.connections_max,
             idle_timeout_ms: config.api.idle_timeout_ms,
             limits: crate::api::Limits { body_bytes_max: config.api.body_bytes_max, ..crate::api::Limits::default() },
         };
-        match Server::start(config.api.listen, api_config, Arc::new(routes)) {
+        let started = match api_listener {
+            Some(l) => Server::start_on(l, api_config, Arc::new(routes)),
+            None => Server::start(config.api.listen, api_config, Arc::new(routes)),
+        };
+        match started {
             Ok(server) => {
                 gateway.api_addr = server.local_addr();
                 gateway.api = Some(server);
@@ -164,10 +235,51 @@ impl Gateway {
         }
     }
 
+    /// Serves `upgrade.control_socket` (when set), `replace`-ing the one a taken-over process
+    /// served.
+    fn open_control(&mut self, replace: bool) -> Result<(), StartError> {
+        let path = self.config.upgrade.control_socket.clone();
+        let Some(api) = self.api.as_ref() else { return Ok(()) };
+        if path.is_empty() {
+            return Ok(());
+        }
+        let dup = |s: &socket2::Socket| s.try_clone().map_err(|e| StartError(format!("control socket: {e}")));
+        let holdings = Holdings {
+            mesh: Arc::clone(&self.mesh),
+            metrics: Arc::clone(&self.metrics),
+            public: self.public_listeners.iter().map(dup).collect::<Result<_, _>>()?,
+            api: dup(api.listener())?,
+            api_gate: api.gate(),
+            config: self.config.clone(),
+            handed_over: Arc::clone(&self.handed_over),
+        };
+        let control = Control::open(&path, replace, holdings);
+        self.control = Some(control.map_err(|e| StartError(format!("upgrade.control_socket {path}: {e}")))?);
+        Ok(())
+    }
+
+    /// A new process took over this one's listeners and rooms; this one is draining into it.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
+    /// Starts a drain with the config's `[drain]` plan: every shard stops accepting and moves
+    /// its clients off in waves (see `hub::host::drain`).
+    pub fn drain(&self) {
+        let plan = crate::drain::plan(&self.config, self.shard_count, crate::drain::Overrides::default());
+        crate::drain::start(&self.mesh, &plan);
+    }
+
+    /// Where the drain is, from the shards' last published gauges.
+    pub fn drain_progress(&self) -> crate::drain::Progress {
+        crate::drain::Progress::read(&self.metrics)
+    }
+
     /// Closes every connection with 1001 and waits for the shards and the API to end; says how
     /// each shard that ran ended.
     pub fn stop(&mut self) -> Vec<ShardExit> {
         let mut exits = Vec::new();
+        self.control = None;
         if let Some(api) = self.api.take() {
             api.stop();
         }
@@ -187,6 +299,10 @@ impl Gateway {
                 Err(_) => eprintln!("barrage: a shard panicked"),
                 Ok(Ok(exit)) => exits.push(exit),
             }
+        }
+        // After the shards: their last blocks' writes are queued; send what waits.
+        if let Some(store) = self.store.take() {
+            store.stop(Duration::from_millis(self.config.server.stop_grace_ms));
         }
         exits
     }
@@ -212,12 +328,68 @@ fn ring_files_max(config: &Config) -> Result<u32, StartError> {
     }
 }
 
-/// Port 0 means "any": pick one now so every shard binds the same port. The returned socket
-/// holds the port until the shards have bound it.
-fn resolve_port(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>), StartError> {
-    if addr.port() != 0 {
-        return Ok((addr, None));
+/// One SO_REUSEPORT listener per shard on `server.listen` (port 0: one free port for all).
+fn bind_listeners(config: &Config, shards: usize) -> Result<Vec<socket2::Socket>, StartError> {
+    let mut addr = config.server.listen;
+    // Port 0 means "any": pick one now so every shard binds the same port, held by a socket
+    // that takes no connections until the shards have bound it.
+    let _hold = match addr.port() {
+        0 => {
+            let (probe, local) = listener::reserve_port(addr).map_err(|e| StartError(format!("listen {addr}: {e}")))?;
+            addr = local;
+            Some(probe)
+        }
+        _ => None,
+    };
+    (0..shards).map(|_| bind_public(config, addr)).collect()
+}
+
+fn bind_public(config: &Config, addr: SocketAddr) -> Result<socket2::Socket, StartError> {
+    let (s, w) = (&config.server, &config.websocket);
+    listener::bind(addr, s.listen_backlog, w.tcp_keepalive_s, w.send_buffer_bytes)
+        .map_err(|e| StartError(format!("listen {addr}: {e}")))
+}
+
+/// The listeners taken over, with this config's options, plus one more in their SO_REUSEPORT
+/// group for each shard beyond their count.
+fn adopt_listeners(
+    config: &Config,
+    mut taken: Vec<socket2::Socket>,
+    shards: usize,
+) -> Result<Vec<socket2::Socket>, StartError> {
+    let (s, w) = (&config.server, &config.websocket);
+    let first = taken.first().ok_or_else(|| StartError("upgrade: no public listener was handed over".into()))?;
+    let addr = local_addr(first)?;
+    let want = config.server.listen;
+    if want.port() != 0 && want != addr {
+        return Err(StartError(format!(
+            "server.listen is {want}, the listener taken over is {addr}: an upgrade keeps the address"
+        )));
     }
-    let (probe, local) = listener::reserve_port(addr).map_err(|e| StartError(format!("listen {addr}: {e}")))?;
-    Ok((local, Some(probe)))
+    for l in &taken {
+        listener::adopt(l, s.listen_backlog, w.tcp_keepalive_s, w.send_buffer_bytes)
+            .map_err(|e| StartError(format!("upgrade: listener {addr}: {e}")))?;
+    }
+    while taken.len() < shards {
+        taken.push(bind_public(config, addr)?);
+    }
+    Ok(taken)
+}
+
+fn local_addr(socket: &socket2::Socket) -> Result<SocketAddr, StartError> {
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| StartError("a listener without an address".into()))
+}
+
+/// Rooms by owning shard (a name that does not parse goes to shard 0, whose import counts it).
+fn split_rooms(rooms: Vec<RoomState>, shards: usize, name_bytes_max: usize) -> Vec<Vec<RoomState>> {
+    let mut out: Vec<Vec<RoomState>> = (0..shards).map(|_| Vec::new()).collect();
+    for r in rooms {
+        let owner = RoomName::parse(&r.room, name_bytes_max).map_or(0, |n| n.owner(shards).index());
+        out[owner].push(r);
+    }
+    out
 }

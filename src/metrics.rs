@@ -52,6 +52,7 @@ series! {
     HsOrigin => "barrage_handshakes_total" {"result" = "origin"}, "counter", "";
     HsRate => "barrage_handshakes_total" {"result" = "addr_rate"}, "counter", "";
     HsProxy => "barrage_handshakes_total" {"result" = "proxy"}, "counter", "";
+    HsDraining => "barrage_handshakes_total" {"result" = "draining"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
@@ -72,6 +73,7 @@ series! {
     DropExpired => "barrage_messages_dropped_total" {"reason" = "expired"}, "counter", "";
     DropRate => "barrage_messages_dropped_total" {"reason" = "room_rate"}, "counter", "";
     DropMuted => "barrage_messages_dropped_total" {"reason" = "muted"}, "counter", "";
+    DropHandover => "barrage_messages_dropped_total" {"reason" = "handover"}, "counter", "";
     MessagesCoalesced => "barrage_messages_coalesced_total", "counter", "Pending messages superseded by a newer one with the same coalesce key.";
     SendRateLimited => "barrage_client_sends_rate_limited_total", "counter", "Client sends refused by the per-connection rate.";
     JoinBanned => "barrage_joins_refused_total" {"reason" = "banned"}, "counter", "Joins refused.";
@@ -83,6 +85,7 @@ series! {
     RefusedModeration => "barrage_requests_refused_total" {"reason" = "moderation"}, "counter", "";
     RefusedPoll => "barrage_requests_refused_total" {"reason" = "poll"}, "counter", "";
     RefusedRights => "barrage_requests_refused_total" {"reason" = "rights"}, "counter", "";
+    RefusedHandover => "barrage_requests_refused_total" {"reason" = "handover"}, "counter", "";
     SendRefused => "barrage_client_sends_refused_total" {"reason" = "rules"}, "counter", "Client sends refused: by the sender rules (anonymous, read-only token, no room, too big), or for a type the client may not send.";
     SendTypeRefused => "barrage_client_sends_refused_total" {"reason" = "type"}, "counter", "";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
@@ -105,6 +108,8 @@ series! {
     ClosedBudget => "barrage_closed_total" {"reason" = "partial_budget"}, "counter", "";
     ClosedPartialConn => "barrage_closed_total" {"reason" = "partial_conn"}, "counter", "";
     ClosedCloseTimeout => "barrage_closed_total" {"reason" = "close_timeout"}, "counter", "";
+    ClosedDrain => "barrage_closed_total" {"reason" = "drain"}, "counter", "";
+    ClosedDrainDeadline => "barrage_closed_total" {"reason" = "drain_deadline"}, "counter", "";
     ClosedExpired => "barrage_closed_total" {"reason" = "token_expired"}, "counter", "";
     Refreshes => "barrage_token_refreshes_total" {"result" = "ok"}, "counter", "Token refreshes on open connections, by result.";
     RefreshRefused => "barrage_token_refreshes_total" {"result" = "refused"}, "counter", "";
@@ -118,6 +123,19 @@ series! {
     PartialBytes => "barrage_partial_bytes", "gauge", "Bytes held for partial input (request heads, frames, fragmented messages), against server.partial_bytes_max.";
     RecvNoBuffers => "barrage_recv_buffer_exhausted_total", "counter", "Multishot receives re-armed because the provided-buffer ring ran dry.";
     Turns => "barrage_loop_turns_total", "counter", "Shard loop turns.";
+    DrainPhase => "barrage_drain_phase", "gauge", "Drain progress: 0 none, 1 flushing rooms, 2 sending reconnects in waves, 3 done.";
+    DrainRemaining => "barrage_drain_remaining", "gauge", "Connections left on a draining shard.";
+    Reconnects => "barrage_reconnects_sent_total", "counter", "Reconnect frames sent by a drain.";
+    LoadFound => "barrage_redis_loads_total" {"result" = "found"}, "counter", "Rooms loaded from Redis on first use, by result: found state, found nothing, failed (Redis down or the store's queue full), timed out (redis.load_timeout_ms), skipped (redis.loads_max loading already).";
+    LoadEmpty => "barrage_redis_loads_total" {"result" = "empty"}, "counter", "";
+    LoadFailed => "barrage_redis_loads_total" {"result" = "failed"}, "counter", "";
+    LoadTimeout => "barrage_redis_loads_total" {"result" = "timeout"}, "counter", "";
+    LoadSkipped => "barrage_redis_loads_total" {"result" = "skipped"}, "counter", "";
+    LoadWaitersFull => "barrage_redis_load_waiters_full_total", "counter", "Requests for a loading room served from memory because redis.load_waiters_max were waiting.";
+    StoreQueueFull => "barrage_redis_writes_dropped_total" {"reason" = "queue_full"}, "counter", "Writes for Redis dropped: the store's queue from the shards was full, or its buffer (redis.write_buffer_max) overflowed while Redis was away.";
+    RoomsExported => "barrage_handover_rooms_total" {"way" = "exported"}, "counter", "Rooms handed to a new process on an upgrade, or taken from the old one.";
+    RoomsImported => "barrage_handover_rooms_total" {"way" = "imported"}, "counter", "";
+    ImportSkipped => "barrage_handover_skipped_total", "counter", "Rooms, attributes and moderation entries of an upgrade's snapshot refused by this process (bad names, over its bounds).";
 }
 
 /// One shard's counters, bumped without atomics on its own core.

@@ -1,7 +1,7 @@
 //! RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (0.8.2, Python 2.7) against the
 //! gateway's echo endpoint, every case but permessage-deflate (12.*, 13.*: not negotiated).
 //! Installs the suite with pip into target/ on first run. Fails on any case Autobahn does not
-//! rate OK, NON-STRICT or INFORMATIONAL.
+//! rate OK or INFORMATIONAL: NON-STRICT (a deviation Autobahn tolerates) fails as FAILED does.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -80,12 +80,12 @@ fn autobahn_fuzzing_client_reports_no_failures() {
             if key == "behavior" {
                 *tally.entry(verdict.to_string()).or_default() += 1;
             }
-            if !matches!(verdict, "OK" | "NON-STRICT" | "INFORMATIONAL") {
+            if !matches!(verdict, "OK" | "INFORMATIONAL") {
                 bad.push(format!("{id} {key}={verdict}"));
             }
         }
     }
     println!("Autobahn|Testsuite 0.8.2: {} cases: {tally:?}", cases.len());
     assert!(cases.len() >= 300, "only {} cases ran", cases.len());
-    assert!(bad.is_empty(), "Autobahn failures: {bad:?}");
+    assert!(bad.is_empty(), "Autobahn cases not OK or INFORMATIONAL: {bad:?}");
 }

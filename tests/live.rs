@@ -139,7 +139,7 @@ fn kick_mute_ban_and_whitelist_through_the_api_and_admin_frames() {
     again.welcome();
     assert_eq!(error_code(&mut again), 403, "banned users cannot rejoin");
     assert_eq!(http(gw.api, "DELETE", "/v1/rooms/mod/bans/alice", None, &[]).0, 200);
-    again.send(client_frame::Frame::Join(Join { room: "mod".into() }));
+    again.send(client_frame::Frame::Join(Join { room: "mod".into(), ..Join::default() }));
     gw.wait_online("mod", 1);
     // An admin token scoped to another room may not moderate this one.
     let elsewhere = signed(json!({"sub": "intruder", "admin": true, "rooms": ["other"]}));

@@ -139,7 +139,8 @@ fn fragments_and_interleaved_ping_are_reassembled() {
     let gw = Gateway::start(&[]);
     let mut r = Raw::upgraded(gw.ws, "");
     r.read_frame();
-    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "frag".into() })) }.encode_to_vec();
+    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "frag".into(), ..Join::default() })) }
+        .encode_to_vec();
     let (a, b) = join.split_at(3);
     let bytes = [frame(false, 0x2, a), frame(true, 0x9, b"are you there"), frame(true, 0x0, b)].concat();
     // Deliver it a few bytes at a time.
@@ -197,6 +198,9 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
     let t = token("slow");
     let mut slow = Raw::connect(gw.ws);
     slow.write(&upgrade_request(&format!("/ws?token={t}"), &[]));
+    // Upgraded before the first publish (else "no connections" would be the handshake not
+    // done yet, not the reader closed); from here on it never reads.
+    assert!(slow.read_head().starts_with("HTTP/1.1 101"));
     let body = json!({"priority": "whitelist", "data_b64": base64_zeros(60_000)}).to_string();
     let mut closed = false;
     for _ in 0..2000 {
@@ -208,7 +212,15 @@ fn a_reader_that_never_reads_is_dropped_and_closed() {
         }
     }
     assert!(closed, "the stalled reader was closed");
-    eventually("counted", || gw.metric("barrage_closed_total{reason=\"slow_consumer\"}") == 1);
+    let slow = || gw.metric("barrage_closed_total{reason=\"slow_consumer\"}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while slow() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (_, text) = http(gw.api, "GET", "/metrics", None, &[]);
+    let closed: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("barrage_closed_total") && !l.ends_with(" 0")).collect();
+    assert_eq!(slow(), 1, "{closed:?}");
 }
 
 #[test]
@@ -284,7 +296,7 @@ fn long_room_names_and_big_client_messages_are_refused() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     let mut c = Client::connect(&gw.url(&format!("?room=12345678&token={}", token("big"))), None);
     c.welcome();
-    c.send(client_frame::Frame::Join(Join { room: "123456789".into() }));
+    c.send(client_frame::Frame::Join(Join { room: "123456789".into(), ..Join::default() }));
     match c.recv() {
         barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 400),
         other => panic!("expected error, got {other:?}"),

@@ -70,7 +70,7 @@ fn joining_another_room_leaves_the_first() {
     let mut a = Client::connect(&gw.url("?room=one"), JSON);
     a.welcome();
     gw.wait_online("one", 1);
-    a.send(client_frame::Frame::Join(Join { room: "two".into() }));
+    a.send(client_frame::Frame::Join(Join { room: "two".into(), ..Join::default() }));
     gw.wait_online("two", 1);
     gw.wait_online("one", 0);
     gw.publish("one", json!({"text": "not for you"}));
@@ -176,4 +176,31 @@ fn a_token_without_send_may_watch_only() {
         server_frame::Frame::Error(e) => assert_eq!(e.code, 403),
         other => panic!("expected error, got {other:?}"),
     }
+}
+
+/// A returning client resumes with `?after=` its last seq: its backfill holds exactly what it
+/// missed, then the live stream goes on.
+#[test]
+fn a_returning_client_resumes_after_its_last_seq() {
+    let gw = Gateway::start(&["--block-interval-ms", "30"]);
+    let mut c = Client::connect(&gw.url("?room=back"), None);
+    c.welcome();
+    gw.wait_online("back", 1);
+    gw.publish("back", json!({"text": "one"}));
+    let last = c.block().last_seq;
+    drop(c);
+    for text in ["two", "three"] {
+        gw.publish("back", json!({"text": text}));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+    }
+    let mut again = Client::connect(&gw.url(&format!("?room=back&after={last}")), None);
+    again.welcome();
+    let backfill = again.block();
+    let texts: Vec<String> = backfill.messages.iter().map(|m| String::from_utf8(m.data.clone()).unwrap()).collect();
+    assert!(backfill.backfill && !backfill.truncated);
+    assert_eq!(texts, ["two", "three"], "exactly what was missed");
+    assert_eq!(backfill.first_seq, last + 1, "no gap");
+    gw.publish("back", json!({"text": "four"}));
+    let live = again.block();
+    assert_eq!((live.backfill, live.first_seq), (false, backfill.last_seq + 1));
 }

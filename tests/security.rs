@@ -126,7 +126,7 @@ fn join_churn_cannot_exhaust_the_room_table() {
     let mut churner = Client::connect(&gw.url(""), PROTO);
     churner.welcome();
     for i in 0..500 {
-        churner.send(client_frame::Frame::Join(barrage::proto::Join { room: format!("churn{i}") }));
+        churner.send(client_frame::Frame::Join(barrage::proto::Join { room: format!("churn{i}"), after_seq: 0 }));
     }
     let mut refused = 0;
     while refused < 490 {

@@ -45,6 +45,7 @@ use barrage::proto::{
     AttrSync, Attrs, Block, Broadcast, ClientFrame, Direct, Join, Leave, Message, Ping, Send, ServerFrame,
     client_frame, server_frame,
 };
+use barrage::room::durable::StoreOp;
 use barrage::room::frames::{Class, SharedFrame};
 use barrage::room::owner::{ModAction, PublishError, Published, RoomInfo};
 use barrage::room::{Priority, RoomName};
@@ -717,6 +718,12 @@ impl Driver for SimIo<'_> {
         Ok(())
     }
 
+    /// The simulated gateway has no durable storage (its hubs are not durable, so they hand
+    /// out nothing to store).
+    fn offer_store(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        Err(op)
+    }
+
     /// A ready connection's queued frames become one send: up to `FRAMES_PER_SEND` frames, or
     /// one when no sendmsg slot is free.
     fn start_send(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), String> {
@@ -975,6 +982,7 @@ fn publish_error_name(e: PublishError) -> &'static str {
         PublishError::RoomsFull => "api_rooms_full",
         PublishError::RateLimited => "api_rate",
         PublishError::Muted => "api_muted",
+        PublishError::HandedOver => "api_handed_over",
     }
 }
 
@@ -1557,9 +1565,9 @@ impl World {
                 let room = self.rooms[r.index(self.rooms.len())].clone();
                 conn.joined.insert(room.clone());
                 conn.forget_attrs();
-                frame(r, client_frame::Frame::Join(Join { room }))
+                frame(r, client_frame::Frame::Join(Join { room, after_seq: 0 }))
             }
-            150..170 => frame(r, client_frame::Frame::Join(Join { room: "no room!".into() })),
+            150..170 => frame(r, client_frame::Frame::Join(Join { room: "no room!".into(), ..Join::default() })),
             170..220 => {
                 conn.forget_attrs();
                 frame(r, client_frame::Frame::Leave(Leave { room: String::new() }))

@@ -77,7 +77,8 @@ Sec-WebSocket-Protocol: barrage.v1.proto\r\nUser-Agent: bench\r\n\r\n";
 }
 
 fn client_envelope(c: &mut Criterion) {
-    let join = ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "live:1234".into() })) };
+    let join =
+        ClientFrame { frame: Some(client_frame::Frame::Join(Join { room: "live:1234".into(), ..Join::default() })) };
     let bin = join.encode_to_vec();
     let json = serde_json::to_vec(&join).unwrap();
     let mut g = c.benchmark_group("envelope");

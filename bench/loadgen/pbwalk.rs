@@ -341,7 +341,7 @@ mod tests {
             messages,
             online: 500,
             server_ms: -3,
-            backfill: false,
+            ..Block::default()
         };
         ServerFrame { frame: Some(server_frame::Frame::Block(block)) }.encode_to_vec()
     }

@@ -1,11 +1,6 @@
 #![no_main]
-use barrage::wire::handshake::{HandshakeLimits, parse_request};
+#[allow(dead_code)]
+#[path = "../harness/mod.rs"]
+mod harness;
 
-const LIMITS: HandshakeLimits = HandshakeLimits {
-    request_bytes_max: 0x1000,
-    headers_max: 0x20,
-};
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = parse_request(data, &LIMITS);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::wire::handshake(data));

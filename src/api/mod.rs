@@ -7,6 +7,7 @@
 pub mod access;
 pub mod http;
 mod publish;
+mod replay;
 mod rooms;
 pub mod routes;
 pub mod server;

@@ -170,8 +170,7 @@ impl Routes {
         let (reply, rx) = reply_channel::<Result<u64, AttrError>>();
         let mail = OwnerMail::SetAttr { room: room.clone(), key, value, origin: Origin::Api(reply) };
         self.post(room.owner(self.mesh.shards()), mail.into())?;
-        let version = wait(&rx)?
-            .map_err(|e| Response::error(if e == AttrError::ValueTooLarge { 413 } else { 400 }, e.message()))?;
+        let version = wait(&rx)?.map_err(|e| Response::error(e.status(), e.message()))?;
         Ok(Response::json(200, &json!({"room": room.as_str(), "version": version})))
     }
 }

@@ -21,6 +21,7 @@ use crate::ids::ShardId;
 use crate::metrics::{self, Snapshot};
 use crate::room::RoomName;
 use crate::shard::mesh::Mesh;
+use crate::store::Store;
 
 /// How long an API request waits for the shards before answering 503.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,22 +29,28 @@ const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The API handler.
 pub struct Routes {
     pub(super) mesh: Arc<Mesh>,
+    /// The config a drain's plan starts from.
+    config: Config,
     metrics: Arc<[Snapshot]>,
     access: Access,
     name_bytes_max: usize,
     pub(super) data_bytes_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
     pub(super) next_id: AtomicU64,
+    /// Durable state (with `redis.url`): replay, and Redis's health.
+    pub(super) store: Option<Arc<Store>>,
 }
 
 /// A response either way; `Err` short-circuits with `?`.
 pub(super) type Answer = Result<Response, Response>;
 
 impl Routes {
-    pub fn new(config: &Config, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>) -> Routes {
+    pub fn new(config: &Config, mesh: Arc<Mesh>, metrics: Arc<[Snapshot]>, store: Option<Arc<Store>>) -> Routes {
         Routes {
+            config: config.clone(),
             mesh,
             metrics,
+            store,
             access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
@@ -65,6 +72,7 @@ impl Routes {
             ["v1", "rooms"] if get => self.top_rooms(&req.head.query),
             ["v1", "rooms", room] if get => self.room_info(room),
             ["v1", "rooms", room, "messages"] if post => self.publish_room(room, req),
+            ["v1", "rooms", room, "replay"] if get => self.replay(room, req),
             ["v1", "rooms", room, "moderation"] if get => self.moderation_lists(room),
             ["v1", "rooms", room, list @ ("kick" | "mutes" | "bans" | "whitelist")] if post => {
                 self.moderate(room, list, None, req)
@@ -76,6 +84,8 @@ impl Routes {
             ["v1", "rooms", room, "attributes", key] if put || delete => self.set_attribute(room, key, req, delete),
             ["v1", "users", user, "messages"] if post => self.publish_user(user, req),
             ["v1", "broadcast"] if post => self.broadcast(req),
+            ["v1", "admin", "drain"] if get => Ok(self.drain_progress(200)),
+            ["v1", "admin", "drain"] if post => self.drain(req),
             ["healthz"]
             | ["metrics"]
             | ["v1", "rooms"]
@@ -90,12 +100,43 @@ impl Routes {
 
     fn health(&self) -> Response {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
-        Response::json(200, &json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections}))
+        let mut body = json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections});
+        if let Some(store) = &self.store {
+            // Delivery goes on from memory while Redis is away; writes wait for it.
+            let up = store.up();
+            body["redis"] = json!(if up { "up" } else { "down" });
+            if !up {
+                body["status"] = json!("degraded");
+            }
+        }
+        Response::json(200, &body)
+    }
+
+    /// `POST /v1/admin/drain` (body optional: `{url, reason, rate_per_s, deadline_ms, delay_ms,
+    /// jitter_ms}` over the config's `[drain]`): every shard stops accepting and moves its
+    /// clients off in waves. Answers 202 with the progress.
+    fn drain(&self, req: &Request) -> Answer {
+        let overrides: crate::drain::Overrides = if req.body.is_empty() {
+            crate::drain::Overrides::default()
+        } else {
+            serde_json::from_slice(&req.body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))?
+        };
+        let plan = crate::drain::plan(&self.config, self.mesh.shards(), overrides);
+        crate::drain::start(&self.mesh, &plan);
+        Ok(self.drain_progress(202))
+    }
+
+    fn drain_progress(&self, status: u16) -> Response {
+        Response::json(status, &crate::drain::Progress::read(&self.metrics).json())
     }
 
     /// The shards' series, then the API listener's own.
     fn metrics_text(&self, server: &ServerCounters) -> String {
-        metrics::render(&self.metrics, &server.snapshot().render())
+        let mut tail = server.snapshot().render();
+        if let Some(store) = &self.store {
+            store.stats().render(&mut tail);
+        }
+        metrics::render(&self.metrics, &tail)
     }
 
     pub(super) fn room_name(&self, raw: &str) -> Result<RoomName, Response> {

@@ -29,6 +29,8 @@ const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES_MAX: usize = 1024 * 1024;
 /// Bounds the acceptor's write of a 503, so a peer that does not read cannot stall accepting.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
+/// How often a paused acceptor looks whether to go on.
+const PAUSED_POLL: Duration = Duration::from_millis(5);
 /// Pause after an accept error such as EMFILE, so the acceptor does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
 const LISTEN_BACKLOG: i32 = 1024;
@@ -96,6 +98,7 @@ struct Shared {
     config: ServerConfig,
     handler: Arc<dyn Handler>,
     stop: AtomicBool,
+    paused: AtomicBool,
     counters: ServerCounters,
 }
 
@@ -105,16 +108,41 @@ impl Server {
     /// with a JSON error and closed, and a counter incremented).
     pub fn start(addr: SocketAddr, config: ServerConfig, handler: Arc<dyn Handler>) -> io::Result<Server> {
         validate(&config)?;
-        let listener = bind(addr)?;
+        Server::start_on(bind(addr)?, config, handler)
+    }
+
+    /// As `start`, on a listening socket already bound (one taken over from the process this
+    /// one replaces: its queued connections are served here).
+    pub fn start_on(listener: Socket, config: ServerConfig, handler: Arc<dyn Handler>) -> io::Result<Server> {
+        validate(&config)?;
+        // Non-blocking, polled: stopping needs no shutdown(2), which would end the socket for
+        // every process holding it (an upgrade shares it with the next one).
+        listener.set_nonblocking(true)?;
+        listener.listen(LISTEN_BACKLOG)?;
         let std_listener: TcpListener = listener.try_clone()?.into();
         let local_addr = std_listener.local_addr()?;
-        let shared =
-            Arc::new(Shared { config, handler, stop: AtomicBool::new(false), counters: ServerCounters::default() });
+        let shared = Arc::new(Shared {
+            config,
+            handler,
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            counters: ServerCounters::default(),
+        });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = thread::Builder::new()
             .name("api-acceptor".into())
             .spawn(move || accept_loop(&std_listener, &acceptor_shared))?;
         Ok(Server { local_addr, listener, shared, acceptor: Some(acceptor) })
+    }
+
+    /// The listening socket (to hand to the next process on an upgrade).
+    pub fn listener(&self) -> &Socket {
+        &self.listener
+    }
+
+    /// A handle that pauses, resumes or retires accepting from another thread.
+    pub fn gate(&self) -> Gate {
+        Gate(Arc::clone(&self.shared))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -138,12 +166,29 @@ impl Server {
             return;
         };
         self.shared.stop.store(true, Ordering::Release);
-        // On Linux, shutting down a listening socket wakes a blocked accept() with EINVAL.
-        // Elsewhere it may fail; a connection to ourselves wakes it instead.
-        if self.listener.shutdown(Shutdown::Both).is_err() {
-            let _ = TcpStream::connect_timeout(&wake_addr(self.local_addr), Duration::from_secs(1));
-        }
+        // The acceptor polls with a timeout: it sees the flag within `STOP_POLL`.
         let _ = acceptor.join();
+    }
+}
+
+/// Accepting paused, resumed or ended from another thread (an upgrade: paused while the rooms
+/// move, retired once the next process serves the listener).
+pub struct Gate(Arc<Shared>);
+
+impl Gate {
+    /// Leaves new connections in the listen queue (the next process may take them).
+    pub fn pause(&self) {
+        self.0.paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume(&self) {
+        self.0.paused.store(false, Ordering::Release);
+    }
+
+    /// Accepts nothing more and closes every connection after its current request (an idle one
+    /// within 200 ms), as `stop` does, without waiting.
+    pub fn retire(&self) {
+        self.0.stop.store(true, Ordering::Release);
     }
 }
 
@@ -177,26 +222,26 @@ fn bind(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Where to connect to reach a listener bound to `addr` (an unspecified IP means loopback).
-fn wake_addr(addr: SocketAddr) -> SocketAddr {
-    let mut target = addr;
-    if addr.ip().is_unspecified() {
-        target.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    target
-}
-
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let poll_timeout = rustix::time::Timespec { tv_sec: 0, tv_nsec: STOP_POLL.as_nanos() as i64 };
     loop {
-        let accepted = listener.accept();
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        match accepted {
+        if shared.paused.load(Ordering::Acquire) {
+            thread::sleep(PAUSED_POLL);
+            continue;
+        }
+        let mut fds = [rustix::event::PollFd::new(listener, rustix::event::PollFlags::IN)];
+        // Paused or stopped while polling: leave the connection queued.
+        let ready = matches!(rustix::event::poll(&mut fds, Some(&poll_timeout)), Ok(1..));
+        if !ready || shared.paused.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
+            continue;
+        }
+        match listener.accept() {
             Ok((stream, peer)) => admit(stream, peer, shared),
+            // Another process sharing the listener (an upgrade) may have taken it.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             // EMFILE, ENOBUFS and the like: wait for resources rather than spin.
@@ -807,10 +852,32 @@ mod tests {
         }
     }
 
+    /// An upgrade: the old process pauses (the connection waits in the listen queue), stops
+    /// (which must not end the socket it shares), and the new one serves what was queued.
     #[test]
-    fn wake_addr_maps_unspecified_to_loopback() {
-        assert_eq!(wake_addr("0.0.0.0:9090".parse().unwrap()), "127.0.0.1:9090".parse().unwrap());
-        assert_eq!(wake_addr("[::]:9090".parse().unwrap()), "[::1]:9090".parse().unwrap());
-        assert_eq!(wake_addr("10.0.0.1:1".parse().unwrap()), "10.0.0.1:1".parse().unwrap());
+    fn a_paused_server_leaves_connections_queued_and_a_sharing_one_outlives_its_stop() {
+        let old = start();
+        let new =
+            Server::start_on(old.listener().try_clone().unwrap(), ServerConfig::default(), Arc::new(echo)).unwrap();
+        new.gate().pause();
+        old.gate().pause();
+        thread::sleep(STOP_POLL + Duration::from_millis(50));
+        let queued = connect(&old);
+        (&queued).write_all(b"GET /queued HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let accepted = |s: &Server| s.stats().connections_accepted;
+        assert_eq!(accepted(&old) + accepted(&new), 0, "paused: nothing accepted");
+        old.stop();
+        new.gate().resume();
+        let mut reader = BufReader::new(queued);
+        assert_eq!(read_reply(&mut reader).status, 200, "the queued connection is served by the other");
+        assert_eq!(accepted(&new), 1);
+        // Retired: no more accepting, without waiting for the acceptor.
+        new.gate().retire();
+        thread::sleep(STOP_POLL + Duration::from_millis(50));
+        let late = connect(&new);
+        (&late).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(accepted(&new), 1, "retired: the connection stays queued");
     }
 }

@@ -9,9 +9,13 @@ use super::post::PostOffice;
 use crate::ids::{Now, ShardId, UserId};
 use crate::metrics::{Counters, Series};
 use crate::proto::Message;
+use crate::proto::RoomState;
 use crate::room::RoomName;
+use crate::room::attrs::AttrError;
+use crate::room::durable::StoreOp;
 use crate::room::moderation::{List, ModerationError};
-use crate::room::owner::{ModAction, Owner, OwnerConfig, PublishError, Published, Sender};
+use crate::room::owner::{Loaded, ModAction, Owner, OwnerConfig, Phase, PublishError, Published, Sender};
+use std::collections::HashMap;
 
 /// A block waits for the last fan-out only when more than an eighth of the connections, plus
 /// this many, still wait for a send (a few slow readers must not hold blocks back).
@@ -37,6 +41,20 @@ pub struct DeskConfig {
     pub block_interval_ms: u64,
     pub block_wait_max_ms: u64,
     pub owner: OwnerConfig,
+    /// For room names in a snapshot taken over from another process.
+    pub name_bytes_max: usize,
+    /// Loads from durable storage (when `owner.durable`).
+    pub loads: LoadLimits,
+}
+
+/// Bounds of loading rooms from durable storage.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadLimits {
+    /// Rooms loading at once; past it a room starts from memory alone.
+    pub in_flight_max: usize,
+    /// Requests parked per loading room; past it they are served from memory.
+    pub waiters_max: usize,
+    pub timeout_ms: u64,
 }
 
 /// The rooms this shard owns and their block schedule.
@@ -50,6 +68,13 @@ pub struct Desk {
     /// When the next block is due by the interval.
     block_due_ms: u64,
     next_room_sweep_ms: u64,
+    /// The rooms were exported to a new process: nothing changes here any more (no publish,
+    /// no attribute or list change, no block) until thawed.
+    frozen: bool,
+    /// Requests for rooms being loaded from durable storage, answered once they are.
+    parked: HashMap<RoomName, Vec<OwnerMail>>,
+    /// Writes and loads for the store since the shard last took them.
+    store_ops: Vec<StoreOp>,
 }
 
 impl Desk {
@@ -61,6 +86,9 @@ impl Desk {
             next_block_ms: cfg.block_interval_ms,
             block_due_ms: cfg.block_interval_ms,
             next_room_sweep_ms: Self::room_sweep_every_ms(&cfg),
+            frozen: false,
+            parked: HashMap::new(),
+            store_ops: Vec::new(),
             cfg,
         }
     }
@@ -68,6 +96,20 @@ impl Desk {
     /// Handles one request for a room this shard owns. `post` tells whether the way to another
     /// shard is congested: an action that would mail every shard is then refused.
     pub fn handle_mail(&mut self, mail: OwnerMail, now: Now, post: &PostOffice) {
+        let mail = match self.frozen {
+            true => match self.refuse_frozen(mail, now) {
+                Some(mail) => mail,
+                None => return,
+            },
+            false => mail,
+        };
+        let mail = match self.cfg.owner.durable {
+            true => match self.park(mail, now) {
+                Some(mail) => mail,
+                None => return,
+            },
+            false => mail,
+        };
         match mail {
             OwnerMail::Publish { room, msg, priority, reply } => {
                 let result = self.publish(&room, *msg, Sender::Api { priority }, now);
@@ -82,8 +124,8 @@ impl Desk {
             OwnerMail::Presence { room, from, members, json, left, left_users } => {
                 self.owner.presence(&room, from, (members, json), &left_users, left, now)
             }
-            OwnerMail::Joined { room, from, user } => {
-                let frames = self.owner.joined(&room, user.as_ref(), now);
+            OwnerMail::Joined { room, from, user, after } => {
+                let frames = self.owner.joined(&room, user.as_ref(), after, now);
                 if !frames.is_empty() {
                     self.mail.push((from.shard, HostMail::ToConn { room, conn: from.conn, frames }.into()));
                 }
@@ -97,7 +139,7 @@ impl Desk {
                 if result.is_err() {
                     self.counters.inc(Series::RefusedAttrs);
                 }
-                self.answer(origin, result, |e| (400, e.message()));
+                self.answer(origin, result, |e| (e.status(), e.message()));
             }
             OwnerMail::AttrSync { room, after, from } => {
                 if let Some(frame) = self.owner.attr_sync(&room, after) {
@@ -109,7 +151,182 @@ impl Desk {
             OwnerMail::TopRooms { n, reply } => reply.send(self.owner.top(n)),
             OwnerMail::ModerationList { room, reply } => reply.send(self.owner.moderation(&room, now.unix)),
             OwnerMail::Attrs { room, reply } => reply.send(self.owner.attrs(&room)),
+            OwnerMail::Flush => self.flush(now),
+            OwnerMail::Export { reply } => {
+                // A room still loading goes on from memory, so what waits in it is cut and
+                // handed over too.
+                for room in self.owner.loads_started_before(u64::MAX) {
+                    self.loaded(&room, None, now, post);
+                }
+                self.cut_all(now);
+                let rooms = self.owner.export(now.unix.0);
+                self.counters.add(Series::RoomsExported, rooms.len() as u64);
+                self.frozen = true;
+                reply.send(rooms);
+            }
+            OwnerMail::Thaw => self.frozen = false,
+            OwnerMail::Loaded { room, state } => self.loaded(&room, state.map(|s| *s), now, post),
         }
+    }
+
+    /// For a durable owner: a request for a room not in memory starts its load and waits for
+    /// it (parked, up to `waiters_max` per room), so that it sees the stored history, lists and
+    /// attributes. Publishes go on into the room's mixer at once (nothing is cut before the
+    /// load), presence too. None when the mail was parked.
+    fn park(&mut self, mail: OwnerMail, now: Now) -> Option<OwnerMail> {
+        let room = match &mail {
+            OwnerMail::Publish { room, .. } => {
+                self.ensure_loading(room, now);
+                return Some(mail);
+            }
+            OwnerMail::Presence { room, members, .. } => {
+                if *members > 0 {
+                    self.ensure_loading(room, now);
+                }
+                return Some(mail);
+            }
+            OwnerMail::Send { room, .. }
+            | OwnerMail::Joined { room, .. }
+            | OwnerMail::Poll { room, .. }
+            | OwnerMail::Moderate { room, .. }
+            | OwnerMail::SetAttr { room, .. }
+            | OwnerMail::AttrSync { room, .. }
+            | OwnerMail::RoomInfo { room, .. }
+            | OwnerMail::ModerationList { room, .. }
+            | OwnerMail::Attrs { room, .. } => room.clone(),
+            OwnerMail::TopRooms { .. }
+            | OwnerMail::Flush
+            | OwnerMail::Export { .. }
+            | OwnerMail::Thaw
+            | OwnerMail::Loaded { .. } => return Some(mail),
+        };
+        if !self.ensure_loading(&room, now) {
+            return Some(mail);
+        }
+        let waiting = self.parked.entry(room).or_default();
+        if waiting.len() >= self.cfg.loads.waiters_max {
+            self.counters.inc(Series::LoadWaitersFull);
+            return Some(mail);
+        }
+        waiting.push(mail);
+        None
+    }
+
+    /// True while the room is loading (its load started now if it was not in memory and the
+    /// loads in flight allow; else it goes on from memory alone).
+    fn ensure_loading(&mut self, room: &RoomName, now: Now) -> bool {
+        match self.owner.phase(room) {
+            Phase::Ready => false,
+            Phase::Loading => true,
+            Phase::Absent if self.owner.loads() >= self.cfg.loads.in_flight_max => {
+                self.counters.inc(Series::LoadSkipped);
+                false
+            }
+            Phase::Absent => {
+                self.owner.start_loading(room, now);
+                self.store_ops.push(StoreOp::Load { room: room.clone(), owner: self.cfg.owner.shard });
+                true
+            }
+        }
+    }
+
+    /// A load ended (None: it failed or timed out): the room takes the state, then the parked
+    /// requests are served in their order.
+    fn loaded(&mut self, room: &RoomName, state: Option<RoomState>, now: Now, post: &PostOffice) {
+        let outcome = self.owner.loaded(room, state, now);
+        self.counters.inc(match outcome {
+            Loaded::Found => Series::LoadFound,
+            Loaded::Empty => Series::LoadEmpty,
+            Loaded::Failed => Series::LoadFailed,
+        });
+        if outcome == Loaded::Found {
+            self.replicate_lists(room, now);
+        }
+        for mail in self.parked.remove(room).unwrap_or_default() {
+            self.handle_mail(mail, now, post);
+        }
+        self.owner.drop_if_unused(room);
+    }
+
+    /// Every shard learns a loaded room's bans and whitelist (joins are checked there), and a
+    /// banned user who joined while the room was loading is closed.
+    fn replicate_lists(&mut self, room: &RoomName, now: Now) {
+        let lists = self.owner.moderation(room, now.unix);
+        let reason: std::sync::Arc<str> = "banned".into();
+        for s in 0..self.cfg.owner.shards {
+            let to = ShardId(s as u16);
+            for (list, entries) in [(List::Ban, &lists.bans), (List::Whitelist, &lists.whitelist)] {
+                for e in entries {
+                    let (room, user) = (room.clone(), UserId::new(&e.user));
+                    let replicate = HostMail::Replicate { room, user, list, until_ms: e.until_ms, add: true };
+                    self.mail.push((to, replicate.into()));
+                }
+            }
+            for e in &lists.bans {
+                let kick = HostMail::Kick { room: room.clone(), user: UserId::new(&e.user), reason: reason.clone() };
+                self.mail.push((to, kick.into()));
+            }
+        }
+    }
+
+    /// The store could not take a load request (its queue is full): the room goes on from
+    /// memory alone.
+    pub fn load_refused(&mut self, room: &RoomName, now: Now, post: &PostOffice) {
+        self.loaded(room, None, now, post);
+    }
+
+    /// Moves the writes and loads gathered since the last call to `out`.
+    pub fn take_store_ops(&mut self, out: &mut Vec<StoreOp>) {
+        self.owner.take_store_ops(out);
+        out.append(&mut self.store_ops);
+    }
+
+    /// While frozen: refuses (503, retry: the next process will take it) what would change a
+    /// room, answers a repeated export and a drain's flush without cutting anything (a cut would
+    /// hand out seqs the next process also hands out), and passes the rest on.
+    fn refuse_frozen(&mut self, mail: OwnerMail, now: Now) -> Option<OwnerMail> {
+        match mail {
+            OwnerMail::Publish { reply, .. } => {
+                self.counters.inc(Series::DropHandover);
+                reply.send(Err(PublishError::HandedOver));
+            }
+            OwnerMail::Send { from, .. } => {
+                self.counters.inc(Series::DropHandover);
+                let (code, reason) = PublishError::HandedOver.code();
+                self.refuse(from, u32::from(code), reason);
+            }
+            OwnerMail::Moderate { origin, .. } => {
+                self.counters.inc(Series::RefusedHandover);
+                let e = ModerationError::HandedOver;
+                self.answer(origin, Err::<(), _>(e), |e| (e.status(), e.message()));
+            }
+            OwnerMail::SetAttr { origin, .. } => {
+                self.counters.inc(Series::RefusedHandover);
+                self.answer(origin, Err::<u64, _>(AttrError::HandedOver), |e| (e.status(), e.message()));
+            }
+            OwnerMail::Flush => self.mail_flushed(),
+            OwnerMail::Export { reply } => reply.send(self.owner.export(now.unix.0)),
+            OwnerMail::Thaw => self.frozen = false,
+            // A load's answer is taken in (nothing is cut while frozen); its waiters come back
+            // through here.
+            mail @ (OwnerMail::Presence { .. }
+            | OwnerMail::Loaded { .. }
+            | OwnerMail::Joined { .. }
+            | OwnerMail::Poll { .. }
+            | OwnerMail::AttrSync { .. }
+            | OwnerMail::RoomInfo { .. }
+            | OwnerMail::TopRooms { .. }
+            | OwnerMail::ModerationList { .. }
+            | OwnerMail::Attrs { .. }) => return Some(mail),
+        }
+        None
+    }
+
+    /// Takes over rooms another process exported (before this shard takes connections).
+    pub fn import(&mut self, rooms: Vec<crate::proto::RoomState>, now: Now) {
+        let done = self.owner.import(rooms, self.cfg.name_bytes_max, now);
+        self.counters.add(Series::RoomsImported, done.rooms);
+        self.counters.add(Series::ImportSkipped, done.rooms_skipped + done.entries_skipped);
     }
 
     fn publish(&mut self, room: &RoomName, msg: Message, sender: Sender, now: Now) -> Result<Published, PublishError> {
@@ -121,6 +338,7 @@ impl Desk {
             Err(PublishError::RoomsFull) => Series::DropNoRoom,
             Err(PublishError::RateLimited) => Series::DropRate,
             Err(PublishError::Muted) => Series::DropMuted,
+            Err(PublishError::HandedOver) => Series::DropHandover,
         });
         result
     }
@@ -176,7 +394,7 @@ impl Desk {
         } else {
             self.counters.inc(Series::RefusedModeration);
         }
-        self.answer(origin, result, |e| (if e == ModerationError::Busy { 503 } else { 400 }, e.message()));
+        self.answer(origin, result, |e| (e.status(), e.message()));
     }
 
     /// Sends an owner's answer: to the waiting API thread, or a refusal to a client.
@@ -207,7 +425,18 @@ impl Desk {
 
     /// The block tick when due (adaptive, see `block_tick`), and now and then the sweep of
     /// idle rooms.
-    pub fn handle_timeout(&mut self, now: Now, load: Load) {
+    pub fn handle_timeout(&mut self, now: Now, load: Load, post: &PostOffice) {
+        if self.cfg.owner.durable && self.owner.loads() > 0 {
+            let expired = now.ms.checked_sub(self.cfg.loads.timeout_ms).map(|t| self.owner.loads_started_before(t));
+            for room in expired.unwrap_or_default() {
+                self.counters.inc(Series::LoadTimeout);
+                self.loaded(&room, None, now, post);
+            }
+        }
+        if self.frozen {
+            self.next_block_ms = now.ms + self.cfg.block_interval_ms;
+            return;
+        }
         if now.ms >= self.next_block_ms {
             self.block_tick(now, load);
         }
@@ -239,6 +468,31 @@ impl Desk {
             self.block_due_ms = now.ms + self.cfg.block_interval_ms;
         }
         self.next_block_ms = self.block_due_ms;
+    }
+
+    /// A drain: cut every room's pending messages into blocks now (as many as the carried
+    /// whitelist messages need), then tell every shard, after those blocks.
+    fn flush(&mut self, now: Now) {
+        self.cut_all(now);
+        self.mail_flushed();
+    }
+
+    /// Cuts every room's pending messages into blocks, as many as the carried whitelist
+    /// messages need.
+    fn cut_all(&mut self, now: Now) {
+        let rounds = self.cfg.owner.limits.pending_messages_max / self.cfg.owner.limits.block_messages_max.max(1) + 2;
+        for _ in 0..rounds {
+            if !self.owner.has_pending() {
+                break;
+            }
+            self.cut_blocks(now);
+        }
+    }
+
+    fn mail_flushed(&mut self) {
+        for s in 0..self.cfg.owner.shards {
+            self.mail.push((ShardId(s as u16), HostMail::Flushed.into()));
+        }
     }
 
     /// Cuts and encodes each dirty room's block once and addresses the frame to every shard

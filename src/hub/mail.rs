@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 
+use super::host::DrainPlan;
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::proto::Message;
 use crate::room::attrs::AttrError;
@@ -79,8 +80,9 @@ pub enum OwnerMail {
     /// This shard now holds `members` members of the room (`json` of them reading JSON);
     /// `left` of them left since the last report, the first few named.
     Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },
-    /// A connection joined; answered with its backfill and the attribute snapshot.
-    Joined { room: RoomName, from: ConnAt, user: Option<UserId> },
+    /// A connection joined, resuming `after` a seq (0: none); answered with its backfill and
+    /// the attribute snapshot.
+    Joined { room: RoomName, from: ConnAt, user: Option<UserId>, after: u64 },
     /// A short poll from a connection.
     Poll { room: RoomName, after: u64, limit: usize, from: ConnAt },
     /// A moderation action (then replicated and enforced on every shard).
@@ -103,6 +105,17 @@ pub enum OwnerMail {
     ModerationList { room: RoomName, reply: Reply<ModerationLists> },
     /// All attributes and the version.
     Attrs { room: RoomName, reply: Reply<AttrsSnapshot> },
+    /// To this shard's owner when a drain starts: cut every room's pending messages into
+    /// blocks now, then tell every shard (`HostMail::Flushed`).
+    Flush,
+    /// To every shard on an upgrade: cut every pending message into blocks, answer with the
+    /// owned rooms' state, and refuse every change from then on (the next process continues
+    /// the rooms) until `Thaw`.
+    Export { reply: Reply<Vec<crate::proto::RoomState>> },
+    /// The upgrade failed: this process keeps its rooms and takes changes again.
+    Thaw,
+    /// From the store: a room's state read from durable storage (None: it could not be read).
+    Loaded { room: RoomName, state: Option<Box<crate::proto::RoomState>> },
 }
 
 impl OwnerMail {
@@ -120,7 +133,11 @@ impl OwnerMail {
             | OwnerMail::RoomInfo { .. }
             | OwnerMail::TopRooms { .. }
             | OwnerMail::ModerationList { .. }
-            | OwnerMail::Attrs { .. } => None,
+            | OwnerMail::Attrs { .. }
+            | OwnerMail::Flush
+            | OwnerMail::Export { .. }
+            | OwnerMail::Thaw
+            | OwnerMail::Loaded { .. } => None,
         }
     }
 }
@@ -153,6 +170,11 @@ pub enum HostMail {
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },
+    /// Start draining (see `host::drain`): accept nothing more, then reconnect every
+    /// connection in waves.
+    Drain(DrainPlan),
+    /// An owner has cut its rooms' pending messages into blocks (mailed before this).
+    Flushed,
     /// Close every connection (1001) and stop.
     Stop,
 }
@@ -170,6 +192,8 @@ impl HostMail {
             | HostMail::Replicate { .. }
             | HostMail::PollAnswer { .. }
             | HostMail::Refused { .. }
+            | HostMail::Drain(_)
+            | HostMail::Flushed
             | HostMail::Stop => None,
         }
     }

@@ -37,6 +37,7 @@ pub use crate::ids::Now;
 use crate::ids::{ConnKey, ShardId};
 use crate::metrics::{Counters, Series};
 use crate::room::attrs::AttrLimits;
+use crate::room::durable::StoreOp;
 use crate::room::limit::Rate;
 use crate::room::mixer::MixerLimits;
 use crate::room::moderation::ModerationLimits;
@@ -54,6 +55,8 @@ pub struct Hub {
     /// call that caused it returns.
     routing: Vec<(ShardId, Mail)>,
     local: VecDeque<Mail>,
+    /// Reused buffer of store ops.
+    store_ops: Vec<StoreOp>,
     busy_permille: u32,
     /// The post office's and the driver's counts.
     counters: Counters,
@@ -65,6 +68,8 @@ impl Hub {
             block_interval_ms: cfg.block_interval_ms,
             block_wait_max_ms: cfg.block_wait_max_ms,
             owner: cfg.owner.clone(),
+            name_bytes_max: cfg.name_bytes_max,
+            loads: cfg.loads,
         };
         Hub {
             shard: cfg.shard,
@@ -73,9 +78,22 @@ impl Hub {
             host: Host::new(cfg),
             routing: Vec::new(),
             local: VecDeque::new(),
+            store_ops: Vec::new(),
             busy_permille: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// Rooms (this shard's share) and moderation replicas (every room's) taken over from the
+    /// process this one replaces; call before the shard takes connections.
+    pub fn import(
+        &mut self,
+        rooms: Vec<crate::proto::RoomState>,
+        replicas: Vec<crate::room::owner::Replica>,
+        now: Now,
+    ) {
+        self.desk.import(rooms, now);
+        self.host.import_replicas(replicas, now);
     }
 
     // ---- inputs ----
@@ -114,7 +132,7 @@ impl Hub {
     pub fn handle_timeout(&mut self, now: Now) {
         self.host.handle_timeout(now);
         let (backlog, conns) = self.host.backlog();
-        self.desk.handle_timeout(now, Load { backlog, conns, busy_permille: self.busy_permille });
+        self.desk.handle_timeout(now, Load { backlog, conns, busy_permille: self.busy_permille }, &self.post);
         self.route(now);
     }
 
@@ -165,6 +183,22 @@ impl Hub {
         self.counters.set(Series::MeshWaiting, self.post.waiting() as u64);
     }
 
+    /// Hands the writes and loads for durable storage to `store`; what it cannot take (its
+    /// queue is full) is counted, and a load it refused lets the room go on from memory.
+    pub fn flush_store(&mut self, store: &mut dyn FnMut(StoreOp) -> Result<(), StoreOp>, now: Now) {
+        let mut ops = std::mem::take(&mut self.store_ops);
+        self.desk.take_store_ops(&mut ops);
+        for op in ops.drain(..) {
+            match store(op) {
+                Ok(()) => {}
+                Err(StoreOp::Load { room, .. }) => self.desk.load_refused(&room, now, &self.post),
+                Err(_) => self.counters.inc(Series::StoreQueueFull),
+            }
+        }
+        self.store_ops = ops;
+        self.route(now);
+    }
+
     /// Whether mail waits for a full inbox (the driver then sleeps at most a millisecond).
     pub fn has_waiting_mail(&self) -> bool {
         self.post.waiting() > 0
@@ -207,6 +241,11 @@ impl Hub {
     /// Whether `HostMail::Stop` arrived.
     pub fn stopping(&self) -> bool {
         self.host.stopping()
+    }
+
+    /// Whether a drain has started (the driver stops accepting).
+    pub fn draining(&self) -> bool {
+        self.host.draining()
     }
 
     /// Connections of any state.
@@ -322,6 +361,8 @@ pub struct HubConfig {
     pub mesh_overflow_max: usize,
     /// The owner table of this shard's rooms.
     pub owner: OwnerConfig,
+    /// Loading rooms from durable storage.
+    pub loads: desk::LoadLimits,
 }
 
 impl HubConfig {
@@ -382,6 +423,11 @@ impl HubConfig {
             poll_limit_max: c.rooms.poll_limit_max,
             mesh_overflow_max: c.server.mesh_overflow_max,
             owner: owner_config(c, shard, shards),
+            loads: desk::LoadLimits {
+                in_flight_max: c.redis.loads_max,
+                waiters_max: c.redis.load_waiters_max,
+                timeout_ms: c.redis.load_timeout_ms,
+            },
         }
     }
 }
@@ -409,6 +455,7 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
         poll_limit_max: r.poll_limit_max,
         poll_interval_ms: [r.poll_interval_small_ms, r.poll_interval_medium_ms, r.poll_interval_large_ms],
         types: Arc::new(c.types.clone()),
+        durable: !c.redis.url.is_empty(),
     }
 }
 

@@ -293,7 +293,7 @@ fn a_congested_way_refuses_new_requests_from_clients() {
     client_frame(
         &mut host,
         key,
-        client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string() }),
+        client_frame::Frame::Join(Join { room: room_owned_by(0, 2, "other").to_string(), ..Join::default() }),
         now,
     );
     let mut out = HashMap::new();
@@ -419,4 +419,253 @@ fn an_unanswered_close_ends_with_a_reset_an_answered_one_with_a_fin() {
     assert_eq!(how, [(polite, Teardown::Fin), (silent, Teardown::Reset)], "{closes:?}");
     let c = h.counters();
     assert_eq!((c.get(Series::ClosedIdle), c.get(Series::ClosedCloseTimeout), c.get(Series::ClosedReset)), (2, 1, 1));
+}
+
+/// An upgrade's export: everything pending reaches the members first and is in the state; from
+/// then on the old owner refuses every change (so no seq is handed out twice) until thawed,
+/// and the new process continues the room where it stopped.
+#[test]
+fn an_exported_room_is_frozen_here_and_continues_in_the_next_process() {
+    let c = config(|_| {});
+    let mut old = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut old, "alice", &r, at(0));
+    old.end_turn(at(0));
+    let mut out = HashMap::new();
+    drain_sends(&mut old, &mut out, at(0));
+    let accepted: Vec<_> = (0..3).map(|_| publish(&mut old, &r, at(10)).recv().unwrap().unwrap()).collect();
+    assert_eq!(accepted.len(), 3);
+
+    let (tx, rx) = sync_channel(1);
+    old.handle_mail(OwnerMail::Export { reply: Reply(tx) }.into(), at(20));
+    let rooms = rx.recv().unwrap();
+    drain_sends(&mut old, &mut out, at(20));
+    let seqs: Vec<u64> = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().filter(|m| m.r#type == "notice").map(|m| m.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seqs.len(), 3, "the pending messages were cut and delivered before the export");
+    assert_eq!(rooms.len(), 1);
+    let last = rooms[0].last_seq;
+    assert!(last >= seqs[2], "the export holds every seq handed out");
+
+    // Frozen: a publish and a client's send are refused with 503; time passing cuts nothing.
+    assert_eq!(publish(&mut old, &r, at(30)).recv().unwrap(), Err(owner::PublishError::HandedOver));
+    let send = Send { r#type: "chat".into(), data: b"hi".to_vec() };
+    client_frame(&mut old, viewer, client_frame::Frame::Send(send), at(30));
+    old.handle_timeout(at(5_000));
+    let mut later = HashMap::new();
+    drain_sends(&mut old, &mut later, at(5_000));
+    let frames = server_frames(&later[&viewer]);
+    assert!(frames.iter().any(|f| matches!(f, server_frame::Frame::Error(e) if e.code == 503)), "{frames:?}");
+    assert!(!frames.iter().any(|f| matches!(f, server_frame::Frame::Block(_))), "{frames:?}");
+    assert_eq!(old.counters().get(Series::DropHandover), 2);
+
+    // The next process continues the seqs; a resuming client gets exactly what it missed.
+    let mut new = hub(&c, 0, 1);
+    new.import(rooms, Vec::new(), at(6_000));
+    assert_eq!(new.counters().get(Series::RoomsImported), 1);
+    let next = publish(&mut new, &r, at(6_000)).recv().unwrap().unwrap();
+    assert!(next.id > 0);
+    let resumed = connect(
+        &mut new,
+        &format!(
+            "GET /ws?room={r}&after={}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            seqs[2],
+            token("alice")
+        ),
+        at(6_000),
+    );
+    new.end_turn(at(6_000));
+    new.handle_timeout(at(8_000));
+    let mut fresh = HashMap::new();
+    drain_sends(&mut new, &mut fresh, at(8_000));
+    let got: Vec<u64> = server_frames(&fresh[&resumed])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().map(|m| m.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // What it missed (alice's enter event, cut with the export), then the new process's first
+    // block: consecutive, no gap, no duplicate.
+    assert_eq!(got.first(), Some(&(seqs[2] + 1)), "{got:?}");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    assert!(got.contains(&(last + 1)), "{got:?}");
+
+    // An upgrade that failed: the old process takes changes again.
+    old.handle_mail(OwnerMail::Thaw.into(), at(9_000));
+    assert!(publish(&mut old, &r, at(9_000)).recv().unwrap().is_ok());
+}
+
+/// Takes what a durable hub hands to the store.
+fn store_ops(h: &mut Hub, now: Now) -> Vec<crate::room::durable::StoreOp> {
+    let mut ops = Vec::new();
+    h.flush_store(
+        &mut |op| {
+            ops.push(op);
+            Ok(())
+        },
+        now,
+    );
+    ops
+}
+
+/// A durable owner (Redis): a room not in memory is loaded before use — the join waits for it
+/// and then gets the stored history; a publish meanwhile waits in the mixer and is cut after
+/// the stored seqs; every block and list change is handed out to be written.
+#[test]
+fn a_durable_room_is_loaded_before_use_and_written_as_it_changes() {
+    use crate::room::durable::StoreOp;
+    let c = config(|c| c.redis.url = "redis://127.0.0.1:1".into());
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut h, "alice", &r, at(0));
+    h.end_turn(at(0));
+    let ops = store_ops(&mut h, at(0));
+    assert!(matches!(&ops[..], [StoreOp::Load { room, .. }] if *room == r), "{ops:?}");
+    // A publish while it loads is taken, not cut.
+    publish(&mut h, &r, at(10)).recv().unwrap().unwrap();
+    h.handle_timeout(at(500));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(500));
+    assert!(!server_frames(&out[&viewer]).iter().any(|f| matches!(f, server_frame::Frame::Block(_))));
+
+    // Storage answers: 3 messages up to seq S, and a ban.
+    let s = 1_000u64 << 20;
+    let history: Vec<Message> =
+        (1..=3).map(|i| Message { seq: s - 3 + i, r#type: "chat".into(), ..Message::default() }).collect();
+    let ban = crate::proto::ModerationEntry { list: 1, user: "mallory".into(), until_ms: 0 };
+    let state = crate::proto::RoomState {
+        room: "r".into(),
+        base_seq: s - 10,
+        last_seq: s,
+        history,
+        moderation: vec![ban],
+        kept: true,
+        ..Default::default()
+    };
+    h.handle_mail(OwnerMail::Loaded { room: r.clone(), state: Some(Box::new(state)) }.into(), at(600));
+    h.handle_timeout(at(1_000));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(1_000));
+    let blocks: Vec<Vec<u64>> = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) => Some(b.messages.iter().map(|m| m.seq).collect()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(blocks[0], vec![s - 2, s - 1, s], "the stored history as the backfill: {blocks:?}");
+    let live = blocks.last().unwrap();
+    assert!(live[0] > s, "cut after the stored seqs: {blocks:?}");
+    let notices: usize = server_frames(&out[&viewer])
+        .iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Block(b) if !b.backfill => {
+                Some(b.messages.iter().filter(|m| m.r#type == "notice").count())
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(notices, 1, "the publish made while the room loaded is delivered: {blocks:?}");
+    assert_eq!(h.counters().get(Series::LoadFound), 1);
+
+    // What changed is handed out to be written: the block, and a mute.
+    let mute = OwnerMail::Moderate {
+        room: r.clone(),
+        user: UserId::new("eve"),
+        action: ModAction::Mute { until_ms: None },
+        reason: "".into(),
+        origin: Origin::Api(Reply(sync_channel(1).0)),
+    };
+    h.handle_mail(mute.into(), at(1_100));
+    let ops = store_ops(&mut h, at(1_100));
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, StoreOp::Block { last_seq, kept: true, .. } if *last_seq == live[live.len() - 1])),
+        "{ops:?}"
+    );
+    assert!(ops.iter().any(|o| matches!(o, StoreOp::Moderation { user, add: true, .. } if user == "eve")), "{ops:?}");
+}
+
+/// Storage that does not answer: at `redis.load_timeout_ms` the room goes on from memory and
+/// the waiting requests are served; a late answer is ignored.
+#[test]
+fn a_load_that_times_out_lets_the_room_go_on_from_memory() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.load_timeout_ms = 200;
+    });
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let (tx, rx) = sync_channel(1);
+    h.handle_mail(OwnerMail::RoomInfo { room: r.clone(), reply: Reply(tx) }.into(), at(0));
+    assert_eq!(store_ops(&mut h, at(0)).len(), 1);
+    assert!(rx.try_recv().is_err(), "waits for the load");
+    h.handle_timeout(at(100));
+    assert!(rx.try_recv().is_err());
+    h.handle_timeout(at(250));
+    let info = rx.try_recv().expect("answered from memory after the timeout");
+    assert_eq!(info.online, 0);
+    assert_eq!(h.counters().get(Series::LoadTimeout), 1);
+    h.handle_mail(OwnerMail::Loaded { room: r, state: None }.into(), at(300));
+}
+
+/// `redis.loads_max` and `redis.load_waiters_max`: past them a room starts from memory and a
+/// request is served from memory, each counted.
+#[test]
+fn loads_and_their_waiters_are_bounded() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.loads_max = 1;
+        c.redis.load_waiters_max = 1;
+    });
+    let mut h = hub(&c, 0, 1);
+    let (a, b) = (RoomName::parse("a", 64).unwrap(), RoomName::parse("b", 64).unwrap());
+    let info = |h: &mut Hub, room: &RoomName| {
+        let (tx, rx) = sync_channel(1);
+        h.handle_mail(OwnerMail::RoomInfo { room: room.clone(), reply: Reply(tx) }.into(), at(0));
+        rx
+    };
+    let first = info(&mut h, &a);
+    assert!(first.try_recv().is_err(), "waits for a's load");
+    let second = info(&mut h, &a);
+    assert!(second.try_recv().is_ok(), "past load_waiters_max: served from memory");
+    assert_eq!(h.counters().get(Series::LoadWaitersFull), 1);
+    let other = info(&mut h, &b);
+    assert!(other.try_recv().is_ok(), "past loads_max: b starts from memory");
+    assert_eq!(h.counters().get(Series::LoadSkipped), 1);
+    let loads: Vec<_> = store_ops(&mut h, at(0));
+    assert_eq!(loads.len(), 1, "only a was asked for: {loads:?}");
+}
+
+/// A viewer who joins and leaves while the room loads does not make the owner forget the load
+/// (which would leak the count against `redis.loads_max`).
+#[test]
+fn a_room_left_while_loading_still_finishes_its_load() {
+    let c = config(|c| {
+        c.redis.url = "redis://127.0.0.1:1".into();
+        c.redis.loads_max = 1;
+        c.rooms.presence_events = false;
+    });
+    let mut h = hub(&c, 0, 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let viewer = upgrade(&mut h, "alice", &r, at(0));
+    h.end_turn(at(0));
+    h.handle_eof(viewer, at(10));
+    h.end_turn(at(10));
+    assert_eq!(store_ops(&mut h, at(10)).len(), 1);
+    h.handle_mail(OwnerMail::Loaded { room: r.clone(), state: None }.into(), at(20));
+    // The load was counted off: another room may load.
+    let (tx, rx) = sync_channel(1);
+    h.handle_mail(OwnerMail::RoomInfo { room: RoomName::parse("s", 64).unwrap(), reply: Reply(tx) }.into(), at(30));
+    assert!(rx.try_recv().is_err(), "s waits for its own load");
+    assert_eq!(h.counters().get(Series::LoadSkipped), 0);
 }

@@ -3,12 +3,13 @@
 //! the order the shard really runs in, not a copy of it.
 //!
 //! The order: reap completions (accepts, reads, sends, closes) → read mail → timers and block
-//! ticks → end of turn (membership reports) → post mail to other shards → start sends → start
-//! closes. Sends start after everything that queues frames, so one send carries all of them.
+//! ticks → end of turn (membership reports) → hand writes and loads to the store → post mail
+//! to other shards → start sends → start closes. Sends start after everything that queues frames, so one send carries all of them.
 
 use super::mail::Mail;
 use super::{Hub, Teardown};
 use crate::ids::{ConnKey, Now, ShardId};
+use crate::room::durable::StoreOp;
 
 /// What a shard's loop does with the world outside the hub.
 pub trait Driver {
@@ -23,6 +24,9 @@ pub trait Driver {
 
     /// Offers mail to another shard's inbox; gives it back when that inbox is full.
     fn offer_mail(&mut self, to: ShardId, mail: Mail) -> Result<(), Mail>;
+
+    /// Hands a write or load to durable storage; gives it back when the store cannot take it.
+    fn offer_store(&mut self, op: StoreOp) -> Result<(), StoreOp>;
 
     /// Starts one send of what `hub.poll_send(key, ..)` hands out.
     fn start_send(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), Self::Error>;
@@ -59,6 +63,7 @@ pub fn turn<D: Driver>(hub: &mut Hub, driver: &mut D, now: Now, budget: Budget) 
         hub.handle_timeout(now);
     }
     hub.end_turn(now);
+    hub.flush_store(&mut |op| driver.offer_store(op), now);
     hub.flush_mail(&mut |to, mail| driver.offer_mail(to, mail));
     for _ in 0..budget.sends {
         let Some(key) = hub.poll_ready() else { break };

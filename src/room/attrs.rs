@@ -48,9 +48,20 @@ pub enum AttrError {
     /// Empty, or a byte outside `[A-Za-z0-9_.:-]`.
     BadKey,
     ValueTooLarge,
+    /// The rooms are being handed to a new process (an upgrade): retry, it will take it.
+    HandedOver,
 }
 
 impl AttrError {
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            AttrError::ValueTooLarge => 413,
+            AttrError::HandedOver => 503,
+            AttrError::TooManyKeys | AttrError::KeyTooLong | AttrError::BadKey => 400,
+        }
+    }
+
     /// Human text for API 4xx answers and error frames.
     pub fn message(&self) -> &'static str {
         match self {
@@ -58,6 +69,7 @@ impl AttrError {
             AttrError::KeyTooLong => "attribute key is too long",
             AttrError::BadKey => "attribute key must be 1 or more of A-Z a-z 0-9 _ . : -",
             AttrError::ValueTooLarge => "attribute value is too large",
+            AttrError::HandedOver => "the gateway is handing its rooms to a new process: retry",
         }
     }
 }
@@ -101,6 +113,27 @@ impl AttrLog {
     /// << 20 like room seqs, so versions keep increasing across restarts).
     pub fn new(base: u64) -> Self {
         AttrLog { entries: BTreeMap::new(), log: VecDeque::new(), version: base, payload_bytes: 0, log_len_max: 0 }
+    }
+
+    /// Attributes handed over by another process at `version`, with no change log: a client
+    /// behind `version` gets a snapshot. Entries over `limits` are skipped (the count is
+    /// returned), so the restored log obeys this process's bounds.
+    pub fn restore(version: u64, entries: Vec<(String, Vec<u8>)>, limits: &AttrLimits) -> (AttrLog, usize) {
+        let mut log = AttrLog::new(version);
+        log.log_len_max = limits.log_len_max;
+        let mut skipped = 0;
+        for (key, value) in entries {
+            let fits = check_key(&key, limits).is_ok()
+                && value.len() <= limits.value_bytes_max
+                && log.entries.len() < limits.keys_max;
+            if fits {
+                log.payload_bytes += key.len() + value.len();
+                log.entries.insert(key, value);
+            } else {
+                skipped += 1;
+            }
+        }
+        (log, skipped)
     }
 
     /// The version of the newest change (`base` before any).

@@ -37,8 +37,9 @@ impl From<Priority> for Class {
 pub enum BlockKind {
     /// Newly cut messages; `top` is the highest priority among them.
     Live { top: Priority },
-    /// History for a joining client: never shed (it is what the client missed).
-    Backfill,
+    /// History for a joining client: never shed (it is what the client missed); `truncated`
+    /// when a resuming client's cursor is older than the history kept.
+    Backfill { truncated: bool },
 }
 
 /// A frame fanned out to many connections: encoded once, shared by reference.
@@ -83,9 +84,9 @@ pub fn block(
     now: UnixMs,
     json: bool,
 ) -> SharedFrame {
-    let (class, backfill) = match kind {
-        BlockKind::Live { top } => (Class::from(top), false),
-        BlockKind::Backfill => (Class::Keep, true),
+    let (class, backfill, truncated) = match kind {
+        BlockKind::Live { top } => (Class::from(top), false, false),
+        BlockKind::Backfill { truncated } => (Class::Keep, true, truncated),
     };
     let block = Block {
         room: room.as_str().to_owned(),
@@ -95,6 +96,7 @@ pub fn block(
         online,
         server_ms: now.0,
         backfill,
+        truncated,
     };
     SharedFrame::encode(&server(server_frame::Frame::Block(block)), json, class)
 }
@@ -146,6 +148,7 @@ mod tests {
         let room = RoomName::parse("r", 8).unwrap();
         let live = block(&room, Vec::new(), BlockKind::Live { top: Priority::High }, 0, UnixMs(0), false);
         assert_eq!(live.class, Class::High);
-        assert_eq!(block(&room, Vec::new(), BlockKind::Backfill, 0, UnixMs(0), false).class, Class::Keep);
+        let backfill = BlockKind::Backfill { truncated: false };
+        assert_eq!(block(&room, Vec::new(), backfill, 0, UnixMs(0), false).class, Class::Keep);
     }
 }

@@ -55,6 +55,26 @@ impl History {
         }
     }
 
+    /// A history handed over by another process (`room::owner::handover`): `messages` in seq
+    /// order (the oldest beyond `capacity` are evicted), `evicted_seq` as it was there. Messages
+    /// out of order, or not above `evicted_seq`, are skipped: a snapshot is input.
+    pub fn restore(capacity: usize, messages: Vec<Message>, evicted_seq: u64) -> History {
+        let mut h = History::new(capacity);
+        h.evicted_seq = evicted_seq;
+        for msg in messages {
+            let last = h.kept.back().map_or(h.evicted_seq, |m| m.seq);
+            if msg.seq > last {
+                h.push(std::slice::from_ref(&msg));
+            }
+        }
+        h
+    }
+
+    /// The largest seq ever evicted (0 = none).
+    pub fn evicted_seq(&self) -> u64 {
+        self.evicted_seq
+    }
+
     /// Messages kept.
     pub fn len(&self) -> usize {
         self.kept.len()

@@ -131,6 +131,12 @@ impl Mixer {
         self.pending.len()
     }
 
+    /// Moves the seq counter forward to at least `seq` (a room's stored state arrived while
+    /// messages waited here: they are cut after it). Pending messages stay.
+    pub fn continue_after(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+    }
+
     /// The last seq handed out (0 before the first block).
     pub fn last_seq(&self) -> u64 {
         self.last_seq

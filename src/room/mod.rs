@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attrs;
+pub mod durable;
 pub mod frames;
 pub mod history;
 pub mod limit;

@@ -45,6 +45,8 @@ pub enum ModerationError {
     EmptyUser,
     /// The owner could not tell every shard now (the way to one is congested): try again.
     Busy,
+    /// The rooms are being handed to a new process (an upgrade): retry, it will take it.
+    HandedOver,
 }
 
 impl ModerationError {
@@ -55,13 +57,14 @@ impl ModerationError {
             ModerationError::UserTooLong => "user id is longer than 128 bytes",
             ModerationError::EmptyUser => "user id is empty",
             ModerationError::Busy => "the gateway is busy: try again",
+            ModerationError::HandedOver => "the gateway is handing its rooms to a new process: retry",
         }
     }
 
     /// The HTTP status of the refusal: 503 when trying again may work, else 409.
     pub fn status(self) -> u16 {
         match self {
-            ModerationError::Busy => 503,
+            ModerationError::Busy | ModerationError::HandedOver => 503,
             ModerationError::Full | ModerationError::UserTooLong | ModerationError::EmptyUser => 409,
         }
     }
@@ -126,6 +129,11 @@ impl Moderation {
     /// Whether an unexpired entry exists at `now_ms`.
     pub fn contains(&self, list: List, user: &str, now_ms: i64) -> bool {
         self.map(list).get(user).is_some_and(|&until_ms| holds(until_ms, now_ms))
+    }
+
+    /// The expiry of an unexpired entry (Some(None): until lifted); None when absent.
+    pub fn until(&self, list: List, user: &str, now_ms: i64) -> Option<Option<i64>> {
+        self.map(list).get(user).copied().filter(|&until_ms| holds(until_ms, now_ms))
     }
 
     /// Unexpired entries of a list, sorted by user.

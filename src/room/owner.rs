@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::Priority;
 use super::RoomName;
 use super::attrs::{AttrError, AttrLimits, AttrLog};
+use super::durable::StoreOp;
 use super::frames::{self, BlockKind, SharedFrame};
 use super::history::History;
 use super::limit::{Rate, TokenBucket};
@@ -41,6 +42,9 @@ pub struct OwnerConfig {
     /// Poll interval hints for rooms under 100, up to 1,000, and over 1,000 members.
     pub poll_interval_ms: [u32; 3],
     pub types: Arc<BTreeMap<String, TypeDefaults>>,
+    /// Rooms are kept in durable storage: every block, attribute and list change is also
+    /// handed out as a `StoreOp`, and a room not in memory is loaded before use (`loading`).
+    pub durable: bool,
 }
 
 /// Why a publish was refused.
@@ -54,6 +58,8 @@ pub enum PublishError {
     RateLimited,
     /// The sender is muted in this room.
     Muted,
+    /// The rooms are being handed to a new process (an upgrade): retry, it will take it.
+    HandedOver,
 }
 
 impl PublishError {
@@ -64,6 +70,7 @@ impl PublishError {
             PublishError::RoomsFull => (503, "too many rooms on this node"),
             PublishError::RateLimited => (429, "the room's message rate is exceeded"),
             PublishError::Muted => (403, "you are muted in this room"),
+            PublishError::HandedOver => (503, "the gateway is handing its rooms to a new process: retry"),
         }
     }
 }
@@ -174,9 +181,13 @@ struct OwnedRoom {
     /// Short-poll answers by (cursor, limit) until the next block (a few: most pollers are up
     /// to date and ask with the same cursor).
     poll_cache: Vec<(u64, usize, Arc<[u8]>)>,
+    /// Resuming joiners' backfills by cursor until the next block (None: nothing to send).
+    resumes: Vec<(u64, Option<Arc<SharedFrame>>)>,
     /// Encoded once per change and handed to every joining client.
     backfill: Option<Arc<SharedFrame>>,
     snapshot: Option<Arc<SharedFrame>>,
+    /// Being loaded from durable storage since this time (ms): nothing is cut until it is.
+    loading: Option<u64>,
 }
 
 impl OwnedRoom {
@@ -188,7 +199,12 @@ impl OwnedRoom {
     /// go at once (one that did waits for the sweep, so that a new room of the same name
     /// starts its seqs in a later second).
     fn unused(&self) -> bool {
-        !self.kept && !self.dirty && self.online() == 0 && self.mixer.last_seq() == self.base_seq
+        // A loading room is kept until its load answers (the count of loads is the owner's).
+        self.loading.is_none()
+            && !self.kept
+            && !self.dirty
+            && self.online() == 0
+            && self.mixer.last_seq() == self.base_seq
     }
 
     /// Whether the sweep may forget the room after `idle_ms` without activity: no members,
@@ -196,7 +212,7 @@ impl OwnedRoom {
     /// they expire or are lifted; the room keeps counting against `rooms_max` meanwhile).
     fn forgettable(&self, now: UnixMs, idle_ms: i64) -> bool {
         let holds = !self.attrs.is_empty() || !self.moderation.is_empty();
-        !self.dirty && self.online() == 0 && !holds && now.0 - self.last_active.0 >= idle_ms
+        self.loading.is_none() && !self.dirty && self.online() == 0 && !holds && now.0 - self.last_active.0 >= idle_ms
     }
 }
 
@@ -205,7 +221,7 @@ impl OwnedRoom {
 /// second), and stay below 2^53 (exact in JavaScript numbers) until the year 2242.
 const SEQ_SECOND_SHIFT: u32 = 20;
 
-/// Poll answers cached per room.
+/// Poll answers, and resuming backfills, cached per room.
 const POLL_CACHE_MAX: usize = 4;
 
 /// The rooms owned by one shard.
@@ -217,16 +233,33 @@ pub struct Owner {
     /// Rooms with something to send at the next tick: only these are visited.
     dirty: Vec<RoomName>,
     next_id: u64,
+    /// Writes for durable storage since the desk last took them.
+    store_ops: Vec<StoreOp>,
+    /// Rooms being loaded.
+    loading: usize,
 }
 
 impl Owner {
     pub fn new(config: OwnerConfig) -> Owner {
-        Owner { config, rooms: HashMap::new(), kept: 0, dirty: Vec::new(), next_id: 0 }
+        Owner {
+            config,
+            rooms: HashMap::new(),
+            kept: 0,
+            dirty: Vec::new(),
+            next_id: 0,
+            store_ops: Vec::new(),
+            loading: 0,
+        }
     }
 
     /// Rooms tracked (with state or with members).
     pub fn rooms(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// Whether some room has messages waiting for a block.
+    pub fn has_pending(&self) -> bool {
+        self.dirty.iter().any(|name| self.rooms.get(name).is_some_and(|r| r.mixer.has_pending()))
     }
 
     /// Rooms with state, counted against `rooms_max`.
@@ -268,8 +301,10 @@ impl Owner {
                 base_seq: base,
                 last_active: now.unix,
                 poll_cache: Vec::new(),
+                resumes: Vec::new(),
                 backfill: None,
                 snapshot: None,
+                loading: None,
             }
         })
     }
@@ -381,10 +416,13 @@ impl Owner {
     }
 
     /// A connection joined the room on some shard: counts it for the next enter event and
-    /// returns what it should receive first (history as a backfill block, the attribute
-    /// snapshot), each encoded once and shared by every joiner until the room changes.
-    pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, now: Now) -> Vec<Arc<SharedFrame>> {
-        let (events, named) = (self.config.presence_events, self.config.presence_users_max);
+    /// returns what it should receive first — the history as a backfill block (all of it, or,
+    /// for a client resuming `after` a seq it showed, exactly the messages after it, with
+    /// `truncated` when the history no longer reaches back) and the attribute snapshot — each
+    /// encoded once and shared by every joiner with the same cursor until the room changes.
+    pub fn joined(&mut self, room: &RoomName, user: Option<&UserId>, after: u64, now: Now) -> Vec<Arc<SharedFrame>> {
+        let (events, named, max) =
+            (self.config.presence_events, self.config.presence_users_max, self.config.history_messages_max);
         let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
         // Only signed-in users are announced: anonymous churn moves the online count (carried in
         // every block) and nothing else, so a room full of viewers coming and going stays quiet.
@@ -393,13 +431,36 @@ impl Owner {
             Self::mark_dirty(&mut self.dirty, r, room);
         }
         let mut out = Vec::new();
-        if !r.history.is_empty() {
-            let online = r.online();
+        let online = r.online();
+        if after == 0 && !r.history.is_empty() {
             let frame = r.backfill.get_or_insert_with(|| {
                 let messages: Vec<Message> = r.history.recent().cloned().collect();
-                Arc::new(frames::block(room, messages, BlockKind::Backfill, online, now.unix, true))
+                Arc::new(frames::block(
+                    room,
+                    messages,
+                    BlockKind::Backfill { truncated: false },
+                    online,
+                    now.unix,
+                    true,
+                ))
             });
             out.push(Arc::clone(frame));
+        } else if after != 0 {
+            let cached = r.resumes.iter().find(|(a, _)| *a == after).map(|(_, f)| f.clone());
+            let frame = cached.unwrap_or_else(|| {
+                let page = r.history.after(after, max, r.mixer.last_seq(), r.base_seq);
+                let frame = (!page.messages.is_empty() || page.truncated).then(|| {
+                    let messages: Vec<Message> = page.messages.into_iter().cloned().collect();
+                    let kind = BlockKind::Backfill { truncated: page.truncated };
+                    Arc::new(frames::block(room, messages, kind, online, now.unix, true))
+                });
+                if r.resumes.len() == POLL_CACHE_MAX {
+                    r.resumes.remove(0);
+                }
+                r.resumes.push((after, frame.clone()));
+                frame
+            });
+            out.extend(frame);
         }
         if !r.attrs.is_empty() {
             let log = &r.attrs;
@@ -466,8 +527,12 @@ impl Owner {
                     ModAction::Unban => List::Ban,
                     _ => List::Whitelist,
                 };
-                if let Some(r) = self.rooms.get_mut(room) {
-                    r.moderation.remove(list, user);
+                if let Some(r) = self.rooms.get_mut(room)
+                    && r.moderation.remove(list, user)
+                    && self.config.durable
+                {
+                    let (room, user) = (room.clone(), user.to_owned());
+                    self.store_ops.push(StoreOp::Moderation { room, list, user, until_ms: None, add: false });
                 }
                 return Ok(());
             }
@@ -476,7 +541,13 @@ impl Owner {
             ModAction::Whitelist => (List::Whitelist, None),
         };
         let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(ModerationError::Full)?;
-        r.moderation.add(list, user, until_ms, t, &limits)
+        r.moderation.add(list, user, until_ms, t, &limits)?;
+        // What is stored is the entry as it now holds (an add may have extended it).
+        if let (true, Some(until_ms)) = (self.config.durable, r.moderation.until(list, user, t)) {
+            let (room, user) = (room.clone(), user.to_owned());
+            self.store_ops.push(StoreOp::Moderation { room, list, user, until_ms, add: true });
+        }
+        Ok(())
     }
 
     /// A room's moderation lists (empty for an unknown room).
@@ -498,10 +569,15 @@ impl Owner {
             return Ok(0);
         }
         let r = Self::keep(&mut self.rooms, &mut self.kept, &self.config, room, now).ok_or(AttrError::TooManyKeys)?;
+        let before = r.attrs.version();
         let version = match value {
             Some(v) => r.attrs.set(key, v, &limits)?,
             None => r.attrs.delete(key).unwrap_or(r.attrs.version()),
         };
+        if self.config.durable && version != before {
+            let value = value.map(<[u8]>::to_vec);
+            self.store_ops.push(StoreOp::Attr { room: room.clone(), version, key: key.to_owned(), value });
+        }
         if version != r.attrs_sent {
             r.snapshot = None;
             r.last_active = now.unix;
@@ -530,8 +606,14 @@ impl Owner {
     pub fn tick(&mut self, now: Now, deliver: &mut Deliver<'_>) -> TickStats {
         let mut stats = TickStats::default();
         let limits = self.config.limits;
+        let mut waiting = Vec::new();
         for name in std::mem::take(&mut self.dirty) {
             let Some(room) = self.rooms.get_mut(&name) else { continue };
+            if room.loading.is_some() {
+                // Cut once its stored state is in: its seqs must go on from there.
+                waiting.push(name);
+                continue;
+            }
             room.dirty = false;
             let json = room.json.iter().any(|&n| n > 0);
             let online = room.online();
@@ -559,14 +641,26 @@ impl Owner {
             stats.blocks += 1;
             stats.messages += cut.messages.len() as u64;
             room.history.push(&cut.messages);
+            if self.config.durable {
+                self.store_ops.push(StoreOp::Block {
+                    room: name.clone(),
+                    messages: cut.messages.clone(),
+                    base_seq: room.base_seq,
+                    last_seq: room.mixer.last_seq(),
+                    evicted_seq: room.history.evicted_seq(),
+                    kept: room.kept,
+                });
+            }
             room.backfill = None;
             room.poll_cache.clear();
+            room.resumes.clear();
             let kind = BlockKind::Live { top: cut.top };
             let frame = Arc::new(frames::block(&name, cut.messages, kind, online, now.unix, json));
             if online > 0 {
                 deliver(&name, &frame, &room.members);
             }
         }
+        self.dirty.extend(waiting);
         stats
     }
 
@@ -643,6 +737,11 @@ fn poll_body(messages: &[&Message], next: u64, truncated: bool, interval_ms: u32
         .to_string()
         .into_bytes()
 }
+
+mod handover;
+mod loading;
+pub use handover::{Imported, Replica, replicas};
+pub use loading::{Loaded, Phase};
 
 #[cfg(test)]
 mod tests;

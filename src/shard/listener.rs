@@ -17,6 +17,20 @@ use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 /// clone of it; `accepted_sockets_inherit_...` below checks it on the running kernel).
 pub fn bind(addr: SocketAddr, backlog: u32, keepalive_s: u32, send_buffer_bytes: u32) -> io::Result<Socket> {
     let socket = bound(addr)?;
+    prepare(&socket, backlog, keepalive_s, send_buffer_bytes)?;
+    Ok(socket)
+}
+
+/// Sets this process's options on a listener taken over from the process it replaces (its
+/// queue, and the options of connections accepted from now on, follow this config).
+pub fn adopt(socket: &Socket, backlog: u32, keepalive_s: u32, send_buffer_bytes: u32) -> io::Result<()> {
+    if socket.local_addr()?.as_socket().is_none() || socket.r#type()? != Type::STREAM || !socket.is_listener()? {
+        return Err(io::Error::other("a descriptor handed over is not a listening TCP socket"));
+    }
+    prepare(socket, backlog, keepalive_s, send_buffer_bytes)
+}
+
+fn prepare(socket: &Socket, backlog: u32, keepalive_s: u32, send_buffer_bytes: u32) -> io::Result<()> {
     socket.set_tcp_nodelay(true)?;
     if send_buffer_bytes > 0 {
         socket.set_send_buffer_size(send_buffer_bytes as usize)?;
@@ -29,8 +43,9 @@ pub fn bind(addr: SocketAddr, backlog: u32, keepalive_s: u32, send_buffer_bytes:
         socket.set_tcp_keepalive(&ka)?;
     }
     socket.set_nonblocking(true)?;
+    // On a listening socket, listen(2) again only sets the backlog.
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    Ok(socket)
+    Ok(())
 }
 
 /// For port 0: a socket bound with SO_REUSEPORT but not listening (so it takes no

@@ -31,6 +31,8 @@ use crate::hub::turn::{self, Budget, Driver};
 use crate::hub::{Hub, HubConfig, Now, Teardown};
 use crate::ids::{ConnKey, ShardId, UnixMs};
 use crate::metrics::{Series, Snapshot};
+use crate::room::durable::StoreOp;
+use crate::store::Store;
 
 /// Operation tags in the top byte of user_data.
 mod op {
@@ -114,9 +116,9 @@ const _: () = assert!(Io::FLAGS & (Io::RING_MASK << Io::RING_SHIFT) == 0);
 const _: () = assert!(Io::FLAGS & 0xFFFF_FFFF == 0);
 const _: () = assert!(Io::RING_MASK + 1 == RINGS_MAX as u64);
 
-/// Accepts kept in flight per shard, each with its own buffer for the peer's address (a
-/// multishot accept would write every peer's address to one buffer). Enough that a connect
-/// storm keeps the listener drained between two reaps.
+/// Accepts kept in flight per shard (at least one per listener), each with its own buffer for
+/// the peer's address (a multishot accept would write every peer's address to one buffer).
+/// Enough that a connect storm keeps the listener drained between two reaps.
 const ACCEPTS_IN_FLIGHT: usize = 16;
 
 /// Accept moves to another ring this many slots before its table is full: an eighth of the
@@ -138,11 +140,6 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// What a shard needs beyond its hub's config.
 #[derive(Clone, Debug)]
 pub struct ShardParams {
-    pub listen: SocketAddr,
-    pub backlog: u32,
-    pub tcp_keepalive_s: u32,
-    /// SO_SNDBUF of accepted sockets (0 = autotuning).
-    pub send_buffer_bytes: u32,
     pub ring: RingParams,
     pub read_mode: ReadMode,
     pub rings_max: usize,
@@ -228,7 +225,9 @@ struct ShardIo {
     // The rings first: dropped before the memory their operations name (buffers, wake_buf,
     // slots).
     rings: Vec<Ring>,
-    listener: socket2::Socket,
+    /// Its own SO_REUSEPORT listener, or those taken over from the process this one replaced
+    /// (their queued connections included): accept slot `i` takes from `listeners[i % n]`.
+    listeners: Vec<socket2::Socket>,
     /// The accepts in flight: where each writes its peer's address, and the ring it is armed
     /// on. Boxed so the addresses never move while the kernel may write them.
     accepts: Box<[AcceptSlot]>,
@@ -241,25 +240,31 @@ struct ShardIo {
     rings_max: usize,
     /// Stopping: completions are taken in, nothing new is armed.
     shutting_down: bool,
+    /// Durable storage's queues (with `redis.url`).
+    store: Option<Arc<Store>>,
 }
 
 impl Shard {
-    /// Binds the listener and builds the first ring. Call on the shard's own thread: rings are
-    /// single-issuer.
+    /// Builds the first ring; the shard accepts on `listeners` (at least one). Call on the
+    /// shard's own thread: rings are single-issuer.
     pub fn new(
         hub_config: HubConfig,
         params: ShardParams,
+        listeners: Vec<socket2::Socket>,
         mesh: Arc<Mesh>,
         metrics: Arc<[Snapshot]>,
+        store: Option<Arc<Store>>,
     ) -> io::Result<Shard> {
         let id = hub_config.shard;
-        let listener = listener::bind(params.listen, params.backlog, params.tcp_keepalive_s, params.send_buffer_bytes)?;
+        if listeners.is_empty() {
+            return Err(io::Error::other("a shard needs a listener"));
+        }
         let ring = Ring::new(params.ring, None)?;
         let io = ShardIo {
             id,
             rings: vec![ring],
-            listener,
-            accepts: (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptSlot::default()).collect(),
+            accepts: (0..ACCEPTS_IN_FLIGHT.max(listeners.len())).map(|_| AcceptSlot::default()).collect(),
+            listeners,
             mesh,
             wake_buf: Box::new([0; 8]),
             slots: Slots::new(params.sendmsg_slots_max),
@@ -268,6 +273,7 @@ impl Shard {
             read_mode: params.read_mode,
             rings_max: params.rings_max,
             shutting_down: false,
+            store,
         };
         Ok(Shard {
             io,
@@ -283,6 +289,12 @@ impl Shard {
         })
     }
 
+    /// Takes over rooms and replicas from the process this one replaces (before `run`).
+    pub fn import(&mut self, rooms: Vec<crate::proto::RoomState>, replicas: Vec<crate::room::owner::Replica>) {
+        let now = self.now();
+        self.hub.import(rooms, replicas, now);
+    }
+
     /// Runs until stopped by `HostMail::Stop` and drained (or the grace period ends), then
     /// finishes every pending operation (see `shutdown`).
     pub fn run(mut self) -> io::Result<ShardExit> {
@@ -291,6 +303,9 @@ impl Shard {
         loop {
             let now = self.now();
             turn::turn(&mut self.hub, &mut self.io, now, Budget::SHARD)?;
+            if self.hub.draining() {
+                self.io.cancel_accepts()?;
+            }
             self.publish(now, false);
             if self.stopped(now)? {
                 self.publish(now, true);
@@ -322,13 +337,7 @@ impl Shard {
         }
         let grace = self.stop_grace.as_millis() as u64;
         let stop_at = *self.stop_at.get_or_insert(now.ms + grace);
-        for (i, slot) in self.io.accepts.iter_mut().enumerate() {
-            if let Some(r) = slot.ring.take() {
-                // The slot stays busy until the cancelled accept completes (its buffer with it).
-                slot.cancelled = true;
-                self.io.rings[r].cancel_request(user_data(op::ACCEPT, i as u32, 0), user_data(op::CANCEL, 0, 0))?;
-            }
-        }
+        self.io.cancel_accepts()?;
         Ok(self.hub.connections() == 0 || now.ms >= stop_at)
     }
 
@@ -448,6 +457,13 @@ impl Driver for ShardIo {
 
     fn offer_mail(&mut self, to: ShardId, mail: Mail) -> Result<(), Mail> {
         self.mesh.send(to, mail)
+    }
+
+    fn offer_store(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        match &self.store {
+            Some(store) => store.offer(op),
+            None => Err(op),
+        }
     }
 
     /// Turns a ready connection's queued frames into one send (a sendmsg of up to
@@ -577,18 +593,30 @@ impl ShardIo {
         self.arm_accepts(hub)
     }
 
+    /// Cancels the accepts in flight (stopping or draining: no new connection).
+    fn cancel_accepts(&mut self) -> io::Result<()> {
+        for (i, slot) in self.accepts.iter_mut().enumerate() {
+            if let Some(r) = slot.ring.take() {
+                // The slot stays busy until the cancelled accept completes (its buffer with it).
+                slot.cancelled = true;
+                self.rings[r].cancel_request(user_data(op::ACCEPT, i as u32, 0), user_data(op::CANCEL, 0, 0))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps `ACCEPTS_IN_FLIGHT` accepts armed, each on a ring whose table has room for it (the
     /// margin keeps a storm from filling a table between two reaps), opening a new ring when
     /// every table is near full. Accepting resumes when a close frees a slot.
     fn arm_accepts(&mut self, hub: &mut Hub) -> io::Result<()> {
-        if hub.stopping() || self.shutting_down {
+        if hub.stopping() || hub.draining() || self.shutting_down {
             return Ok(());
         }
-        let fd = self.listener.as_raw_fd();
         for i in 0..self.accepts.len() {
             if self.accepts[i].ring.is_some() || self.accepts[i].cancelled {
                 continue;
             }
+            let fd = self.listeners[i % self.listeners.len()].as_raw_fd();
             let armed = |r: usize, accepts: &[AcceptSlot]| accepts.iter().filter(|a| a.ring == Some(r)).count() as u32;
             let room = |r: usize, ring: &Ring| {
                 ring.files_used + armed(r, &self.accepts) + accept_margin(ring.files_max) < ring.files_max

@@ -28,7 +28,8 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts with fast blocks (50 ms), a JWT secret, and the given extra flags.
-    /// `extra` holds flag/value pairs; a flag given there replaces its default.
+    /// `extra` holds flag/value pairs; a flag given there replaces its default; a switch (a flag
+    /// without a value) is given with the value "".
     pub fn start(extra: &[&str]) -> Gateway {
         let mut args: Vec<(&str, &str)> = vec![
             ("--listen", "127.0.0.1:0"),
@@ -48,7 +49,7 @@ impl Gateway {
                 None => args.push((flag, value)),
             }
         }
-        let flat: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).collect();
+        let flat: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).filter(|a| !a.is_empty()).collect();
         Self::start_raw(&flat)
     }
 
@@ -86,6 +87,23 @@ impl Gateway {
         // SAFETY-free: kill(1) via the command line keeps tests free of unsafe.
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The gateway process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself; true when it did, successfully.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.success();
@@ -277,6 +295,11 @@ impl Raw {
         r
     }
 
+    /// The socket, for callers that read it their own way.
+    pub fn into_stream(self) -> TcpStream {
+        self.s
+    }
+
     pub fn write(&mut self, b: &[u8]) {
         self.s.write_all(b).unwrap();
     }
@@ -359,4 +382,108 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A private Redis server for one test: its own port below 32768 and its own directory, never
+/// the machine's 6379. Installs Debian's `redis-server` when the machine has none.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        ensure_redis_server();
+        let n = unique();
+        let dir = std::env::temp_dir().join(format!("barrage-redis-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A free port in 20000..32000 (never an ephemeral one), different for each server this
+        // test binary starts (tests run in parallel threads).
+        let seed = (std::process::id() as u64).wrapping_mul(7).wrapping_add(n * 1_009);
+        let port = (0..200)
+            .map(|i| 20_000 + ((seed + i * 53) % 12_000) as u16)
+            .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            .expect("a free port for redis");
+        let mut r = Redis { child: None, port, dir };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port; no persistence: a restarted server is empty.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        eventually("redis answers PING", || self.cli(&["PING"]).trim() == "+PONG");
+    }
+
+    /// SIGKILL: gone at once, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// One command over RESP; the raw reply.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return String::new() };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        if s.write_all(req.as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Installs `redis-server` from Debian if it is not on the machine (once per test binary).
+fn ensure_redis_server() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let found = Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+        if found {
+            return;
+        }
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !apt(&["install", "-y", "-q", "redis-server"]) {
+            assert!(apt(&["update", "-q"]), "apt-get update failed (installing redis-server)");
+            assert!(apt(&["install", "-y", "-q", "redis-server"]), "apt-get install redis-server failed");
+        }
+    });
 }

@@ -181,7 +181,12 @@ impl Conns {
         self.slab.get(key.index())
     }
 
-    /// Every connection's key and state.
+    /// Keys of every slot from `start` on (vacant ones included).
+    pub fn keys_from(&self, start: u32) -> impl Iterator<Item = ConnKey> + use<> {
+        (start..(self.slab.capacity() as u32).max(start)).map(ConnKey)
+    }
+
+    /// Every connection's key.
     pub fn keys(&self) -> Vec<ConnKey> {
         self.slab.iter().map(|(k, _)| ConnKey(k as u32)).collect()
     }

@@ -87,12 +87,13 @@ impl Host {
             }
             HostMail::PollAnswer { conn, status, body } => self.poll_answered(conn, status, &body, now),
             HostMail::Replicate { room, user, list, until_ms, add: true } => {
-                let limits = self.cfg.owner.moderation;
-                self.replicas.add(room, &user, list, until_ms, now.unix.0, &limits);
+                self.replicate(room, &user, list, until_ms, now)
             }
             HostMail::Replicate { room, user, list, add: false, .. } => self.replicas.remove(&room, &user, list),
             HostMail::Kick { room, user, reason } => self.kick(&room, &user, &reason, now),
             HostMail::Refused { conn, code, reason } => self.refused(conn, code, reason, now),
+            HostMail::Drain(plan) => self.start_drain(plan, now),
+            HostMail::Flushed => self.owner_flushed(1, now),
             HostMail::Stop => self.stop(now),
         }
     }

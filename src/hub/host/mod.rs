@@ -14,6 +14,7 @@
 
 mod conn;
 mod conns;
+mod drain;
 mod edge;
 mod fanout;
 mod grants;
@@ -51,6 +52,7 @@ use crate::room::limit::TokenBucket;
 use crate::room::moderation::List;
 use crate::wire::CloseCode;
 
+pub use self::drain::{DrainPlan, Phase as DrainPhase};
 pub use self::edge::EdgeLimits;
 pub use self::grants::ClientTypes;
 pub use self::session::code;
@@ -101,6 +103,9 @@ pub struct Host {
     send_buckets: HashMap<ConnKey, TokenBucket>,
     /// Join-rate state of connections that joined by frame recently.
     join_buckets: HashMap<ConnKey, TokenBucket>,
+    /// A drain in progress, and how many owners have flushed for it.
+    drain: Option<drain::Drain>,
+    flushed: usize,
     /// Rates per client address.
     edge: Edge,
     /// The client address of connections still speaking HTTP (gone once a WebSocket opens).
@@ -134,6 +139,8 @@ impl Host {
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
             join_buckets: HashMap::new(),
+            drain: None,
+            flushed: 0,
             edge: Edge::new(cfg.edge),
             peers: HashMap::new(),
             http: HashMap::new(),
@@ -305,12 +312,13 @@ impl Host {
 
     /// Milliseconds until `handle_timeout` has work.
     pub fn next_timeout(&self, now: Now) -> u64 {
-        self.next_sweep_ms.saturating_sub(now.ms)
+        self.next_sweep_ms.saturating_sub(now.ms).min(self.drain_timeout(now))
     }
 
     /// Sweeps a slice of the connections for expired deadlines and slow readers; now and then
     /// drops expired moderation replicas.
     pub fn handle_timeout(&mut self, now: Now) {
+        self.drain_turn(now);
         if now.ms >= self.next_sweep_ms {
             self.sweep(now);
             self.next_sweep_ms = now.ms + SWEEP_EVERY_MS;
@@ -603,5 +611,21 @@ impl Host {
     /// Mail to a room's owner (this shard's included: the hub routes it).
     fn ask_owner(&mut self, room: &RoomName, mail: OwnerMail) {
         self.mail.push((room.owner(self.cfg.shards), mail.into()));
+    }
+}
+
+impl Host {
+    /// Keeps a ban or whitelist entry of a room's owner (a replica).
+    fn replicate(&mut self, room: RoomName, user: &crate::ids::UserId, list: List, until_ms: Option<i64>, now: Now) {
+        let limits = self.cfg.owner.moderation;
+        self.replicas.add(room, user, list, until_ms, now.unix.0, &limits);
+    }
+
+    /// The bans and whitelist entries of rooms taken over from another process, before this
+    /// shard takes connections (so a banned user's join is refused from the first one).
+    pub fn import_replicas(&mut self, replicas: Vec<crate::room::owner::Replica>, now: Now) {
+        for (room, user, list, until_ms) in replicas {
+            self.replicate(room, &user, list, until_ms, now);
+        }
     }
 }

@@ -102,7 +102,7 @@ impl Host {
     fn client_frame(&mut self, key: ConnKey, frame: ClientFrame, now: Now) {
         match frame.frame {
             Some(client_frame::Frame::Join(j)) => match RoomName::parse(&j.room, self.cfg.name_bytes_max) {
-                Ok(room) => self.join_frame(key, &room, now),
+                Ok(room) => self.join_frame(key, &room, j.after_seq, now),
                 Err(e) => self.send_error(key, code::BAD_REQUEST, e.message(), now),
             },
             Some(client_frame::Frame::Leave(l)) => {
@@ -133,9 +133,10 @@ impl Host {
         self.users.id(self.conns.get(key).user)
     }
 
-    /// Joins a room, leaving the current one first; the owner answers with backfill and the
-    /// attribute snapshot. A banned user is refused.
-    pub(super) fn join(&mut self, key: ConnKey, room: &RoomName, now: Now) {
+    /// Joins a room, leaving the current one first; the owner answers with backfill (all recent
+    /// history, or what came after the `after` seq a resuming client showed) and the attribute
+    /// snapshot. A banned user is refused.
+    pub(super) fn join(&mut self, key: ConnKey, room: &RoomName, after: u64, now: Now) {
         if self.current_room(key) == Some(room) {
             return;
         }
@@ -151,11 +152,11 @@ impl Host {
         conn.room = r;
         conn.member_pos = pos;
         let from = self.at(key);
-        self.ask_owner(room, OwnerMail::Joined { room: room.clone(), from, user });
+        self.ask_owner(room, OwnerMail::Joined { room: room.clone(), from, user, after });
     }
 
     /// A `join` frame, within the connection's join rate (the room named in the URL is free).
-    fn join_frame(&mut self, key: ConnKey, room: &RoomName, now: Now) {
+    fn join_frame(&mut self, key: ConnKey, room: &RoomName, after: u64, now: Now) {
         if self.current_room(key) == Some(room) {
             return;
         }
@@ -165,7 +166,7 @@ impl Host {
             self.counters.inc(Series::JoinRateLimited);
             return self.send_error(key, code::TOO_MANY, "joining too fast", now);
         }
-        self.join(key, room, now);
+        self.join(key, room, after, now);
     }
 
     /// Leaves the current room, if any.

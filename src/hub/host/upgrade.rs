@@ -129,6 +129,10 @@ impl Host {
             Some(Err(e)) => return self.refuse_malformed(key, &e, now),
             Some(Ok(upgrade)) => upgrade,
         };
+        if self.draining() {
+            let message = "this node is draining: connect to another".into();
+            return self.refuse(key, Refusal { status: 503, message, series: Series::HsDraining }, now);
+        }
         let echo = !self.cfg.echo_path.is_empty() && request.path == self.cfg.echo_path;
         if !echo && request.path != WS_PATH {
             let r =
@@ -152,7 +156,15 @@ impl Host {
                 })?),
                 _ => None,
             };
-            Ok((id, room))
+            let after = match wire::query_param(&request.query, "after") {
+                None => 0,
+                Some(v) => v.parse::<u64>().map_err(|_| Refusal {
+                    status: 400,
+                    message: "after must be a non-negative integer (a seq)".into(),
+                    series: Series::HsRoom,
+                })?,
+            };
+            Ok((id, room.map(|r| (r, after))))
         });
         match decided {
             Ok((id, room)) => self.open(key, &upgrade, id, room, echo, now),
@@ -188,7 +200,15 @@ impl Host {
     }
 
     /// Answers 101 and the welcome, and joins the room the URL named.
-    fn open(&mut self, key: ConnKey, upgrade: &Upgrade, id: Identity, room: Option<RoomName>, echo: bool, now: Now) {
+    fn open(
+        &mut self,
+        key: ConnKey,
+        upgrade: &Upgrade,
+        id: Identity,
+        room: Option<(RoomName, u64)>,
+        echo: bool,
+        now: Now,
+    ) {
         let idle = now.tick_after(self.cfg.idle_timeout_ms);
         let format = Format::from(upgrade.protocol);
         let conn = self.conns.get_mut(key);
@@ -213,14 +233,14 @@ impl Host {
             user: id.map(|c| c.sub).unwrap_or_default(),
             heartbeat_ms: self.cfg.heartbeat_ms,
             server_ms: now.unix.0,
-            room: room.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
+            room: room.as_ref().map(|(r, _)| r.as_str().to_owned()).unwrap_or_default(),
             expires_ms,
         };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
         if self.send_frame(key, &frame, now)
-            && let Some(room) = room
+            && let Some((room, after)) = room
         {
-            self.join(key, &room, now);
+            self.join(key, &room, after, now);
         }
     }
 

@@ -18,6 +18,7 @@ fn config(shards: usize) -> OwnerConfig {
         poll_limit_max: 10,
         poll_interval_ms: [1500, 2000, 2500],
         types: Arc::new(crate::config::Config::default().types),
+        durable: false,
     }
 }
 
@@ -150,14 +151,14 @@ fn joiners_get_history_and_attrs_encoded_once() {
     let mut o = owner(1);
     let r = room("h");
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
-    assert!(o.joined(&r, None, at(0)).is_empty(), "nothing to backfill yet");
+    assert!(o.joined(&r, None, 0, at(0)).is_empty(), "nothing to backfill yet");
     for i in 0..2 {
         o.publish(&r, text(&format!("m{i}")), api(Priority::Low), at(0)).unwrap();
         tick_frames(&mut o, at(0));
     }
     o.set_attr(&r, "seat1", Some(b"bob"), at(0)).unwrap();
-    let first = o.joined(&r, None, at(0));
-    let second = o.joined(&r, None, at(0));
+    let first = o.joined(&r, None, 0, at(0));
+    let second = o.joined(&r, None, 0, at(0));
     assert_eq!(first.len(), 2);
     assert!(Arc::ptr_eq(&first[0], &second[0]) && Arc::ptr_eq(&first[1], &second[1]), "shared, not re-encoded");
     let backfill = decode_block(&first[0]);
@@ -187,9 +188,9 @@ fn presence_events_are_one_per_kind_per_tick() {
     o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
     let users: Vec<UserId> = (0..5).map(|i| UserId::new(&format!("u{i}"))).collect();
     for u in &users {
-        o.joined(&r, Some(u), at(0));
+        o.joined(&r, Some(u), 0, at(0));
     }
-    o.joined(&r, None, at(0)); // anonymous: not announced
+    o.joined(&r, None, 0, at(0)); // anonymous: not announced
     o.presence(&r, ShardId(0), (3, 0), &users[..1], 3, at(0));
     let frames = tick_frames(&mut o, at(0));
     let block = decode_block(&frames[0].1);
@@ -312,4 +313,105 @@ fn top_rooms_by_online() {
     o.presence(&room("b"), ShardId(1), (9, 0), &[], 0, at(0));
     let top = o.top(1);
     assert_eq!(top, vec![(room("b"), 9)]);
+}
+
+#[test]
+fn a_resuming_joiner_gets_exactly_what_came_after_its_cursor() {
+    let mut o = Owner::new(OwnerConfig { history_messages_max: 3, ..config(1) });
+    let r = room("resume");
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(0));
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        o.publish(&r, text(&format!("m{i}")), api(Priority::Whitelist), at(i * 1_000)).unwrap();
+        tick_frames(&mut o, at(i * 1_000));
+        seqs.push(o.info(&r).last_seq);
+    }
+    let backfill = |o: &mut Owner, after: u64| o.joined(&r, None, after, at(10_000)).first().map(|f| decode_block(f));
+    let b = backfill(&mut o, seqs[2]).unwrap();
+    assert_eq!((b.messages.len(), b.truncated, b.first_seq), (2, false, seqs[3]), "m3 and m4");
+    assert!(backfill(&mut o, seqs[4]).is_none(), "up to date: nothing to send");
+    let b = backfill(&mut o, seqs[0]).unwrap();
+    assert_eq!((b.messages.len(), b.truncated), (3, true), "m1 fell out of the 3 kept");
+    let full = backfill(&mut o, 0).unwrap();
+    assert_eq!((full.messages.len(), full.truncated), (3, false));
+}
+
+#[test]
+fn a_handed_over_room_continues_its_seqs_history_attributes_and_lists() {
+    let mut old = owner(2);
+    let r = room("r");
+    let t = at(10_000);
+    for (i, d) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        old.publish(&r, text(d), api(Priority::Whitelist), t).unwrap();
+        tick_frames(&mut old, at(10_000 + i as i64));
+    }
+    old.set_attr(&r, "seat", Some(b"alice"), t).unwrap();
+    tick_frames(&mut old, t);
+    old.moderate(&r, &UserId::new("bob"), ModAction::Ban { until_ms: Some(99_000) }, t).unwrap();
+    old.moderate(&r, &UserId::new("eve"), ModAction::Mute { until_ms: None }, t).unwrap();
+    old.moderate(&r, &UserId::new("vip"), ModAction::Whitelist, t).unwrap();
+    // A room that only ever had members and handed out no seq is not carried.
+    old.presence(&room("idle"), ShardId(0), (1, 0), &[], 0, t);
+    let last = old.info(&r).last_seq;
+
+    let states = old.export(t.unix.0);
+    assert_eq!(states.len(), 1, "{states:?}");
+    let s = &states[0];
+    assert_eq!((s.last_seq, s.history.len(), s.kept), (last, 3, true), "history_messages_max is 3");
+    assert_eq!(s.evicted_seq, s.history[0].seq - 1);
+    // Through the wire, as the upgrade sends it.
+    let bytes = crate::proto::StateSnapshot { rooms: states }.encode_to_vec();
+    let states = crate::proto::StateSnapshot::decode(&bytes[..]).unwrap().rooms;
+    let replicas = super::replicas(&states, 64);
+    assert_eq!(replicas.len(), 2, "bans and whitelist, not mutes: {replicas:?}");
+
+    let mut new = owner(3);
+    let done = new.import(states, 64, at(20_000));
+    assert_eq!(done, Imported { rooms: 1, rooms_skipped: 0, entries_skipped: 0 });
+    assert_eq!(new.info(&r).last_seq, last);
+    assert_eq!(new.kept_rooms(), 1);
+    // A client resuming after the second message gets exactly the rest; one from before the
+    // kept history learns it was truncated.
+    let resumed = new.joined(&r, None, last - 1, at(20_000));
+    let b = decode_block(&resumed[0]);
+    assert_eq!(b.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![last]);
+    assert!(!b.truncated);
+    let early = decode_block(&new.joined(&r, None, last - 4, at(20_000))[0]);
+    assert!(early.truncated);
+    // The next publish continues the seqs; attributes and lists came along.
+    new.presence(&r, ShardId(2), (1, 0), &[], 0, at(20_000));
+    new.publish(&r, text("e"), api(Priority::Whitelist), at(20_000)).unwrap();
+    let out = tick_frames(&mut new, at(20_001));
+    assert_eq!(decode_block(&out.last().unwrap().1).messages[0].seq, last + 1);
+    assert_eq!(new.attrs(&r).1, vec![("seat".to_owned(), b"alice".to_vec())]);
+    let lists = new.moderation(&r, UnixMs(20_000));
+    assert_eq!(lists.bans, vec![Entry { user: "bob".into(), until_ms: Some(99_000) }]);
+    assert_eq!(lists.mutes, vec![Entry { user: "eve".into(), until_ms: None }]);
+    assert_eq!(
+        new.publish(
+            &r,
+            text("x"),
+            Sender::Client { user: UserId::new("eve"), weight: 0, priority: Priority::Low },
+            at(20_000)
+        ),
+        Err(PublishError::Muted)
+    );
+}
+
+#[test]
+fn an_import_is_checked_like_input() {
+    let mut new = owner(1);
+    let state = |name: &str| crate::proto::RoomState {
+        room: name.into(),
+        base_seq: 5 << 20,
+        last_seq: (5 << 20) + 2,
+        kept: true,
+        moderation: vec![crate::proto::ModerationEntry { list: 9, user: "x".into(), until_ms: 0 }],
+        ..Default::default()
+    };
+    let done = new.import(vec![state("a b"), state("r1"), state("r1"), state("r2"), state("r3")], 64, at(1_000));
+    // A bad name, a room already imported, and one over rooms_max (2) are refused; an unknown
+    // list is skipped.
+    assert_eq!(done, Imported { rooms: 2, rooms_skipped: 3, entries_skipped: 2 });
+    assert_eq!(new.kept_rooms(), 2);
 }
