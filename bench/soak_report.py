@@ -83,8 +83,10 @@ def flatness(col, first, last, after):
         sxx = sum((x - mx) ** 2 for x, _ in pts)
         slope = sum((x - mx) * (y - my) for x, y in pts) / sxx * 3600 if sxx else None
     change = (mb - ma) / ma * 100 if ma else None
+    da, db = statistics.median(a), statistics.median(b)
     return {
         "first": ma, "last": mb, "change_pct": change, "flat": change is not None and abs(change) <= FLAT_PCT,
+        "median_first": da, "median_last": db, "median_change_pct": (db - da) / da * 100 if da else None,
         "min": min(y for _, y in pts), "max": max(y for _, y in pts), "slope_per_h": slope,
         "n_first": len(a), "n_last": len(b),
     }
@@ -177,22 +179,24 @@ def markdown(meta, load, status, rows, soak, first, last, flat):
         f"{meta['window_s']} s after warm-up (t = {t0 + meta['warmup_s']:,.0f}–{t0 + meta['warmup_s'] + meta['window_s']:,.0f} s, "
         f"{flat['gateway_rss_bytes']['n_first'] if flat['gateway_rss_bytes'] else 0} rows) against the mean of the rows in the last "
         f"{meta['window_s']} s (t = {t1 - meta['window_s']:,.0f}–{t1:,.0f} s); change = (last − first) ÷ first; flat if within "
-        f"±{FLAT_PCT:g} %. Slope: least squares over every row after warm-up.",
+        f"±{FLAT_PCT:g} %. Medians of the same windows beside them (robust to spikes); slope: least squares over every row "
+        "after warm-up.",
         "",
-        "| series | soak start | at warm-up | end | first window (mean) | last window (mean) | change | flat | range after warm-up | slope per hour |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| series | soak start | at warm-up | end | first window (mean) | last window (mean) | change | flat | medians: first → last (change) | range after warm-up | slope per hour |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     warm_row = next((r for r in soak if r["t_s"] >= t0 + meta["warmup_s"]), soak[-1])
     for col, label, verdict in MEMORY:
         f = flat[col]
         if f is None:
-            lines.append(f"| {label} | - | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {label} | - | - | - | - | - | - | - | - | - | - |")
             continue
         ok = ("**yes**" if f["flat"] else "**no**") if verdict else "(context)"
         lines.append(
             f"| {label} | {fmt_bytes(soak[0].get(col))} | {fmt_bytes(warm_row.get(col))} | {fmt_bytes(soak[-1].get(col))} | "
             f"{fmt_bytes(f['first'])} | {fmt_bytes(f['last'])} | "
-            f"{fmt(f['change_pct'], '+.2f')} % | {ok} | {fmt_bytes(f['min'])} – {fmt_bytes(f['max'])} | "
+            f"{fmt(f['change_pct'], '+.2f')} % | {ok} | {fmt_bytes(f['median_first'])} → {fmt_bytes(f['median_last'])} "
+            f"({fmt(f['median_change_pct'], '+.2f')} %) | {fmt_bytes(f['min'])} – {fmt_bytes(f['max'])} | "
             f"{'-' if f['slope_per_h'] is None else format(f['slope_per_h'] / MIB, '+,.2f') + ' MiB'} |")
     lines += [
         "",
@@ -216,7 +220,8 @@ def plot(path, meta, load, rows, soak, win1, win2):
         ("kernel TCP (MiB)", [("TCP socket slabs (system-wide)", "#c0392b", "tcp_slab_bytes", MIB),
                               ("sockstat mem × 4096 (system-wide)", "#e67e22", "tcp_mem_bytes", MIB),
                               ("the gateway's sockets' buffers (ss)", "#16a085", "gw_sock_mem_bytes", MIB)], None),
-        ("connections", [("joined", "#27ae60", "joined", 1)], ("churn closes/s (right)", "#8e44ad", "churn_per_s")),
+        ("connections", [("joined", "#27ae60", "joined", 1)],
+         [("churn closes/s (right)", "#8e44ad", "churn_per_s"), ("publishes/s (right)", "#7f8c8d", "publish_per_s")]),
     ]
     height = TOP + len(panels) * PANEL_H + (len(panels) - 1) * GAP + BOTTOM
     tmax = max(r["t_s"] for r in rows) or 1
@@ -240,25 +245,33 @@ def plot(path, meta, load, rows, soak, win1, win2):
             out.append(f'<line x1="{LEFT}" x2="{W-RIGHT}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
             out.append(f'<text x="{LEFT-6}" y="{py(y)+4:.1f}" text-anchor="end">{tick(y)}</text>')
         out.append(f'<text x="14" y="{(top+bottom)/2}" transform="rotate(-90 14 {(top+bottom)/2})" text-anchor="middle">{name}</text>')
-        for j, (label, colour, col, div) in enumerate(series):
+        legend = []
+        for label, colour, col, div in series:
             pts = " ".join(f"{px(r['t_s']):.1f},{py(r[col] / div):.1f}" for r in rows if r.get(col) is not None)
             out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
-            out.append(f'<text x="{LEFT+10}" y="{top+14+14*j}" fill="{colour}">{label}</text>')
+            legend.append((label, colour))
         if right:
-            label, colour, col = right
-            rmax = nice(max(values(rows, col) or [0]) or 1)
+            rmax = nice(max(max(values(rows, col) or [0]) for _, _, col in right) or 1)
             pr = lambda y, top=top, rmax=rmax: top + PANEL_H - PANEL_H * y / rmax
-            pts = " ".join(f"{px(r['t_s']):.1f},{pr(r[col]):.1f}" for r in rows if r.get(col) is not None)
-            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1" points="{pts}"/>')
+            for label, colour, col in right:
+                pts = " ".join(f"{px(r['t_s']):.1f},{pr(r[col]):.1f}" for r in rows if r.get(col) is not None)
+                out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1" points="{pts}"/>')
+                legend.append((label, colour))
             for k in range(5):
                 y = rmax * k / 4
-                out.append(f'<text x="{W-RIGHT+6}" y="{pr(y)+4:.1f}" fill="{colour}">{tick(y)}</text>')
-            out.append(f'<text x="{LEFT+10}" y="{top+14+14*len(series)}" fill="{colour}">{label}</text>')
+                out.append(f'<text x="{W-RIGHT+6}" y="{pr(y)+4:.1f}" fill="#555">{tick(y)}</text>')
+        width = 8 + 7 * max(len(label) for label, _ in legend)
+        out.append(f'<rect x="{LEFT+4}" y="{top+3}" width="{width}" height="{14*len(legend)+4}" fill="white" fill-opacity="0.6"/>')
+        for j, (label, colour) in enumerate(legend):
+            out.append(f'<text x="{LEFT+10}" y="{top+15+14*j}" fill="{colour}">{label}</text>')
         out.append(f'<rect x="{LEFT}" y="{top}" width="{W-LEFT-RIGHT}" height="{PANEL_H}" fill="none" stroke="#999"/>')
     base = TOP + len(panels) * PANEL_H + (len(panels) - 1) * GAP
-    for k in range(7):
-        t = tmax * k / 6
-        out.append(f'<text x="{px(t):.1f}" y="{base+16}" text-anchor="middle">{t/60:,.1f}</text>')
+    step = next(m for m in (0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120) if tmax / 60 / m <= 8) * 60
+    t = 0.0
+    while t <= tmax:
+        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{base}" y2="{base+4}" stroke="#999"/>')
+        out.append(f'<text x="{px(t):.1f}" y="{base+16}" text-anchor="middle">{tick(t / 60)}</text>')
+        t += step
     out.append(f'<text x="{(LEFT+W-RIGHT)/2}" y="{base+36}" text-anchor="middle">minutes since start (ramp, soak, drain)</text>')
     out.append("</svg>")
     os.makedirs(os.path.dirname(path), exist_ok=True)
