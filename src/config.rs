@@ -359,6 +359,23 @@ config! {
         reconnect_max_ms: u64 = 5_000, redis_reconnect_max_ms, "BARRAGE_REDIS_RECONNECT_MAX_MS";
     }
 
+    /// Several nodes over the Redis of `redis.url`: each announces itself and knows its live
+    /// peers (`GET /v1/cluster`); a drain sends clients to the other live nodes.
+    cluster: Cluster {
+        /// Join the cluster (needs redis.url).
+        enabled: bool = false, cluster, "BARRAGE_CLUSTER";
+        /// This node's name, unique in the cluster; "" = its public URL.
+        node_id: String = String::new(), cluster_node_id, "BARRAGE_CLUSTER_NODE_ID";
+        /// Where clients reach this node (ws:// or wss://), told to clients drained from its
+        /// peers; "" = ws://ADDRESS/ws, ADDRESS the one the public listener is bound to.
+        public_url: String = String::new(), cluster_public_url, "BARRAGE_CLUSTER_PUBLIC_URL";
+        /// How often the node announces itself and reads the live set (one Redis script run).
+        heartbeat_ms: u64 = 1_000, cluster_heartbeat_ms, "BARRAGE_CLUSTER_HEARTBEAT_MS";
+        /// A node not heard from for this long is gone: the bound on how long a dead node is
+        /// still listed (at least twice heartbeat_ms).
+        node_ttl_ms: u64 = 5_000, cluster_node_ttl_ms, "BARRAGE_CLUSTER_NODE_TTL_MS";
+    }
+
     /// The private business API.
     api: Api {
         /// Business API listener (keep it private).
@@ -440,6 +457,14 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl Cluster {
+    /// The URL peers send this node's drained clients to: `public_url`, else the address the
+    /// public listener is bound to.
+    pub fn public_url(&self, listening: SocketAddr) -> String {
+        if self.public_url.is_empty() { format!("ws://{listening}/ws") } else { self.public_url.clone() }
+    }
+}
+
 impl Config {
     /// Reads a TOML file (unknown keys are errors, so typos do not pass silently).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -456,7 +481,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 24] = [
+        let checks: [(bool, &str); 28] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -504,6 +529,18 @@ impl Config {
             (self.redis.timeout_ms >= 1, "redis.timeout_ms must be at least 1"),
             // An API request waiting for a room's load waits at most 5 s for its answer.
             ((1..=4_000).contains(&self.redis.load_timeout_ms), "redis.load_timeout_ms must be in 1..=4000"),
+            (!self.cluster.enabled || !self.redis.url.is_empty(), "cluster.enabled needs redis.url"),
+            (self.cluster.heartbeat_ms >= 10, "cluster.heartbeat_ms must be at least 10"),
+            (
+                self.cluster.node_ttl_ms >= 2 * self.cluster.heartbeat_ms,
+                "cluster.node_ttl_ms must be at least twice cluster.heartbeat_ms",
+            ),
+            (
+                self.cluster.public_url.is_empty()
+                    || self.cluster.public_url.starts_with("ws://")
+                    || self.cluster.public_url.starts_with("wss://"),
+                "cluster.public_url must be empty or a ws:// or wss:// URL",
+            ),
             // A connection keeps the tick it fell behind in 16 bits (see hub::host::conn).
             (w.slow_consumer_ms <= 3_600_000, "websocket.slow_consumer_ms must be at most 3600000"),
             // The kernel's own floor is about 2 KiB (doubled to SOCK_MIN_SNDBUF); under 4 KiB a
@@ -645,5 +682,25 @@ mod tests {
         let mut c = Config::default();
         c.server.recv_buffer_bytes = 1000;
         assert!(c.validate().unwrap_err().0.contains("recv_buffer_bytes"));
+    }
+
+    #[test]
+    fn the_cluster_needs_redis_and_a_ttl_of_two_heartbeats() {
+        let clustered = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            c.cluster.enabled = true;
+            c.redis.url = "redis://127.0.0.1:6379".into();
+            f(&mut c);
+            c.validate().map_err(|e| e.0)
+        };
+        assert_eq!(clustered(|_| {}), Ok(()));
+        assert!(clustered(|c| c.redis.url.clear()).unwrap_err().contains("needs redis.url"));
+        assert!(clustered(|c| c.cluster.heartbeat_ms = 9).unwrap_err().contains("heartbeat_ms"));
+        assert!(clustered(|c| c.cluster.node_ttl_ms = 1_999).unwrap_err().contains("node_ttl_ms"));
+        assert!(clustered(|c| c.cluster.public_url = "http://a/".into()).unwrap_err().contains("public_url"));
+        let mut c = Config::default();
+        assert_eq!(c.cluster.public_url(addr("127.0.0.2:8081")), "ws://127.0.0.2:8081/ws");
+        c.cluster.public_url = "wss://n1.example/ws".into();
+        assert_eq!(c.cluster.public_url(addr("127.0.0.2:8081")), "wss://n1.example/ws");
     }
 }

@@ -29,15 +29,23 @@ pub struct Overrides {
     pub jitter_ms: Option<u32>,
 }
 
-/// The plan for each of `shards` shards: the node-wide rate split evenly.
-pub fn plan(c: &Config, shards: usize, o: Overrides) -> DrainPlan {
+/// The plan for each of `shards` shards: the node-wide rate split evenly. Clients go to the
+/// request's URL, else `drain.url`, else (in a cluster) the other live nodes' `peers`, else
+/// back to the same address.
+pub fn plan(c: &Config, shards: usize, o: Overrides, peers: &[String]) -> DrainPlan {
+    let url = o.url.unwrap_or_else(|| c.drain.url.clone());
+    let urls: Vec<Arc<str>> = if url.is_empty() && !peers.is_empty() {
+        peers.iter().map(|p| Arc::from(p.as_str())).collect()
+    } else {
+        vec![Arc::from(url)]
+    };
     let rate = o.rate_per_s.unwrap_or(c.drain.reconnect_rate_per_s);
     DrainPlan {
         rate_per_s: rate.div_ceil(shards.max(1) as u32),
         deadline_ms: o.deadline_ms.unwrap_or(c.drain.deadline_ms),
         delay_ms: o.delay_ms.unwrap_or(c.drain.delay_ms),
         jitter_ms: o.jitter_ms.unwrap_or(c.drain.jitter_ms),
-        url: Arc::from(o.url.unwrap_or_else(|| c.drain.url.clone())),
+        urls: urls.into(),
         reason: Arc::from(o.reason.unwrap_or_else(|| "server draining".into())),
     }
 }
@@ -98,11 +106,26 @@ mod tests {
     #[test]
     fn the_plan_splits_the_rate_and_takes_overrides() {
         let c = Config::default();
-        let p = plan(&c, 3, Overrides::default());
-        assert_eq!((p.rate_per_s, p.deadline_ms, &*p.url), (667, 600_000, ""));
-        let o = Overrides { url: Some("wss://b.example/ws".into()), rate_per_s: Some(10), ..Overrides::default() };
-        let p = plan(&c, 2, o);
-        assert_eq!((p.rate_per_s, &*p.url), (5, "wss://b.example/ws"));
+        let urls = |p: &DrainPlan| p.urls.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let p = plan(&c, 3, Overrides::default(), &[]);
+        assert_eq!((p.rate_per_s, p.deadline_ms, urls(&p)), (667, 600_000, vec![String::new()]));
+        let o = || Overrides { url: Some("wss://b.example/ws".into()), rate_per_s: Some(10), ..Overrides::default() };
+        let p = plan(&c, 2, o(), &[]);
+        assert_eq!((p.rate_per_s, urls(&p)), (5, vec!["wss://b.example/ws".to_string()]));
+        // In a cluster the peers are used only when neither the request nor the config names a URL.
+        let peers = ["ws://b/".to_string(), "ws://c/".to_string()];
+        assert_eq!(urls(&plan(&c, 2, o(), &peers)), ["wss://b.example/ws"]);
+        assert_eq!(urls(&plan(&c, 2, Overrides::default(), &peers)), peers);
+    }
+
+    #[test]
+    fn a_cluster_drain_spreads_clients_over_the_peers() {
+        let peers = ["ws://b/".to_string(), "ws://c/".to_string()];
+        let p = plan(&Config::default(), 1, Overrides::default(), &peers);
+        let told: Vec<&str> = (0..1000).map(|k| p.url_for(crate::ids::ConnKey(k), 1)).collect();
+        let to_b = told.iter().filter(|u| **u == "ws://b/").count();
+        assert!((400..=600).contains(&to_b), "{to_b} of 1000 to b");
+        assert!(told.iter().all(|u| *u == "ws://b/" || *u == "ws://c/"));
     }
 
     #[test]

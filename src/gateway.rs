@@ -24,6 +24,7 @@ use crate::room::owner::{Replica, replicas};
 use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
+use crate::cluster::Cluster;
 use crate::store::Store;
 use crate::upgrade::Inherited;
 use crate::upgrade::control::{Control, Holdings};
@@ -45,6 +46,8 @@ pub struct Gateway {
     handed_over: Arc<AtomicBool>,
     /// Durable room state (with `redis.url`).
     store: Option<Arc<Store>>,
+    /// The cluster link (with `cluster.enabled`).
+    cluster: Option<Arc<Cluster>>,
     pub public_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shard_count: usize,
@@ -203,6 +206,7 @@ impl Gateway {
             control: None,
             handed_over: Arc::new(AtomicBool::new(false)),
             store: store.clone(),
+            cluster: None,
             public_addr,
             api_addr: config.api.listen,
             shard_count: shards,
@@ -212,7 +216,14 @@ impl Gateway {
             gateway.stop();
             return Err(StartError(e));
         }
-        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store);
+        gateway.cluster = match Cluster::start(config, public_addr) {
+            Ok(c) => c,
+            Err(e) => {
+                gateway.stop();
+                return Err(StartError(e));
+            }
+        };
+        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store).with_cluster(gateway.cluster.clone());
         let api_config = ServerConfig {
             connections_max: config.api.connections_max,
             idle_timeout_ms: config.api.idle_timeout_ms,
@@ -266,7 +277,8 @@ impl Gateway {
     /// Starts a drain with the config's `[drain]` plan: every shard stops accepting and moves
     /// its clients off in waves (see `hub::host::drain`).
     pub fn drain(&self) {
-        let plan = crate::drain::plan(&self.config, self.shard_count, crate::drain::Overrides::default());
+        let peers = self.cluster.as_ref().map(|c| c.peer_urls()).unwrap_or_default();
+        let plan = crate::drain::plan(&self.config, self.shard_count, crate::drain::Overrides::default(), &peers);
         crate::drain::start(&self.mesh, &plan);
     }
 
@@ -299,6 +311,9 @@ impl Gateway {
                 Err(_) => eprintln!("barrage: a shard panicked"),
                 Ok(Ok(exit)) => exits.push(exit),
             }
+        }
+        if let Some(cluster) = self.cluster.take() {
+            cluster.stop();
         }
         // After the shards: their last blocks' writes are queued; send what waits.
         if let Some(store) = self.store.take() {

@@ -21,6 +21,7 @@ use crate::ids::ShardId;
 use crate::metrics::{self, Snapshot};
 use crate::room::RoomName;
 use crate::shard::mesh::Mesh;
+use crate::cluster::Cluster;
 use crate::store::Store;
 
 /// How long an API request waits for the shards before answering 503.
@@ -39,6 +40,8 @@ pub struct Routes {
     pub(super) next_id: AtomicU64,
     /// Durable state (with `redis.url`): replay, and Redis's health.
     pub(super) store: Option<Arc<Store>>,
+    /// The cluster link (with `cluster.enabled`): the live set, drains to peers.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A response either way; `Err` short-circuits with `?`.
@@ -51,12 +54,18 @@ impl Routes {
             mesh,
             metrics,
             store,
+            cluster: None,
             access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
             types: config.types.clone(),
             next_id: AtomicU64::new(0),
         }
+    }
+
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Routes {
+        self.cluster = cluster;
+        self
     }
 
     fn route(&self, req: &Request, server: &ServerCounters) -> Answer {
@@ -86,6 +95,7 @@ impl Routes {
             ["v1", "broadcast"] if post => self.broadcast(req),
             ["v1", "admin", "drain"] if get => Ok(self.drain_progress(200)),
             ["v1", "admin", "drain"] if post => self.drain(req),
+            ["v1", "cluster"] if get => Ok(self.cluster_info()),
             ["healthz"]
             | ["metrics"]
             | ["v1", "rooms"]
@@ -93,7 +103,8 @@ impl Routes {
             | ["v1", "rooms", _, _]
             | ["v1", "rooms", _, _, _]
             | ["v1", "users", _, "messages"]
-            | ["v1", "broadcast"] => Err(Response::error(405, "method not allowed on this resource")),
+            | ["v1", "broadcast"]
+            | ["v1", "cluster"] => Err(Response::error(405, "method not allowed on this resource")),
             _ => Err(Response::error(404, &format!("no such resource: {path}"))),
         }
     }
@@ -101,6 +112,12 @@ impl Routes {
     fn health(&self) -> Response {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
         let mut body = json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections});
+        if let Some(cluster) = &self.cluster {
+            body["cluster"] = json!({"node": cluster.me(), "nodes": cluster.members().live().len(), "up": cluster.up()});
+            if !cluster.up() {
+                body["status"] = json!("degraded");
+            }
+        }
         if let Some(store) = &self.store {
             // Delivery goes on from memory while Redis is away; writes wait for it.
             let up = store.up();
@@ -121,9 +138,25 @@ impl Routes {
         } else {
             serde_json::from_slice(&req.body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))?
         };
-        let plan = crate::drain::plan(&self.config, self.mesh.shards(), overrides);
+        let peers = self.cluster.as_ref().map(|c| c.peer_urls()).unwrap_or_default();
+        let plan = crate::drain::plan(&self.config, self.mesh.shards(), overrides, &peers);
         crate::drain::start(&self.mesh, &plan);
         Ok(self.drain_progress(202))
+    }
+
+    /// `GET /v1/cluster`: this node and the live set as its last heartbeat read it (404 when
+    /// the node is not in a cluster).
+    fn cluster_info(&self) -> Response {
+        let Some(cluster) = &self.cluster else {
+            return Response::error(404, "not in a cluster (cluster.enabled is false)");
+        };
+        let m = cluster.members();
+        let nodes: Vec<_> = m
+            .live()
+            .iter()
+            .map(|n| json!({"id": n.id, "url": n.url, "expires_ms": n.expires_ms, "self": n.id == cluster.me()}))
+            .collect();
+        Response::json(200, &json!({"node": cluster.me(), "url": cluster.url(), "up": cluster.up(), "as_of_ms": m.as_of_ms(), "nodes": nodes}))
     }
 
     fn drain_progress(&self, status: u16) -> Response {
@@ -135,6 +168,9 @@ impl Routes {
         let mut tail = server.snapshot().render();
         if let Some(store) = &self.store {
             store.stats().render(&mut tail);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.render(&mut tail);
         }
         metrics::render(&self.metrics, &tail)
     }

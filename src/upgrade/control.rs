@@ -153,7 +153,8 @@ fn takeover(stream: UnixStream, h: &Holdings) -> io::Result<bool> {
     match handed {
         Ok((rooms, bytes)) => {
             h.api_gate.retire();
-            let plan = drain::plan(&h.config, shards, request.drain.overrides());
+            // Into the new process on the same address, never to cluster peers.
+            let plan = drain::plan(&h.config, shards, request.drain.overrides(), &[]);
             drain::start(&h.mesh, &plan);
             println!(
                 "barrage: upgrade: pid {} serves the listeners and {rooms} rooms ({bytes} bytes); draining into it at \

@@ -29,9 +29,23 @@ pub struct DrainPlan {
     /// Extra delay spread over clients (0..=jitter_ms, by connection), so their reconnects do
     /// not arrive together.
     pub jitter_ms: u32,
-    /// Where to reconnect ("" = the same address).
-    pub url: Arc<str>,
+    /// Where to reconnect: one of these, spread by connection ("" = the same address; in a
+    /// cluster, the other live nodes).
+    pub urls: Arc<[Arc<str>]>,
     pub reason: Arc<str>,
+}
+
+impl DrainPlan {
+    /// The URL told to one connection: one of the plan's URLs by a hash of the connection, so
+    /// a cluster's peers get even shares ("" without any).
+    pub fn url_for(&self, key: ConnKey, generation: u32) -> &str {
+        let mut h = (u64::from(generation) << 32 | u64::from(key.0)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        h ^= h >> 32;
+        match self.urls.len() {
+            0 => "",
+            n => &self.urls[(h % n as u64) as usize],
+        }
+    }
 }
 
 /// Where a drain is.
@@ -150,7 +164,8 @@ impl Host {
                 break;
             }
             let delay_ms = d.delay_ms(key, generation);
-            let reconnect = Reconnect { delay_ms, reason: d.plan.reason.to_string(), url: d.plan.url.to_string() };
+            let url = d.plan.url_for(key, generation).to_string();
+            let reconnect = Reconnect { delay_ms, reason: d.plan.reason.to_string(), url };
             self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Reconnect(reconnect)) }, now);
             self.fail(key, CloseCode::GOING_AWAY, "server draining", Series::ClosedDrain, now);
             sent += 1;

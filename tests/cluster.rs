@@ -1,0 +1,124 @@
+//! Cluster membership over a real Redis (its own private server) and three real gateway
+//! processes: every node lists the live set with its peers' URLs, a SIGKILLed node leaves it
+//! within the node TTL, a stopped one at once, and a drain sends clients to the other nodes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use barrage::proto::server_frame;
+use common::{Client, Gateway, Redis, eventually, http};
+use serde_json::Value;
+
+const TTL_MS: u64 = 1_500;
+
+fn node(redis: &Redis, id: &str) -> Gateway {
+    Gateway::start(&[
+        "--redis",
+        &redis.url(),
+        "--cluster",
+        "true",
+        "--cluster-node-id",
+        id,
+        "--cluster-heartbeat-ms",
+        "200",
+        "--cluster-node-ttl-ms",
+        &TTL_MS.to_string(),
+    ])
+}
+
+fn cluster(gw: &Gateway) -> Value {
+    let (status, body) = http(gw.api, "GET", "/v1/cluster", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn live(gw: &Gateway) -> BTreeSet<String> {
+    cluster(gw)["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn nodes_see_each_other_and_a_dead_node_leaves_within_the_ttl() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut c = node(&redis, "c");
+    for gw in [&a, &b, &c] {
+        eventually("every node lists all three", || live(gw) == set(&["a", "b", "c"]));
+    }
+    // Each node's URL is the address its public listener is bound to.
+    let info = cluster(&a);
+    let urls: BTreeSet<String> =
+        info["nodes"].as_array().unwrap().iter().map(|n| n["url"].as_str().unwrap().to_string()).collect();
+    let want: BTreeSet<String> = [&a, &b, &c].iter().map(|g| format!("ws://{}/ws", g.ws)).collect();
+    assert_eq!(urls, want);
+    assert_eq!(info["node"], "a");
+    assert!(a.metric("barrage_cluster_heartbeats_total") > 0);
+    assert_eq!(a.metric("barrage_cluster_nodes"), 3);
+
+    // SIGKILL: no goodbye; the others drop it once its announcement expires.
+    let killed = Instant::now();
+    sigkill(&mut c);
+    eventually("a drops the killed node", || live(&a) == set(&["a", "b"]));
+    let gone_after = killed.elapsed();
+    assert!(gone_after < Duration::from_millis(TTL_MS + 1_500), "gone after {gone_after:?}");
+    eventually("b drops it too", || live(&b) == set(&["a", "b"]));
+
+    // A stopped node says goodbye: gone long before its TTL would run out.
+    let mut b = b;
+    assert!(b.terminate());
+    eventually("a drops the stopped node", || live(&a) == set(&["a"]));
+    let (_, health) = http(a.api, "GET", "/healthz", None, &[]);
+    assert!(health.contains(r#""nodes":1"#), "{health}");
+}
+
+/// SIGKILL by pid (the test helper's terminate sends SIGTERM, which leaves gracefully).
+fn sigkill(gw: &mut Gateway) {
+    let status = std::process::Command::new("kill").args(["-KILL", &gw.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    // Killed, so not a successful exit: only wait for it to be gone.
+    let _ = gw.wait_exit(Duration::from_secs(5));
+}
+
+#[test]
+fn a_drain_sends_clients_to_the_other_live_nodes() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let c = node(&redis, "c");
+    eventually("a sees three nodes", || live(&a).len() == 3);
+    let mut viewers: Vec<Client> = (0..20).map(|_| Client::connect(&a.url("?room=r"), None)).collect();
+    for v in &mut viewers {
+        v.welcome();
+    }
+    a.wait_online("r", 20);
+    let (status, body) = http(a.api, "POST", "/v1/admin/drain", Some(r#"{"rate_per_s": 0, "delay_ms": 0}"#), &[]);
+    assert_eq!(status, 202, "{body}");
+    let mut told = Vec::new();
+    for v in &mut viewers {
+        loop {
+            if let server_frame::Frame::Reconnect(r) = v.recv() {
+                told.push(r.url);
+                break;
+            }
+        }
+    }
+    let peers: BTreeSet<String> = [&b, &c].iter().map(|g| format!("ws://{}/ws", g.ws)).collect();
+    let got: BTreeSet<String> = told.iter().cloned().collect();
+    assert_eq!(got, peers, "every client is sent to a peer, and both peers get some");
+    // A client follows its reconnect to the node it was told and joins there.
+    let mut moved = Client::connect(&format!("{}?room=r", told[0]), None);
+    moved.welcome();
+}
+
+#[test]
+fn without_a_cluster_the_endpoint_says_so() {
+    let gw = Gateway::start(&[]);
+    let (status, body) = http(gw.api, "GET", "/v1/cluster", None, &[]);
+    assert_eq!(status, 404, "{body}");
+}
