@@ -88,7 +88,10 @@ impl Io {
     const AGAIN: u64 = 1 << 53;
     /// Ending with `Teardown::Reset`: SO_LINGER 0 before the close.
     const RESET: u64 = 1 << 54;
-    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN | Io::RESET;
+    /// The send in flight is a sendmsg (its user_data carries a slot the connection does not
+    /// keep, so it is cancelled by descriptor).
+    const MSG: u64 = 1 << 55;
+    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN | Io::RESET | Io::MSG;
 
     fn new(ring: usize, slot: u32) -> Io {
         debug_assert!(ring < RINGS_MAX);
@@ -495,7 +498,7 @@ impl Driver for ShardIo {
             other => other,
         };
         let ring = &mut self.rings[io.ring()];
-        match slot {
+        let sent = match slot {
             _ if n == 0 => return Ok(()),
             None => {
                 let (ptr, len) = bufs[0];
@@ -504,6 +507,7 @@ impl Driver for ShardIo {
                 // `release` asserts no send is in flight, and `Shard::shutdown` awaits this
                 // completion before the hub is dropped.
                 unsafe { ring.send(io.slot(), ptr, len as u32, user_data(op::SEND, 0, key.0))? };
+                io.with(Io::SEND)
             }
             Some(s) => {
                 let hdr = self.slots.fill(s, &bufs[..n]);
@@ -511,9 +515,10 @@ impl Driver for ShardIo {
                 // chunk that never moves and is released only by this send's completion (and
                 // `slots` outlives the rings: `ShardIo` drops its rings first).
                 unsafe { ring.sendmsg(io.slot(), hdr, user_data(op::SENDMSG, s, key.0))? };
+                io.with(Io::SEND | Io::MSG)
             }
-        }
-        hub.set_io(key, io.with(Io::SEND).0);
+        };
+        hub.set_io(key, sent.0);
         Ok(())
     }
 
@@ -525,7 +530,7 @@ impl Driver for ShardIo {
             io = io.with(Io::RESET);
         }
         if (io.has(Io::RECV) || io.has(Io::READ) || io.has(Io::SEND)) && !io.has(Io::CANCEL) {
-            self.rings[io.ring()].cancel_slot(io.slot(), user_data(op::CANCEL, 0, key.0))?;
+            self.cancel_ops(key, io)?;
             io = io.with(Io::CANCEL);
         }
         hub.set_io(key, io.0);
@@ -546,7 +551,7 @@ impl ShardIo {
                 if tag == op::SENDMSG {
                     self.slots.release(aux);
                 }
-                let io = Io(hub.io(key)).without(Io::SEND);
+                let io = Io(hub.io(key)).without(Io::SEND | Io::MSG);
                 hub.set_io(key, io.0);
                 hub.handle_sent(key, cqe.result, now);
                 self.finish_if_idle(hub, key, io)
@@ -655,6 +660,32 @@ impl ShardIo {
         // while the read is pending; `Shard::shutdown` awaits the read's completion, and the
         // rings are dropped before it in any case.
         unsafe { self.rings[0].read(fd, buf, 8, user_data(op::WAKE, 0, 0)) }
+    }
+
+    /// Cancels a connection's requests in flight by their user_data: the kernel finds each in
+    /// its hash of armed requests, where a cancel by descriptor walks every request armed on
+    /// the ring (most of the gateway's CPU at 1,000 closes a second with 100,000 connections).
+    /// Only a sendmsg in flight, whose slot the connection does not keep, is cancelled by
+    /// descriptor. The key cannot name a newer connection meanwhile: it is released only once
+    /// every one of these requests has completed.
+    fn cancel_ops(&mut self, key: ConnKey, io: Io) -> io::Result<()> {
+        let (ring, cancel) = (&mut self.rings[io.ring()], user_data(op::CANCEL, 0, key.0));
+        if io.has(Io::RECV) {
+            let input = match self.read_mode {
+                ReadMode::Poll => op::POLL,
+                ReadMode::Recv => op::RECV,
+            };
+            ring.cancel_request(user_data(input, 0, key.0), cancel)?;
+        }
+        if io.has(Io::READ) {
+            ring.cancel_request(user_data(op::RECV_ONCE, 0, key.0), cancel)?;
+        }
+        if io.has(Io::SEND) && io.has(Io::MSG) {
+            ring.cancel_slot(io.slot(), cancel)?;
+        } else if io.has(Io::SEND) {
+            ring.cancel_request(user_data(op::SEND, 0, key.0), cancel)?;
+        }
+        Ok(())
     }
 
     /// Arms the connection's standing input request, by read mode.
