@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::api::routes::Routes;
 use crate::api::{Server, ServerConfig};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::hub::HubConfig;
 use crate::hub::mail::{HostMail, Mail};
@@ -24,7 +25,6 @@ use crate::room::owner::{Replica, replicas};
 use crate::shard::driver::RingParams;
 use crate::shard::mesh::Mesh;
 use crate::shard::{Shard, ShardExit, ShardParams, listener, sys};
-use crate::cluster::Cluster;
 use crate::store::Store;
 use crate::upgrade::Inherited;
 use crate::upgrade::control::{Control, Holdings};
@@ -223,7 +223,8 @@ impl Gateway {
                 return Err(StartError(e));
             }
         };
-        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store).with_cluster(gateway.cluster.clone());
+        let routes =
+            Routes::new(config, Arc::clone(&gateway.mesh), metrics, store).with_cluster(gateway.cluster.clone());
         let api_config = ServerConfig {
             connections_max: config.api.connections_max,
             idle_timeout_ms: config.api.idle_timeout_ms,

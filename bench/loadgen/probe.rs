@@ -418,7 +418,8 @@ mod tests {
 
     #[test]
     fn reads_sockstat_and_loadavg() {
-        let text = "sockets: used 20025\nTCP: inuse 20008 orphan 3 tw 9759 alloc 20010 mem 310929\nUDP: inuse 0 mem 0\n";
+        let text =
+            "sockets: used 20025\nTCP: inuse 20008 orphan 3 tw 9759 alloc 20010 mem 310929\nUDP: inuse 0 mem 0\n";
         let t = tcp_sockstat(text).unwrap();
         assert_eq!(t, TcpStat { inuse: 20008, orphan: 3, tw: 9759, alloc: 20010, mem_pages: 310929 });
         assert_eq!(tcp_sockstat("UDP: inuse 0 mem 0\n"), None);
@@ -452,7 +453,14 @@ mod tests {
         let s = socket_states(text);
         assert_eq!(
             s,
-            SocketStates { established: 3, time_wait: 1, close_wait: 1, closing: 1, other: 1, mem_bytes: 100 + 3996 + 1000 + 2000 + 7 }
+            SocketStates {
+                established: 3,
+                time_wait: 1,
+                close_wait: 1,
+                closing: 1,
+                other: 1,
+                mem_bytes: 100 + 3996 + 1000 + 2000 + 7
+            }
         );
         assert_eq!(socket_states(""), SocketStates::default());
     }

@@ -487,7 +487,10 @@ impl Row {
             cols.push((closed_column(reason), gv(&|g| get(&g.closed, reason))));
         }
         cols.extend([
-            ("gw_closed_other", gv(&|g| total(&g.closed) - CLOSED_COLUMNS.iter().map(|r| get(&g.closed, r)).sum::<u64>())),
+            (
+                "gw_closed_other",
+                gv(&|g| total(&g.closed) - CLOSED_COLUMNS.iter().map(|r| get(&g.closed, r)).sum::<u64>()),
+            ),
             ("gw_resets", gv(&|g| g.resets)),
             ("gw_rooms_owned", gv(&|g| g.rooms_owned)),
             ("gw_rooms_kept", gv(&|g| g.rooms_kept)),
@@ -774,7 +777,9 @@ impl<'a> Run<'a> {
         self.phase = "drain";
         let drain_until = Instant::now() + Duration::from_millis(self.args.close_wait_ms) + DRAIN_SLACK;
         let drained = self.wait_until(drain_until, |c| {
-            c[Stat::Closing] == 0 && c[Stat::Dialing] == 0 && c[Stat::Attempted] == c[Stat::JoinedTotal] + c[Stat::Failed]
+            c[Stat::Closing] == 0
+                && c[Stat::Dialing] == 0
+                && c[Stat::Attempted] == c[Stat::JoinedTotal] + c[Stat::Failed]
         });
         if !drained {
             self.error("drain_incomplete".into());
@@ -974,7 +979,11 @@ pub fn summary(r: &Report) -> String {
         mib(r.gateway_rss_end_bytes)
     );
     let list = |m: &BTreeMap<String, u64>| {
-        if m.is_empty() { "none".to_string() } else { m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ") }
+        if m.is_empty() {
+            "none".to_string()
+        } else {
+            m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        }
     };
     s += &format!("  errors: {}; publish errors: {}\n", list(&r.errors), list(&r.publish_errors));
     s += if r.passed { "  PASS" } else { "  FAIL" };

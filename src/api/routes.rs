@@ -15,13 +15,13 @@ use super::access::{Access, Denied};
 use super::http::{Method, Request, RequestHead, Response};
 use super::server::Handler;
 use super::stats::ServerCounters;
+use crate::cluster::Cluster;
 use crate::config::{Config, TypeDefaults};
 use crate::hub::mail::{Mail, Reply};
 use crate::ids::ShardId;
 use crate::metrics::{self, Snapshot};
 use crate::room::RoomName;
 use crate::shard::mesh::Mesh;
-use crate::cluster::Cluster;
 use crate::store::Store;
 
 /// How long an API request waits for the shards before answering 503.
@@ -113,7 +113,8 @@ impl Routes {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
         let mut body = json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections});
         if let Some(cluster) = &self.cluster {
-            body["cluster"] = json!({"node": cluster.me(), "nodes": cluster.members().live().len(), "up": cluster.up()});
+            body["cluster"] =
+                json!({"node": cluster.me(), "nodes": cluster.members().live().len(), "up": cluster.up()});
             if !cluster.up() {
                 body["status"] = json!("degraded");
             }
@@ -156,7 +157,10 @@ impl Routes {
             .iter()
             .map(|n| json!({"id": n.id, "url": n.url, "expires_ms": n.expires_ms, "self": n.id == cluster.me()}))
             .collect();
-        Response::json(200, &json!({"node": cluster.me(), "url": cluster.url(), "up": cluster.up(), "as_of_ms": m.as_of_ms(), "nodes": nodes}))
+        Response::json(
+            200,
+            &json!({"node": cluster.me(), "url": cluster.url(), "up": cluster.up(), "as_of_ms": m.as_of_ms(), "nodes": nodes}),
+        )
     }
 
     fn drain_progress(&self, status: u16) -> Response {

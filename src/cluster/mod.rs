@@ -117,8 +117,18 @@ impl Cluster {
         let s = &self.stats;
         let series: [(&str, &str, &str, u64); 4] = [
             ("barrage_cluster_up", "gauge", "1 while heartbeats reach Redis.", u64::from(s.up.load(Ordering::Relaxed))),
-            ("barrage_cluster_nodes", "gauge", "Live nodes in the last heartbeat's read.", s.nodes.load(Ordering::Relaxed)),
-            ("barrage_cluster_heartbeats_total", "counter", "Heartbeats Redis took.", s.heartbeats.load(Ordering::Relaxed)),
+            (
+                "barrage_cluster_nodes",
+                "gauge",
+                "Live nodes in the last heartbeat's read.",
+                s.nodes.load(Ordering::Relaxed),
+            ),
+            (
+                "barrage_cluster_heartbeats_total",
+                "counter",
+                "Heartbeats Redis took.",
+                s.heartbeats.load(Ordering::Relaxed),
+            ),
             (
                 "barrage_cluster_heartbeat_errors_total",
                 "counter",
