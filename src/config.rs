@@ -374,6 +374,19 @@ config! {
         /// A node not heard from for this long is gone: the bound on how long a dead node is
         /// still listed (at least twice heartbeat_ms).
         node_ttl_ms: u64 = 5_000, cluster_node_ttl_ms, "BARRAGE_CLUSTER_NODE_TTL_MS";
+        /// A room's owner holds a lease in Redis for this long and renews it every third of
+        /// it; a dead owner's rooms move once both its heartbeat (node_ttl_ms) and its leases
+        /// have run out. Shorter moves rooms sooner and costs more renewals.
+        lease_ms: u64 = 3_000, cluster_lease_ms, "BARRAGE_CLUSTER_LEASE_MS";
+        /// Messages waiting to be relayed to Redis (forwarded requests, their answers, blocks
+        /// for other nodes); past it the oldest block is dropped (counted: the members there
+        /// see a seq gap and poll) and new requests are refused with 503.
+        relay_queue_max: usize = 65_536, cluster_relay_queue_max, "BARRAGE_CLUSTER_RELAY_QUEUE_MAX";
+        /// Requests forwarded to other nodes still waiting for an answer (API calls and client
+        /// requests); past it new ones are refused with 503.
+        asks_max: usize = 65_536, cluster_asks_max, "BARRAGE_CLUSTER_ASKS_MAX";
+        /// How long a forwarded request waits for the owner's answer before it is given up.
+        ask_timeout_ms: u64 = 2_000, cluster_ask_timeout_ms, "BARRAGE_CLUSTER_ASK_TIMEOUT_MS";
     }
 
     /// The private business API.
@@ -481,7 +494,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 28] = [
+        let checks: [(bool, &str); 32] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -535,6 +548,10 @@ impl Config {
                 self.cluster.node_ttl_ms >= 2 * self.cluster.heartbeat_ms,
                 "cluster.node_ttl_ms must be at least twice cluster.heartbeat_ms",
             ),
+            (self.cluster.lease_ms >= 300, "cluster.lease_ms must be at least 300"),
+            (self.cluster.relay_queue_max >= 16, "cluster.relay_queue_max must be at least 16"),
+            (self.cluster.asks_max >= 16, "cluster.asks_max must be at least 16"),
+            (self.cluster.ask_timeout_ms >= 10, "cluster.ask_timeout_ms must be at least 10"),
             (
                 self.cluster.public_url.is_empty()
                     || self.cluster.public_url.starts_with("ws://")

@@ -14,6 +14,8 @@ use std::time::Duration;
 use crate::api::routes::Routes;
 use crate::api::{Server, ServerConfig};
 use crate::cluster::Cluster;
+use crate::cluster::lease::Leases;
+use crate::cluster::placement::Placement;
 use crate::config::{Config, ConfigError};
 use crate::hub::HubConfig;
 use crate::hub::mail::{HostMail, Mail};
@@ -143,14 +145,31 @@ impl Gateway {
             sendmsg_slots_max: per_shard.clamp(256, SENDMSG_SLOTS_PER_SHARD),
             stop_grace: Duration::from_millis(config.server.stop_grace_ms),
         };
-        let mesh = Mesh::new(shards, config.server.mesh_queue_len).map_err(|e| StartError(format!("mesh: {e}")))?;
-        let store = Store::start(config, Arc::clone(&mesh)).map_err(StartError)?;
+        // In a cluster: where rooms are owned (read by every shard), the room leases, and the
+        // link's inbox on the mesh.
+        let (placement, leases) = match config.cluster.enabled {
+            true => {
+                let (me, _) = crate::cluster::identity(config, public_addr);
+                let leases = Leases::new(&me, config.cluster.lease_ms, &config.redis.prefix);
+                (Some(Placement::new(&me, shards)), Some(Arc::new(leases)))
+            }
+            false => (None, None),
+        };
+        let mesh = match placement {
+            Some(_) => Mesh::with_link(shards, config.server.mesh_queue_len),
+            None => Mesh::new(shards, config.server.mesh_queue_len),
+        }
+        .map_err(|e| StartError(format!("mesh: {e}")))?;
+        let store = Store::start(config, Arc::clone(&mesh), leases.clone()).map_err(StartError)?;
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(shards);
         for (i, listeners) in per_shard_listeners.into_iter().enumerate().rev() {
-            let hub = HubConfig::new(config, ShardId(i as u16), shards);
+            let mut hub = HubConfig::new(config, ShardId(i as u16), shards);
+            if let Some(p) = &placement {
+                hub = hub.with_placement(Arc::clone(p));
+            }
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
             let (params, mesh, metrics, ready, store) =
                 (params.clone(), Arc::clone(&mesh), Arc::clone(&metrics), ready_tx.clone(), store.clone());
@@ -216,7 +235,11 @@ impl Gateway {
             gateway.stop();
             return Err(StartError(e));
         }
-        gateway.cluster = match Cluster::start(config, public_addr) {
+        let joined = match (placement, leases) {
+            (Some(p), Some(l)) => Cluster::start(config, public_addr, p, Arc::clone(&gateway.mesh), l),
+            _ => Ok(None),
+        };
+        gateway.cluster = match joined {
             Ok(c) => c,
             Err(e) => {
                 gateway.stop();

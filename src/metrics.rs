@@ -136,6 +136,9 @@ series! {
     RoomsExported => "barrage_handover_rooms_total" {"way" = "exported"}, "counter", "Rooms handed to a new process on an upgrade, or taken from the old one.";
     RoomsImported => "barrage_handover_rooms_total" {"way" = "imported"}, "counter", "";
     ImportSkipped => "barrage_handover_skipped_total", "counter", "Rooms, attributes and moderation entries of an upgrade's snapshot refused by this process (bad names, over its bounds).";
+    LeaseHeld => "barrage_cluster_leases_total" {"event" = "held"}, "counter", "Room leases in a cluster, by event: a load found another node holding the lease (tried again), a renewal found the lease taken (the room stopped here), a room let go because the live set moved it to another node.";
+    LeaseLost => "barrage_cluster_leases_total" {"event" = "lost"}, "counter", "";
+    RoomsMoved => "barrage_cluster_leases_total" {"event" = "moved"}, "counter", "";
 }
 
 /// One shard's counters, bumped without atomics on its own core.

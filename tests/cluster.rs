@@ -122,3 +122,63 @@ fn without_a_cluster_the_endpoint_says_so() {
     let (status, body) = http(gw.api, "GET", "/v1/cluster", None, &[]);
     assert_eq!(status, 404, "{body}");
 }
+
+/// Three nodes whose heartbeats see each other.
+fn three(redis: &Redis) -> (Gateway, Gateway, Gateway) {
+    let (a, b, c) = (node(redis, "a"), node(redis, "b"), node(redis, "c"));
+    for gw in [&a, &b, &c] {
+        eventually("every node lists all three", || live(gw).len() == 3);
+    }
+    (a, b, c)
+}
+
+/// The next block's bytes and its decoded form.
+fn block_bytes(v: &mut Client) -> (Vec<u8>, barrage::proto::Block) {
+    loop {
+        let bytes = v.recv_bytes();
+        let frame = <barrage::proto::ServerFrame as prost::Message>::decode(bytes.as_slice()).unwrap();
+        if let Some(server_frame::Frame::Block(b)) = frame.frame {
+            return (bytes, b);
+        }
+    }
+}
+
+#[test]
+fn members_on_every_node_receive_the_owners_block_byte_for_byte_whichever_node_publishes() {
+    let redis = Redis::start();
+    let (a, b, c) = three(&redis);
+    let room = "live:1";
+    let mut viewers: Vec<Client> = [&a, &b, &c, &a, &b, &c]
+        .iter()
+        .map(|gw| {
+            let mut v = Client::connect(&gw.url(&format!("?room={room}")), None);
+            v.welcome();
+            v
+        })
+        .collect();
+    // Online counts are members summed over the nodes, asked of any node.
+    for gw in [&a, &b, &c] {
+        gw.wait_online(room, 6);
+    }
+    let mut last = 0;
+    for (i, gw) in [&a, &b, &c].iter().enumerate() {
+        let (status, body) = gw.publish(room, serde_json::json!({"type": "chat", "text": format!("via {i}")}));
+        assert_eq!(status, 202, "{body}");
+        let blocks: Vec<(Vec<u8>, barrage::proto::Block)> = viewers.iter_mut().map(block_bytes).collect();
+        let (bytes, first) = &blocks[0];
+        for (other, _) in &blocks[1..] {
+            assert_eq!(other, bytes, "the same frame on every node");
+        }
+        assert_eq!(first.messages.len(), 1);
+        assert_eq!(first.online, 6, "the block counts members on all nodes");
+        let seq = first.messages[0].seq;
+        assert!(seq > last, "seqs increase: {seq} after {last}");
+        last = seq;
+        assert_eq!(String::from_utf8_lossy(&first.messages[0].data), format!("via {i}"));
+    }
+    // Exactly one node runs the room: one lease, and frames went out from one owner.
+    let leases: u64 = [&a, &b, &c].iter().map(|g| g.metric("barrage_cluster_leases")).sum();
+    assert!(leases >= 1);
+    let owners = [&a, &b, &c].iter().filter(|g| g.metric("barrage_cluster_frames_total{way=\"out\"}") > 0).count();
+    assert_eq!(owners, 1, "one owner published the room's frames");
+}

@@ -44,7 +44,7 @@ impl Routes {
         let room = self.room_name(raw)?;
         let (msg, priority) = self.message(req)?;
         let (reply, rx) = reply_channel::<Result<Published, PublishError>>();
-        let owner = room.owner(self.mesh.shards());
+        let owner = self.owner_of(&room);
         self.post(owner, OwnerMail::Publish { room, msg: Box::new(msg), priority, reply }.into())?;
         match wait(&rx)? {
             Ok(p) => Ok(Response::json(202, &json!({"id": p.id.to_string(), "coalesced": p.coalesced}))),
@@ -65,6 +65,8 @@ impl Routes {
         let user = UserId::new(&user);
         let n = self
             .to_every_shard(|reply| HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply }.into())?;
+        // In a cluster the other nodes deliver it too; `connections` counts this node's.
+        self.to_other_nodes(HostMail::ToUser { user, frame, reply: None }.into())?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 
@@ -72,6 +74,7 @@ impl Routes {
         let (msg, class) = self.stamped(req)?;
         let (id, frame) = (msg.id, shared(server_frame::Frame::Broadcast(Broadcast { message: Some(msg) }), class));
         let n = self.to_every_shard(|reply| HostMail::ToAll { frame: Arc::clone(&frame), reply }.into())?;
+        self.to_other_nodes(HostMail::ToAll { frame, reply: None }.into())?;
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 

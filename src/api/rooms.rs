@@ -45,7 +45,7 @@ impl Routes {
     pub(super) fn room_info(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel::<RoomInfo>();
-        self.post(room.owner(self.mesh.shards()), OwnerMail::RoomInfo { room: room.clone(), reply }.into())?;
+        self.post(self.owner_of(&room), OwnerMail::RoomInfo { room: room.clone(), reply }.into())?;
         let info = wait(&rx)?;
         let body =
             json!({"room": room.as_str(), "online": info.online, "last_seq": info.last_seq, "pending": info.pending});
@@ -113,7 +113,7 @@ impl Routes {
             reason: Arc::from(reason),
             origin: Origin::Api(reply),
         };
-        self.post(room.owner(self.mesh.shards()), mail.into())?;
+        self.post(self.owner_of(&room), mail.into())?;
         wait(&rx)?.map_err(|e| Response::error(e.status(), e.message()))?;
         Ok(Response::json(200, &json!({"room": room.as_str(), "user": user, "action": list})))
     }
@@ -122,7 +122,7 @@ impl Routes {
     pub(super) fn moderation_lists(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel::<ModerationLists>();
-        self.post(room.owner(self.mesh.shards()), OwnerMail::ModerationList { room: room.clone(), reply }.into())?;
+        self.post(self.owner_of(&room), OwnerMail::ModerationList { room: room.clone(), reply }.into())?;
         let lists = wait(&rx)?;
         let entries =
             |l: &[Entry]| -> Vec<Value> { l.iter().map(|e| json!({"user": e.user, "until_ms": e.until_ms})).collect() };
@@ -137,7 +137,7 @@ impl Routes {
     pub(super) fn attributes(&self, raw: &str) -> Answer {
         let room = self.room_name(raw)?;
         let (reply, rx) = reply_channel();
-        self.post(room.owner(self.mesh.shards()), OwnerMail::Attrs { room: room.clone(), reply }.into())?;
+        self.post(self.owner_of(&room), OwnerMail::Attrs { room: room.clone(), reply }.into())?;
         let (version, entries) = wait(&rx)?;
         let mut attrs = serde_json::Map::new();
         for (k, v) in entries {
@@ -169,7 +169,7 @@ impl Routes {
         };
         let (reply, rx) = reply_channel::<Result<u64, AttrError>>();
         let mail = OwnerMail::SetAttr { room: room.clone(), key, value, origin: Origin::Api(reply) };
-        self.post(room.owner(self.mesh.shards()), mail.into())?;
+        self.post(self.owner_of(&room), mail.into())?;
         let version = wait(&rx)?.map_err(|e| Response::error(e.status(), e.message()))?;
         Ok(Response::json(200, &json!({"room": room.as_str(), "version": version})))
     }

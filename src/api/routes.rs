@@ -195,6 +195,21 @@ impl Routes {
         waits.iter().map(wait).sum()
     }
 
+    /// Where mail for a room's owner goes: its owner shard, or in a cluster the link when
+    /// another node owns the room.
+    pub(super) fn owner_of(&self, room: &RoomName) -> ShardId {
+        let placement = self.cluster.as_ref().map(|c| c.placement().as_ref());
+        crate::cluster::placement::route(room, self.mesh.shards(), placement)
+    }
+
+    /// In a cluster, hands mail for every node (direct and broadcast frames) to the link.
+    pub(super) fn to_other_nodes(&self, mail: Mail) -> Result<(), Response> {
+        match self.mesh.link() {
+            Some(link) => self.post(link, mail),
+            None => Ok(()),
+        }
+    }
+
     /// Posts mail to a shard; a full inbox is a 503 (the gateway is overloaded).
     pub(super) fn post(&self, to: ShardId, mail: Mail) -> Result<(), Response> {
         self.mesh.send(to, mail).map_err(|_| Response::error(503, "gateway busy: shard inbox full"))

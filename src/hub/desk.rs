@@ -24,6 +24,8 @@ const BLOCK_BACKLOG_MIN: usize = 64;
 const BLOCK_RETRY_MS: u64 = 5;
 /// A shard whose loop was busy this share of the time (in thousandths) is saturated.
 const BUSY_PERMILLE: u32 = 850;
+/// How soon a room whose lease another node holds asks for it again.
+const LEASE_RETRY_MS: u64 = 100;
 
 /// How loaded the shard is, for the adaptive block tick.
 #[derive(Clone, Copy, Debug, Default)]
@@ -55,6 +57,8 @@ pub struct LoadLimits {
     /// Requests parked per loading room; past it they are served from memory.
     pub waiters_max: usize,
     pub timeout_ms: u64,
+    /// In a cluster: how long a room whose lease another node holds waits for it.
+    pub held_timeout_ms: u64,
 }
 
 /// The rooms this shard owns and their block schedule.
@@ -75,6 +79,8 @@ pub struct Desk {
     parked: HashMap<RoomName, Vec<OwnerMail>>,
     /// Writes and loads for the store since the shard last took them.
     store_ops: Vec<StoreOp>,
+    /// In a cluster: loading rooms whose lease another node holds, and when to try again.
+    held: HashMap<RoomName, u64>,
 }
 
 impl Desk {
@@ -89,6 +95,7 @@ impl Desk {
             frozen: false,
             parked: HashMap::new(),
             store_ops: Vec::new(),
+            held: HashMap::new(),
             cfg,
         }
     }
@@ -165,7 +172,42 @@ impl Desk {
                 reply.send(rooms);
             }
             OwnerMail::Thaw => self.frozen = false,
-            OwnerMail::Loaded { room, state } => self.loaded(&room, state.map(|s| *s), now, post),
+            OwnerMail::Loaded { room, state } => {
+                self.held.remove(&room);
+                self.loaded(&room, state.map(|s| *s), now, post)
+            }
+            OwnerMail::Held { room } => {
+                // Still loading: the requests stay parked and the lease is asked for again.
+                if self.owner.phase(&room) == Phase::Loading {
+                    self.counters.inc(Series::LeaseHeld);
+                    self.held.insert(room, now.ms + LEASE_RETRY_MS);
+                }
+            }
+            OwnerMail::LeaseLost { room } => {
+                if self.owner.remove(&room) {
+                    self.counters.inc(Series::LeaseLost);
+                }
+            }
+        }
+    }
+
+    /// In a cluster, when the live set changed: every pending message is cut into a block and
+    /// delivered, then the rooms now owned by another node are let go (their leases released
+    /// once their writes are in), so the new owner goes on from what was stored.
+    pub fn placement_changed(&mut self, now: Now, is_mine: &dyn Fn(&RoomName) -> bool) {
+        if self.frozen {
+            return;
+        }
+        self.cut_all(now);
+        for room in self.owner.room_names() {
+            if is_mine(&room) || self.parked.contains_key(&room) {
+                continue;
+            }
+            self.held.remove(&room);
+            if self.owner.remove(&room) {
+                self.counters.inc(Series::RoomsMoved);
+                self.store_ops.push(StoreOp::Release { room });
+            }
         }
     }
 
@@ -198,7 +240,9 @@ impl Desk {
             | OwnerMail::Flush
             | OwnerMail::Export { .. }
             | OwnerMail::Thaw
-            | OwnerMail::Loaded { .. } => return Some(mail),
+            | OwnerMail::Loaded { .. }
+            | OwnerMail::Held { .. }
+            | OwnerMail::LeaseLost { .. } => return Some(mail),
         };
         if !self.ensure_loading(&room, now) {
             return Some(mail);
@@ -269,6 +313,16 @@ impl Desk {
         }
     }
 
+    /// A room whose lease another node kept past the load timeout: what waited for it is
+    /// refused (503, retry) and the room is forgotten here.
+    fn give_up_held(&mut self, room: &RoomName, now: Now) {
+        for mail in self.parked.remove(room).unwrap_or_default() {
+            // Changes are refused with "retry"; reads are dropped (their askers time out).
+            let _ = self.refuse_frozen(mail, now);
+        }
+        self.owner.remove(room);
+    }
+
     /// The store could not take a load request (its queue is full): the room goes on from
     /// memory alone.
     pub fn load_refused(&mut self, room: &RoomName, now: Now, post: &PostOffice) {
@@ -311,6 +365,8 @@ impl Desk {
             // through here.
             mail @ (OwnerMail::Presence { .. }
             | OwnerMail::Loaded { .. }
+            | OwnerMail::Held { .. }
+            | OwnerMail::LeaseLost { .. }
             | OwnerMail::Joined { .. }
             | OwnerMail::Poll { .. }
             | OwnerMail::AttrSync { .. }
@@ -429,8 +485,25 @@ impl Desk {
         if self.cfg.owner.durable && self.owner.loads() > 0 {
             let expired = now.ms.checked_sub(self.cfg.loads.timeout_ms).map(|t| self.owner.loads_started_before(t));
             for room in expired.unwrap_or_default() {
+                if self.held.contains_key(&room) {
+                    // Another node still runs it: it must not start here from memory. A dead
+                    // node's lease runs out by itself, so it is waited for that long.
+                    let since = self.owner.loading_since(&room).unwrap_or(0);
+                    if since + self.cfg.loads.held_timeout_ms > now.ms {
+                        continue;
+                    }
+                    self.held.remove(&room);
+                    self.counters.inc(Series::LoadTimeout);
+                    self.give_up_held(&room, now);
+                    continue;
+                }
                 self.counters.inc(Series::LoadTimeout);
                 self.loaded(&room, None, now, post);
+            }
+            let due: Vec<RoomName> = self.held.iter().filter(|&(_, &t)| t <= now.ms).map(|(r, _)| r.clone()).collect();
+            for room in due {
+                self.held.insert(room.clone(), u64::MAX);
+                self.store_ops.push(StoreOp::Load { room, owner: self.cfg.owner.shard });
             }
         }
         if self.frozen {

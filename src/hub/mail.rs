@@ -116,6 +116,12 @@ pub enum OwnerMail {
     Thaw,
     /// From the store: a room's state read from durable storage (None: it could not be read).
     Loaded { room: RoomName, state: Option<Box<crate::proto::RoomState>> },
+    /// From the store, in a cluster: another node holds the room's lease (it is moving here,
+    /// or the nodes briefly disagree on the live set); the load is tried again.
+    Held { room: RoomName },
+    /// From the cluster link: renewing the room's lease found another node holding it; this
+    /// node stops running the room.
+    LeaseLost { room: RoomName },
 }
 
 impl OwnerMail {
@@ -137,7 +143,9 @@ impl OwnerMail {
             | OwnerMail::Flush
             | OwnerMail::Export { .. }
             | OwnerMail::Thaw
-            | OwnerMail::Loaded { .. } => None,
+            | OwnerMail::Loaded { .. }
+            | OwnerMail::Held { .. }
+            | OwnerMail::LeaseLost { .. } => None,
         }
     }
 }

@@ -58,12 +58,16 @@ pub struct Hub {
     /// Reused buffer of store ops.
     store_ops: Vec<StoreOp>,
     busy_permille: u32,
+    /// The cluster's placement generation last acted on.
+    placement_seen: u64,
     /// The post office's and the driver's counts.
     counters: Counters,
 }
 
 impl Hub {
     pub fn new(cfg: HubConfig) -> Hub {
+        // In a cluster the link is one more destination (mail for rooms other nodes own).
+        let destinations = cfg.shards + usize::from(cfg.placement.is_some());
         let desk = DeskConfig {
             block_interval_ms: cfg.block_interval_ms,
             block_wait_max_ms: cfg.block_wait_max_ms,
@@ -73,13 +77,14 @@ impl Hub {
         };
         Hub {
             shard: cfg.shard,
-            post: PostOffice::new(cfg.shards, cfg.mesh_overflow_max),
+            post: PostOffice::new(destinations, cfg.mesh_overflow_max),
             desk: Desk::new(desk),
             host: Host::new(cfg),
             routing: Vec::new(),
             local: VecDeque::new(),
             store_ops: Vec::new(),
             busy_permille: 0,
+            placement_seen: 0,
             counters: Counters::default(),
         }
     }
@@ -142,8 +147,18 @@ impl Hub {
         self.busy_permille = busy_permille;
     }
 
-    /// End of a turn: membership reports to owners, gauges.
+    /// End of a turn: membership reports to owners, gauges. In a cluster, when the live set
+    /// changed since the last turn, owners let go of rooms that moved to another node and
+    /// every room reports its members to its owner again.
     pub fn end_turn(&mut self, now: Now) {
+        if let Some(p) = self.host.placement() {
+            let generation = p.generation();
+            if generation != self.placement_seen {
+                self.placement_seen = generation;
+                self.desk.placement_changed(now, &|room| p.is_mine(room.as_str()));
+                self.host.placement_changed();
+            }
+        }
         self.host.end_turn(&self.post);
         self.route(now);
     }
@@ -363,6 +378,8 @@ pub struct HubConfig {
     pub owner: OwnerConfig,
     /// Loading rooms from durable storage.
     pub loads: desk::LoadLimits,
+    /// In a cluster: which node owns each room (`with_placement`).
+    pub placement: Option<Arc<crate::cluster::placement::Placement>>,
 }
 
 impl HubConfig {
@@ -427,8 +444,19 @@ impl HubConfig {
                 in_flight_max: c.redis.loads_max,
                 waiters_max: c.redis.load_waiters_max,
                 timeout_ms: c.redis.load_timeout_ms,
+                held_timeout_ms: c.cluster.lease_ms * 2 + c.redis.load_timeout_ms,
             },
+            placement: None,
         }
+    }
+
+    /// A cluster node's: rooms other nodes own are reached through the link (one more mail
+    /// destination), and owners count the members on other nodes in its slot.
+    pub fn with_placement(mut self, placement: Arc<crate::cluster::placement::Placement>) -> HubConfig {
+        self.placement = Some(placement);
+        self.owner.shards = self.shards + 1;
+        self.owner.cluster = true;
+        self
     }
 }
 
@@ -456,6 +484,7 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
         poll_interval_ms: [r.poll_interval_small_ms, r.poll_interval_medium_ms, r.poll_interval_large_ms],
         types: Arc::new(c.types.clone()),
         durable: !c.redis.url.is_empty(),
+        cluster: false,
     }
 }
 

@@ -17,8 +17,12 @@ pub enum StoreOp {
     Attr { room: RoomName, version: u64, key: String, value: Option<Vec<u8>> },
     /// A moderation entry added (until a time, or until lifted) or lifted.
     Moderation { room: RoomName, list: List, user: String, until_ms: Option<i64>, add: bool },
-    /// Read a room's state; the answer comes back as `OwnerMail::Loaded` to `owner`.
+    /// Read a room's state; the answer comes back as `OwnerMail::Loaded` to `owner`. In a
+    /// cluster the room's lease is taken first (`OwnerMail::Held` while another node has it).
     Load { room: RoomName, owner: ShardId },
+    /// In a cluster: this node no longer runs the room; its lease is given up once the writes
+    /// before this one are in (the next owner loads what they wrote).
+    Release { room: RoomName },
 }
 
 impl StoreOp {
@@ -28,7 +32,8 @@ impl StoreOp {
             StoreOp::Block { room, .. }
             | StoreOp::Attr { room, .. }
             | StoreOp::Moderation { room, .. }
-            | StoreOp::Load { room, .. } => room,
+            | StoreOp::Load { room, .. }
+            | StoreOp::Release { room } => room,
         }
     }
 }

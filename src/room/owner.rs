@@ -45,6 +45,9 @@ pub struct OwnerConfig {
     /// Rooms are kept in durable storage: every block, attribute and list change is also
     /// handed out as a `StoreOp`, and a room not in memory is loaded before use (`loading`).
     pub durable: bool,
+    /// A cluster node: rooms are taken with a lease (`Held` while another node has it), and
+    /// `shards` counts one more slot, the cluster link's (members on other nodes).
+    pub cluster: bool,
 }
 
 /// Why a publish was refused.

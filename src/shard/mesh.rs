@@ -66,15 +66,26 @@ impl Inbox {
     }
 }
 
-/// Every shard's inbox.
+/// Every shard's inbox, and in a cluster one more for the cluster link (`link`), which the
+/// shards address like another shard.
 pub struct Mesh {
     inboxes: Box<[Inbox]>,
+    shards: usize,
 }
 
 impl Mesh {
     /// Inboxes of `queue_len` slots for `shards` shards.
     pub fn new(shards: usize, queue_len: usize) -> io::Result<Arc<Mesh>> {
-        let inboxes = (0..shards)
+        Self::build(shards, queue_len, false)
+    }
+
+    /// The same, plus the cluster link's inbox (`link`).
+    pub fn with_link(shards: usize, queue_len: usize) -> io::Result<Arc<Mesh>> {
+        Self::build(shards, queue_len, true)
+    }
+
+    fn build(shards: usize, queue_len: usize, link: bool) -> io::Result<Arc<Mesh>> {
+        let inboxes = (0..shards + usize::from(link))
             .map(|_| {
                 Ok(Inbox {
                     queue: ArrayQueue::new(queue_len),
@@ -84,11 +95,17 @@ impl Mesh {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Arc::new(Mesh { inboxes: inboxes.into_boxed_slice() }))
+        Ok(Arc::new(Mesh { inboxes: inboxes.into_boxed_slice(), shards }))
     }
 
+    /// Shards (the link not counted).
     pub fn shards(&self) -> usize {
-        self.inboxes.len()
+        self.shards
+    }
+
+    /// The cluster link's address, when there is one: one past the last shard.
+    pub fn link(&self) -> Option<ShardId> {
+        (self.inboxes.len() > self.shards).then_some(ShardId(self.shards as u16))
     }
 
     pub fn inbox(&self, shard: ShardId) -> &Inbox {

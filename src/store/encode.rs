@@ -83,7 +83,8 @@ pub fn write(pipe: &mut Pipeline, op: &StoreOp, r: &Retention, now_ms: i64) -> u
                 pipe.cmd("SREM").arg(k.list(*list)).arg(user).ignore();
             }
         }
-        StoreOp::Load { .. } => {}
+        // Not writes of room state: a load is the loader's, a lease release the writer's own.
+        StoreOp::Load { .. } | StoreOp::Release { .. } => {}
     }
     pipe.cmd_iter().count() - before
 }

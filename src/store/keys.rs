@@ -11,6 +11,7 @@
 //! | `P{room}:attrlog` | zset | score version → protobuf `AttrEntry`: the last `attr_log_len_max` changes |
 //! | `P{room}:mute` (`ban`, `whitelist`) | set | the users on the list |
 //! | `P{room}:mute:USER` (...) | string | until (Unix ms, 0 = until lifted), with that Redis expiry |
+//! | `P{room}:owner` | string | in a cluster: the node running the room, expiring `cluster.lease_ms` after its last renewal |
 //!
 //! Every key but the lists expires `room_ttl_s` after the room's last write.
 
@@ -48,6 +49,11 @@ impl RoomKeys {
 
     pub fn attrlog(&self) -> String {
         self.key("attrlog")
+    }
+
+    /// In a cluster: the id of the node whose lease runs the room (`cluster::lease`).
+    pub fn owner(&self) -> String {
+        self.key("owner")
     }
 
     /// The set of users on `list`.

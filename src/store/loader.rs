@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use super::Store;
 use super::encode::{self, LOAD_FIRST_REPLIES};
 use super::stats::StoreStats;
+use crate::cluster::lease::{Leases, Take};
 use crate::hub::mail::{Mail, OwnerMail};
+use crate::ids::ShardId;
 use crate::proto::RoomState;
 use crate::room::RoomName;
 use crate::room::durable::StoreOp;
@@ -50,6 +52,35 @@ pub(super) fn run(store: &Store, mesh: &Mesh, backoff_max: Duration) {
                 }
             }
         }
+        // In a cluster a room is read only once its lease is this node's; the others are
+        // answered `Held` and asked for again by their owners.
+        let mut held = Vec::new();
+        if let (Some(leases), Some(c)) = (&store.leases, con.as_mut()) {
+            let rooms: Vec<&RoomName> = batch.iter().map(|(r, _)| r).collect();
+            match leases.take_cmd(&rooms).query::<redis::Value>(c) {
+                Ok(reply) => {
+                    let takes = Leases::parse_take(&reply, rooms.len());
+                    let mut kept = Vec::with_capacity(batch.len());
+                    for ((room, owner), take) in batch.into_iter().zip(takes) {
+                        match take {
+                            Take::Ours => {
+                                leases.taken(&room, owner);
+                                kept.push((room, owner));
+                            }
+                            Take::Held(_) => held.push((room, owner)),
+                        }
+                    }
+                    batch = kept;
+                }
+                Err(_) => {
+                    con = None;
+                    next_attempt = Instant::now() + backoff;
+                }
+            }
+        }
+        for (room, owner) in held {
+            send(mesh, owner, Mail::from(OwnerMail::Held { room }));
+        }
         let rooms: Vec<&RoomName> = batch.iter().map(|(r, _)| r).collect();
         let states = match con.as_mut().map(|c| read(store, c, &rooms)) {
             Some(Ok(states)) => states,
@@ -63,16 +94,20 @@ pub(super) fn run(store: &Store, mesh: &Mesh, backoff_max: Duration) {
         };
         StoreStats::add(&store.stats.loads, batch.len() as u64);
         for ((room, owner), state) in batch.into_iter().zip(states) {
-            let mut mail = Mail::from(OwnerMail::Loaded { room, state: state.map(Box::new) });
-            let deadline = Instant::now() + MAIL_WAIT;
-            while let Err(back) = mesh.send(owner, mail) {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                mail = back;
-                std::thread::sleep(IDLE);
-            }
+            send(mesh, owner, Mail::from(OwnerMail::Loaded { room, state: state.map(Box::new) }));
         }
+    }
+}
+
+/// Mails an answer to an owner, waiting a while for a full inbox.
+fn send(mesh: &Mesh, owner: ShardId, mut mail: Mail) {
+    let deadline = Instant::now() + MAIL_WAIT;
+    while let Err(back) = mesh.send(owner, mail) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        mail = back;
+        std::thread::sleep(IDLE);
     }
 }
 

@@ -27,6 +27,7 @@ use crossbeam_queue::ArrayQueue;
 
 use self::encode::{Cursor, Retention};
 use self::stats::StoreStats;
+use crate::cluster::lease::Leases;
 use crate::config::Config;
 use crate::proto::Message;
 use crate::room::durable::StoreOp;
@@ -51,12 +52,14 @@ pub struct Store {
     /// Connections for replay requests, reused by the API threads.
     pool: Mutex<Vec<redis::Connection>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// In a cluster: room leases, taken by the loader and released by the writer.
+    leases: Option<Arc<Leases>>,
 }
 
 impl Store {
     /// Starts the writer and the loader for `config.redis` (None without a URL). Redis need not
     /// be up: the threads connect when it is.
-    pub fn start(config: &Config, mesh: Arc<Mesh>) -> Result<Option<Arc<Store>>, String> {
+    pub fn start(config: &Config, mesh: Arc<Mesh>, leases: Option<Arc<Leases>>) -> Result<Option<Arc<Store>>, String> {
         let c = &config.redis;
         if c.url.is_empty() {
             return Ok(None);
@@ -80,6 +83,7 @@ impl Store {
             },
             pool: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
+            leases,
         });
         let backoff_max = Duration::from_millis(c.reconnect_max_ms);
         let (w, buffer_max) = (Arc::clone(&store), c.write_buffer_max);

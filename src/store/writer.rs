@@ -81,9 +81,21 @@ pub(super) fn run(store: &Store, buffer_max: usize, backoff_max: Duration) {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         for op in buffer.iter().take(n) {
             commands += encode::write(&mut pipe, op, &store.retention, now_ms);
+            // After the room's last writes, in the same order: the next owner loads them.
+            if let (StoreOp::Release { room }, Some(leases)) = (op, &store.leases) {
+                leases.release_cmd(&mut pipe, room);
+                commands += 1;
+            }
         }
         match pipe.exec(c) {
             Ok(()) => {
+                if let Some(leases) = &store.leases {
+                    for op in buffer.iter().take(n) {
+                        if let StoreOp::Release { room } = op {
+                            leases.forget(room);
+                        }
+                    }
+                }
                 buffer.drain(..n);
                 StoreStats::add(&stats.written, n as u64);
                 StoreStats::add(&stats.commands, commands as u64);

@@ -245,6 +245,17 @@ impl Client {
         }
     }
 
+    /// The next binary frame's bytes as the server sent them (skipping pings).
+    pub fn recv_bytes(&mut self) -> Vec<u8> {
+        loop {
+            match self.ws.read().expect("read a frame") {
+                WsMessage::Binary(b) => return b.to_vec(),
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     /// The next frame, which must be a welcome.
     pub fn welcome(&mut self) -> barrage::proto::Welcome {
         match self.recv() {

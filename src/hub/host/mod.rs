@@ -44,6 +44,7 @@ use super::HubConfig;
 use super::mail::{Mail, OwnerMail};
 use super::post::PostOffice;
 use crate::auth::Verifier;
+use crate::cluster::placement::route;
 use crate::ids::{ConnKey, Now, ShardId};
 use crate::metrics::{Counters, Series};
 use crate::room::RoomName;
@@ -335,8 +336,9 @@ impl Host {
     pub fn end_turn(&mut self, post: &PostOffice) {
         let shards = self.cfg.shards;
         let me = self.cfg.shard;
+        let placement = self.cfg.placement.as_deref();
         let hold = |room: &RoomName| {
-            let owner = room.owner(shards);
+            let owner = route(room, shards, placement);
             owner != me && post.is_congested(owner)
         };
         let mail = &mut self.mail;
@@ -349,7 +351,7 @@ impl Host {
                 left: p.left,
                 left_users: p.left_users,
             };
-            mail.push((p.room.owner(shards), report.into()));
+            mail.push((route(p.room, shards, placement), report.into()));
         });
         let c = &mut self.counters;
         c.set(Series::Connections, self.conns.len() as u64);
@@ -610,7 +612,17 @@ impl Host {
 
     /// Mail to a room's owner (this shard's included: the hub routes it).
     fn ask_owner(&mut self, room: &RoomName, mail: OwnerMail) {
-        self.mail.push((room.owner(self.cfg.shards), mail.into()));
+        self.mail.push((route(room, self.cfg.shards, self.cfg.placement.as_deref()), mail.into()));
+    }
+
+    /// The cluster's placement, in a cluster.
+    pub fn placement(&self) -> Option<std::sync::Arc<crate::cluster::placement::Placement>> {
+        self.cfg.placement.clone()
+    }
+
+    /// Rooms' owners may have moved between nodes: every room reports its members again.
+    pub fn placement_changed(&mut self) {
+        self.rooms.mark_all();
     }
 }
 

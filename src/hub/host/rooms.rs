@@ -131,6 +131,13 @@ impl Rooms {
         }
     }
 
+    /// Every room reports again at the next flush (its owner may have moved to another node).
+    pub fn mark_all(&mut self) {
+        for (key, r) in self.slab.iter_mut() {
+            Self::mark(&mut self.dirty, r, RoomKey(key as u32));
+        }
+    }
+
     /// Reports every room whose membership changed, unless `hold` says its owner cannot take
     /// mail now (such a room stays dirty and reports later, its changes summed), and forgets
     /// rooms left empty once reported.

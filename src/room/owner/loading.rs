@@ -39,6 +39,11 @@ impl Owner {
         }
     }
 
+    /// Since when (ms) the room has been loading.
+    pub fn loading_since(&self, room: &RoomName) -> Option<u64> {
+        self.rooms.get(room).and_then(|r| r.loading)
+    }
+
     /// Rooms being loaded now.
     pub fn loads(&self) -> usize {
         self.loading
@@ -88,6 +93,20 @@ impl Owner {
     /// Rooms whose load started at or before `before_ms` (given up on by the caller).
     pub fn loads_started_before(&self, before_ms: u64) -> Vec<RoomName> {
         self.rooms.iter().filter(|(_, r)| r.loading.is_some_and(|t| t <= before_ms)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Forgets a room at once, whatever it holds (in a cluster: another node runs it now).
+    /// Returns whether it was here.
+    pub fn remove(&mut self, room: &RoomName) -> bool {
+        let Some(r) = self.rooms.remove(room) else { return false };
+        self.kept -= usize::from(r.kept);
+        self.loading -= usize::from(r.loading.is_some());
+        true
+    }
+
+    /// Rooms in memory, loading or not.
+    pub fn room_names(&self) -> Vec<RoomName> {
+        self.rooms.keys().cloned().collect()
     }
 
     /// Moves the writes gathered since the last call to `out`.

@@ -19,6 +19,7 @@ fn config(shards: usize) -> OwnerConfig {
         poll_interval_ms: [1500, 2000, 2500],
         types: Arc::new(crate::config::Config::default().types),
         durable: false,
+        cluster: false,
     }
 }
 
