@@ -182,3 +182,110 @@ fn members_on_every_node_receive_the_owners_block_byte_for_byte_whichever_node_p
     let owners = [&a, &b, &c].iter().filter(|g| g.metric("barrage_cluster_frames_total{way=\"out\"}") > 0).count();
     assert_eq!(owners, 1, "one owner published the room's frames");
 }
+
+/// The node that owns `room`, as `gw` sees it.
+fn owner_of(gw: &Gateway, room: &str) -> String {
+    let (status, body) = http(gw.api, "GET", &format!("/v1/rooms/{room}"), None, &[]);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["node"].as_str().unwrap().to_string()
+}
+
+fn error_code(c: &mut Client) -> u32 {
+    loop {
+        match c.recv() {
+            server_frame::Frame::Error(e) => return e.code,
+            server_frame::Frame::Block(_) => continue,
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn sends_moderation_direct_broadcast_and_top_rooms_span_the_nodes() {
+    use barrage::proto::{Send, client_frame};
+    let redis = Redis::start();
+    let (a, b, c) = three(&redis);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    let room = "mod";
+    let owner = owner_of(&a, room);
+    for (_, gw) in &nodes {
+        assert_eq!(owner_of(gw, room), owner, "every node agrees on the owner");
+    }
+    // Alice and Bob sit on the two nodes that do not own the room; the API calls go to a third.
+    let others: Vec<&Gateway> = nodes.iter().filter(|(id, _)| *id != owner).map(|(_, g)| *g).collect();
+    let owner_gw = nodes.iter().find(|(id, _)| *id == owner).unwrap().1;
+    let (x, y) = (others[0], others[1]);
+    let mut alice = Client::connect(&x.url(&format!("?room={room}&token={}", common::token("alice"))), None);
+    alice.welcome();
+    let mut bob = Client::connect(&y.url(&format!("?room={room}&token={}", common::token("bob"))), None);
+    bob.welcome();
+    let mut carol = Client::connect(&owner_gw.url(&format!("?room={room}")), None);
+    carol.welcome();
+    x.wait_online(room, 3);
+
+    // A client's send on a node that does not own the room reaches every member.
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi from x".to_vec() }));
+    for v in [&mut alice, &mut bob, &mut carol] {
+        let b = v.block();
+        assert_eq!((b.messages[0].sender.as_str(), &b.messages[0].data[..]), ("alice", &b"hi from x"[..]));
+    }
+    // A mute set through one node is enforced by the owner: the refusal comes back across.
+    let (s, body) = http(y.api, "POST", &format!("/v1/rooms/{room}/mutes"), Some(r#"{"user":"alice"}"#), &[]);
+    assert_eq!(s, 200, "{body}");
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"muted".to_vec() }));
+    assert_eq!(error_code(&mut alice), 403);
+    let (_, lists) = http(x.api, "GET", &format!("/v1/rooms/{room}/moderation"), None, &[]);
+    assert!(lists.contains("alice"), "{lists}");
+
+    // Direct and broadcast from one node reach users on the others.
+    let (s, body) = http(x.api, "POST", "/v1/users/bob/messages", Some(r#"{"type":"notice","text":"psst"}"#), &[]);
+    assert_eq!(s, 202, "{body}");
+    match bob.recv() {
+        server_frame::Frame::Direct(d) => assert_eq!(d.message.unwrap().data, b"psst"),
+        other => panic!("expected the direct message, got {other:?}"),
+    }
+    let (s, _) = http(y.api, "POST", "/v1/broadcast", Some(r#"{"type":"notice","text":"all"}"#), &[]);
+    assert_eq!(s, 202);
+    for v in [&mut alice, &mut bob, &mut carol] {
+        match v.recv() {
+            server_frame::Frame::Broadcast(m) => assert_eq!(m.message.unwrap().data, b"all"),
+            other => panic!("expected the broadcast, got {other:?}"),
+        }
+    }
+
+    // Top rooms, asked of any node, counts the room once with its members on every node.
+    let (_, top) = http(y.api, "GET", "/v1/rooms?top=5", None, &[]);
+    let top: Value = serde_json::from_str(&top).unwrap();
+    assert_eq!(top["rooms"], serde_json::json!([{"room": room, "online": 3}]), "{top}");
+
+    // A ban through a node kicks the user on hers, and every node refuses her rejoin.
+    let (s, _) = http(owner_gw.api, "POST", &format!("/v1/rooms/{room}/bans"), Some(r#"{"user":"alice"}"#), &[]);
+    assert_eq!(s, 200);
+    loop {
+        match alice.recv() {
+            server_frame::Frame::Kicked(k) => {
+                assert_eq!(k.room, room);
+                break;
+            }
+            server_frame::Frame::Block(_) => continue,
+            other => panic!("expected kicked, got {other:?}"),
+        }
+    }
+    assert_eq!(alice.close_code(), Some(1008));
+    for gw in [x, y, owner_gw] {
+        let mut again = Client::connect(&gw.url(&format!("?room={room}&token={}", common::token("alice"))), None);
+        again.welcome();
+        assert_eq!(error_code(&mut again), 403, "banned on every node");
+    }
+    // A kick through the API closes Bob on his node.
+    let (s, _) = http(x.api, "POST", &format!("/v1/rooms/{room}/kick"), Some(r#"{"user":"bob"}"#), &[]);
+    assert_eq!(s, 200);
+    loop {
+        match bob.recv() {
+            server_frame::Frame::Kicked(_) => break,
+            server_frame::Frame::Block(_) => continue,
+            other => panic!("expected kicked, got {other:?}"),
+        }
+    }
+    x.wait_online(room, 1);
+}

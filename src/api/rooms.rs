@@ -47,8 +47,12 @@ impl Routes {
         let (reply, rx) = reply_channel::<RoomInfo>();
         self.post(self.owner_of(&room), OwnerMail::RoomInfo { room: room.clone(), reply }.into())?;
         let info = wait(&rx)?;
-        let body =
+        let mut body =
             json!({"room": room.as_str(), "online": info.online, "last_seq": info.last_seq, "pending": info.pending});
+        if let Some(c) = &self.cluster {
+            // The node whose lease runs the room, as this node's view of the live set says.
+            body["node"] = c.placement().owner_node(room.as_str()).unwrap_or_else(|| c.me().to_owned()).into();
+        }
         Ok(Response::json(200, &body))
     }
 
@@ -60,9 +64,11 @@ impl Routes {
         }
         .clamp(1, TOP_MAX);
         let mut waits = Vec::new();
-        for i in 0..self.mesh.shards() {
+        // In a cluster the link asks every other node's owners too.
+        let everyone = (0..self.mesh.shards()).map(|i| ShardId(i as u16)).chain(self.mesh.link());
+        for to in everyone {
             let (reply, rx) = reply_channel();
-            self.post(ShardId(i as u16), OwnerMail::TopRooms { n, reply }.into())?;
+            self.post(to, OwnerMail::TopRooms { n, reply }.into())?;
             waits.push(rx);
         }
         let mut all = Vec::new();
@@ -70,6 +76,9 @@ impl Routes {
             all.extend(wait(rx)?);
         }
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        // A room moving between nodes may be reported by both for a moment: counted once.
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|(room, _)| seen.insert(room.clone()));
         all.truncate(n);
         let rooms: Vec<Value> = all.iter().map(|(r, online)| json!({"room": r.as_str(), "online": online})).collect();
         Ok(Response::json(200, &json!({"rooms": rooms})))

@@ -41,7 +41,7 @@ pub struct Routes {
     /// Durable state (with `redis.url`): replay, and Redis's health.
     pub(super) store: Option<Arc<Store>>,
     /// The cluster link (with `cluster.enabled`): the live set, drains to peers.
-    cluster: Option<Arc<Cluster>>,
+    pub(super) cluster: Option<Arc<Cluster>>,
 }
 
 /// A response either way; `Err` short-circuits with `?`.

@@ -131,6 +131,14 @@ impl Waiter {
     }
 }
 
+/// A top-rooms call: the other nodes' rooms, merged as they answer.
+struct Gather {
+    reply: Reply<Vec<(RoomName, u64)>>,
+    waiting: usize,
+    rooms: Vec<(RoomName, u64)>,
+    deadline: Instant,
+}
+
 /// An answer this node owes another: polled until the local owner replies.
 struct Owed {
     node: String,
@@ -179,6 +187,8 @@ struct State<'a> {
     to_shards: VecDeque<(ShardId, Mail)>,
     asks: HashMap<u64, (Waiter, Instant)>,
     next_req: u64,
+    /// Top-rooms calls waiting for every other node's answer.
+    gathers: HashMap<u64, Gather>,
     owed: Vec<Owed>,
     tokens: Tokens,
     /// Members here of rooms other nodes own, per shard: the rooms whose channel to follow.
@@ -204,6 +214,7 @@ impl Link {
             to_shards: VecDeque::new(),
             asks: HashMap::new(),
             next_req: 1,
+            gathers: HashMap::new(),
             owed: Vec::new(),
             tokens: Tokens::new(self.cfg.asks_max),
             local: HashMap::new(),
@@ -257,9 +268,9 @@ impl State<'_> {
     /// node's meanwhile, handed to its owner shard here).
     fn forward(&mut self, mail: OwnerMail, hops: u32) {
         let Some(room) = room_of(&mail) else {
-            // Only node-local mail has no room (top rooms, flush, export): answered empty.
-            if let OwnerMail::TopRooms { reply, .. } = mail {
-                reply.send(Vec::new());
+            // Top rooms asks every other node; flush and export are node-local.
+            if let OwnerMail::TopRooms { n, reply } = mail {
+                self.gather_top(n, reply);
             }
             return;
         };
@@ -357,6 +368,29 @@ impl State<'_> {
             | OwnerMail::Held { .. }
             | OwnerMail::LeaseLost { .. } => return None,
         })
+    }
+
+    /// Asks every other live node for its top `n` owned rooms; the reply is sent once all
+    /// answered or half the ask timeout passed (the local owners answer the API directly).
+    fn gather_top(&mut self, n: usize, reply: Reply<Vec<(RoomName, u64)>>) {
+        let members = self.link.placement.members();
+        let peers: Vec<String> = members.live().iter().filter(|p| p.id != self.link.me).map(|p| p.id.clone()).collect();
+        if peers.is_empty() {
+            reply.send(Vec::new());
+            return;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let deadline = Instant::now() + self.link.cfg.ask_timeout / 2;
+        self.gathers.insert(req, Gather { reply, waiting: peers.len(), rooms: Vec::new(), deadline });
+        for peer in peers {
+            let query = relay::Query {
+                room: n.to_string(),
+                kind: relay::QUERY_TOP,
+                asker: Some(Asker { req, ..Asker::default() }),
+            };
+            self.send_to(&self.link.channels.node(&peer), Body::Query(query), 0);
+        }
     }
 
     fn query(&mut self, room: RoomName, kind: u32, waiter: Waiter) -> Option<Body> {
@@ -618,6 +652,14 @@ impl State<'_> {
             Body::Answer(a) => {
                 if let Some((waiter, _)) = self.asks.remove(&a.req) {
                     waiter.answer(a);
+                } else if let Some(g) = self.gathers.get_mut(&a.req) {
+                    g.rooms.extend(a.rooms.into_iter().filter_map(|r| Some((relay::room(&r.room)?, r.online))));
+                    g.waiting -= 1;
+                    if g.waiting == 0
+                        && let Some(g) = self.gathers.remove(&a.req)
+                    {
+                        g.reply.send(g.rooms);
+                    }
                 }
             }
             Body::ToConn(t) => {
@@ -649,6 +691,13 @@ impl State<'_> {
     /// A request from `node` for a room this node owns: the same mail a local shard sends,
     /// with its answer relayed back.
     fn serve(&mut self, node: &str, body: Body, hops: u32) {
+        if let Body::Query(q) = &body
+            && q.kind == relay::QUERY_TOP
+        {
+            let (n, req) = (q.room.parse::<usize>().unwrap_or(20), q.asker.as_ref().map_or(0, |a| a.req));
+            self.serve_top(node, n, req);
+            return;
+        }
         let Some(name) = request_room(&body) else { return };
         let Some(room) = relay::room(name) else {
             add(&self.link.stats.malformed, 1);
@@ -782,6 +831,37 @@ impl State<'_> {
             _ => return,
         };
         self.to_shard(to, mail.into());
+    }
+
+    /// Another node's top-rooms call: every local owner is asked, the answer goes when all
+    /// have replied.
+    fn serve_top(&mut self, node: &str, n: usize, req: u64) {
+        let mut waits = Vec::with_capacity(self.shards);
+        for i in 0..self.shards {
+            let (tx, rx) = sync_channel(1);
+            self.to_shard(ShardId(i as u16), OwnerMail::TopRooms { n, reply: Reply(tx) }.into());
+            waits.push(rx);
+        }
+        let mut rooms: Vec<(RoomName, u64)> = Vec::new();
+        let poll = Box::new(move || {
+            waits.retain(|rx| match rx.try_recv() {
+                Ok(r) => {
+                    rooms.extend(r);
+                    false
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
+            });
+            waits.is_empty().then(|| Answer {
+                req,
+                rooms: rooms
+                    .drain(..)
+                    .map(|(r, online)| relay::RoomCount { room: r.as_str().to_owned(), online })
+                    .collect(),
+                ..Answer::default()
+            })
+        });
+        self.owed.push(Owed { node: node.to_owned(), deadline: Instant::now() + self.link.cfg.ask_timeout, poll });
     }
 
     /// Remembers an answer owed to `node`, polled from `rx` and converted by `answer`.
@@ -1016,6 +1096,12 @@ impl State<'_> {
         let before = self.asks.len();
         self.asks.retain(|_, (_, deadline)| now < *deadline);
         add(&self.link.stats.asks_expired, (before - self.asks.len()) as u64);
+        let late: Vec<u64> = self.gathers.iter().filter(|(_, g)| g.deadline <= now).map(|(r, _)| *r).collect();
+        for req in late {
+            if let Some(g) = self.gathers.remove(&req) {
+                g.reply.send(g.rooms);
+            }
+        }
     }
 }
 

@@ -216,6 +216,8 @@ pub struct Query {
 pub const QUERY_INFO: u32 = 0;
 pub const QUERY_LISTS: u32 = 1;
 pub const QUERY_ATTRS: u32 = 2;
+/// The node's owned rooms with the most members (`Query.room` holds how many).
+pub const QUERY_TOP: u32 = 3;
 
 /// The answer to an API call, flat: the asking node knows which fields its call reads.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -242,6 +244,16 @@ pub struct Answer {
     pub entries: Vec<ListEntry>,
     #[prost(message, repeated, tag = "10")]
     pub attrs: Vec<proto::AttrEntry>,
+    #[prost(message, repeated, tag = "11")]
+    pub rooms: Vec<RoomCount>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RoomCount {
+    #[prost(string, tag = "1")]
+    pub room: String,
+    #[prost(uint64, tag = "2")]
+    pub online: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
