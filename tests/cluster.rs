@@ -289,3 +289,225 @@ fn sends_moderation_direct_broadcast_and_top_rooms_span_the_nodes() {
     }
     x.wait_online(room, 1);
 }
+
+/// Three nodes with short timings so a dead owner's rooms move quickly.
+fn fast_node(redis: &Redis, id: &str) -> Gateway {
+    Gateway::start(&[
+        "--redis",
+        &redis.url(),
+        "--cluster",
+        "true",
+        "--cluster-node-id",
+        id,
+        "--cluster-heartbeat-ms",
+        "200",
+        "--cluster-node-ttl-ms",
+        &TTL_MS.to_string(),
+        "--cluster-lease-ms",
+        &LEASE_MS.to_string(),
+    ])
+}
+
+const LEASE_MS: u64 = 900;
+
+/// Seqs and texts of every block message a viewer gets until `stop`.
+fn watch(
+    mut v: Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(u64, String, Instant)>> {
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let server_frame::Frame::Block(b) = v.recv() {
+                for m in b.messages {
+                    got.push((m.seq, String::from_utf8_lossy(&m.data).into_owned(), Instant::now()));
+                }
+            }
+        }
+        got
+    })
+}
+
+#[test]
+fn the_owners_death_moves_its_rooms_and_seqs_and_history_go_on() {
+    let redis = Redis::start();
+    let mut nodes: Vec<(String, Gateway)> =
+        ["a", "b", "c"].iter().map(|id| (id.to_string(), fast_node(&redis, id))).collect();
+    for (_, gw) in &nodes {
+        eventually("three nodes", || live(gw).len() == 3);
+    }
+    let room = "fail";
+    let owner = owner_of(&nodes[0].1, room);
+    let dead = nodes.iter().position(|(id, _)| *id == owner).unwrap();
+    let (_, mut killed) = nodes.remove(dead);
+    let (x, y) = (&nodes[0].1, &nodes[1].1);
+    let viewers: Vec<Client> = [x, y, &killed]
+        .iter()
+        .map(|gw| {
+            let mut v = Client::connect(&gw.url(&format!("?room={room}")), None);
+            v.welcome();
+            if let tungstenite::stream::MaybeTlsStream::Plain(s) = v.ws.get_mut() {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            }
+            v
+        })
+        .collect();
+    x.wait_online(room, 3);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut viewers = viewers.into_iter();
+    let (vx, vy) = (viewers.next().unwrap(), viewers.next().unwrap());
+    let (wx, wy) = (watch(vx, stop.clone()), watch(vy, stop.clone()));
+    // A steady publisher through a node that does not own the room.
+    let publish = |i: u32| x.publish(room, serde_json::json!({"type": "chat", "text": format!("m{i}")})).0;
+    let mut accepted = Vec::new();
+    for i in 0..20 {
+        if publish(i) == 202 {
+            accepted.push(i);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(accepted.len(), 20, "all accepted while the owner lives");
+    let killed_at = Instant::now();
+    sigkill(&mut killed);
+    drop(killed);
+    let mut i = 20;
+    let mut back = None;
+    while killed_at.elapsed() < Duration::from_millis(TTL_MS + LEASE_MS + 6_000) {
+        if publish(i) == 202 {
+            accepted.push(i);
+            if back.is_none() {
+                back = Some(killed_at.elapsed());
+            }
+        }
+        i += 1;
+        if accepted.len() >= 40 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back = back.expect("publishing works again after the owner died");
+    let new_owner = owner_of(x, room);
+    assert_ne!(new_owner, owner, "the room has a new owner");
+    assert_eq!(owner_of(y, room), new_owner);
+    std::thread::sleep(Duration::from_millis(500));
+    // Wake the watchers with one more block, then stop them.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(publish(999), 202);
+    let (gx, gy) = (wx.join().unwrap(), wy.join().unwrap());
+    for got in [&gx, &gy] {
+        let seqs: Vec<u64> = got.iter().map(|(s, _, _)| *s).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs only increase across the move: {seqs:?}");
+        let texts: Vec<&str> = got.iter().map(|(_, t, _)| t.as_str()).collect();
+        assert!(texts.contains(&"m0") && texts.contains(&"m999"), "before and after the move: {texts:?}");
+        // Every message published once the new owner took it arrives live.
+        let after: Vec<String> = accepted.iter().filter(|&&i| i >= 20).map(|i| format!("m{i}")).collect();
+        for t in &after {
+            assert!(texts.contains(&t.as_str()), "{t} accepted after the move reached every member: {texts:?}");
+        }
+    }
+    // The gap (what the dead owner held but had not delivered) is filled by a short poll from
+    // the last seq a viewer saw before the kill, on a surviving node: the history goes on from
+    // what the old owner stored.
+    let before: Vec<&(u64, String, Instant)> = gx.iter().filter(|(_, _, t)| *t < killed_at).collect();
+    let (last_before, _, _) = before.last().expect("blocks before the kill");
+    let (status, body) =
+        http(y.ws, "GET", &format!("/v1/rooms/{room}/messages?after={last_before}&limit=100"), None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    let polled: Vec<u64> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_str().unwrap().parse().unwrap()).collect();
+    let live_after: Vec<u64> = gx.iter().filter(|(s, _, _)| s > last_before).map(|(s, _, _)| *s).collect();
+    for s in &live_after {
+        assert!(polled.contains(s), "the poll holds everything delivered live after the cursor: {s} not in {polled:?}");
+    }
+    assert!(polled.windows(2).all(|w| w[0] < w[1]));
+    // One history across both owners: what the dead one stored, then the new one's.
+    let first = gx[0].0;
+    let (_, body) = http(y.ws, "GET", &format!("/v1/rooms/{room}/messages?after={first}&limit=100"), None, &[]);
+    let page: Value = serde_json::from_str(&body).unwrap();
+    let texts: Vec<String> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["data"].as_str().unwrap_or("").to_string()).collect();
+    let decoded: Vec<String> = texts
+        .iter()
+        .map(|b64| {
+            String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()).unwrap()
+        })
+        .collect();
+    assert!(decoded.contains(&"m1".to_string()), "the old owner's messages are still there: {decoded:?}");
+    assert!(decoded.contains(&"m999".to_string()), "and the new owner's follow: {decoded:?}");
+    // A client of the dead node reconnects to a survivor and resumes after its last seq: the
+    // backfill holds what it missed, from the one history.
+    let mut resumed = Client::connect(&x.url(&format!("?room={room}&after={last_before}")), None);
+    resumed.welcome();
+    let backfill = resumed.block();
+    let seqs: Vec<u64> = backfill.messages.iter().map(|m| m.seq).collect();
+    assert!(!backfill.truncated && seqs.first().is_some_and(|s| s > last_before), "{seqs:?}");
+    assert!(backfill.messages.iter().any(|m| m.data == b"m999"), "up to the newest");
+    // The room came back within the bound: the dead node's heartbeat and lease run out.
+    assert!(back < Duration::from_millis(TTL_MS + LEASE_MS + 3_000), "publishing came back after {back:?}");
+    eprintln!("owner {owner} killed; {new_owner} took the room; publishing back after {back:?}");
+}
+
+#[test]
+fn a_redis_restart_is_survived_without_restarting_any_node() {
+    let mut redis = Redis::start();
+    let (a, b, c) = three(&redis);
+    let room = "rr";
+    let owner = owner_of(&a, room);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    let owner_gw = nodes.iter().find(|(id, _)| *id == owner).unwrap().1;
+    let other = nodes.iter().find(|(id, _)| *id != owner).unwrap().1;
+    let mut viewers: Vec<Client> = [&a, &b, &c]
+        .iter()
+        .map(|gw| {
+            let mut v = Client::connect(&gw.url(&format!("?room={room}")), None);
+            v.welcome();
+            if let tungstenite::stream::MaybeTlsStream::Plain(s) = v.ws.get_mut() {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            }
+            v
+        })
+        .collect();
+    a.wait_online(room, 3);
+    assert_eq!(other.publish(room, serde_json::json!({"text": "before"})).0, 202);
+    let mut last = Vec::new();
+    for v in &mut viewers {
+        let b = v.block();
+        assert_eq!(b.messages[0].data, b"before");
+        last.push(b.messages[0].seq);
+    }
+
+    redis.kill();
+    // Redis away: the owner's own members still get its blocks.
+    eventually("the link notices", || owner_gw.metric("barrage_cluster_link_up") == 0);
+    assert_eq!(owner_gw.publish(room, serde_json::json!({"text": "during"})).0, 202);
+    let local = nodes.iter().position(|(id, _)| *id == owner).unwrap();
+    let during = viewers[local].block();
+    assert_eq!(during.messages[0].data, b"during");
+    last[local] = during.messages[0].seq;
+
+    redis.restart();
+    for gw in [&a, &b, &c] {
+        eventually("the link is back", || gw.metric("barrage_cluster_link_up") == 1);
+        eventually("the set is whole again", || live(gw).len() == 3);
+    }
+    // Publishing through a node that does not own the room reaches every node again (the
+    // room channels were subscribed anew; the lease was taken again).
+    let mut n = 0;
+    eventually("blocks cross the nodes again", || {
+        n += 1;
+        other.publish(room, serde_json::json!({"text": format!("after {n}")})).0 == 202
+    });
+    for (i, v) in viewers.iter_mut().enumerate() {
+        loop {
+            let block = v.block();
+            let seq = block.messages.last().unwrap().seq;
+            assert!(seq > last[i], "seqs go on increasing: {seq} after {}", last[i]);
+            last[i] = seq;
+            if block.messages.iter().any(|m| m.data.starts_with(b"after")) {
+                break;
+            }
+        }
+    }
+    assert!(a.metric("barrage_cluster_link_errors_total") > 0, "the outage was seen");
+}
