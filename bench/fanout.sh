@@ -69,7 +69,7 @@ BASE_BIN="${BASE_BIN:-}"
 BLOCK_INTERVAL_MS="${BLOCK_INTERVAL_MS:-}"
 BARRAGE_FLAGS=(--block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 --send-queue-frames-max 64)
 # The load generator's few source addresses each open thousands of connections: the per-address
-# edge rates (issue 10) are off for the bench. BASE_BIN builds from before them lack the flags.
+# edge rates (issue 10) are off for the bench (also for BASE_BIN builds that have the flags).
 EDGE_FLAGS=(--addr-conn-rate-per-s 0 --addr-request-rate-per-s 0)
 # Publish rate (msgs/s) of a mode at M members (see above); RATE overrides.
 rate_for() {
@@ -115,6 +115,9 @@ if [[ " $SERVERS " == *"-redis "* ]] && ! command -v redis-server > /dev/null; t
     || { echo "fanout.sh: could not install redis-server" >&2; exit 1; }
 fi
 
+# A base build from before issue 10 has no edge-rate flags; a later one gets them like barrage.
+base_has_edge=0
+if [[ -n $BASE_BIN ]] && "$BASE_BIN" --help 2>&1 | grep -q -- --addr-conn-rate-per-s; then base_has_edge=1; fi
 server_pid=""
 sampler_pid=""
 redis_pid=""
@@ -254,7 +257,7 @@ for members in $SIZES; do
         [[ $name == base* ]] && bin="$BASE_BIN"
         taskset -c 0,1 "$bin" --listen "127.0.0.1:$port" --api-listen "127.0.0.1:$API_PORT" \
           --shards "$threads" --connections-max $((members + 10000)) "${BARRAGE_FLAGS[@]}" \
-          $([[ $name == base* ]] || echo "${EDGE_FLAGS[@]}") ${redis_flags[@]+"${redis_flags[@]}"} \
+          $([[ $name == base* && $base_has_edge == 0 ]] || echo "${EDGE_FLAGS[@]}") ${redis_flags[@]+"${redis_flags[@]}"} \
           --block-interval-ms "$(block_ms_for "$mode" "$members")" \
           --handshake-timeout-ms 120000 --heartbeat-ms 1800000 --idle-timeout-ms 3600000 \
           > "$OUT/runs/$tag.server.log" 2>&1 &

@@ -18,7 +18,20 @@ pub enum Kind {
     Broadcast,
     /// Nchan: `GET {sub_path}/rK`, publish over `{pub_path}/rK`, each message one frame.
     Nchan,
+    /// Socket.IO v4 over WebSocket (`bench/peers/socketio`): `GET /socket.io/?EIO=4&
+    /// transport=websocket&room=rK`, then `40` (connect); publish over `/pub?room=rK`; each
+    /// message a text frame `42["m","#HEX..."]` (`Tagged`).
+    SocketIo,
+    /// The Pusher protocol (soketi): `GET /app/KEY?protocol=7`, then `pusher:subscribe` to rK;
+    /// publish through the signed HTTP events API; each message a text frame
+    /// `{"event":"m","channel":"rK","data":"#HEX..."}` (`Tagged`).
+    Pusher,
 }
+
+/// The Pusher app the soketi runs are configured with (bench/cluster.sh passes the same).
+pub const PUSHER_APP_ID: &str = "barrage";
+pub const PUSHER_KEY: &str = "barrage-key";
+pub const PUSHER_SECRET: &str = "barrage-secret";
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -26,6 +39,24 @@ impl Kind {
             Kind::Barrage => "barrage",
             Kind::Broadcast => "broadcast",
             Kind::Nchan => "nchan",
+            Kind::SocketIo => "socketio",
+            Kind::Pusher => "pusher",
+        }
+    }
+
+    /// Whether messages arrive as `#HEX` text inside the protocol's own envelope, a member
+    /// counting as subscribed once the server has acknowledged twice (open + join).
+    pub fn tagged(self) -> bool {
+        matches!(self, Kind::SocketIo | Kind::Pusher)
+    }
+
+    /// The text a subscriber sends right after its upgrade request, if its protocol needs one
+    /// to join room `k`.
+    pub fn hello(self, k: u32) -> Option<String> {
+        match self {
+            Kind::SocketIo => Some("40".into()),
+            Kind::Pusher => Some(format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{}"}}}}"#, room_name(k))),
+            Kind::Barrage | Kind::Broadcast | Kind::Nchan => None,
         }
     }
 
@@ -35,6 +66,8 @@ impl Kind {
             Kind::Barrage => format!("/ws?room={}", room_name(k)),
             Kind::Broadcast => format!("{sub_path}?room={}", room_name(k)),
             Kind::Nchan => format!("{}/{}", sub_path.trim_end_matches('/'), room_name(k)),
+            Kind::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={}", room_name(k)),
+            Kind::Pusher => format!("/app/{PUSHER_KEY}?protocol=7&client=barrage-load&version=1"),
         }
     }
 
@@ -44,6 +77,8 @@ impl Kind {
             Kind::Barrage => format!("/v1/rooms/{}/messages", room_name(k)),
             Kind::Broadcast => format!("{pub_path}?room={}", room_name(k)),
             Kind::Nchan => format!("{}/{}", pub_path.trim_end_matches('/'), room_name(k)),
+            Kind::SocketIo => format!("/pub?room={}", room_name(k)),
+            Kind::Pusher => format!("/apps/{PUSHER_APP_ID}/events"),
         }
     }
 }

@@ -97,6 +97,10 @@ impl Publisher {
                 let rooms: Vec<u32> = streams.iter().map(|&j| plan.book.streams.of(j).1).collect();
                 Out::Http(Box::new(Http::new(plan.addr, &host, &plan.api_key, &rooms)))
             }
+            Kind::Pusher => {
+                let rooms: Vec<u32> = streams.iter().map(|&j| plan.book.streams.of(j).1).collect();
+                Out::Http(Box::new(Http::pusher(plan.addr, &host, &rooms)))
+            }
             kind => Out::Ws(
                 streams
                     .iter()
@@ -277,6 +281,10 @@ pub struct Http {
     /// Response bytes read and not yet used.
     buf: Vec<u8>,
     filled: usize,
+    /// Pusher's events API instead (soketi): the channel of each room, and the host.
+    pusher: Option<(Vec<String>, String)>,
+    /// The status that means published: barrage's 202, Pusher's 200.
+    ok: u16,
 }
 
 impl Http {
@@ -308,13 +316,50 @@ impl Http {
             request: Vec::new(),
             buf: vec![0; RESPONSE_HEAD_MAX],
             filled: 0,
+            pusher: None,
+            ok: 202,
         }
     }
 
-    /// Publishes `msg` into the `i`-th room given to `new`; true on 202.
+    /// Publishes into `rooms` through a Pusher server's signed events API (`PUSHER_*` app).
+    pub fn pusher(addr: SocketAddrV4, host: &str, rooms: &[u32]) -> Http {
+        let mut h = Http::new(addr, host, "", rooms);
+        h.pusher = Some((rooms.iter().map(|&k| crate::fanout_msg::room_name(k)).collect(), host.to_owned()));
+        h.ok = 200;
+        h
+    }
+
+    /// A Pusher `POST /apps/ID/events` of `msg` (`#` + its header in hex + its filler) into
+    /// `channel`, signed as the protocol asks (md5 of the body, HMAC-SHA256 of the request).
+    fn pusher_request(&mut self, channel: &str, host: &str, msg: &[u8]) {
+        use crate::fanout_msg::{PUSHER_APP_ID, PUSHER_KEY, PUSHER_SECRET};
+        use hmac::Mac as _;
+        use md5::Digest as _;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let (head, rest) = msg.split_at(msg.len().min(crate::fanout_msg::HEADER_BYTES));
+        let data = format!("#{}{}", hex(head), String::from_utf8_lossy(rest));
+        self.body.clear();
+        let _ = write!(self.body, r#"{{"name":"m","channel":"{channel}","data":"{data}"}}"#);
+        let md5 = hex(&md5::Md5::digest(&self.body));
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let path = format!("/apps/{PUSHER_APP_ID}/events");
+        let query = format!("auth_key={PUSHER_KEY}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(PUSHER_SECRET.as_bytes()).expect("any key length");
+        mac.update(format!("POST\n{path}\n{query}").as_bytes());
+        let signature = hex(&mac.finalize().into_bytes());
+        self.request.clear();
+        let _ = write!(
+            self.request,
+            "POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.body.len()
+        );
+        self.request.extend_from_slice(&self.body);
+    }
+
+    /// Publishes `msg` into the `i`-th room given to `new`; true on 202 (Pusher: 200).
     pub fn post(&mut self, i: usize, msg: &[u8], errors: &mut BTreeMap<String, u64>) -> bool {
         match self.send(i, msg) {
-            Ok(202) => true,
+            Ok(status) if status == self.ok => true,
             Ok(status) => {
                 count(errors, format!("status_{status}"));
                 false
@@ -341,14 +386,19 @@ impl Http {
                 }
             }
         }
-        self.publish.data.clear();
-        self.publish.data.extend_from_slice(msg);
-        self.body.clear();
-        self.publish.encode(&mut self.body).expect("a Vec grows");
-        self.request.clear();
-        self.request.extend_from_slice(&self.heads[i]);
-        let _ = write!(self.request, "{}\r\n\r\n", self.body.len());
-        self.request.extend_from_slice(&self.body);
+        if let Some((channels, host)) = self.pusher.take() {
+            self.pusher_request(&channels[i], &host, msg);
+            self.pusher = Some((channels, host));
+        } else {
+            self.publish.data.clear();
+            self.publish.data.extend_from_slice(msg);
+            self.body.clear();
+            self.publish.encode(&mut self.body).expect("a Vec grows");
+            self.request.clear();
+            self.request.extend_from_slice(&self.heads[i]);
+            let _ = write!(self.request, "{}\r\n\r\n", self.body.len());
+            self.request.extend_from_slice(&self.body);
+        }
         let stream = self.stream.as_mut().expect("connected above");
         if let Err(e) = stream.write_all(&self.request) {
             self.stream = None;

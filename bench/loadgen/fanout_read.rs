@@ -50,6 +50,10 @@ pub enum Body {
     Proto(PbWalk),
     /// The data messages' payload goes to the caller as it arrives (`Event::Data`).
     Pass,
+    /// Text messages of a protocol with its own envelope (Socket.IO, Pusher): a published
+    /// message carries `#` and its header in 48 hex digits somewhere inside; any other message
+    /// is the protocol's own, and its second one (connected, then joined) is `Welcome`.
+    Tagged { hdr: [u8; HEADER_BYTES], nibbles: u8, hash: bool, control: u8 },
 }
 
 impl Body {
@@ -59,6 +63,10 @@ impl Body {
 
     pub fn proto() -> Body {
         Body::Proto(PbWalk::default())
+    }
+
+    pub fn tagged() -> Body {
+        Body::Tagged { hdr: [0; HEADER_BYTES], nibbles: 0, hash: false, control: 0 }
     }
 
     fn feed(&mut self, bytes: &[u8], on: &mut impl FnMut(Event<'_>)) {
@@ -78,6 +86,21 @@ impl Body {
             }),
             Body::Pass if bytes.is_empty() => {}
             Body::Pass => on(Event::Data(bytes)),
+            Body::Tagged { hdr, nibbles, hash, .. } => {
+                for &b in bytes {
+                    if !*hash {
+                        *hash = b == b'#';
+                        continue;
+                    }
+                    if usize::from(*nibbles) == 2 * HEADER_BYTES {
+                        break;
+                    }
+                    let Some(v) = (b as char).to_digit(16) else { break };
+                    let i = usize::from(*nibbles / 2);
+                    hdr[i] = if *nibbles % 2 == 0 { (v as u8) << 4 } else { hdr[i] | v as u8 };
+                    *nibbles += 1;
+                }
+            }
         }
     }
 
@@ -97,6 +120,19 @@ impl Body {
                 }
             }
             Body::Pass => {}
+            Body::Tagged { hdr, nibbles, hash, control } => {
+                match (*hash, usize::from(*nibbles) == 2 * HEADER_BYTES) {
+                    (true, true) => on(Event::Message(hdr)),
+                    (true, false) => on(Event::Short),
+                    (false, _) => {
+                        *control = control.saturating_add(1);
+                        if *control == 2 {
+                            on(Event::Welcome);
+                        }
+                    }
+                }
+                (*nibbles, *hash) = (0, false);
+            }
         }
     }
 }
@@ -346,6 +382,34 @@ mod tests {
             at = cut;
         }
         Ok(seen)
+    }
+
+    /// Socket.IO's and Pusher's envelopes: the second protocol message is the welcome, a
+    /// published message's header is read from its hex digits, cut anywhere.
+    #[test]
+    fn tagged_messages_inside_protocol_envelopes() {
+        let hex: String = msg(7, 24).iter().map(|b| format!("{b:02x}")).collect();
+        let mut b = HEAD.to_vec();
+        b.extend(frame(0x81, br#"0{"sid":"abc","pingInterval":600000}"#));
+        b.extend(frame(0x81, br#"40{"sid":"def"}"#));
+        b.extend(frame(0x81, format!(r##"42["m","#{hex}...."]"##).as_bytes()));
+        b.extend(frame(0x81, format!(r##"{{"event":"m","channel":"r0","data":"#{hex}"}}"##).as_bytes()));
+        b.extend(frame(0x81, br##"42["m","#00ff"]"##));
+        let want = [
+            Seen::Up,
+            Seen::End,
+            Seen::Welcome,
+            Seen::End,
+            Seen::Seq(7),
+            Seen::End,
+            Seen::Seq(7),
+            Seen::End,
+            Seen::Short,
+            Seen::End,
+        ];
+        for cut in [0, 1, 40, 97, 150, b.len() - 3] {
+            assert_eq!(run(Body::tagged(), &b, &[cut]).unwrap(), want, "cut at {cut}");
+        }
     }
 
     /// A peer's stream: messages of every header size, a fragmented one with a ping inside,

@@ -133,7 +133,11 @@ impl Reads for FanoutReads {
     type Lane = Vec<SubConn>;
 
     fn lane(&mut self, capacity: u32) -> Vec<SubConn> {
-        let body = if self.kind == Kind::Barrage { Body::proto() } else { Body::raw() };
+        let body = match self.kind {
+            Kind::Barrage => Body::proto(),
+            kind if kind.tagged() => Body::tagged(),
+            _ => Body::raw(),
+        };
         let blank =
             SubConn { reader: SubReader::new(body), room: 0, sentinel: false, stalled: false, frame_messages: 0 };
         vec![blank; capacity as usize]
@@ -176,12 +180,14 @@ impl Reads for FanoutReads {
                 c[Stat::Handshakes] += 1;
                 if *state == State::Upgrading {
                     *state = State::Open;
-                    if kind != Kind::Barrage {
+                    // barrage's members join with their welcome, Socket.IO's and Pusher's
+                    // once the server acknowledged the join (the body's `Welcome`).
+                    if kind != Kind::Barrage && !kind.tagged() {
                         join(state, c);
                     }
                 }
             }
-            Event::Welcome if kind == Kind::Barrage && *state == State::Open => join(state, c),
+            Event::Welcome if (kind == Kind::Barrage || kind.tagged()) && *state == State::Open => join(state, c),
             Event::Welcome => {}
             Event::Message(h) => {
                 if self.deliver(room, sentinel, h, now_ns, in_window) {

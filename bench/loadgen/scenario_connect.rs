@@ -140,7 +140,7 @@ pub fn run(args: ConnectArgs) -> i32 {
             sources: setup.sources,
             rooms: args.rooms,
             requests,
-            target,
+            targets: std::slice::from_ref(target),
             churn: None,
         };
         match start_worker(t, plan, args.subprotocol) {

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use barrage::wire::frame::{Opcode, masked_frame};
 use clap::Args;
 use hdrhistogram::Histogram;
 
@@ -53,7 +54,9 @@ const MESSAGE_BYTES_MAX: usize = 65536;
 
 #[derive(Args, Debug)]
 pub struct FanoutArgs {
-    /// The server's WebSocket listener (IPv4 loopback only).
+    /// The server's WebSocket listener (IPv4 loopback only); several, comma-separated, spread
+    /// the members over a cluster's nodes (member i dials the (i mod N)-th); publishers use the
+    /// first (and --api).
     #[arg(long)]
     target: String,
     /// What the server is: barrage, a peer broadcast server, or Nchan.
@@ -136,6 +139,7 @@ pub struct FanoutArgs {
 /// Arguments checked and turned into what the run needs.
 struct Setup {
     target: SocketAddrV4,
+    targets: Vec<SocketAddrV4>,
     api: Option<Api>,
     sources: Sources,
     files_per_ring: u32,
@@ -161,11 +165,20 @@ pub fn run(args: FanoutArgs) -> i32 {
     // Built once and leaked: the kernel reads them for as long as any connection starts.
     let requests: &'static [Vec<u8>] = Box::leak(
         (0..args.rooms)
-            .map(|k| upgrade(&host, &args.kind.sub_path(&args.sub_path, k), protocol))
+            .map(|k| {
+                let mut request = upgrade(&host, &args.kind.sub_path(&args.sub_path, k), protocol);
+                // A protocol that joins by message sends it right behind the request.
+                if let Some(hello) = args.kind.hello(k) {
+                    // A fixed mask: nothing here is secret.
+                    masked_frame(true, Opcode::Text as u8, hello.as_bytes(), [0x5a, 0x17, 0xc3, 0x81], &mut request);
+                }
+                request
+            })
             .collect::<Vec<_>>()
             .into_boxed_slice(),
     );
-    let target: &'static libc::sockaddr_in = Box::leak(Box::new(sockaddr_in(setup.target)));
+    let targets: &'static [libc::sockaddr_in] =
+        Box::leak(setup.targets.iter().map(|&t| sockaddr_in(t)).collect::<Vec<_>>().into_boxed_slice());
     for t in 0..u64::from(args.threads) {
         let threads = u64::from(args.threads);
         let (lo, hi) = (args.members * t / threads, args.members * (t + 1) / threads);
@@ -179,7 +192,7 @@ pub fn run(args: FanoutArgs) -> i32 {
             sources: setup.sources,
             rooms: args.rooms,
             requests,
-            target,
+            targets,
             churn: None,
         };
         if let Err(e) = run.start_worker(t, plan) {
@@ -193,7 +206,12 @@ pub fn run(args: FanoutArgs) -> i32 {
 }
 
 fn validate(args: &FanoutArgs) -> Result<Setup, String> {
-    let target = parse_target("--target", &args.target).map_err(|e| e.0)?;
+    let targets = args
+        .target
+        .split(',')
+        .map(|t| parse_target("--target", t.trim()).map_err(|e| e.0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = targets[0];
     let api = match &args.api {
         Some(a) => Some(Api { addr: parse_target("--api", a).map_err(|e| e.0)?, key: args.api_key.clone() }),
         None if args.kind == Kind::Barrage => {
@@ -261,7 +279,7 @@ fn validate(args: &FanoutArgs) -> Result<Setup, String> {
     if files_per_ring == 0 {
         return Err(format!("RLIMIT_NOFILE {soft} leaves no direct descriptors per ring"));
     }
-    Ok(Setup { target, api, sources, files_per_ring, mode })
+    Ok(Setup { target, targets, api, sources, files_per_ring, mode })
 }
 
 /// Writes the JSON, prints the summary, and picks the exit code.

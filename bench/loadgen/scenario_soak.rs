@@ -192,7 +192,7 @@ pub fn run(args: SoakArgs) -> i32 {
             sources: setup.sources,
             rooms: args.rooms,
             requests,
-            target,
+            targets: std::slice::from_ref(target),
             churn: Some(ChurnPlan {
                 pairs_first: p_lo,
                 pairs_count: p_hi - p_lo,

@@ -208,7 +208,7 @@ pub fn run(args: UpgradeArgs) -> i32 {
             sources: setup.sources,
             rooms: args.rooms,
             requests,
-            target,
+            targets: std::slice::from_ref(target),
             // No churn of our own (rate 0): the plan gives slot reuse, the pair pool and the
             // slots' client indices that reconnects need.
             churn: Some(ChurnPlan {

@@ -59,7 +59,8 @@ pub struct Plan {
     pub rooms: u32,
     /// One upgrade request per room, built once.
     pub requests: &'static [Vec<u8>],
-    pub target: &'static libc::sockaddr_in,
+    /// Connection `i` dials `targets[i % len]` (several nodes of a cluster share the members).
+    pub targets: &'static [libc::sockaddr_in],
     /// Close and reopen connections (`soak`); None: each connection opens once.
     pub churn: Option<ChurnPlan>,
 }
@@ -831,7 +832,7 @@ impl<R: Reads> Worker<R> {
             return;
         };
         let requests: &'static [Vec<u8>] = self.plan.requests;
-        let target = self.plan.target;
+        let target = &self.plan.targets[(i % self.plan.targets.len() as u64) as usize];
         let slot = self.lane_with_room().and_then(|li| Some((li, self.lanes[li].conns.take_slot()?)));
         let request = self.reads.request(i, room).unwrap_or(&requests[room as usize]);
         let dial = slot.and_then(|(li, slot)| self.dials.start(sockaddr_in(src), li as u32, slot, request));

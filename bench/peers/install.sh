@@ -4,7 +4,8 @@
 #
 #   Debian   nginx + libnginx-mod-nchan (the Nchan peer), libuv1 (socketify loads it)
 #   PyPI     socketify (the uWebSockets peer) and websockets (smoke.py) into bench/out/venv
-#   npm      ws into ws/, uwebsockets (uWebSockets.js binaries) into uwsjs/
+#   npm      ws into ws/, uwebsockets (uWebSockets.js binaries) into uwsjs/, socket.io with
+#            @socket.io/redis-adapter into socketio/, @soketi/soketi into soketi/
 #   crates   the tokio-tungstenite and fastwebsockets peers, cargo build --release into
 #            bench/out/cargo-peers (each is a standalone project with its own [workspace])
 #
@@ -62,7 +63,7 @@ fi
 
 # --- npm ------------------------------------------------------------------------------------
 command -v node > /dev/null || fail "node is not on PATH"
-for peer in ws uwsjs; do
+for peer in ws uwsjs socketio soketi; do
   if [[ ! -d $peers/$peer/node_modules ]] || [[ $peers/$peer/package.json -nt $peers/$peer/node_modules ]]; then
     step "npm install in $peer/"
     (cd "$peers/$peer" && npm install --no-audit --no-fund --loglevel=error) || fail "npm install in $peer/"
@@ -72,6 +73,9 @@ done
 (cd "$peers/ws" && node -e "require('ws')") || fail "npm ws installed but does not load"
 (cd "$peers/uwsjs" && node -e "require('uwebsockets')") \
   || fail "npm uwebsockets installed but does not load on node $(node --version) (no binary for this ABI?)"
+(cd "$peers/socketio" && node -e "require('socket.io'); require('@socket.io/redis-adapter')") \
+  || fail "npm socket.io with the redis adapter installed but does not load"
+[[ -x $peers/soketi/node_modules/.bin/soketi ]] || fail "npm @soketi/soketi installed but has no soketi binary"
 
 # --- crates ---------------------------------------------------------------------------------
 for peer in tungstenite fastwebsockets; do
@@ -80,4 +84,4 @@ for peer in tungstenite fastwebsockets; do
     --manifest-path "$peers/$peer/Cargo.toml" || fail "cargo build of $peer/"
 done
 
-step "all peers installed: uws (socketify), uwsjs (uWebSockets.js), ws, tungstenite, fastwebsockets, nchan"
+step "all peers installed: uws (socketify), uwsjs (uWebSockets.js), ws, socketio, soketi, tungstenite, fastwebsockets, nchan"
