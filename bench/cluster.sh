@@ -127,7 +127,7 @@ for rooms in $ROOMS_LIST; do
       json="$OUT/runs/$tag.json"
       echo "== $tag: $nodes process(es), $rooms room(s), pinned to cores 0,1"
       # The launcher's children are the whole cluster: Redis and every node.
-      script="set -m; "
+      script=""
       if ((nodes > 1)); then
         redis_dir="$(mktemp -d)"
         script+="redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --dir $redis_dir > $OUT/runs/$tag.redis.log 2>&1 & "

@@ -21,8 +21,10 @@ pub const FRAME_BYTES_MAX: u64 = 1 << 20;
 pub enum Event<'a> {
     /// The 101 with the right accept arrived.
     Upgraded,
-    /// barrage's `welcome`.
+    /// barrage's `welcome`; for Socket.IO and Pusher the server's acknowledgement of the join.
     Welcome,
+    /// Socket.IO's and Pusher's open message: the client now sends its join (`Kind::hello`).
+    Opened,
     /// A published message (its header).
     Message(&'a [u8; HEADER_BYTES]),
     /// A message too short to hold the header (or a barrage message without data).
@@ -52,7 +54,7 @@ pub enum Body {
     Pass,
     /// Text messages of a protocol with its own envelope (Socket.IO, Pusher): a published
     /// message carries `#` and its header in 48 hex digits somewhere inside; any other message
-    /// is the protocol's own, and its second one (connected, then joined) is `Welcome`.
+    /// is the protocol's own: the first (open) is `Opened`, the second (joined) `Welcome`.
     Tagged { hdr: [u8; HEADER_BYTES], nibbles: u8, hash: bool, control: u8 },
 }
 
@@ -126,8 +128,10 @@ impl Body {
                     (true, false) => on(Event::Short),
                     (false, _) => {
                         *control = control.saturating_add(1);
-                        if *control == 2 {
-                            on(Event::Welcome);
+                        match *control {
+                            1 => on(Event::Opened),
+                            2 => on(Event::Welcome),
+                            _ => {}
                         }
                     }
                 }
@@ -350,6 +354,7 @@ mod tests {
     enum Seen {
         Up,
         Welcome,
+        Opened,
         Seq(u64),
         Short,
         End,
@@ -369,6 +374,7 @@ mod tests {
                 seen.push(match e {
                     Event::Upgraded => Seen::Up,
                     Event::Welcome => Seen::Welcome,
+                    Event::Opened => Seen::Opened,
                     Event::Message(h) => Seen::Seq(Header::read(h).seq),
                     Event::Short => Seen::Short,
                     Event::DataEnd => Seen::End,
@@ -397,6 +403,7 @@ mod tests {
         b.extend(frame(0x81, br##"42["m","#00ff"]"##));
         let want = [
             Seen::Up,
+            Seen::Opened,
             Seen::End,
             Seen::Welcome,
             Seen::End,

@@ -78,6 +78,9 @@ pub struct FanoutReads {
     pub errors: ErrorCounts,
     /// What `publish` has added to the book's live totals so far.
     shown: (u64, u64),
+    /// Per room, the masked frame a member sends to join once the server opened (Socket.IO,
+    /// Pusher); empty for the others.
+    hellos: &'static [Vec<u8>],
 }
 
 impl FanoutReads {
@@ -91,6 +94,7 @@ impl FanoutReads {
             tally: Tally::default(),
             errors: ErrorCounts::default(),
             shown: (0, 0),
+            hellos: hellos(kind, book.streams.rooms),
             book,
         }
     }
@@ -189,6 +193,7 @@ impl Reads for FanoutReads {
             }
             Event::Welcome if (kind == Kind::Barrage || kind.tagged()) && *state == State::Open => join(state, c),
             Event::Welcome => {}
+            Event::Opened => out.hello = self.hellos.get(room as usize).map(Vec::as_slice),
             Event::Message(h) => {
                 if self.deliver(room, sentinel, h, now_ns, in_window) {
                     conn.frame_messages += 1;
@@ -227,6 +232,27 @@ impl Reads for FanoutReads {
         self.book.received.fetch_add(r - self.shown.1, Ordering::Relaxed);
         self.shown = (d, r);
     }
+}
+
+/// Each room's join message as a masked text frame, built once per kind and room count.
+fn hellos(kind: Kind, rooms: u32) -> &'static [Vec<u8>] {
+    static BUILT: std::sync::Mutex<Vec<(Kind, u32, &'static [Vec<u8>])>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut built) = BUILT.lock() else { return &[] };
+    if let Some((_, _, h)) = built.iter().find(|(k, r, _)| *k == kind && *r == rooms) {
+        return h;
+    }
+    let frames: Vec<Vec<u8>> = (0..rooms)
+        .filter_map(|k| kind.hello(k))
+        .map(|text| {
+            let mut f = Vec::new();
+            // A fixed mask: nothing here is secret.
+            barrage::wire::frame::masked_frame(true, 0x1, text.as_bytes(), [0x5a, 0x17, 0xc3, 0x81], &mut f);
+            f
+        })
+        .collect();
+    let leaked: &'static [Vec<u8>] = Box::leak(frames.into_boxed_slice());
+    built.push((kind, rooms, leaked));
+    leaked
 }
 
 fn join(state: &mut State, c: &mut Counters) {
@@ -282,7 +308,7 @@ mod tests {
         bytes.extend(frame(&[1, 2]));
         bytes.extend([0x89, 0x00]);
         let got = r.absorb(&mut lane, &mut conns, 0, &bytes, &mut c);
-        assert_eq!(got, Absorbed { close: None, pong: true, stall: false });
+        assert_eq!(got, Absorbed { close: None, pong: true, stall: false, hello: None });
         assert_eq!(conns.state[0], State::Joined);
         assert_eq!((c[Stat::Joined], c[Stat::Handshakes], c[Stat::Frames]), (1, 1, 6));
         assert_eq!(r.tally.received, 3, "the warm-up one and two measured");

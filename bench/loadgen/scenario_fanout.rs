@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use barrage::wire::frame::{Opcode, masked_frame};
 use clap::Args;
 use hdrhistogram::Histogram;
 
@@ -165,15 +164,7 @@ pub fn run(args: FanoutArgs) -> i32 {
     // Built once and leaked: the kernel reads them for as long as any connection starts.
     let requests: &'static [Vec<u8>] = Box::leak(
         (0..args.rooms)
-            .map(|k| {
-                let mut request = upgrade(&host, &args.kind.sub_path(&args.sub_path, k), protocol);
-                // A protocol that joins by message sends it right behind the request.
-                if let Some(hello) = args.kind.hello(k) {
-                    // A fixed mask: nothing here is secret.
-                    masked_frame(true, Opcode::Text as u8, hello.as_bytes(), [0x5a, 0x17, 0xc3, 0x81], &mut request);
-                }
-                request
-            })
+            .map(|k| upgrade(&host, &args.kind.sub_path(&args.sub_path, k), protocol))
             .collect::<Vec<_>>()
             .into_boxed_slice(),
     );

@@ -317,7 +317,7 @@ impl Reads for FollowReads {
                 }
             }
             Event::TooLarge | Event::Malformed | Event::Short => self.add(Tally::Malformed, 1),
-            Event::Welcome | Event::Message(_) => {}
+            Event::Welcome | Event::Opened | Event::Message(_) => {}
             Event::Ping => out.pong = true,
             Event::Close(code) => {
                 out.close.get_or_insert(ErrorKind::ClosedByServer(code));

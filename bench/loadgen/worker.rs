@@ -130,6 +130,8 @@ pub struct Absorbed {
     pub pong: bool,
     /// Stop reading this connection for good, and hold it open (a stalled reader).
     pub stall: bool,
+    /// Send this (a protocol's join message, once per connection).
+    pub hello: Option<&'static [u8]>,
 }
 
 /// A worker's counters: running totals and levels.
@@ -567,6 +569,15 @@ impl<R: Reads> Worker<R> {
                     lane.conns.flags[s] |= STALL;
                 } else if got.pong && failure.is_none() {
                     pong(lane, slot, &mut self.errors);
+                }
+                if let (Some(hello), None) = (got.hello, failure) {
+                    // Sent as a ping is (its completion clears the same flag); the join comes
+                    // long before any ping could.
+                    lane.conns.flags[s] |= PING;
+                    if let Err(e) = lane.ring.send_static(slot, Tag::Ping, hello) {
+                        lane.conns.flags[s] &= !PING;
+                        self.errors.add(os(Op::Submit, &e));
+                    }
                 }
             }
             lane.ring.recycle(bid);
