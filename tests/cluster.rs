@@ -511,3 +511,68 @@ fn a_redis_restart_is_survived_without_restarting_any_node() {
     }
     assert!(a.metric("barrage_cluster_link_errors_total") > 0, "the outage was seen");
 }
+
+#[test]
+fn attributes_presence_and_short_polls_span_the_nodes() {
+    use barrage::proto::{AttrSync, client_frame};
+    let redis = Redis::start();
+    let (a, b, c) = three(&redis);
+    let room = "attrs";
+    let owner = owner_of(&a, room);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    let others: Vec<&Gateway> = nodes.iter().filter(|(id, _)| *id != owner).map(|(_, g)| *g).collect();
+    let (x, y) = (others[0], others[1]);
+    // An attribute set through one node that does not own the room...
+    let (s, body) = http(y.api, "PUT", &format!("/v1/rooms/{room}/attributes/score"), Some(r#"{"value":"1:0"}"#), &[]);
+    assert_eq!(s, 200, "{body}");
+    // ...is in the snapshot a joiner on another such node gets, and in the API of every node.
+    let mut v = Client::connect(&x.url(&format!("?room={room}")), None);
+    v.welcome();
+    let snapshot = match v.recv() {
+        server_frame::Frame::Attrs(s) => s,
+        other => panic!("expected the snapshot, got {other:?}"),
+    };
+    assert!(snapshot.snapshot && snapshot.entries.iter().any(|e| e.key == "score" && e.value == b"1:0"));
+    for (_, gw) in &nodes {
+        let (_, attrs) = http(gw.api, "GET", &format!("/v1/rooms/{room}/attributes"), None, &[]);
+        assert!(attrs.contains("1:0"), "{attrs}");
+    }
+    // A change reaches it as a delta from the owner, and an attribute sync is answered across.
+    let (s, _) = http(x.api, "PUT", &format!("/v1/rooms/{room}/attributes/score"), Some(r#"{"value":"2:0"}"#), &[]);
+    assert_eq!(s, 200);
+    let delta = loop {
+        match v.recv() {
+            server_frame::Frame::Attrs(d) if d.version > snapshot.version => break d,
+            _ => continue,
+        }
+    };
+    assert!(!delta.snapshot && delta.entries.iter().any(|e| e.value == b"2:0"));
+    v.send(client_frame::Frame::AttrSync(AttrSync { room: String::new(), after_version: snapshot.version }));
+    loop {
+        if let server_frame::Frame::Attrs(d) = v.recv() {
+            assert!(d.entries.iter().any(|e| e.value == b"2:0"), "{d:?}");
+            break;
+        }
+    }
+    // A short poll on any node's public listener reads the owner's history.
+    assert_eq!(y.publish(room, serde_json::json!({"text": "polled"})).0, 202);
+    let seq = loop {
+        if let server_frame::Frame::Block(b) = v.recv() {
+            break b.messages[0].seq;
+        }
+    };
+    for (_, gw) in &nodes {
+        let (status, page) = http(gw.ws, "GET", &format!("/v1/rooms/{room}/messages?after={}", seq - 1), None, &[]);
+        assert_eq!(status, 200, "{page}");
+        let page: Value = serde_json::from_str(&page).unwrap();
+        assert_eq!(page["messages"][0]["seq"], seq.to_string(), "{page}");
+    }
+    // Leaving on one node is counted by the owner: every node reads the sum.
+    let mut w = Client::connect(&y.url(&format!("?room={room}")), None);
+    w.welcome();
+    a.wait_online(room, 2);
+    drop(w);
+    for (_, gw) in &nodes {
+        gw.wait_online(room, 1);
+    }
+}

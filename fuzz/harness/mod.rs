@@ -2,6 +2,7 @@
 //! these, and so does `tests/fuzz_regressions.rs`, which replays the kept inputs in
 //! `fuzz/seeds/` and `fuzz/regressions/` in the normal test suite. Both include this directory
 //! with `#[path]`, so it uses only `barrage`'s public API, `prost` and `serde_json`.
+pub mod cluster;
 pub mod envelope;
 pub mod wire;
 
@@ -9,9 +10,10 @@ pub mod wire;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `fuzz/seeds/` and `fuzz/regressions/`.
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("handshake", wire::handshake),
     ("frame_reader", wire::frame_reader),
     ("envelope", envelope::run),
     ("proxy", wire::proxy),
+    ("cluster_relay", cluster::relay),
 ];

@@ -113,9 +113,15 @@ impl Routes {
         let connections: u64 = self.metrics.iter().map(|s| s.get(metrics::Series::Connections)).sum();
         let mut body = json!({"status": "ok", "shards": self.mesh.shards(), "connections": connections});
         if let Some(cluster) = &self.cluster {
-            body["cluster"] =
-                json!({"node": cluster.me(), "nodes": cluster.members().live().len(), "up": cluster.up()});
-            if !cluster.up() {
+            let link = cluster.link_up();
+            body["cluster"] = json!({
+                "node": cluster.me(),
+                "nodes": cluster.members().live().len(),
+                "up": cluster.up(),
+                "link": link,
+                "leases": cluster.leases_held(),
+            });
+            if !cluster.up() || !link {
                 body["status"] = json!("degraded");
             }
         }

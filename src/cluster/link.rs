@@ -45,6 +45,10 @@ const HOPS_MAX: u32 = 2;
 /// The largest payload read from Redis.
 const PAYLOAD_MAX: usize = 64 << 20;
 const IDLE: Duration = Duration::from_millis(1);
+/// The longest sleep with nothing pending.
+const IDLE_MAX: Duration = Duration::from_millis(50);
+/// How often owed answers are looked for while any are.
+const OWED_POLL: Duration = Duration::from_micros(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 
 /// The link's bounds and timings.
@@ -248,13 +252,48 @@ impl Link {
             s.renew();
             s.expire();
             if !busy {
-                std::thread::sleep(IDLE);
+                s.wait(inbox);
             }
         }
     }
 }
 
 impl State<'_> {
+    /// Sleeps until mail or Redis bytes arrive: the inbox's eventfd (written by a sender that
+    /// finds the link asleep) and the subscriber socket, polled. While answers are owed (they
+    /// come on reply channels, which wake nobody) or something waits to be sent, at most a
+    /// millisecond (`OWED_POLL` for answers); otherwise up to `IDLE_MAX`, so renewals and
+    /// expiries still run.
+    fn wait(&mut self, inbox: ShardId) {
+        let mailbox = self.link.mesh.inbox(inbox);
+        if !mailbox.prepare_sleep() {
+            return;
+        }
+        // Answers owed come on reply channels that wake nobody: looked at often, as a forwarded
+        // call's round trip waits on them.
+        let timeout = if !self.owed.is_empty() {
+            OWED_POLL
+        } else if !self.out.is_empty() || !self.to_shards.is_empty() || self.sub.is_none() {
+            IDLE
+        } else {
+            IDLE_MAX
+        };
+        let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: timeout.as_nanos() as i64 };
+        let wake = mailbox.wake_file();
+        let flags = rustix::event::PollFlags::IN;
+        let _ = match &self.sub {
+            Some(sub) => {
+                let mut fds = [rustix::event::PollFd::new(wake, flags), rustix::event::PollFd::new(&sub.stream, flags)];
+                rustix::event::poll(&mut fds, Some(&timeout))
+            }
+            None => rustix::event::poll(&mut [rustix::event::PollFd::new(wake, flags)], Some(&timeout)),
+        };
+        // Drains the eventfd (nonblocking: nothing to read is fine).
+        let mut counter = [0u8; 8];
+        let _ = (&*wake).read(&mut counter);
+        mailbox.woke();
+    }
+
     // ---- from this node's shards and API threads ----
 
     fn outgoing(&mut self, mail: Mail) {

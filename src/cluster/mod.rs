@@ -172,6 +172,16 @@ impl Cluster {
         }
     }
 
+    /// The link's publisher and subscriber reach Redis (requests and frames cross nodes).
+    pub fn link_up(&self) -> bool {
+        self.link_stats.up.load(Ordering::Relaxed)
+    }
+
+    /// Rooms whose lease this node holds.
+    pub fn leases_held(&self) -> usize {
+        self.leases.held().len()
+    }
+
     /// Where rooms are owned, as this node sees it.
     pub fn placement(&self) -> &Arc<Placement> {
         &self.placement

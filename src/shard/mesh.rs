@@ -51,6 +51,12 @@ impl Inbox {
         self.wake.as_raw_fd()
     }
 
+    /// The same eventfd, for a thread that polls it (the cluster link) and drains it with a
+    /// read.
+    pub fn wake_file(&self) -> &File {
+        &self.wake
+    }
+
     /// Publishes this shard's loop load (thousandths) for the other shards' block ticks.
     pub fn set_load(&self, permille: u32) {
         self.load.store(permille, Ordering::Relaxed);
