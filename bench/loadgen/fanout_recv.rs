@@ -236,7 +236,8 @@ impl Reads for FanoutReads {
 
 /// Each room's join message as a masked text frame, built once per kind and room count.
 fn hellos(kind: Kind, rooms: u32) -> &'static [Vec<u8>] {
-    static BUILT: std::sync::Mutex<Vec<(Kind, u32, &'static [Vec<u8>])>> = std::sync::Mutex::new(Vec::new());
+    type Built = Vec<(Kind, u32, &'static [Vec<u8>])>;
+    static BUILT: std::sync::Mutex<Built> = std::sync::Mutex::new(Vec::new());
     let Ok(mut built) = BUILT.lock() else { return &[] };
     if let Some((_, _, h)) = built.iter().find(|(k, r, _)| *k == kind && *r == rooms) {
         return h;

@@ -96,6 +96,9 @@ pub struct Link {
     pub stop: Arc<AtomicBool>,
 }
 
+/// One room's members on other nodes, per (node, shard): (members, reading JSON).
+type RemoteMembers = HashMap<(String, u32), (u32, u32)>;
+
 /// Who waits on this node for an API call forwarded to an owner node.
 enum Waiter {
     Publish(Reply<Result<Published, PublishError>>),
@@ -198,7 +201,7 @@ struct State<'a> {
     /// Members here of rooms other nodes own, per shard: the rooms whose channel to follow.
     local: HashMap<RoomName, HashMap<u16, u32>>,
     /// Members elsewhere of rooms this node owns, per (node, shard): (members, json).
-    remote: HashMap<RoomName, HashMap<(String, u32), (u32, u32)>>,
+    remote: HashMap<RoomName, RemoteMembers>,
     subscribed: HashSet<String>,
     sub: Option<Sub>,
     con: Option<redis::Connection>,
@@ -299,7 +302,7 @@ impl State<'_> {
     fn outgoing(&mut self, mail: Mail) {
         match mail {
             Mail::Owner(m) => self.forward(m, 0),
-            Mail::Host(m) => self.from_owner(m),
+            Mail::Host(m) => self.owner_mail(m),
         }
     }
 
@@ -318,7 +321,7 @@ impl State<'_> {
         }
         let Some(node) = self.link.placement.owner_node(room.as_str()) else {
             let to = room.owner(self.shards);
-            self.to_shard(to, mail.into());
+            self.mail_shard(to, mail.into());
             return;
         };
         let Some(body) = self.request_body(mail) else { return };
@@ -451,7 +454,7 @@ impl State<'_> {
     }
 
     /// Mail from a local owner for members elsewhere, or answers for connections elsewhere.
-    fn from_owner(&mut self, mail: HostMail) {
+    fn owner_mail(&mut self, mail: HostMail) {
         let channels = &self.link.channels;
         match mail {
             HostMail::Deliver { room, frame } => {
@@ -656,12 +659,12 @@ impl State<'_> {
                 }
                 add(&self.link.stats.frames_in, 1);
                 let frame = Arc::new(relay::frame_in(f));
-                self.to_every_shard(|| HostMail::Deliver { room: room.clone(), frame: Arc::clone(&frame) });
+                self.mail_every_shard(|| HostMail::Deliver { room: room.clone(), frame: Arc::clone(&frame) });
             }
             Body::Kick(k) => {
                 let Some(room) = relay::room(&k.room) else { return };
                 let (user, reason): (UserId, Arc<str>) = (UserId::new(&k.user), k.reason.into());
-                self.to_every_shard(|| HostMail::Kick {
+                self.mail_every_shard(|| HostMail::Kick {
                     room: room.clone(),
                     user: user.clone(),
                     reason: reason.clone(),
@@ -670,7 +673,7 @@ impl State<'_> {
             Body::Replicate(x) => {
                 let (Some(room), Some(list)) = (relay::room(&x.room), relay::list(x.list)) else { return };
                 let user = UserId::new(&x.user);
-                self.to_every_shard(|| HostMail::Replicate {
+                self.mail_every_shard(|| HostMail::Replicate {
                     room: room.clone(),
                     user: user.clone(),
                     list,
@@ -681,12 +684,16 @@ impl State<'_> {
             Body::ToUser(t) => {
                 let Some(f) = t.frame else { return };
                 let (user, frame) = (UserId::new(&t.user), Arc::new(relay::frame_in(f)));
-                self.to_every_shard(|| HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply: None });
+                self.mail_every_shard(|| HostMail::ToUser {
+                    user: user.clone(),
+                    frame: Arc::clone(&frame),
+                    reply: None,
+                });
             }
             Body::ToAll(t) => {
                 let Some(f) = t.frame else { return };
                 let frame = Arc::new(relay::frame_in(f));
-                self.to_every_shard(|| HostMail::ToAll { frame: Arc::clone(&frame), reply: None });
+                self.mail_every_shard(|| HostMail::ToAll { frame: Arc::clone(&frame), reply: None });
             }
             Body::Answer(a) => {
                 if let Some((waiter, _)) = self.asks.remove(&a.req) {
@@ -704,17 +711,17 @@ impl State<'_> {
             Body::ToConn(t) => {
                 let (Some(room), Some(at)) = (relay::room(&t.room), self.conn_at(t.asker.as_ref())) else { return };
                 let frames = t.frames.into_iter().map(|f| Arc::new(relay::frame_in(f))).collect();
-                self.to_shard(at.shard, HostMail::ToConn { room, conn: at.conn, frames }.into());
+                self.mail_shard(at.shard, HostMail::ToConn { room, conn: at.conn, frames }.into());
             }
             Body::PollAnswer(p) => {
                 let Some(at) = self.conn_at(p.asker.as_ref()) else { return };
                 let status = u16::try_from(p.status).unwrap_or(500);
-                self.to_shard(at.shard, HostMail::PollAnswer { conn: at.conn, status, body: p.body.into() }.into());
+                self.mail_shard(at.shard, HostMail::PollAnswer { conn: at.conn, status, body: p.body.into() }.into());
             }
             Body::Refused(x) => {
                 let Some(at) = self.conn_at(x.asker.as_ref()) else { return };
                 let reason = relay::known_reason(&x.reason);
-                self.to_shard(at.shard, HostMail::Refused { conn: at.conn, code: x.code, reason }.into());
+                self.mail_shard(at.shard, HostMail::Refused { conn: at.conn, code: x.code, reason }.into());
             }
             request => self.serve(&from, request, r.hops),
         }
@@ -869,7 +876,7 @@ impl State<'_> {
             }
             _ => return,
         };
-        self.to_shard(to, mail.into());
+        self.mail_shard(to, mail.into());
     }
 
     /// Another node's top-rooms call: every local owner is asked, the answer goes when all
@@ -878,7 +885,7 @@ impl State<'_> {
         let mut waits = Vec::with_capacity(self.shards);
         for i in 0..self.shards {
             let (tx, rx) = sync_channel(1);
-            self.to_shard(ShardId(i as u16), OwnerMail::TopRooms { n, reply: Reply(tx) }.into());
+            self.mail_shard(ShardId(i as u16), OwnerMail::TopRooms { n, reply: Reply(tx) }.into());
             waits.push(rx);
         }
         let mut rooms: Vec<(RoomName, u64)> = Vec::new();
@@ -921,7 +928,7 @@ impl State<'_> {
         }
         let from = self.link.placement.link();
         let mail = OwnerMail::Presence { room: room.clone(), from, members, json, left, left_users };
-        self.to_shard(room.owner(self.shards), mail.into());
+        self.mail_shard(room.owner(self.shards), mail.into());
     }
 
     fn collect_owed(&mut self) {
@@ -942,15 +949,15 @@ impl State<'_> {
 
     // ---- to this node's shards ----
 
-    fn to_every_shard(&mut self, mut mail: impl FnMut() -> HostMail) {
+    fn mail_every_shard(&mut self, mut mail: impl FnMut() -> HostMail) {
         for i in 0..self.shards {
-            self.to_shard(ShardId(i as u16), mail().into());
+            self.mail_shard(ShardId(i as u16), mail().into());
         }
     }
 
     /// Mails a shard; a full inbox keeps control mail for the next turn and drops a block
     /// delivery (counted: its members see a seq gap and poll).
-    fn to_shard(&mut self, to: ShardId, mail: Mail) {
+    fn mail_shard(&mut self, to: ShardId, mail: Mail) {
         if !self.to_shards.is_empty() {
             self.to_shards.push_back((to, mail));
             return;
@@ -1124,7 +1131,7 @@ impl State<'_> {
         for (room, shard) in lost {
             add(&self.link.stats.lost, 1);
             leases.forget(&room);
-            self.to_shard(shard, OwnerMail::LeaseLost { room }.into());
+            self.mail_shard(shard, OwnerMail::LeaseLost { room }.into());
         }
     }
 
