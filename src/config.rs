@@ -397,8 +397,10 @@ config! {
         key: String = String::new(), api_key, "BARRAGE_API_KEY";
         /// Concurrent API connections (one thread each); over it a connection gets 503.
         connections_max: usize = 256, api_connections_max, "BARRAGE_API_CONNECTIONS_MAX";
-        /// Bytes of one API request body.
+        /// Bytes of one API request body (a batch publish too: raise both for bigger batches).
         body_bytes_max: usize = 1 << 20, api_body_bytes_max, "BARRAGE_API_BODY_BYTES_MAX";
+        /// Items in one batch publish (`POST /v1/publish`); past it the batch is refused (413).
+        batch_items_max: usize = 10_000, api_batch_items_max, "BARRAGE_API_BATCH_ITEMS_MAX";
         /// An idle keep-alive API connection is closed after this long.
         idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
     }
@@ -494,7 +496,7 @@ impl Config {
         let s = &self.server;
         let w = &self.websocket;
         let r = &self.rooms;
-        let checks: [(bool, &str); 32] = [
+        let checks: [(bool, &str); 33] = [
             (s.connections_max >= 1, "server.connections_max must be at least 1"),
             (s.shards <= 256, "server.shards must be at most 256"),
             (
@@ -549,6 +551,7 @@ impl Config {
                 "cluster.node_ttl_ms must be at least twice cluster.heartbeat_ms",
             ),
             (self.cluster.lease_ms >= 300, "cluster.lease_ms must be at least 300"),
+            (self.api.batch_items_max >= 1, "api.batch_items_max must be at least 1"),
             (self.cluster.relay_queue_max >= 16, "cluster.relay_queue_max must be at least 16"),
             (self.cluster.asks_max >= 16, "cluster.asks_max must be at least 16"),
             (self.cluster.ask_timeout_ms >= 10, "cluster.ask_timeout_ms must be at least 10"),

@@ -176,6 +176,20 @@ fn members_on_every_node_receive_the_owners_block_byte_for_byte_whichever_node_p
         last = seq;
         assert_eq!(String::from_utf8_lossy(&first.messages[0].data), format!("via {i}"));
     }
+    // A batch through any node: its items reach the owner (one publish each across Redis).
+    let batch = serde_json::json!([{"room": room, "text": "batch 1"}, {"room": room, "text": "batch 2"}]);
+    for gw in [&a, &b, &c] {
+        let (status, body) = http(gw.api, "POST", "/v1/publish", Some(&batch.to_string()), &[]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["accepted"], 2, "{body}");
+        for v in &mut viewers {
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                got.extend(block_bytes(v).1.messages.into_iter().map(|m| m.data));
+            }
+            assert_eq!(got, [b"batch 1".to_vec(), b"batch 2".to_vec()]);
+        }
+    }
     // Exactly one node runs the room: one lease, and frames went out from one owner.
     let leases: u64 = [&a, &b, &c].iter().map(|g| g.metric("barrage_cluster_leases")).sum();
     assert!(leases >= 1);

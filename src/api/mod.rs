@@ -5,6 +5,7 @@
 //! request; `stats` counts what the listener does, for `/metrics`.
 #![forbid(unsafe_code)]
 pub mod access;
+mod batch;
 pub mod http;
 mod publish;
 mod replay;

@@ -27,7 +27,7 @@ const API_ID_SOURCE: u64 = 0xFFFF;
 /// A publish body in JSON (the protobuf form is `PublishRequest`).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct PublishJson {
+pub(super) struct PublishJson {
     #[serde(rename = "type")]
     kind: Option<String>,
     priority: Option<String>,
@@ -37,6 +37,11 @@ struct PublishJson {
     sender: Option<String>,
     ttl_ms: Option<u32>,
     coalesce_key: Option<String>,
+    /// The target of an item of a batch (`POST /v1/publish`); refused in single publishes,
+    /// whose path names the target.
+    pub(super) room: Option<String>,
+    pub(super) user: Option<String>,
+    pub(super) broadcast: Option<bool>,
 }
 
 impl Routes {
@@ -78,17 +83,22 @@ impl Routes {
         Ok(Response::json(202, &json!({"id": id.to_string(), "connections": n})))
     }
 
-    /// A direct or broadcast message and its shedding class: id, time and the type's default
-    /// priority are stamped here (no owner).
+    /// A direct or broadcast message and its shedding class (see `stamp`).
     fn stamped(&self, req: &Request) -> Result<(Message, Class), Response> {
-        let (mut msg, priority) = self.message(req)?;
+        let (msg, priority) = self.message(req)?;
+        Ok(self.stamp(msg, priority))
+    }
+
+    /// Id, time and the type's default priority stamped on a direct or broadcast message (it
+    /// has no owner to do it); its shedding class.
+    pub(super) fn stamp(&self, mut msg: Message, priority: Option<Priority>) -> (Message, Class) {
         let priority =
             priority.unwrap_or_else(|| self.types.get(msg.r#type.as_str()).copied().unwrap_or_default().priority);
         msg.priority = priority.wire();
         let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         msg.id = (API_ID_SOURCE << 48) | (n & 0xFFFF_FFFF_FFFF);
         msg.created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        Ok((msg, Class::from(priority)))
+        (msg, Class::from(priority))
     }
 
     /// The message a publish body describes, validated, and the priority it named (None: the
@@ -98,20 +108,7 @@ impl Routes {
             Some("application/x-protobuf") | Some("application/protobuf") => {
                 let p = PublishRequest::decode(req.body.as_slice())
                     .map_err(|e| Response::error(400, &format!("bad PublishRequest: {e}")))?;
-                let priority = match p.priority {
-                    None => None,
-                    Some(v) => Some(Priority::from_wire(v).ok_or_else(bad_priority)?),
-                };
-                let msg = Message {
-                    r#type: p.r#type,
-                    weight: p.weight,
-                    data: p.data,
-                    sender: p.sender,
-                    ttl_ms: p.ttl_ms,
-                    coalesce_key: p.coalesce_key,
-                    ..Message::default()
-                };
-                (msg, priority)
+                decode_proto(p)?
             }
             // Anything else is read as JSON, so `curl -d '{...}'` (form-urlencoded) just works.
             _ => from_json(&req.body)?,
@@ -119,7 +116,7 @@ impl Routes {
         Ok((self.check(msg)?, priority))
     }
 
-    fn check(&self, mut msg: Message) -> Result<Message, Response> {
+    pub(super) fn check(&self, mut msg: Message) -> Result<Message, Response> {
         if msg.r#type.is_empty() {
             msg.r#type = "chat".into();
         }
@@ -140,6 +137,24 @@ fn bad_priority() -> Response {
     Response::error(400, "priority must be low, high or whitelist")
 }
 
+/// A protobuf publish body: the message and the priority it named.
+pub(super) fn decode_proto(p: PublishRequest) -> Result<(Message, Option<Priority>), Response> {
+    let priority = match p.priority {
+        None => None,
+        Some(v) => Some(Priority::from_wire(v).ok_or_else(bad_priority)?),
+    };
+    let msg = Message {
+        r#type: p.r#type,
+        weight: p.weight,
+        data: p.data,
+        sender: p.sender,
+        ttl_ms: p.ttl_ms,
+        coalesce_key: p.coalesce_key,
+        ..Message::default()
+    };
+    Ok((msg, priority))
+}
+
 /// A JSON publish body: the message and the priority it named.
 pub(super) fn from_json(body: &[u8]) -> Result<(Message, Option<Priority>), Response> {
     let p: PublishJson = if body.is_empty() {
@@ -147,6 +162,14 @@ pub(super) fn from_json(body: &[u8]) -> Result<(Message, Option<Priority>), Resp
     } else {
         serde_json::from_slice(body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))?
     };
+    if p.room.is_some() || p.user.is_some() || p.broadcast.is_some() {
+        return Err(Response::error(400, "room, user and broadcast name a batch item's target (POST /v1/publish)"));
+    }
+    decode_json(p)
+}
+
+/// A parsed JSON publish body: the message and the priority it named.
+pub(super) fn decode_json(p: PublishJson) -> Result<(Message, Option<Priority>), Response> {
     let data = match (p.text, p.data_b64) {
         (Some(_), Some(_)) => return Err(Response::error(400, "give text or data_b64, not both")),
         (Some(t), None) => t.into_bytes(),
@@ -172,7 +195,7 @@ pub(super) fn from_json(body: &[u8]) -> Result<(Message, Option<Priority>), Resp
 }
 
 /// A direct or broadcast frame, encoded once for both formats.
-fn shared(frame: server_frame::Frame, class: Class) -> Arc<SharedFrame> {
+pub(super) fn shared(frame: server_frame::Frame, class: Class) -> Arc<SharedFrame> {
     Arc::new(SharedFrame::encode(&ServerFrame { frame: Some(frame) }, true, class))
 }
 

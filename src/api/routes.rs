@@ -36,6 +36,8 @@ pub struct Routes {
     access: Access,
     name_bytes_max: usize,
     pub(super) data_bytes_max: usize,
+    /// Items in one `POST /v1/publish`.
+    pub(super) batch_items_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
     pub(super) next_id: AtomicU64,
     /// Durable state (with `redis.url`): replay, and Redis's health.
@@ -58,6 +60,7 @@ impl Routes {
             access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
+            batch_items_max: config.api.batch_items_max,
             types: config.types.clone(),
             next_id: AtomicU64::new(0),
         }
@@ -93,6 +96,7 @@ impl Routes {
             ["v1", "rooms", room, "attributes", key] if put || delete => self.set_attribute(room, key, req, delete),
             ["v1", "users", user, "messages"] if post => self.publish_user(user, req),
             ["v1", "broadcast"] if post => self.broadcast(req),
+            ["v1", "publish"] if post => self.publish_batch(req),
             ["v1", "admin", "drain"] if get => Ok(self.drain_progress(200)),
             ["v1", "admin", "drain"] if post => self.drain(req),
             ["v1", "cluster"] if get => Ok(self.cluster_info()),
@@ -104,6 +108,7 @@ impl Routes {
             | ["v1", "rooms", _, _, _]
             | ["v1", "users", _, "messages"]
             | ["v1", "broadcast"]
+            | ["v1", "publish"]
             | ["v1", "cluster"] => Err(Response::error(405, "method not allowed on this resource")),
             _ => Err(Response::error(404, &format!("no such resource: {path}"))),
         }

@@ -310,9 +310,14 @@ impl State<'_> {
     /// node's meanwhile, handed to its owner shard here).
     fn forward(&mut self, mail: OwnerMail, hops: u32) {
         let Some(room) = room_of(&mail) else {
-            // Top rooms asks every other node; flush and export are node-local.
-            if let OwnerMail::TopRooms { n, reply } = mail {
-                self.gather_top(n, reply);
+            // Top rooms asks every other node; flush and export are node-local; a batch is
+            // split by the API into one publish per item for rooms owned elsewhere.
+            match mail {
+                OwnerMail::TopRooms { n, reply } => self.gather_top(n, reply),
+                OwnerMail::PublishBatch { items, reply } => {
+                    reply.send(vec![Err(PublishError::HandedOver); items.len()])
+                }
+                _ => {}
             }
             return;
         };
@@ -403,6 +408,7 @@ impl State<'_> {
             OwnerMail::ModerationList { room, reply } => self.query(room, relay::QUERY_LISTS, Waiter::Lists(reply))?,
             OwnerMail::Attrs { room, reply } => self.query(room, relay::QUERY_ATTRS, Waiter::Attrs(reply))?,
             OwnerMail::TopRooms { .. }
+            | OwnerMail::PublishBatch { .. }
             | OwnerMail::Flush
             | OwnerMail::Export { .. }
             | OwnerMail::Thaw
@@ -1189,7 +1195,11 @@ fn room_of(mail: &OwnerMail) -> Option<&RoomName> {
         | OwnerMail::Loaded { room, .. }
         | OwnerMail::Held { room }
         | OwnerMail::LeaseLost { room } => Some(room),
-        OwnerMail::TopRooms { .. } | OwnerMail::Flush | OwnerMail::Export { .. } | OwnerMail::Thaw => None,
+        OwnerMail::TopRooms { .. }
+        | OwnerMail::PublishBatch { .. }
+        | OwnerMail::Flush
+        | OwnerMail::Export { .. }
+        | OwnerMail::Thaw => None,
     }
 }
 

@@ -122,6 +122,13 @@ impl Desk {
                 let result = self.publish(&room, *msg, Sender::Api { priority }, now);
                 reply.send(result);
             }
+            OwnerMail::PublishBatch { items, reply } => {
+                let results = items
+                    .into_iter()
+                    .map(|(room, msg, priority)| self.publish(&room, *msg, Sender::Api { priority }, now))
+                    .collect();
+                reply.send(results);
+            }
             OwnerMail::Send { room, msg, user, weight, priority, from } => {
                 if let Err(e) = self.publish(&room, *msg, Sender::Client { user, weight, priority }, now) {
                     let (code, reason) = e.code();
@@ -223,6 +230,12 @@ impl Desk {
             }
             OwnerMail::Presence { room, members, .. } => {
                 if *members > 0 {
+                    self.ensure_loading(room, now);
+                }
+                return Some(mail);
+            }
+            OwnerMail::PublishBatch { items, .. } => {
+                for (room, _, _) in items {
                     self.ensure_loading(room, now);
                 }
                 return Some(mail);
@@ -343,6 +356,10 @@ impl Desk {
             OwnerMail::Publish { reply, .. } => {
                 self.counters.inc(Series::DropHandover);
                 reply.send(Err(PublishError::HandedOver));
+            }
+            OwnerMail::PublishBatch { items, reply } => {
+                self.counters.add(Series::DropHandover, items.len() as u64);
+                reply.send(vec![Err(PublishError::HandedOver); items.len()]);
             }
             OwnerMail::Send { from, .. } => {
                 self.counters.inc(Series::DropHandover);

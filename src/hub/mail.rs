@@ -61,6 +61,9 @@ pub enum Origin<T> {
     Conn(ConnAt),
 }
 
+/// One message of a batch publish: its room, the message, the priority its item named.
+pub type BatchItem = (RoomName, Box<Message>, Option<Priority>);
+
 /// A room's attribute version and entries, in key order.
 pub type AttrsSnapshot = (u64, Vec<(String, Vec<u8>)>);
 
@@ -74,6 +77,9 @@ pub enum OwnerMail {
         priority: Option<Priority>,
         reply: Reply<Result<Published, PublishError>>,
     },
+    /// Many messages for rooms this shard owns, from one batch publish; answered with one
+    /// result per item, in order.
+    PublishBatch { items: Vec<BatchItem>, reply: Reply<Vec<Result<Published, PublishError>>> },
     /// A signed-in client's `send`, checked by its shard (which chose the priority its type
     /// may ride); the owner checks mute and the room's rate and answers only a refusal.
     Send { room: RoomName, msg: Box<Message>, user: UserId, weight: i32, priority: Priority, from: ConnAt },
@@ -135,6 +141,7 @@ impl OwnerMail {
             OwnerMail::Moderate { origin, .. } => origin.conn(),
             OwnerMail::SetAttr { origin, .. } => origin.conn(),
             OwnerMail::Publish { .. }
+            | OwnerMail::PublishBatch { .. }
             | OwnerMail::Presence { .. }
             | OwnerMail::RoomInfo { .. }
             | OwnerMail::TopRooms { .. }

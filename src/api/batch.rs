@@ -1,0 +1,212 @@
+//! `POST /v1/publish`: many messages to many rooms, users and everyone in one body — a JSON
+//! array, a protobuf `PublishBatch`, or newline-delimited JSON (one item per line) — with one
+//! result per item, in order. Each item passes the same checks as a single publish; the room
+//! items bound for one owner shard travel as one mail (`OwnerMail::PublishBatch`), so the cost
+//! per message is the owner's push, not a request, a mail and a wait.
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use serde_json::{Value, json};
+
+use super::http::{Request, Response};
+use super::publish::{PublishJson, USER_BYTES_MAX, decode_json};
+use super::routes::{Answer, Routes, reply_channel, wait};
+use crate::hub::mail::{BatchItem, HostMail, OwnerMail};
+use crate::ids::{ShardId, UserId};
+use crate::proto::{Broadcast, Direct, PublishBatch, server_frame};
+use crate::room::Priority;
+use crate::room::owner::{PublishError, Published};
+
+/// Where one item goes.
+enum Target {
+    Room(crate::room::RoomName),
+    User(String),
+    Broadcast,
+}
+
+/// An item as checked: where it goes and what, or why it was refused before going anywhere.
+type Checked = Result<(Target, crate::proto::Message, Option<Priority>), Response>;
+
+impl Routes {
+    pub(super) fn publish_batch(&self, req: &Request) -> Answer {
+        let ndjson = matches!(req.head.content_type.as_deref(), Some("application/x-ndjson" | "application/jsonl"));
+        let items: Vec<Checked> = match req.head.content_type.as_deref() {
+            Some("application/x-protobuf" | "application/protobuf") => {
+                let batch = PublishBatch::decode(req.body.as_slice())
+                    .map_err(|e| Response::error(400, &format!("bad PublishBatch: {e}")))?;
+                self.batch_limit(batch.items.len())?;
+                batch.items.into_iter().map(|item| self.proto_item(item)).collect()
+            }
+            _ if ndjson => {
+                let lines: Vec<&[u8]> =
+                    req.body.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).collect();
+                self.batch_limit(lines.len())?;
+                lines
+                    .into_iter()
+                    .map(|line| match serde_json::from_slice::<PublishJson>(line) {
+                        Ok(item) => self.json_item(item),
+                        Err(e) => Err(Response::error(400, &format!("bad item: {e}"))),
+                    })
+                    .collect()
+            }
+            _ => {
+                let items: Vec<PublishJson> = serde_json::from_slice(&req.body)
+                    .map_err(|e| Response::error(400, &format!("bad JSON batch (an array of items): {e}")))?;
+                self.batch_limit(items.len())?;
+                items.into_iter().map(|item| self.json_item(item)).collect()
+            }
+        };
+        let results = self.deliver_batch(items)?;
+        let accepted = results.iter().filter(|r| r.get("id").is_some()).count();
+        if ndjson {
+            let mut body = Vec::with_capacity(results.len() * 24);
+            for r in &results {
+                body.extend_from_slice(r.to_string().as_bytes());
+                body.push(b'\n');
+            }
+            return Ok(Response::text(200, "application/x-ndjson", body));
+        }
+        let refused = results.len() - accepted;
+        Ok(Response::json(200, &json!({"accepted": accepted, "refused": refused, "results": results})))
+    }
+
+    fn batch_limit(&self, n: usize) -> Result<(), Response> {
+        match n > self.batch_items_max {
+            true => Err(Response::error(413, &format!("a batch holds at most {} items", self.batch_items_max))),
+            false => Ok(()),
+        }
+    }
+
+    fn json_item(&self, mut item: PublishJson) -> Checked {
+        let (room, user) = (item.room.take(), item.user.take());
+        let target = self.target(room.as_deref(), user.as_deref(), item.broadcast.take().unwrap_or(false))?;
+        let (msg, priority) = decode_json(item)?;
+        Ok((target, self.check(msg)?, priority))
+    }
+
+    fn proto_item(&self, item: crate::proto::PublishItem) -> Checked {
+        use crate::proto::publish_item::Target as T;
+        let target = match &item.target {
+            Some(T::Room(r)) => self.target(Some(r), None, false)?,
+            Some(T::User(u)) => self.target(None, Some(u), false)?,
+            Some(T::Broadcast(b)) => self.target(None, None, *b)?,
+            None => self.target(None, None, false)?,
+        };
+        let (msg, priority) = super::publish::decode_proto(item.message.unwrap_or_default())?;
+        Ok((target, self.check(msg)?, priority))
+    }
+
+    fn target(&self, room: Option<&str>, user: Option<&str>, broadcast: bool) -> Result<Target, Response> {
+        match (room, user, broadcast) {
+            (Some(r), None, false) => Ok(Target::Room(self.room_name(r)?)),
+            (None, Some(u), false) if !u.is_empty() && u.len() <= USER_BYTES_MAX => Ok(Target::User(u.to_owned())),
+            (None, Some(_), false) => Err(Response::error(400, "user id must be 1..=128 bytes")),
+            (None, None, true) => Ok(Target::Broadcast),
+            _ => Err(Response::error(400, "an item names exactly one of room, user, broadcast")),
+        }
+    }
+
+    /// Sends the checked items: room items in one mail per owner shard (one publish each for
+    /// rooms another node owns), direct and broadcast items as single ones; results in order.
+    fn deliver_batch(&self, items: Vec<Checked>) -> Result<Vec<Value>, Response> {
+        let n = items.len();
+        let mut results: Vec<Option<Value>> = vec![None; n];
+        let shards = self.mesh.shards();
+        // Per owner shard: the items' positions and the items.
+        let mut per_shard: Vec<(Vec<usize>, Vec<BatchItem>)> = (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut forwarded = Vec::new();
+        let mut others = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                Err(refusal) => results[i] = Some(refusal_result(&refusal)),
+                Ok((Target::Room(room), msg, priority)) => match self.owner_of(&room) {
+                    to if to.index() < shards => {
+                        per_shard[to.index()].0.push(i);
+                        per_shard[to.index()].1.push((room, Box::new(msg), priority));
+                    }
+                    link => forwarded.push((i, link, room, msg, priority)),
+                },
+                Ok((target, msg, priority)) => others.push((i, target, msg, priority)),
+            }
+        }
+        let mut waits = Vec::new();
+        for (s, (positions, batch)) in per_shard.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let (reply, rx) = reply_channel::<Vec<Result<Published, PublishError>>>();
+            self.post(ShardId(s as u16), OwnerMail::PublishBatch { items: batch, reply }.into())?;
+            waits.push((positions, rx));
+        }
+        let mut single = Vec::new();
+        for (i, link, room, msg, priority) in forwarded {
+            let (reply, rx) = reply_channel::<Result<Published, PublishError>>();
+            self.post(link, OwnerMail::Publish { room, msg: Box::new(msg), priority, reply }.into())?;
+            single.push((i, rx));
+        }
+        for (positions, rx) in waits {
+            let answers = wait(&rx)?;
+            for (i, answer) in positions.into_iter().zip(answers) {
+                results[i] = Some(published_result(answer));
+            }
+        }
+        for (i, rx) in single {
+            results[i] = Some(published_result(wait(&rx)?));
+        }
+        for (i, target, msg, priority) in others {
+            results[i] = Some(self.direct_or_broadcast(target, msg, priority)?);
+        }
+        Ok(results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect())
+    }
+
+    /// A direct or broadcast item, as `POST /v1/users/{user}/messages` and `/v1/broadcast` do.
+    fn direct_or_broadcast(
+        &self,
+        target: Target,
+        msg: crate::proto::Message,
+        priority: Option<Priority>,
+    ) -> Result<Value, Response> {
+        let (msg, class) = self.stamp(msg, priority);
+        let id = msg.id;
+        let n = match target {
+            Target::User(user) => {
+                let frame = super::publish::shared(server_frame::Frame::Direct(Direct { message: Some(msg) }), class);
+                let user = UserId::new(&user);
+                let n = self.to_every_shard(|reply| {
+                    HostMail::ToUser { user: user.clone(), frame: Arc::clone(&frame), reply }.into()
+                })?;
+                self.to_other_nodes(HostMail::ToUser { user, frame, reply: None }.into())?;
+                n
+            }
+            _ => {
+                let frame =
+                    super::publish::shared(server_frame::Frame::Broadcast(Broadcast { message: Some(msg) }), class);
+                let n = self.to_every_shard(|reply| HostMail::ToAll { frame: Arc::clone(&frame), reply }.into())?;
+                self.to_other_nodes(HostMail::ToAll { frame, reply: None }.into())?;
+                n
+            }
+        };
+        Ok(json!({"id": id.to_string(), "connections": n}))
+    }
+}
+
+fn published_result(r: Result<Published, PublishError>) -> Value {
+    match r {
+        Ok(p) if p.coalesced => json!({"id": p.id.to_string(), "coalesced": true}),
+        Ok(p) => json!({"id": p.id.to_string()}),
+        Err(e) => {
+            let (status, why) = e.code();
+            json!({"status": status, "error": why})
+        }
+    }
+}
+
+/// An item refused before it went anywhere: the status and message a single publish answers.
+fn refusal_result(r: &Response) -> Value {
+    let message = serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v.get("error").cloned())
+        .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&r.body).into_owned()));
+    json!({"status": r.status, "error": message})
+}

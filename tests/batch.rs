@@ -1,0 +1,135 @@
+//! `POST /v1/publish` over real sockets: JSON arrays, protobuf batches and NDJSON, one result per
+//! item in order, each item checked as a single publish is (size, target, the room's rate), the
+//! batch bounded by `api.batch_items_max`, and every accepted message delivered.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use barrage::proto::{PublishBatch, PublishItem, PublishRequest, publish_item, server_frame};
+use common::{Client, Gateway, http, token};
+use prost::Message as _;
+use serde_json::{Value, json};
+
+fn post_raw(gw: &Gateway, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(gw.api).unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Texts of the messages `c` receives in blocks until it has `n`.
+fn texts(c: &mut Client, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        if let server_frame::Frame::Block(b) = c.recv() {
+            out.extend(b.messages.iter().map(|m| String::from_utf8_lossy(&m.data).into_owned()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_json_batch_reaches_rooms_users_and_everyone_with_a_result_per_item() {
+    let gw = Gateway::start(&["--data-bytes-max", "16"]);
+    let mut a = Client::connect(&gw.url("?room=a"), None);
+    a.welcome();
+    let mut b = Client::connect(&gw.url(&format!("?room=b&token={}", token("bob"))), None);
+    b.welcome();
+    gw.wait_online("a", 1);
+    gw.wait_online("b", 1);
+    let batch = json!([
+        {"room": "a", "text": "a1"},
+        {"room": "b", "text": "b1", "type": "gift"},
+        {"room": "a", "text": "this one is far too long"},
+        {"room": "a", "text": "a2"},
+        {"room": "bad room!", "text": "x"},
+        {"user": "bob", "text": "direct"},
+        {"broadcast": true, "text": "all"},
+        {"room": "a", "user": "bob", "text": "two targets"},
+    ]);
+    let (status, body) = http(gw.api, "POST", "/v1/publish", Some(&batch.to_string()), &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 8, "one result per item, in order: {body}");
+    assert!(r[0]["id"].is_string() && r[1]["id"].is_string() && r[3]["id"].is_string());
+    assert_eq!(r[2]["status"], 413, "{body}");
+    assert_eq!(r[4]["status"], 400);
+    assert_eq!(r[5]["connections"], 1, "bob's one connection");
+    assert_eq!(r[6]["connections"], 2);
+    assert_eq!(r[7]["status"], 400);
+    assert_eq!((v["accepted"].as_u64(), v["refused"].as_u64()), (Some(5), Some(3)));
+    // Room a's two accepted messages, in the batch's order; the broadcast to both.
+    let mut got_a = Vec::new();
+    let mut broadcast = false;
+    while got_a.len() < 2 || !broadcast {
+        match a.recv() {
+            server_frame::Frame::Block(blk) => {
+                got_a.extend(blk.messages.iter().map(|m| String::from_utf8_lossy(&m.data).into_owned()))
+            }
+            server_frame::Frame::Broadcast(_) => broadcast = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got_a, ["a1", "a2"]);
+    let (mut direct, mut broadcast, mut blocks) = (false, false, Vec::new());
+    while !(direct && broadcast && !blocks.is_empty()) {
+        match b.recv() {
+            server_frame::Frame::Direct(d) => direct = d.message.unwrap().data == b"direct",
+            server_frame::Frame::Broadcast(_) => broadcast = true,
+            server_frame::Frame::Block(blk) => blocks.extend(blk.messages),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((blocks[0].r#type.as_str(), &blocks[0].data[..]), ("gift", &b"b1"[..]));
+    // The target fields belong to batch items only.
+    let (status, _) = http(gw.api, "POST", "/v1/rooms/a/messages", Some(r#"{"room":"b","text":"x"}"#), &[]);
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn protobuf_and_ndjson_batches_and_the_bounds() {
+    let gw = Gateway::start(&["--api-batch-items-max", "4", "--room-rate-per-s", "1", "--room-rate-burst", "2"]);
+    let mut c = Client::connect(&gw.url("?room=p"), None);
+    c.welcome();
+    gw.wait_online("p", 1);
+    let item = |text: &str| PublishItem {
+        target: Some(publish_item::Target::Room("p".into())),
+        message: Some(PublishRequest { data: text.as_bytes().to_vec(), ..PublishRequest::default() }),
+    };
+    // The room's rate (burst 2) refuses the third item with 429; the others go through.
+    let batch = PublishBatch { items: vec![item("p1"), item("p2"), item("p3")] };
+    let (status, body) = post_raw(&gw, "application/x-protobuf", &batch.encode_to_vec());
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["results"][2]["status"], 429, "{body}");
+    assert_eq!(v["accepted"], 2);
+    assert_eq!(texts(&mut c, 2), ["p1", "p2"]);
+    // Past api.batch_items_max the whole batch is refused.
+    let batch = PublishBatch { items: (0..5).map(|i| item(&format!("x{i}"))).collect() };
+    let (status, body) = post_raw(&gw, "application/x-protobuf", &batch.encode_to_vec());
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("at most 4"), "{body}");
+    // NDJSON: one result line per item line; a malformed line is that item's 400.
+    std::thread::sleep(std::time::Duration::from_millis(2_100)); // the room's bucket refills
+    let lines = "{\"room\":\"p\",\"text\":\"n1\"}\n\n{\"room\":\"p\",\"text\":\n{\"room\":\"p\",\"text\":\"n2\"}\n";
+    let (status, body) = post_raw(&gw, "application/x-ndjson", lines.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let results: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 3, "{body}");
+    assert!(results[0]["id"].is_string() && results[2]["id"].is_string());
+    assert_eq!(results[1]["status"], 400);
+    assert_eq!(texts(&mut c, 2), ["n1", "n2"]);
+    // A body that is not an array of items is refused whole.
+    let (status, _) = http(gw.api, "POST", "/v1/publish", Some(r#"{"room":"p"}"#), &[]);
+    assert_eq!(status, 400);
+}
