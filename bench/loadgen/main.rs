@@ -18,6 +18,9 @@
 //! frames → `upgrade_follow`: the README's client algorithm) and `reopen` bringing clients back
 //! with `after=last`; `upgrade_pub` publishes with retries, `upgrade_gaps` short-polls gaps.
 //!
+//! `scenario_ingest` measures the business API's intake alone: keep-alive connections sending
+//! single, batched and NDJSON publishes back to back.
+//!
 //! `scenario_fanout` subscribes through the same workers, with `fanout_recv` as their reads
 //! (`fanout_read` → `pbwalk`: messages out of frames, without copies), while `fanout_pub`
 //! threads publish `fanout_msg` messages; `fanout_book` is what they share, `fanout_report`
@@ -44,6 +47,7 @@ mod report;
 mod ring;
 mod scenario_connect;
 mod scenario_fanout;
+mod scenario_ingest;
 mod scenario_soak;
 mod scenario_upgrade;
 mod sys;
@@ -88,6 +92,11 @@ enum Scenario {
     /// second, both processes' peak RSS, messages lost. Exit 0 if nothing was lost, everyone
     /// caught up and the old process exited; 1 otherwise; 2 for refused arguments.
     Upgrade(Box<scenario_upgrade::UpgradeArgs>),
+    /// Send publishes to the business API over K keep-alive connections for a while — one per
+    /// request, protobuf batches of B, or NDJSON of B — and report messages accepted per second
+    /// and the gateway's CPU per message. Exit 0 if messages were accepted and no request
+    /// failed; 1 otherwise; 2 for refused arguments.
+    Ingest(Box<scenario_ingest::IngestArgs>),
 }
 
 fn main() {
@@ -97,6 +106,7 @@ fn main() {
         Scenario::Fanout(args) => scenario_fanout::run(*args),
         Scenario::Soak(args) => scenario_soak::run(*args),
         Scenario::Upgrade(args) => scenario_upgrade::run(*args),
+        Scenario::Ingest(args) => scenario_ingest::run(*args),
     };
     std::process::exit(code);
 }

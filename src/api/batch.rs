@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 
+use std::io::Write as _;
+
 use prost::Message as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::http::{Request, Response};
 use super::publish::{PublishJson, USER_BYTES_MAX, decode_json};
@@ -58,17 +60,25 @@ impl Routes {
             }
         };
         let results = self.deliver_batch(items)?;
-        let accepted = results.iter().filter(|r| r.get("id").is_some()).count();
+        let accepted = results.iter().filter(|r| matches!(r, Outcome::Published(..) | Outcome::Sent(..))).count();
+        // Rendered by hand: a result per message is the batch's largest cost after the push.
+        let mut body = Vec::with_capacity(results.len() * 26 + 48);
         if ndjson {
-            let mut body = Vec::with_capacity(results.len() * 24);
             for r in &results {
-                body.extend_from_slice(r.to_string().as_bytes());
+                r.write(&mut body);
                 body.push(b'\n');
             }
             return Ok(Response::text(200, "application/x-ndjson", body));
         }
-        let refused = results.len() - accepted;
-        Ok(Response::json(200, &json!({"accepted": accepted, "refused": refused, "results": results})))
+        let _ = write!(body, r#"{{"accepted":{accepted},"refused":{},"results":["#, results.len() - accepted);
+        for (i, r) in results.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            r.write(&mut body);
+        }
+        body.extend_from_slice(b"]}");
+        Ok(Response::text(200, "application/json", body))
     }
 
     fn batch_limit(&self, n: usize) -> Result<(), Response> {
@@ -109,9 +119,9 @@ impl Routes {
 
     /// Sends the checked items: room items in one mail per owner shard (one publish each for
     /// rooms another node owns), direct and broadcast items as single ones; results in order.
-    fn deliver_batch(&self, items: Vec<Checked>) -> Result<Vec<Value>, Response> {
+    fn deliver_batch(&self, items: Vec<Checked>) -> Result<Vec<Outcome>, Response> {
         let n = items.len();
-        let mut results: Vec<Option<Value>> = vec![None; n];
+        let mut results: Vec<Outcome> = (0..n).map(|_| Outcome::Lost).collect();
         let shards = self.mesh.shards();
         // Per owner shard: the items' positions and the items.
         let mut per_shard: Vec<(Vec<usize>, Vec<BatchItem>)> = (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
@@ -119,11 +129,11 @@ impl Routes {
         let mut others = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             match item {
-                Err(refusal) => results[i] = Some(refusal_result(&refusal)),
+                Err(refusal) => results[i] = Outcome::refused(&refusal),
                 Ok((Target::Room(room), msg, priority)) => match self.owner_of(&room) {
                     to if to.index() < shards => {
                         per_shard[to.index()].0.push(i);
-                        per_shard[to.index()].1.push((room, Box::new(msg), priority));
+                        per_shard[to.index()].1.push((room, msg, priority));
                     }
                     link => forwarded.push((i, link, room, msg, priority)),
                 },
@@ -148,16 +158,16 @@ impl Routes {
         for (positions, rx) in waits {
             let answers = wait(&rx)?;
             for (i, answer) in positions.into_iter().zip(answers) {
-                results[i] = Some(published_result(answer));
+                results[i] = Outcome::from(answer);
             }
         }
         for (i, rx) in single {
-            results[i] = Some(published_result(wait(&rx)?));
+            results[i] = Outcome::from(wait(&rx)?);
         }
         for (i, target, msg, priority) in others {
-            results[i] = Some(self.direct_or_broadcast(target, msg, priority)?);
+            results[i] = self.direct_or_broadcast(target, msg, priority)?;
         }
-        Ok(results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect())
+        Ok(results)
     }
 
     /// A direct or broadcast item, as `POST /v1/users/{user}/messages` and `/v1/broadcast` do.
@@ -166,7 +176,7 @@ impl Routes {
         target: Target,
         msg: crate::proto::Message,
         priority: Option<Priority>,
-    ) -> Result<Value, Response> {
+    ) -> Result<Outcome, Response> {
         let (msg, class) = self.stamp(msg, priority);
         let id = msg.id;
         let n = match target {
@@ -187,26 +197,53 @@ impl Routes {
                 n
             }
         };
-        Ok(json!({"id": id.to_string(), "connections": n}))
+        Ok(Outcome::Sent(id, n))
     }
 }
 
-fn published_result(r: Result<Published, PublishError>) -> Value {
-    match r {
-        Ok(p) if p.coalesced => json!({"id": p.id.to_string(), "coalesced": true}),
-        Ok(p) => json!({"id": p.id.to_string()}),
-        Err(e) => {
-            let (status, why) = e.code();
-            json!({"status": status, "error": why})
+/// One item's result.
+enum Outcome {
+    /// Into a room: its id, and whether it replaced a pending message.
+    Published(u64, bool),
+    /// Direct or broadcast: its id and the connections it reached on this node.
+    Sent(u64, usize),
+    Refused(u16, String),
+    /// No answer came for it (never: every item gets one; kept total for the type).
+    Lost,
+}
+
+impl Outcome {
+    /// An item refused before it went anywhere: the status and message a single publish
+    /// answers.
+    fn refused(r: &Response) -> Outcome {
+        let message = serde_json::from_slice::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+        Outcome::Refused(r.status, message)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        let _ = match self {
+            Outcome::Published(id, false) => write!(out, r#"{{"id":"{id}"}}"#),
+            Outcome::Published(id, true) => write!(out, r#"{{"id":"{id}","coalesced":true}}"#),
+            Outcome::Sent(id, n) => write!(out, r#"{{"id":"{id}","connections":{n}}}"#),
+            Outcome::Refused(status, why) => {
+                write!(out, r#"{{"status":{status},"error":{}}}"#, Value::String(why.clone()))
+            }
+            Outcome::Lost => write!(out, r#"{{"status":503,"error":"no answer"}}"#),
+        };
+    }
+}
+
+impl From<Result<Published, PublishError>> for Outcome {
+    fn from(r: Result<Published, PublishError>) -> Outcome {
+        match r {
+            Ok(p) => Outcome::Published(p.id, p.coalesced),
+            Err(e) => {
+                let (status, why) = e.code();
+                Outcome::Refused(status, why.to_owned())
+            }
         }
     }
-}
-
-/// An item refused before it went anywhere: the status and message a single publish answers.
-fn refusal_result(r: &Response) -> Value {
-    let message = serde_json::from_slice::<Value>(&r.body)
-        .ok()
-        .and_then(|v| v.get("error").cloned())
-        .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&r.body).into_owned()));
-    json!({"status": r.status, "error": message})
 }

@@ -125,7 +125,7 @@ impl Desk {
             OwnerMail::PublishBatch { items, reply } => {
                 let results = items
                     .into_iter()
-                    .map(|(room, msg, priority)| self.publish(&room, *msg, Sender::Api { priority }, now))
+                    .map(|(room, msg, priority)| self.publish(&room, msg, Sender::Api { priority }, now))
                     .collect();
                 reply.send(results);
             }

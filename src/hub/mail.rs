@@ -62,7 +62,7 @@ pub enum Origin<T> {
 }
 
 /// One message of a batch publish: its room, the message, the priority its item named.
-pub type BatchItem = (RoomName, Box<Message>, Option<Priority>);
+pub type BatchItem = (RoomName, Message, Option<Priority>);
 
 /// A room's attribute version and entries, in key order.
 pub type AttrsSnapshot = (u64, Vec<(String, Vec<u8>)>);
