@@ -84,6 +84,19 @@ pub fn block(
     now: UnixMs,
     json: bool,
 ) -> SharedFrame {
+    block_keeping(room, messages, kind, online, now, json).0
+}
+
+/// `block`, handing the messages back once encoded (the owner keeps them in the history
+/// without copying them).
+pub fn block_keeping(
+    room: &RoomName,
+    messages: Vec<Message>,
+    kind: BlockKind,
+    online: u64,
+    now: UnixMs,
+    json: bool,
+) -> (SharedFrame, Vec<Message>) {
     let (class, backfill, truncated) = match kind {
         BlockKind::Live { top } => (Class::from(top), false, false),
         BlockKind::Backfill { truncated } => (Class::Keep, true, truncated),
@@ -98,7 +111,13 @@ pub fn block(
         backfill,
         truncated,
     };
-    SharedFrame::encode(&server(server_frame::Frame::Block(block)), json, class)
+    let frame = server(server_frame::Frame::Block(block));
+    let shared = SharedFrame::encode(&frame, json, class);
+    let messages = match frame.frame {
+        Some(server_frame::Frame::Block(b)) => b.messages,
+        _ => Vec::new(),
+    };
+    (shared, messages)
 }
 
 /// A full snapshot of a room's attributes.

@@ -38,7 +38,7 @@ impl History {
 
     /// Appends a cut block's messages (seqs increasing and above everything kept), evicting the
     /// oldest beyond capacity.
-    pub fn push(&mut self, block: &[Message]) {
+    pub fn push(&mut self, block: impl IntoIterator<Item = Message>) {
         for msg in block {
             let last = self.kept.back().map_or(self.evicted_seq, |m| m.seq);
             // Seqs come from the room's own mixer, never from a peer: out of order is our bug,
@@ -51,7 +51,7 @@ impl History {
             if self.kept.len() == self.capacity {
                 self.evict_oldest();
             }
-            self.kept.push_back(msg.clone());
+            self.kept.push_back(msg);
         }
     }
 
@@ -64,7 +64,7 @@ impl History {
         for msg in messages {
             let last = h.kept.back().map_or(h.evicted_seq, |m| m.seq);
             if msg.seq > last {
-                h.push(std::slice::from_ref(&msg));
+                h.push([msg]);
             }
         }
         h
@@ -146,7 +146,7 @@ mod tests {
     #[test]
     fn cursors_before_inside_at_end_and_future() {
         let mut h = History::new(4);
-        h.push(&block(BASE, 3));
+        h.push(block(BASE, 3));
         let p = h.after(0, 10, BASE + 3, BASE);
         assert_eq!((seqs(&p), p.truncated), (vec![1, 2, 3], false), "before the first message, nothing evicted");
         assert_eq!(p.next, BASE + 3);
@@ -159,7 +159,7 @@ mod tests {
         let p = h.after(BASE - 7, 10, BASE + 3, BASE);
         assert_eq!((seqs(&p), p.truncated), (vec![1, 2, 3], true), "a cursor from before this room's first seq");
 
-        h.push(&block(BASE + 3, 3)); // evicts 1 and 2
+        h.push(block(BASE + 3, 3)); // evicts 1 and 2
         assert_eq!(h.len(), 4);
         assert_eq!(h.recent().map(|m| m.seq - BASE).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
         let p = h.after(0, 10, BASE + 6, BASE);
@@ -173,8 +173,8 @@ mod tests {
     #[test]
     fn limit_and_walking_with_next() {
         let mut h = History::new(10);
-        h.push(&block(BASE, 4));
-        h.push(&block(BASE + 4, 3));
+        h.push(block(BASE, 4));
+        h.push(block(BASE + 4, 3));
         let p = h.after(BASE, 3, BASE + 7, BASE);
         assert_eq!((seqs(&p), p.next), (vec![1, 2, 3], BASE + 3));
         let p = h.after(BASE, 0, BASE + 7, BASE);
@@ -195,7 +195,7 @@ mod tests {
     #[test]
     fn zero_capacity_keeps_nothing_but_knows_what_was_lost() {
         let mut h = History::new(0);
-        h.push(&block(BASE, 3));
+        h.push(block(BASE, 3));
         assert!(h.is_empty());
         let p = h.after(BASE, 10, BASE + 3, BASE);
         assert!(p.messages.is_empty() && p.truncated);
@@ -206,8 +206,8 @@ mod tests {
     #[should_panic(expected = "history seq")]
     fn out_of_order_seqs_are_a_bug() {
         let mut h = History::new(4);
-        h.push(&block(BASE, 2));
-        h.push(&block(BASE, 1));
+        h.push(block(BASE, 2));
+        h.push(block(BASE, 1));
     }
 
     proptest! {
@@ -224,7 +224,7 @@ mod tests {
             let mut all: Vec<u64> = Vec::new();
             let mut last = BASE;
             for n in blocks {
-                h.push(&block(last, n));
+                h.push(block(last, n));
                 all.extend(last + 1..=last + n);
                 last += n;
             }

@@ -643,11 +643,15 @@ impl Owner {
             }
             stats.blocks += 1;
             stats.messages += cut.messages.len() as u64;
-            room.history.push(&cut.messages);
-            if self.config.durable {
+            let kind = BlockKind::Live { top: cut.top };
+            // Encoded first, then the same messages go into the history (no copy).
+            let (frame, messages) = frames::block_keeping(&name, cut.messages, kind, online, now.unix, json);
+            let stored = self.config.durable.then(|| messages.clone());
+            room.history.push(messages);
+            if let Some(messages) = stored {
                 self.store_ops.push(StoreOp::Block {
                     room: name.clone(),
-                    messages: cut.messages.clone(),
+                    messages,
                     base_seq: room.base_seq,
                     last_seq: room.mixer.last_seq(),
                     evicted_seq: room.history.evicted_seq(),
@@ -657,8 +661,7 @@ impl Owner {
             room.backfill = None;
             room.poll_cache.clear();
             room.resumes.clear();
-            let kind = BlockKind::Live { top: cut.top };
-            let frame = Arc::new(frames::block(&name, cut.messages, kind, online, now.unix, json));
+            let frame = Arc::new(frame);
             if online > 0 {
                 deliver(&name, &frame, &room.members);
             }
