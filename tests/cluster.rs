@@ -190,6 +190,20 @@ fn members_on_every_node_receive_the_owners_block_byte_for_byte_whichever_node_p
             assert_eq!(got, [b"batch 1".to_vec(), b"batch 2".to_vec()]);
         }
     }
+    // A batch for rooms spread over every node: one relayed batch per owner node, every item
+    // answered in order.
+    let rooms: Vec<String> = (0..30).map(|i| format!("spread:{i}")).collect();
+    let owners: BTreeSet<String> = rooms.iter().map(|r| owner_of(&a, r)).collect();
+    assert_eq!(owners.len(), 3, "30 rooms land on all three nodes");
+    let items: Vec<Value> = rooms.iter().map(|r| serde_json::json!({"room": r, "text": r})).collect();
+    let (status, body) = http(a.api, "POST", "/v1/publish", Some(&Value::Array(items).to_string()), &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["accepted"], 30, "{body}");
+    for r in &rooms {
+        let (_, info) = http(b.api, "GET", &format!("/v1/rooms/{r}"), None, &[]);
+        assert!(serde_json::from_str::<Value>(&info).unwrap()["last_seq"].as_u64().unwrap() > 0, "{r}: {info}");
+    }
     // Exactly one node runs the room: one lease, and frames went out from one owner.
     let leases: u64 = [&a, &b, &c].iter().map(|g| g.metric("barrage_cluster_leases")).sum();
     assert!(leases >= 1);

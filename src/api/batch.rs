@@ -117,8 +117,9 @@ impl Routes {
         }
     }
 
-    /// Sends the checked items: room items in one mail per owner shard (one publish each for
-    /// rooms another node owns), direct and broadcast items as single ones; results in order.
+    /// Sends the checked items: room items in one mail per owner shard (one batch per owner
+    /// node, through the cluster link, for rooms other nodes own), direct and broadcast items as
+    /// single ones; results in order.
     fn deliver_batch(&self, items: Vec<Checked>) -> Result<Vec<Outcome>, Response> {
         let n = items.len();
         let mut results: Vec<Outcome> = (0..n).map(|_| Outcome::Lost).collect();
@@ -149,20 +150,25 @@ impl Routes {
             self.post(ShardId(s as u16), OwnerMail::PublishBatch { items: batch, reply }.into())?;
             waits.push((positions, rx));
         }
-        let mut single = Vec::new();
+        // Rooms other nodes own: one batch per owner node, through the link.
+        let mut per_node: std::collections::HashMap<String, (ShardId, Vec<usize>, Vec<BatchItem>)> =
+            std::collections::HashMap::new();
         for (i, link, room, msg, priority) in forwarded {
-            let (reply, rx) = reply_channel::<Result<Published, PublishError>>();
-            self.post(link, OwnerMail::Publish { room, msg: Box::new(msg), priority, reply }.into())?;
-            single.push((i, rx));
+            let node = self.cluster.as_ref().and_then(|c| c.placement().owner_node(room.as_str())).unwrap_or_default();
+            let entry = per_node.entry(node).or_insert_with(|| (link, Vec::new(), Vec::new()));
+            entry.1.push(i);
+            entry.2.push((room, msg, priority));
+        }
+        for (_, (link, positions, batch)) in per_node {
+            let (reply, rx) = reply_channel::<Vec<Result<Published, PublishError>>>();
+            self.post(link, OwnerMail::PublishBatch { items: batch, reply }.into())?;
+            waits.push((positions, rx));
         }
         for (positions, rx) in waits {
             let answers = wait(&rx)?;
             for (i, answer) in positions.into_iter().zip(answers) {
                 results[i] = Outcome::from(answer);
             }
-        }
-        for (i, rx) in single {
-            results[i] = Outcome::from(wait(&rx)?);
         }
         for (i, target, msg, priority) in others {
             results[i] = self.direct_or_broadcast(target, msg, priority)?;

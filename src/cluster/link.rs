@@ -26,7 +26,7 @@ use super::lease::{Leases, Take};
 use super::placement::Placement;
 use super::relay::{self, Answer, Asker, Body, Channels, Relay};
 use super::resp;
-use crate::hub::mail::{AttrsSnapshot, ConnAt, HostMail, Mail, Origin, OwnerMail, Reply};
+use crate::hub::mail::{AttrsSnapshot, BatchItem, ConnAt, HostMail, Mail, Origin, OwnerMail, Reply};
 use crate::ids::{ConnId, ConnKey, ShardId, UserId};
 use crate::room::RoomName;
 use crate::room::attrs::AttrError;
@@ -102,6 +102,7 @@ type RemoteMembers = HashMap<(String, u32), (u32, u32)>;
 /// Who waits on this node for an API call forwarded to an owner node.
 enum Waiter {
     Publish(Reply<Result<Published, PublishError>>),
+    Batch(Reply<Vec<Result<Published, PublishError>>>, usize),
     Moderate(Reply<Result<(), ModerationError>>),
     SetAttr(Reply<Result<u64, AttrError>>),
     Info(Reply<RoomInfo>),
@@ -116,6 +117,19 @@ impl Waiter {
                 Some(e) => Err(relay::publish_error(e)),
                 None => Ok(Published { id: a.id, coalesced: a.coalesced }),
             }),
+            Waiter::Batch(r, n) => {
+                let mut results: Vec<_> = a
+                    .results
+                    .into_iter()
+                    .map(|x| match x.error {
+                        Some(e) => Err(relay::publish_error(e)),
+                        None => Ok(Published { id: x.id, coalesced: x.coalesced }),
+                    })
+                    .collect();
+                // An answer short of items (never from this build) leaves the rest to retry.
+                results.resize(n, Err(PublishError::HandedOver));
+                r.send(results)
+            }
             Waiter::Moderate(r) => r.send(a.error.map_or(Ok(()), |e| Err(relay::moderation_error(e)))),
             Waiter::SetAttr(r) => r.send(a.error.map_or(Ok(a.version), |e| Err(relay::attr_error(e)))),
             Waiter::Info(r) => r.send(RoomInfo { online: a.online, last_seq: a.last_seq, pending: a.pending as usize }),
@@ -130,6 +144,7 @@ impl Waiter {
     fn refuse(self) {
         match self {
             Waiter::Publish(r) => r.send(Err(PublishError::HandedOver)),
+            Waiter::Batch(r, n) => r.send(vec![Err(PublishError::HandedOver); n]),
             Waiter::Moderate(r) => r.send(Err(ModerationError::Busy)),
             Waiter::SetAttr(r) => r.send(Err(AttrError::HandedOver)),
             // Reads have no refusal: the API answers 503 when they time out.
@@ -310,13 +325,11 @@ impl State<'_> {
     /// node's meanwhile, handed to its owner shard here).
     fn forward(&mut self, mail: OwnerMail, hops: u32) {
         let Some(room) = room_of(&mail) else {
-            // Top rooms asks every other node; flush and export are node-local; a batch is
-            // split by the API into one publish per item for rooms owned elsewhere.
+            // Top rooms asks every other node; a batch goes to the node that owns its rooms (the
+            // API grouped them); flush and export are node-local.
             match mail {
                 OwnerMail::TopRooms { n, reply } => self.gather_top(n, reply),
-                OwnerMail::PublishBatch { items, reply } => {
-                    reply.send(vec![Err(PublishError::HandedOver); items.len()])
-                }
+                OwnerMail::PublishBatch { items, reply } => self.forward_batch(items, reply),
                 _ => {}
             }
             return;
@@ -416,6 +429,29 @@ impl State<'_> {
             | OwnerMail::Held { .. }
             | OwnerMail::LeaseLost { .. } => return None,
         })
+    }
+
+    /// A batch's items for rooms one other node owns (the API grouped them): one relayed
+    /// message, one answer with a result per item. Items whose room the receiver does not own
+    /// (the set moved meanwhile) come back refused with "retry".
+    fn forward_batch(&mut self, items: Vec<BatchItem>, reply: Reply<Vec<Result<Published, PublishError>>>) {
+        let node = items.first().and_then(|(room, _, _)| self.link.placement.owner_node(room.as_str()));
+        let Some(node) = node else {
+            reply.send(vec![Err(PublishError::HandedOver); items.len()]);
+            return;
+        };
+        let Some(asker) = self.ask(Waiter::Batch(reply, items.len())) else { return };
+        let items = items
+            .into_iter()
+            .map(|(room, msg, priority)| relay::Publish {
+                room: room.as_str().into(),
+                msg: Some(msg),
+                priority: relay::priority_code(priority),
+                asker: None,
+            })
+            .collect();
+        let body = Body::PublishBatch(relay::PublishBatch { items, asker: Some(asker) });
+        self.send_to(&self.link.channels.node(&node), body, 0);
     }
 
     /// Asks every other live node for its top `n` owned rooms; the reply is sent once all
@@ -750,6 +786,10 @@ impl State<'_> {
             self.serve_top(node, n, req);
             return;
         }
+        if let Body::PublishBatch(b) = body {
+            self.serve_batch(node, b);
+            return;
+        }
         let Some(name) = request_room(&body) else { return };
         let Some(room) = relay::room(name) else {
             add(&self.link.stats.malformed, 1);
@@ -883,6 +923,57 @@ impl State<'_> {
             _ => return,
         };
         self.mail_shard(to, mail.into());
+    }
+
+    /// Another node's batch for rooms this node owns: one mail per owner shard here, one
+    /// answer with every item's result in order; items for rooms not owned here are refused
+    /// with "retry" (the sender's view of the set was older).
+    fn serve_batch(&mut self, node: &str, b: relay::PublishBatch) {
+        let req = b.asker.as_ref().map_or(0, |a| a.req);
+        let retry = || relay::ItemResult {
+            error: Some(relay::publish_error_code(PublishError::HandedOver)),
+            ..relay::ItemResult::default()
+        };
+        let mut out: Vec<relay::ItemResult> = (0..b.items.len()).map(|_| retry()).collect();
+        let mut per_shard: Vec<(Vec<usize>, Vec<BatchItem>)> =
+            (0..self.shards).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, item) in b.items.into_iter().enumerate() {
+            if let Some(room) = relay::room(&item.room).filter(|r| self.link.placement.is_mine(r.as_str())) {
+                let s = room.owner(self.shards).index();
+                per_shard[s].0.push(i);
+                per_shard[s].1.push((room, item.msg.unwrap_or_default(), relay::priority(item.priority)));
+            }
+        }
+        let mut waits: Vec<(Vec<usize>, Receiver<Vec<Result<Published, PublishError>>>)> = Vec::new();
+        for (s, (positions, items)) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (tx, rx) = sync_channel(1);
+            self.mail_shard(ShardId(s as u16), OwnerMail::PublishBatch { items, reply: Reply(tx) }.into());
+            waits.push((positions, rx));
+        }
+        // Items a shard never answered (it dropped the mail) stay refused with "retry".
+        let poll = Box::new(move || {
+            waits.retain(|(positions, rx)| match rx.try_recv() {
+                Ok(answers) => {
+                    for (&i, a) in positions.iter().zip(answers) {
+                        out[i] = match a {
+                            Ok(p) => relay::ItemResult { error: None, id: p.id, coalesced: p.coalesced },
+                            Err(e) => relay::ItemResult {
+                                error: Some(relay::publish_error_code(e)),
+                                ..relay::ItemResult::default()
+                            },
+                        };
+                    }
+                    false
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
+            });
+            waits.is_empty().then(|| Answer { req, results: std::mem::take(&mut out), ..Answer::default() })
+        });
+        self.owed.push(Owed { node: node.to_owned(), deadline: Instant::now() + self.link.cfg.ask_timeout, poll });
     }
 
     /// Another node's top-rooms call: every local owner is asked, the answer goes when all

@@ -27,7 +27,7 @@ pub struct Relay {
     /// The sending node's id.
     #[prost(string, tag = "1")]
     pub from: String,
-    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19")]
+    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21")]
     pub body: Option<Body>,
     /// Nodes a request passed that did not own its room (their views of the set differed).
     #[prost(uint32, tag = "20")]
@@ -76,6 +76,9 @@ pub enum Body {
     ToUser(ToUser),
     #[prost(message, tag = "19")]
     ToAll(ToAll),
+    // To the owner node of every room in it.
+    #[prost(message, tag = "21")]
+    PublishBatch(PublishBatch),
 }
 
 /// Who waits for the answer on the asking node: an API call (`req`, not 0) or a connection.
@@ -102,6 +105,27 @@ pub struct Publish {
     pub priority: i32,
     #[prost(message, optional, tag = "4")]
     pub asker: Option<Asker>,
+}
+
+/// A batch publish's items for rooms one node owns (their `asker` fields unused), answered with
+/// one result per item in order (`Answer.results`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PublishBatch {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<Publish>,
+    #[prost(message, optional, tag = "2")]
+    pub asker: Option<Asker>,
+}
+
+/// One item's result in a batch's answer: its id, or its refusal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ItemResult {
+    #[prost(uint32, optional, tag = "1")]
+    pub error: Option<u32>,
+    #[prost(uint64, tag = "2")]
+    pub id: u64,
+    #[prost(bool, tag = "3")]
+    pub coalesced: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -246,6 +270,8 @@ pub struct Answer {
     pub attrs: Vec<proto::AttrEntry>,
     #[prost(message, repeated, tag = "11")]
     pub rooms: Vec<RoomCount>,
+    #[prost(message, repeated, tag = "12")]
+    pub results: Vec<ItemResult>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
