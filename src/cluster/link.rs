@@ -96,6 +96,9 @@ pub struct Link {
     pub stop: Arc<AtomicBool>,
 }
 
+/// A local owner's answers to a batch, in its items' order.
+type BatchAnswers = Vec<Result<Published, PublishError>>;
+
 /// One room's members on other nodes, per (node, shard): (members, reading JSON).
 type RemoteMembers = HashMap<(String, u32), (u32, u32)>;
 
@@ -944,7 +947,7 @@ impl State<'_> {
                 per_shard[s].1.push((room, item.msg.unwrap_or_default(), relay::priority(item.priority)));
             }
         }
-        let mut waits: Vec<(Vec<usize>, Receiver<Vec<Result<Published, PublishError>>>)> = Vec::new();
+        let mut waits: Vec<(Vec<usize>, Receiver<BatchAnswers>)> = Vec::new();
         for (s, (positions, items)) in per_shard.into_iter().enumerate() {
             if items.is_empty() {
                 continue;
