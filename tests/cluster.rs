@@ -252,15 +252,37 @@ fn sends_moderation_direct_broadcast_and_top_rooms_span_the_nodes() {
     x.wait_online(room, 3);
 
     // A client's send on a node that does not own the room reaches every member.
-    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi from x".to_vec() }));
+    alice.send(client_frame::Frame::Send(Send {
+        r#type: "chat".into(),
+        data: b"hi from x".to_vec(),
+        ..Default::default()
+    }));
     for v in [&mut alice, &mut bob, &mut carol] {
         let b = v.block();
         assert_eq!((b.messages[0].sender.as_str(), &b.messages[0].data[..]), ("alice", &b"hi from x"[..]));
     }
+    // An acknowledged send: the owner's ack (with the seq its block gave) crosses back too.
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"acked".to_vec(), id: "a-1".into() }));
+    let mut seq = None;
+    let ack = loop {
+        match alice.recv() {
+            server_frame::Frame::Block(b) => seq = b.messages.iter().find(|m| m.data == b"acked").map(|m| m.seq),
+            server_frame::Frame::Ack(a) => break a,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((ack.id.as_str(), ack.code, Some(ack.seq)), ("a-1", 0, seq));
+    for v in [&mut bob, &mut carol] {
+        assert_eq!(v.block().messages[0].data, b"acked");
+    }
     // A mute set through one node is enforced by the owner: the refusal comes back across.
     let (s, body) = http(y.api, "POST", &format!("/v1/rooms/{room}/mutes"), Some(r#"{"user":"alice"}"#), &[]);
     assert_eq!(s, 200, "{body}");
-    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"muted".to_vec() }));
+    alice.send(client_frame::Frame::Send(Send {
+        r#type: "chat".into(),
+        data: b"muted".to_vec(),
+        ..Default::default()
+    }));
     assert_eq!(error_code(&mut alice), 403);
     let (_, lists) = http(x.api, "GET", &format!("/v1/rooms/{room}/moderation"), None, &[]);
     assert!(lists.contains("alice"), "{lists}");

@@ -88,7 +88,7 @@ fn dry_buffers_and_small_queue(mode: &str) {
     for (i, c) in clients.iter_mut().enumerate() {
         // 4000 bytes in one frame: more than the whole buffer ring (8 x 256).
         let data = format!("{i:03}-{}", "x".repeat(3996)).into_bytes();
-        c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data }));
+        c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data, ..Default::default() }));
     }
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 60 {

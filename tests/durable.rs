@@ -103,7 +103,11 @@ fn history_seqs_lists_and_attributes_survive_a_restart() {
     assert_eq!(refused, 403, "banned before the restart, refused after it");
     let mut eve = Client::connect(&second.url(&format!("?room=d&token={}", token("eve"))), None);
     eve.welcome();
-    eve.send(client_frame::Frame::Send(barrage::proto::Send { r#type: "chat".into(), data: b"hi".to_vec() }));
+    eve.send(client_frame::Frame::Send(barrage::proto::Send {
+        r#type: "chat".into(),
+        data: b"hi".to_vec(),
+        ..Default::default()
+    }));
     let code = loop {
         match eve.recv() {
             server_frame::Frame::Error(e) => break e.code,

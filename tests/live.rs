@@ -76,7 +76,7 @@ fn room_and_connection_rates_are_limited() {
     let mut c = Client::connect(&gw.url(&format!("?room=calm&token={}", token("fast"))), PROTO);
     c.welcome();
     for _ in 0..3 {
-        c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec() }));
+        c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec(), ..Default::default() }));
     }
     assert_eq!(error_code(&mut c), 429, "the third send in a burst of two");
     eventually("counted", || {
@@ -122,7 +122,7 @@ fn kick_mute_ban_and_whitelist_through_the_api_and_admin_frames() {
     let post = |path: &str, body: &str| http(gw.api, "POST", path, Some(body), &[]);
     // Mute: her sends are refused at the owner.
     assert_eq!(post("/v1/rooms/mod/mutes", r#"{"user":"alice","duration_ms":60000}"#).0, 200);
-    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec() }));
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec(), ..Default::default() }));
     assert_eq!(error_code(&mut alice), 403);
     let (_, lists) = http(gw.api, "GET", "/v1/rooms/mod/moderation", None, &[]);
     let lists: Value = serde_json::from_str(&lists).unwrap();
@@ -177,7 +177,11 @@ fn whitelisted_users_chat_rides_the_whitelist_bucket() {
     host.welcome();
     gw.wait_online("w", 1);
     gw.publish("w", json!({"type": "gift", "priority": "high", "weight": 100, "text": "gift"}));
-    host.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"host speaks".to_vec() }));
+    host.send(client_frame::Frame::Send(Send {
+        r#type: "chat".into(),
+        data: b"host speaks".to_vec(),
+        ..Default::default()
+    }));
     let b = host.block();
     assert_eq!(texts(&b), ["host speaks"], "one per block: whitelist beats a heavy gift");
     assert_eq!(b.messages[0].priority, barrage::proto::Priority::Whitelist as i32);
@@ -386,4 +390,43 @@ fn short_polling_refuses_bad_cursors_reports_truncation_and_tells_no_existence()
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn a_send_with_an_id_is_acknowledged_with_its_seq_or_its_refusal() {
+    let gw = Gateway::start(&[]);
+    let mut alice = Client::connect(&gw.url(&format!("?room=ack&token={}", token("alice"))), PROTO);
+    alice.welcome();
+    gw.wait_online("ack", 1);
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec(), id: "m-1".into() }));
+    // The block first, then the ack naming the seq the message got in it.
+    let mut seq = None;
+    let ack = loop {
+        match alice.recv() {
+            server_frame::Frame::Block(b) => seq = b.messages.iter().find(|m| m.data == b"hi").map(|m| m.seq),
+            server_frame::Frame::Ack(a) => break a,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((ack.id.as_str(), ack.room.as_str(), ack.code), ("m-1", "ack", 0));
+    assert_eq!(Some(ack.seq), seq, "the ack carries the message's seq");
+    // Refusals come as acks too: muted at the owner, a type clients may not send at the shard.
+    let (s, _) = http(gw.api, "POST", "/v1/rooms/ack/mutes", Some(r#"{"user":"alice"}"#), &[]);
+    assert_eq!(s, 200);
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec(), id: "m-2".into() }));
+    match alice.recv() {
+        server_frame::Frame::Ack(a) => assert_eq!((a.id.as_str(), a.code, a.seq), ("m-2", 403, 0)),
+        other => panic!("expected a refusing ack, got {other:?}"),
+    }
+    alice.send(client_frame::Frame::Send(Send { r#type: "gift".into(), data: b"x".to_vec(), id: "m-3".into() }));
+    match alice.recv() {
+        server_frame::Frame::Ack(a) => assert_eq!((a.id.as_str(), a.code), ("m-3", 403)),
+        other => panic!("expected a refusing ack, got {other:?}"),
+    }
+    // Without an id a refusal is still an error frame (older clients).
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec(), ..Default::default() }));
+    assert_eq!(error_code(&mut alice), 403);
+    // An id longer than 64 bytes is a bad request.
+    alice.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec(), id: "x".repeat(65) }));
+    assert_eq!(error_code(&mut alice), 400);
 }

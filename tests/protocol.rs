@@ -301,7 +301,11 @@ fn long_room_names_and_big_client_messages_are_refused() {
         barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 400),
         other => panic!("expected error, got {other:?}"),
     }
-    c.send(client_frame::Frame::Send(barrage::proto::Send { r#type: "chat".into(), data: vec![b'x'; 11] }));
+    c.send(client_frame::Frame::Send(barrage::proto::Send {
+        r#type: "chat".into(),
+        data: vec![b'x'; 11],
+        ..Default::default()
+    }));
     match c.recv() {
         barrage::proto::server_frame::Frame::Error(e) => assert_eq!(e.code, 413),
         other => panic!("expected error, got {other:?}"),

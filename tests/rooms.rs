@@ -149,13 +149,17 @@ fn signed_in_user_chats_into_the_room_and_anonymous_cannot() {
     assert_eq!(user.welcome().user, "carol");
     assert_eq!(viewer.welcome().user, "");
     gw.wait_online("chat", 2);
-    user.send(client_frame::Frame::Send(Send { r#type: String::new(), data: b"hello room".to_vec() }));
+    user.send(client_frame::Frame::Send(Send {
+        r#type: String::new(),
+        data: b"hello room".to_vec(),
+        ..Default::default()
+    }));
     for c in [&mut user, &mut viewer] {
         let b = c.block();
         let m = &b.messages[0];
         assert_eq!((m.sender.as_str(), m.r#type.as_str(), m.data.as_slice()), ("carol", "chat", &b"hello room"[..]));
     }
-    viewer.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec() }));
+    viewer.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec(), ..Default::default() }));
     match viewer.recv() {
         server_frame::Frame::Error(e) => assert_eq!(e.code, 401),
         other => panic!("expected error, got {other:?}"),
@@ -171,7 +175,7 @@ fn a_token_without_send_may_watch_only() {
     let t = barrage::auth::sign_hs256(common::SECRET.as_bytes(), &json!({"sub": "dave", "exp": exp, "send": false}));
     let mut c = Client::connect(&gw.url(&format!("?room=x&token={t}")), PROTO);
     c.welcome();
-    c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec() }));
+    c.send(client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"x".to_vec(), ..Default::default() }));
     match c.recv() {
         server_frame::Frame::Error(e) => assert_eq!(e.code, 403),
         other => panic!("expected error, got {other:?}"),

@@ -21,7 +21,11 @@ fn signed(claims: Value) -> String {
 }
 
 fn send(c: &mut Client, kind: &str, text: &str) {
-    c.send(client_frame::Frame::Send(Send { r#type: kind.into(), data: text.as_bytes().to_vec() }));
+    c.send(client_frame::Frame::Send(Send {
+        r#type: kind.into(),
+        data: text.as_bytes().to_vec(),
+        ..Default::default()
+    }));
 }
 
 fn error_code(c: &mut Client) -> u32 {

@@ -1579,7 +1579,10 @@ impl World {
                 for _ in 0..n {
                     let kind = if r.chance(0.2) { "gift" } else { "chat" };
                     let data = r.data(1, 64);
-                    out.extend(frame(r, client_frame::Frame::Send(Send { r#type: kind.into(), data })));
+                    out.extend(frame(
+                        r,
+                        client_frame::Frame::Send(Send { r#type: kind.into(), data, ..Default::default() }),
+                    ));
                 }
                 out
             }

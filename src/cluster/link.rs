@@ -367,13 +367,14 @@ impl State<'_> {
                     asker: Some(asker),
                 })
             }
-            OwnerMail::Send { room, msg, user, weight, priority, from } => Body::Send(relay::Send {
+            OwnerMail::Send { room, msg, user, weight, priority, from, ack } => Body::Send(relay::Send {
                 room: room.as_str().into(),
                 msg: Some(*msg),
                 user: user.as_str().into(),
                 weight,
                 priority: relay::priority_code(Some(priority)),
                 asker: Some(conn(from)),
+                ack: ack.map(String::from).unwrap_or_default(),
             }),
             OwnerMail::Presence { room, from, members, json, left, left_users } => Body::Presence(relay::Presence {
                 room: room.as_str().into(),
@@ -521,6 +522,11 @@ impl State<'_> {
                     asker: Some(asker),
                 });
                 self.send_to(&channels.node(&node), answer, 0);
+            }
+            HostMail::Ack { conn, ack } => {
+                let Some((node, asker)) = self.tokens.get(conn).cloned() else { return };
+                let body = Body::Ack(relay::AckTo { ack: Some(ack), asker: Some(asker) });
+                self.send_to(&channels.node(&node), body, 0);
             }
             HostMail::Refused { conn, code, reason } => {
                 let Some((node, asker)) = self.tokens.get(conn).cloned() else { return };
@@ -763,6 +769,10 @@ impl State<'_> {
                 let status = u16::try_from(p.status).unwrap_or(500);
                 self.mail_shard(at.shard, HostMail::PollAnswer { conn: at.conn, status, body: p.body.into() }.into());
             }
+            Body::Ack(a) => {
+                let (Some(at), Some(ack)) = (self.conn_at(a.asker.as_ref()), a.ack) else { return };
+                self.mail_shard(at.shard, HostMail::Ack { conn: at.conn, ack }.into());
+            }
             Body::Refused(x) => {
                 let Some(at) = self.conn_at(x.asker.as_ref()) else { return };
                 let reason = relay::known_reason(&x.reason);
@@ -831,6 +841,7 @@ impl State<'_> {
                 weight: x.weight,
                 priority: relay::priority(x.priority).unwrap_or_default(),
                 from: conn(&mut self.tokens, x.asker),
+                ack: (!x.ack.is_empty()).then(|| x.ack.into()),
             },
             Body::Presence(p) => {
                 let by = self.remote.entry(room.clone()).or_default();

@@ -27,7 +27,7 @@ pub struct Relay {
     /// The sending node's id.
     #[prost(string, tag = "1")]
     pub from: String,
-    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21")]
+    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 22")]
     pub body: Option<Body>,
     /// Nodes a request passed that did not own its room (their views of the set differed).
     #[prost(uint32, tag = "20")]
@@ -79,6 +79,18 @@ pub enum Body {
     // To the owner node of every room in it.
     #[prost(message, tag = "21")]
     PublishBatch(PublishBatch),
+    // Back to the asking node: an acknowledged send's ack.
+    #[prost(message, tag = "22")]
+    Ack(AckTo),
+}
+
+/// An `ack` frame for a connection on the asking node.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AckTo {
+    #[prost(message, optional, tag = "1")]
+    pub ack: Option<proto::Ack>,
+    #[prost(message, optional, tag = "2")]
+    pub asker: Option<Asker>,
 }
 
 /// Who waits for the answer on the asking node: an API call (`req`, not 0) or a connection.
@@ -142,6 +154,9 @@ pub struct Send {
     pub priority: i32,
     #[prost(message, optional, tag = "6")]
     pub asker: Option<Asker>,
+    /// The client's id for an `ack` ("": none).
+    #[prost(string, tag = "7")]
+    pub ack: String,
 }
 
 /// One shard's members in a room.

@@ -8,8 +8,7 @@ use super::mail::{ConnAt, HostMail, Mail, Origin, OwnerMail};
 use super::post::PostOffice;
 use crate::ids::{Now, ShardId, UserId};
 use crate::metrics::{Counters, Series};
-use crate::proto::Message;
-use crate::proto::RoomState;
+use crate::proto::{Ack, Message, RoomState};
 use crate::room::RoomName;
 use crate::room::attrs::AttrError;
 use crate::room::durable::StoreOp;
@@ -129,10 +128,14 @@ impl Desk {
                     .collect();
                 reply.send(results);
             }
-            OwnerMail::Send { room, msg, user, weight, priority, from } => {
-                if let Err(e) = self.publish(&room, *msg, Sender::Client { user, weight, priority }, now) {
-                    let (code, reason) = e.code();
-                    self.refuse(from, u32::from(code), reason);
+            OwnerMail::Send { room, msg, user, weight, priority, from, ack } => {
+                match (self.publish(&room, *msg, Sender::Client { user, weight, priority }, now), ack) {
+                    (Ok(p), Some(ack)) => self.owner.expect_ack(&room, p.id, from.shard, from.conn, ack),
+                    (Ok(_), None) => {}
+                    (Err(e), ack) => {
+                        let (code, reason) = e.code();
+                        self.refuse_send(&room, from, ack, u32::from(code), reason);
+                    }
                 }
             }
             OwnerMail::Presence { room, from, members, json, left, left_users } => {
@@ -361,10 +364,10 @@ impl Desk {
                 self.counters.add(Series::DropHandover, items.len() as u64);
                 reply.send(vec![Err(PublishError::HandedOver); items.len()]);
             }
-            OwnerMail::Send { from, .. } => {
+            OwnerMail::Send { room, from, ack, .. } => {
                 self.counters.inc(Series::DropHandover);
                 let (code, reason) = PublishError::HandedOver.code();
-                self.refuse(from, u32::from(code), reason);
+                self.refuse_send(&room, from, ack, u32::from(code), reason);
             }
             OwnerMail::Moderate { origin, .. } => {
                 self.counters.inc(Series::RefusedHandover);
@@ -491,6 +494,19 @@ impl Desk {
         self.mail.push((at.shard, HostMail::Refused { conn: at.conn, code, reason }.into()));
     }
 
+    /// A refused client send: an `ack` with the refusal when the client gave an id, else an
+    /// error frame.
+    fn refuse_send(&mut self, room: &RoomName, at: ConnAt, ack: Option<Box<str>>, code: u32, reason: &'static str) {
+        match ack {
+            Some(id) => {
+                let ack =
+                    Ack { id: id.into(), room: room.as_str().to_owned(), seq: 0, code, reason: reason.to_owned() };
+                self.mail.push((at.shard, HostMail::Ack { conn: at.conn, ack }.into()));
+            }
+            None => self.refuse(at, code, reason),
+        }
+    }
+
     /// Milliseconds until `handle_timeout` has work.
     pub fn next_timeout(&self, now: Now) -> u64 {
         self.next_block_ms.saturating_sub(now.ms)
@@ -595,6 +611,12 @@ impl Desk {
                 mail.push((ShardId(shard as u16), deliver.into()));
             }
         });
+        // Acks after the blocks they name (same destination, so in order).
+        let mut acks = Vec::new();
+        self.owner.take_acks(&mut acks);
+        for (shard, conn, ack) in acks {
+            self.mail.push((shard, HostMail::Ack { conn, ack }.into()));
+        }
         let c = &mut self.counters;
         c.add(Series::BlocksCut, stats.blocks);
         c.add(Series::MessagesOut, stats.messages);

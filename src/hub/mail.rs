@@ -61,6 +61,9 @@ pub enum Origin<T> {
     Conn(ConnAt),
 }
 
+/// An `ack` frame's fields (the client's id, the room, the seq or the refusal).
+pub type AckFrame = crate::proto::Ack;
+
 /// One message of a batch publish: its room, the message, the priority its item named.
 pub type BatchItem = (RoomName, Message, Option<Priority>);
 
@@ -82,7 +85,16 @@ pub enum OwnerMail {
     PublishBatch { items: Vec<BatchItem>, reply: Reply<Vec<Result<Published, PublishError>>> },
     /// A signed-in client's `send`, checked by its shard (which chose the priority its type
     /// may ride); the owner checks mute and the room's rate and answers only a refusal.
-    Send { room: RoomName, msg: Box<Message>, user: UserId, weight: i32, priority: Priority, from: ConnAt },
+    Send {
+        room: RoomName,
+        msg: Box<Message>,
+        user: UserId,
+        weight: i32,
+        priority: Priority,
+        from: ConnAt,
+        /// The client's id for an `ack` (None: refusals come as error frames, nothing else).
+        ack: Option<Box<str>>,
+    },
     /// This shard now holds `members` members of the room (`json` of them reading JSON);
     /// `left` of them left since the last report, the first few named.
     Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },
@@ -182,6 +194,8 @@ pub enum HostMail {
     Replicate { room: RoomName, user: UserId, list: List, until_ms: Option<i64>, add: bool },
     /// The owner's answer to a short poll: status and JSON body.
     PollAnswer { conn: ConnId, status: u16, body: Arc<[u8]> },
+    /// The answer to a connection's acknowledged `send`: the seq its message got, or why not.
+    Ack { conn: ConnId, ack: AckFrame },
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },
@@ -207,6 +221,7 @@ impl HostMail {
             | HostMail::Replicate { .. }
             | HostMail::PollAnswer { .. }
             | HostMail::Refused { .. }
+            | HostMail::Ack { .. }
             | HostMail::Drain(_)
             | HostMail::Flushed
             | HostMail::Stop => None,

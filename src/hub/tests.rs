@@ -289,7 +289,12 @@ fn a_congested_way_refuses_new_requests_from_clients() {
     let key = upgrade(&mut host, "alice", &room, now);
     // The owner's inbox refuses everything: the join report stays, the way is congested.
     host.flush_mail(&mut |_, m| Err(m));
-    client_frame(&mut host, key, client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec() }), now);
+    client_frame(
+        &mut host,
+        key,
+        client_frame::Frame::Send(Send { r#type: "chat".into(), data: b"hi".to_vec(), ..Default::default() }),
+        now,
+    );
     client_frame(
         &mut host,
         key,
@@ -455,7 +460,7 @@ fn an_exported_room_is_frozen_here_and_continues_in_the_next_process() {
 
     // Frozen: a publish and a client's send are refused with 503; time passing cuts nothing.
     assert_eq!(publish(&mut old, &r, at(30)).recv().unwrap(), Err(owner::PublishError::HandedOver));
-    let send = Send { r#type: "chat".into(), data: b"hi".to_vec() };
+    let send = Send { r#type: "chat".into(), data: b"hi".to_vec(), ..Default::default() };
     client_frame(&mut old, viewer, client_frame::Frame::Send(send), at(30));
     old.handle_timeout(at(5_000));
     let mut later = HashMap::new();

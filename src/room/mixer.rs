@@ -131,6 +131,11 @@ impl Mixer {
         self.pending.len()
     }
 
+    /// The ids of the messages waiting for a block.
+    pub fn pending_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.iter().map(|p| p.msg.id)
+    }
+
     /// Moves the seq counter forward to at least `seq` (a room's stored state arrived while
     /// messages waited here: they are cut after it). Pending messages stay.
     pub fn continue_after(&mut self, seq: u64) {

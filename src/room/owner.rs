@@ -17,8 +17,8 @@ use super::limit::{Rate, TokenBucket};
 use super::mixer::{Mixer, MixerLimits, Pushed, Refused};
 use super::moderation::{Entry, List, Moderation, ModerationError, ModerationLimits};
 use crate::config::TypeDefaults;
-use crate::ids::{Now, ShardId, UnixMs, UserId};
-use crate::proto::Message;
+use crate::ids::{ConnId, Now, ShardId, UnixMs, UserId};
+use crate::proto::{Ack, Message};
 
 /// Bounds and identity of one shard's owner table.
 #[derive(Clone, Debug)]
@@ -191,6 +191,9 @@ struct OwnedRoom {
     snapshot: Option<Arc<SharedFrame>>,
     /// Being loaded from durable storage since this time (ms): nothing is cut until it is.
     loading: Option<u64>,
+    /// Accepted client sends waiting for their block to be acknowledged: message id, the
+    /// connection, the client's id. At most one per pending message.
+    acks: Vec<(u64, ShardId, ConnId, Box<str>)>,
 }
 
 impl OwnedRoom {
@@ -240,6 +243,8 @@ pub struct Owner {
     store_ops: Vec<StoreOp>,
     /// Rooms being loaded.
     loading: usize,
+    /// Acks the last ticks produced: where each goes and what it says.
+    acks_out: Vec<(ShardId, ConnId, Ack)>,
 }
 
 impl Owner {
@@ -252,7 +257,21 @@ impl Owner {
             next_id: 0,
             store_ops: Vec::new(),
             loading: 0,
+            acks_out: Vec::new(),
         }
+    }
+
+    /// A client send the owner accepted as message `id` is to be acknowledged once cut (or
+    /// dropped) — to the connection `conn` on `shard`, with the client's `ack` id.
+    pub fn expect_ack(&mut self, room: &RoomName, id: u64, shard: ShardId, conn: ConnId, ack: Box<str>) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.acks.push((id, shard, conn, ack));
+        }
+    }
+
+    /// The acks produced since the last call.
+    pub fn take_acks(&mut self, out: &mut Vec<(ShardId, ConnId, Ack)>) {
+        out.append(&mut self.acks_out);
     }
 
     /// Rooms tracked (with state or with members).
@@ -308,6 +327,7 @@ impl Owner {
                 backfill: None,
                 snapshot: None,
                 loading: None,
+                acks: Vec::new(),
             }
         })
     }
@@ -632,6 +652,9 @@ impl Owner {
                 room.attrs_sent = room.attrs.version();
             }
             let Some(cut) = room.mixer.cut(now.unix.0, &limits) else { continue };
+            if !room.acks.is_empty() {
+                settle_acks(&name, room, &cut.messages, &mut self.acks_out);
+            }
             if room.mixer.has_pending() {
                 room.dirty = true;
                 self.dirty.push(name.clone());
@@ -685,6 +708,24 @@ impl Owner {
         });
         self.kept = kept;
     }
+}
+
+/// After a cut: acks with their seq for the acknowledged messages the block took, and with 410
+/// for those no longer pending and not in it (superseded by a coalescing send, expired, or over
+/// the block); the rest wait for a later block.
+fn settle_acks(name: &RoomName, room: &mut OwnedRoom, cut: &[Message], out: &mut Vec<(ShardId, ConnId, Ack)>) {
+    let seqs: HashMap<u64, u64> = cut.iter().map(|m| (m.id, m.seq)).collect();
+    let pending: std::collections::HashSet<u64> = room.mixer.pending_ids().collect();
+    room.acks.retain_mut(|(id, shard, conn, ack)| {
+        let (seq, code, reason) = match seqs.get(id) {
+            Some(&seq) => (seq, 0, String::new()),
+            None if pending.contains(id) => return true,
+            None => (0, 410, "dropped before it was sent (superseded, expired or over the block)".to_owned()),
+        };
+        let ack = Ack { id: std::mem::take(ack).into(), room: name.as_str().to_owned(), seq, code, reason };
+        out.push((*shard, *conn, ack));
+        false
+    });
 }
 
 /// Turns a room's enter/leave counts since the last block into (at most) one message each;

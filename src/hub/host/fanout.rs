@@ -92,6 +92,13 @@ impl Host {
             HostMail::Replicate { room, user, list, add: false, .. } => self.replicas.remove(&room, &user, list),
             HostMail::Kick { room, user, reason } => self.kick(&room, &user, &reason, now),
             HostMail::Refused { conn, code, reason } => self.refused(conn, code, reason, now),
+            HostMail::Ack { conn, ack } => {
+                if let Some(key) = self.live(conn)
+                    && self.conns.get(key).state == State::Open
+                {
+                    self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Ack(ack)) }, now);
+                }
+            }
             HostMail::Drain(plan) => self.start_drain(plan, now),
             HostMail::Flushed => self.owner_flushed(1, now),
             HostMail::Stop => self.stop(now),

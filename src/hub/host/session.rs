@@ -12,7 +12,9 @@ use crate::envelope;
 use crate::hub::mail::{Origin, OwnerMail};
 use crate::ids::{ConnKey, Now, UserId};
 use crate::metrics::Series;
-use crate::proto::{AttrSet, AttrSync, ClientFrame, Error, Message, Moderate, Pong, ServerFrame, client_frame};
+use crate::proto::{
+    Ack, AttrSet, AttrSync, ClientFrame, Error, Message, Moderate, Pong, Send, ServerFrame, client_frame,
+};
 use crate::proto::{moderate, server_frame};
 use crate::room::RoomName;
 use crate::room::limit::TokenBucket;
@@ -35,6 +37,8 @@ pub mod code {
 
 /// Longest message type a client may name (`chat`, `gift`, ... or a custom word).
 const TYPE_BYTES_MAX: usize = 32;
+/// Longest client id of an acknowledged send.
+const ACK_ID_BYTES_MAX: usize = 64;
 
 impl Host {
     /// Feeds bytes to the connection's reader and acts on each event in order.
@@ -112,7 +116,7 @@ impl Host {
                     self.send_error(key, code::NOT_IN_ROOM, "not in that room", now);
                 }
             }
-            Some(client_frame::Frame::Send(s)) => self.client_send(key, s.r#type, s.data, now),
+            Some(client_frame::Frame::Send(s)) => self.client_send(key, s, now),
             Some(client_frame::Frame::Ping(_)) => {
                 let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { server_ms: now.unix.0 })) };
                 self.send_frame(key, &pong, now);
@@ -186,7 +190,12 @@ impl Host {
     }
 
     /// Checks every sender-side rule; on refusal sends the error frame and returns None.
-    fn sender_checks(&mut self, key: ConnKey, data_len: usize, now: Now) -> Option<(RoomName, UserId)> {
+    fn sender_checks(
+        &mut self,
+        key: ConnKey,
+        data_len: usize,
+        now: Now,
+    ) -> Result<(RoomName, UserId), (u32, &'static str)> {
         let conn = self.conns.get(key);
         let refusal = if !conn.has(flag::SIGNED_IN) {
             Some((code::UNAUTHORIZED, "anonymous viewers cannot send"))
@@ -199,42 +208,63 @@ impl Host {
         } else {
             None
         };
-        if let Some((c, why)) = refusal {
+        if let Some(refusal) = refusal {
             self.counters.inc(Series::SendRefused);
-            self.send_error(key, c, why, now);
-            return None;
+            return Err(refusal);
         }
         let rate = self.cfg.send_rate;
         let bucket = self.send_buckets.entry(key).or_insert_with(|| TokenBucket::new(&rate, now.ms));
         if !bucket.try_take(&rate, now.ms) {
             self.counters.inc(Series::SendRateLimited);
-            self.send_error(key, code::TOO_MANY, "sending too fast", now);
-            return None;
+            return Err((code::TOO_MANY, "sending too fast"));
         }
         match (self.current_room(key), self.user_of(key)) {
-            (Some(room), Some(user)) => Some((room.clone(), user.clone())),
+            (Some(room), Some(user)) => Ok((room.clone(), user.clone())),
             _ => unreachable!("{key:?} was just checked to be signed in and in a room"),
         }
     }
 
     /// A signed-in user's chat line: checked here, then mixed by the room's owner (which checks
     /// mute and the room's rate, and stamps sender, time and the type's priority).
-    fn client_send(&mut self, key: ConnKey, kind: String, data: Vec<u8>, now: Now) {
-        let kind = if kind.is_empty() { "chat".to_owned() } else { kind };
-        if kind.len() > TYPE_BYTES_MAX {
-            return self.send_error(key, code::BAD_REQUEST, "message type is too long", now);
+    fn client_send(&mut self, key: ConnKey, s: Send, now: Now) {
+        if s.id.len() > ACK_ID_BYTES_MAX {
+            return self.send_error(key, code::BAD_REQUEST, "send id is longer than 64 bytes", now);
         }
-        let Some((room, user)) = self.sender_checks(key, data.len(), now) else { return };
+        // With an id every outcome is an `ack`; without, refusals are error frames.
+        let ack = (!s.id.is_empty()).then(|| Box::<str>::from(s.id));
+        let kind = if s.r#type.is_empty() { "chat".to_owned() } else { s.r#type };
+        let checked = if kind.len() > TYPE_BYTES_MAX {
+            Err((code::BAD_REQUEST, "message type is too long"))
+        } else {
+            self.sender_checks(key, s.data.len(), now)
+        };
+        let (room, user) = match checked {
+            Ok(v) => v,
+            Err((c, why)) => return self.refuse_send(key, ack, c, why, now),
+        };
         let user_key = self.conns.get(key).user;
         let Some(priority) = self.cfg.client_types.priority(&kind, self.users.grants(user_key)) else {
             self.counters.inc(Series::SendTypeRefused);
-            return self.send_error(key, code::FORBIDDEN, "clients may not send this message type", now);
+            return self.refuse_send(key, ack, code::FORBIDDEN, "clients may not send this message type", now);
         };
         let weight = self.users.level(user_key);
-        let msg = Message { r#type: kind, data, ..Message::default() };
+        let msg = Message { r#type: kind, data: s.data, ..Message::default() };
         let from = self.at(key);
-        let send = OwnerMail::Send { room: room.clone(), msg: Box::new(msg), user, weight, priority, from };
+        let send = OwnerMail::Send { room: room.clone(), msg: Box::new(msg), user, weight, priority, from, ack };
         self.ask_owner(&room, send);
+    }
+
+    /// A send refused here: an `ack` with the refusal when the client gave an id, else an
+    /// error frame.
+    fn refuse_send(&mut self, key: ConnKey, ack: Option<Box<str>>, code: u32, reason: &str, now: Now) {
+        match ack {
+            Some(id) => {
+                let room = self.current_room(key).map(|r| r.as_str().to_owned()).unwrap_or_default();
+                let ack = Ack { id: id.into(), room, seq: 0, code, reason: reason.to_owned() };
+                self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Ack(ack)) }, now);
+            }
+            None => self.send_error(key, code, reason, now),
+        }
     }
 
     fn attr_sync(&mut self, key: ConnKey, s: AttrSync, now: Now) {

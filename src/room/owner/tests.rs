@@ -416,3 +416,32 @@ fn an_import_is_checked_like_input() {
     assert_eq!(done, Imported { rooms: 2, rooms_skipped: 3, entries_skipped: 2 });
     assert_eq!(new.kept_rooms(), 2);
 }
+
+#[test]
+fn acknowledged_sends_get_their_seq_once_cut_and_410_when_superseded() {
+    let mut o = owner(1);
+    let r = room("acks");
+    let conn = |n: u32| ConnId { key: crate::ids::ConnKey(n), generation: 1 };
+    o.presence(&r, ShardId(0), (1, 0), &[], 0, at(1_000));
+    let corr = |key: &str| Message { coalesce_key: key.into(), ..text("score") };
+    let a = o.publish(&r, text("a"), api(Priority::Whitelist), at(1_000)).unwrap();
+    o.expect_ack(&r, a.id, ShardId(0), conn(1), "c-1".into());
+    // A correction later superseded by another with the same key: its ack says so.
+    let b = o.publish(&r, corr("pk"), api(Priority::Whitelist), at(1_000)).unwrap();
+    o.expect_ack(&r, b.id, ShardId(0), conn(2), "c-2".into());
+    let c = o.publish(&r, corr("pk"), api(Priority::Whitelist), at(1_000)).unwrap();
+    assert!(c.coalesced);
+    let frames = tick_frames(&mut o, at(1_050));
+    let block = decode_block(&frames[0].1);
+    let mut acks = Vec::new();
+    o.take_acks(&mut acks);
+    let by_id = |id: &str| acks.iter().find(|(_, _, a)| a.id == id).map(|(_, c, a)| (*c, a.clone())).unwrap();
+    let (to, ack) = by_id("c-1");
+    let seq_a = block.messages.iter().find(|m| m.id == a.id).unwrap().seq;
+    assert_eq!((to, ack.seq, ack.code, ack.room.as_str()), (conn(1), seq_a, 0, "acks"));
+    let (to, ack) = by_id("c-2");
+    assert_eq!((to, ack.seq, ack.code), (conn(2), 0, 410), "superseded before it was sent");
+    assert_eq!(acks.len(), 2);
+    o.take_acks(&mut acks);
+    assert_eq!(acks.len(), 2, "each ack once");
+}
