@@ -33,9 +33,64 @@ pub fn command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The first complete reply in `buf` and the bytes it took; None when more bytes are needed.
-/// Bulk strings longer than `bulk_max` are refused.
+/// Bulk strings longer than `bulk_max` are refused. An incomplete reply costs a scan of its
+/// headers only (payloads are skipped by length, nothing is copied), so a large message read in
+/// many pieces is not re-parsed whole each time.
 pub fn parse(buf: &[u8], bulk_max: usize) -> Result<Option<(Value, usize)>, Malformed> {
-    parse_at(buf, 0, bulk_max, 0)
+    match scan(buf, 0, bulk_max, 0)? {
+        None => Ok(None),
+        Some(_) => parse_at(buf, 0, bulk_max, 0),
+    }
+}
+
+/// Where the reply at `at` ends, if it is complete (the same checks as `parse_at`).
+fn scan(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Option<usize>, Malformed> {
+    if depth > DEPTH_MAX {
+        return Err(Malformed);
+    }
+    let Some(&kind) = buf.get(at) else { return Ok(None) };
+    let Some(end) = line_end(buf, at + 1) else {
+        return if buf.len() - at > 64 && kind != b'+' && kind != b'-' { Err(Malformed) } else { Ok(None) };
+    };
+    let line = &buf[at + 1..end];
+    let next = end + 2;
+    match kind {
+        b'+' | b'-' => Ok(Some(next)),
+        b':' => number(line).map(|_| Some(next)),
+        b'$' => {
+            let n = number(line)?;
+            if n == -1 {
+                return Ok(Some(next));
+            }
+            let n = usize::try_from(n).map_err(|_| Malformed)?;
+            if n > bulk_max {
+                return Err(Malformed);
+            }
+            if buf.len() < next + n + 2 {
+                return Ok(None);
+            }
+            Ok(Some(next + n + 2))
+        }
+        b'*' => {
+            let n = number(line)?;
+            if n == -1 {
+                return Ok(Some(next));
+            }
+            let n = usize::try_from(n).map_err(|_| Malformed)?;
+            if n > bulk_max / 3 + 1 {
+                return Err(Malformed);
+            }
+            let mut pos = next;
+            for _ in 0..n {
+                match scan(buf, pos, bulk_max, depth + 1)? {
+                    Some(p) => pos = p,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(pos))
+        }
+        _ => Err(Malformed),
+    }
 }
 
 fn parse_at(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Option<(Value, usize)>, Malformed> {
