@@ -91,6 +91,10 @@ fn a_json_batch_reaches_rooms_users_and_everyone_with_a_result_per_item() {
         }
     }
     assert_eq!((blocks[0].r#type.as_str(), &blocks[0].data[..]), ("gift", &b"b1"[..]));
+    // Counted: one batch, five items accepted, three refused.
+    assert_eq!(gw.metric("barrage_api_batches_total"), 1);
+    assert_eq!(gw.metric("barrage_api_batch_items_total{result=\"accepted\"}"), 5);
+    assert_eq!(gw.metric("barrage_api_batch_items_total{result=\"refused\"}"), 3);
     // The target fields belong to batch items only.
     let (status, _) = http(gw.api, "POST", "/v1/rooms/a/messages", Some(r#"{"room":"b","text":"x"}"#), &[]);
     assert_eq!(status, 400);

@@ -5,6 +5,7 @@
 //! per message is the owner's push, not a request, a mail and a wait.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use std::io::Write as _;
 
@@ -61,6 +62,9 @@ impl Routes {
         };
         let results = self.deliver_batch(items)?;
         let accepted = results.iter().filter(|r| matches!(r, Outcome::Published(..) | Outcome::Sent(..))).count();
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_items[0].fetch_add(accepted as u64, Ordering::Relaxed);
+        self.batch_items[1].fetch_add((results.len() - accepted) as u64, Ordering::Relaxed);
         // Rendered by hand: a result per message is the batch's largest cost after the push.
         let mut body = Vec::with_capacity(results.len() * 26 + 48);
         if ndjson {
@@ -79,6 +83,19 @@ impl Routes {
         }
         body.extend_from_slice(b"]}");
         Ok(Response::text(200, "application/json", body))
+    }
+
+    /// Prometheus text of the batch counters.
+    pub(super) fn render_batches(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP barrage_api_batches_total Batch publishes answered (POST /v1/publish).\n# TYPE barrage_api_batches_total counter\nbarrage_api_batches_total {}\n# HELP barrage_api_batch_items_total Batch items by result: accepted, or refused (by the checks here or by the room's owner; the owner's reasons are in barrage_messages_dropped_total).\n# TYPE barrage_api_batch_items_total counter\nbarrage_api_batch_items_total{{result=\"accepted\"}} {}\nbarrage_api_batch_items_total{{result=\"refused\"}} {}",
+            get(&self.batches),
+            get(&self.batch_items[0]),
+            get(&self.batch_items[1])
+        );
     }
 
     fn batch_limit(&self, n: usize) -> Result<(), Response> {

@@ -40,6 +40,9 @@ pub struct Routes {
     pub(super) batch_items_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
     pub(super) next_id: AtomicU64,
+    /// Batch publishes' items by result: accepted, refused (here or by the owner).
+    pub(super) batch_items: [AtomicU64; 2],
+    pub(super) batches: AtomicU64,
     /// Durable state (with `redis.url`): replay, and Redis's health.
     pub(super) store: Option<Arc<Store>>,
     /// The cluster link (with `cluster.enabled`): the live set, drains to peers.
@@ -63,6 +66,8 @@ impl Routes {
             batch_items_max: config.api.batch_items_max,
             types: config.types.clone(),
             next_id: AtomicU64::new(0),
+            batch_items: [AtomicU64::new(0), AtomicU64::new(0)],
+            batches: AtomicU64::new(0),
         }
     }
 
@@ -187,6 +192,7 @@ impl Routes {
         if let Some(cluster) = &self.cluster {
             cluster.render(&mut tail);
         }
+        self.render_batches(&mut tail);
         metrics::render(&self.metrics, &tail)
     }
 
