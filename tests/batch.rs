@@ -51,7 +51,7 @@ fn a_json_batch_reaches_rooms_users_and_everyone_with_a_result_per_item() {
         {"room": "b", "text": "b1", "type": "gift"},
         {"room": "a", "text": "this one is far too long"},
         {"room": "a", "text": "a2"},
-        {"room": "bad room!", "text": "x"},
+        {"room": "a%20b", "text": "x"},
         {"user": "bob", "text": "direct"},
         {"broadcast": true, "text": "all"},
         {"room": "a", "user": "bob", "text": "two targets"},

@@ -18,8 +18,8 @@ use super::routes::{Answer, Routes, reply_channel, wait};
 use crate::hub::mail::{BatchItem, HostMail, OwnerMail};
 use crate::ids::{ShardId, UserId};
 use crate::proto::{Broadcast, Direct, PublishBatch, server_frame};
-use crate::room::Priority;
 use crate::room::owner::{PublishError, Published};
+use crate::room::{Priority, RoomName};
 
 /// Where one item goes.
 enum Target {
@@ -126,12 +126,17 @@ impl Routes {
 
     fn target(&self, room: Option<&str>, user: Option<&str>, broadcast: bool) -> Result<Target, Response> {
         match (room, user, broadcast) {
-            (Some(r), None, false) => Ok(Target::Room(self.room_name(r)?)),
+            (Some(r), None, false) => Ok(Target::Room(self.item_room(r)?)),
             (None, Some(u), false) if !u.is_empty() && u.len() <= USER_BYTES_MAX => Ok(Target::User(u.to_owned())),
             (None, Some(_), false) => Err(Response::error(400, "user id must be 1..=128 bytes")),
             (None, None, true) => Ok(Target::Broadcast),
             _ => Err(Response::error(400, "an item names exactly one of room, user, broadcast")),
         }
+    }
+
+    /// A room named in a batch item: a plain string, not a path segment (no percent-decoding).
+    fn item_room(&self, name: &str) -> Result<RoomName, Response> {
+        RoomName::parse(name, self.name_bytes_max).map_err(|e| Response::error(400, e.message()))
     }
 
     /// Sends the checked items: room items in one mail per owner shard (one batch per owner

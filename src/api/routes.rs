@@ -34,7 +34,7 @@ pub struct Routes {
     config: Config,
     metrics: Arc<[Snapshot]>,
     access: Access,
-    name_bytes_max: usize,
+    pub(super) name_bytes_max: usize,
     pub(super) data_bytes_max: usize,
     /// Items in one `POST /v1/publish`.
     pub(super) batch_items_max: usize,
