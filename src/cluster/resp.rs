@@ -33,67 +33,24 @@ pub fn command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The first complete reply in `buf` and the bytes it took; None when more bytes are needed.
-/// Bulk strings longer than `bulk_max` are refused. An incomplete reply costs a scan of its
+/// Bulk strings longer than `bulk_max` are refused. An incomplete reply costs a walk over its
 /// headers only (payloads are skipped by length, nothing is copied), so a large message read in
 /// many pieces is not re-parsed whole each time.
 pub fn parse(buf: &[u8], bulk_max: usize) -> Result<Option<(Value, usize)>, Malformed> {
-    match scan(buf, 0, bulk_max, 0)? {
-        None => Ok(None),
-        Some(_) => parse_at(buf, 0, bulk_max, 0),
+    if walk(buf, 0, bulk_max, 0, false)?.is_none() {
+        return Ok(None);
     }
+    Ok(walk(buf, 0, bulk_max, 0, true)?.and_then(|(v, used)| v.map(|v| (v, used))))
 }
 
-/// Where the reply at `at` ends, if it is complete (the same checks as `parse_at`).
-fn scan(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Option<usize>, Malformed> {
-    if depth > DEPTH_MAX {
-        return Err(Malformed);
-    }
-    let Some(&kind) = buf.get(at) else { return Ok(None) };
-    let Some(end) = line_end(buf, at + 1) else {
-        return if buf.len() - at > 64 && kind != b'+' && kind != b'-' { Err(Malformed) } else { Ok(None) };
-    };
-    let line = &buf[at + 1..end];
-    let next = end + 2;
-    match kind {
-        b'+' | b'-' => Ok(Some(next)),
-        b':' => number(line).map(|_| Some(next)),
-        b'$' => {
-            let n = number(line)?;
-            if n == -1 {
-                return Ok(Some(next));
-            }
-            let n = usize::try_from(n).map_err(|_| Malformed)?;
-            if n > bulk_max {
-                return Err(Malformed);
-            }
-            if buf.len() < next + n + 2 {
-                return Ok(None);
-            }
-            Ok(Some(next + n + 2))
-        }
-        b'*' => {
-            let n = number(line)?;
-            if n == -1 {
-                return Ok(Some(next));
-            }
-            let n = usize::try_from(n).map_err(|_| Malformed)?;
-            if n > bulk_max / 3 + 1 {
-                return Err(Malformed);
-            }
-            let mut pos = next;
-            for _ in 0..n {
-                match scan(buf, pos, bulk_max, depth + 1)? {
-                    Some(p) => pos = p,
-                    None => return Ok(None),
-                }
-            }
-            Ok(Some(pos))
-        }
-        _ => Err(Malformed),
-    }
-}
-
-fn parse_at(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Option<(Value, usize)>, Malformed> {
+/// The reply at `at`: where it ends if it is complete, and (when `build`) its value.
+fn walk(
+    buf: &[u8],
+    at: usize,
+    bulk_max: usize,
+    depth: usize,
+    build: bool,
+) -> Result<Option<(Option<Value>, usize)>, Malformed> {
     if depth > DEPTH_MAX {
         return Err(Malformed);
     }
@@ -104,14 +61,15 @@ fn parse_at(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Opti
     };
     let line = &buf[at + 1..end];
     let next = end + 2;
+    let done = |v: Value, to: usize| Ok(Some((build.then_some(v), to)));
     match kind {
-        b'+' => Ok(Some((Value::Simple(text(line)?), next))),
-        b'-' => Ok(Some((Value::Error(text(line)?), next))),
-        b':' => Ok(Some((Value::Int(number(line)?), next))),
+        b'+' => done(if build { Value::Simple(text(line)?) } else { Value::Int(0) }, next),
+        b'-' => done(if build { Value::Error(text(line)?) } else { Value::Int(0) }, next),
+        b':' => done(Value::Int(number(line)?), next),
         b'$' => {
             let n = number(line)?;
             if n == -1 {
-                return Ok(Some((Value::Bulk(None), next)));
+                return done(Value::Bulk(None), next);
             }
             let n = usize::try_from(n).map_err(|_| Malformed)?;
             if n > bulk_max {
@@ -123,30 +81,31 @@ fn parse_at(buf: &[u8], at: usize, bulk_max: usize, depth: usize) -> Result<Opti
             if &buf[next + n..next + n + 2] != b"\r\n" {
                 return Err(Malformed);
             }
-            Ok(Some((Value::Bulk(Some(buf[next..next + n].to_vec())), next + n + 2)))
+            let v = if build { Value::Bulk(Some(buf[next..next + n].to_vec())) } else { Value::Bulk(None) };
+            done(v, next + n + 2)
         }
         b'*' => {
             let n = number(line)?;
             if n == -1 {
-                return Ok(Some((Value::Array(Vec::new()), next)));
+                return done(Value::Array(Vec::new()), next);
             }
             let n = usize::try_from(n).map_err(|_| Malformed)?;
             // Each element takes at least 3 bytes: a count past what could arrive is refused.
             if n > bulk_max / 3 + 1 {
                 return Err(Malformed);
             }
-            let mut items = Vec::with_capacity(n.min(16));
+            let mut items = Vec::with_capacity(if build { n.min(16) } else { 0 });
             let mut pos = next;
             for _ in 0..n {
-                match parse_at(buf, pos, bulk_max, depth + 1)? {
+                match walk(buf, pos, bulk_max, depth + 1, build)? {
                     Some((v, p)) => {
-                        items.push(v);
+                        items.extend(v);
                         pos = p;
                     }
                     None => return Ok(None),
                 }
             }
-            Ok(Some((Value::Array(items), pos)))
+            done(Value::Array(items), pos)
         }
         _ => Err(Malformed),
     }
