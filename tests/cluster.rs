@@ -14,18 +14,16 @@ use serde_json::Value;
 const TTL_MS: u64 = 1_500;
 
 fn node(redis: &Redis, id: &str) -> Gateway {
-    Gateway::start(&[
-        "--redis",
-        &redis.url(),
-        "--cluster",
-        "true",
-        "--cluster-node-id",
-        id,
-        "--cluster-heartbeat-ms",
-        "200",
-        "--cluster-node-ttl-ms",
-        &TTL_MS.to_string(),
-    ])
+    node_with(redis, id, &[])
+}
+
+/// A node of the cluster on `redis`, heartbeats every 200 ms, with `extra` flags.
+fn node_with(redis: &Redis, id: &str, extra: &[&str]) -> Gateway {
+    let (url, ttl) = (redis.url(), TTL_MS.to_string());
+    let mut args = vec!["--redis", &url, "--cluster", "true", "--cluster-node-id", id, "--cluster-heartbeat-ms", "200"];
+    args.extend(["--cluster-node-ttl-ms", &ttl]);
+    args.extend_from_slice(extra);
+    Gateway::start(&args)
 }
 
 fn cluster(gw: &Gateway) -> Value {
@@ -342,20 +340,7 @@ fn sends_moderation_direct_broadcast_and_top_rooms_span_the_nodes() {
 
 /// Three nodes with short timings so a dead owner's rooms move quickly.
 fn fast_node(redis: &Redis, id: &str) -> Gateway {
-    Gateway::start(&[
-        "--redis",
-        &redis.url(),
-        "--cluster",
-        "true",
-        "--cluster-node-id",
-        id,
-        "--cluster-heartbeat-ms",
-        "200",
-        "--cluster-node-ttl-ms",
-        &TTL_MS.to_string(),
-        "--cluster-lease-ms",
-        &LEASE_MS.to_string(),
-    ])
+    node_with(redis, id, &["--cluster-lease-ms", &LEASE_MS.to_string()])
 }
 
 const LEASE_MS: u64 = 900;
