@@ -404,6 +404,122 @@ config! {
         /// An idle keep-alive API connection is closed after this long.
         idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
     }
+
+    /// Business hook: every WebSocket handshake asks the backend first (authenticate, enrich with
+    /// level and grants, or refuse). See README "Business hooks".
+    hook_connect: HookConnect {
+        /// The backend's URL (`http://host:port/path`); "" = no connect hook.
+        url: String = String::new(), hook_connect_url, "BARRAGE_HOOK_CONNECT_URL";
+        /// Request and response bodies: `json` (proto3 JSON) or `protobuf`.
+        format: HookFormat = HookFormat::Json, hook_connect_format, "BARRAGE_HOOK_CONNECT_FORMAT";
+        /// A request not answered by then has failed (connect, write and read together).
+        timeout_ms: u64 = 1000, hook_connect_timeout_ms, "BARRAGE_HOOK_CONNECT_TIMEOUT_MS";
+        /// Requests in flight at once (one keep-alive connection and thread each).
+        in_flight_max: usize = 8, hook_connect_in_flight_max, "BARRAGE_HOOK_CONNECT_IN_FLIGHT_MAX";
+        /// Calls waiting for a request (about 200 B each); past it a call fails at once
+        /// (fail_open decides).
+        queue_max: usize = 10000, hook_connect_queue_max, "BARRAGE_HOOK_CONNECT_QUEUE_MAX";
+        /// Calls in one request at most.
+        batch_max: usize = 64, hook_connect_batch_max, "BARRAGE_HOOK_CONNECT_BATCH_MAX";
+        /// How long a request waits for more calls to batch once it has one (0: it takes
+        /// what is waiting and goes: batches grow only under load).
+        batch_ms: u64 = 0, hook_connect_batch_ms, "BARRAGE_HOOK_CONNECT_BATCH_MS";
+        /// When the backend fails (timeout, error, breaker open, queue full): true = go on as
+        /// if it had allowed (the token alone decides; no rights are granted); false = 503.
+        fail_open: bool = true, hook_connect_fail_open, "BARRAGE_HOOK_CONNECT_FAIL_OPEN";
+        /// Attempts after a failed one (connection error or 5xx) within timeout_ms: the
+        /// call only asks, so asking again is safe.
+        retries: u32 = 1, hook_connect_retries, "BARRAGE_HOOK_CONNECT_RETRIES";
+        /// Consecutive failed requests that open the circuit breaker: while open no request
+        /// is made and calls fail at once; 0 = no breaker.
+        breaker_failures: u32 = 5, hook_connect_breaker_failures, "BARRAGE_HOOK_CONNECT_BREAKER_FAILURES";
+        /// How long the breaker stays open before one request tries the backend again.
+        breaker_open_ms: u64 = 5_000, hook_connect_breaker_open_ms, "BARRAGE_HOOK_CONNECT_BREAKER_OPEN_MS";
+    }
+
+    /// Business hook: every join asks the backend (allow or refuse per room).
+    hook_join: HookJoin {
+        /// The backend's URL (`http://host:port/path`); "" = no join hook.
+        url: String = String::new(), hook_join_url, "BARRAGE_HOOK_JOIN_URL";
+        /// Request and response bodies: `json` (proto3 JSON) or `protobuf`.
+        format: HookFormat = HookFormat::Json, hook_join_format, "BARRAGE_HOOK_JOIN_FORMAT";
+        /// A request not answered by then has failed (connect, write and read together).
+        timeout_ms: u64 = 1000, hook_join_timeout_ms, "BARRAGE_HOOK_JOIN_TIMEOUT_MS";
+        /// Requests in flight at once (one keep-alive connection and thread each).
+        in_flight_max: usize = 8, hook_join_in_flight_max, "BARRAGE_HOOK_JOIN_IN_FLIGHT_MAX";
+        /// Calls waiting for a request (about 200 B each); past it a call fails at once
+        /// (fail_open decides).
+        queue_max: usize = 10000, hook_join_queue_max, "BARRAGE_HOOK_JOIN_QUEUE_MAX";
+        /// Calls in one request at most.
+        batch_max: usize = 64, hook_join_batch_max, "BARRAGE_HOOK_JOIN_BATCH_MAX";
+        /// How long a request waits for more calls to batch once it has one (0: it takes
+        /// what is waiting and goes: batches grow only under load).
+        batch_ms: u64 = 0, hook_join_batch_ms, "BARRAGE_HOOK_JOIN_BATCH_MS";
+        /// When the backend fails (timeout, error, breaker open, queue full): true = allow as
+        /// if it had said yes; false = refuse (503), so paid or private rooms stay closed.
+        fail_open: bool = false, hook_join_fail_open, "BARRAGE_HOOK_JOIN_FAIL_OPEN";
+        /// Attempts after a failed one (connection error or 5xx) within timeout_ms: the
+        /// call only asks, so asking again is safe.
+        retries: u32 = 1, hook_join_retries, "BARRAGE_HOOK_JOIN_RETRIES";
+        /// Consecutive failed requests that open the circuit breaker: while open no request
+        /// is made and calls fail at once; 0 = no breaker.
+        breaker_failures: u32 = 5, hook_join_breaker_failures, "BARRAGE_HOOK_JOIN_BREAKER_FAILURES";
+        /// How long the breaker stays open before one request tries the backend again.
+        breaker_open_ms: u64 = 5_000, hook_join_breaker_open_ms, "BARRAGE_HOOK_JOIN_BREAKER_OPEN_MS";
+    }
+
+    /// Business hook: every client `send` waits for the backend's verdict (allow, refuse or
+    /// rewrite) before it goes to the room's owner. Never retried: a send may cost coins.
+    hook_send: HookSend {
+        /// The backend's URL (`http://host:port/path`); "" = no send hook.
+        url: String = String::new(), hook_send_url, "BARRAGE_HOOK_SEND_URL";
+        /// Request and response bodies: `json` (proto3 JSON) or `protobuf`.
+        format: HookFormat = HookFormat::Json, hook_send_format, "BARRAGE_HOOK_SEND_FORMAT";
+        /// A request not answered by then has failed (connect, write and read together).
+        timeout_ms: u64 = 1000, hook_send_timeout_ms, "BARRAGE_HOOK_SEND_TIMEOUT_MS";
+        /// Requests in flight at once (one keep-alive connection and thread each).
+        in_flight_max: usize = 8, hook_send_in_flight_max, "BARRAGE_HOOK_SEND_IN_FLIGHT_MAX";
+        /// Calls waiting for a request (about 200 B each); past it a call fails at once
+        /// (fail_open decides).
+        queue_max: usize = 10000, hook_send_queue_max, "BARRAGE_HOOK_SEND_QUEUE_MAX";
+        /// Calls in one request at most.
+        batch_max: usize = 64, hook_send_batch_max, "BARRAGE_HOOK_SEND_BATCH_MAX";
+        /// How long a request waits for more calls to batch once it has one (0: it takes
+        /// what is waiting and goes: batches grow only under load).
+        batch_ms: u64 = 0, hook_send_batch_ms, "BARRAGE_HOOK_SEND_BATCH_MS";
+        /// When the backend fails (timeout, error, breaker open, queue full): true = allow as
+        /// if it had said yes; false = refuse (503), so unfiltered chat stays out.
+        fail_open: bool = false, hook_send_fail_open, "BARRAGE_HOOK_SEND_FAIL_OPEN";
+        /// Consecutive failed requests that open the circuit breaker: while open no request
+        /// is made and calls fail at once; 0 = no breaker.
+        breaker_failures: u32 = 5, hook_send_breaker_failures, "BARRAGE_HOOK_SEND_BREAKER_FAILURES";
+        /// How long the breaker stays open before one request tries the backend again.
+        breaker_open_ms: u64 = 5_000, hook_send_breaker_open_ms, "BARRAGE_HOOK_SEND_BREAKER_OPEN_MS";
+    }
+
+    /// Business hook: disconnects and leaves, fire-and-forget and batched; never retried.
+    hook_events: HookEvents {
+        /// The backend's URL (`http://host:port/path`); "" = no events hook.
+        url: String = String::new(), hook_events_url, "BARRAGE_HOOK_EVENTS_URL";
+        /// Request and response bodies: `json` (proto3 JSON) or `protobuf`.
+        format: HookFormat = HookFormat::Json, hook_events_format, "BARRAGE_HOOK_EVENTS_FORMAT";
+        /// A request not answered by then has failed (connect, write and read together).
+        timeout_ms: u64 = 2000, hook_events_timeout_ms, "BARRAGE_HOOK_EVENTS_TIMEOUT_MS";
+        /// Requests in flight at once (one keep-alive connection and thread each).
+        in_flight_max: usize = 2, hook_events_in_flight_max, "BARRAGE_HOOK_EVENTS_IN_FLIGHT_MAX";
+        /// Calls waiting for a request (about 200 B each); past it a call is dropped (counted).
+        queue_max: usize = 100000, hook_events_queue_max, "BARRAGE_HOOK_EVENTS_QUEUE_MAX";
+        /// Calls in one request at most.
+        batch_max: usize = 500, hook_events_batch_max, "BARRAGE_HOOK_EVENTS_BATCH_MAX";
+        /// How long a request waits for more calls to batch once it has one (0: it takes
+        /// what is waiting and goes: batches grow only under load).
+        batch_ms: u64 = 200, hook_events_batch_ms, "BARRAGE_HOOK_EVENTS_BATCH_MS";
+        /// Consecutive failed requests that open the circuit breaker: while open no request
+        /// is made and calls fail at once; 0 = no breaker.
+        breaker_failures: u32 = 5, hook_events_breaker_failures, "BARRAGE_HOOK_EVENTS_BREAKER_FAILURES";
+        /// How long the breaker stays open before one request tries the backend again.
+        breaker_open_ms: u64 = 5_000, hook_events_breaker_open_ms, "BARRAGE_HOOK_EVENTS_BREAKER_OPEN_MS";
+    }
 }
 
 /// Defaults for one message type, applied where a message does not say (an unknown type: low,
@@ -445,6 +561,14 @@ fn default_types() -> BTreeMap<String, TypeDefaults> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// How hook bodies are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HookFormat {
+    Json,
+    Protobuf,
 }
 
 /// How a connection waits for input (see `server.read_mode`).
@@ -572,6 +696,9 @@ impl Config {
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
+        }
+        for (hook, settings) in crate::hooks::Settings::all(self) {
+            settings.validate(&format!("hook_{}", hook.name())).map_err(ConfigError)?;
         }
         let secret = self.auth.jwt_secret.len();
         if secret > 0 && secret < crate::auth::SECRET_BYTES_MIN {

@@ -17,6 +17,7 @@ use crate::cluster::Cluster;
 use crate::cluster::lease::Leases;
 use crate::cluster::placement::Placement;
 use crate::config::{Config, ConfigError};
+use crate::hooks::Hooks;
 use crate::hub::HubConfig;
 use crate::hub::mail::{HostMail, Mail};
 use crate::ids::ShardId;
@@ -50,6 +51,8 @@ pub struct Gateway {
     store: Option<Arc<Store>>,
     /// The cluster link (with `cluster.enabled`).
     cluster: Option<Arc<Cluster>>,
+    /// The business hooks' workers (with any `hook_*.url`).
+    hooks: Option<Arc<Hooks>>,
     pub public_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shard_count: usize,
@@ -161,6 +164,7 @@ impl Gateway {
         }
         .map_err(|e| StartError(format!("mesh: {e}")))?;
         let store = Store::start(config, Arc::clone(&mesh), leases.clone()).map_err(StartError)?;
+        let hooks = Hooks::start(config, Arc::clone(&mesh)).map_err(StartError)?.map(Arc::new);
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -169,6 +173,9 @@ impl Gateway {
             let mut hub = HubConfig::new(config, ShardId(i as u16), shards);
             if let Some(p) = &placement {
                 hub = hub.with_placement(Arc::clone(p));
+            }
+            if let Some(h) = &hooks {
+                hub = hub.with_hooks(h.gate());
             }
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
             let (params, mesh, metrics, ready, store) =
@@ -226,6 +233,7 @@ impl Gateway {
             handed_over: Arc::new(AtomicBool::new(false)),
             store: store.clone(),
             cluster: None,
+            hooks: hooks.clone(),
             public_addr,
             api_addr: config.api.listen,
             shard_count: shards,
@@ -246,8 +254,9 @@ impl Gateway {
                 return Err(StartError(e));
             }
         };
-        let routes =
-            Routes::new(config, Arc::clone(&gateway.mesh), metrics, store).with_cluster(gateway.cluster.clone());
+        let routes = Routes::new(config, Arc::clone(&gateway.mesh), metrics, store)
+            .with_cluster(gateway.cluster.clone())
+            .with_hooks(hooks);
         let api_config = ServerConfig {
             connections_max: config.api.connections_max,
             idle_timeout_ms: config.api.idle_timeout_ms,
@@ -338,6 +347,9 @@ impl Gateway {
         }
         if let Some(cluster) = self.cluster.take() {
             cluster.stop();
+        }
+        if let Some(hooks) = self.hooks.take() {
+            hooks.stop();
         }
         // After the shards: their last blocks' writes are queued; send what waits.
         if let Some(store) = self.store.take() {

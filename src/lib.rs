@@ -19,6 +19,7 @@ pub mod doctor;
 pub mod drain;
 pub mod envelope;
 pub mod gateway;
+pub mod hooks;
 pub mod hub;
 pub mod ids;
 pub mod metrics;

@@ -54,6 +54,7 @@ series! {
     HsProxy => "barrage_handshakes_total" {"result" = "proxy"}, "counter", "";
     HsDraining => "barrage_handshakes_total" {"result" = "draining"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
+    HsHook => "barrage_handshakes_total" {"result" = "hook"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
     BytesIn => "barrage_bytes_in_total", "counter", "Bytes received on the public listener.";
@@ -78,6 +79,7 @@ series! {
     SendRateLimited => "barrage_client_sends_rate_limited_total", "counter", "Client sends refused by the per-connection rate.";
     JoinBanned => "barrage_joins_refused_total" {"reason" = "banned"}, "counter", "Joins refused.";
     JoinRateLimited => "barrage_joins_refused_total" {"reason" = "rate"}, "counter", "";
+    JoinHookRefused => "barrage_joins_refused_total" {"reason" = "hook"}, "counter", "";
     Moderations => "barrage_moderation_actions_total", "counter", "Moderation actions applied by room owners.";
     AttrFrames => "barrage_attr_frames_total", "counter", "Attribute delta or snapshot frames fanned out by owners.";
     Polls => "barrage_polls_total", "counter", "Short polls answered on the public listener.";
@@ -88,6 +90,7 @@ series! {
     RefusedHandover => "barrage_requests_refused_total" {"reason" = "handover"}, "counter", "";
     SendRefused => "barrage_client_sends_refused_total" {"reason" = "rules"}, "counter", "Client sends refused: by the sender rules (anonymous, read-only token, no room, too big), or for a type the client may not send.";
     SendTypeRefused => "barrage_client_sends_refused_total" {"reason" = "type"}, "counter", "";
+    SendHookRefused => "barrage_client_sends_refused_total" {"reason" = "hook"}, "counter", "";
     FramesDropped => "barrage_frames_dropped_total" {"reason" = "slow_consumer"}, "counter", "Frames not delivered to a connection, by reason.";
     FramesMissed => "barrage_frames_dropped_total" {"reason" = "format"}, "counter", "";
     MeshFull => "barrage_frames_dropped_total" {"reason" = "mesh_full"}, "counter", "";

@@ -47,6 +47,8 @@ pub struct Routes {
     pub(super) store: Option<Arc<Store>>,
     /// The cluster link (with `cluster.enabled`): the live set, drains to peers.
     pub(super) cluster: Option<Arc<Cluster>>,
+    /// The business hooks (for their metrics).
+    hooks: Option<Arc<crate::hooks::Hooks>>,
 }
 
 /// A response either way; `Err` short-circuits with `?`.
@@ -60,6 +62,7 @@ impl Routes {
             metrics,
             store,
             cluster: None,
+            hooks: None,
             access: Access::new(&config.api.key),
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
@@ -73,6 +76,11 @@ impl Routes {
 
     pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Routes {
         self.cluster = cluster;
+        self
+    }
+
+    pub fn with_hooks(mut self, hooks: Option<Arc<crate::hooks::Hooks>>) -> Routes {
+        self.hooks = hooks;
         self
     }
 
@@ -193,6 +201,9 @@ impl Routes {
             cluster.render(&mut tail);
         }
         self.render_batches(&mut tail);
+        if let Some(hooks) = &self.hooks {
+            hooks.render(&mut tail);
+        }
         metrics::render(&self.metrics, &tail)
     }
 

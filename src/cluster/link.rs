@@ -568,8 +568,8 @@ impl State<'_> {
                     r.send(0);
                 }
             }
-            // A drain's and a stop's mail is for shards only.
-            HostMail::Drain(_) | HostMail::Flushed | HostMail::Stop => {}
+            // A drain's and a stop's mail, and hook verdicts, are for local shards only.
+            HostMail::Drain(_) | HostMail::Flushed | HostMail::Stop | HostMail::Hook(_) => {}
         }
     }
 

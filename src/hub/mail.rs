@@ -196,6 +196,8 @@ pub enum HostMail {
     PollAnswer { conn: ConnId, status: u16, body: Arc<[u8]> },
     /// The answer to a connection's acknowledged `send`: the seq its message got, or why not.
     Ack { conn: ConnId, ack: AckFrame },
+    /// A business hook's verdict on a call this shard made (see `hooks`).
+    Hook(Box<crate::hooks::call::Verdict>),
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },
@@ -222,6 +224,7 @@ impl HostMail {
             | HostMail::PollAnswer { .. }
             | HostMail::Refused { .. }
             | HostMail::Ack { .. }
+            | HostMail::Hook(_)
             | HostMail::Drain(_)
             | HostMail::Flushed
             | HostMail::Stop => None,

@@ -380,6 +380,8 @@ pub struct HubConfig {
     pub loads: desk::LoadLimits,
     /// In a cluster: which node owns each room (`with_placement`).
     pub placement: Option<Arc<crate::cluster::placement::Placement>>,
+    /// The business hooks' queues, when any hook is configured (`with_hooks`).
+    pub hooks: Option<Arc<crate::hooks::Gate>>,
 }
 
 impl HubConfig {
@@ -447,6 +449,7 @@ impl HubConfig {
                 held_timeout_ms: c.cluster.lease_ms * 2 + c.redis.load_timeout_ms,
             },
             placement: None,
+            hooks: None,
         }
     }
 
@@ -456,6 +459,12 @@ impl HubConfig {
         self.placement = Some(placement);
         self.owner.shards = self.shards + 1;
         self.owner.cluster = true;
+        self
+    }
+
+    /// The shard asks the business hooks through `gate`.
+    pub fn with_hooks(mut self, gate: Arc<crate::hooks::Gate>) -> HubConfig {
+        self.hooks = Some(gate);
         self
     }
 }

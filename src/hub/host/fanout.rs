@@ -99,6 +99,7 @@ impl Host {
                     self.send_frame(key, &ServerFrame { frame: Some(server_frame::Frame::Ack(ack)) }, now);
                 }
             }
+            HostMail::Hook(verdict) => self.hook_verdict(*verdict, now),
             HostMail::Drain(plan) => self.start_drain(plan, now),
             HostMail::Flushed => self.owner_flushed(1, now),
             HostMail::Stop => self.stop(now),

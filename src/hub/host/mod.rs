@@ -18,6 +18,7 @@ mod drain;
 mod edge;
 mod fanout;
 mod grants;
+mod hooked;
 mod intake;
 pub mod outbox;
 mod poll;
@@ -45,6 +46,7 @@ use super::mail::{Mail, OwnerMail};
 use super::post::PostOffice;
 use crate::auth::Verifier;
 use crate::cluster::placement::route;
+use crate::hooks::call::Hook;
 use crate::ids::{ConnKey, Now, ShardId};
 use crate::metrics::{Counters, Series};
 use crate::room::RoomName;
@@ -115,6 +117,9 @@ pub struct Host {
     http: HashMap<ConnKey, poll::HttpRequest>,
     /// When signed-in connections' tokens expire (only tokens with an `exp`).
     expiries: HashMap<ConnKey, tokens::Expiry>,
+    /// Handshakes waiting for the connect hook, and joins waiting for the join hook.
+    connecting: HashMap<ConnKey, hooked::Connecting>,
+    joining: HashMap<ConnKey, (RoomName, u64)>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
     /// as one queued frame, so a burst of small client frames costs one queue slot.
     replying: Option<ConnKey>,
@@ -146,6 +151,8 @@ impl Host {
             peers: HashMap::new(),
             http: HashMap::new(),
             expiries: HashMap::new(),
+            connecting: HashMap::new(),
+            joining: HashMap::new(),
             replying: None,
             replies: Vec::new(),
             counters: Counters::default(),
@@ -207,6 +214,7 @@ impl Host {
             State::Handshake if self.peers.get(&key).is_some_and(|p| p.awaiting_proxy) => {
                 self.read_proxy(key, data, now)
             }
+            State::Handshake if self.connecting.contains_key(&key) => self.early_input(key, data, now),
             State::Handshake => self.read_handshake(key, data, now),
             State::Open => {
                 conn.deadline = now.tick_after(self.cfg.idle_timeout_ms);
@@ -552,7 +560,12 @@ impl Host {
         self.http.remove(&key);
         self.peers.remove(&key);
         self.expiries.remove(&key);
+        self.connecting.remove(&key);
+        self.joining.remove(&key);
         self.leave_room(key);
+        if opened && self.hooked(Hook::Events) {
+            self.hook_event(key, None);
+        }
         self.leave_user(key);
         if how == Teardown::Reset {
             self.counters.inc(Series::ClosedReset);

@@ -9,6 +9,7 @@ use super::Host;
 use super::conn::{State, flag};
 use super::rooms::RoomKey;
 use crate::envelope;
+use crate::hooks::call::{Hook, SendCall};
 use crate::hub::mail::{Origin, OwnerMail};
 use crate::ids::{ConnKey, Now, UserId};
 use crate::metrics::Series;
@@ -133,22 +134,39 @@ impl Host {
         self.rooms.get(self.conns.get(key).room).map(|r| &r.name)
     }
 
-    fn user_of(&self, key: ConnKey) -> Option<&UserId> {
+    pub(super) fn user_of(&self, key: ConnKey) -> Option<&UserId> {
         self.users.id(self.conns.get(key).user)
     }
 
-    /// Joins a room, leaving the current one first; the owner answers with backfill (all recent
-    /// history, or what came after the `after` seq a resuming client showed) and the attribute
-    /// snapshot. A banned user is refused.
+    /// Joins a room, leaving the current one first (after the join hook, when there is one);
+    /// the owner answers with backfill (all recent history, or what came after the `after` seq
+    /// a resuming client showed) and the attribute snapshot. A banned user is refused.
     pub(super) fn join(&mut self, key: ConnKey, room: &RoomName, after: u64, now: Now) {
+        if self.current_room(key) == Some(room) || self.banned(key, room, now) {
+            return;
+        }
+        if self.hooked(Hook::Join) {
+            return self.ask_join(key, room, after, now);
+        }
+        self.enter(key, room, after);
+    }
+
+    /// Whether the connection's user is banned from `room` (then it is told so).
+    pub(super) fn banned(&mut self, key: ConnKey, room: &RoomName, now: Now) -> bool {
+        let banned = self.user_of(key).is_some_and(|u| self.replicas.contains(room, List::Ban, u, now.unix.0));
+        if banned {
+            self.counters.inc(Series::JoinBanned);
+            self.send_error(key, code::FORBIDDEN, "you are banned from this room", now);
+        }
+        banned
+    }
+
+    /// Moves the connection into `room` and tells the owner (a join everyone allowed).
+    pub(super) fn enter(&mut self, key: ConnKey, room: &RoomName, after: u64) {
         if self.current_room(key) == Some(room) {
             return;
         }
         let user = self.user_of(key).cloned();
-        if user.as_ref().is_some_and(|u| self.replicas.contains(room, List::Ban, u, now.unix.0)) {
-            self.counters.inc(Series::JoinBanned);
-            return self.send_error(key, code::FORBIDDEN, "you are banned from this room", now);
-        }
         self.leave_room(key);
         let json = self.conns.get(key).has(flag::JSON);
         let (r, pos) = self.rooms.join(room, key, json);
@@ -180,6 +198,12 @@ impl Host {
         if room == RoomKey::NONE {
             return;
         }
+        if self.hooked(Hook::Events)
+            && let Some(name) = self.rooms.get(room).map(|r| r.name.clone())
+        {
+            self.hook_event(key, Some(&name));
+        }
+        let conn = self.conns.get(key);
         let (pos, json) = (conn.member_pos, conn.has(flag::JSON));
         let user = self.users.id(conn.user);
         let named = self.cfg.owner.presence_users_max;
@@ -250,6 +274,9 @@ impl Host {
         let weight = self.users.level(user_key);
         let msg = Message { r#type: kind, data: s.data, ..Message::default() };
         let from = self.at(key);
+        if self.hooked(Hook::Send) {
+            return self.ask_send(SendCall { room, msg, user, weight, priority, from, ack }, now);
+        }
         let send = OwnerMail::Send { room: room.clone(), msg: Box::new(msg), user, weight, priority, from, ack };
         self.ask_owner(&room, send);
     }

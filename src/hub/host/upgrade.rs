@@ -7,6 +7,7 @@ use super::conn::{State, flag};
 use super::edge::Admit;
 use crate::auth::Claims;
 use crate::envelope::Format;
+use crate::hooks::call::Hook;
 use crate::hub::mail::ConnAt;
 use crate::ids::{ConnKey, Now};
 use crate::metrics::Series;
@@ -106,7 +107,7 @@ impl Host {
     }
 
     /// Frames a client sent right behind its request head.
-    fn read_after_head(&mut self, key: ConnKey, rest: &mut [u8], now: Now) {
+    pub(super) fn read_after_head(&mut self, key: ConnKey, rest: &mut [u8], now: Now) {
         if self.conns.get(key).state == State::Open && !rest.is_empty() {
             self.read_frames(key, rest, now);
         }
@@ -147,7 +148,15 @@ impl Host {
             };
             return self.refuse(key, r, now);
         }
-        let decided = self.identify(&request, now).and_then(|id| {
+        // With a connect hook the backend may sign in whom the gateway cannot (its own token,
+        // or none): the token goes to it instead of a refusal.
+        let hooked = !echo && self.hooked(Hook::Connect);
+        let identified = match self.identify(&request, now) {
+            Ok(id) => Ok((id, None)),
+            Err(_) if hooked => Ok((None, token(&request))),
+            Err(r) => Err(r),
+        };
+        let decided = identified.and_then(|(id, token)| {
             let room = match wire::query_param(&request.query, "room") {
                 Some(name) if !echo => Some(RoomName::parse(&name, self.cfg.name_bytes_max).map_err(|e| Refusal {
                     status: 400,
@@ -164,21 +173,18 @@ impl Host {
                     series: Series::HsRoom,
                 })?,
             };
-            Ok((id, room.map(|r| (r, after))))
+            Ok((id, token, room.map(|r| (r, after))))
         });
         match decided {
-            Ok((id, room)) => self.open(key, &upgrade, id, room, echo, now),
+            Ok((id, token, room)) if hooked => self.ask_connect(key, upgrade, id, token, room, request.origin, now),
+            Ok((id, _, room)) => self.open(key, &upgrade, id, room, echo, now),
             Err(r) => self.refuse(key, r, now),
         }
     }
 
     /// Token from `?token=` or `Authorization: Bearer`; anonymous when allowed.
     pub(super) fn identify(&self, request: &Request, now: Now) -> Result<Identity, Refusal> {
-        let token = wire::query_param(&request.query, "token")
-            .map(|t| t.into_owned())
-            .or_else(|| request.bearer.clone())
-            .filter(|t| !t.is_empty());
-        let Some(token) = token else {
+        let Some(token) = token(request) else {
             if self.cfg.allow_anonymous {
                 return Ok(None);
             }
@@ -200,7 +206,7 @@ impl Host {
     }
 
     /// Answers 101 and the welcome, and joins the room the URL named.
-    fn open(
+    pub(super) fn open(
         &mut self,
         key: ConnKey,
         upgrade: &Upgrade,
@@ -269,6 +275,14 @@ impl Host {
         conn.deadline = deadline;
         self.enqueue_owned(key, bytes, now);
     }
+}
+
+/// The request's token: `?token=`, else `Authorization: Bearer`.
+fn token(request: &Request) -> Option<String> {
+    wire::query_param(&request.query, "token")
+        .map(|t| t.into_owned())
+        .or_else(|| request.bearer.clone())
+        .filter(|t| !t.is_empty())
 }
 
 fn handshake_series(e: &HandshakeError) -> Series {
