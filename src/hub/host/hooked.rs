@@ -18,9 +18,9 @@ use crate::wire::handshake::Upgrade;
 
 /// A handshake waiting for the connect hook.
 pub(super) struct Connecting {
-    upgrade: Upgrade,
-    id: Identity,
-    room: Option<(RoomName, u64)>,
+    pub upgrade: Upgrade,
+    pub id: Identity,
+    pub room: Option<(RoomName, u64)>,
 }
 
 impl Host {
@@ -59,6 +59,27 @@ impl Host {
         };
         self.connecting.insert(key, Connecting { upgrade, id, room });
         self.call_hook(Call::Connect(Box::new(call)), now);
+    }
+
+    /// A handshake the gateway (and the connect hook) let in. With a join hook, the URL's room
+    /// asks it before the 101 too, so a welcome that names a room always means the client is
+    /// in it.
+    pub(super) fn admitted(&mut self, key: ConnKey, pending: Connecting, now: Now) {
+        let Some((room, after)) = pending.room.clone().filter(|_| self.hooked(Hook::Join)) else {
+            return self.open_now(key, pending, now);
+        };
+        let user = pending.id.as_ref().map(|c| c.sub.clone()).unwrap_or_default();
+        let call = JoinCall { at: self.at(key), user, room, after };
+        self.connecting.insert(key, pending);
+        self.call_hook(Call::Join(Box::new(call)), now);
+    }
+
+    /// Answers 101 and reads what the client sent behind its request meanwhile.
+    fn open_now(&mut self, key: ConnKey, pending: Connecting, now: Now) {
+        self.open(key, &pending.upgrade, pending.id, pending.room, false, now);
+        if let Some(mut early) = self.intake.take_head(key) {
+            self.read_after_head(key, &mut early, now);
+        }
     }
 
     /// Bytes a client sent before its handshake was answered: held (within the partial-input
@@ -129,9 +150,23 @@ impl Host {
                     let r = Refusal { status: 401, message: "a token is required".into(), series: Series::HsAnonymous };
                     return self.refuse(key, r, now);
                 }
-                self.open(key, &pending.upgrade, id, pending.room, false, now);
-                if let Some(mut early) = self.intake.take_head(key) {
-                    self.read_after_head(key, &mut early, now);
+                self.admitted(key, Connecting { upgrade: pending.upgrade, id, room: pending.room }, now);
+            }
+            // The URL's room, asked before the 101.
+            Verdict::Join { at, room, after, outcome }
+                if self.live(at.conn).is_some_and(|key| self.conns.get(key).state == State::Handshake) =>
+            {
+                let Some(key) = self.live(at.conn) else { return };
+                let Some(pending) = self.connecting.remove(&key) else { return };
+                if pending.room.as_ref().map(|(r, a)| (r, *a)) != Some((&room, after)) {
+                    return;
+                }
+                match outcome {
+                    Ok(()) => self.open_now(key, pending, now),
+                    Err(r) => {
+                        let status = u16::try_from(r.code).unwrap_or(403);
+                        self.refuse(key, Refusal { status, message: r.reason, series: Series::HsHook }, now);
+                    }
                 }
             }
             Verdict::Join { at, room, after, outcome } => {

@@ -108,8 +108,13 @@ impl Host {
 
     /// Frames a client sent right behind its request head.
     pub(super) fn read_after_head(&mut self, key: ConnKey, rest: &mut [u8], now: Now) {
-        if self.conns.get(key).state == State::Open && !rest.is_empty() {
-            self.read_frames(key, rest, now);
+        if rest.is_empty() {
+            return;
+        }
+        match self.conns.get(key).state {
+            State::Open => self.read_frames(key, rest, now),
+            State::Handshake if self.connecting.contains_key(&key) => self.early_input(key, rest, now),
+            _ => {}
         }
     }
 
@@ -177,6 +182,9 @@ impl Host {
         });
         match decided {
             Ok((id, token, room)) if hooked => self.ask_connect(key, upgrade, id, token, room, request.origin, now),
+            Ok((id, _, room)) if room.is_some() && self.hooked(Hook::Join) => {
+                self.admitted(key, super::hooked::Connecting { upgrade, id, room }, now)
+            }
             Ok((id, _, room)) => self.open(key, &upgrade, id, room, echo, now),
             Err(r) => self.refuse(key, r, now),
         }
@@ -243,10 +251,12 @@ impl Host {
             expires_ms,
         };
         let frame = ServerFrame { frame: Some(server_frame::Frame::Welcome(welcome)) };
+        // The URL's room: past the join hook already, when there is one (see `admitted`).
         if self.send_frame(key, &frame, now)
             && let Some((room, after)) = room
+            && !self.banned(key, &room, now)
         {
-            self.join(key, &room, after, now);
+            self.enter(key, &room, after);
         }
     }
 
