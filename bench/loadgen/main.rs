@@ -48,6 +48,7 @@ mod ring;
 mod scenario_connect;
 mod scenario_fanout;
 mod scenario_ingest;
+mod scenario_sends;
 mod scenario_soak;
 mod scenario_upgrade;
 mod sys;
@@ -97,6 +98,14 @@ enum Scenario {
     /// and the gateway's CPU per message. Exit 0 if messages were accepted and no request
     /// failed; 1 otherwise; 2 for refused arguments.
     Ingest(Box<scenario_ingest::IngestArgs>),
+    /// Signed-in clients send chat lines with ids, one in flight each, for a while; report
+    /// acked sends per second, send-to-ack latency (p50/p99) and the gateway's CPU per send
+    /// (with and without a send hook: bench/hooks.sh). Exit 0 if sends were acked and no client
+    /// failed; 1 otherwise; 2 for refused arguments.
+    Sends(Box<scenario_sends::SendsArgs>),
+    /// A trivial business-hook backend that allows every call (JSON, keep-alive), for
+    /// bench/hooks.sh. Runs until killed.
+    Backend(scenario_sends::BackendArgs),
 }
 
 fn main() {
@@ -107,6 +116,8 @@ fn main() {
         Scenario::Soak(args) => scenario_soak::run(*args),
         Scenario::Upgrade(args) => scenario_upgrade::run(*args),
         Scenario::Ingest(args) => scenario_ingest::run(*args),
+        Scenario::Sends(args) => scenario_sends::run(*args),
+        Scenario::Backend(args) => scenario_sends::backend(args),
     };
     std::process::exit(code);
 }
