@@ -97,7 +97,10 @@ pub fn run(args: SendsArgs) -> i32 {
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) + 3600;
     let threads: Vec<_> = (0..args.clients)
         .map(|i| {
-            let token = barrage::auth::sign_hs256(args.secret.as_bytes(), &serde_json::json!({"sub": format!("s{i}"), "exp": exp}));
+            let token = barrage::auth::sign_hs256(
+                args.secret.as_bytes(),
+                &serde_json::json!({"sub": format!("s{i}"), "exp": exp}),
+            );
             let path = format!("/ws?room=r{}&token={token}", i % args.rooms);
             let (counts, latencies, measuring, stop) =
                 (Arc::clone(&counts), Arc::clone(&latencies), Arc::clone(&measuring), Arc::clone(&stop));
@@ -128,8 +131,12 @@ pub fn run(args: SendsArgs) -> i32 {
     }
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |&us| f64::from(us) / 1000.0);
-    let per_send = |b: Option<f64>, a: Option<f64>| b.zip(a).filter(|_| acked > 0).map(|(b, a)| (a - b) * 1e6 / acked as f64);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&us| f64::from(us) / 1000.0)
+    };
+    let per_send =
+        |b: Option<f64>, a: Option<f64>| b.zip(a).filter(|_| acked > 0).map(|(b, a)| (a - b) * 1e6 / acked as f64);
     let report = SendsReport {
         scenario: "sends",
         label: args.label.clone(),
@@ -301,6 +308,10 @@ fn serve(conn: TcpStream) -> io::Result<()> {
             verdicts(req.join.len()),
             verdicts(req.send.len())
         );
-        write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}", answer.len())?;
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        )?;
     }
 }

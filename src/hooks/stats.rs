@@ -139,7 +139,7 @@ impl Stats {
                 );
             }
         }
-        let simple: [(&str, &str, &str, fn(&Stats) -> u64); 5] = [
+        let simple: [Simple; 5] = [
             (
                 "barrage_hook_batched_calls_total",
                 "counter",
@@ -192,6 +192,9 @@ impl Stats {
         }
     }
 }
+
+/// A plain series: name, kind, help, and how to read it from a hook's stats.
+type Simple = (&'static str, &'static str, &'static str, fn(&Stats) -> u64);
 
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

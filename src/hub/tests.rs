@@ -674,3 +674,105 @@ fn a_room_left_while_loading_still_finishes_its_load() {
     assert!(rx.try_recv().is_err(), "s waits for its own load");
     assert_eq!(h.counters().get(Series::LoadSkipped), 0);
 }
+
+/// A hub whose hooks' queues are read by the test: (hub, queues by hook).
+fn hooked_hub(
+    c: &Config,
+    hooks: &[crate::hooks::call::Hook],
+    queue_max: usize,
+) -> (Hub, HashMap<usize, crossbeam_channel::Receiver<crate::hooks::call::Call>>) {
+    let settings: Vec<_> = crate::hooks::Settings::all(&{
+        let mut c = c.clone();
+        for h in hooks {
+            let url = "http://127.0.0.1:1/".to_string();
+            match h {
+                crate::hooks::call::Hook::Connect => (c.hook_connect.url, c.hook_connect.queue_max) = (url, queue_max),
+                crate::hooks::call::Hook::Join => (c.hook_join.url, c.hook_join.queue_max) = (url, queue_max),
+                crate::hooks::call::Hook::Send => (c.hook_send.url, c.hook_send.queue_max) = (url, queue_max),
+                crate::hooks::call::Hook::Events => (c.hook_events.url, c.hook_events.queue_max) = (url, queue_max),
+            }
+        }
+        c
+    });
+    let (gate, rxs) = crate::hooks::Gate::detached(&settings);
+    let hub = Hub::new(HubConfig::new(c, ShardId(0), 1).with_hooks(std::sync::Arc::new(gate)));
+    (hub, rxs.into_iter().map(|(h, rx)| (h as usize, rx)).collect())
+}
+
+#[test]
+fn a_send_waits_for_its_verdict_off_the_shard_then_goes_to_the_owner() {
+    use crate::hooks::call::{Call, Hook, Refusal, Verdict};
+    let c = config(|c| {
+        c.rooms.block_interval_ms = 10;
+        c.rooms.presence_events = false;
+    });
+    let (mut h, queues) = hooked_hub(&c, &[Hook::Send], 16);
+    let r = RoomName::parse("r", 64).unwrap();
+    let (alice, viewer) = (upgrade(&mut h, "alice", &r, at(0)), upgrade(&mut h, "bob", &r, at(0)));
+    h.end_turn(at(0));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(0));
+    let send = |h: &mut Hub, text: &str, id: &str, now| {
+        let s = Send { r#type: "chat".into(), data: text.as_bytes().to_vec(), id: id.into() };
+        client_frame(h, alice, client_frame::Frame::Send(s), now);
+    };
+    send(&mut h, "hello", "a1", at(1));
+    send(&mut h, "spam", "a2", at(1));
+    // Both calls wait in the hook's queue; the shard goes on (nothing reached the owner).
+    let rx = &queues[&(Hook::Send as usize)];
+    let calls: Vec<Call> = rx.try_iter().collect();
+    assert_eq!(calls.len(), 2);
+    h.handle_timeout(at(50));
+    drain_sends(&mut h, &mut out, at(50));
+    assert_eq!(h.counters().get(Series::BlocksCut), 0, "no message reached the owner yet");
+    // The backend allows the first (rewritten) and refuses the second.
+    let mut calls = calls.into_iter();
+    let Some(Call::Send(mut first)) = calls.next() else { panic!() };
+    first.msg.data = b"hello!".to_vec();
+    h.handle_mail(HostMail::Hook(Box::new(Verdict::Send { call: first, outcome: Ok(()) })).into(), at(60));
+    let Some(Call::Send(second)) = calls.next() else { panic!() };
+    let refusal = Refusal { code: 403, reason: "spam".into() };
+    h.handle_mail(HostMail::Hook(Box::new(Verdict::Send { call: second, outcome: Err(refusal) })).into(), at(60));
+    h.handle_timeout(at(100));
+    out.clear();
+    drain_sends(&mut h, &mut out, at(100));
+    let block = server_frames(&out[&viewer]).into_iter().find_map(|f| match f {
+        server_frame::Frame::Block(b) if !b.backfill => Some(b),
+        _ => None,
+    });
+    assert_eq!(block.expect("a block").messages[0].data, b"hello!");
+    let acks: Vec<_> = server_frames(&out[&alice])
+        .into_iter()
+        .filter_map(|f| match f {
+            server_frame::Frame::Ack(a) => Some((a.id, a.code)),
+            _ => None,
+        })
+        .collect();
+    assert!(acks.contains(&("a2".into(), 403)) && acks.contains(&("a1".into(), 0)), "{acks:?}");
+    assert_eq!(h.counters().get(Series::SendHookRefused), 1);
+}
+
+#[test]
+fn a_full_hook_queue_answers_at_once_with_the_failure_policy() {
+    use crate::hooks::call::Hook;
+    // Connect fails open (the token decides), join fails closed: with one slot each, the
+    // second handshake is let in by its token and refused its room at once.
+    let c = config(|_| {});
+    let (mut h, queues) = hooked_hub(&c, &[Hook::Connect, Hook::Join], 1);
+    let r = RoomName::parse("r", 64).unwrap();
+    let first = upgrade(&mut h, "a", &r, at(0));
+    let second = upgrade(&mut h, "b", &r, at(0));
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, at(0));
+    assert!(!out.contains_key(&first), "the first waits in the connect queue");
+    assert_eq!(queues[&(Hook::Connect as usize)].len(), 1);
+    // The second found connect's queue full: open by its token, then its room asks join,
+    // whose one slot is free.
+    assert!(!out.contains_key(&second), "its room waits for the join hook");
+    assert_eq!(queues[&(Hook::Join as usize)].len(), 1);
+    let third = upgrade(&mut h, "c", &r, at(1));
+    drain_sends(&mut h, &mut out, at(1));
+    let head = String::from_utf8_lossy(&out[&third]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 503"), "both queues full: join fails closed: {head}");
+    assert_eq!(h.counters().get(Series::HsHook), 1);
+}

@@ -42,22 +42,20 @@ impl Host {
     pub(super) fn ask_connect(
         &mut self,
         key: ConnKey,
-        upgrade: Upgrade,
-        id: Identity,
+        pending: Connecting,
         token: Option<String>,
-        room: Option<(RoomName, u64)>,
         origin: Option<String>,
         now: Now,
     ) {
         let call = ConnectCall {
             at: self.at(key),
-            user: id.as_ref().map(|c| c.sub.clone()).unwrap_or_default(),
+            user: pending.id.as_ref().map(|c| c.sub.clone()).unwrap_or_default(),
             token: token.unwrap_or_default(),
             ip: self.peers.get(&key).and_then(|p| p.addr).map(|a| a.to_string()).unwrap_or_default(),
-            room: room.as_ref().map(|(r, _)| r.as_str().to_owned()).unwrap_or_default(),
+            room: pending.room.as_ref().map(|(r, _)| r.as_str().to_owned()).unwrap_or_default(),
             origin: origin.unwrap_or_default(),
         };
-        self.connecting.insert(key, Connecting { upgrade, id, room });
+        self.connecting.insert(key, pending);
         self.call_hook(Call::Connect(Box::new(call)), now);
     }
 

@@ -5,6 +5,7 @@
 use super::Host;
 use super::conn::{State, flag};
 use super::edge::Admit;
+use super::hooked::Connecting;
 use crate::auth::Claims;
 use crate::envelope::Format;
 use crate::hooks::call::Hook;
@@ -181,9 +182,11 @@ impl Host {
             Ok((id, token, room.map(|r| (r, after))))
         });
         match decided {
-            Ok((id, token, room)) if hooked => self.ask_connect(key, upgrade, id, token, room, request.origin, now),
+            Ok((id, token, room)) if hooked => {
+                self.ask_connect(key, Connecting { upgrade, id, room }, token, request.origin, now)
+            }
             Ok((id, _, room)) if room.is_some() && self.hooked(Hook::Join) => {
-                self.admitted(key, super::hooked::Connecting { upgrade, id, room }, now)
+                self.admitted(key, Connecting { upgrade, id, room }, now)
             }
             Ok((id, _, room)) => self.open(key, &upgrade, id, room, echo, now),
             Err(r) => self.refuse(key, r, now),
