@@ -137,3 +137,87 @@ fn protobuf_and_ndjson_batches_and_the_bounds() {
     let (status, _) = http(gw.api, "POST", "/v1/publish", Some(r#"{"room":"p"}"#), &[]);
     assert_eq!(status, 400);
 }
+
+/// Reads one chunk of a chunked answer: its data, or None for the last (zero) chunk.
+fn read_chunk(r: &mut std::io::BufReader<TcpStream>) -> Option<Vec<u8>> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let size = usize::from_str_radix(line.trim(), 16).unwrap();
+    let mut data = vec![0u8; size + 2];
+    r.read_exact(&mut data).unwrap();
+    assert_eq!(&data[size..], b"\r\n");
+    data.truncate(size);
+    (size > 0).then_some(data)
+}
+
+fn chunk(bytes: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", bytes.len()).as_bytes(), bytes, b"\r\n"].concat()
+}
+
+#[test]
+fn an_ndjson_stream_is_answered_as_it_goes_on_one_keep_alive_connection() {
+    use std::io::BufRead;
+    let gw = Gateway::start(&["--api-body-bytes-max", "4096"]);
+    let mut viewer = Client::connect(&gw.url("?room=st1"), None);
+    viewer.welcome();
+    gw.wait_online("st1", 1);
+    let s = TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    w.write_all(b"POST /v1/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let mut head = String::new();
+    // The answer starts before the body ends: send one chunk, read its results.
+    w.write_all(&chunk(b"{\"room\":\"st1\",\"text\":\"one\"}\n{\"room\":\"st1\",\"te")).unwrap();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("Transfer-Encoding: chunked"), "{head}");
+    let first = String::from_utf8(read_chunk(&mut r).unwrap()).unwrap();
+    assert_eq!(first.lines().count(), 1, "the complete line only: {first}");
+    assert!(first.starts_with("{\"id\":"), "{first}");
+    // The split line completes in the next chunk, beside a refused item and a direct one.
+    w.write_all(&chunk(b"xt\":\"two\"}\n{\"room\":\"\",\"text\":\"x\"}\n{\"user\":\"nobody\",\"text\":\"psst\"}\n"))
+        .unwrap();
+    let second = String::from_utf8(read_chunk(&mut r).unwrap()).unwrap();
+    let results: Vec<Value> = second.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 3, "{second}");
+    assert!(results[0]["id"].is_string());
+    assert_eq!(results[1]["status"], 400);
+    assert_eq!(results[2]["connections"], 0);
+    // A last line without its newline, then the end of the body ends the answer.
+    w.write_all(&chunk(b"{\"room\":\"st1\",\"text\":\"three\"}")).unwrap();
+    w.write_all(b"0\r\n\r\n").unwrap();
+    let third = String::from_utf8(read_chunk(&mut r).unwrap()).unwrap();
+    assert!(third.starts_with("{\"id\":"), "{third}");
+    assert_eq!(read_chunk(&mut r), None, "the zero chunk ends the answer");
+    assert_eq!(texts(&mut viewer, 3), ["one", "two", "three"]);
+    // The connection carries the next request.
+    w.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(gw.metric("barrage_api_streams_total"), 1);
+
+    // A chunk over api.body_bytes_max ends the stream and the connection.
+    let mut s = TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /v1/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("0\r\n\r\n"), "{out}");
+    // A chunked body anywhere else is still refused.
+    let mut s = TcpStream::connect(gw.api).unwrap();
+    s.write_all(b"POST /v1/rooms/x/messages HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 411"), "{out}");
+}

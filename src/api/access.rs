@@ -99,6 +99,7 @@ mod tests {
             api_key: key.map(Into::into),
             keep_alive: true,
             body_bytes: 8 << 20,
+            chunked: false,
         }
     }
 

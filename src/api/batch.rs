@@ -15,11 +15,17 @@ use serde_json::Value;
 use super::http::{Request, Response};
 use super::publish::{PublishJson, USER_BYTES_MAX, decode_json};
 use super::routes::{Answer, Routes, reply_channel, wait};
+use super::server::{BodyStream, StreamOut};
 use crate::hub::mail::{BatchItem, HostMail, OwnerMail};
 use crate::ids::{ShardId, UserId};
 use crate::proto::{Broadcast, Direct, PublishBatch, server_frame};
 use crate::room::owner::{PublishError, Published};
 use crate::room::{Priority, RoomName};
+
+/// The non-blank lines of an NDJSON text.
+fn ndjson_lines(text: &[u8]) -> Vec<&[u8]> {
+    text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).collect()
+}
 
 /// Where one item goes.
 enum Target {
@@ -42,16 +48,9 @@ impl Routes {
                 batch.items.into_iter().map(|item| self.proto_item(item)).collect()
             }
             _ if ndjson => {
-                let lines: Vec<&[u8]> =
-                    req.body.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).collect();
+                let lines = ndjson_lines(&req.body);
                 self.batch_limit(lines.len())?;
-                lines
-                    .into_iter()
-                    .map(|line| match serde_json::from_slice::<PublishJson>(line) {
-                        Ok(item) => self.json_item(item),
-                        Err(e) => Err(Response::error(400, &format!("bad item: {e}"))),
-                    })
-                    .collect()
+                lines.into_iter().map(|line| self.ndjson_item(line)).collect()
             }
             _ => {
                 let items: Vec<PublishJson> = serde_json::from_slice(&req.body)
@@ -61,10 +60,7 @@ impl Routes {
             }
         };
         let results = self.deliver_batch(items)?;
-        let accepted = results.iter().filter(|r| matches!(r, Outcome::Published(..) | Outcome::Sent(..))).count();
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batch_items[0].fetch_add(accepted as u64, Ordering::Relaxed);
-        self.batch_items[1].fetch_add((results.len() - accepted) as u64, Ordering::Relaxed);
+        let accepted = self.count_batch(&results);
         // Rendered by hand: a result per message is the batch's largest cost after the push.
         let mut body = Vec::with_capacity(results.len() * 26 + 48);
         if ndjson {
@@ -85,6 +81,70 @@ impl Routes {
         Ok(Response::text(200, "application/json", body))
     }
 
+    /// A stream of NDJSON items (`POST /v1/publish`, chunked): each chunk's complete lines go
+    /// out as one batch (several when over `api.batch_items_max`), and their results, one line
+    /// each in order, come back as one chunk of the answer. A line may span chunks; one longer
+    /// than `api.body_bytes_max` ends the stream (413). Memory stays within one chunk and one
+    /// partial line, however long the stream runs.
+    pub(super) fn publish_stream(&self, body: &mut BodyStream<'_>, out: &mut StreamOut<'_>) -> std::io::Result<()> {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let mut partial: Vec<u8> = Vec::new();
+        let mut answer = Vec::new();
+        while let Some(chunk) = body.next()? {
+            partial.extend_from_slice(&chunk);
+            let Some(end) = partial.iter().rposition(|&b| b == b'\n').map(|i| i + 1) else {
+                if partial.len() > self.body_bytes_max {
+                    Outcome::Refused(413, "an NDJSON line is longer than api.body_bytes_max".into()).write(&mut answer);
+                    answer.push(b'\n');
+                    return out.chunk(&answer);
+                }
+                continue;
+            };
+            self.stream_lines(&partial[..end], &mut answer);
+            out.chunk(&answer)?;
+            answer.clear();
+            partial.drain(..end);
+        }
+        // A last line without its newline.
+        self.stream_lines(&partial, &mut answer);
+        out.chunk(&answer)
+    }
+
+    /// Publishes complete NDJSON lines in batches of at most `api.batch_items_max`, a result
+    /// line per item into `answer`.
+    fn stream_lines(&self, text: &[u8], answer: &mut Vec<u8>) {
+        for group in ndjson_lines(text).chunks(self.batch_items_max) {
+            let items: Vec<Checked> = group.iter().map(|line| self.ndjson_item(line)).collect();
+            let results = match self.deliver_batch(items) {
+                Ok(results) => results,
+                // The gateway could not take the batch (an inbox full, a shard late): every item
+                // of it gets that answer, and the stream goes on.
+                Err(r) => (0..group.len()).map(|_| Outcome::refused(&r)).collect(),
+            };
+            self.count_batch(&results);
+            for r in &results {
+                r.write(answer);
+                answer.push(b'\n');
+            }
+        }
+    }
+
+    fn ndjson_item(&self, line: &[u8]) -> Checked {
+        match serde_json::from_slice::<PublishJson>(line) {
+            Ok(item) => self.json_item(item),
+            Err(e) => Err(Response::error(400, &format!("bad item: {e}"))),
+        }
+    }
+
+    /// Counts an answered batch; returns its accepted items.
+    fn count_batch(&self, results: &[Outcome]) -> usize {
+        let accepted = results.iter().filter(|r| matches!(r, Outcome::Published(..) | Outcome::Sent(..))).count();
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_items[0].fetch_add(accepted as u64, Ordering::Relaxed);
+        self.batch_items[1].fetch_add((results.len() - accepted) as u64, Ordering::Relaxed);
+        accepted
+    }
+
     /// Prometheus text of the batch counters.
     pub(super) fn render_batches(&self, out: &mut String) {
         use std::fmt::Write as _;
@@ -95,6 +155,11 @@ impl Routes {
             get(&self.batches),
             get(&self.batch_items[0]),
             get(&self.batch_items[1])
+        );
+        let _ = writeln!(
+            out,
+            "# HELP barrage_api_streams_total Streamed publishes (NDJSON sent chunked to POST /v1/publish) served.\n# TYPE barrage_api_streams_total counter\nbarrage_api_streams_total {}",
+            get(&self.streams)
         );
     }
 

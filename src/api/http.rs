@@ -2,8 +2,9 @@
 //! to the authoriser before any body byte is asked for), then a [`Request`]; the routes'
 //! [`Response`] becomes bytes to write. Sans-IO: the server owns the socket.
 //!
-//! HTTP/1.1 subset: Content-Length bodies only (no chunked), `Expect: 100-continue`, keep-alive
-//! and pipelining. Every size is bounded by [`Limits`] before the bytes are buffered.
+//! HTTP/1.1 subset: Content-Length bodies, `Expect: 100-continue`, keep-alive and pipelining;
+//! a chunked body only as a stream the server hands to a route that takes one ([`next_chunk`]
+//! reads it a chunk at a time). Every size is bounded by [`Limits`] before the bytes are buffered.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -73,6 +74,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// Content-Length, 0 without one; already within `body_bytes_max`.
     pub body_bytes: usize,
+    /// `Transfer-Encoding: chunked` (HTTP/1.1, no Content-Length): the body is a stream.
+    pub chunked: bool,
 }
 
 /// One complete request, owned (the connection's buffer is compacted after it).
@@ -96,6 +99,10 @@ pub enum Progress<'r> {
     Continue100,
     /// A whole request; `consumed` bytes of the buffer were its. The rest is the next request's.
     Complete { request: Request, consumed: usize },
+    /// A request whose body is chunked: its head took `consumed` bytes; the body follows as a
+    /// stream, read with [`next_chunk`]. The client waits for [`CONTINUE_100`] first when
+    /// `expects_continue`.
+    Stream { head: RequestHead, consumed: usize, expects_continue: bool },
 }
 
 /// A request the reader refuses. Each ends the connection after its error response.
@@ -107,7 +114,8 @@ pub enum HttpError {
     BodyTooLarge,
     /// Not HTTP/1.x, or a header we rely on is unreadable or contradictory.
     Malformed,
-    /// Transfer-Encoding present: chunked is not supported, Content-Length is required.
+    /// Transfer-Encoding other than a chunked stream on a route that takes one: Content-Length
+    /// is required.
     LengthRequired,
 }
 
@@ -185,6 +193,10 @@ impl RequestReader {
                 None => Progress::Partial,
             });
         };
+        if pending.head.chunked {
+            let Some(p) = self.pending.take() else { unreachable!("matched above") };
+            return Ok(Progress::Stream { head: p.head, consumed: p.head_bytes, expects_continue: p.expects_continue });
+        }
         let consumed = pending.head_bytes.saturating_add(pending.head.body_bytes);
         if buf.len() < consumed {
             let send_continue = pending.expects_continue && !pending.continued;
@@ -217,7 +229,9 @@ fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Li
         return Err(HttpError::Malformed);
     };
     let fields = Fields::collect(parsed.headers)?;
-    if fields.transfer_encoding {
+    // A stream: chunked alone, HTTP/1.1, never beside a Content-Length (smuggling's root).
+    let chunked = fields.transfer_encoding && fields.chunked && fields.content_length.is_none() && version == 1;
+    if fields.transfer_encoding && !chunked {
         return Err(HttpError::LengthRequired);
     }
     let body_bytes = match fields.content_length {
@@ -234,9 +248,10 @@ fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Li
         api_key: fields.bearer.or(fields.x_api_key),
         keep_alive: !fields.close && (http11 || fields.keep_alive),
         body_bytes,
+        chunked,
     };
     // RFC 9110 §10.1.1: never send 100 to an HTTP/1.0 client, nor when there is no body.
-    let expects_continue = fields.expect_continue && http11 && body_bytes > 0;
+    let expects_continue = fields.expect_continue && http11 && (body_bytes > 0 || chunked);
     Ok(Pending { head, head_bytes, expects_continue, continued: false })
 }
 
@@ -245,6 +260,8 @@ fn build_head(parsed: &httparse::Request<'_, '_>, head_bytes: usize, limits: &Li
 struct Fields {
     content_length: Option<u64>,
     transfer_encoding: bool,
+    /// Every Transfer-Encoding named exactly `chunked`.
+    chunked: bool,
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
@@ -273,6 +290,8 @@ impl Fields {
             }
             self.content_length = Some(n);
         } else if is("transfer-encoding") {
+            self.chunked =
+                value.trim_ascii().eq_ignore_ascii_case(b"chunked") && (self.chunked || !self.transfer_encoding);
             self.transfer_encoding = true;
         } else if is("connection") {
             for option in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
@@ -290,6 +309,47 @@ impl Fields {
         }
         Ok(())
     }
+}
+
+/// One chunk of a chunked body from the start of `buf`: `Some((Some(data), consumed))`, or
+/// `Some((None, consumed))` for the last (zero) chunk and its trailers, or None while it is not
+/// all there. A chunk over `chunk_max` is refused from its size line, before it is buffered.
+pub fn next_chunk(buf: &[u8], chunk_max: usize) -> Result<Option<(Option<Vec<u8>>, usize)>, HttpError> {
+    let line = |from: usize| buf[from..].windows(2).position(|w| w == b"\r\n").map(|i| from + i);
+    let Some(eol) = line(0) else {
+        // A size line is a few hex digits and maybe extensions: a long one is junk.
+        return if buf.len() > 1024 { Err(HttpError::Malformed) } else { Ok(None) };
+    };
+    let size_line = std::str::from_utf8(&buf[..eol]).map_err(|_| HttpError::Malformed)?;
+    let hex = size_line.split(';').next().unwrap_or_default().trim();
+    if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(HttpError::Malformed);
+    }
+    let size = usize::from_str_radix(hex, 16).map_err(|_| HttpError::BodyTooLarge)?;
+    if size > chunk_max {
+        return Err(HttpError::BodyTooLarge);
+    }
+    let start = eol + 2;
+    if size == 0 {
+        // Trailers, each a line, until an empty one.
+        let mut at = start;
+        loop {
+            match line(at) {
+                Some(end) if end == at => return Ok(Some((None, end + 2))),
+                Some(end) if end - start > 16 * 1024 => return Err(HttpError::HeadTooLarge),
+                Some(end) => at = end + 2,
+                None if buf.len() - start > 16 * 1024 => return Err(HttpError::HeadTooLarge),
+                None => return Ok(None),
+            }
+        }
+    }
+    if buf.len() < start + size + 2 {
+        return Ok(None);
+    }
+    if &buf[start + size..start + size + 2] != b"\r\n" {
+        return Err(HttpError::Malformed);
+    }
+    Ok(Some((Some(buf[start..start + size].to_vec()), start + size + 2)))
 }
 
 /// A field we act on must not appear twice: two API keys or two media types are ambiguous.
@@ -484,6 +544,7 @@ mod tests {
                     api_key: None,
                     keep_alive: true,
                     body_bytes: 0,
+                    chunked: false,
                 },
                 body: Vec::new(),
             }
@@ -672,11 +733,75 @@ mod tests {
     }
 
     #[test]
-    fn transfer_encoding_needs_length() {
-        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(error_of(chunked, Limits::default()), HttpError::LengthRequired);
-        let both = b"POST / HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: identity\r\n\r\nabc";
-        assert_eq!(error_of(both, Limits::default()), HttpError::LengthRequired);
+    fn transfer_encoding_needs_length_unless_a_plain_chunked_stream() {
+        let limits = Limits::default();
+        for refused in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: identity\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(error_of(refused, limits), HttpError::LengthRequired, "{}", String::from_utf8_lossy(refused));
+        }
+        let chunked =
+            b"POST /v1/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n3\r\nabc\r\n";
+        let mut reader = RequestReader::new(limits);
+        assert!(matches!(reader.read(chunked), Ok(Progress::Head(h)) if h.chunked));
+        match reader.read(chunked) {
+            Ok(Progress::Stream { head, consumed, expects_continue: true }) => {
+                assert_eq!((head.path.as_str(), &chunked[consumed..]), ("/v1/publish", &b"3\r\nabc\r\n"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunks_are_read_whole_and_bounded() {
+        assert_eq!(next_chunk(b"3\r\nab", 10), Ok(None));
+        assert_eq!(next_chunk(b"3;ext=1\r\nabc\r\nrest", 10), Ok(Some((Some(b"abc".to_vec()), 14))));
+        assert_eq!(next_chunk(b"0\r\nTrailer: x\r\n\r\nnext", 10), Ok(Some((None, 17))));
+        assert_eq!(next_chunk(b"0\r\n", 10), Ok(None));
+        assert_eq!(next_chunk(b"b\r\n", 10), Err(HttpError::BodyTooLarge), "refused from the size line");
+        assert_eq!(next_chunk(b"ffffffffffffffffff\r\n", 10), Err(HttpError::Malformed));
+        assert_eq!(next_chunk(b"zz\r\n", 10), Err(HttpError::Malformed));
+        assert_eq!(next_chunk(b"3\r\nabcXY", 10), Err(HttpError::Malformed));
+        assert_eq!(next_chunk(&[b'1'; 1025], 10), Err(HttpError::Malformed));
+    }
+
+    proptest::proptest! {
+        /// A body cut into any chunks reads back whole, chunk by chunk, from any prefix.
+        #[test]
+        fn chunked_bodies_read_back(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+                                    cuts in proptest::collection::vec(1usize..50, 1..20), cut in 0usize..600) {
+            let mut wire = Vec::new();
+            let mut rest = &body[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*c).min(rest.len()));
+                wire.extend_from_slice(format!("{:x}\r\n", now.len()).as_bytes());
+                wire.extend_from_slice(now);
+                wire.extend_from_slice(b"\r\n");
+                rest = later;
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let prefix = &wire[..cut.min(wire.len())];
+            let (mut read, mut at) = (Vec::new(), 0);
+            while let Ok(Some((data, used))) = next_chunk(&prefix[at..], 64) {
+                at += used;
+                match data {
+                    Some(d) => read.extend_from_slice(&d),
+                    None => break,
+                }
+            }
+            proptest::prop_assert!(body.starts_with(&read));
+            if cut >= wire.len() {
+                proptest::prop_assert_eq!(read, body);
+                proptest::prop_assert_eq!(at, wire.len());
+            }
+        }
     }
 
     #[test]
@@ -816,6 +941,7 @@ mod tests {
                         api_key: key,
                         keep_alive: !close,
                         body_bytes: body.len(),
+                        chunked: false,
                     },
                     body: body.clone(),
                 };
@@ -842,6 +968,7 @@ mod tests {
                     }
                     Ok(Progress::Head(_)) => {}
                     Ok(Progress::Partial | Progress::Continue100) => break,
+                    Ok(Progress::Stream { .. }) => panic!("no valid_request is chunked"),
                     Err(e) => panic!("valid request refused: {e}"),
                 }
             }
@@ -902,6 +1029,7 @@ mod tests {
                             start += consumed;
                         }
                         Ok(Progress::Partial) => break,
+                        Ok(Progress::Stream { .. }) => panic!("no valid_request is chunked"),
                         Err(e) => panic!("valid request refused: {e}"),
                     }
                 }

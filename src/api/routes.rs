@@ -38,11 +38,15 @@ pub struct Routes {
     pub(super) data_bytes_max: usize,
     /// Items in one `POST /v1/publish`.
     pub(super) batch_items_max: usize,
+    /// `api.body_bytes_max`: also the longest line of a streamed publish.
+    pub(super) body_bytes_max: usize,
     pub(super) types: BTreeMap<String, TypeDefaults>,
     pub(super) next_id: AtomicU64,
     /// Batch publishes' items by result: accepted, refused (here or by the owner).
     pub(super) batch_items: [AtomicU64; 2],
     pub(super) batches: AtomicU64,
+    /// Streamed publishes (NDJSON, chunked) served.
+    pub(super) streams: AtomicU64,
     /// Durable state (with `redis.url`): replay, and Redis's health.
     pub(super) store: Option<Arc<Store>>,
     /// The cluster link (with `cluster.enabled`): the live set, drains to peers.
@@ -67,10 +71,12 @@ impl Routes {
             name_bytes_max: config.rooms.name_bytes_max,
             data_bytes_max: config.rooms.data_bytes_max,
             batch_items_max: config.api.batch_items_max,
+            body_bytes_max: config.api.body_bytes_max,
             types: config.types.clone(),
             next_id: AtomicU64::new(0),
             batch_items: [AtomicU64::new(0), AtomicU64::new(0)],
             batches: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
         }
     }
 
@@ -251,6 +257,22 @@ impl Handler for Routes {
 
     fn handle(&self, request: &Request, _peer: SocketAddr, server: &ServerCounters) -> Response {
         self.route(request, server).unwrap_or_else(|e| e)
+    }
+
+    /// `POST /v1/publish` with an NDJSON body sent chunked: a stream of items, answered as it
+    /// goes (see `batch::publish_stream`).
+    fn streams(&self, head: &RequestHead) -> Option<&'static str> {
+        let ndjson = matches!(head.content_type.as_deref(), Some("application/x-ndjson" | "application/jsonl"));
+        (head.method == Method::Post && head.path == "/v1/publish" && ndjson).then_some("application/x-ndjson")
+    }
+
+    fn stream(
+        &self,
+        _head: &RequestHead,
+        body: &mut crate::api::server::BodyStream<'_>,
+        out: &mut crate::api::server::StreamOut<'_>,
+    ) -> std::io::Result<()> {
+        self.publish_stream(body, out)
     }
 }
 

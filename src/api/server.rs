@@ -49,6 +49,77 @@ pub trait Handler: Send + Sync + 'static {
     /// Called for each complete request whose head `admit` accepted. `server` is this
     /// listener's own counters (for `/metrics`).
     fn handle(&self, request: &Request, peer: SocketAddr, server: &ServerCounters) -> Response;
+
+    /// Whether a request with a chunked body is taken as a stream, and the content type of the
+    /// (chunked) answer; None: refused with 411.
+    fn streams(&self, head: &RequestHead) -> Option<&'static str> {
+        let _ = head;
+        None
+    }
+
+    /// Serves a streamed request: reads its body a chunk at a time and writes the answer in
+    /// chunks, as it goes. An error ends the connection.
+    fn stream(&self, head: &RequestHead, body: &mut BodyStream<'_>, out: &mut StreamOut<'_>) -> io::Result<()> {
+        let _ = (head, body, out);
+        Ok(())
+    }
+}
+
+/// A chunked request body, read a chunk at a time (each bounded by `body_bytes_max`).
+pub struct BodyStream<'a> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut Vec<u8>,
+    shared: &'a Shared,
+    idle: Duration,
+    done: bool,
+}
+
+impl BodyStream<'_> {
+    /// The next chunk's data; None once the body has ended. A malformed or oversized chunk, or
+    /// a stream idle for the idle timeout, is an error.
+    pub fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + self.idle;
+        loop {
+            match super::http::next_chunk(self.buf, self.shared.config.limits.body_bytes_max) {
+                Ok(Some((data, consumed))) => {
+                    self.buf.drain(..consumed);
+                    self.done = data.is_none();
+                    return Ok(data);
+                }
+                Ok(None) => {
+                    if !fill(self.stream, self.buf, deadline, self.shared)? {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside its body"));
+                    }
+                }
+                Err(e) => {
+                    self.shared.counters.refused(e);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.message()));
+                }
+            }
+        }
+    }
+}
+
+/// The chunked answer to a streamed request.
+pub struct StreamOut<'a> {
+    stream: &'a mut TcpStream,
+    shared: &'a Shared,
+}
+
+impl StreamOut<'_> {
+    /// Writes `bytes` as one chunk (nothing for none: an empty chunk would end the answer).
+    pub fn chunk(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut out = format!("{:x}\r\n", bytes.len()).into_bytes();
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(b"\r\n");
+        send(self.stream, &out, self.shared)
+    }
 }
 
 /// A plain function or closure is a handler that admits everyone (tests, small tools).
@@ -319,6 +390,21 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
                 }
                 deadline = Instant::now() + idle;
             }
+            Ok(Progress::Stream { head, consumed, expects_continue }) => {
+                compact(&mut buf, consumed);
+                let Some(content_type) = shared.handler.streams(&head) else {
+                    refuse_request(stream, HttpError::LengthRequired, shared);
+                    return Ok(());
+                };
+                if expects_continue {
+                    send(&mut stream, CONTINUE_100, shared)?;
+                }
+                if !serve_stream(&mut stream, &mut buf, &head, content_type, idle, shared)? {
+                    close_quietly(&mut stream, shared);
+                    return Ok(());
+                }
+                deadline = Instant::now() + idle;
+            }
             Ok(Progress::Continue100) => {
                 send(&mut stream, CONTINUE_100, shared)?;
                 if !fill(&mut stream, &mut buf, deadline, shared)? {
@@ -336,6 +422,42 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result
             }
         }
     }
+}
+
+/// Answers a streamed request: a chunked 200 whose chunks the handler writes as it reads the
+/// body. Returns whether the connection stays open (the body was read to its end, cleanly).
+fn serve_stream(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    content_type: &str,
+    idle: Duration,
+    shared: &Shared,
+) -> io::Result<bool> {
+    shared.counters.responded(200);
+    let keep_alive = head.keep_alive && !shared.stop.load(Ordering::Acquire);
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: {connection}\r\n\r\n"
+    );
+    send(stream, answer.as_bytes(), shared)?;
+    let mut body = BodyStream { stream: &mut *stream, buf, shared, idle, done: false };
+    let served = {
+        let mut out_stream = body.stream.try_clone()?;
+        let mut out = StreamOut { stream: &mut out_stream, shared };
+        let handled = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.stream(head, &mut body, &mut out)));
+        match handled {
+            Ok(r) => r.map(|()| body.done),
+            Err(_) => {
+                shared.counters.handler_panic();
+                Ok(false)
+            }
+        }
+    };
+    // The answer ends (with the zero chunk) whatever happened; a body not read to its end
+    // leaves the connection unusable.
+    send(stream, b"0\r\n\r\n", shared)?;
+    Ok(matches!(served, Ok(true)) && keep_alive)
 }
 
 /// Calls the handler and writes its response; returns whether the connection stays open.
