@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ingestion through the business API, side by side in one run (issue 14): single publishes (one
-# protobuf PublishRequest per request), protobuf batches and NDJSON batches of BATCH items, over
+# protobuf PublishRequest per request), protobuf batches and NDJSON batches of BATCH items, and a
+# streamed NDJSON request per connection in chunks of BATCH lines, over
 # CONNECTIONS keep-alive connections, round ROOMS rooms with no members (the cost of taking a
 # message in: the API, the owner's push, the block cut and its encoding, not the fan-out).
 # Reports messages/s and the gateway's CPU µs per message; appends a table to bench/RESULTS.md.
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODES="${MODES:-single batch ndjson}"
+MODES="${MODES:-single batch ndjson stream}"
 BATCH="${BATCH:-1000}"
 CONNECTIONS="${CONNECTIONS:-4}"
 ROOMS="${ROOMS:-1000}"
@@ -67,7 +68,7 @@ print("- messages/s = messages the answers accepted ÷ the window; µs/message =
 print("| mode | items/request | messages/s (median) | gateway µs/message (median) | runs: messages/s, µs/message | refused | errors |")
 print("|---|---:|---:|---:|---|---:|---:|")
 single = None
-for mode in ["single", "batch", "ndjson"]:
+for mode in ["single", "batch", "ndjson", "stream"]:
     rs = runs.get(mode)
     if not rs:
         continue
@@ -78,7 +79,7 @@ for mode in ["single", "batch", "ndjson"]:
     each = "; ".join(f"{r['messages_per_s']:,.0f}, {r['server_cpu_us_per_message'] or 0:.2f}" for r in rs)
     print(f"| {mode} | {rs[0]['batch']} | {mps:,.0f} | {us:.2f} | {each} | {sum(r['refused'] for r in rs)} | {sum(r['errors'] for r in rs)} |")
 if single:
-    for mode in ["batch", "ndjson"]:
+    for mode in ["batch", "ndjson", "stream"]:
         rs = runs.get(mode)
         if rs:
             mps = statistics.median(r["messages_per_s"] for r in rs)

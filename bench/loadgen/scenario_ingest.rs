@@ -1,7 +1,9 @@
 //! The `ingest` scenario: how many messages a second barrage's business API takes in, and what
 //! each costs the gateway — K keep-alive connections, each sending requests back to back for a
 //! while: one protobuf `PublishRequest` per request (`single`), a protobuf `PublishBatch` of B
-//! items (`batch`), or B NDJSON lines (`ndjson`), round the rooms `r0..rR`. Counts the messages
+//! items (`batch`), B NDJSON lines (`ndjson`), or one streamed NDJSON request per connection
+//! whose chunks carry B lines each, every chunk's answer read before the next (`stream`), round
+//! the rooms `r0..rR`. Counts the messages
 //! the answers say were accepted, and reads the gateway's CPU time over the window.
 #![forbid(unsafe_code)]
 
@@ -26,6 +28,7 @@ pub enum IngestMode {
     Single,
     Batch,
     Ndjson,
+    Stream,
 }
 
 #[derive(Args, Debug)]
@@ -108,7 +111,10 @@ pub fn run(args: IngestArgs) -> i32 {
             let requests = requests(&args, t);
             let (counts, measuring, stop) = (Arc::clone(&counts), Arc::clone(&measuring), Arc::clone(&stop));
             let mode = args.mode;
-            std::thread::spawn(move || send_loop(api, mode, &requests, &counts, &measuring, &stop))
+            std::thread::spawn(move || match mode {
+                IngestMode::Stream => stream_loop(api, &requests, &counts, &measuring, &stop),
+                _ => send_loop(api, mode, &requests, &counts, &measuring, &stop),
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s));
@@ -186,7 +192,7 @@ fn requests(args: &IngestArgs, t: u32) -> Vec<Vec<u8>> {
                         .collect();
                     ("/v1/publish".into(), "application/x-protobuf", PublishBatch { items }.encode_to_vec())
                 }
-                IngestMode::Ndjson => {
+                IngestMode::Ndjson | IngestMode::Stream => {
                     let text = String::from_utf8_lossy(&data).into_owned();
                     let mut body = Vec::new();
                     for i in 0..args.batch {
@@ -197,6 +203,10 @@ fn requests(args: &IngestArgs, t: u32) -> Vec<Vec<u8>> {
                     ("/v1/publish".into(), "application/x-ndjson", body)
                 }
             };
+            if args.mode == IngestMode::Stream {
+                // One chunk of the stream (its head is written once per connection).
+                return [format!("{:x}\r\n", body.len()).as_bytes(), &body, b"\r\n"].concat();
+            }
             let mut req = format!(
                 "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
@@ -252,6 +262,70 @@ fn send_loop(
                     counts.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 stream = None;
+            }
+        }
+    }
+}
+
+/// The `stream` mode: one streamed request per connection, a chunk of lines at a time, each
+/// chunk's answer (one chunk of result lines) read before the next is sent.
+fn stream_loop(api: SocketAddrV4, chunks: &[Vec<u8>], counts: &Counts, measuring: &AtomicBool, stop: &AtomicBool) {
+    use std::io::BufRead;
+    const HEAD: &[u8] =
+        b"POST /v1/publish HTTP/1.1\r\nHost: bench\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let open = || -> io::Result<(TcpStream, io::BufReader<TcpStream>)> {
+        let mut s = TcpStream::connect(api)?;
+        s.set_nodelay(true)?;
+        s.write_all(HEAD)?;
+        let r = io::BufReader::new(s.try_clone()?);
+        Ok((s, r))
+    };
+    let mut conn: Option<(TcpStream, io::BufReader<TcpStream>, bool)> = None;
+    let (mut k, mut line, mut answer) = (0, String::new(), Vec::new());
+    while !stop.load(Ordering::Acquire) {
+        let (w, r, headed) = match conn.as_mut() {
+            Some(c) => c,
+            None => match open() {
+                Ok((w, r)) => conn.insert((w, r, false)),
+                Err(_) => {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            },
+        };
+        let chunk = &chunks[k % chunks.len()];
+        k += 1;
+        let mut exchange = || -> io::Result<(u64, u64)> {
+            w.write_all(chunk)?;
+            while !*headed {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                *headed = line == "\r\n";
+            }
+            line.clear();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim(), 16).map_err(io::Error::other)?;
+            answer.resize(size + 2, 0);
+            r.read_exact(&mut answer)?;
+            Ok(tally(IngestMode::Ndjson, 200, &answer[..size]))
+        };
+        let result = exchange();
+        let counting = measuring.load(Ordering::Acquire);
+        match result {
+            Ok((ok, refused)) if counting => {
+                counts.requests.fetch_add(1, Ordering::Relaxed);
+                counts.accepted.fetch_add(ok, Ordering::Relaxed);
+                counts.refused.fetch_add(refused, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if counting {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                conn = None;
             }
         }
     }
