@@ -90,7 +90,7 @@ impl Routes {
         self.streams.fetch_add(1, Ordering::Relaxed);
         let mut partial: Vec<u8> = Vec::new();
         let mut answer = Vec::new();
-        while let Some(chunk) = body.next()? {
+        while let Some(chunk) = body.next_chunk()? {
             partial.extend_from_slice(&chunk);
             let Some(end) = partial.iter().rposition(|&b| b == b'\n').map(|i| i + 1) else {
                 if partial.len() > self.body_bytes_max {

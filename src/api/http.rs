@@ -311,10 +311,13 @@ impl Fields {
     }
 }
 
+/// A chunk's data (None: the last chunk) and the bytes it took.
+pub type Chunk = (Option<Vec<u8>>, usize);
+
 /// One chunk of a chunked body from the start of `buf`: `Some((Some(data), consumed))`, or
 /// `Some((None, consumed))` for the last (zero) chunk and its trailers, or None while it is not
 /// all there. A chunk over `chunk_max` is refused from its size line, before it is buffered.
-pub fn next_chunk(buf: &[u8], chunk_max: usize) -> Result<Option<(Option<Vec<u8>>, usize)>, HttpError> {
+pub fn next_chunk(buf: &[u8], chunk_max: usize) -> Result<Option<Chunk>, HttpError> {
     let line = |from: usize| buf[from..].windows(2).position(|w| w == b"\r\n").map(|i| from + i);
     let Some(eol) = line(0) else {
         // A size line is a few hex digits and maybe extensions: a long one is junk.

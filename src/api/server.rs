@@ -77,7 +77,7 @@ pub struct BodyStream<'a> {
 impl BodyStream<'_> {
     /// The next chunk's data; None once the body has ended. A malformed or oversized chunk, or
     /// a stream idle for the idle timeout, is an error.
-    pub fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
+    pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
         if self.done {
             return Ok(None);
         }
