@@ -53,72 +53,31 @@ pub struct Settings {
 impl Settings {
     /// Each configured hook's settings.
     pub fn all(c: &Config) -> Vec<(Hook, Settings)> {
+        // The four sections share their keys; send and events are never retried, events never
+        // refuse anything.
+        macro_rules! settings {
+            ($s:expr, $fail_open:expr, $retries:expr) => {
+                Settings {
+                    url: $s.url.clone(),
+                    format: $s.format,
+                    timeout_ms: $s.timeout_ms,
+                    in_flight_max: $s.in_flight_max,
+                    queue_max: $s.queue_max,
+                    batch_max: $s.batch_max,
+                    batch_ms: $s.batch_ms,
+                    fail_open: $fail_open,
+                    retries: $retries,
+                    breaker_failures: $s.breaker_failures,
+                    breaker_open_ms: $s.breaker_open_ms,
+                }
+            };
+        }
         let (hc, hj, hs, he) = (&c.hook_connect, &c.hook_join, &c.hook_send, &c.hook_events);
         let all = [
-            (
-                Hook::Connect,
-                Settings {
-                    url: hc.url.clone(),
-                    format: hc.format,
-                    timeout_ms: hc.timeout_ms,
-                    in_flight_max: hc.in_flight_max,
-                    queue_max: hc.queue_max,
-                    batch_max: hc.batch_max,
-                    batch_ms: hc.batch_ms,
-                    fail_open: hc.fail_open,
-                    retries: hc.retries,
-                    breaker_failures: hc.breaker_failures,
-                    breaker_open_ms: hc.breaker_open_ms,
-                },
-            ),
-            (
-                Hook::Join,
-                Settings {
-                    url: hj.url.clone(),
-                    format: hj.format,
-                    timeout_ms: hj.timeout_ms,
-                    in_flight_max: hj.in_flight_max,
-                    queue_max: hj.queue_max,
-                    batch_max: hj.batch_max,
-                    batch_ms: hj.batch_ms,
-                    fail_open: hj.fail_open,
-                    retries: hj.retries,
-                    breaker_failures: hj.breaker_failures,
-                    breaker_open_ms: hj.breaker_open_ms,
-                },
-            ),
-            (
-                Hook::Send,
-                Settings {
-                    url: hs.url.clone(),
-                    format: hs.format,
-                    timeout_ms: hs.timeout_ms,
-                    in_flight_max: hs.in_flight_max,
-                    queue_max: hs.queue_max,
-                    batch_max: hs.batch_max,
-                    batch_ms: hs.batch_ms,
-                    fail_open: hs.fail_open,
-                    retries: 0,
-                    breaker_failures: hs.breaker_failures,
-                    breaker_open_ms: hs.breaker_open_ms,
-                },
-            ),
-            (
-                Hook::Events,
-                Settings {
-                    url: he.url.clone(),
-                    format: he.format,
-                    timeout_ms: he.timeout_ms,
-                    in_flight_max: he.in_flight_max,
-                    queue_max: he.queue_max,
-                    batch_max: he.batch_max,
-                    batch_ms: he.batch_ms,
-                    fail_open: true,
-                    retries: 0,
-                    breaker_failures: he.breaker_failures,
-                    breaker_open_ms: he.breaker_open_ms,
-                },
-            ),
+            (Hook::Connect, settings!(hc, hc.fail_open, hc.retries)),
+            (Hook::Join, settings!(hj, hj.fail_open, hj.retries)),
+            (Hook::Send, settings!(hs, hs.fail_open, 0)),
+            (Hook::Events, settings!(he, true, 0)),
         ];
         all.into_iter().filter(|(_, s)| !s.url.is_empty()).collect()
     }
