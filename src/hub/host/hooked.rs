@@ -8,7 +8,7 @@ use super::Host;
 use super::conn::State;
 use super::upgrade::{Identity, Refusal};
 use crate::auth::{Claims, GRANT_BYTES_MAX, GRANTS_MAX, SUBJECT_BYTES_MAX};
-use crate::hooks::call::{Call, ConnectCall, Hook, JoinCall, SendCall, Verdict};
+use crate::hooks::call::{Call, ConnectCall, Hook, JoinCall, Refusal as HookRefusal, SendCall, Verdict};
 use crate::hub::mail::OwnerMail;
 use crate::ids::{ConnKey, Now};
 use crate::metrics::Series;
@@ -70,6 +70,30 @@ impl Host {
         let call = JoinCall { at: self.at(key), user, room, after };
         self.connecting.insert(key, pending);
         self.call_hook(Call::Join(Box::new(call)), now);
+    }
+
+    /// The join hook's word on the room in a handshake's URL: the 101, or the refusal.
+    fn url_room_verdict(
+        &mut self,
+        key: ConnKey,
+        room: &RoomName,
+        after: u64,
+        outcome: Result<(), HookRefusal>,
+        now: Now,
+    ) {
+        let Some(pending) = self.connecting.remove(&key) else { return };
+        if pending.room.as_ref().map(|(r, a)| (r, *a)) != Some((room, after)) {
+            // Not this handshake's question (never expected): it keeps waiting.
+            self.connecting.insert(key, pending);
+            return;
+        }
+        match outcome {
+            Ok(()) => self.open_now(key, pending, now),
+            Err(r) => {
+                let status = u16::try_from(r.code).unwrap_or(403);
+                self.refuse(key, Refusal { status, message: r.reason, series: Series::HsHook }, now);
+            }
+        }
     }
 
     /// Answers 101 and reads what the client sent behind its request meanwhile.
@@ -151,36 +175,24 @@ impl Host {
                 self.admitted(key, Connecting { upgrade: pending.upgrade, id, room: pending.room }, now);
             }
             // The URL's room, asked before the 101.
-            Verdict::Join { at, room, after, outcome }
-                if self.live(at.conn).is_some_and(|key| self.conns.get(key).state == State::Handshake) =>
-            {
-                let Some(key) = self.live(at.conn) else { return };
-                let Some(pending) = self.connecting.remove(&key) else { return };
-                if pending.room.as_ref().map(|(r, a)| (r, *a)) != Some((&room, after)) {
-                    return;
-                }
-                match outcome {
-                    Ok(()) => self.open_now(key, pending, now),
-                    Err(r) => {
-                        let status = u16::try_from(r.code).unwrap_or(403);
-                        self.refuse(key, Refusal { status, message: r.reason, series: Series::HsHook }, now);
-                    }
-                }
-            }
             Verdict::Join { at, room, after, outcome } => {
                 let Some(key) = self.live(at.conn) else { return };
-                if self.conns.get(key).state != State::Open || self.joining.get(&key).map(|(r, _)| r) != Some(&room) {
-                    return;
-                }
-                self.joining.remove(&key);
-                match outcome {
-                    // A ban may have arrived while the backend was asked.
-                    Ok(()) if !self.banned(key, &room, now) => self.enter(key, &room, after),
-                    Ok(()) => {}
-                    Err(r) => {
-                        self.counters.inc(Series::JoinHookRefused);
-                        self.send_error(key, r.code, &r.reason, now);
+                match self.conns.get(key).state {
+                    State::Handshake => self.url_room_verdict(key, &room, after, outcome, now),
+                    State::Open if self.joining.get(&key).map(|(r, _)| r) == Some(&room) => {
+                        self.joining.remove(&key);
+                        match outcome {
+                            // A ban may have arrived while the backend was asked.
+                            Ok(()) if !self.banned(key, &room, now) => self.enter(key, &room, after),
+                            Ok(()) => {}
+                            Err(r) => {
+                                self.counters.inc(Series::JoinHookRefused);
+                                self.send_error(key, r.code, &r.reason, now);
+                            }
+                        }
                     }
+                    // Superseded by a later join, or the connection is closing.
+                    _ => {}
                 }
             }
             Verdict::Send { call, outcome } => match outcome {
