@@ -109,8 +109,8 @@ pub struct AttrLog {
 }
 
 impl AttrLog {
-    /// `base` = the version before the first change (the owner passes (creation Unix seconds)
-    /// << 20 like room seqs, so versions keep increasing across restarts).
+    /// `base` = the version before the first change (the owner passes the room's seq base,
+    /// `owner::seq_base`, so versions keep increasing across restarts).
     pub fn new(base: u64) -> Self {
         AttrLog { entries: BTreeMap::new(), log: VecDeque::new(), version: base, payload_bytes: 0, log_len_max: 0 }
     }

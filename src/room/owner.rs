@@ -222,10 +222,19 @@ impl OwnedRoom {
     }
 }
 
-/// Seqs and attribute versions of a room start at (creation Unix seconds) << 20 and count up,
-/// so they keep increasing across restarts and forgotten rooms (fewer than 2^20 changes a
-/// second), and stay below 2^53 (exact in JavaScript numbers) until the year 2242.
-const SEQ_SECOND_SHIFT: u32 = 20;
+/// Seqs and attribute versions of a room start at its creation time in Unix milliseconds ×
+/// 1,049 and count up, so they keep increasing across restarts and forgotten rooms: a room
+/// re-created even a millisecond later starts above all the last one handed out, unless that one
+/// averaged more than 1,049 changes a millisecond. They stay below 2^53 (exact in JavaScript)
+/// until the year 2242. (A base per second let a process restarted within the second of a
+/// room's creation hand its seqs out again; 1,049 > 2^20 / 1,000 keeps every base above those of
+/// that earlier `second << 20` scheme.)
+const SEQ_PER_MS: u64 = 1_049;
+
+/// The first seq base of a room created at `unix_ms`.
+pub(crate) fn seq_base(unix_ms: i64) -> u64 {
+    (unix_ms.max(0) as u64).saturating_mul(SEQ_PER_MS)
+}
 
 /// Poll answers, and resuming backfills, cached per room.
 const POLL_CACHE_MAX: usize = 4;
@@ -305,7 +314,7 @@ impl Owner {
         now: Now,
     ) -> &'a mut OwnedRoom {
         rooms.entry(room.clone()).or_insert_with(|| {
-            let base = (now.unix.0.max(0) as u64 / 1000) << SEQ_SECOND_SHIFT;
+            let base = seq_base(now.unix.0);
             let shards = config.shards;
             OwnedRoom {
                 mixer: Mixer::starting_after(base),

@@ -92,8 +92,8 @@ impl Owner {
 pub(super) enum Continue {
     /// From the state's last seq: a live hand-over, where nothing was cut after the export.
     Exactly,
-    /// From the later of the state's last seq and this room's own start (its creation second
-    /// << 20): state read back from storage may miss the last blocks cut before a crash, and a
+    /// From the later of the state's last seq and this room's own start (`seq_base` of its
+    /// creation): state read back from storage may miss the last blocks cut before a crash, and a
     /// seq must never be handed out twice.
     After,
 }

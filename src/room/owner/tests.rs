@@ -81,7 +81,7 @@ fn tick_encodes_once_and_targets_shards_with_members() {
     assert_eq!(block.server_ms, 6_000);
     let data: Vec<_> = block.messages.iter().map(|m| m.data.clone()).collect();
     assert_eq!(data, vec![b"b".to_vec(), b"a".to_vec()]);
-    assert_eq!(block.first_seq, (5 << SEQ_SECOND_SHIFT) | 1);
+    assert_eq!(block.first_seq, seq_base(5_000) + 1);
     assert_eq!(block.last_seq, block.first_seq + 1);
     assert!(!block.backfill);
     assert!(block.messages.iter().all(|m| m.room == "r" && m.created_ms == 5_000 && m.id >> 48 == 1));
