@@ -405,6 +405,16 @@ config! {
         idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
     }
 
+    /// The live-room demo page on the public listener (`GET /demo/`, built from sdk/js/demo).
+    demo: Demo {
+        /// Serve the demo page and its script (about 120 KB, embedded in the binary).
+        enabled: bool = true, demo, "BARRAGE_DEMO";
+        /// `GET /demo/token?user=U` hands anyone a signed token (send rights and the `gift` type
+        /// for an hour) so the demo's send box works. For development only: never turn it on
+        /// where strangers reach the listener. Needs auth.jwt_secret.
+        dev_tokens: bool = false, demo_dev_tokens, "BARRAGE_DEMO_DEV_TOKENS";
+    }
+
     /// Business hook: every WebSocket handshake asks the backend first (authenticate, enrich with
     /// level and grants, or refuse). See README "Business hooks".
     hook_connect: HookConnect {

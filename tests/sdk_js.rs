@@ -1,8 +1,9 @@
 //! The TypeScript SDK (`sdk/js`, npm package `barrage-client`) against the real binary: its own
 //! test suite (`node --test`: the pure parts, the generated code being current, and live tests
 //! of order, duplicates, gap filling, resume across a restart, attributes, short-poll fallback
-//! and acknowledged sends) run with this build's `barrage`. Installs Node from Debian when the
-//! machine has none, and the SDK's packages from npm (`npm ci`, pinned by package-lock.json).
+//! and acknowledged sends, and the demo page in headless Chromium) run with this build's
+//! `barrage`. Installs Node and Chromium from Debian when the machine has none, and the SDK's
+//! packages from npm (`npm ci`, pinned by package-lock.json).
 use std::path::Path;
 use std::process::Command;
 
@@ -22,9 +23,22 @@ fn ensure_node() {
     assert!(ok, "node and npm are needed for the SDK tests: apt-get install nodejs npm failed");
 }
 
+/// Debian's `chromium`, for the demo's browser test, installed with apt when missing.
+fn ensure_chromium() {
+    if ["/usr/bin/chromium", "/usr/bin/chromium-browser"].iter().any(|p| Path::new(p).exists()) {
+        return;
+    }
+    let ok = run(Command::new("apt-get").arg("update").arg("-qq"))
+        && run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    assert!(ok, "Chromium is needed for the demo's browser test: apt-get install chromium failed");
+}
+
 #[test]
 fn the_typescript_sdk_passes_its_suite_against_this_build() {
     ensure_node();
+    ensure_chromium();
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
     if !sdk.join("node_modules/.package-lock.json").exists() {
         let ok = run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&sdk));
@@ -42,5 +56,5 @@ fn the_typescript_sdk_passes_its_suite_against_this_build() {
     // The spec reporter's summary: `ℹ pass N`.
     let passed =
         report.lines().find_map(|l| l.trim_start_matches('ℹ').trim().strip_prefix("pass ")?.parse::<u32>().ok());
-    assert!(passed >= Some(12), "fewer SDK tests ran than exist ({passed:?}):\n{report}");
+    assert!(passed >= Some(14), "fewer SDK tests ran than exist ({passed:?}):\n{report}");
 }

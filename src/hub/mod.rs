@@ -382,6 +382,9 @@ pub struct HubConfig {
     pub placement: Option<Arc<crate::cluster::placement::Placement>>,
     /// The business hooks' queues, when any hook is configured (`with_hooks`).
     pub hooks: Option<Arc<crate::hooks::Gate>>,
+    /// Serve the demo page; and hand out development tokens there.
+    pub demo: bool,
+    pub demo_dev_tokens: bool,
 }
 
 impl HubConfig {
@@ -450,6 +453,8 @@ impl HubConfig {
             },
             placement: None,
             hooks: None,
+            demo: c.demo.enabled,
+            demo_dev_tokens: c.demo.dev_tokens,
         }
     }
 

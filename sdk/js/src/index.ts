@@ -20,3 +20,4 @@ export type { Format } from "./codec.js";
 export { httpBase, poll } from "./poll.js";
 export type { FetchLike, PollAnswer } from "./poll.js";
 export * as proto from "./gen/barrage/v1/barrage_pb.js";
+export type { Ack, Attrs, Block, Message, Welcome } from "./gen/barrage/v1/barrage_pb.js";

@@ -26,11 +26,14 @@ export class Gateway {
   static async start(extra = [], ports = null) {
     const ws = ports?.ws ?? (await freePort());
     const api = ports?.api ?? (await freePort());
-    const args = [
-      "--listen", `127.0.0.1:${ws}`, "--api-listen", `127.0.0.1:${api}`, "--shards", "2",
-      "--block-interval-ms", "50", "--presence-events", "false", "--jwt-secret", SECRET,
-      "--drain-on-sigterm", "false", "--connections-max", "2000", ...extra,
-    ];
+    // `extra` holds flag/value pairs; a flag given there replaces its default.
+    const flags = new Map([
+      ["--listen", `127.0.0.1:${ws}`], ["--api-listen", `127.0.0.1:${api}`], ["--shards", "2"],
+      ["--block-interval-ms", "50"], ["--presence-events", "false"], ["--jwt-secret", SECRET],
+      ["--drain-on-sigterm", "false"], ["--connections-max", "2000"],
+    ]);
+    for (let i = 0; i < extra.length; i += 2) flags.set(extra[i], extra[i + 1]);
+    const args = [...flags].flat();
     const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "inherit"] });
     await new Promise((resolve, reject) => {
       let out = "";

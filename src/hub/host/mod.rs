@@ -14,6 +14,7 @@
 
 mod conn;
 mod conns;
+mod demo;
 mod drain;
 mod edge;
 mod fanout;

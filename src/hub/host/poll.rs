@@ -36,6 +36,7 @@ impl Host {
         match (request.method, segments.as_slice()) {
             (Method::Get, ["v1", "rooms", room, "messages"]) => self.short_poll(key, room, request, now),
             (Method::Options, ["v1", "rooms", _, "messages"]) => self.http_answer(key, 204, &[], now),
+            (Method::Get, ["demo", rest @ ..]) if self.cfg.demo => self.demo(key, rest, &request.query, now),
             _ => {
                 let message = format!("no such resource: {}", request.path);
                 self.http_answer(key, 404, &serde_json::json!({"error": message}).to_string().into_bytes(), now);
@@ -99,6 +100,12 @@ impl Host {
     /// A JSON answer to a plain HTTP request, readable cross-origin by browsers; then the next
     /// request (keep-alive) or the end.
     fn http_answer(&mut self, key: ConnKey, status: u16, body: &[u8], now: Now) {
+        let content_type = if body.is_empty() { "" } else { "application/json" };
+        self.http_answer_typed(key, status, content_type, body, now);
+    }
+
+    /// An answer with its content type (keep-alive and CORS as every plain-HTTP answer).
+    pub(super) fn http_answer_typed(&mut self, key: ConnKey, status: u16, content_type: &str, body: &[u8], now: Now) {
         let request = self.http.remove(&key).unwrap_or(HttpRequest { keep_alive: false, origin: None });
         let origin = format!("Access-Control-Allow-Origin: {}", request.origin.as_deref().unwrap_or("*"));
         let headers = [
@@ -109,7 +116,6 @@ impl Host {
             "Access-Control-Max-Age: 600",
             "Vary: Origin",
         ];
-        let content_type = if body.is_empty() { "" } else { "application/json" };
         if !request.keep_alive {
             let bytes = wire::http_answer(status, content_type, &headers, body, false);
             return self.flush_then_close(key, bytes, now);
