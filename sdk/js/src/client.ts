@@ -127,7 +127,7 @@ export class BarrageClient extends Emitter<ClientEvents> {
   private lastRx = 0;
   private serverOffsetMs = 0;
   private token = "";
-  /** Block handling per room, in order (a gap fill is awaited before the next block). */
+  /** Block handling, in order (a gap fill is awaited before the next block). */
   private queue: Promise<void> = Promise.resolve();
   private readonly counters = { messages: 0, duplicatesDropped: 0, gapsFilled: 0, gapMessages: 0, reconnects: 0, latencyMs: 0 };
 
@@ -319,7 +319,7 @@ export class BarrageClient extends Emitter<ClientEvents> {
         break;
       }
       case "block":
-        this.enqueue(frame.value.room, () => this.deliver(frame.value));
+        this.enqueue(() => this.deliver(frame.value));
         break;
       case "attrs": {
         const a = frame.value;
@@ -456,7 +456,8 @@ export class BarrageClient extends Emitter<ClientEvents> {
 
   // ---- plumbing ----
 
-  private enqueue(_room: string, task: () => Promise<void>): void {
+  /** Blocks are handled one at a time: one waiting on a gap fill holds the ones after it. */
+  private enqueue(task: () => Promise<void>): void {
     this.queue = this.queue.then(task, task);
   }
 
