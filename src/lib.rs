@@ -27,5 +27,6 @@ pub mod proto;
 pub mod room;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod upgrade;
 pub mod wire;

@@ -1,0 +1,49 @@
+//! TLS for `wss://` at the edge (issue 16), sans-IO: a [`handshake::Handshake`] driven with
+//! rustls's unbuffered API in the caller's buffers, then a [`record::Records`] layer that keeps
+//! only each direction's secrets — the user-space counterpart of kernel TLS, so an idle TLS
+//! connection holds its keys and no record buffers. Not wired into the shards yet.
+#![forbid(unsafe_code)]
+
+pub mod handshake;
+pub mod record;
+
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A server config from a PEM certificate chain and key: TLS 1.3 and 1.2, ALPN `http/1.1`, no
+/// session tickets (nothing to send after the handshake), secrets extractable (for
+/// [`record::Records`]).
+pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate chain: {e}"))?;
+    if certs.is_empty() {
+        return Err("certificate chain: no CERTIFICATE in the file".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key: {e}"))?;
+    let provider = Arc::new(provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
+    Ok(Arc::new(config))
+}
+
+/// rustls over ring: no C toolchain beyond `cc` and no cmake to build (aws-lc-rs needs both);
+/// the cost is no post-quantum key exchange (X25519MLKEM768), which rustls marks by deprecating
+/// this provider.
+#[allow(deprecated)]
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+#[cfg(test)]
+mod tests;
