@@ -137,7 +137,8 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         gateway.shard_count,
         gateway.ring_files_max
     );
-    println!("  WebSocket  ws://{}/ws  (subprotocols barrage.v1.proto, barrage.v1.json)", gateway.public_addr);
+    let scheme = if config.tls.cert.is_empty() { "ws" } else { "wss" };
+    println!("  WebSocket  {scheme}://{}/ws  (subprotocols barrage.v1.proto, barrage.v1.json)", gateway.public_addr);
     println!("  API        http://{}  (POST /v1/rooms/ROOM/messages, GET /metrics)", gateway.api_addr);
     if !config.websocket.echo_path.is_empty() {
         println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);

@@ -405,6 +405,17 @@ config! {
         idle_timeout_ms: u64 = 60_000, api_idle_timeout_ms, "BARRAGE_API_IDLE_TIMEOUT_MS";
     }
 
+    /// TLS on the public listener (`wss://`, and HTTPS short polls): with a certificate and key
+    /// set, the listener speaks only TLS 1.3 and 1.2 (rustls; ALPN http/1.1; no session
+    /// tickets). An idle TLS connection keeps only its record keys (about 120 B; 700 B more for
+    /// TLS 1.3's key-update state); a send seals its frames into one buffer, freed when written.
+    tls: Tls {
+        /// PEM certificate chain (leaf first); "" = no TLS.
+        cert: String = String::new(), tls_cert, "BARRAGE_TLS_CERT";
+        /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+        key: String = String::new(), tls_key, "BARRAGE_TLS_KEY";
+    }
+
     /// The live-room demo page on the public listener (`GET /demo/`, built from sdk/js/demo).
     demo: Demo {
         /// Serve the demo page and its script (about 120 KB, embedded in the binary).
@@ -706,6 +717,12 @@ impl Config {
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err(ConfigError("tls.cert and tls.key go together".into()));
+        }
+        if !self.tls.cert.is_empty() && s.proxy_protocol {
+            return Err(ConfigError("server.proxy_protocol with tls.cert is not supported yet".into()));
         }
         for (hook, settings) in crate::hooks::Settings::all(self) {
             settings.validate(&format!("hook_{}", hook.name())).map_err(ConfigError)?;

@@ -164,6 +164,10 @@ impl Gateway {
         }
         .map_err(|e| StartError(format!("mesh: {e}")))?;
         let store = Store::start(config, Arc::clone(&mesh), leases.clone()).map_err(StartError)?;
+        let tls = match config.tls.cert.is_empty() {
+            true => None,
+            false => Some(load_tls(config)?),
+        };
         let hooks = Hooks::start(config, Arc::clone(&mesh)).map_err(StartError)?.map(Arc::new);
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -176,6 +180,9 @@ impl Gateway {
             }
             if let Some(h) = &hooks {
                 hub = hub.with_hooks(h.gate());
+            }
+            if let Some(t) = &tls {
+                hub = hub.with_tls(Arc::clone(t));
             }
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
             let (params, mesh, metrics, ready, store) =
@@ -363,6 +370,13 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The TLS server config from `tls.cert` and `tls.key`.
+fn load_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let read = |path: &str, what: &str| std::fs::read(path).map_err(|e| StartError(format!("tls.{what} {path}: {e}")));
+    let (cert, key) = (read(&config.tls.cert, "cert")?, read(&config.tls.key, "key")?);
+    crate::tls::server_config(&cert, &key).map_err(|e| StartError(format!("tls: {e}")))
 }
 
 /// Direct descriptors per ring: the configured value, or RLIMIT_NOFILE less a reserve for the

@@ -55,6 +55,10 @@ series! {
     HsDraining => "barrage_handshakes_total" {"result" = "draining"}, "counter", "";
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HsHook => "barrage_handshakes_total" {"result" = "hook"}, "counter", "";
+    TlsHandshakes => "barrage_tls_handshakes_total" {"result" = "ok"}, "counter", "TLS handshakes on the public listener, by result.";
+    TlsHandshake => "barrage_tls_handshakes_total" {"result" = "failed"}, "counter", "";
+    TlsRecord => "barrage_tls_errors_total" {"reason" = "record"}, "counter", "TLS connections ended after the handshake: a record that does not decrypt or is malformed, or the peer's fatal alert.";
+    TlsAlert => "barrage_tls_errors_total" {"reason" = "alert"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
     BytesIn => "barrage_bytes_in_total", "counter", "Bytes received on the public listener.";

@@ -385,6 +385,8 @@ pub struct HubConfig {
     /// Serve the demo page; and hand out development tokens there.
     pub demo: bool,
     pub demo_dev_tokens: bool,
+    /// The public listener speaks TLS with this config (`with_tls`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl HubConfig {
@@ -455,6 +457,7 @@ impl HubConfig {
             hooks: None,
             demo: c.demo.enabled,
             demo_dev_tokens: c.demo.dev_tokens,
+            tls: None,
         }
     }
 
@@ -464,6 +467,12 @@ impl HubConfig {
         self.placement = Some(placement);
         self.owner.shards = self.shards + 1;
         self.owner.cluster = true;
+        self
+    }
+
+    /// Connections on the public listener speak TLS (`wss://`).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> HubConfig {
+        self.tls = Some(config);
         self
     }
 

@@ -161,6 +161,12 @@ impl Records {
         Ok(())
     }
 
+    /// Appends our KeyUpdate (not requesting the peer's): sealed with the current keys; call
+    /// `rekey_tx` with the next ones right after.
+    pub fn key_update(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.seal_record(HANDSHAKE, &[24, 0, 0, 1, 0], out)
+    }
+
     /// Appends a close_notify alert.
     pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
         self.seal_record(ALERT, &[1, 0], out)

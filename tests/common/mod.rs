@@ -69,7 +69,9 @@ impl Gateway {
                 Some(Ok(l)) => l,
                 _ => panic!("barrage exited before listening; output: {seen:?}"),
             };
-            if let Some(rest) = line.trim().strip_prefix("WebSocket  ws://") {
+            let ws_line =
+                line.trim().strip_prefix("WebSocket  ws://").or_else(|| line.trim().strip_prefix("WebSocket  wss://"));
+            if let Some(rest) = ws_line {
                 ws = rest.split('/').next().and_then(|a| a.parse().ok());
             }
             if let Some(rest) = line.trim().strip_prefix("API        http://") {

@@ -26,6 +26,7 @@ mod poll;
 mod replicas;
 mod rooms;
 mod session;
+mod tls;
 mod tokens;
 mod upgrade;
 mod users;
@@ -121,6 +122,8 @@ pub struct Host {
     /// Handshakes waiting for the connect hook, and joins waiting for the join hook.
     connecting: HashMap<ConnKey, hooked::Connecting>,
     joining: HashMap<ConnKey, (RoomName, u64)>,
+    /// TLS state of each connection, when the listener speaks TLS (`tls.cert`).
+    tls: HashMap<ConnKey, tls::TlsConn>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
     /// as one queued frame, so a burst of small client frames costs one queue slot.
     replying: Option<ConnKey>,
@@ -154,6 +157,7 @@ impl Host {
             expiries: HashMap::new(),
             connecting: HashMap::new(),
             joining: HashMap::new(),
+            tls: HashMap::new(),
             replying: None,
             replies: Vec::new(),
             counters: Counters::default(),
@@ -188,6 +192,9 @@ impl Host {
         if addr.is_some() || awaiting_proxy {
             self.peers.insert(id.key, Peer { addr, awaiting_proxy });
         }
+        if self.cfg.tls.is_some() {
+            self.tls_accept(id.key);
+        }
         Some(id.key)
     }
 
@@ -210,6 +217,15 @@ impl Host {
     pub fn handle_recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         self.counters.add(Series::BytesIn, data.len() as u64);
         self.replying = Some(key);
+        match self.cfg.tls.is_some() {
+            true => self.tls_recv(key, data, now),
+            false => self.plain_recv(key, data, now),
+        }
+        self.flush_replies(now);
+    }
+
+    /// Plaintext from a connection: the bytes received, or what TLS decrypted of them.
+    fn plain_recv(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         let conn = self.conns.get_mut(key);
         match conn.state {
             State::Handshake if self.peers.get(&key).is_some_and(|p| p.awaiting_proxy) => {
@@ -227,7 +243,6 @@ impl Host {
             // Input after our final answer: discarded.
             State::Flushing | State::Terminating => {}
         }
-        self.flush_replies(now);
     }
 
     /// The peer closed its side, or reading failed: nothing more will arrive.
@@ -248,6 +263,9 @@ impl Host {
     /// returns how many (0: nothing to send now). The bytes stay alive and unmoved until
     /// `handle_sent` for this connection.
     pub fn poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
+        if self.cfg.tls.is_some() {
+            return self.tls_poll_send(key, iov);
+        }
         let conn = self.conns.get_mut(key);
         if conn.state == State::Terminating || conn.queue.is_empty() || conn.queue.in_flight() {
             return 0;
@@ -264,6 +282,9 @@ impl Host {
 
     /// A send completed: `result` is bytes written or a negative errno.
     pub fn handle_sent(&mut self, key: ConnKey, result: i32) {
+        if self.cfg.tls.is_some() {
+            return self.tls_sent(key, result);
+        }
         self.conns.send_ended();
         let conn = self.conns.get_mut(key);
         assert!(conn.queue.in_flight(), "{key:?}: a send completed with none in flight");
@@ -304,6 +325,8 @@ impl Host {
         let mut conn = self.conns.remove(key);
         assert_eq!(conn.state, State::Terminating, "{key:?} released before it ended");
         assert!(!conn.queue.in_flight(), "{key:?} released with a send in flight");
+        assert!(!self.tls_sending(key), "{key:?} released with a TLS send in flight");
+        self.tls.remove(&key);
         self.outbox.abort(&mut conn.queue);
         self.outbox.clear(&mut conn.queue);
         assert!(conn.queue.is_empty());
@@ -563,6 +586,7 @@ impl Host {
         self.expiries.remove(&key);
         self.connecting.remove(&key);
         self.joining.remove(&key);
+        self.tls_end(key);
         self.leave_room(key);
         if opened && self.hooked(Hook::Events) {
             self.hook_event(key, None);

@@ -54,6 +54,7 @@ impl Host {
             held = reader.held_bytes();
             conn.reader = reader;
         }
+        held += self.tls_held(key);
         if let Err(e) = result {
             self.intake.hold(key, 0);
             return self.fail(key, e.close_code(), e.reason(), read_error_series(&e), now);

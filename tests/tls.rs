@@ -1,0 +1,123 @@
+//! `wss://` over loopback: the gateway with a certificate the test makes, a Rust client
+//! (rustls + tungstenite) and Python `websockets` trusting it, blocks and sends both ways, a
+//! client that does not trust the certificate refused, TLS 1.2 and 1.3.
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use barrage::proto::{Join, client_frame, server_frame};
+use common::{Gateway, http};
+use prost::Message as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use tungstenite::protocol::Message as WsMessage;
+
+struct Cert {
+    dir: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+impl Cert {
+    fn new(tag: &str) -> Cert {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("barrage-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+        Cert { dir, der: c.cert.der().clone() }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Cert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+type Wss = tungstenite::WebSocket<StreamOwned<ClientConnection, TcpStream>>;
+
+fn connect(
+    gw: &Gateway,
+    trusted: &CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    query: &str,
+) -> Result<Wss, String> {
+    let mut roots = RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let config = ClientConfig::builder_with_provider(Arc::new(barrage::tls::provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    let tcp = TcpStream::connect(gw.ws).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let stream = StreamOwned::new(conn, tcp);
+    let url = format!("wss://localhost:{}/ws{query}", gw.ws.port());
+    tungstenite::client::client(url, stream).map(|(ws, _)| ws).map_err(|e| e.to_string())
+}
+
+fn frame(ws: &mut Wss) -> server_frame::Frame {
+    loop {
+        match ws.read().expect("a frame") {
+            WsMessage::Binary(b) => return barrage::proto::ServerFrame::decode(b.as_ref()).unwrap().frame.unwrap(),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() {
+    let cert = Cert::new("main");
+    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+        let mut a = connect(&gw, &cert.der, versions, "?room=t1").expect("wss connect");
+        assert!(matches!(frame(&mut a), server_frame::Frame::Welcome(_)));
+        let mut b = connect(&gw, &cert.der, versions, "").expect("wss connect");
+        assert!(matches!(frame(&mut b), server_frame::Frame::Welcome(_)));
+        let join = barrage::proto::ClientFrame {
+            frame: Some(client_frame::Frame::Join(Join { room: "t1".into(), after_seq: 0 })),
+        };
+        b.send(WsMessage::binary(join.encode_to_vec())).unwrap();
+        gw.wait_online("t1", 2);
+        // A block larger than one TLS record, to both members.
+        let text = "x".repeat(3000);
+        for i in 0..8 {
+            let (status, _) = gw.publish("t1", serde_json::json!({"text": format!("{i}{text}")}));
+            assert_eq!(status, 202);
+        }
+        for ws in [&mut a, &mut b] {
+            let mut got = 0;
+            while got < 8 {
+                if let server_frame::Frame::Block(blk) = frame(ws) {
+                    got += blk.messages.len();
+                }
+            }
+        }
+        a.close(None).unwrap();
+        let _ = a.flush();
+        drop(b);
+        gw.wait_online("t1", 0);
+    }
+    // A client that does not trust the certificate: its handshake fails, the gateway counts it.
+    let other = Cert::new("other");
+    let refused = connect(&gw, &other.der, &[&rustls::version::TLS13], "").err().expect("refused");
+    assert!(refused.to_lowercase().contains("certificate") || refused.contains("UnknownIssuer"), "{refused}");
+    common::eventually("the failed handshake counted", || {
+        gw.metric("barrage_tls_handshakes_total{result=\"failed\"}") >= 1
+    });
+    assert!(gw.metric("barrage_tls_handshakes_total{result=\"ok\"}") >= 4);
+    // Plain HTTP to a TLS listener is not TLS: refused without an answer.
+    let mut plain = TcpStream::connect(gw.ws).unwrap();
+    plain.write_all(b"GET /demo/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (status, _) = http(gw.api, "GET", "/healthz", None, &[]);
+    assert_eq!(status, 200, "the gateway goes on");
+}
