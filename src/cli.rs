@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, Overrides};
@@ -129,7 +129,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         print!("{}", toml::to_string(&config)?);
         return Ok(());
     }
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let mut gateway = if args.takeover { Gateway::take_over(&config)? } else { Gateway::start(&config)? };
     println!(
         "barrage {}: {} shards, {} direct descriptors per ring",
@@ -145,6 +145,14 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     loop {
         if let Some(sig) = signals.pending().next() {
+            if sig == SIGHUP {
+                // New certificates for new handshakes; nothing else reloads.
+                match gateway.reload_tls() {
+                    Ok(()) => println!("barrage: SIGHUP: TLS certificates reloaded"),
+                    Err(e) => eprintln!("barrage: SIGHUP: {e}; keeping the current certificates"),
+                }
+                continue;
+            }
             if config.drain.on_sigterm && sig == SIGTERM && !gateway.handed_over() {
                 gateway.drain();
                 wait_drained(&gateway, &mut signals, config.drain.deadline_ms, "SIGTERM, draining");
@@ -168,14 +176,15 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 /// A drain under way (SIGTERM, or an upgrade: every pending message delivered, clients sent
 /// elsewhere in waves): returns once every connection is gone, at the deadline, or at a
-/// second signal.
+/// second signal (other than SIGHUP).
 fn wait_drained(gateway: &Gateway, signals: &mut Signals, deadline_ms: u64, why: &str) {
     println!("barrage: {why} (a second SIGTERM stops at once)");
     // Past the shards' own deadline they close what is left; this only bounds the wait.
     let until = std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_add(5_000));
     loop {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        if signals.pending().next().is_some() {
+        // SIGHUP (certificates) is not a reason to stop a drain.
+        if signals.pending().any(|s| s != SIGHUP) {
             println!("barrage: second signal, stopping");
             return;
         }

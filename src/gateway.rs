@@ -309,6 +309,23 @@ impl Gateway {
         Ok(())
     }
 
+    /// Reads `tls.cert` and `tls.key` again (SIGHUP) and hands the new certificates to every
+    /// shard: handshakes from then on use them, established connections go on untouched.
+    pub fn reload_tls(&self) -> Result<(), StartError> {
+        if self.config.tls.cert.is_empty() {
+            return Err(StartError("no tls.cert to reload".into()));
+        }
+        let tls = load_tls(&self.config)?;
+        for i in 0..self.mesh.shards() {
+            let mut mail = Mail::from(HostMail::TlsConfig(Arc::clone(&tls)));
+            while let Err(back) = self.mesh.send(ShardId(i as u16), mail) {
+                mail = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
     /// A new process took over this one's listeners and rooms; this one is draining into it.
     pub fn handed_over(&self) -> bool {
         self.handed_over.load(Ordering::Acquire)

@@ -2,31 +2,10 @@
 //! a virtualenv under target/ (from PyPI) on first run.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{Gateway, token};
-
-/// The `websockets` release the test is written against.
-const WEBSOCKETS: &str = "websockets==15.0.1";
-
-fn venv_python() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-venv");
-    let python = dir.join("bin/python");
-    let ready = dir.join(".websockets-ready");
-    if !ready.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
-        assert!(ok, "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)");
-        let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", WEBSOCKETS])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "pip install {WEBSOCKETS} failed");
-        std::fs::write(&ready, WEBSOCKETS).unwrap();
-    }
-    python
-}
+use common::{Gateway, token, venv_python};
 
 #[test]
 fn python_websockets_client_end_to_end() {

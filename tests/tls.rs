@@ -109,7 +109,9 @@ fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() 
     }
     // A client that does not trust the certificate: its handshake fails, the gateway counts it.
     let other = Cert::new("other");
-    let refused = connect(&gw, &other.der, &[&rustls::version::TLS13], "").err().expect("refused");
+    let Err(refused) = connect(&gw, &other.der, &[&rustls::version::TLS13], "") else {
+        panic!("a client that does not trust the certificate connected")
+    };
     assert!(refused.to_lowercase().contains("certificate") || refused.contains("UnknownIssuer"), "{refused}");
     common::eventually("the failed handshake counted", || {
         gw.metric("barrage_tls_handshakes_total{result=\"failed\"}") >= 1
@@ -120,4 +122,48 @@ fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() 
     plain.write_all(b"GET /demo/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let (status, _) = http(gw.api, "GET", "/healthz", None, &[]);
     assert_eq!(status, 200, "the gateway goes on");
+}
+
+#[test]
+fn python_websockets_over_wss() {
+    let python = common::venv_python();
+    let cert = Cert::new("py");
+    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/wss_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(gw.ws.to_string())
+        .arg(gw.api.to_string())
+        .arg(cert.path("cert.pem"))
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python wss client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let first = Cert::new("hup1");
+    let gw = Gateway::start(&["--tls-cert", &first.path("cert.pem"), "--tls-key", &first.path("key.pem")]);
+    let mut old = connect(&gw, &first.der, &[&rustls::version::TLS13], "?room=hup").expect("wss connect");
+    assert!(matches!(frame(&mut old), server_frame::Frame::Welcome(_)));
+    // New files in place, then SIGHUP.
+    let second = Cert::new("hup2");
+    std::fs::copy(second.path("cert.pem"), first.path("cert.pem")).unwrap();
+    std::fs::copy(second.path("key.pem"), first.path("key.pem")).unwrap();
+    let _ = std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status();
+    common::eventually("the new certificate served", || {
+        connect(&gw, &second.der, &[&rustls::version::TLS13], "").is_ok()
+    });
+    assert!(connect(&gw, &first.der, &[&rustls::version::TLS13], "").is_err(), "the old certificate is gone");
+    // The connection made with the old certificate goes on.
+    gw.wait_online("hup", 1);
+    assert_eq!(gw.publish("hup", serde_json::json!({"text": "still here"})).0, 202);
+    loop {
+        if let server_frame::Frame::Block(b) = frame(&mut old) {
+            assert_eq!(b.messages[0].data, b"still here");
+            break;
+        }
+    }
 }

@@ -569,7 +569,7 @@ impl State<'_> {
                 }
             }
             // A drain's and a stop's mail, and hook verdicts, are for local shards only.
-            HostMail::Drain(_) | HostMail::Flushed | HostMail::Stop | HostMail::Hook(_) => {}
+            HostMail::Drain(_) | HostMail::Flushed | HostMail::Stop | HostMail::Hook(_) | HostMail::TlsConfig(_) => {}
         }
     }
 

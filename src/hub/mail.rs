@@ -201,6 +201,9 @@ pub enum HostMail {
     /// A connection's request was refused (by its room's owner, or because the way there is
     /// congested).
     Refused { conn: ConnId, code: u32, reason: &'static str },
+    /// New TLS certificates (SIGHUP): handshakes from now on use them; established
+    /// connections keep their keys.
+    TlsConfig(std::sync::Arc<rustls::ServerConfig>),
     /// Start draining (see `host::drain`): accept nothing more, then reconnect every
     /// connection in waves.
     Drain(DrainPlan),
@@ -225,6 +228,7 @@ impl HostMail {
             | HostMail::Refused { .. }
             | HostMail::Ack { .. }
             | HostMail::Hook(_)
+            | HostMail::TlsConfig(_)
             | HostMail::Drain(_)
             | HostMail::Flushed
             | HostMail::Stop => None,

@@ -500,3 +500,25 @@ fn ensure_redis_server() {
         }
     });
 }
+
+/// The `websockets` release the Python tests are written against.
+const WEBSOCKETS: &str = "websockets==15.0.1";
+
+/// A Python with `websockets`, in a virtualenv under target/ made (from PyPI) on first use.
+pub fn venv_python() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-venv");
+    let python = dir.join("bin/python");
+    let ready = dir.join(".websockets-ready");
+    if !ready.exists() {
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)");
+        let ok = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", WEBSOCKETS])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "pip install {WEBSOCKETS} failed");
+        std::fs::write(&ready, WEBSOCKETS).unwrap();
+    }
+    python
+}

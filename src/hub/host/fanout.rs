@@ -100,6 +100,7 @@ impl Host {
                 }
             }
             HostMail::Hook(verdict) => self.hook_verdict(*verdict, now),
+            HostMail::TlsConfig(config) => self.cfg.tls = Some(config),
             HostMail::Drain(plan) => self.start_drain(plan, now),
             HostMail::Flushed => self.owner_flushed(1, now),
             HostMail::Stop => self.stop(now),
