@@ -605,6 +605,10 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|_| panic!("bad default address {s}"))
 }
 
+/// What a TLS connection may hold of one incomplete record (see `hub::host::tls`), capacity
+/// included: the partial-input floor grows by it when TLS is on.
+pub const TLS_RECORD_HELD: usize = 40 * 1024;
+
 /// A config that cannot work, said plainly.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -776,7 +780,9 @@ impl Config {
     /// The least a connection must be able to hold for partial input: one largest message with
     /// its spill box, or a request head that doubled its capacity while growing.
     fn partial_bytes_conn_floor(&self) -> usize {
-        (self.websocket.message_bytes_max + 4096).max(2 * self.websocket.handshake_bytes_max)
+        // Over TLS, one incomplete record (its buffer's capacity) may be held beside it.
+        let tls = if self.tls.cert.is_empty() { 0 } else { TLS_RECORD_HELD };
+        (self.websocket.message_bytes_max + 4096).max(2 * self.websocket.handshake_bytes_max) + tls
     }
 
     /// `server.partial_bytes_conn_max`, 0 resolved to its floor.

@@ -1,5 +1,6 @@
 //! RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (0.8.2, Python 2.7) against the
-//! gateway's echo endpoint, every case but permessage-deflate (12.*, 13.*: not negotiated).
+//! gateway's echo endpoint, every case but permessage-deflate (12.*, 13.*: not negotiated), over
+//! plain TCP and over TLS (`wss://`, a certificate the test makes).
 //! Installs the suite with pip into target/ on first run. Fails on any case Autobahn does not
 //! rate OK or INFORMATIONAL: NON-STRICT (a deviation Autobahn tolerates) fails as FAILED does.
 mod common;
@@ -42,16 +43,45 @@ fn install(python: &Path) -> PathBuf {
 
 #[test]
 fn autobahn_fuzzing_client_reports_no_failures() {
-    let python = python27();
-    let site = install(&python);
     let max = (16 << 20).to_string();
     let gw = Gateway::start(&["--echo-path", "/echo", "--frame-bytes-max", &max, "--message-bytes-max", &max]);
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("autobahn-report");
+    fuzz(&format!("ws://{}/echo", gw.ws), "autobahn-report");
+}
+
+#[test]
+fn autobahn_fuzzing_client_reports_no_failures_over_tls() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("autobahn-tls-cert");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let max = (16 << 20).to_string();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let gw = Gateway::start(&[
+        "--echo-path",
+        "/echo",
+        "--frame-bytes-max",
+        &max,
+        "--message-bytes-max",
+        &max,
+        "--tls-cert",
+        c.to_str().unwrap(),
+        "--tls-key",
+        k.to_str().unwrap(),
+    ]);
+    fuzz(&format!("wss://localhost:{}/echo", gw.ws.port()), "autobahn-report-tls");
+}
+
+/// Runs every case against `url`; fails on any not rated OK or INFORMATIONAL.
+fn fuzz(url: &str, report: &str) {
+    let python = python27();
+    let site = install(&python);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(report);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
     let spec = serde_json::json!({
         "outdir": out.join("servers"),
-        "servers": [{"agent": "barrage", "url": format!("ws://{}/echo", gw.ws)}],
+        "servers": [{"agent": "barrage", "url": url}],
         "cases": ["*"],
         "exclude-cases": ["12.*", "13.*"],
         "exclude-agent-cases": {},
@@ -85,7 +115,7 @@ fn autobahn_fuzzing_client_reports_no_failures() {
             }
         }
     }
-    println!("Autobahn|Testsuite 0.8.2: {} cases: {tally:?}", cases.len());
+    println!("Autobahn|Testsuite 0.8.2 at {url}: {} cases: {tally:?}", cases.len());
     assert!(cases.len() >= 300, "only {} cases ran", cases.len());
     assert!(bad.is_empty(), "Autobahn cases not OK or INFORMATIONAL: {bad:?}");
 }

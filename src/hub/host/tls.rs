@@ -20,8 +20,10 @@ use crate::tls::handshake::{Handshake, Step};
 use crate::tls::record::{MAX_FRAGMENT, Opened, Records, TlsError};
 
 /// Ciphertext a connection may hold while a record (or the client's handshake flight) is
-/// incomplete: one largest record and its header, or a ClientHello and its follow-ups.
+/// incomplete: one largest record and its header, or a ClientHello and its follow-ups. (The
+/// partial-input floor adds `config::TLS_RECORD_HELD` for it, its buffer's slack included.)
 const INPUT_MAX: usize = MAX_FRAGMENT + 2048;
+const _: () = assert!(2 * INPUT_MAX <= crate::config::TLS_RECORD_HELD);
 
 /// One connection's TLS.
 pub(super) struct TlsConn {
