@@ -407,13 +407,19 @@ config! {
 
     /// TLS on the public listener (`wss://`, and HTTPS short polls): with a certificate and key
     /// set, the listener speaks only TLS 1.3 and 1.2 (rustls; ALPN http/1.1; no session
-    /// tickets). An idle TLS connection keeps only its record keys (about 120 B; 700 B more for
-    /// TLS 1.3's key-update state); a send seals its frames into one buffer, freed when written.
+    /// tickets). An idle TLS connection keeps only its record keys (about 120 B, and rustls's
+    /// key schedule with `key_updates`); a send seals its frames into one buffer, freed when
+    /// written. `kill -HUP` reloads the files for new handshakes.
     tls: Tls {
         /// PEM certificate chain (leaf first); "" = no TLS.
         cert: String = String::new(), tls_cert, "BARRAGE_TLS_CERT";
         /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
         key: String = String::new(), tls_key, "BARRAGE_TLS_KEY";
+        /// Follow a TLS 1.3 client's KeyUpdate: keeps rustls's key schedule per connection
+        /// (about 800 B more for an idle one). false = such a client is closed (counted as
+        /// `barrage_tls_errors_total{reason="key_update"}`; it reconnects): browsers and common
+        /// TLS libraries do not send one to a WebSocket's volume of data.
+        key_updates: bool = false, tls_key_updates, "BARRAGE_TLS_KEY_UPDATES";
     }
 
     /// The live-room demo page on the public listener (`GET /demo/`, built from sdk/js/demo).

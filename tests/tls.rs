@@ -167,3 +167,29 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
         }
     }
 }
+
+#[test]
+fn a_client_key_update_is_followed_only_when_kept() {
+    let cert = Cert::new("ku");
+    let ping = barrage::proto::ClientFrame { frame: Some(client_frame::Frame::Ping(barrage::proto::Ping {})) };
+    for keep in [true, false] {
+        let gw = Gateway::start(&[
+            "--tls-cert",
+            &cert.path("cert.pem"),
+            "--tls-key",
+            &cert.path("key.pem"),
+            "--tls-key-updates",
+            if keep { "true" } else { "false" },
+        ]);
+        let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "").expect("wss connect");
+        assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
+        ws.get_mut().conn.refresh_traffic_keys().unwrap();
+        ws.send(WsMessage::binary(ping.encode_to_vec())).unwrap();
+        if keep {
+            assert!(matches!(frame(&mut ws), server_frame::Frame::Pong(_)), "rekeyed and still talking");
+        } else {
+            assert!(ws.read().is_err(), "closed: the key-update state was not kept");
+            common::eventually("counted", || gw.metric("barrage_tls_errors_total{reason=\"key_update\"}") == 1);
+        }
+    }
+}

@@ -47,6 +47,7 @@ mod report;
 mod ring;
 mod scenario_connect;
 mod scenario_fanout;
+mod scenario_hold;
 mod scenario_ingest;
 mod scenario_sends;
 mod scenario_soak;
@@ -103,6 +104,10 @@ enum Scenario {
     /// (with and without a send hook: bench/hooks.sh). Exit 0 if sends were acked and no client
     /// failed; 1 otherwise; 2 for refused arguments.
     Sends(Box<scenario_sends::SendsArgs>),
+    /// Hold N idle members of one room over ws:// or wss:// (--ca) from one source address,
+    /// opened a few hundred at a time; prints the join rate once all joined, then holds them.
+    /// Exit 0 if all joined; 1 otherwise; 2 for refused arguments.
+    Hold(Box<scenario_hold::HoldArgs>),
     /// A trivial business-hook backend that allows every call (JSON, keep-alive), for
     /// bench/hooks.sh. Runs until killed.
     Backend(scenario_sends::BackendArgs),
@@ -117,6 +122,7 @@ fn main() {
         Scenario::Upgrade(args) => scenario_upgrade::run(*args),
         Scenario::Ingest(args) => scenario_ingest::run(*args),
         Scenario::Sends(args) => scenario_sends::run(*args),
+        Scenario::Hold(args) => scenario_hold::run(*args),
         Scenario::Backend(args) => scenario_sends::backend(args),
     };
     std::process::exit(code);

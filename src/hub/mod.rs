@@ -387,6 +387,8 @@ pub struct HubConfig {
     pub demo_dev_tokens: bool,
     /// The public listener speaks TLS with this config (`with_tls`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Keep TLS 1.3's key-update state per connection (`tls.key_updates`).
+    pub tls_key_updates: bool,
 }
 
 impl HubConfig {
@@ -458,6 +460,7 @@ impl HubConfig {
             demo: c.demo.enabled,
             demo_dev_tokens: c.demo.dev_tokens,
             tls: None,
+            tls_key_updates: c.tls.key_updates,
         }
     }
 

@@ -17,7 +17,7 @@ use super::record::{Records, TlsError};
 /// A connection's TLS once its handshake is done.
 pub struct Established {
     pub records: Records,
-    /// TLS 1.3 only: derives the next keys after a KeyUpdate.
+    /// TLS 1.3 with key updates kept: derives the next keys after a KeyUpdate.
     pub keys: Option<KernelConnection<ServerConnectionData>>,
     /// Application data that arrived inside the handshake's flights (already decrypted).
     pub plaintext: Vec<u8>,
@@ -34,12 +34,15 @@ pub enum Step {
 pub struct Handshake {
     conn: Option<UnbufferedServerConnection>,
     plaintext: Vec<u8>,
+    /// Keep rustls's key-update state for TLS 1.3 (about 800 bytes a connection).
+    key_updates: bool,
 }
 
 impl Handshake {
-    pub fn new(config: Arc<ServerConfig>) -> Result<Handshake, TlsError> {
+    /// `key_updates`: keep what a TLS 1.3 peer's KeyUpdate needs (else such a peer is closed).
+    pub fn new(config: Arc<ServerConfig>, key_updates: bool) -> Result<Handshake, TlsError> {
         let conn = UnbufferedServerConnection::new(config).map_err(|_| TlsError::Unsupported)?;
-        Ok(Handshake { conn: Some(conn), plaintext: Vec::new() })
+        Ok(Handshake { conn: Some(conn), plaintext: Vec::new(), key_updates })
     }
 
     /// Feeds what the peer sent: `input` holds every byte received and not yet consumed (the
@@ -102,7 +105,7 @@ impl Handshake {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|_| TlsError::Unsupported)?;
         let version = kernel.protocol_version();
         let records = Records::new(version, secrets)?;
-        let keys = (version == ProtocolVersion::TLSv1_3).then_some(kernel);
+        let keys = (version == ProtocolVersion::TLSv1_3 && self.key_updates).then_some(kernel);
         Ok(Established { records, keys, plaintext: std::mem::take(&mut self.plaintext) })
     }
 }

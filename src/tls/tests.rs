@@ -42,7 +42,7 @@ fn client(suite: SupportedCipherSuite, trusted: CertificateDer<'static>) -> Clie
 fn pair(suite: SupportedCipherSuite, early: &[u8]) -> Result<(Pair, Vec<u8>), TlsError> {
     let (cert_pem, key_pem, der) = cert();
     let mut c = client(suite, der);
-    let mut hs = Handshake::new(server_config(&cert_pem, &key_pem).unwrap())?;
+    let mut hs = Handshake::new(server_config(&cert_pem, &key_pem).unwrap(), true)?;
     c.writer().write_all(early).unwrap();
     let mut input = Vec::new();
     for _ in 0..10 {
@@ -167,7 +167,7 @@ fn a_tampered_record_and_an_untrusted_certificate_are_refused() {
     let (cert_pem, key_pem, _) = cert();
     let (_, _, other) = cert();
     let mut c = client(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256, other);
-    let mut hs = Handshake::new(server_config(&cert_pem, &key_pem).unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&cert_pem, &key_pem).unwrap(), true).unwrap();
     let mut input = Vec::new();
     let mut refused = false;
     for _ in 0..4 {

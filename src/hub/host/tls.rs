@@ -45,7 +45,7 @@ impl Host {
     /// A new connection on a TLS listener starts its handshake.
     pub(super) fn tls_accept(&mut self, key: ConnKey) {
         let Some(config) = self.cfg.tls.clone() else { return };
-        let state = match Handshake::new(config) {
+        let state = match Handshake::new(config, self.cfg.tls_key_updates) {
             Ok(h) => Phase::Handshaking(Box::new(h)),
             Err(_) => Phase::Failed,
         };
@@ -128,7 +128,8 @@ impl Host {
                 }
                 Opened::KeyUpdate { update_requested } => {
                     at += used;
-                    let Some(k) = keys.as_mut() else { return self.tls_failed(key, Series::TlsRecord) };
+                    // Without the key-update state (`tls.key_updates = false`) the peer is closed.
+                    let Some(k) = keys.as_mut() else { return self.tls_failed(key, Series::TlsKeyUpdate) };
                     let next = k.update_rx_secret().map_err(|_| TlsError::Unsupported);
                     if next.and_then(|n| records.rekey_rx(n)).is_err() {
                         return self.tls_failed(key, Series::TlsRecord);

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 16's density bench: what an idle joined `wss://` connection costs the gateway in user
+# space (RSS delta over N members), beside `ws://` in the same run, and the rate barrage takes TLS
+# handshakes (all N opened a few hundred at a time by `barrage-load hold`, several processes from
+# their own source addresses: RLIMIT_NOFILE is 20,000 a process). Certificate: ECDSA P-256,
+# self-signed (openssl). Appends a table to bench/RESULTS.md.
+#
+#   bench/tls.sh
+#   N=20000 PROCS=2 bench/tls.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${N:-100000}"
+PROCS="${PROCS:-6}"
+PORT="${PORT:-18820}"
+API_PORT="${API_PORT:-9393}"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="bench/out/tls-$STAMP"
+mkdir -p "$OUT"
+cargo build --release --quiet --bin barrage --bin barrage-load
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$OUT/key.pem" -out "$OUT/cert.pem" \
+  -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+  -addext keyUsage=digitalSignature 2> /dev/null
+ulimit -n 20000
+per=$(( (N + PROCS - 1) / PROCS ))
+gw="" holders=()
+cleanup() {
+  for p in "${holders[@]}" $gw; do kill "$p" 2> /dev/null || true; done
+  wait 2> /dev/null || true
+}
+trap cleanup EXIT
+rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+for mode in plain tls; do
+  extra=() ca=()
+  [[ $mode == tls ]] && extra=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem") && ca=(--ca "$OUT/cert.pem")
+  ./target/release/barrage --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" --connections-max $((N + 1000)) \
+    --idle-timeout-ms 600000 --heartbeat-ms 300000 --presence-events false --addr-conn-rate-per-s 0 \
+    --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode.gateway.log" 2>&1 &
+  gw=$!
+  for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+  sleep 1
+  before=$(rss "$gw")
+  holders=()
+  for i in $(seq "$PROCS"); do
+    ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$per" --source "127.0.0.$((i + 1))" \
+      "${ca[@]}" --hold-s 3600 > "$OUT/$mode-$i.json" 2> "$OUT/$mode-$i.err" &
+    holders+=($!)
+  done
+  for i in $(seq "$PROCS"); do
+    for _ in $(seq 600); do [[ -s "$OUT/$mode-$i.json" ]] && break; sleep 0.5; done
+  done
+  sleep 2
+  after=$(rss "$gw")
+  online=$(curl -s "http://127.0.0.1:$API_PORT/v1/rooms/hold" | python3 -c 'import json,sys; print(json.load(sys.stdin)["online"])')
+  echo "$mode before=$before after=$after online=$online" | tee "$OUT/$mode.rss"
+  for p in "${holders[@]}"; do kill "$p" 2> /dev/null || true; done
+  wait "${holders[@]}" 2> /dev/null || true
+  holders=()
+  kill "$gw"; wait "$gw" 2> /dev/null || true; gw=""
+  sleep 2
+done
+python3 - "$OUT" "$STAMP" "N=$N PROCS=$PROCS bench/tls.sh" >> bench/RESULTS.md << 'EOF'
+import glob, json, os, platform, sys
+out, stamp, command = sys.argv[1:]
+model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+rows = {}
+for mode in ["plain", "tls"]:
+    f = dict(kv.split("=") for kv in open(os.path.join(out, f"{mode}.rss")).read().split()[1:])
+    runs = [json.loads(open(p).read().strip().splitlines()[0]) for p in sorted(glob.glob(os.path.join(out, f"{mode}-*.json")))]
+    joined = sum(r["joined"] for r in runs)
+    rate = joined / max(r["seconds"] for r in runs)
+    rows[mode] = (int(f["after"]) - int(f["before"]), int(f["online"]), joined, sum(r["failed"] for r in runs), rate)
+print(f"\n## {stamp} wss against ws: gateway memory per idle joined connection, and handshakes per second\n")
+print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; gateway (release, 2 shards) and the `barrage-load hold` clients (rustls, ECDSA P-256 certificate) on the same cores, loopback.")
+print(f"- Command: `{command}`; user-space bytes = the gateway's RSS after all joined minus before, ÷ members online; joins/s = members joined ÷ the slowest client process's time (TLS: TCP + TLS handshake + WebSocket upgrade + welcome, client crypto on the same cores).\n")
+print("| listener | members online | RSS delta | bytes per member | joins/s | failed |")
+print("|---|---:|---:|---:|---:|---:|")
+for mode, (delta, online, joined, failed, rate) in rows.items():
+    print(f"| {'wss' if mode == 'tls' else 'ws'} | {online:,} | {delta / 1e6:.1f} MB | {delta / max(online, 1):,.0f} | {rate:,.0f} | {failed} |")
+EOF
+echo "appended to bench/RESULTS.md; reports under $OUT"
