@@ -56,7 +56,9 @@ series! {
     HsTimeout => "barrage_handshakes_total" {"result" = "timeout"}, "counter", "";
     HsHook => "barrage_handshakes_total" {"result" = "hook"}, "counter", "";
     TlsHandshakes => "barrage_tls_handshakes_total" {"result" = "ok"}, "counter", "TLS handshakes on the public listener, by result.";
-    TlsHandshake => "barrage_tls_handshakes_total" {"result" = "failed"}, "counter", "";
+    TlsHandshake => "barrage_tls_handshakes_total" {"result" = "malformed"}, "counter", "";
+    TlsHandshakeAlert => "barrage_tls_handshakes_total" {"result" = "alert"}, "counter", "";
+    TlsHandshakeTooLarge => "barrage_tls_handshakes_total" {"result" = "too_large"}, "counter", "";
     TlsRecord => "barrage_tls_errors_total" {"reason" = "record"}, "counter", "TLS connections ended after the handshake: a record that does not decrypt or is malformed, or the peer's fatal alert.";
     TlsAlert => "barrage_tls_errors_total" {"reason" = "alert"}, "counter", "";
     TlsKeyUpdate => "barrage_tls_errors_total" {"reason" = "key_update"}, "counter", "";

@@ -114,12 +114,18 @@ fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() 
     };
     assert!(refused.to_lowercase().contains("certificate") || refused.contains("UnknownIssuer"), "{refused}");
     common::eventually("the failed handshake counted", || {
-        gw.metric("barrage_tls_handshakes_total{result=\"failed\"}") >= 1
+        gw.metric("barrage_tls_handshakes_total{result=\"alert\"}") >= 1
     });
     assert!(gw.metric("barrage_tls_handshakes_total{result=\"ok\"}") >= 4);
-    // Plain HTTP to a TLS listener is not TLS: refused without an answer.
+    // Plain HTTP to a TLS listener is not TLS: closed without an answer, counted.
     let mut plain = TcpStream::connect(gw.ws).unwrap();
     plain.write_all(b"GET /demo/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(!answer.starts_with(b"HTTP/"), "no HTTP answer on a TLS listener");
+    common::eventually("the malformed handshake counted", || {
+        gw.metric("barrage_tls_handshakes_total{result=\"malformed\"}") >= 1
+    });
     let (status, _) = http(gw.api, "GET", "/healthz", None, &[]);
     assert_eq!(status, 200, "the gateway goes on");
 }

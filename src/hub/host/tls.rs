@@ -66,7 +66,9 @@ impl Host {
                 self.conns.mark_ready(key);
             }
             let early = match step {
-                Ok(Step::More) if t.input.len() > INPUT_MAX => return self.tls_failed(key, Series::TlsHandshake),
+                Ok(Step::More) if t.input.len() > INPUT_MAX => {
+                    return self.tls_failed(key, Series::TlsHandshakeTooLarge);
+                }
                 Ok(Step::More) => return self.tls_hold(key, now),
                 Ok(Step::Done(e)) => {
                     let e = *e;
@@ -74,6 +76,7 @@ impl Host {
                     self.counters.inc(Series::TlsHandshakes);
                     e.plaintext
                 }
+                Err(TlsError::Alert(_)) => return self.tls_failed(key, Series::TlsHandshakeAlert),
                 Err(_) => return self.tls_failed(key, Series::TlsHandshake),
             };
             let mut early = early;
