@@ -199,3 +199,38 @@ fn a_client_key_update_is_followed_only_when_kept() {
         }
     }
 }
+
+/// A flood of handshakes that never finish costs at most the partial-input budget: the
+/// connections holding the most are closed once it is full, and the gateway goes on.
+#[test]
+fn a_tls_handshake_flood_stays_within_the_partial_input_budget() {
+    let cert = Cert::new("flood");
+    let budget = 256 * 1024;
+    let gw = Gateway::start(&[
+        "--tls-cert",
+        &cert.path("cert.pem"),
+        "--tls-key",
+        &cert.path("key.pem"),
+        "--shards",
+        "1",
+        "--partial-bytes-max",
+        &budget.to_string(),
+    ]);
+    // Each: a handshake record announcing 16,000 bytes, and 12,000 of them.
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        let mut s = TcpStream::connect(gw.ws).unwrap();
+        let mut bytes = vec![22, 3, 1, 0x3e, 0x80];
+        bytes.extend(std::iter::repeat_n(1u8, 12_000));
+        let _ = s.write_all(&bytes);
+        flood.push(s);
+    }
+    common::eventually("connections closed for the budget", || {
+        gw.metric("barrage_closed_total{reason=\"partial_budget\"}") >= 1
+    });
+    let held = gw.metric("barrage_partial_bytes");
+    assert!(held <= budget as u64, "held {held} over the budget {budget}");
+    // A real client still gets in.
+    let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "").expect("wss connect");
+    assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
+}
