@@ -40,6 +40,10 @@ pub struct HoldArgs {
     in_flight: usize,
     #[arg(long, default_value_t = 10.0)]
     hold_s: f64,
+    /// Keep reading (and decrypting) what members receive while held, instead of leaving them
+    /// idle: for measuring the fan-out's cost over TLS. Prints the bytes read at the end.
+    #[arg(long)]
+    read: bool,
 }
 
 enum Phase {
@@ -150,9 +154,18 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
                 pending -= 1;
                 if after_joined {
                     joined += 1;
-                    // Idle from now on: nothing more is asked of it.
-                    let _ = epoll::delete(&poll, m.sock.as_fd());
                     m.seen = Vec::new();
+                    if args.read {
+                        epoll::modify(
+                            &poll,
+                            m.sock.as_fd(),
+                            epoll::EventData::new_u64(i as u64),
+                            epoll::EventFlags::IN,
+                        )?;
+                    } else {
+                        // Idle from now on: nothing more is asked of it.
+                        let _ = epoll::delete(&poll, m.sock.as_fd());
+                    }
                 } else {
                     failed += 1;
                     let _ = epoll::delete(&poll, m.sock.as_fd());
@@ -168,7 +181,21 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
             "joined": joined, "failed": failed, "seconds": secs, "joins_per_s": joined as f64 / secs,
         })
     );
-    std::thread::sleep(Duration::from_secs_f64(args.hold_s));
+    if args.read {
+        let until = Instant::now() + Duration::from_secs_f64(args.hold_s);
+        let mut read = 0u64;
+        while Instant::now() < until {
+            events.clear();
+            epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), Some(&second))?;
+            for ev in &events {
+                let m = &mut members[ev.data.u64() as usize];
+                read += drain(m, &mut buf).unwrap_or(0);
+            }
+        }
+        println!("{}", serde_json::json!({ "scenario": "hold", "read_bytes": read }));
+    } else {
+        std::thread::sleep(Duration::from_secs_f64(args.hold_s));
+    }
     Ok(failed == 0 && joined == args.connections)
 }
 
@@ -182,6 +209,35 @@ fn dial(source: std::net::Ipv4Addr, target: SocketAddrV4) -> io::Result<TcpStrea
         Err(e) => return Err(e),
     }
     Ok(s.into())
+}
+
+/// Reads (and decrypts) what a joined member was sent; returns the plaintext bytes.
+fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = match m.sock.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) => return Err(e),
+        };
+        match &mut m.tls {
+            Some(t) => {
+                let mut rd = &buf[..n];
+                while !rd.is_empty() {
+                    t.read_tls(&mut rd)?;
+                    let state = t.process_new_packets().map_err(io::Error::other)?;
+                    let plain = state.plaintext_bytes_to_read();
+                    if plain > 0 {
+                        let mut sink = vec![0u8; plain];
+                        t.reader().read_exact(&mut sink)?;
+                        total += plain as u64;
+                    }
+                }
+            }
+            None => total += n as u64,
+        }
+    }
 }
 
 /// Moves one member along as far as its socket allows.
