@@ -39,6 +39,7 @@ for mode in plain tls; do
   for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
   sleep 1
   before=$(rss "$gw")
+  cpu0=$(awk '{print $14 + $15}' "/proc/$gw/stat")
   holders=()
   for i in $(seq "$PROCS"); do
     ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$per" --source "127.0.0.$((i + 1))" \
@@ -48,10 +49,11 @@ for mode in plain tls; do
   for i in $(seq "$PROCS"); do
     for _ in $(seq 600); do [[ -s "$OUT/$mode-$i.json" ]] && break; sleep 0.5; done
   done
+  cpu1=$(awk '{print $14 + $15}' "/proc/$gw/stat")
   sleep 2
   after=$(rss "$gw")
   online=$(curl -s "http://127.0.0.1:$API_PORT/v1/rooms/hold" | python3 -c 'import json,sys; print(json.load(sys.stdin)["online"])')
-  echo "$mode before=$before after=$after online=$online" | tee "$OUT/$mode.rss"
+  echo "$mode before=$before after=$after online=$online cpu_ticks=$((cpu1 - cpu0))" | tee "$OUT/$mode.rss"
   for p in "${holders[@]}"; do kill "$p" 2> /dev/null || true; done
   wait "${holders[@]}" 2> /dev/null || true
   holders=()
@@ -68,13 +70,14 @@ for mode in ["plain", "tls"]:
     runs = [json.loads(open(p).read().strip().splitlines()[0]) for p in sorted(glob.glob(os.path.join(out, f"{mode}-*.json")))]
     joined = sum(r["joined"] for r in runs)
     rate = joined / max(r["seconds"] for r in runs)
-    rows[mode] = (int(f["after"]) - int(f["before"]), int(f["online"]), joined, sum(r["failed"] for r in runs), rate)
+    cpu_us = int(f["cpu_ticks"]) / os.sysconf("SC_CLK_TCK") * 1e6 / max(joined, 1)
+    rows[mode] = (int(f["after"]) - int(f["before"]), int(f["online"]), joined, sum(r["failed"] for r in runs), rate, cpu_us)
 print(f"\n## {stamp} wss against ws: gateway memory per idle joined connection, and handshakes per second\n")
 print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; gateway (release, 2 shards) and the `barrage-load hold` clients (rustls, ECDSA P-256 certificate) on the same cores, loopback.")
-print(f"- Command: `{command}`; user-space bytes = the gateway's RSS after all joined minus before, ÷ members online; joins/s = members joined ÷ the slowest client process's time (TLS: TCP + TLS handshake + WebSocket upgrade + welcome, client crypto on the same cores).\n")
-print("| listener | members online | RSS delta | bytes per member | joins/s | failed |")
-print("|---|---:|---:|---:|---:|---:|")
-for mode, (delta, online, joined, failed, rate) in rows.items():
-    print(f"| {'wss' if mode == 'tls' else 'ws'} | {online:,} | {delta / 1e6:.1f} MB | {delta / max(online, 1):,.0f} | {rate:,.0f} | {failed} |")
+print(f"- Command: `{command}`; user-space bytes = the gateway's RSS after all joined minus before, ÷ members online; joins/s = members joined ÷ the slowest client process's time (TLS: TCP + TLS handshake + WebSocket upgrade + welcome, client crypto on the same cores); gateway CPU per join = its utime+stime over the ramp ÷ members joined, and its inverse the joins one gateway core would take with the clients elsewhere.\n")
+print("| listener | members online | RSS delta | bytes per member | joins/s | gateway CPU µs per join | joins/s per gateway core | failed |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for mode, (delta, online, joined, failed, rate, cpu_us) in rows.items():
+    print(f"| {'wss' if mode == 'tls' else 'ws'} | {online:,} | {delta / 1e6:.1f} MB | {delta / max(online, 1):,.0f} | {rate:,.0f} | {cpu_us:.0f} | {1e6 / max(cpu_us, 1e-9):,.0f} | {failed} |")
 EOF
 echo "appended to bench/RESULTS.md; reports under $OUT"
