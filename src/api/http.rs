@@ -204,8 +204,7 @@ impl RequestReader {
             return Ok(if send_continue { Progress::Continue100 } else { Progress::Partial });
         }
         let body = buf[pending.head_bytes..consumed].to_vec();
-        // `pending` is Some: matched above.
-        let head = self.pending.take().map(|p| p.head).unwrap();
+        let Some(Pending { head, .. }) = self.pending.take() else { unreachable!("matched above") };
         Ok(Progress::Complete { request: Request { head, body }, consumed })
     }
 }

@@ -172,6 +172,10 @@ impl Host {
 
     /// The ciphertext a connection holds (for the budget's other holders).
     pub(super) fn tls_held(&self, key: ConnKey) -> usize {
+        // Called on every read: no hashing at all on a plain listener.
+        if self.tls.is_empty() {
+            return 0;
+        }
         self.tls.get(&key).map_or(0, |t| t.input.capacity())
     }
 
@@ -258,6 +262,9 @@ impl Host {
     /// The connection ended: what it held goes, but a send in flight keeps its buffer until it
     /// completes.
     pub(super) fn tls_end(&mut self, key: ConnKey) {
+        if self.tls.is_empty() {
+            return;
+        }
         if let Some(t) = self.tls.get_mut(&key) {
             t.state = Phase::Failed;
             t.input = Vec::new();
@@ -269,7 +276,7 @@ impl Host {
 
     /// Whether a TLS send is in flight (its buffer must outlive it).
     pub(super) fn tls_sending(&self, key: ConnKey) -> bool {
-        self.tls.get(&key).is_some_and(|t| t.sending)
+        !self.tls.is_empty() && self.tls.get(&key).is_some_and(|t| t.sending)
     }
 }
 
