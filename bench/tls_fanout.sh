@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What TLS costs per delivery: one room of MEMBERS members (`barrage-load hold --read`, reading
-# and decrypting everything), blocks every 50 ms carrying the messages published meanwhile
-# (BATCH messages of 100 bytes about twenty times a second through the batch API), over ws and
-# over wss, alternated REPEAT times. Reports frame deliveries/s, bytes out/s, frames dropped and
-# the gateway's CPU per frame delivered and per MB sent. Appends a table to bench/RESULTS.md.
+# What TLS costs per delivery: one room of MEMBERS members (`barrage-load hold --read`, reading,
+# decrypting and counting everything), a frame to each about every 50 ms — barrage: blocks
+# every 50 ms carrying the messages published meanwhile (BATCH messages of 100 bytes about
+# twenty times a second through the batch API); uWebSockets.js (bench/peers/uwsjs, `SSLApp` on
+# the same certificate for wss): a FRAME_BYTES message every 50 ms through its /pub — over ws
+# and over wss, in MODES order reversed every other of REPEAT rounds. Reports frame deliveries/s
+# counted by the members, MB/s, and the server's CPU per frame delivered and per MB. Appends a
+# table to bench/RESULTS.md.
 #
 #   bench/tls_fanout.sh
 #   MEMBERS=5000 BATCH=10 DURATION_S=10 bench/tls_fanout.sh
@@ -13,6 +16,9 @@ MEMBERS="${MEMBERS:-10000}"
 BATCH="${BATCH:-5}"
 DURATION_S="${DURATION_S:-10}"
 REPEAT="${REPEAT:-2}"
+MODES="${MODES:-plain tls uwsjs uwsjs-tls}"
+# The peer's message size: about barrage's block frame of BATCH=5 messages of 100 bytes.
+FRAME_BYTES="${FRAME_BYTES:-740}"
 PORT="${PORT:-18830}"
 API_PORT="${API_PORT:-9395}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -28,60 +34,102 @@ trap cleanup EXIT
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 metric() { curl -s "http://127.0.0.1:$API_PORT/metrics" | awk -v n="$1" '$1 ~ "^"n"(\\{|$)" {s += $2} END {printf "%d", s}'; }
 body=$(python3 -c "import json; print(json.dumps([{'room': 'r0', 'text': 'x' * 100} for _ in range($BATCH)]))")
+if [[ " $MODES " == *" uwsjs"* && ! -d bench/peers/uwsjs/node_modules ]]; then (cd bench/peers/uwsjs && npm ci --silent); fi
 n=0
 for r in $(seq "$REPEAT"); do
-  modes="plain tls"; (( r % 2 == 0 )) && modes="tls plain"
+  modes="$MODES"; (( r % 2 == 0 )) && modes="$(echo "$MODES" | tr ' ' '\n' | tac | tr '\n' ' ')"
   for mode in $modes; do
     # A fresh source address per run: the last run's ports sit in TIME_WAIT.
     n=$((n + 1))
-    extra=() ca=()
-    [[ $mode == tls ]] && extra=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem") && ca=(--ca "$OUT/cert.pem")
-    taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" \
-      --block-interval-ms 50 --block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 \
-      --presence-events false --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode-$r.gateway.log" 2>&1 &
-    gw=$!
-    for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+    extra=() ca=() peer=()
+    [[ $mode == *tls ]] && ca=(--ca "$OUT/cert.pem")
+    case "$mode" in
+      plain | tls)
+        [[ $mode == tls ]] && extra=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem")
+        taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" \
+          --block-interval-ms 50 --block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 \
+          --presence-events false --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode-$r.gateway.log" 2>&1 &
+        gw=$!
+        for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+        ;;
+      uwsjs | uwsjs-tls)
+        # uWebSockets.js (SSLApp with CERT/KEY) on the same certificate; the holder publishes
+        # one FRAME_BYTES message every 50 ms through its /pub.
+        [[ $mode == uwsjs-tls ]] && tlsenv=(CERT="$OUT/cert.pem" KEY="$OUT/key.pem") || tlsenv=()
+        env "${tlsenv[@]}" taskset -c 0,1 node bench/peers/uwsjs/server.js "$PORT" > "$OUT/$mode-$r.gateway.log" 2>&1 &
+        gw=$!
+        for _ in $(seq 100); do grep -q "peer on" "$OUT/$mode-$r.gateway.log" 2> /dev/null && break; sleep 0.05; done
+        peer=(--path "/sub?room=r0" --no-welcome --publish-path "/pub?room=r0" --publish-every-ms 50 --publish-bytes "$FRAME_BYTES")
+        ;;
+    esac
     nice -n 10 taskset -c 0,1 ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$MEMBERS" --room r0 \
-      --source "127.0.0.$((10 + n))" --read --hold-s $((DURATION_S + 4)) "${ca[@]}" > "$OUT/$mode-$r.hold.json" 2> "$OUT/$mode-$r.hold.err" &
+      --source "127.0.0.$((10 + n))" --read --hold-s $((DURATION_S + 4)) "${ca[@]}" "${peer[@]}" > "$OUT/$mode-$r.hold.json" 2> "$OUT/$mode-$r.hold.err" &
     holder=$!
     for _ in $(seq 600); do [[ -s "$OUT/$mode-$r.hold.json" ]] || ! kill -0 "$holder" 2> /dev/null && break; sleep 0.2; done
     sleep 1
-    c0=$(cpu "$gw"); d0=$(metric barrage_block_deliveries_total); b0=$(metric barrage_bytes_out_total); x0=$(metric barrage_frames_dropped_total)
-    t0=$(date +%s.%N)
+    barrage=0; [[ $mode == plain || $mode == tls ]] && barrage=1
+    c0=$(cpu "$gw"); t0=$(date +%s.%N)
+    (( barrage )) && { d0=$(metric barrage_block_deliveries_total); x0=$(metric barrage_frames_dropped_total); }
     end=$(( $(date +%s) + DURATION_S ))
     while (( $(date +%s) < end )); do
-      curl -s -XPOST "http://127.0.0.1:$API_PORT/v1/publish" -d "$body" > /dev/null
+      (( barrage )) && curl -s -XPOST "http://127.0.0.1:$API_PORT/v1/publish" -d "$body" > /dev/null
       sleep 0.05
     done
-    c1=$(cpu "$gw"); d1=$(metric barrage_block_deliveries_total); b1=$(metric barrage_bytes_out_total); x1=$(metric barrage_frames_dropped_total)
-    t1=$(date +%s.%N)
-    echo "{\"mode\":\"$mode\",\"run\":$r,\"seconds\":$(echo "$t1 - $t0" | bc),\"cpu_ticks\":$((c1 - c0)),\"deliveries\":$((d1 - d0)),\"bytes\":$((b1 - b0)),\"dropped\":$((x1 - x0))}" | tee -a "$OUT/runs.jsonl"
+    c1=$(cpu "$gw"); t1=$(date +%s.%N)
+    d=0 x=0
+    (( barrage )) && { d=$(( $(metric barrage_block_deliveries_total) - d0 )); x=$(( $(metric barrage_frames_dropped_total) - x0 )); }
     wait "$holder" 2> /dev/null || true; holder=""
     kill "$gw"; wait "$gw" 2> /dev/null || true; gw=""
+    echo "{\"mode\":\"$mode\",\"run\":$r,\"t0\":$t0,\"t1\":$t1,\"cpu_ticks\":$((c1 - c0)),\"gateway_deliveries\":$d,\"dropped\":$x,\"hold\":\"$OUT/$mode-$r.hold.json\"}" | tee -a "$OUT/runs.jsonl"
   done
 done
-python3 - "$OUT/runs.jsonl" "$STAMP" "MEMBERS=$MEMBERS BATCH=$BATCH DURATION_S=$DURATION_S REPEAT=$REPEAT bench/tls_fanout.sh" >> bench/RESULTS.md << 'EOF'
+python3 - "$OUT/runs.jsonl" "$STAMP" "MEMBERS=$MEMBERS BATCH=$BATCH DURATION_S=$DURATION_S REPEAT=$REPEAT MODES='$MODES' bench/tls_fanout.sh" >> bench/RESULTS.md << 'EOF'
 import json, os, platform, statistics, sys
 path, stamp, command = sys.argv[1:]
 hz = os.sysconf("SC_CLK_TCK")
 runs = [json.loads(l) for l in open(path) if l.strip()]
 model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-print(f"\n## {stamp} fan-out over wss against ws: what TLS costs per delivery\n")
-print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; gateway (2 shards), the members' client (`barrage-load hold --read`: epoll, rustls, decrypting everything) and the publisher on cores 0,1, loopback.")
-print(f"- Command: `{command}`; one room, blocks every 50 ms; CPU = the gateway's utime+stime over the window.\n")
-print("| listener | frame deliveries/s | MB/s out | frames dropped | gateway µs per frame delivery | gateway ms per MB | runs (deliveries/s, µs/frame) |")
+
+
+def at(samples, t, key):
+    """A counter of the holder's progress lines at time t (linear between samples)."""
+    for a, b in zip(samples, samples[1:]):
+        if a["t"] <= t <= b["t"]:
+            return a[key] + (b[key] - a[key]) * (t - a["t"]) / max(b["t"] - a["t"], 1e-9)
+    return None
+
+
+for r in runs:
+    samples = [x for x in (json.loads(l) for l in open(r["hold"]) if l.strip()) if "t" in x]
+    f0, f1 = at(samples, r["t0"], "frames"), at(samples, r["t1"], "frames")
+    b0, b1 = at(samples, r["t0"], "read_bytes"), at(samples, r["t1"], "read_bytes")
+    r["seconds"] = r["t1"] - r["t0"]
+    r["frames"] = (f1 - f0) if f0 is not None and f1 is not None else 0
+    r["bytes"] = (b1 - b0) if b0 is not None and b1 is not None else 0
+
+names = {"plain": "barrage ws", "tls": "barrage wss", "uwsjs": "uWebSockets.js ws", "uwsjs-tls": "uWebSockets.js wss (SSLApp)"}
+print(f"\n## {stamp} fan-out over wss against ws, beside uWebSockets.js: what TLS costs per delivery\n")
+print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; server (barrage: 2 shards; uWebSockets.js: one thread), the members' client (`barrage-load hold --read`: epoll, rustls, decrypting and counting every frame) and the publisher on cores 0,1, loopback, one certificate (P-256).")
+print(f"- Command: `{command}`; one room, a frame to every member about every 50 ms (barrage: blocks of the messages published meanwhile; uWebSockets.js: one message of the same size per 50 ms through its `/pub`); frames counted by the members; CPU = the server's utime+stime over the window.\n")
+print("| server | frame deliveries/s (members) | MB/s read | bytes/frame | server µs per frame delivery | server ms per MB | runs (deliveries/s, µs/frame) |")
 print("|---|---:|---:|---:|---:|---:|---|")
 med = {}
-for mode in ["plain", "tls"]:
-    rs = [r for r in runs if r["mode"] == mode and r["deliveries"] > 0]
+for mode in names:
+    rs = [r for r in runs if r["mode"] == mode and r["frames"] > 0]
     if not rs:
         continue
-    per = [(r["deliveries"] / r["seconds"], r["cpu_ticks"] / hz * 1e6 / max(r["deliveries"], 1), r["bytes"] / r["seconds"] / 1e6, r["cpu_ticks"] / hz * 1e3 / max(r["bytes"] / 1e6, 1e-9), r["dropped"]) for r in rs]
-    m = [statistics.median(x[i] for x in per) for i in range(4)]
+    per = [(r["frames"] / r["seconds"], r["cpu_ticks"] / hz * 1e6 / r["frames"], r["bytes"] / r["seconds"] / 1e6, r["cpu_ticks"] / hz * 1e3 / max(r["bytes"] / 1e6, 1e-9), r["bytes"] / r["frames"]) for r in rs]
+    m = [statistics.median(x[i] for x in per) for i in range(5)]
     med[mode] = m
     each = "; ".join(f"{x[0]:,.0f}, {x[1]:.2f}" for x in per)
-    print(f"| {'wss' if mode == 'tls' else 'ws'} | {m[0]:,.0f} | {m[2]:.1f} | {sum(x[4] for x in per)} | {m[1]:.2f} | {m[3]:.1f} | {each} |")
+    print(f"| {names[mode]} | {m[0]:,.0f} | {m[2]:.1f} | {m[4]:.0f} | {m[1]:.2f} | {m[3]:.1f} | {each} |")
+dropped = sum(r["dropped"] for r in runs)
+print(f"\n- barrage frames dropped: {dropped}.")
 if "plain" in med and "tls" in med:
-    print(f"\n- wss costs {med['tls'][1] / med['plain'][1]:.1f}× the gateway CPU per frame delivery of ws ({med['tls'][1] - med['plain'][1]:+.2f} µs: the per-member seal).")
+    print(f"- barrage: wss costs {med['tls'][1] / med['plain'][1]:.1f}× the CPU per frame delivery of ws ({med['tls'][1] - med['plain'][1]:+.2f} µs: the per-member seal).")
+if "uwsjs" in med and "uwsjs-tls" in med:
+    print(f"- uWebSockets.js: wss costs {med['uwsjs-tls'][1] / med['uwsjs'][1]:.1f}× its CPU per frame delivery of ws ({med['uwsjs-tls'][1] - med['uwsjs'][1]:+.2f} µs).")
+if "tls" in med and "uwsjs-tls" in med:
+    print(f"- Over wss, barrage spends {med['tls'][1] / med['uwsjs-tls'][1]:.2f}× uWebSockets.js's CPU per frame delivery.")
 EOF
 echo "appended to bench/RESULTS.md; reports under $OUT"

@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::addrs::parse_target;
+use crate::frames::FrameScan;
 
 #[derive(Args, Debug)]
 pub struct HoldArgs {
@@ -41,9 +42,27 @@ pub struct HoldArgs {
     #[arg(long, default_value_t = 10.0)]
     hold_s: f64,
     /// Keep reading (and decrypting) what members receive while held, instead of leaving them
-    /// idle: for measuring the fan-out's cost over TLS. Prints the bytes read at the end.
+    /// idle: for measuring the fan-out's cost over TLS. Prints a progress line every second
+    /// (`t` unix seconds, frames and plaintext bytes read so far) and the totals at the end.
     #[arg(long)]
     read: bool,
+    /// Upgrade path and query instead of barrage's `/ws?room=ROOM` (then no subprotocol is
+    /// offered): `/sub?room=r0` for a peer of bench/peers.
+    #[arg(long)]
+    path: Option<String>,
+    /// A member is joined at the 101 (for peers that send nothing on open), not at the first
+    /// frame after it (barrage's welcome).
+    #[arg(long)]
+    no_welcome: bool,
+    /// With --read: once all are joined, one more connection upgrades to this path (a peer's
+    /// `/pub?room=r0`) and sends a binary message of --publish-bytes every --publish-every-ms
+    /// while the members are held.
+    #[arg(long)]
+    publish_path: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    publish_every_ms: u64,
+    #[arg(long, default_value_t = 740)]
+    publish_bytes: usize,
 }
 
 enum Phase {
@@ -60,6 +79,8 @@ struct Member {
     phase: Phase,
     /// Plaintext read so far (101 head + first frame).
     seen: Vec<u8>,
+    /// Frame boundaries in what was read after the 101.
+    scan: FrameScan,
 }
 
 pub fn run(args: HoldArgs) -> i32 {
@@ -105,7 +126,10 @@ fn client_config(path: &std::path::Path) -> Result<Arc<ClientConfig>, String> {
 
 fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -> io::Result<bool> {
     let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-    let request = crate::handshake::request(&target.to_string(), &args.room, crate::handshake::Subprotocol::Proto);
+    let request = match &args.path {
+        Some(path) => crate::handshake::upgrade(&target.to_string(), path, None),
+        None => crate::handshake::request(&target.to_string(), &args.room, crate::handshake::Subprotocol::Proto),
+    };
     let mut members: Vec<Member> = Vec::with_capacity(args.connections);
     let (mut opened, mut joined, mut failed, mut pending) = (0usize, 0usize, 0usize, 0usize);
     let started = Instant::now();
@@ -129,7 +153,7 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
                 )),
                 None => None,
             };
-            members.push(Member { sock, tls, phase: Phase::Connecting, seen: Vec::new() });
+            members.push(Member { sock, tls, phase: Phase::Connecting, seen: Vec::new(), scan: FrameScan::default() });
             opened += 1;
             pending += 1;
         }
@@ -142,7 +166,7 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
             let i = ev.data.u64() as usize;
             let m = &mut members[i];
             let before = matches!(m.phase, Phase::Joined | Phase::Failed);
-            if let Err(e) = step(m, &request, &mut buf) {
+            if let Err(e) = step(m, &request, &mut buf, !args.no_welcome) {
                 if failed == 0 {
                     eprintln!("barrage-load: hold: first failure: {e}");
                 }
@@ -183,16 +207,30 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
     );
     if args.read {
         let until = Instant::now() + Duration::from_secs_f64(args.hold_s);
-        let mut read = 0u64;
+        let publisher = match &args.publish_path {
+            Some(path) => Some(publish(args, target, tls.clone(), path, until)?),
+            None => None,
+        };
+        let (mut read, mut frames) = (0u64, 0u64);
+        let mut next_report = Instant::now();
+        let tick = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
         while Instant::now() < until {
+            if Instant::now() >= next_report {
+                next_report += Duration::from_secs(1);
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                println!("{}", serde_json::json!({ "t": t, "frames": frames, "read_bytes": read }));
+            }
             events.clear();
-            epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), Some(&second))?;
+            epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), Some(&tick))?;
             for ev in &events {
                 let m = &mut members[ev.data.u64() as usize];
-                read += drain(m, &mut buf).unwrap_or(0);
+                let (b, f) = drain(m, &mut buf).unwrap_or((0, 0));
+                read += b;
+                frames += f;
             }
         }
-        println!("{}", serde_json::json!({ "scenario": "hold", "read_bytes": read }));
+        let sent = publisher.map(|p| p.join().unwrap_or(0));
+        println!("{}", serde_json::json!({ "scenario": "hold", "read_bytes": read, "frames": frames, "published": sent }));
     } else {
         std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     }
@@ -211,14 +249,18 @@ fn dial(source: std::net::Ipv4Addr, target: SocketAddrV4) -> io::Result<TcpStrea
     Ok(s.into())
 }
 
-/// Reads (and decrypts) what a joined member was sent; returns the plaintext bytes.
-fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<u64> {
-    let mut total = 0u64;
+/// Reads (and decrypts) what a joined member was sent; returns the plaintext bytes and the
+/// frames that began in them.
+fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<(u64, u64)> {
+    let (mut total, mut frames) = (0u64, 0u64);
+    let mut count = |scan: &mut FrameScan, bytes: &[u8]| {
+        let _ = scan.feed(bytes, &mut |_| frames += 1);
+    };
     loop {
         let n = match m.sock.read(buf) {
-            Ok(0) => return Ok(total),
+            Ok(0) => return Ok((total, frames)),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, frames)),
             Err(e) => return Err(e),
         };
         match &mut m.tls {
@@ -231,17 +273,93 @@ fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<u64> {
                     if plain > 0 {
                         let mut sink = vec![0u8; plain];
                         t.reader().read_exact(&mut sink)?;
+                        count(&mut m.scan, &sink);
                         total += plain as u64;
                     }
                 }
             }
-            None => total += n as u64,
+            None => {
+                count(&mut m.scan, &buf[..n]);
+                total += n as u64;
+            }
         }
     }
 }
 
-/// Moves one member along as far as its socket allows.
-fn step(m: &mut Member, request: &[u8], buf: &mut [u8]) -> io::Result<()> {
+/// The paced publisher of a peer (`--publish-path`): its own thread and blocking connection;
+/// returns the messages it sent.
+fn publish(
+    args: &HoldArgs,
+    target: SocketAddrV4,
+    tls: Option<Arc<ClientConfig>>,
+    path: &str,
+    until: Instant,
+) -> io::Result<std::thread::JoinHandle<u64>> {
+    let sock = TcpStream::connect(target)?;
+    sock.set_nodelay(true)?;
+    let mut stream: Box<dyn ReadWrite + Send> = match tls {
+        Some(c) => {
+            let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+            let conn = ClientConnection::new(c, name).map_err(io::Error::other)?;
+            Box::new(rustls::StreamOwned::new(conn, sock))
+        }
+        None => Box::new(sock),
+    };
+    stream.write_all(&crate::handshake::upgrade(&target.to_string(), path, None))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(io::Error::other("the publisher's upgrade was refused"));
+    }
+    let frame = masked_binary(&vec![b'x'; args.publish_bytes]);
+    let every = Duration::from_millis(args.publish_every_ms.max(1));
+    Ok(std::thread::spawn(move || {
+        let mut sent = 0u64;
+        let mut next = Instant::now();
+        while next < until {
+            if stream.write_all(&frame).and_then(|()| stream.flush()).is_err() {
+                break;
+            }
+            sent += 1;
+            next += every;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        sent
+    }))
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A client's binary frame (masked, as RFC 6455 requires of clients).
+fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xFA, 0x21, 0x3D];
+    let mut f = vec![0x82];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Moves one member along as far as its socket allows; with `welcome`, a member is joined at
+/// the first frame after the 101, else at the 101.
+fn step(m: &mut Member, request: &[u8], buf: &mut [u8], welcome: bool) -> io::Result<()> {
     if matches!(m.phase, Phase::Connecting) {
         if let Some(e) = m.sock.take_error()? {
             return Err(e);
@@ -291,7 +409,8 @@ fn step(m: &mut Member, request: &[u8], buf: &mut [u8]) -> io::Result<()> {
             if !m.seen.starts_with(b"HTTP/1.1 101") {
                 return Err(io::Error::other("upgrade refused"));
             }
-            if m.seen.len() > end + 4 + 2 {
+            if !welcome || m.seen.len() > end + 4 + 2 {
+                let _ = m.scan.feed(&m.seen[end + 4..], &mut |_| {});
                 m.phase = Phase::Joined;
                 return Ok(());
             }

@@ -13,6 +13,9 @@
 // MAX_BACKPRESSURE so a subscriber that is briefly behind queues instead of losing messages.
 // Idle timeout and automatic pings are off (subscribers never send). Single-threaded.
 //
+// TLS: with CERT and KEY (PEM files) in the environment the app is an `SSLApp` on that pair
+// (bench/tls_fanout.sh runs it beside barrage's wss on the same certificate).
+//
 // Run: PORT=8080 node server.js   (or: node server.js 8080)
 'use strict';
 const uWS = require('uwebsockets');
@@ -20,7 +23,8 @@ const uWS = require('uwebsockets');
 const port = Number(process.argv[2] || process.env.PORT || 8080);
 const MAX_BACKPRESSURE = 16 * 1024 * 1024;
 
-const app = uWS.App();
+const tls = process.env.CERT && process.env.KEY;
+const app = tls ? uWS.SSLApp({ cert_file_name: process.env.CERT, key_file_name: process.env.KEY }) : uWS.App();
 app.ws('/*', {
   compression: uWS.DISABLED,
   maxPayloadLength: 1 << 20,
@@ -57,5 +61,5 @@ app.listen('127.0.0.1', port, (token) => {
     console.error(`uWebSockets.js peer: cannot listen on 127.0.0.1:${port}`);
     process.exit(1);
   }
-  console.error(`uWebSockets.js peer on 127.0.0.1:${port}, 1 thread`);
+  console.error(`uWebSockets.js peer on ${tls ? 'wss' : 'ws'}://127.0.0.1:${port}, 1 thread`);
 });
