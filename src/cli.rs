@@ -139,6 +139,13 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     let scheme = if config.tls.cert.is_empty() { "ws" } else { "wss" };
     println!("  WebSocket  {scheme}://{}/ws  (subprotocols barrage.v1.proto, barrage.v1.json)", gateway.public_addr);
+    match &gateway.kernel_tls {
+        Some(Ok(())) => println!(
+            "  TLS        sends sealed by the kernel (kernel TLS; a connection it refuses is sealed in user space), records received in user space"
+        ),
+        Some(Err(why)) => println!("  TLS        records sealed in user space; kernel TLS: {why}"),
+        None => {}
+    }
     println!("  API        http://{}  (POST /v1/rooms/ROOM/messages, GET /metrics)", gateway.api_addr);
     if !config.websocket.echo_path.is_empty() {
         println!("  Echo       ws://{}{}", gateway.public_addr, config.websocket.echo_path);

@@ -420,6 +420,13 @@ config! {
         /// `barrage_tls_errors_total{reason="key_update"}`; it reconnects): browsers and common
         /// TLS libraries do not send one to a WebSocket's volume of data.
         key_updates: bool = false, tls_key_updates, "BARRAGE_TLS_KEY_UPDATES";
+        /// Kernel TLS for sending: after each handshake the send keys go to the kernel
+        /// (`TCP_ULP` "tls", `TLS_TX`) and frames leave as on a plain connection (no per-member
+        /// copy or seal in user space; receiving stays in user space). `auto`: when the kernel
+        /// has the `tls` ULP (probed at start; the start-up line says which); `on`: tried for
+        /// every connection without probing; `off`. A connection the kernel refuses is sealed
+        /// in user space (`barrage_tls_kernel_total{result="fallback"}`).
+        kernel: KernelTls = KernelTls::Auto, tls_kernel, "BARRAGE_TLS_KERNEL";
     }
 
     /// The live-room demo page on the public listener (`GET /demo/`, built from sdk/js/demo).
@@ -604,6 +611,15 @@ pub enum HookFormat {
 pub enum ReadMode {
     Poll,
     Recv,
+}
+
+/// Whether TLS sends go through kernel TLS (see `tls.kernel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelTls {
+    Auto,
+    On,
+    Off,
 }
 
 fn addr(s: &str) -> SocketAddr {

@@ -16,6 +16,7 @@ use crate::api::{Server, ServerConfig};
 use crate::cluster::Cluster;
 use crate::cluster::lease::Leases;
 use crate::cluster::placement::Placement;
+use crate::config::KernelTls;
 use crate::config::{Config, ConfigError};
 use crate::hooks::Hooks;
 use crate::hub::HubConfig;
@@ -57,6 +58,8 @@ pub struct Gateway {
     pub api_addr: SocketAddr,
     pub shard_count: usize,
     pub ring_files_max: u32,
+    /// With TLS: whether sends go through kernel TLS, or why not.
+    pub kernel_tls: Option<Result<(), String>>,
 }
 
 /// Why the gateway did not start.
@@ -168,6 +171,12 @@ impl Gateway {
             true => None,
             false => Some(load_tls(config)?),
         };
+        let kernel_tls = match (&tls, config.tls.kernel) {
+            (None, _) => None,
+            (Some(_), KernelTls::Auto) => Some(sys::kernel_tls()),
+            (Some(_), KernelTls::On) => Some(Ok(())),
+            (Some(_), KernelTls::Off) => Some(Err("off (tls.kernel = off)".into())),
+        };
         let hooks = Hooks::start(config, Arc::clone(&mesh)).map_err(StartError)?.map(Arc::new);
         let metrics: Arc<[Snapshot]> = (0..shards).map(|_| Snapshot::default()).collect();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -182,7 +191,7 @@ impl Gateway {
                 hub = hub.with_hooks(h.gate());
             }
             if let Some(t) = &tls {
-                hub = hub.with_tls(Arc::clone(t));
+                hub = hub.with_tls(Arc::clone(t), matches!(kernel_tls, Some(Ok(()))));
             }
             let core = if config.server.pin_cores && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
             let (params, mesh, metrics, ready, store) =
@@ -245,6 +254,7 @@ impl Gateway {
             api_addr: config.api.listen,
             shard_count: shards,
             ring_files_max: files_max,
+            kernel_tls,
         };
         if let Some(e) = failure {
             gateway.stop();

@@ -62,6 +62,8 @@ series! {
     TlsRecord => "barrage_tls_errors_total" {"reason" = "record"}, "counter", "TLS connections ended after the handshake: a record that does not decrypt or is malformed, or the peer's fatal alert.";
     TlsAlert => "barrage_tls_errors_total" {"reason" = "alert"}, "counter", "";
     TlsKeyUpdate => "barrage_tls_errors_total" {"reason" = "key_update"}, "counter", "";
+    TlsKernel => "barrage_tls_kernel_total" {"result" = "ok"}, "counter", "TLS connections whose send keys went to the kernel (kernel TLS), or that the kernel refused and are sealed in user space (fallback).";
+    TlsKernelFallback => "barrage_tls_kernel_total" {"result" = "fallback"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
     FramesIn => "barrage_frames_in_total", "counter", "WebSocket frames (messages and control) received.";
     BytesIn => "barrage_bytes_in_total", "counter", "Bytes received on the public listener.";

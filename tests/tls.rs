@@ -234,3 +234,66 @@ fn a_tls_handshake_flood_stays_within_the_partial_input_budget() {
     let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "").expect("wss connect");
     assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
 }
+
+/// Kernel TLS: where the kernel has the `tls` ULP, the send keys go to it after the handshake
+/// and blocks still arrive; where it does not (this CI's kernel: CONFIG_TLS unset), the part
+/// that needs it is skipped with the reason printed, and the start-up line says why records
+/// are sealed in user space.
+#[test]
+fn kernel_tls_takes_the_send_keys_where_the_kernel_has_it() {
+    let cert = Cert::new("ktls");
+    let tls = ["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")];
+    let gw = Gateway::start(&tls);
+    let line = gw.stdout.iter().find(|l| l.trim_start().starts_with("TLS")).expect("a start-up line on TLS").clone();
+    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+        let mut ws = connect(&gw, &cert.der, versions, "?room=k1").expect("wss connect");
+        assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
+        gw.wait_online("k1", 1);
+        // Blocks larger than a record.
+        for i in 0..8 {
+            let text = format!("{i}{}", "k".repeat(3000));
+            assert_eq!(gw.publish("k1", serde_json::json!({"text": text})).0, 202);
+        }
+        let mut got = 0;
+        while got < 8 {
+            if let server_frame::Frame::Block(b) = frame(&mut ws) {
+                got += b.messages.len();
+            }
+        }
+        drop(ws);
+        gw.wait_online("k1", 0);
+    }
+    let kernel = gw.metric("barrage_tls_kernel_total{result=\"ok\"}");
+    match barrage::shard::sys::kernel_tls() {
+        Ok(()) => {
+            assert!(line.contains("sealed by the kernel"), "{line}");
+            assert_eq!(kernel, 2, "both connections' sends went through kernel TLS");
+        }
+        Err(why) => {
+            eprintln!("kernel_tls_takes_the_send_keys_where_the_kernel_has_it: kernel part skipped: {why}");
+            assert!(line.contains("sealed in user space") && line.contains(&why), "{line}");
+            assert_eq!(kernel, 0);
+        }
+    }
+    drop(gw);
+    let gw = Gateway::start(&[&tls[..], &["--tls-kernel", "off"]].concat());
+    let line = gw.stdout.iter().find(|l| l.trim_start().starts_with("TLS")).unwrap();
+    assert!(line.contains("kernel TLS: off (tls.kernel = off)"), "{line}");
+    drop(gw);
+    // `on` tries every connection without probing: here the io_uring setsockopts run; where the
+    // kernel refuses them the connection falls back to user space, counted, and still works.
+    let gw = Gateway::start(&[&tls[..], &["--tls-kernel", "on"]].concat());
+    let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "?room=k2").expect("wss connect");
+    assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
+    gw.wait_online("k2", 1);
+    assert_eq!(gw.publish("k2", serde_json::json!({"text": "after the hand-over"})).0, 202);
+    while !matches!(frame(&mut ws), server_frame::Frame::Block(_)) {}
+    let (ok, fallback) = (
+        gw.metric("barrage_tls_kernel_total{result=\"ok\"}"),
+        gw.metric("barrage_tls_kernel_total{result=\"fallback\"}"),
+    );
+    match barrage::shard::sys::kernel_tls() {
+        Ok(()) => assert_eq!((ok, fallback), (1, 0)),
+        Err(_) => assert_eq!((ok, fallback), (0, 1), "refused by this kernel: sealed in user space"),
+    }
+}

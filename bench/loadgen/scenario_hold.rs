@@ -217,7 +217,8 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
         while Instant::now() < until {
             if Instant::now() >= next_report {
                 next_report += Duration::from_secs(1);
-                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                let t =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
                 println!("{}", serde_json::json!({ "t": t, "frames": frames, "read_bytes": read }));
             }
             events.clear();
@@ -230,7 +231,10 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
             }
         }
         let sent = publisher.map(|p| p.join().unwrap_or(0));
-        println!("{}", serde_json::json!({ "scenario": "hold", "read_bytes": read, "frames": frames, "published": sent }));
+        println!(
+            "{}",
+            serde_json::json!({ "scenario": "hold", "read_bytes": read, "frames": frames, "published": sent })
+        );
     } else {
         std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     }

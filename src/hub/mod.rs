@@ -127,6 +127,12 @@ impl Hub {
         self.route(now);
     }
 
+    /// The kernel took a TLS connection's send keys (`result` 0) or refused them (-errno):
+    /// see `poll_kernel_tls`.
+    pub fn handle_kernel_tls(&mut self, key: ConnKey, result: i32) {
+        self.host.handle_kernel_tls(key, result);
+    }
+
     /// One item from this shard's inbox.
     pub fn handle_mail(&mut self, mail: Mail, now: Now) {
         self.dispatch(mail, now);
@@ -183,6 +189,18 @@ impl Hub {
     /// Fills `iov` with the frames one send should write to `key`; see `Host::poll_send`.
     pub fn poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
         self.host.poll_send(key, iov)
+    }
+
+    /// Next TLS connection whose send keys go to the kernel (see `kernel_tls_info`).
+    pub fn poll_kernel_tls(&mut self) -> Option<ConnKey> {
+        self.host.poll_kernel_tls()
+    }
+
+    /// The `crypto_info` for `setsockopt(SOL_TLS, TLS_TX)` (after `setsockopt(TCP_ULP, "tls")`)
+    /// of a connection `poll_kernel_tls` named. The bytes stay alive and unmoved until
+    /// `handle_kernel_tls` for it; no send starts meanwhile.
+    pub fn kernel_tls_info(&self, key: ConnKey) -> Option<&[u8]> {
+        self.host.kernel_tls_info(key)
     }
 
     /// Next connection to cancel, close (orderly or abortively) and release.
@@ -389,6 +407,9 @@ pub struct HubConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Keep TLS 1.3's key-update state per connection (`tls.key_updates`).
     pub tls_key_updates: bool,
+    /// Hand each TLS connection's send keys to the kernel after its handshake (`tls.kernel`,
+    /// and the kernel offers the `tls` ULP): see `tls::kernel`.
+    pub tls_kernel: bool,
 }
 
 impl HubConfig {
@@ -461,6 +482,7 @@ impl HubConfig {
             demo_dev_tokens: c.demo.dev_tokens,
             tls: None,
             tls_key_updates: c.tls.key_updates,
+            tls_kernel: false,
         }
     }
 
@@ -473,9 +495,11 @@ impl HubConfig {
         self
     }
 
-    /// Connections on the public listener speak TLS (`wss://`).
-    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> HubConfig {
+    /// Connections on the public listener speak TLS (`wss://`); `kernel`: their sends go
+    /// through kernel TLS once established (the kernel was probed for it).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>, kernel: bool) -> HubConfig {
         self.tls = Some(config);
+        self.tls_kernel = kernel;
         self
     }
 

@@ -776,3 +776,114 @@ fn a_full_hook_queue_answers_at_once_with_the_failure_policy() {
     assert!(head.starts_with("HTTP/1.1 503"), "both queues full: join fails closed: {head}");
     assert_eq!(h.counters().get(Series::HsHook), 1);
 }
+
+/// A TLS client (rustls) against a hub whose listener speaks TLS with kernel TLS on: handshakes
+/// it and sends the upgrade for `room`; returns the connection and the client once the hub has
+/// asked for the kernel hand-over.
+fn kernel_tls_client(h: &mut Hub, room: &RoomName, now: Now) -> (ConnKey, rustls::ClientConnection) {
+    use std::io::Write as _;
+    let key = h.handle_accept(0, None, now).unwrap();
+    let mut c = tls_client();
+    let request = format!(
+        "GET /ws?room={room}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("ann")
+    );
+    c.writer().write_all(request.as_bytes()).unwrap();
+    for _ in 0..10 {
+        let mut bytes = Vec::new();
+        c.write_tls(&mut bytes).unwrap();
+        if !bytes.is_empty() {
+            h.handle_recv(key, &mut bytes, now);
+        }
+        let mut out = HashMap::new();
+        drain_sends(h, &mut out, now);
+        if let Some(bytes) = out.remove(&key) {
+            client_reads(&mut c, &bytes);
+        }
+        if h.poll_kernel_tls() == Some(key) {
+            return (key, c);
+        }
+    }
+    panic!("no kernel hand-over asked for");
+}
+
+thread_local! {
+    static TLS_CERT: (Vec<u8>, Vec<u8>, rustls::pki_types::CertificateDer<'static>) = {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        (c.cert.pem().into_bytes(), c.signing_key.serialize_pem().into_bytes(), c.cert.der().clone())
+    };
+}
+
+fn tls_hub(c: &Config) -> Hub {
+    let (cert, key) = TLS_CERT.with(|t| (t.0.clone(), t.1.clone()));
+    let server = crate::tls::server_config(&cert, &key).unwrap();
+    Hub::new(HubConfig::new(c, ShardId(0), 1).with_tls(server, true))
+}
+
+fn tls_client() -> rustls::ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(TLS_CERT.with(|t| t.2.clone())).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(crate::tls::provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap()).unwrap()
+}
+
+/// Plaintext the client reads from `records`.
+fn client_reads(c: &mut rustls::ClientConnection, records: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let (mut rd, mut out) = (records, Vec::new());
+    while !rd.is_empty() {
+        c.read_tls(&mut rd).unwrap();
+        c.process_new_packets().unwrap();
+        let _ = c.reader().read_to_end(&mut out);
+    }
+    out
+}
+
+#[test]
+fn with_kernel_tls_frames_leave_unsealed_once_the_kernel_took_the_keys() {
+    let c = config(|_| {});
+    let mut h = tls_hub(&c);
+    let room = RoomName::parse("ktls", 64).unwrap();
+    let now = at(1);
+    let (key, mut client) = kernel_tls_client(&mut h, &room, now);
+    // Nothing leaves while the setsockopts run.
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, now);
+    assert!(out.get(&key).is_none_or(|b| b.is_empty()));
+    let info = h.kernel_tls_info(key).expect("the crypto_info stays until the answer").to_vec();
+    h.handle_kernel_tls(key, 0);
+    assert_eq!(h.counters().get(Series::TlsKernel), 1);
+    // The 101 and the welcome leave as plaintext; the kernel seals them (here: its model).
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, now);
+    let plain = out.remove(&key).unwrap();
+    assert!(plain.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&plain[..20]));
+    let mut kernel = crate::tls::kernel::KernelModel::new(&info);
+    let mut records = Vec::new();
+    kernel.seal(&plain, &mut records);
+    let read = client_reads(&mut client, &records);
+    assert_eq!(read, plain);
+    assert!(matches!(server_frames(&read)[..], [server_frame::Frame::Welcome(_)]));
+}
+
+#[test]
+fn a_kernel_that_refuses_the_keys_leaves_sealing_in_user_space() {
+    let c = config(|_| {});
+    let mut h = tls_hub(&c);
+    let room = RoomName::parse("ktls", 64).unwrap();
+    let now = at(1);
+    let (key, mut client) = kernel_tls_client(&mut h, &room, now);
+    h.handle_kernel_tls(key, -libc::ENOENT);
+    assert_eq!(h.counters().get(Series::TlsKernelFallback), 1);
+    assert_eq!(h.kernel_tls_info(key), None);
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, now);
+    let read = client_reads(&mut client, &out.remove(&key).unwrap());
+    assert!(read.starts_with(b"HTTP/1.1 101"));
+    assert!(matches!(server_frames(&read)[..], [server_frame::Frame::Welcome(_)]));
+}

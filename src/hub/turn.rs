@@ -31,6 +31,13 @@ pub trait Driver {
     /// Starts one send of what `hub.poll_send(key, ..)` hands out.
     fn start_send(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), Self::Error>;
 
+    /// Hands a TLS connection's send keys to the kernel (`hub.poll_kernel_tls`), answering
+    /// with `hub.handle_kernel_tls`. A driver without kernel TLS refuses at once.
+    fn start_kernel_tls(&mut self, hub: &mut Hub, key: ConnKey) -> Result<(), Self::Error> {
+        hub.handle_kernel_tls(key, -95); // EOPNOTSUPP
+        Ok(())
+    }
+
     /// Starts ending a connection the hub let go: cancel what it has pending; close it as `how`
     /// says (for `Teardown::Reset`, SO_LINGER 0 first, so the kernel drops its unsent bytes)
     /// and `hub.release` it once nothing is.
@@ -68,6 +75,9 @@ pub fn turn<D: Driver>(hub: &mut Hub, driver: &mut D, now: Now, budget: Budget) 
     for _ in 0..budget.sends {
         let Some(key) = hub.poll_ready() else { break };
         driver.start_send(hub, key)?;
+    }
+    while let Some(key) = hub.poll_kernel_tls() {
+        driver.start_kernel_tls(hub, key)?;
     }
     while let Some((key, how)) = hub.poll_close() {
         driver.start_close(hub, key, how)?;

@@ -18,6 +18,11 @@ use super::uring::{BUFFER_GROUP, Uring};
 /// SO_LINGER {on, 0}: a close after it discards the socket's unsent bytes and sends an RST. A
 /// static, because the kernel reads it when the setsockopt runs, after the push has returned.
 static LINGER_RESET: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
+/// The TCP upper-layer protocol kernel TLS is (`setsockopt(SOL_TCP, TCP_ULP, "tls")`); static
+/// for the same reason.
+static ULP_TLS: [u8; 3] = *b"tls";
+/// `TLS_TX` of `include/uapi/linux/tls.h`: the send direction's `crypto_info`.
+const TLS_TX: u32 = 1;
 
 /// Sizes of one ring.
 #[derive(Clone, Copy, Debug)]
@@ -212,6 +217,32 @@ impl Ring {
         // SAFETY: the setsockopt's only pointer is to `LINGER_RESET`, a static never written;
         // the close holds no pointers.
         unsafe { self.push_chain(&[linger, close]) }
+    }
+
+    /// Hands a connection's send keys to the kernel: `TCP_ULP` "tls", then `SOL_TLS`/`TLS_TX`
+    /// with `info` (a `crypto_info`), linked so the second runs only if the first succeeded
+    /// (else it completes with -ECANCELED). Two completions: `ulp_data` and `tx_data`.
+    ///
+    /// # Safety
+    /// `info` must stay alive and unmoved until the `tx_data` completion is reaped.
+    pub unsafe fn kernel_tls(&mut self, slot: u32, info: &[u8], ulp_data: u64, tx_data: u64) -> io::Result<()> {
+        let ulp = opcode::SetSockOpt::new(
+            Fixed(slot),
+            libc::SOL_TCP as u32,
+            libc::TCP_ULP as u32,
+            ULP_TLS.as_ptr().cast(),
+            ULP_TLS.len() as u32,
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(ulp_data);
+        let tx =
+            opcode::SetSockOpt::new(Fixed(slot), libc::SOL_TLS as u32, TLS_TX, info.as_ptr().cast(), info.len() as u32)
+                .build()
+                .user_data(tx_data);
+        // SAFETY: the first setsockopt reads `ULP_TLS`, a static never written; the second reads
+        // `info`, which the caller keeps alive until its completion.
+        unsafe { self.push_chain(&[ulp, tx]) }
     }
 
     /// Copies out every completion waiting.

@@ -47,6 +47,9 @@ mod op {
     pub const RECV_ONCE: u8 = 9;
     /// SO_LINGER 0 before an abortive close.
     pub const LINGER: u8 = 10;
+    /// Kernel TLS: the `tls` ULP, then the send keys (linked).
+    pub const KTLS_ULP: u8 = 11;
+    pub const KTLS_TX: u8 = 12;
 }
 
 /// user_data = op (8 bits) | aux (24 bits: sendmsg slot or ring) | connection key (32 bits).
@@ -91,7 +94,10 @@ impl Io {
     /// The send in flight is a sendmsg (its user_data carries a slot the connection does not
     /// keep, so it is cancelled by descriptor).
     const MSG: u64 = 1 << 55;
-    const FLAGS: u64 = Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN | Io::RESET | Io::MSG;
+    /// The kernel-TLS setsockopts are in flight (they read the hub's `crypto_info`).
+    const KTLS: u64 = 1 << 56;
+    const FLAGS: u64 =
+        Io::RECV | Io::SEND | Io::CANCEL | Io::TERM | Io::READ | Io::AGAIN | Io::RESET | Io::MSG | Io::KTLS;
 
     fn new(ring: usize, slot: u32) -> Io {
         debug_assert!(ring < RINGS_MAX);
@@ -522,6 +528,20 @@ impl Driver for ShardIo {
         Ok(())
     }
 
+    /// Hands a TLS connection's send keys to the kernel; no send starts until the answer.
+    fn start_kernel_tls(&mut self, hub: &mut Hub, key: ConnKey) -> io::Result<()> {
+        let io = Io(hub.io(key));
+        let Some(info) = hub.kernel_tls_info(key) else { return Ok(()) };
+        let (ulp, tx) = (user_data(op::KTLS_ULP, 0, key.0), user_data(op::KTLS_TX, 0, key.0));
+        // SAFETY: the hub keeps the info alive and unmoved until `handle_kernel_tls` for this
+        // connection, which we call from the `tx` completion; `release` asserts no hand-over is
+        // in flight, `finish_if_idle` waits for it (Io::KTLS), and `Shard::shutdown` awaits it
+        // before the hub is dropped.
+        unsafe { self.rings[io.ring()].kernel_tls(io.slot(), info, ulp, tx)? };
+        hub.set_io(key, io.with(Io::KTLS).0);
+        Ok(())
+    }
+
     /// Cancels the operations of a connection the hub ended, and closes it (abortively for
     /// `Teardown::Reset`) once none is left.
     fn start_close(&mut self, hub: &mut Hub, key: ConnKey, how: Teardown) -> io::Result<()> {
@@ -564,6 +584,14 @@ impl ShardIo {
                 self.arm_accepts(hub)
             }
             op::CANCEL => Ok(()),
+            // Its failure fails the linked TLS_TX too, which reports it.
+            op::KTLS_ULP => Ok(()),
+            op::KTLS_TX => {
+                let io = Io(hub.io(key)).without(Io::KTLS);
+                hub.set_io(key, io.0);
+                hub.handle_kernel_tls(key, cqe.result);
+                self.finish_if_idle(hub, key, io)
+            }
             op::LINGER => {
                 // The close linked after it runs anyway, orderly.
                 if cqe.result < 0 {
@@ -782,7 +810,7 @@ impl ShardIo {
     /// Closes the socket (with SO_LINGER 0 first when the hub asked for a reset) and releases
     /// the connection once it is ending and nothing is pending.
     fn finish_if_idle(&mut self, hub: &mut Hub, key: ConnKey, io: Io) -> io::Result<()> {
-        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) {
+        if io.has(Io::TERM) && !io.has(Io::RECV) && !io.has(Io::READ) && !io.has(Io::SEND) && !io.has(Io::KTLS) {
             let (ring, close) = (&mut self.rings[io.ring()], user_data(op::CLOSE, 0, 0));
             if io.has(Io::RESET) {
                 ring.close_slot_reset(io.slot(), user_data(op::LINGER, 0, 0), close)?;

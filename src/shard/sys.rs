@@ -40,3 +40,36 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(nofile_limit()?.0)
 }
+
+/// Whether the kernel can take TLS send keys: `tls` is among the TCP upper-layer protocols, or
+/// becomes one when asked for (the kernel loads a modular `tls` on the first TCP_ULP request).
+/// Err says why not, for the start-up line.
+pub fn kernel_tls() -> Result<(), String> {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_available_ulp";
+    let listed = |s: &str| s.split_whitespace().any(|u| u == "tls");
+    if std::fs::read_to_string(PATH).is_ok_and(|s| listed(&s)) {
+        return Ok(());
+    }
+    // Ask once on an unconnected socket: the kernel looks the ULP up (loading its module) before
+    // it checks the socket, so ENOENT means there is none and anything else (ENOTCONN) means
+    // there is one now.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+    let name = b"tls";
+    // SAFETY: setsockopt reads `name.len()` bytes from `name`, a live static array; the socket is
+    // owned by `sock` for the whole call.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    let err = io::Error::last_os_error();
+    if r == 0 || err.raw_os_error() != Some(libc::ENOENT) {
+        return Ok(());
+    }
+    let have = std::fs::read_to_string(PATH).unwrap_or_default();
+    Err(format!("no `tls` ULP in this kernel ({PATH}: {}; CONFIG_TLS unset or its module missing)", have.trim()))
+}

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod handshake;
+pub mod kernel;
 pub mod record;
 
 use std::sync::Arc;

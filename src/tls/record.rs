@@ -25,7 +25,7 @@ const HANDSHAKE: u8 = 22;
 const CHANGE_CIPHER_SPEC: u8 = 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Cipher {
+pub(super) enum Cipher {
     Aes128Gcm,
     Aes256Gcm,
     Chacha20,
@@ -132,6 +132,16 @@ impl Records {
     pub fn rekey_tx(&mut self, tx: (u64, ConnectionTrafficSecrets)) -> Result<(), TlsError> {
         self.tx = Keys::new(tx)?;
         Ok(())
+    }
+
+    /// What kernel TLS needs to take over sending (`super::kernel`): the version, cipher, key,
+    /// IV and next sequence number of the send direction.
+    pub(super) fn tx_parts(&self) -> (bool, Cipher, &[u8], [u8; 12], u64) {
+        let len = match self.tx.cipher {
+            Cipher::Aes128Gcm => 16,
+            Cipher::Aes256Gcm | Cipher::Chacha20 => 32,
+        };
+        (self.tls13, self.tx.cipher, &self.tx.key[..len], self.tx.iv, self.tx.seq)
     }
 
     /// The bytes `seal` adds to `n` bytes of plaintext.

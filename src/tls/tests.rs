@@ -202,3 +202,22 @@ fn bad_pem_is_a_clear_error() {
     assert!(server_config(b"", &key_pem).unwrap_err().contains("certificate"));
     assert!(server_config(&cert_pem, b"junk").unwrap_err().contains("private key"));
 }
+
+#[test]
+fn the_kernel_goes_on_sealing_where_user_space_left_off() {
+    for suite in suites() {
+        let (mut p, _) = pair(suite, b"").unwrap();
+        let mut out = Vec::new();
+        p.records.seal(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut out).unwrap();
+        p.records.seal(b"welcome", &mut out).unwrap();
+        let info = super::kernel::TxInfo::new(&p.records).unwrap();
+        let mut kernel = super::kernel::KernelModel::new(info.as_bytes());
+        for frame in [&b"block one"[..], b"block two", &[9u8; 3000][..]] {
+            kernel.seal(frame, &mut out);
+        }
+        let read = p.client_reads(&out);
+        assert_eq!(&read[..43], b"HTTP/1.1 101 Switching Protocols\r\n\r\nwelcome", "{suite:?}");
+        assert_eq!(&read[43..61], b"block oneblock two", "{suite:?}");
+        assert_eq!(read.len(), 61 + 3000, "{suite:?}");
+    }
+}

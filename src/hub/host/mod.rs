@@ -124,6 +124,8 @@ pub struct Host {
     joining: HashMap<ConnKey, (RoomName, u64)>,
     /// TLS state of each connection, when the listener speaks TLS (`tls.cert`).
     tls: HashMap<ConnKey, tls::TlsConn>,
+    /// TLS connections whose send keys are ready for the kernel (`poll_kernel_tls`).
+    kernel_tls: Vec<ConnKey>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
     /// as one queued frame, so a burst of small client frames costs one queue slot.
     replying: Option<ConnKey>,
@@ -158,6 +160,7 @@ impl Host {
             connecting: HashMap::new(),
             joining: HashMap::new(),
             tls: HashMap::new(),
+            kernel_tls: Vec::new(),
             replying: None,
             replies: Vec::new(),
             counters: Counters::default(),
@@ -266,6 +269,11 @@ impl Host {
         if self.cfg.tls.is_some() {
             return self.tls_poll_send(key, iov);
         }
+        self.plain_poll_send(key, iov)
+    }
+
+    /// `poll_send` of a connection whose bytes leave as they are (plain, or kernel TLS).
+    fn plain_poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
         let conn = self.conns.get_mut(key);
         if conn.state == State::Terminating || conn.queue.is_empty() || conn.queue.in_flight() {
             return 0;
@@ -285,6 +293,11 @@ impl Host {
         if self.cfg.tls.is_some() {
             return self.tls_sent(key, result);
         }
+        self.plain_sent(key, result);
+    }
+
+    /// `handle_sent` of a connection whose bytes leave as they are (plain, or kernel TLS).
+    fn plain_sent(&mut self, key: ConnKey, result: i32) {
         self.conns.send_ended();
         let conn = self.conns.get_mut(key);
         assert!(conn.queue.in_flight(), "{key:?}: a send completed with none in flight");

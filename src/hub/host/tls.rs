@@ -6,6 +6,11 @@
 //! (a sealed record cannot be re-sealed: the sequence number moved on); the buffer is freed when
 //! the send completes. An idle TLS connection holds its record keys (`tls::record`) and nothing
 //! else: no input, no output buffer.
+//!
+//! With kernel TLS (`tls.kernel`, where the kernel has it), the first moment after the
+//! handshake that nothing sealed is unsent, the send keys go to the kernel (`poll_kernel_tls`;
+//! no send starts until it answers) and from then on the connection's frames are sent as a
+//! plain connection's; the kernel seals them.
 
 use std::io::IoSlice;
 
@@ -17,6 +22,7 @@ use super::conn::State;
 use crate::ids::{ConnKey, Now};
 use crate::metrics::Series;
 use crate::tls::handshake::{Handshake, Step};
+use crate::tls::kernel::TxInfo;
 use crate::tls::record::{MAX_FRAGMENT, Opened, Records, TlsError};
 
 /// Ciphertext a connection may hold while a record (or the client's handshake flight) is
@@ -33,6 +39,21 @@ pub(super) struct TlsConn {
     /// Sealed bytes not yet written (empty when idle); `sending` while a send holds them.
     out: Vec<u8>,
     sending: bool,
+    kernel: Kernel,
+}
+
+/// Where a connection's sending stands with kernel TLS.
+enum Kernel {
+    /// Sealed in user space.
+    Off,
+    /// To hand over once nothing sealed is unsent.
+    Want,
+    /// Handed to the driver (`poll_kernel_tls`); its setsockopts read the info until
+    /// `handle_kernel_tls`.
+    Queued(Box<TxInfo>),
+    InFlight(Box<TxInfo>),
+    /// The kernel seals: frames go out as on a plain connection.
+    On,
 }
 
 enum Phase {
@@ -49,7 +70,8 @@ impl Host {
             Ok(h) => Phase::Handshaking(Box::new(h)),
             Err(_) => Phase::Failed,
         };
-        self.tls.insert(key, TlsConn { state, input: Vec::new(), out: Vec::new(), sending: false });
+        let tls = TlsConn { state, input: Vec::new(), out: Vec::new(), sending: false, kernel: Kernel::Off };
+        self.tls.insert(key, tls);
     }
 
     /// Ciphertext from the peer.
@@ -73,6 +95,7 @@ impl Host {
                 Ok(Step::Done(e)) => {
                     let e = *e;
                     t.state = Phase::Open { records: Box::new(e.records), keys: e.keys.map(Box::new) };
+                    t.kernel = if self.cfg.tls_kernel { Kernel::Want } else { Kernel::Off };
                     self.counters.inc(Series::TlsHandshakes);
                     e.plaintext
                 }
@@ -110,6 +133,7 @@ impl Host {
         let mut at = 0;
         loop {
             let Some(t) = self.tls.get_mut(&key) else { return };
+            let kernel_tx = !matches!(t.kernel, Kernel::Off);
             let Phase::Open { records, keys } = &mut t.state else { return };
             let opened = records.open(&mut buf[at..]);
             let (used, what) = match opened {
@@ -136,6 +160,10 @@ impl Host {
                     let next = k.update_rx_secret().map_err(|_| TlsError::Unsupported);
                     if next.and_then(|n| records.rekey_rx(n)).is_err() {
                         return self.tls_failed(key, Series::TlsRecord);
+                    }
+                    if update_requested && kernel_tx {
+                        // The send keys are (or are about to be) the kernel's.
+                        return self.tls_failed(key, Series::TlsKeyUpdate);
                     }
                     if update_requested {
                         let sealed = records.key_update(&mut t.out);
@@ -193,10 +221,27 @@ impl Host {
     /// The next send of a TLS connection: what is sealed and unsent, else the queued frames
     /// sealed now (and released from the outbox). Returns the slices filled (0 or 1).
     pub(super) fn tls_poll_send<'a>(&'a mut self, key: ConnKey, iov: &mut [IoSlice<'a>]) -> usize {
+        if self.tls.get(&key).is_some_and(|t| matches!(t.kernel, Kernel::On)) {
+            return self.plain_poll_send(key, iov);
+        }
         let conn = self.conns.get_mut(key);
         let Some(t) = self.tls.get_mut(&key) else { return 0 };
-        if t.sending || conn.state == State::Terminating {
+        if t.sending || conn.state == State::Terminating || matches!(t.kernel, Kernel::Queued(_) | Kernel::InFlight(_))
+        {
             return 0;
+        }
+        if matches!(t.kernel, Kernel::Want)
+            && t.out.is_empty()
+            && let Phase::Open { records, .. } = &t.state
+        {
+            match TxInfo::new(records) {
+                Some(info) => {
+                    t.kernel = Kernel::Queued(Box::new(info));
+                    self.kernel_tls.push(key);
+                    return 0;
+                }
+                None => t.kernel = Kernel::Off,
+            }
         }
         if t.out.is_empty()
             && !conn.queue.is_empty()
@@ -229,6 +274,9 @@ impl Host {
 
     /// A TLS connection's send completed.
     pub(super) fn tls_sent(&mut self, key: ConnKey, result: i32) {
+        if self.tls.get(&key).is_some_and(|t| matches!(t.kernel, Kernel::On)) {
+            return self.plain_sent(key, result);
+        }
         self.conns.send_ended();
         let Some(t) = self.tls.get_mut(&key) else { return };
         assert!(t.sending, "{key:?}: a TLS send completed with none in flight");
@@ -274,9 +322,57 @@ impl Host {
         }
     }
 
-    /// Whether a TLS send is in flight (its buffer must outlive it).
+    /// Whether a TLS send, or the hand-over to the kernel, is in flight (its buffer must
+    /// outlive it).
     pub(super) fn tls_sending(&self, key: ConnKey) -> bool {
-        !self.tls.is_empty() && self.tls.get(&key).is_some_and(|t| t.sending)
+        !self.tls.is_empty() && self.tls.get(&key).is_some_and(|t| t.sending || matches!(t.kernel, Kernel::InFlight(_)))
+    }
+
+    /// Next connection whose send keys go to the kernel now (see `kernel_tls_info`).
+    pub fn poll_kernel_tls(&mut self) -> Option<ConnKey> {
+        while let Some(key) = self.kernel_tls.pop() {
+            let Some(t) = self.tls.get_mut(&key) else { continue };
+            let info = match std::mem::replace(&mut t.kernel, Kernel::Off) {
+                Kernel::Queued(info) => info,
+                other => {
+                    t.kernel = other;
+                    continue;
+                }
+            };
+            if self.conns.get(key).state == State::Terminating {
+                continue;
+            }
+            t.kernel = Kernel::InFlight(info);
+            return Some(key);
+        }
+        None
+    }
+
+    /// The `crypto_info` of a hand-over in flight.
+    pub fn kernel_tls_info(&self, key: ConnKey) -> Option<&[u8]> {
+        match &self.tls.get(&key)?.kernel {
+            Kernel::InFlight(info) => Some(info.as_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The kernel took the send keys (`result` >= 0) or did not: then sealing stays here.
+    pub fn handle_kernel_tls(&mut self, key: ConnKey, result: i32) {
+        let Some(t) = self.tls.get_mut(&key) else { return };
+        if !matches!(t.kernel, Kernel::InFlight(_)) {
+            return;
+        }
+        if result >= 0 {
+            t.kernel = Kernel::On;
+            self.counters.inc(Series::TlsKernel);
+        } else {
+            t.kernel = Kernel::Off;
+            self.counters.inc(Series::TlsKernelFallback);
+        }
+        let conn = self.conns.get(key);
+        if conn.state != State::Terminating && !conn.queue.is_empty() {
+            self.conns.mark_ready(key);
+        }
     }
 }
 
