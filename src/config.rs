@@ -142,9 +142,10 @@ config! {
         /// address is kept until its buckets refill). A new address while it is full is refused
         /// (`reason="addr_table"`).
         addr_table_max: usize = 262_144, addr_table_max, "BARRAGE_ADDR_TABLE_MAX";
-        /// The listener sits behind an L4 balancer that sends a PROXY protocol v2 header first:
-        /// the client's address (for the rates above) comes from it, and a connection without a
-        /// valid header is closed (`barrage_handshakes_total{result="proxy"}`).
+        /// The listener sits behind an L4 balancer that sends a PROXY protocol v2 header first
+        /// (in the clear, before TLS with `tls.cert`): the client's address (for the rates
+        /// above) comes from it, and a connection without a valid header is closed
+        /// (`barrage_handshakes_total{result="proxy"}`).
         proxy_protocol: bool = false, proxy_protocol, "BARRAGE_PROXY_PROTOCOL";
     }
 
@@ -746,9 +747,6 @@ impl Config {
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return Err(ConfigError("tls.cert and tls.key go together".into()));
-        }
-        if !self.tls.cert.is_empty() && s.proxy_protocol {
-            return Err(ConfigError("server.proxy_protocol with tls.cert is not supported yet".into()));
         }
         for (hook, settings) in crate::hooks::Settings::all(self) {
             settings.validate(&format!("hook_{}", hook.name())).map_err(ConfigError)?;

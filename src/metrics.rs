@@ -59,6 +59,7 @@ series! {
     TlsHandshake => "barrage_tls_handshakes_total" {"result" = "malformed"}, "counter", "";
     TlsHandshakeAlert => "barrage_tls_handshakes_total" {"result" = "alert"}, "counter", "";
     TlsHandshakeTooLarge => "barrage_tls_handshakes_total" {"result" = "too_large"}, "counter", "";
+    TlsHandshakeIncompatible => "barrage_tls_handshakes_total" {"result" = "incompatible"}, "counter", "";
     TlsRecord => "barrage_tls_errors_total" {"reason" = "record"}, "counter", "TLS connections ended after the handshake: a record that does not decrypt or is malformed, or the peer's fatal alert.";
     TlsAlert => "barrage_tls_errors_total" {"reason" = "alert"}, "counter", "";
     TlsKeyUpdate => "barrage_tls_errors_total" {"reason" = "key_update"}, "counter", "";

@@ -297,3 +297,72 @@ fn kernel_tls_takes_the_send_keys_where_the_kernel_has_it() {
         Err(_) => assert_eq!((ok, fallback), (0, 1), "refused by this kernel: sealed in user space"),
     }
 }
+
+/// Behind an L4 balancer: the PROXY v2 header in the clear, then TLS on the same stream; the
+/// client's address from the header is the one the per-address rate counts.
+#[test]
+fn a_proxy_header_before_the_tls_handshake_names_the_client() {
+    let cert = Cert::new("proxy");
+    let gw = Gateway::start(&[
+        "--tls-cert",
+        &cert.path("cert.pem"),
+        "--tls-key",
+        &cert.path("key.pem"),
+        "--shards",
+        "1",
+        "--proxy-protocol",
+        "true",
+        "--addr-conn-rate-per-s",
+        "1",
+        "--addr-conn-rate-burst",
+        "1",
+    ]);
+    let via = |client: &str| -> Result<Wss, String> {
+        let mut tcp = TcpStream::connect(gw.ws).unwrap();
+        tcp.write_all(&barrage::wire::proxy::header(client.parse().unwrap(), gw.ws, &[])).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der.clone()).unwrap();
+        let config = ClientConfig::builder_with_provider(Arc::new(barrage::tls::provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+        let url = format!("wss://localhost:{}/ws?room=p1", gw.ws.port());
+        tungstenite::client::client(url, StreamOwned::new(conn, tcp)).map(|(ws, _)| ws).map_err(|e| e.to_string())
+    };
+    // Two clients through one balancer address: each has its own rate.
+    let mut a = via("198.51.100.1:4000").expect("first client");
+    assert!(matches!(frame(&mut a), server_frame::Frame::Welcome(_)));
+    let mut b = via("198.51.100.2:4000").expect("second client");
+    assert!(matches!(frame(&mut b), server_frame::Frame::Welcome(_)));
+    gw.wait_online("p1", 2);
+    assert!(via("198.51.100.1:4001").is_err(), "the first client again in the same second is refused");
+    common::eventually("counted", || gw.metric("barrage_refused_total{reason=\"addr_rate\"}") == 1);
+    // TLS without the header: closed, counted.
+    assert!(connect(&gw, &cert.der, &[&rustls::version::TLS13], "").is_err());
+    common::eventually("counted", || gw.metric("barrage_handshakes_total{result=\"proxy\"}") == 1);
+}
+
+/// A handshake the server refuses gets its alert before the close, and is counted by reason.
+#[test]
+fn a_refused_handshake_gets_its_alert() {
+    let cert = Cert::new("alert");
+    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(barrage::tls::provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // HTTP/2 only: the gateway speaks http/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut tcp = TcpStream::connect(gw.ws).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let err = conn.complete_io(&mut tcp).expect_err("the handshake is refused");
+    assert!(err.to_string().contains("NoApplicationProtocol"), "the client got the alert: {err}");
+    common::eventually("counted", || gw.metric("barrage_tls_handshakes_total{result=\"incompatible\"}") == 1);
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, UnbufferedStatus};
 use rustls::{ProtocolVersion, ServerConfig};
 
 use super::record::{Records, TlsError};
@@ -52,24 +52,17 @@ impl Handshake {
         loop {
             let Some(conn) = self.conn.as_mut() else { return Err(TlsError::Unsupported) };
             let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut input[..]);
-            let done = match state.map_err(handshake_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    input.drain(..discard);
+                    self.alert(out);
+                    return Err(handshake_error(e));
+                }
+            };
+            let done = match state {
                 ConnectionState::EncodeTlsData(mut e) => {
-                    let start = out.len();
-                    let mut room = 4096;
-                    loop {
-                        out.resize(start + room, 0);
-                        match e.encode(&mut out[start..]) {
-                            Ok(n) => {
-                                out.truncate(start + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
-                            Err(EncodeError::AlreadyEncoded) => {
-                                out.truncate(start);
-                                break;
-                            }
-                        }
-                    }
+                    encode(&mut e, out);
                     false
                 }
                 // The caller sends `out` after this call, in order.
@@ -100,6 +93,19 @@ impl Handshake {
         }
     }
 
+    /// After a failed step: what rustls still had to send (a ServerHello the error came
+    /// after) and the alert it queued for the peer (handshake_failure, no_application_protocol,
+    /// …), appended to `out` to be sent before the close.
+    fn alert(&mut self, out: &mut Vec<u8>) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        // A flight is a handful of chunks; the bound only guards against a loop.
+        for _ in 0..16 {
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+            let Ok(ConnectionState::EncodeTlsData(mut e)) = state else { return };
+            encode(&mut e, out);
+        }
+    }
+
     fn established(&mut self) -> Result<Established, TlsError> {
         let conn = self.conn.take().ok_or(TlsError::Unsupported)?;
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|_| TlsError::Unsupported)?;
@@ -110,9 +116,32 @@ impl Handshake {
     }
 }
 
+/// Appends what rustls has to send to `out`, growing it as asked.
+fn encode(e: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) {
+    let start = out.len();
+    let mut room = 4096;
+    loop {
+        out.resize(start + room, 0);
+        match e.encode(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return;
+            }
+            Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
+            Err(EncodeError::AlreadyEncoded) => {
+                out.truncate(start);
+                return;
+            }
+        }
+    }
+}
+
 fn handshake_error(e: rustls::Error) -> TlsError {
     match e {
         rustls::Error::AlertReceived(a) => TlsError::Alert(u8::from(a)),
+        // A well-formed hello asking for what this server does not do (versions, suites,
+        // groups, signature schemes, an application protocol other than http/1.1).
+        rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => TlsError::Incompatible,
         _ => TlsError::BadRecord,
     }
 }

@@ -90,6 +90,8 @@ pub enum TlsError {
     Unsupported,
     /// Sequence numbers ran out (2^64 records).
     Exhausted,
+    /// A handshake asking for nothing this server offers.
+    Incompatible,
 }
 
 /// What `open` found in the bytes it was given.

@@ -221,3 +221,29 @@ fn the_kernel_goes_on_sealing_where_user_space_left_off() {
         assert_eq!(read.len(), 61 + 3000, "{suite:?}");
     }
 }
+
+#[test]
+fn a_refused_hello_gets_an_alert() {
+    let (cert_pem, key_pem, der) = cert();
+    let mut roots = RootCertStore::empty();
+    roots.add(der).unwrap();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(super::provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut c = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut hs = Handshake::new(server_config(&cert_pem, &key_pem).unwrap(), false).unwrap();
+    let mut input = Vec::new();
+    c.write_tls(&mut input).unwrap();
+    let mut out = Vec::new();
+    let step = hs.feed(&mut input, &mut out);
+    assert!(matches!(step, Err(TlsError::Incompatible)), "{:?}", step.err());
+    let mut rd = &out[..];
+    while !rd.is_empty() {
+        c.read_tls(&mut rd).unwrap();
+    }
+    let err = c.process_new_packets().unwrap_err();
+    assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
+}

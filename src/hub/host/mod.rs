@@ -221,6 +221,10 @@ impl Host {
         self.counters.add(Series::BytesIn, data.len() as u64);
         self.replying = Some(key);
         match self.cfg.tls.is_some() {
+            // Behind a balancer the PROXY header comes in the clear, before TLS.
+            true if self.cfg.proxy_protocol && self.peers.get(&key).is_some_and(|p| p.awaiting_proxy) => {
+                self.read_proxy(key, data, now)
+            }
             true => self.tls_recv(key, data, now),
             false => self.plain_recv(key, data, now),
         }

@@ -99,8 +99,9 @@ impl Host {
                     self.counters.inc(Series::TlsHandshakes);
                     e.plaintext
                 }
-                Err(TlsError::Alert(_)) => return self.tls_failed(key, Series::TlsHandshakeAlert),
-                Err(_) => return self.tls_failed(key, Series::TlsHandshake),
+                Err(TlsError::Alert(_)) => return self.tls_refused(key, Series::TlsHandshakeAlert, now),
+                Err(TlsError::Incompatible) => return self.tls_refused(key, Series::TlsHandshakeIncompatible, now),
+                Err(_) => return self.tls_refused(key, Series::TlsHandshake, now),
             };
             let mut early = early;
             if !early.is_empty() {
@@ -205,6 +206,27 @@ impl Host {
             return 0;
         }
         self.tls.get(&key).map_or(0, |t| t.input.capacity())
+    }
+
+    /// A handshake that failed: counted; the alert rustls has for the peer (if any) is sent,
+    /// then the connection closes.
+    fn tls_refused(&mut self, key: ConnKey, series: Series, now: Now) {
+        let Some(t) = self.tls.get_mut(&key) else { return };
+        if t.out.is_empty() {
+            return self.tls_failed(key, series);
+        }
+        t.state = Phase::Failed;
+        t.input = Vec::new();
+        let sending = t.sending;
+        self.counters.inc(series);
+        self.intake.release(key);
+        let deadline = now.tick_after(self.cfg.close_timeout_ms);
+        let conn = self.conns.get_mut(key);
+        conn.state = State::Flushing;
+        conn.deadline = deadline;
+        if !sending {
+            self.conns.mark_ready(key);
+        }
     }
 
     /// A handshake or record the connection cannot go on from: counted, closed at once (no

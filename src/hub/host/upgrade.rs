@@ -72,8 +72,8 @@ impl Host {
         self.flush_then_close(key, bytes, now);
     }
 
-    /// Behind a balancer: the PROXY v2 header, then the request. A malformed header ends the
-    /// connection without an answer (the balancer expects none).
+    /// Behind a balancer: the PROXY v2 header, then the request (or the TLS handshake). A
+    /// malformed header ends the connection without an answer (the balancer expects none).
     pub(super) fn read_proxy(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         let mut buf = match self.intake.take_head(key) {
             Some(mut head) => {
@@ -96,8 +96,10 @@ impl Host {
                 {
                     return self.terminate(key, None);
                 }
-                if consumed < buf.len() {
-                    self.read_handshake(key, &mut buf[consumed..], now);
+                match (consumed < buf.len(), self.cfg.tls.is_some()) {
+                    (false, _) => {}
+                    (true, true) => self.tls_recv(key, &mut buf[consumed..], now),
+                    (true, false) => self.read_handshake(key, &mut buf[consumed..], now),
                 }
             }
             Err(_) => {
