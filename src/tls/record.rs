@@ -162,13 +162,36 @@ impl Records {
 
     /// Appends `plaintext` to `out` as application-data records.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
-        out.reserve(plaintext.len() + self.overhead(plaintext.len()));
-        let mut chunks = plaintext.chunks(MAX_FRAGMENT).peekable();
-        if chunks.peek().is_none() {
+        self.seal_all(&[plaintext], out)
+    }
+
+    /// Appends `parts`, one stream, to `out` as application-data records of up to 16 KiB each
+    /// (a record may span parts: several small frames share one), with the AEAD key expanded
+    /// once for them all.
+    pub fn seal_all(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 {
             return Ok(());
         }
-        for chunk in chunks {
-            self.seal_record(APPLICATION_DATA, chunk, out)?;
+        out.reserve(total + self.overhead(total));
+        let aead = self.tx.aead();
+        let (mut part, mut at) = (0, 0);
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(MAX_FRAGMENT);
+            let body = self.open_record(APPLICATION_DATA, n, out);
+            let mut need = n;
+            while need > 0 {
+                let p = parts[part];
+                let take = (p.len() - at).min(need);
+                out.extend_from_slice(&p[at..at + take]);
+                (at, need) = (at + take, need - take);
+                if at == p.len() {
+                    (part, at) = (part + 1, 0);
+                }
+            }
+            self.close_record(&aead, APPLICATION_DATA, body, out)?;
+            left -= n;
         }
         Ok(())
     }
@@ -185,35 +208,49 @@ impl Records {
     }
 
     fn seal_record(&mut self, typ: u8, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
-        let keys = &mut self.tx;
-        let nonce = keys.nonce();
-        let start = out.len();
+        let body = self.open_record(typ, plaintext.len(), out);
+        out.extend_from_slice(plaintext);
+        self.close_record(&self.tx.aead(), typ, body, out)
+    }
+
+    /// Appends a record's header (and TLS 1.2 GCM's explicit nonce) for `len` bytes of
+    /// plaintext of `typ`; returns where its body starts. The caller appends the plaintext.
+    fn open_record(&self, typ: u8, len: usize, out: &mut Vec<u8>) -> usize {
+        let keys = &self.tx;
         // TLS 1.3 hides the type inside (the outer one is always application data).
-        let (outer, inner_len) =
-            if self.tls13 { (APPLICATION_DATA, plaintext.len() + 1) } else { (typ, plaintext.len()) };
+        let (outer, inner_len) = if self.tls13 { (APPLICATION_DATA, len + 1) } else { (typ, len) };
         let explicit = if !self.tls13 && keys.cipher != Cipher::Chacha20 { EXPLICIT } else { 0 };
         let len = explicit + inner_len + TAG;
         out.extend_from_slice(&[outer, 3, 3, (len >> 8) as u8, len as u8]);
         if explicit > 0 {
-            out.extend_from_slice(&nonce[4..]);
+            out.extend_from_slice(&keys.nonce()[4..]);
         }
-        let body = out.len();
-        out.extend_from_slice(plaintext);
+        out.len()
+    }
+
+    /// Seals the record whose plaintext runs from `body` to the end of `out`, in place.
+    fn close_record(&mut self, aead: &LessSafeKey, typ: u8, body: usize, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let keys = &mut self.tx;
+        let nonce = keys.nonce();
+        let plain_len = out.len() - body;
+        let start = body - HEADER - if !self.tls13 && keys.cipher != Cipher::Chacha20 { EXPLICIT } else { 0 };
         let mut aad = [0u8; 13];
         let aad_len = if self.tls13 {
             aad[..HEADER].copy_from_slice(&out[start..start + HEADER]);
             HEADER
         } else {
-            aad = tls12_aad(keys.seq, typ, plaintext.len());
+            aad = tls12_aad(keys.seq, typ, plain_len);
             aad.len()
         };
-        let aad = Aad::from(&aad[..aad_len]);
         if self.tls13 {
             out.push(typ);
         }
-        let tag = keys
-            .aead()
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut out[body..])
+        let tag = aead
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                &mut out[body..],
+            )
             .map_err(|_| TlsError::BadRecord)?;
         out.extend_from_slice(tag.as_ref());
         keys.seq = keys.seq.checked_add(1).ok_or(TlsError::Exhausted)?;

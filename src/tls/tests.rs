@@ -247,3 +247,25 @@ fn a_refused_hello_gets_an_alert() {
     let err = c.process_new_packets().unwrap_err();
     assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
 }
+
+#[test]
+fn frames_sealed_together_share_records_and_read_back_in_order() {
+    for suite in suites() {
+        let (mut p, _) = pair(suite, b"").unwrap();
+        let frames: Vec<Vec<u8>> = [3usize, 700, 20_000, 1, 16 * 1024, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        let parts: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        let mut out = Vec::new();
+        p.records.seal_all(&parts, &mut out).unwrap();
+        let total: usize = frames.iter().map(|f| f.len()).sum();
+        assert_eq!(out.len(), total + p.records.overhead(total), "{suite:?}: records of 16 KiB, not one per frame");
+        assert_eq!(p.client_reads(&out), frames.concat(), "{suite:?}");
+        // And the stream goes on with the next sequence numbers.
+        let mut more = Vec::new();
+        p.records.seal_all(&[b"next", b" one"], &mut more).unwrap();
+        assert_eq!(p.client_reads(&more), b"next one");
+    }
+}

@@ -272,12 +272,13 @@ impl Host {
             let format = conn.format();
             let mut frames = [IoSlice::new(&[]); 16];
             let n = self.outbox.gather(&mut conn.queue, format, &mut frames);
-            let mut plain = 0;
-            let mut sealed = Ok(());
-            for f in &frames[..n] {
-                plain += f.len();
-                sealed = sealed.and(records.seal(f, &mut t.out));
+            let mut parts: [&[u8]; 16] = [&[]; 16];
+            for (p, f) in parts.iter_mut().zip(&frames[..n]) {
+                *p = f;
             }
+            let plain = parts[..n].iter().map(|p| p.len()).sum();
+            // One stream of records: small frames share one, the key is expanded once.
+            let sealed = records.seal_all(&parts[..n], &mut t.out);
             self.outbox.sent(&mut conn.queue, format, plain);
             self.counters.add(Series::FramesOut, n as u64);
             if sealed.is_err() {
