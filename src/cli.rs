@@ -119,6 +119,13 @@ fn load(args: &ServeArgs) -> Result<Config, Box<dyn std::error::Error>> {
         None => Config::default(),
     };
     config.apply(&args.overrides);
+    // wss's customary port when TLS is on and the listener was left at its default.
+    if !config.tls.cert.is_empty()
+        && args.overrides.listen.is_none()
+        && config.server.listen == Config::default().server.listen
+    {
+        config.server.listen.set_port(8443);
+    }
     config.validate()?;
     Ok(config)
 }

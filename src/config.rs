@@ -71,7 +71,8 @@ macro_rules! config {
 config! {
     /// Shards, listeners and io_uring resources.
     server: Server {
-        /// Public listener: WebSocket upgrades and short polling.
+        /// Public listener: WebSocket upgrades and short polling (with `tls.cert` and this left
+        /// at its default: 0.0.0.0:8443).
         listen: SocketAddr = addr("0.0.0.0:8080"), listen, "BARRAGE_LISTEN";
         /// Shard threads, one per core; 0 = one per available core.
         shards: usize = 0, shards, "BARRAGE_SHARDS";
@@ -412,9 +413,10 @@ config! {
     /// key schedule with `key_updates`); a send seals its frames into one buffer, freed when
     /// written. `kill -HUP` reloads the files for new handshakes.
     tls: Tls {
-        /// PEM certificate chain (leaf first); "" = no TLS.
+        /// PEM certificate chain (leaf first); "" = no TLS. Several, comma-separated: the
+        /// client's SNI picks the first whose names cover it, else the first is served.
         cert: String = String::new(), tls_cert, "BARRAGE_TLS_CERT";
-        /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+        /// PEM private key of each certificate, in the same order (PKCS#8, PKCS#1 or SEC1).
         key: String = String::new(), tls_key, "BARRAGE_TLS_KEY";
         /// Follow a TLS 1.3 client's KeyUpdate: keeps rustls's key schedule per connection
         /// (about 800 B more for an idle one). false = such a client is closed (counted as
@@ -644,6 +646,22 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl Tls {
+    /// The certificate chains' files (`tls.cert`, comma-separated).
+    pub fn certs(&self) -> Vec<&str> {
+        list(&self.cert)
+    }
+
+    /// Their keys' files, in the same order.
+    pub fn keys(&self) -> Vec<&str> {
+        list(&self.key)
+    }
+}
+
+fn list(s: &str) -> Vec<&str> {
+    s.split(',').map(str::trim).filter(|f| !f.is_empty()).collect()
+}
+
 impl Cluster {
     /// The URL peers send this node's drained clients to: `public_url`, else the address the
     /// public listener is bound to.
@@ -745,8 +763,8 @@ impl Config {
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(ConfigError((*msg).to_string()));
         }
-        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
-            return Err(ConfigError("tls.cert and tls.key go together".into()));
+        if self.tls.certs().len() != self.tls.keys().len() {
+            return Err(ConfigError("tls.cert and tls.key go together: as many keys as certificates".into()));
         }
         for (hook, settings) in crate::hooks::Settings::all(self) {
             settings.validate(&format!("hook_{}", hook.name())).map_err(ConfigError)?;

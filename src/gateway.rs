@@ -402,8 +402,12 @@ impl Drop for Gateway {
 /// The TLS server config from `tls.cert` and `tls.key`.
 fn load_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
     let read = |path: &str, what: &str| std::fs::read(path).map_err(|e| StartError(format!("tls.{what} {path}: {e}")));
-    let (cert, key) = (read(&config.tls.cert, "cert")?, read(&config.tls.key, "key")?);
-    crate::tls::server_config(&cert, &key).map_err(|e| StartError(format!("tls: {e}")))
+    let mut files = Vec::new();
+    for (cert, key) in config.tls.certs().into_iter().zip(config.tls.keys()) {
+        files.push((read(cert, "cert")?, read(key, "key")?));
+    }
+    let pairs: Vec<(&[u8], &[u8])> = files.iter().map(|(c, k)| (&c[..], &k[..])).collect();
+    crate::tls::server_config_sni(&pairs).map_err(|e| StartError(format!("tls: {e}")))
 }
 
 /// Direct descriptors per ring: the configured value, or RLIMIT_NOFILE less a reserve for the

@@ -130,15 +130,25 @@ fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() 
     assert_eq!(status, 200, "the gateway goes on");
 }
 
+/// The README's newcomer: only a certificate and key given, the listener takes wss's port
+/// 8443, and Python `websockets` opens `wss://127.0.0.1:8443/ws?room=r` and receives a block.
 #[test]
 fn python_websockets_over_wss() {
     let python = common::venv_python();
     let cert = Cert::new("py");
-    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    let gw = Gateway::start_raw(&[
+        "--tls-cert",
+        &cert.path("cert.pem"),
+        "--tls-key",
+        &cert.path("key.pem"),
+        "--api-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(gw.ws.to_string(), "0.0.0.0:8443", "wss's port by default");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/wss_client.py");
     let out = std::process::Command::new(python)
         .arg(script)
-        .arg(gw.ws.to_string())
+        .arg("127.0.0.1:8443")
         .arg(gw.api.to_string())
         .arg(cert.path("cert.pem"))
         .output()
@@ -365,4 +375,49 @@ fn a_refused_handshake_gets_its_alert() {
     let err = conn.complete_io(&mut tcp).expect_err("the handshake is refused");
     assert!(err.to_string().contains("NoApplicationProtocol"), "the client got the alert: {err}");
     common::eventually("counted", || gw.metric("barrage_tls_handshakes_total{result=\"incompatible\"}") == 1);
+}
+
+/// Several certificates: the client's SNI picks the one for its name (the fallback to the first
+/// is `tls::sni`'s unit test).
+#[test]
+fn sni_picks_the_certificate_for_the_name_asked() {
+    let make = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem(), c.cert.der().clone())
+    };
+    let dir = std::env::temp_dir().join(format!("barrage-tls-sni-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ders = Vec::new();
+    for name in ["live.example", "*.cdn.example"] {
+        let (cert, key, der) = make(name);
+        let file = name.replace('*', "star");
+        std::fs::write(dir.join(format!("{file}.pem")), cert).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key).unwrap();
+        ders.push(der);
+    }
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let certs = format!("{},{}", path("live.example.pem"), path("star.cdn.example.pem"));
+    let keys = format!("{},{}", path("live.example.key"), path("star.cdn.example.key"));
+    let gw = Gateway::start(&["--tls-cert", &certs, "--tls-key", &keys]);
+    let open = |name: &str, trusted: &CertificateDer<'static>| -> Result<(), String> {
+        let mut roots = RootCertStore::empty();
+        roots.add(trusted.clone()).unwrap();
+        let config = ClientConfig::builder_with_provider(Arc::new(barrage::tls::provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut conn =
+            ClientConnection::new(Arc::new(config), ServerName::try_from(name.to_string()).unwrap()).unwrap();
+        let mut tcp = TcpStream::connect(gw.ws).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    open("live.example", &ders[0]).expect("the first certificate by its name");
+    open("a.cdn.example", &ders[1]).expect("the second, by its wildcard");
+    assert!(open("a.cdn.example", &ders[0]).is_err(), "not the first for the second's name");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,12 +1,14 @@
 //! TLS for `wss://` at the edge (issue 16), sans-IO: a [`handshake::Handshake`] driven with
 //! rustls's unbuffered API in the caller's buffers, then a [`record::Records`] layer that keeps
 //! only each direction's secrets — the user-space counterpart of kernel TLS, so an idle TLS
-//! connection holds its keys and no record buffers. Not wired into the shards yet.
+//! connection holds its keys and no record buffers; [`kernel`] hands the send keys to the
+//! kernel where it has TLS; [`sni`] picks a certificate by the name a client asks for.
 #![forbid(unsafe_code)]
 
 pub mod handshake;
 pub mod kernel;
 pub mod record;
+pub mod sni;
 
 use std::sync::Arc;
 
@@ -18,20 +20,36 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// session tickets (nothing to send after the handshake), secrets extractable (for
 /// [`record::Records`]).
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate chain: {e}"))?;
-    if certs.is_empty() {
-        return Err("certificate chain: no CERTIFICATE in the file".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key: {e}"))?;
+    server_config_sni(&[(cert_pem, key_pem)])
+}
+
+/// As [`server_config`], for one or more (chain, key) pairs: with several, the client's SNI
+/// picks the first certificate valid for the name it asks for ([`sni::Certs`]), and a client
+/// that names none, or a name none is valid for, gets the first.
+pub fn server_config_sni(pairs: &[(&[u8], &[u8])]) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider());
+    let mut keys = Vec::with_capacity(pairs.len());
+    for (i, (cert_pem, key_pem)) in pairs.iter().enumerate() {
+        let which = if pairs.len() > 1 { format!(" {}", i + 1) } else { String::new() };
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("certificate chain{which}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("certificate chain{which}: no CERTIFICATE in the file"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key{which}: {e}"))?;
+        let certified = rustls::sign::CertifiedKey::from_der(certs, key, &provider)
+            .map_err(|e| format!("certificate and key{which}: {e}"))?;
+        keys.push(Arc::new(certified));
+    }
+    if keys.is_empty() {
+        return Err("no certificate".into());
+    }
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key: {e}"))?;
+        .with_cert_resolver(Arc::new(sni::Certs::new(keys)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.send_tls13_tickets = 0;
     config.enable_secret_extraction = true;

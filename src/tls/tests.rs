@@ -269,3 +269,24 @@ fn frames_sealed_together_share_records_and_read_back_in_order() {
         assert_eq!(p.client_reads(&more), b"next one");
     }
 }
+
+#[test]
+fn sni_picks_by_name_and_falls_back_to_the_first() {
+    let provider = super::provider();
+    let keys: Vec<_> = ["live.example", "*.cdn.example"]
+        .iter()
+        .map(|n| {
+            let c = rcgen::generate_simple_self_signed(vec![n.to_string()]).unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+            Arc::new(rustls::sign::CertifiedKey::from_der(vec![c.cert.der().clone()], key, &provider).unwrap())
+        })
+        .collect();
+    let certs = super::sni::Certs::new(keys.clone());
+    let is = |got: Option<Arc<rustls::sign::CertifiedKey>>, want: usize| Arc::ptr_eq(&got.unwrap(), &keys[want]);
+    assert!(is(certs.pick(Some("live.example")), 0));
+    assert!(is(certs.pick(Some("x.cdn.example")), 1));
+    assert!(is(certs.pick(Some("LIVE.EXAMPLE")), 0), "names are case-insensitive");
+    assert!(is(certs.pick(Some("a.b.cdn.example")), 0), "a wildcard covers one label: the first");
+    assert!(is(certs.pick(Some("other.example")), 0));
+    assert!(is(certs.pick(None), 0), "no SNI: the first");
+}

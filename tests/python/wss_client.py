@@ -1,7 +1,7 @@
 """Python `websockets` over wss:// against barrage (tests/tls.rs).
 
 Usage: wss_client.py WS_ADDR API_ADDR CA_PEM
-Trusting CA_PEM: welcome, then a block published through the API, in both subprotocols. With
+Trusting CA_PEM, wss://WS_ADDR/ws?room=r: welcome, then a block published through the API. With
 the default trust store (which does not hold the test's certificate) the handshake must fail.
 """
 import asyncio
@@ -26,16 +26,16 @@ def publish(room, text):
 
 async def main():
     trusted = ssl.create_default_context(cafile=CA)
-    url = f"wss://localhost:{PORT}/ws?room=py"
+    url = f"wss://{HOST}:{PORT}/ws?room=r"
     async with websockets.connect(url, ssl=trusted, subprotocols=["barrage.v1.json"]) as ws:
         welcome = json.loads(await ws.recv())
         assert "welcome" in welcome, welcome
         for _ in range(200):
-            with urllib.request.urlopen(f"http://{API}/v1/rooms/py", timeout=10) as r:
+            with urllib.request.urlopen(f"http://{API}/v1/rooms/r", timeout=10) as r:
                 if json.loads(r.read())["online"] == 1:
                     break
             await asyncio.sleep(0.01)
-        publish("py", "over tls")
+        publish("r", "over tls")
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
             if "block" in frame and not frame["block"].get("backfill"):
