@@ -63,6 +63,13 @@ series! {
     TlsRecord => "barrage_tls_errors_total" {"reason" = "record"}, "counter", "TLS connections ended after the handshake: a record that does not decrypt or is malformed, or the peer's fatal alert.";
     TlsAlert => "barrage_tls_errors_total" {"reason" = "alert"}, "counter", "";
     TlsKeyUpdate => "barrage_tls_errors_total" {"reason" = "key_update"}, "counter", "";
+    DeflateNegotiated => "barrage_deflate_connections_total", "counter", "WebSocket connections that negotiated permessage-deflate.";
+    DeflateFrames => "barrage_deflate_frames_total", "counter", "Compressed twins made of live block frames (one per block and wire format with a member that negotiated permessage-deflate).";
+    DeflateBytesIn => "barrage_deflate_bytes_total" {"stage" = "in"}, "counter", "Bytes of live block frames for rooms with permessage-deflate members, before (in) and after (out) compression; a frame left uncompressed (small, or not shrinking) counts the same in both.";
+    DeflateBytesOut => "barrage_deflate_bytes_total" {"stage" = "out"}, "counter", "";
+    Inflated => "barrage_inflated_messages_total", "counter", "Compressed client messages inflated.";
+    InflateTooBig => "barrage_inflate_refused_total" {"reason" = "too_big"}, "counter", "Compressed client messages refused: inflated past websocket.message_bytes_max (closed 1009), or not valid DEFLATE or not UTF-8 text once inflated (closed 1007).";
+    InflateInvalid => "barrage_inflate_refused_total" {"reason" = "invalid"}, "counter", "";
     TlsKernel => "barrage_tls_kernel_total" {"result" = "ok"}, "counter", "TLS connections whose send keys went to the kernel (kernel TLS), or that the kernel refused and are sealed in user space (fallback).";
     TlsKernelFallback => "barrage_tls_kernel_total" {"result" = "fallback"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";
@@ -112,6 +119,7 @@ series! {
     ClosedProtocol => "barrage_closed_total" {"reason" = "protocol"}, "counter", "";
     ClosedUtf8 => "barrage_closed_total" {"reason" = "utf8"}, "counter", "";
     ClosedTooBig => "barrage_closed_total" {"reason" = "too_big"}, "counter", "";
+    ClosedInflate => "barrage_closed_total" {"reason" = "inflate"}, "counter", "";
     ClosedEnvelope => "barrage_closed_total" {"reason" = "envelope"}, "counter", "";
     ClosedSlow => "barrage_closed_total" {"reason" = "slow_consumer"}, "counter", "";
     ClosedIdle => "barrage_closed_total" {"reason" = "idle"}, "counter", "";

@@ -18,7 +18,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode as TungCloseCode;
 use tungstenite::{Message as WsMessage, WebSocket};
 
-const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x4_0000 };
+const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x4_0000, deflate: false };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Owned {
@@ -36,6 +36,7 @@ fn own(event: Event<'_>) -> Owned {
         Event::Ping(bytes) => Owned::Ping(bytes.to_vec()),
         Event::Pong(bytes) => Owned::Pong(bytes.to_vec()),
         Event::Close { code, reason } => Owned::Close(code.map(|code| code.0), reason.to_owned()),
+        Event::Compressed { .. } => panic!("permessage-deflate is off in these limits"),
     }
 }
 
@@ -238,7 +239,7 @@ proptest! {
         bytes in vec(any::<u8>(), 0..600),
         sizes in vec(1..32usize, 1..8),
     ) {
-        let small = ReadLimits { frame_bytes_max: 0x40, message_bytes_max: 0x80 };
+        let small = ReadLimits { frame_bytes_max: 0x40, message_bytes_max: 0x80, deflate: false };
         let mut reader = Reader::default();
         for chunk in bytes.chunks(sizes[0]) {
             let mut read = chunk.to_vec();
@@ -411,7 +412,7 @@ fn connect(protocols: Option<&str>) -> (WebSocket<Pipe>, Pipe, Subprotocol) {
     };
     assert_eq!((consumed, request.path.as_str()), (sent.len(), "/rooms/7"));
     let upgrade = request.websocket.unwrap().unwrap();
-    pipe.to_client.borrow_mut().extend(handshake::response_101(&upgrade));
+    pipe.to_client.borrow_mut().extend(handshake::response_101(&upgrade, false));
     let (client, _response) = mid.handshake().expect("client accepts our 101");
     (client, pipe, upgrade.protocol)
 }
@@ -435,7 +436,7 @@ fn read_all(bytes: &mut [u8], chunk: usize) -> Vec<Seen> {
                 Event::Binary(bytes) => Seen::Binary(bytes.to_vec()),
                 Event::Ping(bytes) => Seen::Ping(bytes.to_vec()),
                 Event::Close { code, reason } => Seen::Close(code.map(|c| c.0), reason.into()),
-                Event::Pong(_) => Seen::Other,
+                Event::Pong(_) | Event::Compressed { .. } => Seen::Other,
             });
             Flow::Continue
         });

@@ -20,7 +20,7 @@ fn frames(count: usize, opcode: Opcode, payload: &[u8]) -> Vec<u8> {
 }
 
 fn reader(c: &mut Criterion) {
-    let limits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20 };
+    let limits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20, deflate: false };
     let mut g = c.benchmark_group("reader");
     for size in [16usize, 128, 4096] {
         let stream = frames((64 * 1024 / (size + 8)).max(1), Opcode::Binary, &vec![7u8; size]);

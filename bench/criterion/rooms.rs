@@ -83,7 +83,7 @@ fn block_encoding(c: &mut Criterion) {
 /// gather it for the member's send and account the completed send.
 fn fan_out(c: &mut Criterion) {
     let members = 10_000;
-    let frame = Arc::new(frames::SharedFrame { proto: vec![0u8; 2048].into(), json: None, class: Class::Low });
+    let frame = Arc::new(frames::SharedFrame::plain(vec![0u8; 2048].into(), None, Class::Low));
     let mut g = c.benchmark_group("fan-out");
     g.throughput(Throughput::Elements(members as u64));
     g.bench_function("queue + gather + sent, 10k members", |b| {
@@ -97,9 +97,9 @@ fn fan_out(c: &mut Criterion) {
             outbox.forget_if_unused(id);
             for q in &mut queues {
                 let mut iov = [IoSlice::new(&[]); 16];
-                let n = outbox.gather(q, Format::Proto, &mut iov);
+                let n = outbox.gather(q, frames::Wire { format: Format::Proto, deflate: false }, &mut iov);
                 let len: usize = iov[..n].iter().map(|s| s.len()).sum();
-                outbox.sent(q, Format::Proto, len);
+                outbox.sent(q, frames::Wire { format: Format::Proto, deflate: false }, len);
             }
         })
     });

@@ -64,7 +64,7 @@ const LISTEN_BACKLOG: u32 = 4096;
 const ACCEPT_MARGIN: u32 = LISTEN_BACKLOG + 1024;
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 const HANDSHAKE: HandshakeLimits = HandshakeLimits { request_bytes_max: 4096, headers_max: 32 };
-const READ: ReadLimits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20 };
+const READ: ReadLimits = ReadLimits { frame_bytes_max: 1 << 20, message_bytes_max: 1 << 20, deflate: false };
 
 /// Operation in the top byte of user_data; the low 32 bits are the connection key.
 const ACCEPT: u8 = 1;
@@ -369,7 +369,7 @@ impl Floor {
                 };
                 match (request.websocket, room) {
                     (Some(Ok(up)), Some(room)) if role != Role::Refused => {
-                        (handshake::response_101(&up), role, Some(room), rest)
+                        (handshake::response_101(&up, false), role, Some(room), rest)
                     }
                     (Some(Err(e)), _) => (handshake::refusal(&e), Role::Refused, None, Vec::new()),
                     _ => (not_found(), Role::Refused, None, Vec::new()),

@@ -7,7 +7,7 @@ use barrage::wire::{Flow, ReadLimits, Reader};
 const HANDSHAKE: HandshakeLimits = HandshakeLimits { request_bytes_max: 0x1000, headers_max: 0x20 };
 
 /// Small limits, so that the size checks and the spill buffer are reached quickly.
-const READ: ReadLimits = ReadLimits { frame_bytes_max: 0x100, message_bytes_max: 0x400 };
+const READ: ReadLimits = ReadLimits { frame_bytes_max: 0x100, message_bytes_max: 0x400, deflate: true };
 
 /// Any bytes as the start of a connection behind a balancer: the PROXY v2 parser never reads
 /// past what it was given, claims a header no longer than its limit, and says the same for

@@ -174,6 +174,9 @@ pub struct Presence {
     pub left: u32,
     #[prost(string, repeated, tag = "6")]
     pub left_users: Vec<String>,
+    /// Of the members, those that negotiated permessage-deflate.
+    #[prost(uint32, tag = "7")]
+    pub deflate: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -349,6 +352,11 @@ pub struct Frame {
     pub proto: Vec<u8>,
     #[prost(bytes = "vec", optional, tag = "4")]
     pub json: Option<Vec<u8>>,
+    /// The permessage-deflate twins, when the owner made them.
+    #[prost(bytes = "vec", optional, tag = "5")]
+    pub proto_z: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "6")]
+    pub json_z: Option<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -428,6 +436,8 @@ pub fn frame_out(room: &str, f: &SharedFrame) -> Frame {
         class: f.class as u32,
         proto: f.proto.to_vec(),
         json: f.json.as_ref().map(|j| j.to_vec()),
+        proto_z: f.proto_z.as_ref().map(|z| z.to_vec()),
+        json_z: f.json_z.as_ref().map(|z| z.to_vec()),
     }
 }
 
@@ -438,7 +448,13 @@ pub fn frame_in(f: Frame) -> SharedFrame {
         1 => Class::High,
         _ => Class::Keep,
     };
-    SharedFrame { proto: f.proto.into_boxed_slice(), json: f.json.map(Vec::into_boxed_slice), class }
+    SharedFrame {
+        proto: f.proto.into_boxed_slice(),
+        json: f.json.map(Vec::into_boxed_slice),
+        proto_z: f.proto_z.map(Vec::into_boxed_slice),
+        json_z: f.json_z.map(Vec::into_boxed_slice),
+        class,
+    }
 }
 
 pub fn priority_code(p: Option<Priority>) -> i32 {
@@ -593,13 +609,15 @@ mod tests {
 
     #[test]
     fn frames_cross_byte_for_byte() {
-        let f = SharedFrame { proto: vec![0x82, 1, 2].into(), json: Some(b"{}".to_vec().into()), class: Class::High };
+        let mut f = SharedFrame::plain(vec![0x82, 1, 2].into(), Some(b"{}".to_vec().into()), Class::High);
+        f.proto_z = Some(vec![0xC2, 1, 9].into());
         let relay = Relay { from: "a".into(), body: Some(Body::Frame(frame_out("r", &f))), hops: 0 };
         let back = Relay::decode(relay.encode_to_vec().as_slice()).unwrap();
         let Some(Body::Frame(frame)) = back.body else { panic!("not a frame") };
         assert_eq!(frame.room, "r");
         let g = frame_in(frame);
         assert_eq!((&g.proto, &g.json, g.class), (&f.proto, &f.json, f.class));
+        assert_eq!((&g.proto_z, &g.json_z), (&f.proto_z, &None), "the compressed twins cross too");
     }
 
     #[test]

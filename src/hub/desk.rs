@@ -138,8 +138,8 @@ impl Desk {
                     }
                 }
             }
-            OwnerMail::Presence { room, from, members, json, left, left_users } => {
-                self.owner.presence(&room, from, (members, json), &left_users, left, now)
+            OwnerMail::Presence { room, from, members, json, deflate, left, left_users } => {
+                self.owner.presence(&room, from, (members, json, deflate), &left_users, left, now)
             }
             OwnerMail::Joined { room, from, user, after } => {
                 let frames = self.owner.joined(&room, user.as_ref(), after, now);
@@ -625,6 +625,9 @@ impl Desk {
         c.add(Series::AttrFrames, stats.attr_frames);
         c.add(Series::MessagesIn, stats.presence_added);
         c.add(Series::MessagesCoalesced, stats.presence_coalesced);
+        c.add(Series::DeflateFrames, stats.deflated);
+        c.add(Series::DeflateBytesIn, stats.deflate_in as u64);
+        c.add(Series::DeflateBytesOut, stats.deflate_out as u64);
     }
 
     /// Idle rooms are looked for four times per `room_idle_ms` (and at least once a second, so

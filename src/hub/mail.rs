@@ -97,7 +97,16 @@ pub enum OwnerMail {
     },
     /// This shard now holds `members` members of the room (`json` of them reading JSON);
     /// `left` of them left since the last report, the first few named.
-    Presence { room: RoomName, from: ShardId, members: u32, json: u32, left: u32, left_users: Vec<UserId> },
+    Presence {
+        room: RoomName,
+        from: ShardId,
+        members: u32,
+        json: u32,
+        /// Of them, those that negotiated permessage-deflate.
+        deflate: u32,
+        left: u32,
+        left_users: Vec<UserId>,
+    },
     /// A connection joined, resuming `after` a seq (0: none); answered with its backfill and
     /// the attribute snapshot.
     Joined { room: RoomName, from: ConnAt, user: Option<UserId>, after: u64 },

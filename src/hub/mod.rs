@@ -407,6 +407,11 @@ pub struct HubConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Keep TLS 1.3's key-update state per connection (`tls.key_updates`).
     pub tls_key_updates: bool,
+    /// Offer permessage-deflate (`websocket.deflate`), with its threshold and level for what a
+    /// shard compresses itself (echoes).
+    pub deflate: bool,
+    pub deflate_min_bytes: usize,
+    pub deflate_level: u32,
     /// Hand each TLS connection's send keys to the kernel after its handshake (`tls.kernel`,
     /// and the kernel offers the `tls` ULP): see `tls::kernel`.
     pub tls_kernel: bool,
@@ -426,7 +431,12 @@ impl HubConfig {
             read: ReadLimits {
                 frame_bytes_max: c.websocket.frame_bytes_max,
                 message_bytes_max: c.websocket.message_bytes_max,
+                // Per connection: set by each read from the connection's flag.
+                deflate: false,
             },
+            deflate: c.websocket.deflate,
+            deflate_min_bytes: c.websocket.deflate_min_bytes,
+            deflate_level: c.websocket.deflate_level,
             handshake_timeout_ms: c.websocket.handshake_timeout_ms,
             idle_timeout_ms: c.websocket.idle_timeout_ms,
             close_timeout_ms: c.websocket.close_timeout_ms,
@@ -535,6 +545,10 @@ fn owner_config(c: &Config, shard: ShardId, shards: usize) -> OwnerConfig {
         types: Arc::new(c.types.clone()),
         durable: !c.redis.url.is_empty(),
         cluster: false,
+        deflate: c.websocket.deflate.then_some(crate::room::frames::Deflate {
+            level: c.websocket.deflate_level,
+            min_bytes: c.websocket.deflate_min_bytes,
+        }),
     }
 }
 

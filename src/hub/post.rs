@@ -113,7 +113,7 @@ mod tests {
     use crate::room::frames::SharedFrame;
 
     fn deliver(class: Class, tag: u8) -> Mail {
-        let frame = Arc::new(SharedFrame { proto: vec![tag].into(), json: None, class });
+        let frame = Arc::new(SharedFrame::plain(vec![tag].into(), None, class));
         Mail::Host(HostMail::Deliver { room: RoomName::parse("r", 8).unwrap(), frame })
     }
 

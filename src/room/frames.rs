@@ -42,6 +42,22 @@ pub enum BlockKind {
     Backfill { truncated: bool },
 }
 
+/// How a connection reads shared frames: its wire format, and whether it negotiated
+/// permessage-deflate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wire {
+    pub format: Format,
+    pub deflate: bool,
+}
+
+/// permessage-deflate for a room's blocks: some member negotiated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deflate {
+    pub level: u32,
+    /// Smaller payloads go uncompressed.
+    pub min_bytes: usize,
+}
+
 /// A frame fanned out to many connections: encoded once, shared by reference.
 #[derive(Debug)]
 pub struct SharedFrame {
@@ -49,24 +65,45 @@ pub struct SharedFrame {
     pub proto: Box<[u8]>,
     /// The same frame for `barrage.v1.json` connections, when any may need it.
     pub json: Option<Box<[u8]>>,
+    /// Their permessage-deflate twins (RSV1 set, payload deflated without context), when a
+    /// member negotiated it and the payload was worth compressing.
+    pub proto_z: Option<Box<[u8]>>,
+    pub json_z: Option<Box<[u8]>>,
     pub class: Class,
 }
 
 impl SharedFrame {
     /// Encodes a server frame for protobuf, and for JSON when `json`.
     pub fn encode(frame: &ServerFrame, json: bool, class: Class) -> SharedFrame {
-        SharedFrame {
-            proto: envelope::encode(frame, Format::Proto).into_boxed_slice(),
-            json: json.then(|| envelope::encode(frame, Format::Json).into_boxed_slice()),
+        SharedFrame::plain(
+            envelope::encode(frame, Format::Proto).into_boxed_slice(),
+            json.then(|| envelope::encode(frame, Format::Json).into_boxed_slice()),
             class,
-        }
+        )
     }
 
-    /// The bytes for a connection of this format, if encoded.
-    pub fn bytes(&self, format: Format) -> Option<&[u8]> {
-        match format {
-            Format::Proto => Some(&self.proto),
-            Format::Json => self.json.as_deref(),
+    /// Frames already encoded, without compressed twins.
+    pub fn plain(proto: Box<[u8]>, json: Option<Box<[u8]>>, class: Class) -> SharedFrame {
+        SharedFrame { proto, json, proto_z: None, json_z: None, class }
+    }
+
+    /// Adds the compressed twin of each encoding (where it pays).
+    pub fn compress(&mut self, d: Deflate) {
+        let z = |f: &[u8]| crate::wire::deflate::compress_frame(f, d.level, d.min_bytes).map(Vec::into_boxed_slice);
+        self.proto_z = z(&self.proto);
+        self.json_z = self.json.as_deref().and_then(z);
+    }
+
+    /// The bytes for a connection of this format, if encoded: compressed when it negotiated
+    /// permessage-deflate and there is a compressed twin.
+    pub fn bytes(&self, wire: Wire) -> Option<&[u8]> {
+        let (plain, z) = match wire.format {
+            Format::Proto => (Some(&self.proto), &self.proto_z),
+            Format::Json => (self.json.as_ref(), &self.json_z),
+        };
+        match z {
+            Some(z) if wire.deflate => Some(z),
+            _ => plain.map(|b| &b[..]),
         }
     }
 }
@@ -84,7 +121,7 @@ pub fn block(
     now: UnixMs,
     json: bool,
 ) -> SharedFrame {
-    block_keeping(room, messages, kind, online, now, json).0
+    block_keeping(room, messages, kind, online, now, json, None).0
 }
 
 /// `block`, handing the messages back once encoded (the owner keeps them in the history
@@ -96,6 +133,7 @@ pub fn block_keeping(
     online: u64,
     now: UnixMs,
     json: bool,
+    deflate: Option<Deflate>,
 ) -> (SharedFrame, Vec<Message>) {
     let (class, backfill, truncated) = match kind {
         BlockKind::Live { top } => (Class::from(top), false, false),
@@ -112,7 +150,10 @@ pub fn block_keeping(
         truncated,
     };
     let frame = server(server_frame::Frame::Block(block));
-    let shared = SharedFrame::encode(&frame, json, class);
+    let mut shared = SharedFrame::encode(&frame, json, class);
+    if let Some(d) = deflate {
+        shared.compress(d);
+    }
     let messages = match frame.frame {
         Some(server_frame::Frame::Block(b)) => b.messages,
         _ => Vec::new(),

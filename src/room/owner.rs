@@ -48,6 +48,9 @@ pub struct OwnerConfig {
     /// A cluster node: rooms are taken with a lease (`Held` while another node has it), and
     /// `shards` counts one more slot, the cluster link's (members on other nodes).
     pub cluster: bool,
+    /// permessage-deflate is offered: a room with members that negotiated it gets each live
+    /// block compressed once per wire format.
+    pub deflate: Option<frames::Deflate>,
 }
 
 /// Why a publish was refused.
@@ -136,6 +139,11 @@ pub struct TickStats {
     /// superseding a pending one of the same kind).
     pub presence_added: u64,
     pub presence_coalesced: u64,
+    /// permessage-deflate: compressed twins made, and the bytes of the frames that had a
+    /// compressed reader before and after (a frame left uncompressed counts the same both ways).
+    pub deflated: u64,
+    pub deflate_in: usize,
+    pub deflate_out: usize,
 }
 
 /// Receives each frame a tick produces: the room, its one shared frame, members per shard.
@@ -167,9 +175,11 @@ struct OwnedRoom {
     attrs_sent: u64,
     moderation: Moderation,
     upstream: TokenBucket,
-    /// Members per shard, and how many of them read JSON.
+    /// Members per shard, how many of them read JSON, and how many negotiated
+    /// permessage-deflate.
     members: Box<[u32]>,
     json: Box<[u32]>,
+    deflate: Box<[u32]>,
     entered: Churn,
     left: Churn,
     dirty: bool,
@@ -325,6 +335,7 @@ impl Owner {
                 upstream: TokenBucket::new(&config.upstream, now.ms),
                 members: vec![0; shards].into_boxed_slice(),
                 json: vec![0; shards].into_boxed_slice(),
+                deflate: vec![0; shards].into_boxed_slice(),
                 entered: Churn::default(),
                 left: Churn::default(),
                 dirty: false,
@@ -418,20 +429,22 @@ impl Owner {
         &mut self,
         room: &RoomName,
         shard: ShardId,
-        counts: (u32, u32),
+        counts: (u32, u32, u32),
         left: &[UserId],
         left_count: u32,
         now: Now,
     ) {
-        let (members, json) = counts;
+        let (members, json, deflate) = counts;
         if members == 0 && !self.rooms.contains_key(room) {
             return;
         }
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
         let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
-        if let (Some(m), Some(j)) = (r.members.get_mut(shard.index()), r.json.get_mut(shard.index())) {
+        let i = shard.index();
+        if let (Some(m), Some(j), Some(d)) = (r.members.get_mut(i), r.json.get_mut(i), r.deflate.get_mut(i)) {
             *m = members;
             *j = json;
+            *d = deflate;
         }
         r.last_active = now.unix;
         if events && left_count > 0 {
@@ -648,6 +661,7 @@ impl Owner {
             }
             room.dirty = false;
             let json = room.json.iter().any(|&n| n > 0);
+            let deflate = self.config.deflate.filter(|_| room.deflate.iter().any(|&n| n > 0));
             let online = room.online();
             let (added, coalesced) =
                 post_presence(&name, room, &self.config.types, &mut self.next_id, self.config.shard, now);
@@ -677,7 +691,13 @@ impl Owner {
             stats.messages += cut.messages.len() as u64;
             let kind = BlockKind::Live { top: cut.top };
             // Encoded first, then the same messages go into the history (no copy).
-            let (frame, messages) = frames::block_keeping(&name, cut.messages, kind, online, now.unix, json);
+            let (frame, messages) = frames::block_keeping(&name, cut.messages, kind, online, now.unix, json, deflate);
+            if deflate.is_some() {
+                stats.deflate_in += frame.proto.len() + frame.json.as_ref().map_or(0, |j| j.len());
+                stats.deflate_out += frame.proto_z.as_ref().map_or(frame.proto.len(), |z| z.len())
+                    + frame.json.as_ref().map_or(0, |j| frame.json_z.as_ref().map_or(j.len(), |z| z.len()));
+                stats.deflated += u64::from(frame.proto_z.is_some()) + u64::from(frame.json_z.is_some());
+            }
             let stored = self.config.durable.then(|| messages.clone());
             room.history.push(messages);
             if let Some(messages) = stored {

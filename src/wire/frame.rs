@@ -6,7 +6,10 @@ use super::close::CloseCode;
 use super::reader::ReadError;
 
 const FIN: u8 = 0x80;
-const RSV: u8 = 0x70;
+/// RSV1: the message is compressed (permessage-deflate, when negotiated).
+const RSV1: u8 = 0x40;
+/// RSV2 and RSV3: no extension here uses them.
+const RSV23: u8 = 0x30;
 const OPCODE: u8 = 0x0F;
 const MASKED: u8 = 0x80;
 const LEN7: u8 = 0x7F;
@@ -52,21 +55,24 @@ impl Opcode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1: a compressed message's first frame (the reader refuses it where permessage-deflate
+    /// was not negotiated, and on control and continuation frames).
+    pub rsv1: bool,
     pub opcode: Opcode,
     pub mask: Option<[u8; 4]>,
     pub payload_len: u64,
     pub header_len: usize,
 }
 
-/// Ok(None) while the header is incomplete. Errors: RSV bits set, reserved opcode, control frame
+/// Ok(None) while the header is incomplete. Errors: RSV2 or RSV3 set, reserved opcode, control frame
 /// with payload > 125 or not FIN, 64-bit length with the top bit set. Checks what it can from the
 /// bytes present, so a bad first byte fails before the second arrives.
 pub fn decode_header(buf: &[u8]) -> Result<Option<Header>, ReadError> {
     let Some(&b0) = buf.first() else {
         return Ok(None);
     };
-    // No extension is negotiated, so every RSV bit must be clear (RFC 6455 5.2).
-    if b0 & RSV != 0 {
+    // No extension uses RSV2 or RSV3 (RFC 6455 5.2); RSV1 is the reader's to judge.
+    if b0 & RSV23 != 0 {
         return Err(ReadError::Protocol("reserved bits set"));
     }
     let opcode = Opcode::from_bits(b0 & OPCODE).ok_or(ReadError::Protocol("reserved opcode"))?;
@@ -90,7 +96,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Header>, ReadError> {
         return Ok(None);
     };
     let mask = if masked { rest.try_into().ok() } else { None };
-    let header = Header { fin, opcode, mask, payload_len, header_len };
+    let header = Header { fin, rsv1: b0 & RSV1 != 0, opcode, mask, payload_len, header_len };
     Ok(Some(header))
 }
 
@@ -153,6 +159,11 @@ pub fn header_len(payload_len: usize) -> usize {
 /// Appends an unmasked server frame header (FIN set) to `out`.
 pub fn write_header(out: &mut Vec<u8>, opcode: Opcode, payload_len: usize) {
     write_head(out, FIN | opcode as u8, 0, payload_len as u64);
+}
+
+/// Appends a compressed message's header (FIN and RSV1 set) to `out`.
+pub fn write_compressed_header(out: &mut Vec<u8>, opcode: Opcode, payload_len: usize) {
+    write_head(out, FIN | RSV1 | opcode as u8, 0, payload_len as u64);
 }
 
 /// Appends a masked client frame (RFC 6455 5.3) to `out`: the header, then `payload` XORed with
@@ -244,9 +255,11 @@ mod tests {
 
     #[test]
     fn rejects_rsv_bits_and_reserved_opcodes() {
-        for b0 in [0xC1, 0xA1, 0x91] {
+        for b0 in [0xA1, 0x91, 0xF1] {
             assert_eq!(decode_header(&[b0]), Err(ReadError::Protocol("reserved bits set")));
         }
+        // RSV1 is permessage-deflate's: decoded, judged by the reader.
+        assert!(decode_header(&[0xC1, 0x80, 1, 2, 3, 4]).unwrap().unwrap().rsv1);
         for op in [0x3, 0x7, 0xB, 0xF] {
             let err = decode_header(&[0x80 | op, 0x80]);
             assert_eq!(err, Err(ReadError::Protocol("reserved opcode")));
@@ -301,8 +314,14 @@ mod tests {
             let bytes = &out[1..];
             let header = decode_header(bytes).unwrap().unwrap();
             let header_len = header_len(len) + 4;
-            let want =
-                Header { fin: true, opcode: Opcode::Binary, mask: Some(mask), payload_len: len as u64, header_len };
+            let want = Header {
+                fin: true,
+                rsv1: false,
+                opcode: Opcode::Binary,
+                mask: Some(mask),
+                payload_len: len as u64,
+                header_len,
+            };
             assert_eq!(header, want, "len {len}");
             assert_eq!(bytes.len(), header_len + len);
             let masked = &bytes[header_len..];
@@ -315,7 +334,7 @@ mod tests {
 
     #[test]
     fn masked_frames_read_whole_from_every_split() {
-        let limits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x2_0000 };
+        let limits = ReadLimits { frame_bytes_max: 0x2_0000, message_bytes_max: 0x2_0000, deflate: false };
         let mask = [0x37, 0xFA, 0x21, 0x3D];
         for len in EDGE_LENS {
             let payload: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
@@ -394,8 +413,13 @@ mod tests {
             prop_assert_eq!(out.len(), header_len(len));
             let header = decode_header(&out).unwrap().unwrap();
             prop_assert_eq!(header, Header {
-                fin: true, opcode: op, mask: None, payload_len: len as u64, header_len: out.len(),
+                fin: true, rsv1: false, opcode: op, mask: None, payload_len: len as u64, header_len: out.len(),
             });
+            if !op.is_control() {
+                let mut z = Vec::new();
+                write_compressed_header(&mut z, op, len);
+                prop_assert!(decode_header(&z).unwrap().unwrap().rsv1);
+            }
         }
 
         #[test]
@@ -406,7 +430,7 @@ mod tests {
             let bytes = masked_header(u8::from(fin) << 7 | op as u8, len, mask);
             let header = decode_header(&bytes).unwrap().unwrap();
             prop_assert_eq!(header, Header {
-                fin, opcode: op, mask: Some(mask), payload_len: len, header_len: bytes.len(),
+                fin, rsv1: false, opcode: op, mask: Some(mask), payload_len: len, header_len: bytes.len(),
             });
         }
 

@@ -62,6 +62,9 @@ pub struct Upgrade {
     pub protocol: Subprotocol,
     /// Whether the client sent Sec-WebSocket-Protocol (we echo our choice only then).
     pub protocol_offered: bool,
+    /// The client offered permessage-deflate in a form this server accepts
+    /// (`deflate::accepts`).
+    pub deflate: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -219,7 +222,17 @@ fn upgrade(head: &httparse::Request<'_, '_>, method: Method) -> Result<Upgrade, 
         return Err(HandshakeError::Key);
     }
     let (protocol, protocol_offered) = subprotocol(head.headers)?;
-    Ok(Upgrade { accept: accept_key(key), protocol, protocol_offered })
+    Ok(Upgrade { accept: accept_key(key), protocol, protocol_offered, deflate: deflate_offered(head.headers) })
+}
+
+/// Whether the `Sec-WebSocket-Extensions` headers (all of them, in order) hold an acceptable
+/// permessage-deflate offer.
+fn deflate_offered(headers: &[httparse::Header<'_>]) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .any(super::deflate::accepts)
 }
 
 /// The first protocol in the client's order that we speak; Proto when it offers none.
@@ -314,17 +327,23 @@ fn hex_digit(byte: Option<u8>) -> Option<u32> {
     char::from(byte?).to_digit(0x10)
 }
 
-/// 101 Switching Protocols with Upgrade, Connection, Sec-WebSocket-Accept, and
-/// Sec-WebSocket-Protocol only when the client offered one.
-pub fn response_101(upgrade: &Upgrade) -> Vec<u8> {
+/// 101 Switching Protocols with Upgrade, Connection, Sec-WebSocket-Accept,
+/// Sec-WebSocket-Protocol only when the client offered one, and permessage-deflate's answer
+/// when `deflate` (the server enables it and the client offered it).
+pub fn response_101(upgrade: &Upgrade, deflate: bool) -> Vec<u8> {
     let protocol = if upgrade.protocol_offered {
         format!("Sec-WebSocket-Protocol: {}\r\n", upgrade.protocol.name())
     } else {
         String::new()
     };
+    let extension = if deflate && upgrade.deflate {
+        format!("Sec-WebSocket-Extensions: {}\r\n", super::deflate::RESPONSE)
+    } else {
+        String::new()
+    };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n{protocol}\r\n",
+         Sec-WebSocket-Accept: {}\r\n{protocol}{extension}\r\n",
         upgrade.accept
     )
     .into_bytes()
@@ -435,7 +454,8 @@ mod tests {
         assert_eq!(request.path, "/rooms/7");
         assert_eq!(request.query, "token=a%20b");
         assert_eq!(request.bearer, None);
-        let upgrade = Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Proto, protocol_offered: false };
+        let upgrade =
+            Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Proto, protocol_offered: false, deflate: false };
         assert_eq!(request.websocket, Some(Ok(upgrade)));
     }
 
@@ -535,8 +555,9 @@ mod tests {
 
     #[test]
     fn response_101_echoes_protocol_only_when_offered() {
-        let mut upgrade = Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Json, protocol_offered: false };
-        let plain = String::from_utf8(response_101(&upgrade)).unwrap();
+        let mut upgrade =
+            Upgrade { accept: ACCEPT.into(), protocol: Subprotocol::Json, protocol_offered: false, deflate: true };
+        let plain = String::from_utf8(response_101(&upgrade, false)).unwrap();
         assert_eq!(
             plain,
             format!(
@@ -545,8 +566,12 @@ mod tests {
             )
         );
         upgrade.protocol_offered = true;
-        let echoed = String::from_utf8(response_101(&upgrade)).unwrap();
+        let echoed = String::from_utf8(response_101(&upgrade, false)).unwrap();
         assert!(echoed.ends_with("Sec-WebSocket-Protocol: barrage.v1.json\r\n\r\n"));
+        let deflate = String::from_utf8(response_101(&upgrade, true)).unwrap();
+        assert!(deflate.ends_with(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n\r\n"
+        ));
     }
 
     #[test]

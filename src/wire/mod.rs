@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod proxy;

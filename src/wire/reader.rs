@@ -19,7 +19,10 @@ pub struct ReadLimits {
     /// Largest payload of one data frame.
     pub frame_bytes_max: usize,
     /// Largest data message, summed over its fragments; also the most the spill buffer reserves.
+    /// A compressed message is held to it compressed, and again once inflated (by the caller).
     pub message_bytes_max: usize,
+    /// permessage-deflate was negotiated: a message's first frame may carry RSV1 (compressed).
+    pub deflate: bool,
 }
 
 /// One complete thing the client sent. Slices borrow the input (or the reader's spill buffer)
@@ -28,6 +31,12 @@ pub struct ReadLimits {
 pub enum Event<'a> {
     Text(&'a str),
     Binary(&'a [u8]),
+    /// A whole message compressed with permessage-deflate, as received: the caller inflates it
+    /// (and checks a text's UTF-8 then).
+    Compressed {
+        text: bool,
+        payload: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// `code` is None for an empty Close payload; `reason` is "" then.
@@ -229,6 +238,12 @@ impl Reader {
     /// touched. Returns the payload length and mask.
     fn admit(&self, header: &Header, limits: &ReadLimits) -> Result<(usize, [u8; 4]), ReadError> {
         let mask = header.mask.ok_or(ReadError::Unmasked)?;
+        if header.rsv1 && !limits.deflate {
+            return Err(ReadError::Protocol("RSV1 set without permessage-deflate"));
+        }
+        if header.rsv1 && !matches!(header.opcode, Opcode::Text | Opcode::Binary) {
+            return Err(ReadError::Protocol("RSV1 set on a control or continuation frame"));
+        }
         let assembled = self.message().map(|message| message.bytes.len());
         match (header.opcode, assembled) {
             (Opcode::Continuation, None) => {
@@ -259,11 +274,14 @@ impl Reader {
         on_event: OnEvent<'_>,
     ) -> Result<Flow, ReadError> {
         let whole_message = header.fin && header.opcode != Opcode::Continuation;
+        if whole_message && header.rsv1 {
+            return Ok(on_event(Event::Compressed { text: header.opcode == Opcode::Text, payload }));
+        }
         if header.opcode.is_control() || whole_message {
             return Ok(on_event(frame_event(header.opcode, payload)?));
         }
         let spill = self.spill_mut();
-        spill.begin_message(header.opcode);
+        spill.begin_message(header.opcode, header.rsv1);
         if let Some(message) = spill.message.as_mut() {
             message.extend(payload, limits.message_bytes_max);
         }
@@ -273,7 +291,7 @@ impl Reader {
     /// A frame cut by the end of this read: keep its header and the payload bytes present.
     fn start_payload(&mut self, header: &Header, len: usize, mask: [u8; 4], rest: &mut [u8], limits: &ReadLimits) {
         let spill = self.spill_mut();
-        spill.begin_message(header.opcode);
+        spill.begin_message(header.opcode, header.rsv1);
         let (opcode, fin) = (header.opcode, header.fin);
         spill.frame = Some(Partial { opcode, fin, mask, len, received: 0 });
         spill.absorb(rest, limits);
@@ -351,6 +369,8 @@ struct Partial {
 #[derive(Debug)]
 struct Message {
     text: bool,
+    /// permessage-deflate: the bytes are compressed; UTF-8 is the caller's to check, inflated.
+    compressed: bool,
     bytes: Vec<u8>,
     /// Text only: `bytes[..utf8_checked]` is known valid, so each fragment is checked once.
     utf8_checked: usize,
@@ -390,10 +410,10 @@ impl Spill {
     }
 
     /// A Text or Binary header opens a message; admit() has refused one inside another.
-    fn begin_message(&mut self, opcode: Opcode) {
+    fn begin_message(&mut self, opcode: Opcode, compressed: bool) {
         if matches!(opcode, Opcode::Text | Opcode::Binary) {
             let text = opcode == Opcode::Text;
-            self.message = Some(Message { text, bytes: Vec::new(), utf8_checked: 0 });
+            self.message = Some(Message { text, compressed, bytes: Vec::new(), utf8_checked: 0 });
         }
     }
 
@@ -461,7 +481,7 @@ impl Message {
     /// Fails as soon as a fragment holds an invalid sequence; one cut at the fragment's end may
     /// be completed by the next fragment.
     fn check_utf8_prefix(&mut self) -> Result<(), ReadError> {
-        if !self.text {
+        if !self.text || self.compressed {
             return Ok(());
         }
         let unchecked = self.bytes.get(self.utf8_checked..).unwrap_or_default();
@@ -476,6 +496,9 @@ impl Message {
     /// The whole message. Text is validated again in full: the only way to a &str without
     /// unsafe; it costs a second pass on fragmented text only.
     fn event(&self) -> Result<Event<'_>, ReadError> {
+        if self.compressed {
+            return Ok(Event::Compressed { text: self.text, payload: &self.bytes });
+        }
         if !self.text {
             return Ok(Event::Binary(&self.bytes));
         }
@@ -487,7 +510,7 @@ impl Message {
 mod tests {
     use super::*;
 
-    const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x1_0000, message_bytes_max: 0x2_0000 };
+    const LIMITS: ReadLimits = ReadLimits { frame_bytes_max: 0x1_0000, message_bytes_max: 0x2_0000, deflate: false };
     const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
     /// A masked frame whose first byte (FIN, RSV, opcode) is `b0`.
@@ -501,6 +524,7 @@ mod tests {
     enum Owned {
         Text(String),
         Binary(Vec<u8>),
+        Compressed(bool, Vec<u8>),
         Ping(Vec<u8>),
         Pong(Vec<u8>),
         Close(Option<u16>, String),
@@ -510,6 +534,7 @@ mod tests {
         match event {
             Event::Text(text) => Owned::Text(text.to_owned()),
             Event::Binary(bytes) => Owned::Binary(bytes.to_vec()),
+            Event::Compressed { text, payload } => Owned::Compressed(text, payload.to_vec()),
             Event::Ping(bytes) => Owned::Ping(bytes.to_vec()),
             Event::Pong(bytes) => Owned::Pong(bytes.to_vec()),
             Event::Close { code, reason } => Owned::Close(code.map(|c| c.0), reason.to_owned()),
@@ -528,6 +553,52 @@ mod tests {
 
     fn read(bytes: &[u8]) -> (Vec<Owned>, Result<(), ReadError>) {
         feed_all(&mut Reader::default(), bytes)
+    }
+
+    /// Every byte of `bytes` fed in reads of `chunk` bytes, with permessage-deflate negotiated.
+    fn read_deflate(bytes: &[u8], chunk: usize) -> (Vec<Owned>, Result<(), ReadError>) {
+        let limits = ReadLimits { deflate: true, ..LIMITS };
+        let (mut reader, mut events) = (Reader::default(), Vec::new());
+        for c in bytes.chunks(chunk) {
+            let result = reader.feed(&mut c.to_vec(), &limits, &mut |event| {
+                events.push(own(event));
+                Flow::Continue
+            });
+            if result.is_err() {
+                return (events, result);
+            }
+        }
+        (events, Ok(()))
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_only_where_deflate_was_negotiated() {
+        // Not negotiated: RSV1 is a protocol error.
+        let compressed = client_frame(0xC2, b"zz");
+        assert_eq!(read(&compressed).1, Err(ReadError::Protocol("RSV1 set without permessage-deflate")));
+        // Negotiated: whole, or in fragments cut anywhere, it comes out compressed, unchecked.
+        let mut fragmented = client_frame(0x41, &[0xff, 0xfe]);
+        fragmented.extend(client_frame(0x00, b"mid"));
+        fragmented.extend(client_frame(0x89, b"ping"));
+        fragmented.extend(client_frame(0x80, b"end"));
+        for chunk in [1, 3, 7, 1000] {
+            let (events, result) = read_deflate(&compressed, chunk);
+            assert_eq!((events, result), (vec![Owned::Compressed(false, b"zz".to_vec())], Ok(())));
+            let (events, result) = read_deflate(&fragmented, chunk);
+            assert_eq!(result, Ok(()), "invalid UTF-8 while compressed is not the reader's to judge");
+            let mut want = vec![0xff, 0xfe];
+            want.extend_from_slice(b"midend");
+            assert_eq!(events, vec![Owned::Ping(b"ping".to_vec()), Owned::Compressed(true, want)]);
+        }
+        // Never on a continuation or a control frame.
+        let mut bad = client_frame(0x01, b"a");
+        bad.extend(client_frame(0xC0, b"b"));
+        assert_eq!(read_deflate(&bad, 100).1, Err(ReadError::Protocol("RSV1 set on a control or continuation frame")));
+        let ping = client_frame(0xC9, b"p");
+        assert_eq!(read_deflate(&ping, 100).1, Err(ReadError::Protocol("RSV1 set on a control or continuation frame")));
+        // A compressed message is held to the size limit as it arrives, compressed.
+        let big = client_frame(0xC2, &vec![0; LIMITS.frame_bytes_max + 1]);
+        assert_eq!(read_deflate(&big, 100).1, Err(ReadError::TooBig));
     }
 
     #[test]
@@ -723,7 +794,7 @@ mod tests {
 
     #[test]
     fn spill_capacity_stays_within_the_message_limit() {
-        let limits = ReadLimits { frame_bytes_max: 1000, message_bytes_max: 1500 };
+        let limits = ReadLimits { frame_bytes_max: 1000, message_bytes_max: 1500, deflate: false };
         let mut reader = Reader::default();
         let mut bytes = client_frame(0x02, &[1; 1000]);
         bytes.extend(client_frame(0x00, &[2; 500]));

@@ -5,6 +5,7 @@ use super::outbox::Queue;
 use super::rooms::{MemberPos, RoomKey};
 use super::users::UserKey;
 use crate::envelope::Format;
+use crate::room::frames::Wire;
 use crate::wire::reader::Reader;
 
 /// Where a connection is in its life.
@@ -30,8 +31,9 @@ pub mod flag {
     pub const JSON: u8 = 1 << 0;
     /// A signed-in user whose token allows sending.
     pub const CAN_SEND: u8 = 1 << 1;
-    /// Raw echo endpoint (conformance testing): messages go back as they came.
-    pub const ECHO: u8 = 1 << 2;
+    /// Negotiated permessage-deflate: gets blocks' compressed twins, may send compressed
+    /// messages.
+    pub const DEFLATE: u8 = 1 << 2;
     /// Listed in the ready list (has frames and no send in flight).
     pub const READY: u8 = 1 << 3;
     /// Signed in (has a user id).
@@ -93,6 +95,12 @@ impl Conn {
     #[inline]
     pub fn format(&self) -> Format {
         if self.has(flag::JSON) { Format::Json } else { Format::Proto }
+    }
+
+    /// How it reads shared frames.
+    #[inline]
+    pub fn wire(&self) -> Wire {
+        Wire { format: self.format(), deflate: self.has(flag::DEFLATE) }
     }
 
     /// Starts the slow-reader clock at `tick` unless it is running.

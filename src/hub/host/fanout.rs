@@ -35,7 +35,7 @@ impl Fan<'_> {
         if conn.state != State::Open {
             return false;
         }
-        if !self.outbox.has_format(self.frame, conn.format()) {
+        if !self.outbox.has_format(self.frame, conn.wire()) {
             self.counters.inc(Series::FramesMissed);
             return false;
         }

@@ -31,7 +31,7 @@ mod tokens;
 mod upgrade;
 mod users;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 
@@ -126,6 +126,12 @@ pub struct Host {
     tls: HashMap<ConnKey, tls::TlsConn>,
     /// TLS connections whose send keys are ready for the kernel (`poll_kernel_tls`).
     kernel_tls: Vec<ConnKey>,
+    /// Connections on the raw echo endpoint (conformance testing): messages go back as they
+    /// came. Few, if any: a set, not a flag in every connection.
+    echoes: HashSet<ConnKey>,
+    /// The shard's one permessage-deflate inflater, for every connection's compressed messages.
+    /// Made at the first compressed message.
+    inflater: Option<Box<crate::wire::deflate::Inflater>>,
     /// The connection whose read is being handled, and the replies gathered for it: they leave
     /// as one queued frame, so a burst of small client frames costs one queue slot.
     replying: Option<ConnKey>,
@@ -161,6 +167,8 @@ impl Host {
             joining: HashMap::new(),
             tls: HashMap::new(),
             kernel_tls: Vec::new(),
+            echoes: HashSet::new(),
+            inflater: None,
             replying: None,
             replies: Vec::new(),
             counters: Counters::default(),
@@ -282,7 +290,7 @@ impl Host {
         if conn.state == State::Terminating || conn.queue.is_empty() || conn.queue.in_flight() {
             return 0;
         }
-        let format = conn.format();
+        let format = conn.wire();
         let n = self.outbox.gather(&mut conn.queue, format, iov);
         if n > 0 {
             self.conns.send_started();
@@ -305,7 +313,7 @@ impl Host {
         self.conns.send_ended();
         let conn = self.conns.get_mut(key);
         assert!(conn.queue.in_flight(), "{key:?}: a send completed with none in flight");
-        let format = conn.format();
+        let format = conn.wire();
         if result < 0 {
             self.outbox.abort(&mut conn.queue);
             if conn.state != State::Terminating {
@@ -345,6 +353,9 @@ impl Host {
         if !self.tls.is_empty() {
             assert!(!self.tls_sending(key), "{key:?} released with a TLS send in flight");
             self.tls.remove(&key);
+        }
+        if !self.echoes.is_empty() {
+            self.echoes.remove(&key);
         }
         self.outbox.abort(&mut conn.queue);
         self.outbox.clear(&mut conn.queue);
@@ -399,6 +410,7 @@ impl Host {
                 from: me,
                 members: p.members,
                 json: p.json,
+                deflate: p.deflate,
                 left: p.left,
                 left_users: p.left_users,
             };

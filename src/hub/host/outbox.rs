@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 use slab::Slab;
 
-use crate::envelope::Format;
-use crate::room::frames::{Class, SharedFrame};
+use crate::room::frames::{Class, SharedFrame, Wire};
 
 const NIL: u32 = u32::MAX;
 
@@ -120,10 +119,10 @@ impl Outbox {
         self.frames.len()
     }
 
-    /// Whether a connection of this format can be sent this frame.
-    pub fn has_format(&self, id: FrameId, format: Format) -> bool {
+    /// Whether a connection reading `wire` can be sent this frame.
+    pub fn has_format(&self, id: FrameId, wire: Wire) -> bool {
         match &self.entry(id.0).body {
-            Body::Shared(f) => f.bytes(format).is_some(),
+            Body::Shared(f) => f.bytes(wire).is_some(),
             Body::Owned(_) => true,
         }
     }
@@ -157,14 +156,14 @@ impl Outbox {
 
     /// Fills `iov` with the queued frames (the first from where the last send stopped) for
     /// one send, marks them in flight and returns how many slices it filled.
-    pub fn gather<'a>(&'a self, q: &mut Queue, format: Format, iov: &mut [IoSlice<'a>]) -> usize {
+    pub fn gather<'a>(&'a self, q: &mut Queue, wire: Wire, iov: &mut [IoSlice<'a>]) -> usize {
         assert!(!q.in_flight(), "one send per connection at a time");
         let offset = q.offset as usize;
         let mut n = 0;
         let mut node = q.head;
         while node != NIL && n < iov.len() {
             let Node { frame, next } = self.nodes[node as usize];
-            let bytes = self.bytes(frame, format);
+            let bytes = self.bytes(frame, wire);
             let skip = if n == 0 { offset.min(bytes.len()) } else { 0 };
             iov[n] = IoSlice::new(&bytes[skip..]);
             n += 1;
@@ -176,11 +175,11 @@ impl Outbox {
 
     /// Accounts a completed send of `written` bytes: pops the frames fully written and keeps
     /// where the next send resumes inside the new head.
-    pub fn sent(&mut self, q: &mut Queue, format: Format, written: usize) {
+    pub fn sent(&mut self, q: &mut Queue, wire: Wire, written: usize) {
         let mut left = written;
         while q.head != NIL && q.inflight > 0 {
             let frame = self.nodes[q.head as usize].frame;
-            let remaining = self.bytes(frame, format).len().saturating_sub(q.offset as usize);
+            let remaining = self.bytes(frame, wire).len().saturating_sub(q.offset as usize);
             if left < remaining {
                 q.offset += left as u32;
                 q.inflight = 0;
@@ -227,10 +226,10 @@ impl Outbox {
         }
     }
 
-    fn bytes(&self, frame: u32, format: Format) -> &[u8] {
+    fn bytes(&self, frame: u32, wire: Wire) -> &[u8] {
         match &self.entry(frame).body {
             // Fan-outs queue a shared frame only to connections whose format it has.
-            Body::Shared(f) => f.bytes(format).unwrap_or(&f.proto),
+            Body::Shared(f) => f.bytes(wire).unwrap_or(&f.proto),
             Body::Owned(b) => b,
         }
     }
@@ -324,21 +323,24 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Format;
+
+    const PROTO: Wire = Wire { format: Format::Proto, deflate: false };
 
     fn shared(bytes: &[u8], class: Class) -> Arc<SharedFrame> {
-        Arc::new(SharedFrame { proto: bytes.into(), json: None, class })
+        Arc::new(SharedFrame::plain(bytes.into(), None, class))
     }
 
     fn drain(o: &mut Outbox, q: &mut Queue) -> Vec<u8> {
         let mut out = Vec::new();
         while !q.is_empty() {
             let mut iov = [IoSlice::new(&[]); 2];
-            let n = o.gather(q, Format::Proto, &mut iov);
+            let n = o.gather(q, PROTO, &mut iov);
             let chunk: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
             // Write at most 3 bytes per send to exercise partial sends.
             let written = chunk.len().min(3);
             out.extend_from_slice(&chunk[..written]);
-            o.sent(q, Format::Proto, written);
+            o.sent(q, PROTO, written);
         }
         out
     }
@@ -370,7 +372,7 @@ mod tests {
             assert_eq!(o.push(&mut q, id, 4), Pushed::Queued);
         }
         let mut iov = [IoSlice::new(&[]); 1];
-        assert_eq!(o.gather(&mut q, Format::Proto, &mut iov), 1); // 'a' in flight
+        assert_eq!(o.gather(&mut q, PROTO, &mut iov), 1); // 'a' in flight
         let e = o.add_shared(shared(b"e", Class::High));
         assert_eq!(o.push(&mut q, e, 4), Pushed::DroppedOldest, "drops low 'd', not in-flight 'a'");
         let f = o.add_shared(shared(b"f", Class::Low));
@@ -378,7 +380,7 @@ mod tests {
         o.forget_if_unused(f);
         let g = o.add_shared(shared(b"g", Class::High));
         assert_eq!(o.push(&mut q, g, 4), Pushed::DroppedOldest, "equal class: the oldest high 'c' goes");
-        o.sent(&mut q, Format::Proto, 1);
+        o.sent(&mut q, PROTO, 1);
         assert_eq!(drain(&mut o, &mut q), b"beg");
         // Only kept frames queued: a kept frame cannot enter, a droppable one is dropped.
         let mut q = Queue::default();
@@ -405,10 +407,10 @@ mod tests {
             o.push(&mut q, id, 8);
         }
         let mut iov = [IoSlice::new(&[]); 1];
-        o.gather(&mut q, Format::Proto, &mut iov);
+        o.gather(&mut q, PROTO, &mut iov);
         o.clear(&mut q);
         assert_eq!(q.len(), 1);
-        o.sent(&mut q, Format::Proto, 1);
+        o.sent(&mut q, PROTO, 1);
         assert!(q.is_empty());
         assert_eq!(o.frames(), 0);
     }
@@ -424,8 +426,8 @@ mod tests {
             o.push(&mut q, id, 2);
         }
         let mut iov = [IoSlice::new(&[]); 1];
-        o.gather(&mut q, Format::Proto, &mut iov);
-        o.sent(&mut q, Format::Proto, 2); // "aa" written, "aa" owed
+        o.gather(&mut q, PROTO, &mut iov);
+        o.sent(&mut q, PROTO, 2); // "aa" written, "aa" owed
         let c = o.add_shared(shared(b"cccc", Class::Low));
         assert_eq!(o.push(&mut q, c, 2), Pushed::DroppedOldest, "sheds 'bbbb', not the partial head");
         assert_eq!(drain(&mut o, &mut q), b"aacccc");
@@ -434,8 +436,8 @@ mod tests {
         let d = o.add_shared(shared(b"dddd", Class::Low));
         o.push(&mut q, d, 2);
         let mut iov = [IoSlice::new(&[]); 1];
-        o.gather(&mut q, Format::Proto, &mut iov);
-        o.sent(&mut q, Format::Proto, 1);
+        o.gather(&mut q, PROTO, &mut iov);
+        o.sent(&mut q, PROTO, 1);
         o.clear(&mut q);
         assert_eq!(drain(&mut o, &mut q), b"ddd");
     }

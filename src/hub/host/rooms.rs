@@ -6,8 +6,10 @@ use std::collections::HashMap;
 
 use slab::Slab;
 
+use crate::envelope::Format;
 use crate::ids::{ConnKey, UserId};
 use crate::room::RoomName;
+use crate::room::frames::Wire;
 
 /// A room in the local index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct LocalRoom {
     pub members: Vec<ConnKey>,
     /// Members reading JSON.
     pub json: u32,
+    /// Members that negotiated permessage-deflate.
+    pub deflate: u32,
     /// Membership changed since the owner was last told.
     presence_dirty: bool,
     /// Members who left since the owner was last told, and the first few of their names.
@@ -40,6 +44,7 @@ pub struct PresenceReport<'a> {
     pub room: &'a RoomName,
     pub members: u32,
     pub json: u32,
+    pub deflate: u32,
     pub left: u32,
     pub left_users: Vec<UserId>,
 }
@@ -73,7 +78,7 @@ impl Rooms {
     }
 
     /// Adds `conn` to a room; returns the room and the member's position.
-    pub fn join(&mut self, name: &RoomName, conn: ConnKey, json: bool) -> (RoomKey, MemberPos) {
+    pub fn join(&mut self, name: &RoomName, conn: ConnKey, wire: Wire) -> (RoomKey, MemberPos) {
         let room = match self.by_name.get(name) {
             Some(&r) => r,
             None => {
@@ -81,6 +86,7 @@ impl Rooms {
                     name: name.clone(),
                     members: Vec::new(),
                     json: 0,
+                    deflate: 0,
                     presence_dirty: false,
                     left: 0,
                     left_users: Vec::new(),
@@ -92,7 +98,8 @@ impl Rooms {
         };
         let r = &mut self.slab[room.0 as usize];
         r.members.push(conn);
-        r.json += u32::from(json);
+        r.json += u32::from(wire.format == Format::Json);
+        r.deflate += u32::from(wire.deflate);
         Self::mark(&mut self.dirty, r, room);
         (room, MemberPos((r.members.len() - 1) as u32))
     }
@@ -104,7 +111,7 @@ impl Rooms {
         &mut self,
         room: RoomKey,
         pos: MemberPos,
-        json: bool,
+        wire: Wire,
         user: Option<&UserId>,
         named_max: usize,
     ) -> Option<ConnKey> {
@@ -112,7 +119,8 @@ impl Rooms {
         let pos = pos.0 as usize;
         assert!(pos < r.members.len(), "member position {pos} past the {} members of {}", r.members.len(), r.name);
         r.members.swap_remove(pos);
-        r.json -= u32::from(json);
+        r.json -= u32::from(wire.format == Format::Json);
+        r.deflate -= u32::from(wire.deflate);
         // Leave events count signed-in users only (see Owner::joined).
         if let Some(u) = user {
             r.left = r.left.saturating_add(1);
@@ -154,6 +162,7 @@ impl Rooms {
                 room: &r.name,
                 members: r.members.len() as u32,
                 json: r.json,
+                deflate: r.deflate,
                 left: std::mem::take(&mut r.left),
                 left_users: std::mem::take(&mut r.left_users),
             });
@@ -175,6 +184,10 @@ mod tests {
         RoomName::parse(s, 64).unwrap()
     }
 
+    fn wire(json: bool) -> Wire {
+        Wire { format: if json { Format::Json } else { Format::Proto }, deflate: json }
+    }
+
     fn keys(v: &[u32]) -> Vec<ConnKey> {
         v.iter().map(|&k| ConnKey(k)).collect()
     }
@@ -182,21 +195,23 @@ mod tests {
     #[test]
     fn join_leave_keeps_positions_and_reports_presence() {
         let mut rooms = Rooms::default();
-        let (r, p0) = rooms.join(&name("a"), ConnKey(10), false);
-        let (_, p1) = rooms.join(&name("a"), ConnKey(11), true);
-        let (_, p2) = rooms.join(&name("a"), ConnKey(12), false);
+        let (r, p0) = rooms.join(&name("a"), ConnKey(10), wire(false));
+        let (_, p1) = rooms.join(&name("a"), ConnKey(11), wire(true));
+        let (_, p2) = rooms.join(&name("a"), ConnKey(12), wire(false));
         assert_eq!((p0, p1, p2), (MemberPos(0), MemberPos(1), MemberPos(2)));
         // Conn 10 leaves: 12 moves into position 0.
         let bob = UserId::new("bob");
-        assert_eq!(rooms.leave(r, p0, false, Some(&bob), 4), Some(ConnKey(12)));
+        assert_eq!(rooms.leave(r, p0, wire(false), Some(&bob), 4), Some(ConnKey(12)));
         assert_eq!(rooms.get(r).unwrap().members, keys(&[12, 11]));
         let mut seen = Vec::new();
         let send = |_: &RoomName| false;
-        rooms.flush_presence(&send, &mut |p| seen.push((p.room.to_string(), p.members, p.json, p.left, p.left_users)));
-        assert_eq!(seen, vec![("a".to_string(), 2, 1, 1, vec![bob.clone()])]);
+        rooms.flush_presence(&send, &mut |p| {
+            seen.push((p.room.to_string(), p.members, p.json, p.deflate, p.left, p.left_users))
+        });
+        assert_eq!(seen, vec![("a".to_string(), 2, 1, 1, 1, vec![bob.clone()])]);
         rooms.flush_presence(&send, &mut |_| panic!("nothing changed"));
-        assert_eq!(rooms.leave(r, MemberPos(1), true, None, 4), None);
-        assert_eq!(rooms.leave(r, MemberPos(0), false, None, 4), None);
+        assert_eq!(rooms.leave(r, MemberPos(1), wire(true), None, 4), None);
+        assert_eq!(rooms.leave(r, MemberPos(0), wire(false), None, 4), None);
         rooms.flush_presence(&send, &mut |p| assert_eq!((p.members, p.left, p.left_users.len()), (0, 0, 0)));
         assert!(rooms.is_empty(), "an empty room is forgotten after reporting");
     }
@@ -204,10 +219,10 @@ mod tests {
     #[test]
     fn a_held_report_waits_and_sums_its_changes() {
         let mut rooms = Rooms::default();
-        let (r, p) = rooms.join(&name("a"), ConnKey(1), false);
-        rooms.join(&name("a"), ConnKey(2), false);
+        let (r, p) = rooms.join(&name("a"), ConnKey(1), wire(false));
+        rooms.join(&name("a"), ConnKey(2), wire(false));
         rooms.flush_presence(&|_| true, &mut |_| panic!("held"));
-        rooms.leave(r, p, false, Some(&UserId::new("u")), 4);
+        rooms.leave(r, p, wire(false), Some(&UserId::new("u")), 4);
         let mut seen = Vec::new();
         rooms.flush_presence(&|_| false, &mut |p| seen.push((p.members, p.left)));
         assert_eq!(seen, vec![(1, 1)], "one report with the net count and the leave");

@@ -22,8 +22,9 @@ use crate::room::limit::TokenBucket;
 use crate::room::moderation::List;
 use crate::room::owner::ModAction;
 use crate::wire::CloseCode;
+use crate::wire::deflate::{self, InflateError};
 use crate::wire::frame::{self, Opcode};
-use crate::wire::reader::{Event, Flow, ReadError};
+use crate::wire::reader::{Event, Flow, ReadError, ReadLimits};
 
 /// Error frame codes (HTTP-like, listed in the README).
 pub mod code {
@@ -45,8 +46,9 @@ impl Host {
     /// Feeds bytes to the connection's reader and acts on each event in order.
     pub(super) fn read_frames(&mut self, key: ConnKey, data: &mut [u8], now: Now) {
         // The reader leaves the connection while it runs so events can change the host freely.
-        let mut reader = std::mem::take(&mut self.conns.get_mut(key).reader);
-        let limits = self.cfg.read;
+        let conn = self.conns.get_mut(key);
+        let mut reader = std::mem::take(&mut conn.reader);
+        let limits = ReadLimits { deflate: conn.has(flag::DEFLATE), ..self.cfg.read };
         let result = reader.feed(data, &limits, &mut |event| self.on_event(key, event, now));
         let conn = self.conns.get_mut(key);
         let mut held = 0;
@@ -69,9 +71,10 @@ impl Host {
     fn on_event(&mut self, key: ConnKey, event: Event<'_>, now: Now) -> Flow {
         self.counters.inc(Series::FramesIn);
         let conn = self.conns.get(key);
-        let (state, echo) = (conn.state, conn.has(flag::ECHO));
+        let (state, echo) = (conn.state, !self.echoes.is_empty() && self.echoes.contains(&key));
         match event {
-            Event::Text(_) | Event::Binary(_) if state != State::Open => Flow::Continue,
+            Event::Text(_) | Event::Binary(_) | Event::Compressed { .. } if state != State::Open => Flow::Continue,
+            Event::Compressed { text, payload } => self.inflated(key, text, payload, echo, now),
             Event::Text(text) if echo => self.echo(key, Opcode::Text, text.as_bytes(), now),
             Event::Binary(bytes) if echo => self.echo(key, Opcode::Binary, bytes, now),
             Event::Text(text) => self.client_message(key, true, text.as_bytes(), now),
@@ -88,8 +91,48 @@ impl Host {
         }
     }
 
+    /// Echoes a message; to a connection with permessage-deflate, compressed when it pays.
     fn echo(&mut self, key: ConnKey, opcode: Opcode, payload: &[u8], now: Now) -> Flow {
-        if self.enqueue_owned(key, frame::frame(opcode, payload), now) { Flow::Continue } else { Flow::Stop }
+        let plain = frame::frame(opcode, payload);
+        let bytes = match self.conns.get(key).has(flag::DEFLATE) {
+            true => {
+                deflate::compress_frame(&plain, self.cfg.deflate_level, self.cfg.deflate_min_bytes).unwrap_or(plain)
+            }
+            false => plain,
+        };
+        if self.enqueue_owned(key, bytes, now) { Flow::Continue } else { Flow::Stop }
+    }
+
+    /// A compressed message: inflated by the shard's one inflater (no state kept between
+    /// messages: the client was told `client_no_context_takeover`), held to the message size
+    /// limit, then taken as any message.
+    fn inflated(&mut self, key: ConnKey, text: bool, payload: &[u8], echo: bool, now: Now) -> Flow {
+        let max = self.cfg.read.message_bytes_max;
+        let mut inflater = self.inflater.take().unwrap_or_default();
+        let flow = match inflater.inflate(payload, max) {
+            Ok(bytes) if text && std::str::from_utf8(bytes).is_err() => {
+                self.counters.inc(Series::InflateInvalid);
+                self.fail(key, CloseCode::INVALID_DATA, "text not valid UTF-8", Series::ClosedUtf8, now);
+                Flow::Stop
+            }
+            Ok(bytes) => {
+                self.counters.inc(Series::Inflated);
+                let opcode = if text { Opcode::Text } else { Opcode::Binary };
+                if echo { self.echo(key, opcode, bytes, now) } else { self.client_message(key, text, bytes, now) }
+            }
+            Err(InflateError::TooBig) => {
+                self.counters.inc(Series::InflateTooBig);
+                self.fail(key, CloseCode::TOO_BIG, "message over the size limit", Series::ClosedTooBig, now);
+                Flow::Stop
+            }
+            Err(InflateError::Invalid) => {
+                self.counters.inc(Series::InflateInvalid);
+                self.fail(key, CloseCode::INVALID_DATA, "invalid compressed data", Series::ClosedInflate, now);
+                Flow::Stop
+            }
+        };
+        self.inflater = Some(inflater);
+        flow
     }
 
     fn client_message(&mut self, key: ConnKey, text: bool, payload: &[u8], now: Now) -> Flow {
@@ -169,8 +212,8 @@ impl Host {
         }
         let user = self.user_of(key).cloned();
         self.leave_room(key);
-        let json = self.conns.get(key).has(flag::JSON);
-        let (r, pos) = self.rooms.join(room, key, json);
+        let wire = self.conns.get(key).wire();
+        let (r, pos) = self.rooms.join(room, key, wire);
         let conn = self.conns.get_mut(key);
         conn.room = r;
         conn.member_pos = pos;
@@ -205,11 +248,11 @@ impl Host {
             self.hook_event(key, Some(&name));
         }
         let conn = self.conns.get(key);
-        let (pos, json) = (conn.member_pos, conn.has(flag::JSON));
+        let (pos, wire) = (conn.member_pos, conn.wire());
         let user = self.users.id(conn.user);
         let named = self.cfg.owner.presence_users_max;
         // The last member was swapped into the leaver's position.
-        if let Some(moved) = self.rooms.leave(room, pos, json, user, named) {
+        if let Some(moved) = self.rooms.leave(room, pos, wire, user, named) {
             self.conns.get_mut(moved).member_pos = pos;
         }
     }

@@ -269,7 +269,7 @@ impl Host {
             && !conn.queue.is_empty()
             && let Phase::Open { records, .. } = &mut t.state
         {
-            let format = conn.format();
+            let format = conn.wire();
             let mut frames = [IoSlice::new(&[]); 16];
             let n = self.outbox.gather(&mut conn.queue, format, &mut frames);
             let mut parts: [&[u8]; 16] = [&[]; 16];

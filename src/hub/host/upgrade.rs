@@ -237,14 +237,18 @@ impl Host {
         if format == Format::Json {
             conn.flags |= flag::JSON;
         }
+        if upgrade.deflate && self.cfg.deflate {
+            conn.flags |= flag::DEFLATE;
+            self.counters.inc(Series::DeflateNegotiated);
+        }
         if echo {
-            conn.flags |= flag::ECHO;
+            self.echoes.insert(key);
         }
         self.conns.opened();
         self.peers.remove(&key);
         self.counters.inc(Series::HandshakeOk);
         let expires_ms = id.as_ref().map_or(0, |claims| self.sign_in(key, claims));
-        if !self.enqueue_owned(key, wire::response_101(upgrade), now) || echo {
+        if !self.enqueue_owned(key, wire::response_101(upgrade, self.cfg.deflate), now) || echo {
             return;
         }
         let welcome = Welcome {
