@@ -21,6 +21,8 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub opcode: u8,
+    /// RSV1: compressed (permessage-deflate; only from a scan that allows it).
+    pub compressed: bool,
     prefix: [u8; PREFIX_BYTES],
     prefix_len: u8,
 }
@@ -94,7 +96,10 @@ pub struct FrameScan {
     buf: [u8; 10],
     buf_len: u8,
     opcode: u8,
+    compressed: bool,
     step: Step,
+    /// The client negotiated permessage-deflate: RSV1 marks a compressed frame.
+    pub deflate: bool,
 }
 
 /// Header length from the second header byte: 2, or 2 + 2 / 2 + 8 extended length bytes.
@@ -142,8 +147,8 @@ impl FrameScan {
             }
         }
         let (b0, b1) = (self.buf[0], self.buf[1]);
-        if b0 & 0x70 != 0 || !matches!(b0 & 0x0F, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG)
-        {
+        let rsv = if self.deflate { 0x30 } else { 0x70 };
+        if b0 & rsv != 0 || !matches!(b0 & 0x0F, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
             return Err(FrameError::Reserved);
         }
         if b1 & 0x80 != 0 {
@@ -165,6 +170,7 @@ impl FrameScan {
         };
         self.remaining = u32::try_from(len).map_err(|_| FrameError::TooLong)?;
         self.opcode = b0 & 0x0F;
+        self.compressed = b0 & 0x40 != 0;
         self.buf_len = 0;
         self.step = Step::Prefix;
         if self.remaining == 0 {
@@ -189,7 +195,7 @@ impl FrameScan {
     fn emit(&mut self, on: &mut impl FnMut(Frame)) {
         let mut prefix = [0; PREFIX_BYTES];
         prefix.copy_from_slice(&self.buf[..PREFIX_BYTES]);
-        on(Frame { opcode: self.opcode, prefix, prefix_len: self.buf_len });
+        on(Frame { opcode: self.opcode, compressed: self.compressed, prefix, prefix_len: self.buf_len });
         self.buf_len = 0;
         self.step = if self.remaining == 0 { Step::Header } else { Step::Skip };
     }

@@ -63,6 +63,15 @@ pub struct HoldArgs {
     publish_every_ms: u64,
     #[arg(long, default_value_t = 740)]
     publish_bytes: usize,
+    /// Instead of --publish-bytes of filler: each line of this file is one message, in turn.
+    #[arg(long)]
+    publish_file: Option<std::path::PathBuf>,
+    /// Offer permessage-deflate (as browsers do); compressed frames are counted, not inflated.
+    #[arg(long)]
+    deflate: bool,
+    /// barrage's JSON subprotocol instead of protobuf.
+    #[arg(long)]
+    json: bool,
 }
 
 enum Phase {
@@ -126,10 +135,15 @@ fn client_config(path: &std::path::Path) -> Result<Arc<ClientConfig>, String> {
 
 fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -> io::Result<bool> {
     let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-    let request = match &args.path {
+    let protocol = if args.json { crate::handshake::Subprotocol::Json } else { crate::handshake::Subprotocol::Proto };
+    let mut request = match &args.path {
         Some(path) => crate::handshake::upgrade(&target.to_string(), path, None),
-        None => crate::handshake::request(&target.to_string(), &args.room, crate::handshake::Subprotocol::Proto),
+        None => crate::handshake::request(&target.to_string(), &args.room, protocol),
     };
+    if args.deflate {
+        request.truncate(request.len() - 2);
+        request.extend_from_slice(b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n");
+    }
     let mut members: Vec<Member> = Vec::with_capacity(args.connections);
     let (mut opened, mut joined, mut failed, mut pending) = (0usize, 0usize, 0usize, 0usize);
     let started = Instant::now();
@@ -153,7 +167,9 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
                 )),
                 None => None,
             };
-            members.push(Member { sock, tls, phase: Phase::Connecting, seen: Vec::new(), scan: FrameScan::default() });
+            let mut scan = FrameScan::default();
+            scan.deflate = args.deflate;
+            members.push(Member { sock, tls, phase: Phase::Connecting, seen: Vec::new(), scan });
             opened += 1;
             pending += 1;
         }
@@ -211,7 +227,7 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
             Some(path) => Some(publish(args, target, tls.clone(), path, until)?),
             None => None,
         };
-        let (mut read, mut frames) = (0u64, 0u64);
+        let (mut read, mut frames, mut compressed) = (0u64, 0u64, 0u64);
         let mut next_report = Instant::now();
         let tick = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
         while Instant::now() < until {
@@ -219,15 +235,19 @@ fn hold(args: &HoldArgs, target: SocketAddrV4, tls: Option<Arc<ClientConfig>>) -
                 next_report += Duration::from_secs(1);
                 let t =
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-                println!("{}", serde_json::json!({ "t": t, "frames": frames, "read_bytes": read }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "t": t, "frames": frames, "compressed": compressed, "read_bytes": read })
+                );
             }
             events.clear();
             epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), Some(&tick))?;
             for ev in &events {
                 let m = &mut members[ev.data.u64() as usize];
-                let (b, f) = drain(m, &mut buf).unwrap_or((0, 0));
+                let (b, f, z) = drain(m, &mut buf).unwrap_or((0, 0, 0));
                 read += b;
                 frames += f;
+                compressed += z;
             }
         }
         let sent = publisher.map(|p| p.join().unwrap_or(0));
@@ -253,18 +273,21 @@ fn dial(source: std::net::Ipv4Addr, target: SocketAddrV4) -> io::Result<TcpStrea
     Ok(s.into())
 }
 
-/// Reads (and decrypts) what a joined member was sent; returns the plaintext bytes and the
-/// frames that began in them.
-fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<(u64, u64)> {
-    let (mut total, mut frames) = (0u64, 0u64);
+/// Reads (and decrypts) what a joined member was sent; returns the plaintext bytes, the frames
+/// that began in them and how many of those were compressed.
+fn drain(m: &mut Member, buf: &mut [u8]) -> io::Result<(u64, u64, u64)> {
+    let (mut total, mut frames, mut compressed) = (0u64, 0u64, 0u64);
     let mut count = |scan: &mut FrameScan, bytes: &[u8]| {
-        let _ = scan.feed(bytes, &mut |_| frames += 1);
+        let _ = scan.feed(bytes, &mut |f| {
+            frames += 1;
+            compressed += u64::from(f.compressed);
+        });
     };
     loop {
         let n = match m.sock.read(buf) {
-            Ok(0) => return Ok((total, frames)),
+            Ok(0) => return Ok((total, frames, compressed)),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, frames)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, frames, compressed)),
             Err(e) => return Err(e),
         };
         match &mut m.tls {
@@ -321,13 +344,22 @@ fn publish(
     if !head.starts_with(b"HTTP/1.1 101") {
         return Err(io::Error::other("the publisher's upgrade was refused"));
     }
-    let frame = masked_binary(&vec![b'x'; args.publish_bytes]);
+    let messages: Vec<Vec<u8>> = match &args.publish_file {
+        Some(path) => {
+            std::fs::read(path)?.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(masked_binary).collect()
+        }
+        None => vec![masked_binary(&vec![b'x'; args.publish_bytes])],
+    };
+    if messages.is_empty() {
+        return Err(io::Error::other("--publish-file has no lines"));
+    }
     let every = Duration::from_millis(args.publish_every_ms.max(1));
     Ok(std::thread::spawn(move || {
         let mut sent = 0u64;
         let mut next = Instant::now();
         while next < until {
-            if stream.write_all(&frame).and_then(|()| stream.flush()).is_err() {
+            let frame = &messages[sent as usize % messages.len()];
+            if stream.write_all(frame).and_then(|()| stream.flush()).is_err() {
                 break;
             }
             sent += 1;

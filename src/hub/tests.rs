@@ -887,3 +887,135 @@ fn a_kernel_that_refuses_the_keys_leaves_sealing_in_user_space() {
     assert!(read.starts_with(b"HTTP/1.1 101"));
     assert!(matches!(server_frames(&read)[..], [server_frame::Frame::Welcome(_)]));
 }
+
+/// An upgrade offering permessage-deflate (as browsers do).
+fn upgrade_deflate(h: &mut Hub, user: &str, room: &RoomName, now: Now) -> ConnKey {
+    let request = format!(
+        "GET /ws?room={room}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        token(user)
+    );
+    connect(h, &request, now)
+}
+
+/// The frames in `bytes` after the HTTP head, compressed ones inflated: (compressed, frame).
+fn frames_inflated(bytes: &[u8]) -> Vec<(bool, server_frame::Frame)> {
+    let mut rest = &bytes[bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let mut inflater = crate::wire::deflate::Inflater::default();
+    let mut frames = Vec::new();
+    while let Ok(Some(h)) = decode_header(rest) {
+        let end = h.header_len + h.payload_len as usize;
+        let payload = &rest[h.header_len..end];
+        let payload = if h.rsv1 { inflater.inflate(payload, 1 << 20).unwrap().to_vec() } else { payload.to_vec() };
+        frames.push((h.rsv1, ServerFrame::decode(&payload[..]).unwrap().frame.unwrap()));
+        rest = &rest[end..];
+    }
+    frames
+}
+
+#[test]
+fn with_deflate_a_block_is_compressed_once_and_each_member_gets_its_variant() {
+    let c = config(|c| {
+        c.websocket.deflate = true;
+        c.websocket.deflate_min_bytes = 64;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("z", 64).unwrap();
+    let now = at(0);
+    let plain = upgrade(&mut h, "plain", &room, now);
+    let zipped = upgrade_deflate(&mut h, "zipped", &room, now);
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, now);
+    let head = String::from_utf8_lossy(&out[&zipped]).into_owned();
+    assert!(
+        head.contains(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ),
+        "{head}"
+    );
+    assert!(!String::from_utf8_lossy(&out[&plain]).contains("Sec-WebSocket-Extensions"));
+    h.end_turn(now);
+    let mut sent = HashMap::new();
+    for i in 0..10u64 {
+        let text = format!("主播好 danmaku line {i}, 666666 gift rocket");
+        let msg = Box::new(Message { r#type: "chat".into(), data: text.into_bytes(), ..Message::default() });
+        let (tx, _rx) = sync_channel(1);
+        let mail = OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) };
+        h.handle_mail(mail.into(), now);
+    }
+    let later = at(1_000);
+    h.handle_timeout(later);
+    h.end_turn(later);
+    drain_sends(&mut h, &mut sent, later);
+    let (p, z) = (&sent[&plain], &sent[&zipped]);
+    let (p_frames, z_frames) =
+        (frames_inflated(&[b"\r\n\r\n", &p[..]].concat()), frames_inflated(&[b"\r\n\r\n", &z[..]].concat()));
+    let blocks = |f: &[(bool, server_frame::Frame)]| {
+        f.iter().filter(|(_, f)| matches!(f, server_frame::Frame::Block(_))).count()
+    };
+    assert_eq!((blocks(&p_frames), blocks(&z_frames)), (1, 1));
+    assert!(p_frames.iter().all(|(rsv1, _)| !rsv1), "the plain member never gets RSV1");
+    let (zb, pb) = (
+        z_frames.iter().find(|(_, f)| matches!(f, server_frame::Frame::Block(_))).unwrap(),
+        p_frames.iter().find(|(_, f)| matches!(f, server_frame::Frame::Block(_))).unwrap(),
+    );
+    assert!(zb.0, "the block went compressed");
+    assert_eq!(zb.1, pb.1, "the same block once inflated");
+    assert!(z.len() < p.len(), "fewer bytes: {} vs {}", z.len(), p.len());
+    let c = h.counters();
+    assert_eq!(
+        (c.get(Series::DeflateNegotiated), c.get(Series::DeflateFrames)),
+        (1, 1),
+        "one compression for the block"
+    );
+    assert!(c.get(Series::DeflateBytesOut) < c.get(Series::DeflateBytesIn));
+}
+
+#[test]
+fn compressed_client_messages_are_inflated_within_the_limit() {
+    let c = config(|c| {
+        c.websocket.deflate = true;
+        c.websocket.message_bytes_max = 4096;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("zin", 64).unwrap();
+    let now = at(0);
+    let key = upgrade_deflate(&mut h, "sender", &room, now);
+    let mut out = HashMap::new();
+    drain_sends(&mut h, &mut out, now);
+    h.end_turn(now);
+    let send = |h: &mut Hub, payload: &[u8], rsv1: bool| {
+        let mut z = Vec::new();
+        let body = if rsv1 {
+            crate::wire::deflate::compress(payload, 6, &mut z);
+            &z[..]
+        } else {
+            payload
+        };
+        let mut bytes = Vec::new();
+        masked_frame(true, Opcode::Binary as u8 | if rsv1 { 0x40 } else { 0 }, body, [1, 2, 3, 4], &mut bytes);
+        h.handle_recv(key, &mut bytes, now);
+    };
+    // A compressed send frame is taken as any other: the message reaches the room.
+    let frame = ClientFrame {
+        frame: Some(client_frame::Frame::Send(Send {
+            r#type: "chat".into(),
+            data: "hi 弹幕".as_bytes().to_vec(),
+            ..Send::default()
+        })),
+    };
+    send(&mut h, &frame.encode_to_vec(), true);
+    assert_eq!(h.counters().get(Series::Inflated), 1);
+    assert_eq!(h.counters().get(Series::MessagesIn), 1, "the inflated send was published");
+    // A bomb: a few hundred bytes that inflate past message_bytes_max: 1009.
+    let bomb = vec![0u8; 1 << 20];
+    send(&mut h, &bomb, true);
+    let mut closing = HashMap::new();
+    drain_sends(&mut h, &mut closing, now);
+    let close = &closing[&key];
+    assert_eq!(&close[..2], &[0x88, 2 + "message over the size limit".len() as u8]);
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1009);
+    let c = h.counters();
+    assert_eq!((c.get(Series::InflateTooBig), c.get(Series::ClosedTooBig)), (1, 1));
+}

@@ -90,8 +90,8 @@ impl SharedFrame {
     /// Adds the compressed twin of each encoding (where it pays).
     pub fn compress(&mut self, d: Deflate) {
         let z = |f: &[u8]| crate::wire::deflate::compress_frame(f, d.level, d.min_bytes).map(Vec::into_boxed_slice);
-        self.proto_z = z(&self.proto);
         self.json_z = self.json.as_deref().and_then(z);
+        self.proto_z = z(&self.proto);
     }
 
     /// The bytes for a connection of this format, if encoded: compressed when it negotiated

@@ -15,6 +15,9 @@
 //
 // TLS: with CERT and KEY (PEM files) in the environment the app is an `SSLApp` on that pair
 // (bench/tls_fanout.sh runs it beside barrage's wss on the same certificate).
+// COMPRESSION=shared: permessage-deflate with uWS's `SHARED_COMPRESSOR` (one compressor for all
+// sockets, no context takeover), and publishes compressed — uWS compresses a published
+// message once for the topic (bench/deflate.sh).
 //
 // Run: PORT=8080 node server.js   (or: node server.js 8080)
 'use strict';
@@ -24,9 +27,10 @@ const port = Number(process.argv[2] || process.env.PORT || 8080);
 const MAX_BACKPRESSURE = 16 * 1024 * 1024;
 
 const tls = process.env.CERT && process.env.KEY;
+const shared = process.env.COMPRESSION === 'shared';
 const app = tls ? uWS.SSLApp({ cert_file_name: process.env.CERT, key_file_name: process.env.KEY }) : uWS.App();
 app.ws('/*', {
-  compression: uWS.DISABLED,
+  compression: shared ? uWS.SHARED_COMPRESSOR : uWS.DISABLED,
   maxPayloadLength: 1 << 20,
   maxBackpressure: MAX_BACKPRESSURE,
   idleTimeout: 0,
@@ -52,7 +56,7 @@ app.ws('/*', {
   },
   message: (ws, message, isBinary) => {
     const { role, room } = ws.getUserData();
-    if (role === '/pub' && isBinary) app.publish(room, message, true);
+    if (role === '/pub' && isBinary) app.publish(room, message, true, shared);
   },
 });
 app.any('/*', (res) => res.writeStatus('404 Not Found').end());
