@@ -11,11 +11,12 @@ pub mod wire;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `fuzz/seeds/` and `fuzz/regressions/`.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("handshake", wire::handshake),
     ("frame_reader", wire::frame_reader),
     ("envelope", envelope::run),
     ("proxy", wire::proxy),
     ("cluster_relay", cluster::relay),
     ("hook_response", hooks::response),
+    ("deflate", wire::deflate),
 ];

@@ -47,3 +47,23 @@ pub fn frame_reader(data: &[u8]) {
         assert!(reader.buffered_bytes() <= held_max);
     }
 }
+
+/// permessage-deflate's two inputs from a client: its extension offer (any text) and its
+/// compressed messages (any bytes). The first byte picks which and, for a message, the size
+/// limit; inflating never goes past it, and what the gateway compresses always inflates back.
+pub fn deflate(data: &[u8]) {
+    use barrage::wire::deflate::{Inflater, accepts, compress};
+    let Some((&first, rest)) = data.split_first() else { return };
+    if first & 1 == 0 {
+        let _ = accepts(&String::from_utf8_lossy(rest));
+        return;
+    }
+    let max = usize::from(first) * 64;
+    let mut inflater = Inflater::default();
+    if let Ok(out) = inflater.inflate(rest, max) {
+        assert!(out.len() <= max);
+    }
+    let mut z = Vec::new();
+    compress(rest, 1 + u32::from(first % 9), &mut z);
+    assert_eq!(inflater.inflate(&z, rest.len()).ok(), Some(rest), "a compressed message inflates back");
+}

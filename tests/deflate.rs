@@ -1,0 +1,67 @@
+//! permessage-deflate over loopback: Python `websockets` (which offers it, as browsers do)
+//! beside a plain client, and a raw client sending a decompression bomb.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+
+use common::{Gateway, token, venv_python};
+
+#[test]
+fn python_websockets_negotiates_and_gets_the_same_blocks_compressed() {
+    let python = venv_python();
+    let gw = Gateway::start(&["--deflate", "true", "--deflate-min-bytes", "64", "--block-interval-ms", "300"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/deflate_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(gw.ws.to_string())
+        .arg(gw.api.to_string())
+        .arg(token("alice"))
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert_eq!(gw.metric("barrage_deflate_connections_total"), 1, "the declined offer is not counted");
+    assert!(gw.metric("barrage_deflate_frames_total") >= 1, "blocks were compressed");
+    assert!(gw.metric("barrage_inflated_messages_total") >= 1, "the client's compressed send was inflated");
+    let (zin, zout) =
+        (gw.metric("barrage_deflate_bytes_total{stage=\"in\"}"), gw.metric("barrage_deflate_bytes_total{stage=\"out\"}"));
+    assert!(zout < zin, "compressed smaller: {zout} of {zin}");
+}
+
+#[test]
+fn a_decompression_bomb_is_closed_with_1009() {
+    let gw = Gateway::start(&["--deflate", "true", "--message-bytes-max", "65536"]);
+    let mut s = TcpStream::connect(gw.ws).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let request = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+    s.write_all(request.as_bytes()).unwrap();
+    // 10 MiB of zeros, deflated to about 10 KB.
+    let mut z = Vec::new();
+    barrage::wire::deflate::compress(&vec![0u8; 10 << 20], 9, &mut z);
+    let mut frame = Vec::new();
+    barrage::wire::frame::masked_frame(true, 0x40 | 0x2, &z, [9, 8, 7, 6], &mut frame);
+    s.write_all(&frame).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a 101") + 4;
+    assert!(String::from_utf8_lossy(&got[..head_end]).contains("permessage-deflate"));
+    // The welcome, then Close 1009.
+    let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
+    assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1009);
+    common::eventually("counted", || gw.metric("barrage_inflate_refused_total{reason=\"too_big\"}") == 1);
+    // Without the extension negotiated, RSV1 is a protocol error (1002).
+    let mut s = TcpStream::connect(gw.ws).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(request.replace("Sec-WebSocket-Extensions: permessage-deflate\r\n", "").as_bytes()).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
+    assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1002);
+}
