@@ -3,6 +3,7 @@
 # 20 — Chinese and English chat lines, gifts, a coalesced PK score, the odd notice), one room of
 # MEMBERS members (`barrage-load hold --read`, counting frames and bytes on the wire), a block
 # every 50 ms: barrage without and with the extension (every member offers it, as browsers do),
+# with protobuf frames and with JSON frames,
 # and uWebSockets.js (bench/peers/uwsjs) without and with its SHARED_COMPRESSOR, publishing each
 # fixture block as one JSON message. MODES order is reversed every other of REPEAT rounds.
 # Reports bytes on the wire per delivered message, frame deliveries/s, the server's CPU per
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 MEMBERS="${MEMBERS:-10000}"
 DURATION_S="${DURATION_S:-10}"
 REPEAT="${REPEAT:-2}"
-MODES="${MODES:-plain deflate uwsjs uwsjs-z}"
+MODES="${MODES:-plain deflate json json-z uwsjs uwsjs-z}"
 LEVEL="${LEVEL:-6}"
 PORT="${PORT:-18840}"
 API_PORT="${API_PORT:-9397}"
@@ -37,11 +38,12 @@ for r in $(seq "$REPEAT"); do
   for mode in $modes; do
     n=$((n + 1))
     client=() peer=()
-    [[ $mode == deflate || $mode == uwsjs-z ]] && client=(--deflate)
+    [[ $mode == deflate || $mode == json-z || $mode == uwsjs-z ]] && client=(--deflate)
+    [[ $mode == json || $mode == json-z ]] && client+=(--json)
     case "$mode" in
-      plain | deflate)
+      plain | deflate | json | json-z)
         extra=(--deflate false)
-        [[ $mode == deflate ]] && extra=(--deflate true --deflate-level "$LEVEL")
+        [[ $mode == deflate || $mode == json-z ]] && extra=(--deflate true --deflate-level "$LEVEL")
         taskset -c 0,1 ./target/release/barrage --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" \
           --block-interval-ms 50 --block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 \
           --presence-events false --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode-$r.gateway.log" 2>&1 &
@@ -60,7 +62,7 @@ for r in $(seq "$REPEAT"); do
       --source "127.0.0.$((30 + n))" --read --hold-s $((DURATION_S + 4)) "${client[@]}" "${peer[@]}" > "$OUT/$mode-$r.hold.json" 2> "$OUT/$mode-$r.hold.err" &
     holder=$!
     for _ in $(seq 600); do [[ -s "$OUT/$mode-$r.hold.json" ]] || ! kill -0 "$holder" 2> /dev/null && break; sleep 0.2; done
-    barrage=0; [[ $mode == plain || $mode == deflate ]] && barrage=1
+    barrage=1; [[ $mode == uwsjs* ]] && barrage=0
     if (( barrage )); then
       # The publisher: one fixture batch every 50 ms over one keep-alive connection.
       python3 - "$API_PORT" "$OUT/fixture/barrage.ndjson" $((DURATION_S + 2)) << 'PY' &
@@ -115,7 +117,7 @@ for r in runs:
     for k, (a, b) in got.items():
         r[k] = (b - a) if a is not None and b is not None else 0
 
-names = {"plain": "barrage", "deflate": "barrage + permessage-deflate", "uwsjs": "uWebSockets.js", "uwsjs-z": "uWebSockets.js + SHARED_COMPRESSOR"}
+names = {"plain": "barrage", "deflate": "barrage + permessage-deflate", "json": "barrage, JSON frames", "json-z": "barrage, JSON frames + permessage-deflate", "uwsjs": "uWebSockets.js", "uwsjs-z": "uWebSockets.js + SHARED_COMPRESSOR"}
 print(f"\n## {stamp} permessage-deflate on danmaku: bytes on the wire, deliveries and CPU, beside uWebSockets.js\n")
 print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; server (barrage: 2 shards; uWebSockets.js: one thread), the members' client (`barrage-load hold --read`, epoll, counting frames and bytes; it offers permessage-deflate in the compressed modes and does not inflate) and the publisher on cores 0,1, loopback.")
 print(f"- Command: `{command}`; fixture `bench/danmaku_fixture.py` (blocks of {PER_BLOCK}: 17 chat lines, 70% Chinese, 2 gifts, a PK score, the odd notice), one block every 50 ms to {members:,} members in one room — barrage: one `POST /v1/publish` batch per block (a block frame of protobuf `Message`s, a coalesced PK score); uWebSockets.js: the block as one JSON array, one message. Bytes per message = bytes read ÷ frames ÷ {PER_BLOCK}; CPU = the server's utime+stime over the window.\n")
@@ -131,7 +133,7 @@ for mode in names:
     med[mode] = m
     each = "; ".join(f"{x[0]:,.0f}, {x[1]:,.0f}, {x[2]:.2f}" for x in per)
     print(f"| {names[mode]} | {m[0]:,.0f} | {m[3] * 100:.0f}% | {m[1]:,.0f} | {m[1] / PER_BLOCK:.1f} | {m[2]:.2f} | {each} |")
-z = [r for r in runs if r["mode"] == "deflate" and r["deflated"] > 0]
+z = [r for r in runs if r["mode"] in ("deflate", "json-z") and r["deflated"] > 0]
 if z:
     ratio = statistics.median(r["deflate_out"] / r["deflate_in"] for r in z)
     print(f"\n- barrage compressed {statistics.median(r['deflated'] for r in z):,.0f} block frames per run (one per block), to {ratio * 100:.0f}% of their size (`barrage_deflate_bytes_total`).")
@@ -141,6 +143,11 @@ if "plain" in med and "deflate" in med:
 if "uwsjs" in med and "uwsjs-z" in med:
     p, d = med["uwsjs"], med["uwsjs-z"]
     print(f"- uWebSockets.js with SHARED_COMPRESSOR: {d[1] / p[1] * 100:.0f}% of its bytes per message ({d[1] / PER_BLOCK:.1f} vs {p[1] / PER_BLOCK:.1f}), {d[2] / p[2]:.2f}× its CPU per delivery.")
+if "json" in med and "json-z" in med:
+    p, d = med["json"], med["json-z"]
+    print(f"- barrage's JSON frames with permessage-deflate: {d[1] / p[1] * 100:.0f}% of the bytes per message ({d[1] / PER_BLOCK:.1f} vs {p[1] / PER_BLOCK:.1f}), {d[2] / p[2]:.2f}× the CPU per delivery.")
+if "json-z" in med and "uwsjs-z" in med:
+    print(f"- JSON against JSON, compressed: barrage sends {med['json-z'][1] / med['uwsjs-z'][1]:.2f}× the bytes per message of uWebSockets.js (its frames carry seqs, ids and server times as well) at {med['json-z'][2] / med['uwsjs-z'][2]:.2f}× its CPU per delivery.")
 if "deflate" in med and "uwsjs-z" in med:
     print(f"- Compressed, barrage sends {med['deflate'][1] / med['uwsjs-z'][1]:.2f}× the bytes per message of uWebSockets.js (protobuf blocks against JSON arrays) at {med['deflate'][2] / med['uwsjs-z'][2]:.2f}× its CPU per delivery.")
 EOF
