@@ -914,6 +914,11 @@ mod tests {
         let mut c = Config::default();
         c.server.recv_buffer_bytes = 1000;
         assert!(c.validate().unwrap_err().0.contains("recv_buffer_bytes"));
+        for level in [0, 10] {
+            let mut c = Config::default();
+            c.websocket.deflate_level = level;
+            assert!(c.validate().unwrap_err().0.contains("deflate_level"));
+        }
     }
 
     #[test]

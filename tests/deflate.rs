@@ -27,13 +27,15 @@ fn python_websockets_negotiates_and_gets_the_same_blocks_compressed() {
     assert_eq!(gw.metric("barrage_deflate_connections_total"), 1, "the declined offer is not counted");
     assert!(gw.metric("barrage_deflate_frames_total") >= 1, "blocks were compressed");
     assert!(gw.metric("barrage_inflated_messages_total") >= 1, "the client's compressed send was inflated");
-    let (zin, zout) =
-        (gw.metric("barrage_deflate_bytes_total{stage=\"in\"}"), gw.metric("barrage_deflate_bytes_total{stage=\"out\"}"));
+    let (zin, zout) = (
+        gw.metric("barrage_deflate_bytes_total{stage=\"in\"}"),
+        gw.metric("barrage_deflate_bytes_total{stage=\"out\"}"),
+    );
     assert!(zout < zin, "compressed smaller: {zout} of {zin}");
 }
 
 #[test]
-fn a_decompression_bomb_is_closed_with_1009() {
+fn a_decompression_bomb_is_closed_with_1009_and_junk_with_1007() {
     let gw = Gateway::start(&["--deflate", "true", "--message-bytes-max", "65536"]);
     let mut s = TcpStream::connect(gw.ws).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
@@ -55,6 +57,18 @@ fn a_decompression_bomb_is_closed_with_1009() {
     let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
     assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1009);
     common::eventually("counted", || gw.metric("barrage_inflate_refused_total{reason=\"too_big\"}") == 1);
+    // Not DEFLATE at all (a block of the reserved type): 1007.
+    let mut s = TcpStream::connect(gw.ws).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut junk = Vec::new();
+    barrage::wire::frame::masked_frame(true, 0x40 | 0x2, &[0xff; 16], [9, 8, 7, 6], &mut junk);
+    s.write_all(&junk).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
+    assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1007);
+    common::eventually("counted", || gw.metric("barrage_inflate_refused_total{reason=\"invalid\"}") == 1);
     // Without the extension negotiated, RSV1 is a protocol error (1002).
     let mut s = TcpStream::connect(gw.ws).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();

@@ -973,6 +973,31 @@ fn with_deflate_a_block_is_compressed_once_and_each_member_gets_its_variant() {
 }
 
 #[test]
+fn blocks_under_deflate_min_bytes_go_uncompressed() {
+    let c = config(|c| {
+        c.websocket.deflate = true;
+        c.websocket.deflate_min_bytes = 4096;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("small", 64).unwrap();
+    let now = at(0);
+    let zipped = upgrade_deflate(&mut h, "zipped", &room, now);
+    drain_sends(&mut h, &mut HashMap::new(), now);
+    h.end_turn(now);
+    let msg = Box::new(Message { r#type: "chat".into(), data: b"666666".to_vec(), ..Message::default() });
+    let (tx, _rx) = sync_channel(1);
+    h.handle_mail(OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) }.into(), now);
+    let later = at(1_000);
+    h.handle_timeout(later);
+    h.end_turn(later);
+    let mut sent = HashMap::new();
+    drain_sends(&mut h, &mut sent, later);
+    let frames = frames_inflated(&[b"\r\n\r\n", &sent[&zipped][..]].concat());
+    assert!(frames.iter().any(|(rsv1, f)| !rsv1 && matches!(f, server_frame::Frame::Block(_))), "sent plain");
+    assert_eq!(h.counters().get(Series::DeflateFrames), 0, "nothing compressed");
+}
+
+#[test]
 fn compressed_client_messages_are_inflated_within_the_limit() {
     let c = config(|c| {
         c.websocket.deflate = true;
