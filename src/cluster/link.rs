@@ -99,9 +99,9 @@ pub struct Link {
 /// A local owner's answers to a batch, in its items' order.
 type BatchAnswers = Vec<Result<Published, PublishError>>;
 
-/// One room's members on other nodes, per (node, shard): (members, reading JSON).
-/// (members, json, deflate) per (node, shard).
-type RemoteMembers = HashMap<(String, u32), (u32, u32, u32)>;
+/// One room's members on other nodes, per (node, shard): (members, json, deflate,
+/// deflate_json), as in `OwnerMail::Presence`.
+type RemoteMembers = HashMap<(String, u32), [u32; 4]>;
 
 /// Who waits on this node for an API call forwarded to an owner node.
 enum Waiter {
@@ -219,7 +219,7 @@ struct State<'a> {
     tokens: Tokens,
     /// Members here of rooms other nodes own, per shard: the rooms whose channel to follow.
     local: HashMap<RoomName, HashMap<u16, u32>>,
-    /// Members elsewhere of rooms this node owns, per (node, shard): (members, json, deflate).
+    /// Members elsewhere of rooms this node owns, per (node, shard).
     remote: HashMap<RoomName, RemoteMembers>,
     subscribed: HashSet<String>,
     sub: Option<Sub>,
@@ -377,13 +377,14 @@ impl State<'_> {
                 asker: Some(conn(from)),
                 ack: ack.map(String::from).unwrap_or_default(),
             }),
-            OwnerMail::Presence { room, from, members, json, deflate, left, left_users } => {
+            OwnerMail::Presence { room, from, members, json, deflate, deflate_json, left, left_users } => {
                 Body::Presence(relay::Presence {
                     room: room.as_str().into(),
                     shard: u32::from(from.0),
                     members,
                     json,
                     deflate,
+                    deflate_json,
                     left,
                     left_users: left_users.iter().map(|u| u.as_str().to_owned()).collect(),
                 })
@@ -852,7 +853,7 @@ impl State<'_> {
                 if p.members == 0 {
                     by.remove(&(node.to_owned(), p.shard));
                 } else {
-                    by.insert((node.to_owned(), p.shard), (p.members, p.json, p.deflate));
+                    by.insert((node.to_owned(), p.shard), [p.members, p.json, p.deflate, p.deflate_json]);
                 }
                 let users = p.left_users.iter().map(|u| UserId::new(u)).collect();
                 self.report_remote(&room, p.left, users);
@@ -1033,20 +1034,24 @@ impl State<'_> {
 
     /// Tells the room's owner shard how many members the other nodes have (its link slot).
     fn report_remote(&mut self, room: &RoomName, left: u32, left_users: Vec<UserId>) {
-        let (members, json, deflate) = self
+        let [members, json, deflate, deflate_json] = self
             .remote
             .get(room)
             .map(|by| {
-                by.values().fold((0u32, 0u32, 0u32), |(m, j, d), &(a, b, c)| {
-                    (m.saturating_add(a), j.saturating_add(b), d.saturating_add(c))
+                by.values().fold([0u32; 4], |mut sum, counts| {
+                    for (s, c) in sum.iter_mut().zip(counts) {
+                        *s = s.saturating_add(*c);
+                    }
+                    sum
                 })
             })
-            .unwrap_or((0, 0, 0));
+            .unwrap_or_default();
         if members == 0 {
             self.remote.remove(room);
         }
         let from = self.link.placement.link();
-        let mail = OwnerMail::Presence { room: room.clone(), from, members, json, deflate, left, left_users };
+        let mail =
+            OwnerMail::Presence { room: room.clone(), from, members, json, deflate, deflate_json, left, left_users };
         self.mail_shard(room.owner(self.shards), mail.into());
     }
 

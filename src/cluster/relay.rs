@@ -174,9 +174,12 @@ pub struct Presence {
     pub left: u32,
     #[prost(string, repeated, tag = "6")]
     pub left_users: Vec<String>,
-    /// Of the members, those that negotiated permessage-deflate.
+    /// Of the members, those that negotiated permessage-deflate, and of those, the ones
+    /// reading JSON.
     #[prost(uint32, tag = "7")]
     pub deflate: u32,
+    #[prost(uint32, tag = "8")]
+    pub deflate_json: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

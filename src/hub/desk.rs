@@ -138,8 +138,8 @@ impl Desk {
                     }
                 }
             }
-            OwnerMail::Presence { room, from, members, json, deflate, left, left_users } => {
-                self.owner.presence(&room, from, (members, json, deflate), &left_users, left, now)
+            OwnerMail::Presence { room, from, members, json, deflate, deflate_json, left, left_users } => {
+                self.owner.presence(&room, from, (members, json, deflate, deflate_json), &left_users, left, now)
             }
             OwnerMail::Joined { room, from, user, after } => {
                 let frames = self.owner.joined(&room, user.as_ref(), after, now);

@@ -102,8 +102,10 @@ pub enum OwnerMail {
         from: ShardId,
         members: u32,
         json: u32,
-        /// Of them, those that negotiated permessage-deflate.
+        /// Of them, those that negotiated permessage-deflate, and of those, the ones reading
+        /// JSON (the owner compresses only the encodings someone takes compressed).
         deflate: u32,
+        deflate_json: u32,
         left: u32,
         left_users: Vec<UserId>,
     },

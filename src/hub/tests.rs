@@ -973,6 +973,43 @@ fn with_deflate_a_block_is_compressed_once_and_each_member_gets_its_variant() {
 }
 
 #[test]
+fn only_the_encodings_taken_compressed_are_compressed() {
+    let c = config(|c| {
+        c.websocket.deflate = true;
+        c.websocket.deflate_min_bytes = 64;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("mixed", 64).unwrap();
+    let now = at(0);
+    // A protobuf member without the extension, a JSON member with it.
+    let _plain = upgrade(&mut h, "plain", &room, now);
+    let request = format!(
+        "GET /ws?room={room}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: barrage.v1.json\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        token("zipped")
+    );
+    let zipped = connect(&mut h, &request, now);
+    drain_sends(&mut h, &mut HashMap::new(), now);
+    h.end_turn(now);
+    for i in 0..10u64 {
+        let text = format!("主播好 danmaku line {i}, 666666 gift rocket");
+        let msg = Box::new(Message { r#type: "chat".into(), data: text.into_bytes(), ..Message::default() });
+        let (tx, _rx) = sync_channel(1);
+        h.handle_mail(OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) }.into(), now);
+    }
+    let later = at(1_000);
+    h.handle_timeout(later);
+    h.end_turn(later);
+    let mut sent = HashMap::new();
+    drain_sends(&mut h, &mut sent, later);
+    let first = decode_header(&sent[&zipped]).unwrap().unwrap();
+    assert!(first.rsv1, "the JSON member's block went compressed");
+    let c = h.counters();
+    assert_eq!(c.get(Series::DeflateFrames), 1, "the JSON encoding only: no protobuf member takes it compressed");
+}
+
+#[test]
 fn blocks_under_deflate_min_bytes_go_uncompressed() {
     let c = config(|c| {
         c.websocket.deflate = true;

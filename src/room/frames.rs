@@ -58,6 +58,13 @@ pub struct Deflate {
     pub min_bytes: usize,
 }
 
+/// Which encodings of a block have members that take them compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Zipped {
+    pub proto: bool,
+    pub json: bool,
+}
+
 /// A frame fanned out to many connections: encoded once, shared by reference.
 #[derive(Debug)]
 pub struct SharedFrame {
@@ -87,11 +94,11 @@ impl SharedFrame {
         SharedFrame { proto, json, proto_z: None, json_z: None, class }
     }
 
-    /// Adds the compressed twin of each encoding (where it pays).
-    pub fn compress(&mut self, d: Deflate) {
+    /// Adds the compressed twin of each encoding some member takes compressed (where it pays).
+    pub fn compress(&mut self, d: Deflate, zipped: Zipped) {
         let z = |f: &[u8]| crate::wire::deflate::compress_frame(f, d.level, d.min_bytes).map(Vec::into_boxed_slice);
-        self.json_z = self.json.as_deref().and_then(z);
-        self.proto_z = z(&self.proto);
+        self.json_z = self.json.as_deref().filter(|_| zipped.json).and_then(z);
+        self.proto_z = Some(&self.proto[..]).filter(|_| zipped.proto).and_then(z);
     }
 
     /// The bytes for a connection of this format, if encoded: compressed when it negotiated
@@ -133,7 +140,7 @@ pub fn block_keeping(
     online: u64,
     now: UnixMs,
     json: bool,
-    deflate: Option<Deflate>,
+    deflate: Option<(Deflate, Zipped)>,
 ) -> (SharedFrame, Vec<Message>) {
     let (class, backfill, truncated) = match kind {
         BlockKind::Live { top } => (Class::from(top), false, false),
@@ -151,8 +158,8 @@ pub fn block_keeping(
     };
     let frame = server(server_frame::Frame::Block(block));
     let mut shared = SharedFrame::encode(&frame, json, class);
-    if let Some(d) = deflate {
-        shared.compress(d);
+    if let Some((d, zipped)) = deflate {
+        shared.compress(d, zipped);
     }
     let messages = match frame.frame {
         Some(server_frame::Frame::Block(b)) => b.messages,

@@ -175,11 +175,12 @@ struct OwnedRoom {
     attrs_sent: u64,
     moderation: Moderation,
     upstream: TokenBucket,
-    /// Members per shard, how many of them read JSON, and how many negotiated
-    /// permessage-deflate.
+    /// Members per shard, how many of them read JSON, how many negotiated permessage-deflate,
+    /// and how many of those read JSON.
     members: Box<[u32]>,
     json: Box<[u32]>,
     deflate: Box<[u32]>,
+    deflate_json: Box<[u32]>,
     entered: Churn,
     left: Churn,
     dirty: bool,
@@ -336,6 +337,7 @@ impl Owner {
                 members: vec![0; shards].into_boxed_slice(),
                 json: vec![0; shards].into_boxed_slice(),
                 deflate: vec![0; shards].into_boxed_slice(),
+                deflate_json: vec![0; shards].into_boxed_slice(),
                 entered: Churn::default(),
                 left: Churn::default(),
                 dirty: false,
@@ -429,22 +431,27 @@ impl Owner {
         &mut self,
         room: &RoomName,
         shard: ShardId,
-        counts: (u32, u32, u32),
+        counts: (u32, u32, u32, u32),
         left: &[UserId],
         left_count: u32,
         now: Now,
     ) {
-        let (members, json, deflate) = counts;
+        let (members, json, deflate, deflate_json) = counts;
         if members == 0 && !self.rooms.contains_key(room) {
             return;
         }
         let (events, named) = (self.config.presence_events, self.config.presence_users_max);
         let r = Self::room_mut(&mut self.rooms, &self.config, room, now);
         let i = shard.index();
-        if let (Some(m), Some(j), Some(d)) = (r.members.get_mut(i), r.json.get_mut(i), r.deflate.get_mut(i)) {
-            *m = members;
-            *j = json;
-            *d = deflate;
+        for (counts, n) in [
+            (&mut r.members, members),
+            (&mut r.json, json),
+            (&mut r.deflate, deflate),
+            (&mut r.deflate_json, deflate_json),
+        ] {
+            if let Some(c) = counts.get_mut(i) {
+                *c = n;
+            }
         }
         r.last_active = now.unix;
         if events && left_count > 0 {
@@ -661,7 +668,11 @@ impl Owner {
             }
             room.dirty = false;
             let json = room.json.iter().any(|&n| n > 0);
-            let deflate = self.config.deflate.filter(|_| room.deflate.iter().any(|&n| n > 0));
+            let deflate = self.config.deflate.and_then(|d| {
+                let (all, json): (u32, u32) = (room.deflate.iter().sum(), room.deflate_json.iter().sum());
+                let zipped = frames::Zipped { proto: all > json, json: json > 0 };
+                (all > 0).then_some((d, zipped))
+            });
             let online = room.online();
             let (added, coalesced) =
                 post_presence(&name, room, &self.config.types, &mut self.next_id, self.config.shard, now);
@@ -692,11 +703,15 @@ impl Owner {
             let kind = BlockKind::Live { top: cut.top };
             // Encoded first, then the same messages go into the history (no copy).
             let (frame, messages) = frames::block_keeping(&name, cut.messages, kind, online, now.unix, json, deflate);
-            if deflate.is_some() {
-                stats.deflate_in += frame.proto.len() + frame.json.as_ref().map_or(0, |j| j.len());
-                stats.deflate_out += frame.proto_z.as_ref().map_or(frame.proto.len(), |z| z.len())
-                    + frame.json.as_ref().map_or(0, |j| frame.json_z.as_ref().map_or(j.len(), |z| z.len()));
-                stats.deflated += u64::from(frame.proto_z.is_some()) + u64::from(frame.json_z.is_some());
+            if let Some((_, zipped)) = deflate {
+                let plain = [Some(&frame.proto), frame.json.as_ref()];
+                let twins = [(zipped.proto, &frame.proto_z), (zipped.json, &frame.json_z)];
+                for (plain, (wanted, z)) in plain.into_iter().zip(twins) {
+                    let Some(plain) = plain.filter(|_| wanted) else { continue };
+                    stats.deflate_in += plain.len();
+                    stats.deflate_out += z.as_ref().map_or(plain.len(), |z| z.len());
+                    stats.deflated += u64::from(z.is_some());
+                }
             }
             let stored = self.config.durable.then(|| messages.clone());
             room.history.push(messages);

@@ -411,6 +411,7 @@ impl Host {
                 members: p.members,
                 json: p.json,
                 deflate: p.deflate,
+                deflate_json: p.deflate_json,
                 left: p.left,
                 left_users: p.left_users,
             };

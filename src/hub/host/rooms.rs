@@ -30,8 +30,9 @@ pub struct LocalRoom {
     pub members: Vec<ConnKey>,
     /// Members reading JSON.
     pub json: u32,
-    /// Members that negotiated permessage-deflate.
+    /// Members that negotiated permessage-deflate, and of those, the ones reading JSON.
     pub deflate: u32,
+    pub deflate_json: u32,
     /// Membership changed since the owner was last told.
     presence_dirty: bool,
     /// Members who left since the owner was last told, and the first few of their names.
@@ -45,6 +46,7 @@ pub struct PresenceReport<'a> {
     pub members: u32,
     pub json: u32,
     pub deflate: u32,
+    pub deflate_json: u32,
     pub left: u32,
     pub left_users: Vec<UserId>,
 }
@@ -87,6 +89,7 @@ impl Rooms {
                     members: Vec::new(),
                     json: 0,
                     deflate: 0,
+                    deflate_json: 0,
                     presence_dirty: false,
                     left: 0,
                     left_users: Vec::new(),
@@ -100,6 +103,7 @@ impl Rooms {
         r.members.push(conn);
         r.json += u32::from(wire.format == Format::Json);
         r.deflate += u32::from(wire.deflate);
+        r.deflate_json += u32::from(wire.deflate && wire.format == Format::Json);
         Self::mark(&mut self.dirty, r, room);
         (room, MemberPos((r.members.len() - 1) as u32))
     }
@@ -121,6 +125,7 @@ impl Rooms {
         r.members.swap_remove(pos);
         r.json -= u32::from(wire.format == Format::Json);
         r.deflate -= u32::from(wire.deflate);
+        r.deflate_json -= u32::from(wire.deflate && wire.format == Format::Json);
         // Leave events count signed-in users only (see Owner::joined).
         if let Some(u) = user {
             r.left = r.left.saturating_add(1);
@@ -163,6 +168,7 @@ impl Rooms {
                 members: r.members.len() as u32,
                 json: r.json,
                 deflate: r.deflate,
+                deflate_json: r.deflate_json,
                 left: std::mem::take(&mut r.left),
                 left_users: std::mem::take(&mut r.left_users),
             });
@@ -206,9 +212,9 @@ mod tests {
         let mut seen = Vec::new();
         let send = |_: &RoomName| false;
         rooms.flush_presence(&send, &mut |p| {
-            seen.push((p.room.to_string(), p.members, p.json, p.deflate, p.left, p.left_users))
+            seen.push((p.room.to_string(), p.members, p.json, p.deflate, p.deflate_json, p.left, p.left_users))
         });
-        assert_eq!(seen, vec![("a".to_string(), 2, 1, 1, 1, vec![bob.clone()])]);
+        assert_eq!(seen, vec![("a".to_string(), 2, 1, 1, 1, 1, vec![bob.clone()])]);
         rooms.flush_presence(&send, &mut |_| panic!("nothing changed"));
         assert_eq!(rooms.leave(r, MemberPos(1), wire(true), None, 4), None);
         assert_eq!(rooms.leave(r, MemberPos(0), wire(false), None, 4), None);

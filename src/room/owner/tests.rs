@@ -67,8 +67,8 @@ fn tick_encodes_once_and_targets_shards_with_members() {
     let mut o = owner(3);
     let r = room("r");
     let now = at(5_000);
-    o.presence(&r, ShardId(0), (2, 0, 0), &[], 0, now);
-    o.presence(&r, ShardId(2), (1, 1, 0), &[], 0, now);
+    o.presence(&r, ShardId(0), (2, 0, 0, 0), &[], 0, now);
+    o.presence(&r, ShardId(2), (1, 1, 0, 0), &[], 0, now);
     o.publish(&r, text("a"), api(Priority::Low), now).unwrap();
     o.publish(&r, text("b"), api(Priority::High), now).unwrap();
     let calls = tick_frames(&mut o, at(6_000));
@@ -109,7 +109,7 @@ fn bounds_rooms_backlog_and_upstream_rate() {
 fn type_defaults_fill_priority_and_ttl() {
     let mut o = owner(1);
     let r = room("t");
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     let gift = Message { r#type: "gift".into(), ..Message::default() };
     o.publish(&r, gift, Sender::Api { priority: None }, at(0)).unwrap();
     let chat = Message { r#type: "chat".into(), ..Message::default() };
@@ -121,7 +121,7 @@ fn type_defaults_fill_priority_and_ttl() {
     assert_eq!(block.messages[0].ttl_ms, 30_000);
     // A chat line older than its 10 s ttl when the block is cut is dropped and counted.
     let mut o = owner(1);
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     o.publish(&r, chat, Sender::Api { priority: None }, at(0)).unwrap();
     let mut stats = TickStats::default();
     stats.dropped_expired += o.tick(at(10_001), &mut |_, _, _| panic!("nothing fresh to send")).dropped_expired;
@@ -137,7 +137,7 @@ fn client_sends_obey_mute_and_whitelist() {
     assert_eq!(o.publish(&r, text("x"), client.clone(), at(500)), Err(PublishError::Muted));
     o.publish(&r, text("x"), client.clone(), at(1_000)).expect("the mute ended");
     o.moderate(&r, &UserId::new("alice"), ModAction::Whitelist, at(1_000)).unwrap();
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(1_000));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(1_000));
     o.publish(&r, text("vip"), client, at(1_500)).unwrap();
     let frames = tick_frames(&mut o, at(1_500));
     let block = decode_block(&frames[0].1);
@@ -152,7 +152,7 @@ fn client_sends_obey_mute_and_whitelist() {
 fn joiners_get_history_and_attrs_encoded_once() {
     let mut o = owner(1);
     let r = room("h");
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     assert!(o.joined(&r, None, 0, at(0)).is_empty(), "nothing to backfill yet");
     for i in 0..2 {
         o.publish(&r, text(&format!("m{i}")), api(Priority::Low), at(0)).unwrap();
@@ -187,13 +187,13 @@ fn presence_events_are_one_per_kind_per_tick() {
     c.presence_events = true;
     let mut o = Owner::new(c);
     let r = room("p");
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     let users: Vec<UserId> = (0..5).map(|i| UserId::new(&format!("u{i}"))).collect();
     for u in &users {
         o.joined(&r, Some(u), 0, at(0));
     }
     o.joined(&r, None, 0, at(0)); // anonymous: not announced
-    o.presence(&r, ShardId(0), (3, 0, 0), &users[..1], 3, at(0));
+    o.presence(&r, ShardId(0), (3, 0, 0, 0), &users[..1], 3, at(0));
     let frames = tick_frames(&mut o, at(0));
     let block = decode_block(&frames[0].1);
     let kinds: Vec<&str> = block.messages.iter().map(|m| m.r#type.as_str()).collect();
@@ -210,7 +210,7 @@ fn presence_events_are_one_per_kind_per_tick() {
 fn polling_pages_and_hints() {
     let mut o = owner(1);
     let r = room("poll");
-    o.presence(&r, ShardId(0), (150, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (150, 0, 0, 0), &[], 0, at(0));
     for i in 0..5 {
         o.publish(&r, text(&format!("{i}")), api(Priority::Low), at(i * 1000)).unwrap();
         tick_frames(&mut o, at(i * 1000));
@@ -260,7 +260,7 @@ fn a_cursor_from_a_forgotten_room_is_truncated() {
 fn rooms_with_members_only_do_not_count_and_go_with_their_members() {
     let mut o = owner(1); // rooms_max 2
     for i in 0..10 {
-        o.presence(&room(&format!("m{i}")), ShardId(0), (1, 0, 0), &[], 0, at(0));
+        o.presence(&room(&format!("m{i}")), ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     }
     assert_eq!((o.rooms(), o.kept_rooms()), (10, 0));
     o.publish(&room("a"), text("x"), api(Priority::Low), at(0)).unwrap();
@@ -268,7 +268,7 @@ fn rooms_with_members_only_do_not_count_and_go_with_their_members() {
     assert_eq!(o.kept_rooms(), 2);
     assert_eq!(o.publish(&room("b"), text("x"), api(Priority::Low), at(0)), Err(PublishError::RoomsFull));
     for i in 1..10 {
-        o.presence(&room(&format!("m{i}")), ShardId(0), (0, 0, 0), &[], 0, at(1));
+        o.presence(&room(&format!("m{i}")), ShardId(0), (0, 0, 0, 0), &[], 0, at(1));
     }
     assert_eq!(o.rooms(), 2, "member-only rooms leave with their last member (a and m0 stay)");
 }
@@ -311,8 +311,8 @@ fn idle_rooms_are_forgotten_and_seqs_still_increase() {
 #[test]
 fn top_rooms_by_online() {
     let mut o = owner(2);
-    o.presence(&room("a"), ShardId(0), (5, 0, 0), &[], 0, at(0));
-    o.presence(&room("b"), ShardId(1), (9, 0, 0), &[], 0, at(0));
+    o.presence(&room("a"), ShardId(0), (5, 0, 0, 0), &[], 0, at(0));
+    o.presence(&room("b"), ShardId(1), (9, 0, 0, 0), &[], 0, at(0));
     let top = o.top(1);
     assert_eq!(top, vec![(room("b"), 9)]);
 }
@@ -321,7 +321,7 @@ fn top_rooms_by_online() {
 fn a_resuming_joiner_gets_exactly_what_came_after_its_cursor() {
     let mut o = Owner::new(OwnerConfig { history_messages_max: 3, ..config(1) });
     let r = room("resume");
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(0));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(0));
     let mut seqs = Vec::new();
     for i in 0..5 {
         o.publish(&r, text(&format!("m{i}")), api(Priority::Whitelist), at(i * 1_000)).unwrap();
@@ -353,7 +353,7 @@ fn a_handed_over_room_continues_its_seqs_history_attributes_and_lists() {
     old.moderate(&r, &UserId::new("eve"), ModAction::Mute { until_ms: None }, t).unwrap();
     old.moderate(&r, &UserId::new("vip"), ModAction::Whitelist, t).unwrap();
     // A room that only ever had members and handed out no seq is not carried.
-    old.presence(&room("idle"), ShardId(0), (1, 0, 0), &[], 0, t);
+    old.presence(&room("idle"), ShardId(0), (1, 0, 0, 0), &[], 0, t);
     let last = old.info(&r).last_seq;
 
     let states = old.export(t.unix.0);
@@ -381,7 +381,7 @@ fn a_handed_over_room_continues_its_seqs_history_attributes_and_lists() {
     let early = decode_block(&new.joined(&r, None, last - 4, at(20_000))[0]);
     assert!(early.truncated);
     // The next publish continues the seqs; attributes and lists came along.
-    new.presence(&r, ShardId(2), (1, 0, 0), &[], 0, at(20_000));
+    new.presence(&r, ShardId(2), (1, 0, 0, 0), &[], 0, at(20_000));
     new.publish(&r, text("e"), api(Priority::Whitelist), at(20_000)).unwrap();
     let out = tick_frames(&mut new, at(20_001));
     assert_eq!(decode_block(&out.last().unwrap().1).messages[0].seq, last + 1);
@@ -423,7 +423,7 @@ fn acknowledged_sends_get_their_seq_once_cut_and_410_when_superseded() {
     let mut o = owner(1);
     let r = room("acks");
     let conn = |n: u32| ConnId { key: crate::ids::ConnKey(n), generation: 1 };
-    o.presence(&r, ShardId(0), (1, 0, 0), &[], 0, at(1_000));
+    o.presence(&r, ShardId(0), (1, 0, 0, 0), &[], 0, at(1_000));
     let corr = |key: &str| Message { coalesce_key: key.into(), ..text("score") };
     let a = o.publish(&r, text("a"), api(Priority::Whitelist), at(1_000)).unwrap();
     o.expect_ack(&r, a.id, ShardId(0), conn(1), "c-1".into());
