@@ -31,7 +31,11 @@ gw="" holder="" pub=""
 cleanup() { for p in $pub $holder $gw; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; }
 trap cleanup EXIT
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-metric() { curl -s "http://127.0.0.1:$API_PORT/metrics" | awk -v n="$1" '$1 ~ "^"n"(\\{|$)" {s += $2} END {printf "%d", s}'; }
+# metric NAME [LABEL]: the sum over shards of NAME's series (those with LABEL, e.g. stage="in").
+metric() {
+  curl -s "http://127.0.0.1:$API_PORT/metrics" | awk -v n="$1" -v l="${2:-}" \
+    'index($1, n) == 1 && (length($1) == length(n) || substr($1, length(n) + 1, 1) == "{") && index($1, l) {s += $2} END {printf "%d", s}'
+}
 n=0
 for r in $(seq "$REPEAT"); do
   modes="$MODES"; (( r % 2 == 0 )) && modes="$(echo "$MODES" | tr ' ' '\n' | tac | tr '\n' ' ')"
@@ -82,11 +86,11 @@ PY
     fi
     sleep 1
     c0=$(cpu "$gw"); t0=$(date +%s.%N)
-    (( barrage )) && { z0=$(metric barrage_deflate_frames_total); i0=$(metric 'barrage_deflate_bytes_total{stage="in"}'); o0=$(metric 'barrage_deflate_bytes_total{stage="out"}'); b0=$(metric barrage_blocks_cut_total); }
+    (( barrage )) && { z0=$(metric barrage_deflate_frames_total); i0=$(metric barrage_deflate_bytes_total 'stage="in"'); o0=$(metric barrage_deflate_bytes_total 'stage="out"'); b0=$(metric barrage_blocks_total); }
     sleep "$DURATION_S"
     c1=$(cpu "$gw"); t1=$(date +%s.%N)
     z=0 zin=0 zout=0 blocks=0
-    (( barrage )) && { z=$(( $(metric barrage_deflate_frames_total) - z0 )); zin=$(( $(metric 'barrage_deflate_bytes_total{stage="in"}') - i0 )); zout=$(( $(metric 'barrage_deflate_bytes_total{stage="out"}') - o0 )); blocks=$(( $(metric barrage_blocks_cut_total) - b0 )); }
+    (( barrage )) && { z=$(( $(metric barrage_deflate_frames_total) - z0 )); zin=$(( $(metric barrage_deflate_bytes_total 'stage="in"') - i0 )); zout=$(( $(metric barrage_deflate_bytes_total 'stage="out"') - o0 )); blocks=$(( $(metric barrage_blocks_total) - b0 )); }
     [[ -n $pub ]] && { wait "$pub" 2> /dev/null || true; pub=""; }
     wait "$holder" 2> /dev/null || true; holder=""
     kill "$gw"; wait "$gw" 2> /dev/null || true; gw=""

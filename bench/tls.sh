@@ -58,7 +58,8 @@ for mode in $MODES; do
   sleep 2
   after=$(rss "$gw")
   online=$(curl -s "http://127.0.0.1:$API_PORT/v1/rooms/hold" | python3 -c 'import json,sys; print(json.load(sys.stdin)["online"])')
-  echo "$mode before=$before after=$after online=$online cpu_ticks=$((cpu1 - cpu0))" | tee "$OUT/$mode.rss"
+  deflated=$(curl -s "http://127.0.0.1:$API_PORT/metrics" | awk '$1 ~ /^barrage_deflate_connections_total/ {s += $2} END {printf "%d", s}')
+  echo "$mode before=$before after=$after online=$online cpu_ticks=$((cpu1 - cpu0)) deflated=$deflated" | tee "$OUT/$mode.rss"
   for p in "${holders[@]}"; do kill "$p" 2> /dev/null || true; done
   wait "${holders[@]}" 2> /dev/null || true
   holders=()
@@ -70,6 +71,7 @@ import glob, json, os, platform, sys
 out, stamp, command, modes = sys.argv[1:]
 model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 rows = {}
+deflated = {}
 for mode in modes.split():
     f = dict(kv.split("=") for kv in open(os.path.join(out, f"{mode}.rss")).read().split()[1:])
     runs = [json.loads(open(p).read().strip().splitlines()[0]) for p in sorted(glob.glob(os.path.join(out, f"{mode}-*.json")))]
@@ -77,6 +79,7 @@ for mode in modes.split():
     rate = joined / max(r["seconds"] for r in runs)
     cpu_us = int(f["cpu_ticks"]) / os.sysconf("SC_CLK_TCK") * 1e6 / max(joined, 1)
     rows[mode] = (int(f["after"]) - int(f["before"]), int(f["online"]), joined, sum(r["failed"] for r in runs), rate, cpu_us)
+    deflated[mode] = int(f.get("deflated", 0))
 names = {"plain": "ws", "tls": "wss", "deflate": "ws + permessage-deflate"}
 print(f"\n## {stamp} {' against '.join(names[m] for m in modes.split())}: gateway memory per idle joined connection, and handshakes per second\n")
 print(f"- Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}; gateway (release, 2 shards) and the `barrage-load hold` clients (rustls, ECDSA P-256 certificate) on the same cores, loopback.")
@@ -85,5 +88,7 @@ print("| listener | members online | RSS delta | bytes per member | joins/s | ga
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for mode, (delta, online, joined, failed, rate, cpu_us) in rows.items():
     print(f"| {names[mode]} | {online:,} | {delta / 1e6:.1f} MB | {delta / max(online, 1):,.0f} | {rate:,.0f} | {cpu_us:.0f} | {1e6 / max(cpu_us, 1e-9):,.0f} | {failed} |")
+if deflated.get("deflate"):
+    print(f"- permessage-deflate negotiated on {deflated['deflate']:,} connections (`barrage_deflate_connections_total`).")
 EOF
 echo "appended to bench/RESULTS.md; reports under $OUT"

@@ -106,5 +106,35 @@ fn fan_out(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, mixer, block_encoding, fan_out);
+/// permessage-deflate's price per block: one compression of a 20-message danmaku block (the
+/// chat lines bench/danmaku_fixture.py draws from), per wire format and zlib level — paid once
+/// per block whatever the room's size.
+fn deflate(c: &mut Criterion) {
+    const LINES: [&str; 10] = [
+        "主播好", "这波操作太秀了 666666", "first time here, followed", "前方高能", "求BGM",
+        "insane play", "哈哈哈哈哈哈", "{\"gift\":\"rocket\",\"count\":10,\"price\":500}", "GG WP", "爷青回",
+    ];
+    let messages: Vec<Message> = (0..20u64)
+        .map(|i| Message {
+            r#type: if i % 9 == 7 { "gift" } else { "chat" }.into(),
+            sender: format!("星河{}", 1000 + i * 37),
+            data: LINES[(i * 7 % 10) as usize].as_bytes().to_vec(),
+            ..message(i)
+        })
+        .collect();
+    let room = RoomName::parse("live:1", 64).unwrap();
+    let block = frames::block(&room, messages, BlockKind::Live { top: Priority::Low }, 500_000, UnixMs(0), true);
+    let mut g = c.benchmark_group("deflate");
+    for (format, frame) in [("protobuf", &block.proto[..]), ("json", block.json.as_deref().unwrap())] {
+        for level in [1, 6, 9] {
+            let z = barrage::wire::deflate::compress_frame(frame, level, 0).map_or(frame.len(), |z| z.len());
+            g.bench_function(format!("{format} block of {} B to {z} B, level {level}", frame.len()), |b| {
+                b.iter(|| black_box(barrage::wire::deflate::compress_frame(black_box(frame), level, 0)))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, mixer, block_encoding, fan_out, deflate);
 criterion_main!(benches);

@@ -16,8 +16,9 @@
 // TLS: with CERT and KEY (PEM files) in the environment the app is an `SSLApp` on that pair
 // (bench/tls_fanout.sh runs it beside barrage's wss on the same certificate).
 // COMPRESSION=shared: permessage-deflate with uWS's `SHARED_COMPRESSOR` (one compressor for all
-// sockets, no context takeover), and publishes compressed — uWS compresses a published
-// message once for the topic (bench/deflate.sh).
+// sockets, no context takeover), and publishes compressed (bench/deflate.sh). uWS's publish
+// sends to each subscriber with `ws->send(message, opCode, compress)`, so a published message
+// is compressed once per subscriber, not once per topic (src/App.h, uWebSockets v20).
 //
 // Run: PORT=8080 node server.js   (or: node server.js 8080)
 'use strict';
