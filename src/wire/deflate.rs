@@ -54,6 +54,16 @@ fn acceptable(offer: &str) -> bool {
     true
 }
 
+/// Safari 15.0 to 15.3 offer permessage-deflate but keep their compression context across
+/// messages even when told `client_no_context_takeover`: their second compressed message
+/// would not inflate (1007). They are declined, as uWebSockets does, and read plain frames.
+pub fn ignores_client_no_context_takeover(user_agent: &str) -> bool {
+    let Some((_, after)) = user_agent.split_once(" Version/15.") else { return false };
+    let minor: String = after.chars().take_while(char::is_ascii_digit).collect();
+    let rest = &after[minor.len()..];
+    minor.parse::<u8>().is_ok_and(|m| m <= 3) && rest.starts_with([' ', '.']) && rest.contains(" Safari/")
+}
+
 /// 8..=15, no leading zero or sign (RFC 7692 7.1.2.1).
 fn window_bits(v: &str) -> bool {
     !v.starts_with('0') && v.parse::<u8>().is_ok_and(|n| (8..=15).contains(&n))
@@ -185,6 +195,25 @@ impl Inflater {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn safari_15_0_to_15_3_is_recognised() {
+        let safari = |v: &str| {
+            format!(
+                "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/{v} Safari/605.1.15"
+            )
+        };
+        for broken in ["15.0", "15.1", "15.2", "15.3", "15.3.1"] {
+            assert!(ignores_client_no_context_takeover(&safari(broken)), "{broken}");
+        }
+        for fine in ["15.4", "15.6.1", "16.0", "14.1", "15.10"] {
+            assert!(!ignores_client_no_context_takeover(&safari(fine)), "{fine}");
+        }
+        let chrome =
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36";
+        assert!(!ignores_client_no_context_takeover(chrome));
+        assert!(!ignores_client_no_context_takeover("Version/15.2"));
+    }
 
     #[test]
     fn offers_are_accepted_as_rfc_7692_allows() {

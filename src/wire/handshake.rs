@@ -228,6 +228,10 @@ fn upgrade(head: &httparse::Request<'_, '_>, method: Method) -> Result<Upgrade, 
 /// Whether the `Sec-WebSocket-Extensions` headers (all of them, in order) hold an acceptable
 /// permessage-deflate offer.
 fn deflate_offered(headers: &[httparse::Header<'_>]) -> bool {
+    let agent = header(headers, "user-agent").and_then(|a| std::str::from_utf8(a).ok());
+    if agent.is_some_and(super::deflate::ignores_client_no_context_takeover) {
+        return false;
+    }
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
@@ -551,6 +555,20 @@ mod tests {
         assert_eq!(query_param(query, "missing"), None);
         assert!(matches!(query_param(query, "a"), Some(Cow::Borrowed(_))));
         assert_eq!(query_param("t=%e2%82%ac%", "t").as_deref(), Some("€%"));
+    }
+
+    #[test]
+    fn deflate_is_declined_for_safari_15_0_to_15_3() {
+        let request = |agent: &str| {
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
+                 User-Agent: Mozilla/5.0 (iPhone) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/{agent} Safari/604.1\r\n\r\n"
+            )
+        };
+        assert!(!websocket(&request("15.2")).unwrap().deflate);
+        assert!(websocket(&request("17.1")).unwrap().deflate);
     }
 
     #[test]
