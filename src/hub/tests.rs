@@ -914,6 +914,27 @@ fn frames_inflated(bytes: &[u8]) -> Vec<(bool, server_frame::Frame)> {
     frames
 }
 
+/// Publishes `lines` as chat messages at `now`, lets the block tick a second later, and
+/// returns what every connection was sent.
+fn publish_and_cut(h: &mut Hub, room: &RoomName, lines: &[String], now: Now) -> HashMap<ConnKey, Vec<u8>> {
+    for text in lines {
+        let msg = Box::new(Message { r#type: "chat".into(), data: text.clone().into_bytes(), ..Message::default() });
+        let (tx, _rx) = sync_channel(1);
+        h.handle_mail(OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) }.into(), now);
+    }
+    let later = at(now.ms + 1_000);
+    h.handle_timeout(later);
+    h.end_turn(later);
+    let mut sent = HashMap::new();
+    drain_sends(h, &mut sent, later);
+    sent
+}
+
+/// Ten chat lines long enough to be worth compressing.
+fn danmaku() -> Vec<String> {
+    (0..10).map(|i| format!("主播好 danmaku line {i}, 666666 gift rocket")).collect()
+}
+
 #[test]
 fn with_deflate_a_block_is_compressed_once_and_each_member_gets_its_variant() {
     let c = config(|c| {
@@ -936,18 +957,7 @@ fn with_deflate_a_block_is_compressed_once_and_each_member_gets_its_variant() {
     );
     assert!(!String::from_utf8_lossy(&out[&plain]).contains("Sec-WebSocket-Extensions"));
     h.end_turn(now);
-    let mut sent = HashMap::new();
-    for i in 0..10u64 {
-        let text = format!("主播好 danmaku line {i}, 666666 gift rocket");
-        let msg = Box::new(Message { r#type: "chat".into(), data: text.into_bytes(), ..Message::default() });
-        let (tx, _rx) = sync_channel(1);
-        let mail = OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) };
-        h.handle_mail(mail.into(), now);
-    }
-    let later = at(1_000);
-    h.handle_timeout(later);
-    h.end_turn(later);
-    drain_sends(&mut h, &mut sent, later);
+    let sent = publish_and_cut(&mut h, &room, &danmaku(), now);
     let (p, z) = (&sent[&plain], &sent[&zipped]);
     let (p_frames, z_frames) =
         (frames_inflated(&[b"\r\n\r\n", &p[..]].concat()), frames_inflated(&[b"\r\n\r\n", &z[..]].concat()));
@@ -992,17 +1002,7 @@ fn only_the_encodings_taken_compressed_are_compressed() {
     let zipped = connect(&mut h, &request, now);
     drain_sends(&mut h, &mut HashMap::new(), now);
     h.end_turn(now);
-    for i in 0..10u64 {
-        let text = format!("主播好 danmaku line {i}, 666666 gift rocket");
-        let msg = Box::new(Message { r#type: "chat".into(), data: text.into_bytes(), ..Message::default() });
-        let (tx, _rx) = sync_channel(1);
-        h.handle_mail(OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) }.into(), now);
-    }
-    let later = at(1_000);
-    h.handle_timeout(later);
-    h.end_turn(later);
-    let mut sent = HashMap::new();
-    drain_sends(&mut h, &mut sent, later);
+    let sent = publish_and_cut(&mut h, &room, &danmaku(), now);
     let first = decode_header(&sent[&zipped]).unwrap().unwrap();
     assert!(first.rsv1, "the JSON member's block went compressed");
     let c = h.counters();
@@ -1021,14 +1021,7 @@ fn blocks_under_deflate_min_bytes_go_uncompressed() {
     let zipped = upgrade_deflate(&mut h, "zipped", &room, now);
     drain_sends(&mut h, &mut HashMap::new(), now);
     h.end_turn(now);
-    let msg = Box::new(Message { r#type: "chat".into(), data: b"666666".to_vec(), ..Message::default() });
-    let (tx, _rx) = sync_channel(1);
-    h.handle_mail(OwnerMail::Publish { room: room.clone(), msg, priority: None, reply: Reply(tx) }.into(), now);
-    let later = at(1_000);
-    h.handle_timeout(later);
-    h.end_turn(later);
-    let mut sent = HashMap::new();
-    drain_sends(&mut h, &mut sent, later);
+    let sent = publish_and_cut(&mut h, &room, &["666666".to_string()], now);
     let frames = frames_inflated(&[b"\r\n\r\n", &sent[&zipped][..]].concat());
     assert!(frames.iter().any(|(rsv1, f)| !rsv1 && matches!(f, server_frame::Frame::Block(_))), "sent plain");
     assert_eq!(h.counters().get(Series::DeflateFrames), 0, "nothing compressed");
