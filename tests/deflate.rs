@@ -1,5 +1,6 @@
 //! permessage-deflate over loopback: Python `websockets` (which offers it, as browsers do)
-//! beside a plain client, and a raw client sending a decompression bomb.
+//! beside a plain client, over `ws://` and `wss://`, and a raw client sending a decompression
+//! bomb and junk.
 mod common;
 
 use std::io::{Read, Write};
@@ -11,14 +12,37 @@ use common::{Gateway, token, venv_python};
 
 #[test]
 fn python_websockets_negotiates_and_gets_the_same_blocks_compressed() {
+    negotiates(None);
+}
+
+/// The same over `wss://`: compressed blocks are sealed like any frame.
+#[test]
+fn python_websockets_negotiates_over_wss() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deflate-wss-cert");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    negotiates(Some(&dir));
+}
+
+/// Runs tests/python/deflate_client.py against a gateway with permessage-deflate on (and TLS
+/// with the certificate in `tls`).
+fn negotiates(tls: Option<&Path>) {
     let python = venv_python();
-    let gw = Gateway::start(&["--deflate", "true", "--deflate-min-bytes", "64", "--block-interval-ms", "300"]);
+    let (cert, key) = tls.map(|d| (d.join("cert.pem"), d.join("key.pem"))).unzip();
+    let mut args = vec!["--deflate", "true", "--deflate-min-bytes", "64", "--block-interval-ms", "300"];
+    if let (Some(cert), Some(key)) = (&cert, &key) {
+        args.extend(["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    }
+    let gw = Gateway::start(&args);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/deflate_client.py");
     let out = Command::new(python)
         .arg(script)
         .arg(gw.ws.to_string())
         .arg(gw.api.to_string())
         .arg(token("alice"))
+        .args(cert.iter())
         .output()
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,7 +1,8 @@
 """permessage-deflate against barrage with the third-party Python `websockets` client (it offers
 the extension by default, as browsers do). tests/deflate.rs runs it.
 
-Usage: deflate_client.py WS_ADDR API_ADDR TOKEN
+Usage: deflate_client.py WS_ADDR API_ADDR TOKEN [CA_FILE]
+With CA_FILE the gateway speaks TLS: wss://localhost:PORT, trusting that certificate.
 A compressing member and a plain one in the same room: the 101s say what was negotiated, a
 compressed send and published chat lines reach both, identical once inflated; an offer asking for
 a smaller server window is declined and the client goes on uncompressed.
@@ -9,14 +10,21 @@ a smaller server window is declined and the client goes on uncompressed.
 import asyncio
 import base64
 import json
+import ssl
 import sys
 import urllib.request
 
 import websockets
 
 WS, API, TOKEN = sys.argv[1:4]
+CA = sys.argv[4] if len(sys.argv) > 4 else None
 JSON = ["barrage.v1.json"]
-URL = f"ws://{WS}/ws?room=z&token={TOKEN}"
+if CA:
+    URL = f"wss://localhost:{WS.rsplit(':', 1)[1]}/ws?room=z&token={TOKEN}"
+    TLS = {"ssl": ssl.create_default_context(cafile=CA)}
+else:
+    URL = f"ws://{WS}/ws?room=z&token={TOKEN}"
+    TLS = {}
 
 
 def api(method, path, body=None):
@@ -47,8 +55,8 @@ async def texts(ws, want):
 
 
 async def main():
-    async with websockets.connect(URL, subprotocols=JSON) as zipped, \
-            websockets.connect(URL, subprotocols=JSON, compression=None) as plain:
+    async with websockets.connect(URL, subprotocols=JSON, **TLS) as zipped, \
+            websockets.connect(URL, subprotocols=JSON, compression=None, **TLS) as plain:
         ext = zipped.response.headers.get("Sec-WebSocket-Extensions", "")
         assert ext == "permessage-deflate; server_no_context_takeover; client_no_context_takeover", ext
         assert "Sec-WebSocket-Extensions" not in plain.response.headers
@@ -66,7 +74,7 @@ async def main():
         assert line in a and f"弹幕 11: first time here, followed 关注了" in a, a
     # Asking the server for a 10-bit window: declined (one block serves every member).
     offer = {"Sec-WebSocket-Extensions": "permessage-deflate; server_max_window_bits=10"}
-    async with websockets.connect(URL, subprotocols=JSON, compression=None, additional_headers=offer) as ws:
+    async with websockets.connect(URL, subprotocols=JSON, compression=None, additional_headers=offer, **TLS) as ws:
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
         assert "welcome" in json.loads(await ws.recv())
     print("all checks passed")
