@@ -111,8 +111,16 @@ fn fan_out(c: &mut Criterion) {
 /// per block whatever the room's size.
 fn deflate(c: &mut Criterion) {
     const LINES: [&str; 10] = [
-        "主播好", "这波操作太秀了 666666", "first time here, followed", "前方高能", "求BGM",
-        "insane play", "哈哈哈哈哈哈", "{\"gift\":\"rocket\",\"count\":10,\"price\":500}", "GG WP", "爷青回",
+        "主播好",
+        "这波操作太秀了 666666",
+        "first time here, followed",
+        "前方高能",
+        "求BGM",
+        "insane play",
+        "哈哈哈哈哈哈",
+        "{\"gift\":\"rocket\",\"count\":10,\"price\":500}",
+        "GG WP",
+        "爷青回",
     ];
     let messages: Vec<Message> = (0..20u64)
         .map(|i| Message {
