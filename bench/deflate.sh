@@ -13,6 +13,7 @@
 #   MEMBERS=2000 DURATION_S=5 REPEAT=1 bench/deflate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 MEMBERS="${MEMBERS:-10000}"
 DURATION_S="${DURATION_S:-10}"
 REPEAT="${REPEAT:-2}"
@@ -30,16 +31,9 @@ ulimit -n 20000
 gw="" holder="" pub=""
 cleanup() { for p in $pub $holder $gw; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; }
 trap cleanup EXIT
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# metric NAME [LABEL]: the sum over shards of NAME's series (those with LABEL, e.g. stage="in").
-metric() {
-  curl -s "http://127.0.0.1:$API_PORT/metrics" | awk -v n="$1" -v l="${2:-}" \
-    'index($1, n) == 1 && (length($1) == length(n) || substr($1, length(n) + 1, 1) == "{") && index($1, l) {s += $2} END {printf "%d", s}'
-}
 n=0
 for r in $(seq "$REPEAT"); do
-  modes="$MODES"; (( r % 2 == 0 )) && modes="$(echo "$MODES" | tr ' ' '\n' | tac | tr '\n' ' ')"
-  for mode in $modes; do
+  for mode in $(round_modes "$r" "$MODES"); do
     n=$((n + 1))
     client=() peer=()
     [[ $mode == deflate || $mode == json-z || $mode == uwsjs-z ]] && client=(--deflate)
@@ -52,13 +46,13 @@ for r in $(seq "$REPEAT"); do
           --block-interval-ms 50 --block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 \
           --presence-events false --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode-$r.gateway.log" 2>&1 &
         gw=$!
-        for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+        await_barrage
         ;;
       uwsjs | uwsjs-z)
         comp=(); [[ $mode == uwsjs-z ]] && comp=(COMPRESSION=shared)
         env "${comp[@]}" taskset -c 0,1 node bench/peers/uwsjs/server.js "$PORT" > "$OUT/$mode-$r.gateway.log" 2>&1 &
         gw=$!
-        for _ in $(seq 100); do grep -q "peer on" "$OUT/$mode-$r.gateway.log" 2> /dev/null && break; sleep 0.05; done
+        await_line "peer on" "$OUT/$mode-$r.gateway.log"
         peer=(--path "/sub?room=r0" --no-welcome --publish-path "/pub?room=r0" --publish-every-ms 50 --publish-file "$OUT/fixture/peer.txt")
         ;;
     esac
@@ -137,10 +131,12 @@ for mode in names:
     med[mode] = m
     each = "; ".join(f"{x[0]:,.0f}, {x[1]:,.0f}, {x[2]:.2f}" for x in per)
     print(f"| {names[mode]} | {m[0]:,.0f} | {m[3] * 100:.0f}% | {m[1]:,.0f} | {m[1] / PER_BLOCK:.1f} | {m[2]:.2f} | {each} |")
-z = [r for r in runs if r["mode"] in ("deflate", "json-z") and r["deflated"] > 0]
-if z:
-    ratio = statistics.median(r["deflate_out"] / r["deflate_in"] for r in z)
-    print(f"\n- barrage compressed {statistics.median(r['deflated'] for r in z):,.0f} block frames per run (one per block), to {ratio * 100:.0f}% of their size (`barrage_deflate_bytes_total`).")
+print()
+for mode in ("deflate", "json-z"):
+    z = [r for r in runs if r["mode"] == mode and r["deflated"] > 0]
+    if z:
+        ratio = statistics.median(r["deflate_out"] / r["deflate_in"] for r in z)
+        print(f"- {names[mode]}: {statistics.median(r['deflated'] for r in z):,.0f} block frames compressed per run (one per block), to {ratio * 100:.0f}% of their size (`barrage_deflate_bytes_total`).")
 if "plain" in med and "deflate" in med:
     p, d = med["plain"], med["deflate"]
     print(f"- barrage with permessage-deflate: {d[1] / p[1] * 100:.0f}% of the bytes per delivered message ({d[1] / PER_BLOCK:.1f} vs {p[1] / PER_BLOCK:.1f}), {d[2] / p[2]:.2f}× the CPU per delivery ({d[2] - p[2]:+.2f} µs: the compression, once per block, spread over {members:,} members, and fewer bytes to send).")

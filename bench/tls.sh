@@ -12,6 +12,7 @@
 #   MODES="plain deflate" bench/tls.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 N="${N:-100000}"
 PROCS="${PROCS:-6}"
 MODES="${MODES:-plain tls}"
@@ -32,7 +33,6 @@ cleanup() {
   wait 2> /dev/null || true
 }
 trap cleanup EXIT
-rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
 for mode in $MODES; do
   extra=() client=()
   [[ $mode == tls ]] && extra=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem") && client=(--ca "$OUT/cert.pem")
@@ -41,10 +41,10 @@ for mode in $MODES; do
     --idle-timeout-ms 600000 --heartbeat-ms 300000 --presence-events false --addr-conn-rate-per-s 0 \
     --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode.gateway.log" 2>&1 &
   gw=$!
-  for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+  await_barrage
   sleep 1
   before=$(rss "$gw")
-  cpu0=$(awk '{print $14 + $15}' "/proc/$gw/stat")
+  cpu0=$(cpu "$gw")
   holders=()
   for i in $(seq "$PROCS"); do
     ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$per" --source "127.0.0.$((i + 1))" \
@@ -54,11 +54,11 @@ for mode in $MODES; do
   for i in $(seq "$PROCS"); do
     for _ in $(seq 600); do [[ -s "$OUT/$mode-$i.json" ]] && break; sleep 0.5; done
   done
-  cpu1=$(awk '{print $14 + $15}' "/proc/$gw/stat")
+  cpu1=$(cpu "$gw")
   sleep 2
   after=$(rss "$gw")
   online=$(curl -s "http://127.0.0.1:$API_PORT/v1/rooms/hold" | python3 -c 'import json,sys; print(json.load(sys.stdin)["online"])')
-  deflated=$(curl -s "http://127.0.0.1:$API_PORT/metrics" | awk '$1 ~ /^barrage_deflate_connections_total/ {s += $2} END {printf "%d", s}')
+  deflated=$(metric barrage_deflate_connections_total)
   echo "$mode before=$before after=$after online=$online cpu_ticks=$((cpu1 - cpu0)) deflated=$deflated" | tee "$OUT/$mode.rss"
   for p in "${holders[@]}"; do kill "$p" 2> /dev/null || true; done
   wait "${holders[@]}" 2> /dev/null || true

@@ -12,6 +12,7 @@
 #   MEMBERS=5000 BATCH=10 DURATION_S=10 bench/tls_fanout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 MEMBERS="${MEMBERS:-10000}"
 BATCH="${BATCH:-5}"
 DURATION_S="${DURATION_S:-10}"
@@ -31,14 +32,11 @@ ulimit -n 20000
 gw="" holder=""
 cleanup() { for p in $holder $gw; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; }
 trap cleanup EXIT
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-metric() { curl -s "http://127.0.0.1:$API_PORT/metrics" | awk -v n="$1" '$1 ~ "^"n"(\\{|$)" {s += $2} END {printf "%d", s}'; }
 body=$(python3 -c "import json; print(json.dumps([{'room': 'r0', 'text': 'x' * 100} for _ in range($BATCH)]))")
 if [[ " $MODES " == *" uwsjs"* && ! -d bench/peers/uwsjs/node_modules ]]; then (cd bench/peers/uwsjs && npm ci --silent); fi
 n=0
 for r in $(seq "$REPEAT"); do
-  modes="$MODES"; (( r % 2 == 0 )) && modes="$(echo "$MODES" | tr ' ' '\n' | tac | tr '\n' ' ')"
-  for mode in $modes; do
+  for mode in $(round_modes "$r" "$MODES"); do
     # A fresh source address per run: the last run's ports sit in TIME_WAIT.
     n=$((n + 1))
     extra=() ca=() peer=()
@@ -50,7 +48,7 @@ for r in $(seq "$REPEAT"); do
           --block-interval-ms 50 --block-messages-max 1000 --pending-messages-max 100000 --room-rate-per-s 0 \
           --presence-events false --addr-conn-rate-per-s 0 --addr-request-rate-per-s 0 "${extra[@]}" > "$OUT/$mode-$r.gateway.log" 2>&1 &
         gw=$!
-        for _ in $(seq 100); do curl -s -m 1 "http://127.0.0.1:$API_PORT/healthz" > /dev/null && break; sleep 0.05; done
+        await_barrage
         ;;
       uwsjs | uwsjs-tls)
         # uWebSockets.js (SSLApp with CERT/KEY) on the same certificate; the holder publishes
@@ -58,7 +56,7 @@ for r in $(seq "$REPEAT"); do
         [[ $mode == uwsjs-tls ]] && tlsenv=(CERT="$OUT/cert.pem" KEY="$OUT/key.pem") || tlsenv=()
         env "${tlsenv[@]}" taskset -c 0,1 node bench/peers/uwsjs/server.js "$PORT" > "$OUT/$mode-$r.gateway.log" 2>&1 &
         gw=$!
-        for _ in $(seq 100); do grep -q "peer on" "$OUT/$mode-$r.gateway.log" 2> /dev/null && break; sleep 0.05; done
+        await_line "peer on" "$OUT/$mode-$r.gateway.log"
         peer=(--path "/sub?room=r0" --no-welcome --publish-path "/pub?room=r0" --publish-every-ms 50 --publish-bytes "$FRAME_BYTES")
         ;;
     esac
