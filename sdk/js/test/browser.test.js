@@ -1,13 +1,14 @@
 // The demo page in headless Chromium against a real barrage: messages in priority order, the PK
 // bar at the newest (coalesced) score, the send box through a development token, and no gap or
-// duplicate across a server restart. Saves docs/demo.png (shown in the README).
+// duplicate across a server restart. Saves docs/demo.png (shown in the README). And Chromium's
+// own permessage-deflate against barrage's: compressed blocks in, compressed sends out.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import puppeteer from "puppeteer-core";
-import { Gateway, sleep } from "./gateway.js";
+import { Gateway, sleep, until } from "./gateway.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.CHROMIUM_BIN ?? ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find(existsSync);
@@ -88,5 +89,49 @@ test("the demo shows a live room in Chromium, across a server restart", async ()
   const docs = path.join(here, "../../../docs");
   mkdirSync(docs, { recursive: true });
   await page.screenshot({ path: path.join(docs, "demo.png") });
+  assert.deepEqual(errors, [], "no error on the page");
+});
+
+test("Chromium negotiates permessage-deflate: compressed blocks shown, compressed sends inflated", async () => {
+  assert.ok(CHROMIUM, "Chromium is needed (apt-get install chromium), or set CHROMIUM_BIN");
+  const g = await Gateway.start(["--demo-dev-tokens", "true", "--deflate", "true", "--deflate-min-bytes", "32"]);
+  cleanup.push(() => g.stop());
+  const browser = await puppeteer.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  });
+  cleanup.push(() => browser.close());
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(`http://127.0.0.1:${g.ports.ws}/demo/?room=zip&user=alice`);
+  await page.waitForFunction(() => window.barrage?.stats().state === "open", { timeout: 10_000 });
+  await g.waitOnline("zip", 1);
+  // Counters reach /metrics within 50 ms.
+  await until("Chromium's offer accepted", async () => (await g.metric("barrage_deflate_connections_total")) === 1);
+
+  const lines = Array.from({ length: 12 }, (_, i) => `弹幕 ${i}: 主播好，这波操作太秀了 666666`);
+  await g.api("POST", "/v1/publish", lines.map((text, i) => ({ room: "zip", text, sender: `viewer${i}` })));
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("#log li")].some((li) => li.textContent.includes("弹幕 11:")),
+    { timeout: 10_000 },
+  );
+  assert.ok((await g.metric("barrage_deflate_frames_total")) >= 1, "the block went compressed");
+
+  // Two sends from the page: Chromium compresses its messages (each on its own, as told).
+  await page.waitForFunction(() => !document.getElementById("text").disabled, { timeout: 10_000 });
+  for (const text of ["first compressed line from the page", "second compressed line from the page"]) {
+    await page.type("#text", text);
+    await page.click("#send button");
+    await page.waitForFunction(
+      (t) => [...document.querySelectorAll("#log li")].some((li) => li.textContent.includes(t)),
+      { timeout: 10_000 },
+      text,
+    );
+  }
+  await until("the sends inflated", async () => (await g.metric("barrage_inflated_messages_total")) >= 2);
+  assert.equal(await g.metric("barrage_inflate_refused_total"), 0);
+  assert.equal(await g.metric("barrage_closed_total", 'reason="inflate"'), 0);
   assert.deepEqual(errors, [], "no error on the page");
 });

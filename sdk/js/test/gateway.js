@@ -64,6 +64,17 @@ export class Gateway {
     return this.api("POST", `/v1/rooms/${room}/messages`, { text, ...extra });
   }
 
+  /** The sum over shards of one of barrage's counters (`name`, optionally with a label). */
+  async metric(name, label = "") {
+    const res = await fetch(`http://127.0.0.1:${this.ports.api}/metrics`);
+    let sum = 0;
+    for (const line of (await res.text()).split("\n")) {
+      const [series, value] = line.split(" ");
+      if ((series === name || series?.startsWith(`${name}{`)) && series.includes(label)) sum += Number(value);
+    }
+    return sum;
+  }
+
   async waitOnline(room, n) {
     for (let i = 0; i < 500; i++) {
       const r = await this.api("GET", `/v1/rooms/${room}`);
