@@ -209,6 +209,45 @@ fn members_on_every_node_receive_the_owners_block_byte_for_byte_whichever_node_p
     assert_eq!(owners, 1, "one owner published the room's frames");
 }
 
+/// permessage-deflate across nodes: a member that negotiated it on a node that does not own the
+/// room is counted at the owner (presence carries it over Redis), so the owner compresses the
+/// block once and the relayed frame carries the compressed twin, which that member gets.
+#[test]
+fn a_deflate_member_on_another_node_gets_the_owners_compressed_block() {
+    let redis = Redis::start();
+    let flags = ["--deflate", "true", "--deflate-min-bytes", "16"];
+    let (a, b) = (node_with(&redis, "a", &flags), node_with(&redis, "b", &flags));
+    for gw in [&a, &b] {
+        eventually("both nodes live", || live(gw).len() == 2);
+    }
+    let room = (0..100).map(|i| format!("zip:{i}")).find(|r| owner_of(&a, r) == "a").expect("a room a owns");
+    // The only member, on b, offering permessage-deflate.
+    let mut m = common::Raw::connect(b.ws);
+    m.write(&common::upgrade_request(
+        &format!("/ws?room={room}"),
+        &["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"],
+    ));
+    let head = m.read_head();
+    assert!(head.contains("permessage-deflate; server_no_context_takeover"), "{head}");
+    a.wait_online(&room, 1);
+    let text = "主播好 666666, first time here, followed 关注了";
+    let (status, body) = a.publish(&room, serde_json::json!({"type": "chat", "text": text}));
+    assert_eq!(status, 202, "{body}");
+    let mut inflater = barrage::wire::deflate::Inflater::default();
+    let block = loop {
+        let (first, payload) = m.read_frame_whole();
+        let payload = if first & 0x40 != 0 { inflater.inflate(&payload, 1 << 20).unwrap().to_vec() } else { payload };
+        let frame = <barrage::proto::ServerFrame as prost::Message>::decode(payload.as_slice()).unwrap();
+        if let Some(server_frame::Frame::Block(block)) = frame.frame {
+            assert!(first & 0x40 != 0, "the block came compressed");
+            break block;
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&block.messages[0].data), text);
+    eventually("the owner counted one compression", || a.metric("barrage_deflate_frames_total") == 1);
+    assert_eq!(b.metric("barrage_deflate_frames_total"), 0);
+}
+
 /// The node that owns `room`, as `gw` sees it.
 fn owner_of(gw: &Gateway, room: &str) -> String {
     let (status, body) = http(gw.api, "GET", &format!("/v1/rooms/{room}"), None, &[]);

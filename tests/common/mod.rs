@@ -339,6 +339,12 @@ impl Raw {
 
     /// Reads one unmasked server frame: (opcode, payload).
     pub fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let (first, payload) = self.read_frame_whole();
+        (first & 0x0F, payload)
+    }
+
+    /// Reads one unmasked server frame: (its first byte: FIN, RSV bits and opcode; payload).
+    pub fn read_frame_whole(&mut self) -> (u8, Vec<u8>) {
         let mut h = [0u8; 2];
         self.s.read_exact(&mut h).unwrap();
         let mut len = u64::from(h[1] & 0x7F);
@@ -353,7 +359,7 @@ impl Raw {
         }
         let mut payload = vec![0u8; len as usize];
         self.s.read_exact(&mut payload).unwrap();
-        (h[0] & 0x0F, payload)
+        (h[0], payload)
     }
 
     /// Reads frames until a Close; returns its code.
