@@ -185,7 +185,7 @@ impl Inflater {
         Ok(&self.out)
     }
 
-    /// Bytes the inflater's buffer holds (for the shard's memory accounting).
+    /// Bytes the inflater's buffer holds: at most one past the largest `max` it was given.
     pub fn capacity(&self) -> usize {
         self.out.capacity()
     }
