@@ -174,6 +174,12 @@ config! {
         deflate_min_bytes: usize = 128, deflate_min_bytes, "BARRAGE_DEFLATE_MIN_BYTES";
         /// zlib level of that compression, 1 (fastest) to 9 (smallest).
         deflate_level: u32 = 6, deflate_level, "BARRAGE_DEFLATE_LEVEL";
+        /// Compressed messages a connection may send per second: each may inflate to
+        /// message_bytes_max from a few bytes, so past this the connection is closed (1008)
+        /// instead of costing the shard that much work per byte received. 0 = unlimited.
+        inflate_rate_per_s: u32 = 20, inflate_rate_per_s, "BARRAGE_INFLATE_RATE_PER_S";
+        /// Burst allowed above inflate_rate_per_s.
+        inflate_rate_burst: u32 = 40, inflate_rate_burst, "BARRAGE_INFLATE_RATE_BURST";
         /// Heartbeat interval told to clients in welcome: send a ping at least this often.
         heartbeat_ms: u32 = 30_000, heartbeat_ms, "BARRAGE_HEARTBEAT_MS";
         /// A connection silent for this long is closed (1001) and counted.

@@ -68,8 +68,9 @@ series! {
     DeflateBytesIn => "barrage_deflate_bytes_total" {"stage" = "in"}, "counter", "Bytes of live block frames for rooms with permessage-deflate members, before (in) and after (out) compression; a frame left uncompressed (small, or not shrinking) counts the same in both.";
     DeflateBytesOut => "barrage_deflate_bytes_total" {"stage" = "out"}, "counter", "";
     Inflated => "barrage_inflated_messages_total", "counter", "Compressed client messages inflated.";
-    InflateTooBig => "barrage_inflate_refused_total" {"reason" = "too_big"}, "counter", "Compressed client messages refused: inflated past websocket.message_bytes_max (closed 1009), or not valid DEFLATE or not UTF-8 text once inflated (closed 1007).";
+    InflateTooBig => "barrage_inflate_refused_total" {"reason" = "too_big"}, "counter", "Compressed client messages refused: inflated past websocket.message_bytes_max (closed 1009), or not valid DEFLATE or not UTF-8 text once inflated (closed 1007), or past websocket.inflate_rate_per_s (closed 1008, not inflated).";
     InflateInvalid => "barrage_inflate_refused_total" {"reason" = "invalid"}, "counter", "";
+    InflateRate => "barrage_inflate_refused_total" {"reason" = "rate"}, "counter", "";
     TlsKernel => "barrage_tls_kernel_total" {"result" = "ok"}, "counter", "TLS connections whose send keys went to the kernel (kernel TLS), or that the kernel refused and are sealed in user space (fallback).";
     TlsKernelFallback => "barrage_tls_kernel_total" {"result" = "fallback"}, "counter", "";
     HttpRequests => "barrage_http_requests_total", "counter", "Plain HTTP requests on the public listener.";

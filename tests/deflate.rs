@@ -103,3 +103,32 @@ fn a_decompression_bomb_is_closed_with_1009_and_junk_with_1007() {
     let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
     assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1002);
 }
+
+/// A flood of tiny compressed messages (each could inflate to the message limit) is closed with
+/// 1008 past `websocket.inflate_rate_per_s`, counted, the rest never inflated.
+#[test]
+fn compressed_messages_past_their_rate_are_closed_with_1008() {
+    let gw = Gateway::start(&["--deflate", "true", "--inflate-rate-per-s", "5", "--inflate-rate-burst", "10"]);
+    let mut s = TcpStream::connect(gw.ws).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let request = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+    s.write_all(request.as_bytes()).unwrap();
+    // 100 compressed app-level pings at once (a ClientFrame with an empty ping: field 4).
+    let ping = [0x22, 0x00];
+    let mut z = Vec::new();
+    barrage::wire::deflate::compress(&ping, 6, &mut z);
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        barrage::wire::frame::masked_frame(true, 0x40 | 0x2, &z, [9, 8, 7, 6], &mut flood);
+    }
+    s.write_all(&flood).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let close = got.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
+    assert_eq!(u16::from_be_bytes([got[close + 2], got[close + 3]]), 1008);
+    common::eventually("counted", || gw.metric("barrage_inflate_refused_total{reason=\"rate\"}") == 1);
+    let inflated = gw.metric("barrage_inflated_messages_total");
+    assert!((10..=11).contains(&inflated), "the burst, not the flood: {inflated}");
+}

@@ -385,6 +385,8 @@ pub struct HubConfig {
     pub send_rate: Rate,
     /// Join frames per connection.
     pub join_rate: Rate,
+    /// Compressed messages per connection (permessage-deflate).
+    pub inflate_rate: Rate,
     pub slow_consumer_ms: u64,
     /// Close peers that are not taking their bytes with an RST (see `Teardown::Reset`).
     pub abortive_close: bool,
@@ -475,6 +477,7 @@ impl HubConfig {
                 .collect(),
             send_rate: Rate { per_s: c.rooms.send_rate_per_s, burst: c.rooms.send_rate_burst },
             join_rate: Rate { per_s: c.rooms.join_rate_per_s, burst: c.rooms.join_rate_burst },
+            inflate_rate: Rate { per_s: c.websocket.inflate_rate_per_s, burst: c.websocket.inflate_rate_burst },
             slow_consumer_ms: c.websocket.slow_consumer_ms,
             abortive_close: c.websocket.abortive_close,
             poll_limit_max: c.rooms.poll_limit_max,

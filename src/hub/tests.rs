@@ -1010,6 +1010,43 @@ fn only_the_encodings_taken_compressed_are_compressed() {
 }
 
 #[test]
+fn compressed_messages_past_their_rate_close_the_connection_uninflated() {
+    let c = config(|c| {
+        c.websocket.deflate = true;
+        c.websocket.inflate_rate_per_s = 2;
+        c.websocket.inflate_rate_burst = 3;
+    });
+    let mut h = hub(&c, 0, 1);
+    let room = RoomName::parse("zrate", 64).unwrap();
+    let now = at(0);
+    let key = upgrade_deflate(&mut h, "pinger", &room, now);
+    drain_sends(&mut h, &mut HashMap::new(), now);
+    h.end_turn(now);
+    let ping = ClientFrame { frame: Some(client_frame::Frame::Ping(crate::proto::Ping {})) }.encode_to_vec();
+    let mut z = Vec::new();
+    crate::wire::deflate::compress(&ping, 6, &mut z);
+    let compressed_ping = |h: &mut Hub, at: Now| {
+        let mut bytes = Vec::new();
+        masked_frame(true, Opcode::Binary as u8 | 0x40, &z, [1, 2, 3, 4], &mut bytes);
+        h.handle_recv(key, &mut bytes, at);
+    };
+    for _ in 0..3 {
+        compressed_ping(&mut h, now);
+    }
+    // Half a second later one more token has come: the fourth passes, the fifth is over.
+    compressed_ping(&mut h, at(500));
+    assert_eq!(h.counters().get(Series::Inflated), 4, "the burst and the refill");
+    compressed_ping(&mut h, at(500));
+    let mut closing = HashMap::new();
+    drain_sends(&mut h, &mut closing, at(500));
+    let close = &closing[&key];
+    let at_close = close.windows(2).rposition(|w| w[0] == 0x88).expect("a Close frame");
+    assert_eq!(u16::from_be_bytes([close[at_close + 2], close[at_close + 3]]), 1008);
+    let c = h.counters();
+    assert_eq!((c.get(Series::Inflated), c.get(Series::InflateRate), c.get(Series::ClosedInflate)), (4, 1, 1));
+}
+
+#[test]
 fn blocks_under_deflate_min_bytes_go_uncompressed() {
     let c = config(|c| {
         c.websocket.deflate = true;

@@ -108,6 +108,8 @@ pub struct Host {
     send_buckets: HashMap<ConnKey, TokenBucket>,
     /// Join-rate state of connections that joined by frame recently.
     join_buckets: HashMap<ConnKey, TokenBucket>,
+    /// Compressed messages, the same way.
+    inflate_buckets: HashMap<ConnKey, TokenBucket>,
     /// A drain in progress, and how many owners have flushed for it.
     drain: Option<drain::Drain>,
     flushed: usize,
@@ -157,6 +159,7 @@ impl Host {
             replicas: Replicas::default(),
             send_buckets: HashMap::new(),
             join_buckets: HashMap::new(),
+            inflate_buckets: HashMap::new(),
             drain: None,
             flushed: 0,
             edge: Edge::new(cfg.edge),
@@ -479,9 +482,10 @@ impl Host {
     /// rate buckets that have refilled (a new one starts full), so only connections that sent or
     /// joined in the last seconds hold one.
     fn sweep(&mut self, now: Now) {
-        let (send, join) = (self.cfg.send_rate, self.cfg.join_rate);
+        let (send, join, inflate) = (self.cfg.send_rate, self.cfg.join_rate, self.cfg.inflate_rate);
         self.send_buckets.retain(|_, b| !b.is_full(&send, now.ms));
         self.join_buckets.retain(|_, b| !b.is_full(&join, now.ms));
+        self.inflate_buckets.retain(|_, b| !b.is_full(&inflate, now.ms));
         let tick = now.tick();
         let slow_ticks = self.cfg.slow_consumer_ms.div_ceil(100) as u32;
         for key in self.conns.sweep_slice(SWEEP_SLICES) {
@@ -613,6 +617,7 @@ impl Host {
         }
         self.send_buckets.remove(&key);
         self.join_buckets.remove(&key);
+        self.inflate_buckets.remove(&key);
         self.http.remove(&key);
         self.peers.remove(&key);
         self.expiries.remove(&key);

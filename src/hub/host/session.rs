@@ -107,6 +107,17 @@ impl Host {
     /// messages: the client was told `client_no_context_takeover`), held to the message size
     /// limit, then taken as any message.
     fn inflated(&mut self, key: ConnKey, text: bool, payload: &[u8], echo: bool, now: Now) -> Flow {
+        // Checked before inflating: a few bytes may inflate to message_bytes_max. The echo
+        // endpoint (conformance tests only) is not limited.
+        let rate = self.cfg.inflate_rate;
+        if !echo && rate.per_s > 0 {
+            let bucket = self.inflate_buckets.entry(key).or_insert_with(|| TokenBucket::new(&rate, now.ms));
+            if !bucket.try_take(&rate, now.ms) {
+                self.counters.inc(Series::InflateRate);
+                self.fail(key, CloseCode::POLICY, "compressed messages too fast", Series::ClosedInflate, now);
+                return Flow::Stop;
+            }
+        }
         let max = self.cfg.read.message_bytes_max;
         let mut inflater = self.inflater.take().unwrap_or_default();
         let flow = match inflater.inflate(payload, max) {
