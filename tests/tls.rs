@@ -33,6 +33,17 @@ impl Cert {
     fn path(&self, f: &str) -> String {
         self.dir.join(f).to_string_lossy().into_owned()
     }
+
+    /// A gateway serving TLS with this certificate, with `extra` flags.
+    fn gateway(&self, extra: &[&str]) -> Gateway {
+        Gateway::start(&self.flags(extra).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn flags(&self, extra: &[&str]) -> Vec<String> {
+        let mut flags = vec!["--tls-cert".into(), self.path("cert.pem"), "--tls-key".into(), self.path("key.pem")];
+        flags.extend(extra.iter().map(|f| f.to_string()));
+        flags
+    }
 }
 
 impl Drop for Cert {
@@ -77,7 +88,7 @@ fn frame(ws: &mut Wss) -> server_frame::Frame {
 #[test]
 fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() {
     let cert = Cert::new("main");
-    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    let gw = cert.gateway(&[]);
     for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
         let mut a = connect(&gw, &cert.der, versions, "?room=t1").expect("wss connect");
         assert!(matches!(frame(&mut a), server_frame::Frame::Welcome(_)));
@@ -136,14 +147,8 @@ fn wss_carries_blocks_with_tls_13_and_12_and_refuses_an_untrusted_certificate() 
 fn python_websockets_over_wss() {
     let python = common::venv_python();
     let cert = Cert::new("py");
-    let gw = Gateway::start_raw(&[
-        "--tls-cert",
-        &cert.path("cert.pem"),
-        "--tls-key",
-        &cert.path("key.pem"),
-        "--api-listen",
-        "127.0.0.1:0",
-    ]);
+    let flags = cert.flags(&["--api-listen", "127.0.0.1:0"]);
+    let gw = Gateway::start_raw(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(gw.ws.to_string(), "0.0.0.0:8443", "wss's port by default");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/wss_client.py");
     let out = std::process::Command::new(python)
@@ -161,7 +166,7 @@ fn python_websockets_over_wss() {
 #[test]
 fn sighup_reloads_the_certificate_without_dropping_connections() {
     let first = Cert::new("hup1");
-    let gw = Gateway::start(&["--tls-cert", &first.path("cert.pem"), "--tls-key", &first.path("key.pem")]);
+    let gw = first.gateway(&[]);
     let mut old = connect(&gw, &first.der, &[&rustls::version::TLS13], "?room=hup").expect("wss connect");
     assert!(matches!(frame(&mut old), server_frame::Frame::Welcome(_)));
     // New files in place, then SIGHUP.
@@ -189,14 +194,7 @@ fn a_client_key_update_is_followed_only_when_kept() {
     let cert = Cert::new("ku");
     let ping = barrage::proto::ClientFrame { frame: Some(client_frame::Frame::Ping(barrage::proto::Ping {})) };
     for keep in [true, false] {
-        let gw = Gateway::start(&[
-            "--tls-cert",
-            &cert.path("cert.pem"),
-            "--tls-key",
-            &cert.path("key.pem"),
-            "--tls-key-updates",
-            if keep { "true" } else { "false" },
-        ]);
+        let gw = cert.gateway(&["--tls-key-updates", if keep { "true" } else { "false" }]);
         let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "").expect("wss connect");
         assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
         ws.get_mut().conn.refresh_traffic_keys().unwrap();
@@ -216,16 +214,7 @@ fn a_client_key_update_is_followed_only_when_kept() {
 fn a_tls_handshake_flood_stays_within_the_partial_input_budget() {
     let cert = Cert::new("flood");
     let budget = 256 * 1024;
-    let gw = Gateway::start(&[
-        "--tls-cert",
-        &cert.path("cert.pem"),
-        "--tls-key",
-        &cert.path("key.pem"),
-        "--shards",
-        "1",
-        "--partial-bytes-max",
-        &budget.to_string(),
-    ]);
+    let gw = cert.gateway(&["--shards", "1", "--partial-bytes-max", &budget.to_string()]);
     // Each: a handshake record announcing 16,000 bytes, and 12,000 of them.
     let mut flood = Vec::new();
     for _ in 0..60 {
@@ -252,8 +241,7 @@ fn a_tls_handshake_flood_stays_within_the_partial_input_budget() {
 #[test]
 fn kernel_tls_takes_the_send_keys_where_the_kernel_has_it() {
     let cert = Cert::new("ktls");
-    let tls = ["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")];
-    let gw = Gateway::start(&tls);
+    let gw = cert.gateway(&[]);
     let line = gw.stdout.iter().find(|l| l.trim_start().starts_with("TLS")).expect("a start-up line on TLS").clone();
     for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
         let mut ws = connect(&gw, &cert.der, versions, "?room=k1").expect("wss connect");
@@ -286,13 +274,13 @@ fn kernel_tls_takes_the_send_keys_where_the_kernel_has_it() {
         }
     }
     drop(gw);
-    let gw = Gateway::start(&[&tls[..], &["--tls-kernel", "off"]].concat());
+    let gw = cert.gateway(&["--tls-kernel", "off"]);
     let line = gw.stdout.iter().find(|l| l.trim_start().starts_with("TLS")).unwrap();
     assert!(line.contains("kernel TLS: off (tls.kernel = off)"), "{line}");
     drop(gw);
     // `on` tries every connection without probing: here the io_uring setsockopts run; where the
     // kernel refuses them the connection falls back to user space, counted, and still works.
-    let gw = Gateway::start(&[&tls[..], &["--tls-kernel", "on"]].concat());
+    let gw = cert.gateway(&["--tls-kernel", "on"]);
     let mut ws = connect(&gw, &cert.der, &[&rustls::version::TLS13], "?room=k2").expect("wss connect");
     assert!(matches!(frame(&mut ws), server_frame::Frame::Welcome(_)));
     gw.wait_online("k2", 1);
@@ -313,11 +301,7 @@ fn kernel_tls_takes_the_send_keys_where_the_kernel_has_it() {
 #[test]
 fn a_proxy_header_before_the_tls_handshake_names_the_client() {
     let cert = Cert::new("proxy");
-    let gw = Gateway::start(&[
-        "--tls-cert",
-        &cert.path("cert.pem"),
-        "--tls-key",
-        &cert.path("key.pem"),
+    let gw = cert.gateway(&[
         "--shards",
         "1",
         "--proxy-protocol",
@@ -359,7 +343,7 @@ fn a_proxy_header_before_the_tls_handshake_names_the_client() {
 #[test]
 fn a_refused_handshake_gets_its_alert() {
     let cert = Cert::new("alert");
-    let gw = Gateway::start(&["--tls-cert", &cert.path("cert.pem"), "--tls-key", &cert.path("key.pem")]);
+    let gw = cert.gateway(&[]);
     let mut roots = RootCertStore::empty();
     roots.add(cert.der.clone()).unwrap();
     let mut config = ClientConfig::builder_with_provider(Arc::new(barrage::tls::provider()))
