@@ -650,3 +650,78 @@ fn attributes_presence_and_short_polls_span_the_nodes() {
         gw.wait_online(room, 1);
     }
 }
+
+/// A room whose owner is `first` while `first`, `b` and `c` live, and `c` once `first` is gone.
+fn room_moving(first: &str, b: &str, c: &str) -> String {
+    use barrage::cluster::members::Members;
+    let set = |ids: &[&str]| Members::read("t", ids.iter().map(|id| (id.to_string(), 2, None)).collect(), 1);
+    let (all, after) = (set(&[first, b, c]), set(&[b, c]));
+    (0..10_000)
+        .map(|i| format!("move{i}"))
+        .find(|r| all.owner_of(r).is_some_and(|n| n.id == first) && after.owner_of(r).is_some_and(|n| n.id == c))
+        .expect("some room moves from the first node to c")
+}
+
+/// Nodes see a death at different times. Here b sees it seconds before c, the room's next
+/// owner, so b reports its member to c while c still routes the room to the dead node: that
+/// report is lost, and only c's own change of view (it asks every node to report again) lets
+/// c learn of b's member and send the room's blocks its way.
+#[test]
+fn members_reported_while_the_views_differ_are_reported_again() {
+    let redis = Redis::start();
+    let a = fast_node(&redis, "a");
+    let b = fast_node(&redis, "b");
+    // c reads the set every 6 s: it sees a's death long after b does.
+    let (url, lease) = (redis.url(), LEASE_MS.to_string());
+    let mut c = Gateway::start(&[
+        "--redis",
+        &url,
+        "--cluster",
+        "true",
+        "--cluster-node-id",
+        "c",
+        "--cluster-heartbeat-ms",
+        "6000",
+        "--cluster-node-ttl-ms",
+        "12000",
+        "--cluster-lease-ms",
+        &lease,
+    ]);
+    for gw in [&a, &b, &c] {
+        eventually("three nodes", || live(gw).len() == 3);
+    }
+    let room = room_moving("a", "b", "c");
+    assert_eq!(owner_of(&b, &room), "a");
+    let mut viewer = Client::connect(&b.url(&format!("?room={room}")), None);
+    viewer.welcome();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = viewer.ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    b.wait_online(&room, 1);
+    // Kill a just after c read the set: c's next read is 6 s away, b's 200 ms.
+    let as_of = |gw: &Gateway| cluster(gw)["as_of_ms"].as_i64().unwrap();
+    let read = as_of(&c);
+    eventually("c reads the set again", || as_of(&c) != read);
+    let mut a = a;
+    sigkill(&mut a);
+    drop(a);
+    eventually("b sees a gone", || live(&b) == set(&["b", "c"]));
+    assert!(live(&c).contains("a"), "c still counts a: the views differ");
+    // Once c takes the room, a publish through b reaches b's member.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.publish(&room, serde_json::json!({"text": "moved"})).0 != 202 {
+        assert!(Instant::now() < deadline, "publishing never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(owner_of(&b, &room), "c");
+    // (A member that never reached c's count would wait out the read timeout here.)
+    let got = loop {
+        if let server_frame::Frame::Block(b) = viewer.recv() {
+            break b;
+        }
+    };
+    assert_eq!(got.messages.last().map(|m| m.data.as_slice()), Some(&b"moved"[..]), "b's member gets c's block");
+    assert!(c.metric("barrage_cluster_resyncs_total{way=\"out\"}") >= 1, "c announced its change of view");
+    assert!(b.metric("barrage_cluster_resyncs_total{way=\"in\"}") >= 1, "b heard it and reported again");
+    assert!(c.terminate());
+}

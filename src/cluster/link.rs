@@ -77,6 +77,8 @@ pub struct LinkStats {
     pub subscriptions: AtomicU64,
     pub renewals: AtomicU64,
     pub lost: AtomicU64,
+    pub resyncs_out: AtomicU64,
+    pub resyncs_in: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -574,7 +576,12 @@ impl State<'_> {
                 }
             }
             // A drain's and a stop's mail, and hook verdicts, are for local shards only.
-            HostMail::Drain(_) | HostMail::Flushed | HostMail::Stop | HostMail::Hook(_) | HostMail::TlsConfig(_) => {}
+            HostMail::Drain(_)
+            | HostMail::Flushed
+            | HostMail::Stop
+            | HostMail::Hook(_)
+            | HostMail::TlsConfig(_)
+            | HostMail::Resync => {}
         }
     }
 
@@ -631,8 +638,11 @@ impl State<'_> {
         }
     }
 
-    /// The live set changed: rooms may have moved here or away.
+    /// The live set changed: rooms may have moved here or away. Every node reports its
+    /// members again (see `relay::Resync`): this node's shards do so on their own.
     fn placement_changed(&mut self) {
+        add(&self.link.stats.resyncs_out, 1);
+        self.send_to(&self.link.channels.all(), Body::Resync(relay::Resync {}), 0);
         let rooms: Vec<RoomName> = self.local.keys().cloned().collect();
         for room in &rooms {
             self.resubscribe(room);
@@ -750,6 +760,10 @@ impl State<'_> {
                 let Some(f) = t.frame else { return };
                 let frame = Arc::new(relay::frame_in(f));
                 self.mail_every_shard(|| HostMail::ToAll { frame: Arc::clone(&frame), reply: None });
+            }
+            Body::Resync(_) => {
+                add(&self.link.stats.resyncs_in, 1);
+                self.mail_every_shard(|| HostMail::Resync);
             }
             Body::Answer(a) => {
                 if let Some((waiter, _)) = self.asks.remove(&a.req) {

@@ -216,7 +216,7 @@ impl Cluster {
         }
         let l = &self.link_stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let link: [(&str, &str, &str, u64); 12] = [
+        let link: [(&str, &str, &str, u64); 14] = [
             (
                 "barrage_cluster_link_up",
                 "gauge",
@@ -268,6 +268,13 @@ impl Cluster {
                 "Room channels followed (rooms other nodes own with members here).",
                 get(&l.subscriptions),
             ),
+            (
+                "barrage_cluster_resyncs_total{way=\"out\"}",
+                "counter",
+                "Changes of this node's view of the live set announced to the others (out), and other nodes' announcements taken (in): every room's members are reported to its owner again.",
+                get(&l.resyncs_out),
+            ),
+            ("barrage_cluster_resyncs_total{way=\"in\"}", "counter", "", get(&l.resyncs_in)),
             (
                 "barrage_cluster_leases",
                 "gauge",

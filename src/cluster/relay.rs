@@ -8,7 +8,8 @@
 //! - a room's channel (`P{room}:blocks`): the owner's frames, the same bytes every node hands
 //!   to its members (encoded once, cluster-wide); nodes with members there subscribe;
 //! - the cluster channel (`P{cluster}:all`): kicks, ban and whitelist replicas, direct and
-//!   broadcast frames, for every node.
+//!   broadcast frames, and "report again" (a node's view of the live set changed), for every
+//!   node.
 #![forbid(unsafe_code)]
 
 use crate::proto;
@@ -27,7 +28,7 @@ pub struct Relay {
     /// The sending node's id.
     #[prost(string, tag = "1")]
     pub from: String,
-    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 22")]
+    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23")]
     pub body: Option<Body>,
     /// Nodes a request passed that did not own its room (their views of the set differed).
     #[prost(uint32, tag = "20")]
@@ -82,7 +83,17 @@ pub enum Body {
     // Back to the asking node: an acknowledged send's ack.
     #[prost(message, tag = "22")]
     Ack(AckTo),
+    // On the cluster channel: the sender's view of the live set changed.
+    #[prost(message, tag = "23")]
+    Resync(Resync),
 }
+
+/// "Report your members to their rooms' owners again": sent by a node whose view of the live
+/// set changed. Nodes see a change at different times, and a presence report that reached a
+/// node while its view was older went to the room's old owner (gone with a dead node); the
+/// new owner's view changing last is the moment everyone's reports reach it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resync {}
 
 /// An `ack` frame for a connection on the asking node.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -220,6 +220,9 @@ pub enum HostMail {
     Drain(DrainPlan),
     /// An owner has cut its rooms' pending messages into blocks (mailed before this).
     Flushed,
+    /// Another node's view of the live set changed: every room here reports its members to
+    /// its owner again (a report made while the views differed may have gone astray).
+    Resync,
     /// Close every connection (1001) and stop.
     Stop,
 }
@@ -242,6 +245,7 @@ impl HostMail {
             | HostMail::TlsConfig(_)
             | HostMail::Drain(_)
             | HostMail::Flushed
+            | HostMail::Resync
             | HostMail::Stop => None,
         }
     }

@@ -1111,3 +1111,37 @@ fn compressed_client_messages_are_inflated_within_the_limit() {
     let c = h.counters();
     assert_eq!((c.get(Series::InflateTooBig), c.get(Series::ClosedTooBig)), (1, 1));
 }
+
+/// The presence reports (members per room) a hub's turn sends to owners.
+fn presence_reports(h: &mut Hub, now: Now) -> Vec<(RoomName, u32)> {
+    h.end_turn(now);
+    let mut reports = Vec::new();
+    h.flush_mail(&mut |_, m| {
+        if let Mail::Owner(OwnerMail::Presence { room, members, .. }) = m {
+            reports.push((room, members));
+        }
+        Ok(())
+    });
+    reports
+}
+
+/// Another node's view of the cluster changed (`HostMail::Resync`): every room here reports
+/// its members again, though nothing changed here.
+#[test]
+fn a_resync_reports_every_room_again() {
+    let c = config(|_| {});
+    let mut h = hub(&c, 0, 2);
+    let (r1, r2) = (room_owned_by(1, 2, "one"), room_owned_by(1, 2, "two"));
+    let now = at(0);
+    upgrade(&mut h, "ann", &r1, now);
+    upgrade(&mut h, "bob", &r2, now);
+    upgrade(&mut h, "cy", &r2, now);
+    let mut first = presence_reports(&mut h, now);
+    first.sort();
+    assert_eq!(first, vec![(r1.clone(), 1), (r2.clone(), 2)]);
+    assert!(presence_reports(&mut h, now).is_empty(), "nothing changed: nothing reported");
+    h.handle_mail(HostMail::Resync.into(), now);
+    let mut again = presence_reports(&mut h, now);
+    again.sort();
+    assert_eq!(again, first, "reported again as they stand");
+}

@@ -103,6 +103,7 @@ impl Host {
             HostMail::TlsConfig(config) => self.cfg.tls = Some(config),
             HostMail::Drain(plan) => self.start_drain(plan, now),
             HostMail::Flushed => self.owner_flushed(1, now),
+            HostMail::Resync => self.placement_changed(),
             HostMail::Stop => self.stop(now),
         }
     }
