@@ -140,7 +140,8 @@ pub fn accept_margin(files_max: u32) -> u32 {
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// The loop's load is measured over windows this long.
 const LOAD_WINDOW: Duration = Duration::from_millis(50);
-/// Counters are copied for the metrics endpoint at most this often.
+/// Counters are copied for the metrics endpoint at most this often while the shard is busy,
+/// and whenever it goes to sleep.
 const PUBLISH_EVERY_MS: u64 = 50;
 /// At stop, how long to wait for cancelled operations to finish before giving up on them
 /// (their memory is then leaked, never freed under the kernel).
@@ -333,10 +334,15 @@ impl Shard {
     fn publish(&mut self, now: Now, force: bool) {
         self.hub.count(Series::Turns);
         if force || now.ms >= self.last_publish_ms + PUBLISH_EVERY_MS {
-            self.last_publish_ms = now.ms;
-            self.hub.set_gauge(Series::Rings, self.io.rings.len() as u64);
-            self.hub.counters().publish(&self.metrics[self.io.id.index()]);
+            self.snapshot(now);
         }
+    }
+
+    /// Copies the counters to what `/metrics` reads.
+    fn snapshot(&mut self, now: Now) {
+        self.last_publish_ms = now.ms;
+        self.hub.set_gauge(Series::Rings, self.io.rings.len() as u64);
+        self.hub.counters().publish(&self.metrics[self.io.id.index()]);
     }
 
     /// After `HostMail::Stop`: stop accepting, and end once drained or the grace time is over.
@@ -410,6 +416,11 @@ impl Shard {
         }
         if self.hub.has_waiting_mail() {
             timeout = timeout.min(Duration::from_millis(1));
+        }
+        // About to sleep (up to SLEEP_MAX): `/metrics` shows all this shard has done, not a
+        // copy up to PUBLISH_EVERY_MS old (an idle shard takes no turn to publish again).
+        if !timeout.is_zero() && self.last_publish_ms != now.ms {
+            self.snapshot(now);
         }
         let rings = &mut self.io.rings;
         let inbox = self.io.mesh.inbox(self.io.id);
