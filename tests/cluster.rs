@@ -725,3 +725,87 @@ fn members_reported_while_the_views_differ_are_reported_again() {
     assert!(b.metric("barrage_cluster_resyncs_total{way=\"in\"}") >= 1, "b heard it and reported again");
     assert!(c.terminate());
 }
+
+/// One command on a connection the test keeps (Redis may refuse new ones meanwhile).
+fn command(con: &mut std::net::TcpStream, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    con.write_all(req.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let n = con.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Pub/sub loses what is published while a subscriber is away. A node whose subscriber comes
+/// back asks every node to report its members again: here a member joined on b while a, the
+/// room's owner, could not subscribe, so b's report to a was lost.
+#[test]
+fn a_subscriber_back_from_a_break_has_every_node_report_again() {
+    let redis = Redis::start();
+    let quick = ["--redis-reconnect-max-ms", "100"];
+    let (a, b) = (node_with(&redis, "a", &quick), node_with(&redis, "b", &quick));
+    for gw in [&a, &b] {
+        eventually("two nodes", || live(gw).len() == 2);
+    }
+    let room = (0..).map(|i| format!("sub{i}")).find(|r| owner_of(&a, r) == "a").unwrap();
+    let mut control = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    control.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Both links' subscribers are cut, and Redis takes no new connection for a while.
+    let info = command(&mut control, &["INFO", "clients"]);
+    let clients: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients");
+    let subscribers = command(&mut control, &["CLIENT", "LIST", "TYPE", "pubsub"]).matches("id=").count();
+    assert_eq!(subscribers, 2, "one subscriber per node");
+    let cap = (clients - subscribers).to_string();
+    assert!(command(&mut control, &["CONFIG", "SET", "maxclients", &cap]).starts_with("+OK"));
+    assert!(command(&mut control, &["CLIENT", "KILL", "TYPE", "pubsub"]).starts_with(":2"));
+    for gw in [&a, &b] {
+        eventually("the link sees the break", || gw.metric("barrage_cluster_link_up") == 0);
+    }
+    // A member joins on b: b's report to a is published while nobody listens on a's channel.
+    let relayed = b.metric("barrage_cluster_relayed_total");
+    let mut viewer = Client::connect(&b.url(&format!("?room={room}")), None);
+    viewer.welcome();
+    eventually("b sent its report", || b.metric("barrage_cluster_relayed_total") > relayed);
+    let (_, body) = http(a.api, "GET", &format!("/v1/rooms/{room}"), None, &[]);
+    assert!(body.contains(r#""online":0"#), "a never heard of b's member: {body}");
+    // Redis takes connections again: both subscribe anew and everyone reports again.
+    assert!(command(&mut control, &["CONFIG", "SET", "maxclients", "10000"]).starts_with("+OK"));
+    for gw in [&a, &b] {
+        eventually("the link is back", || gw.metric("barrage_cluster_link_up") == 1);
+    }
+    a.wait_online(&room, 1);
+    assert!(a.metric("barrage_cluster_resyncs_total{way=\"out\"}") >= 1);
+    assert!(b.metric("barrage_cluster_resyncs_total{way=\"in\"}") >= 1);
+    // And the owner's blocks go b's way again.
+    assert_eq!(a.publish(&room, serde_json::json!({"text": "back"})).0, 202);
+    let got = loop {
+        if let server_frame::Frame::Block(blk) = viewer.recv() {
+            break blk;
+        }
+    };
+    assert_eq!(got.messages.last().map(|m| m.data.as_slice()), Some(&b"back"[..]));
+}
+
+/// A subscriber Redis refuses (here: a user that may publish but not subscribe) is not taken
+/// for a working link: an error reply leaves the connection open but deaf, so it is closed,
+/// counted and tried again.
+#[test]
+fn a_refused_subscriber_is_not_a_working_link() {
+    let redis = Redis::start();
+    let mut control = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    control.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let acl = ["ACL", "SETUSER", "edge", "on", ">pw", "~*", "&*", "+@all", "-subscribe"];
+    assert!(command(&mut control, &acl).starts_with("+OK"));
+    let url = format!("redis://edge:pw@127.0.0.1:{}", redis.port);
+    let a = Gateway::start(&["--redis", &url, "--cluster", "true", "--cluster-node-id", "a"]);
+    eventually("the refusals are counted", || a.metric("barrage_cluster_link_errors_total") >= 2);
+    assert_eq!(a.metric("barrage_cluster_link_up"), 0);
+    eventually("the heartbeat works: only the subscriber is refused", || live(&a).len() == 1);
+}

@@ -20,7 +20,7 @@ pub fn relay(data: &[u8]) {
                     assert!(used <= buf.len());
                     assert_eq!(resp::parse(&buf[..used], BULK_MAX), Ok(Some((value.clone(), used))));
                     buf.drain(..used);
-                    if let Some((channel, payload)) = resp::message(value) {
+                    if let resp::Push::Message(channel, payload) = resp::push(value) {
                         take(&channel, &payload);
                     }
                 }

@@ -25,7 +25,7 @@ use prost::Message as _;
 use super::lease::{Leases, Take};
 use super::placement::Placement;
 use super::relay::{self, Answer, Asker, Body, Channels, Relay};
-use super::resp;
+use super::resp::{self, Push};
 use crate::hub::mail::{AttrsSnapshot, BatchItem, ConnAt, HostMail, Mail, Origin, OwnerMail, Reply};
 use crate::ids::{ConnId, ConnKey, ShardId, UserId};
 use crate::room::RoomName;
@@ -230,6 +230,8 @@ struct State<'a> {
     backoff: Duration,
     next_renew: Instant,
     generation: u64,
+    /// This node's channel was subscribed once already (a later confirmation follows a break).
+    subscribed_before: bool,
 }
 
 impl Link {
@@ -254,6 +256,7 @@ impl Link {
             backoff: BACKOFF_MIN,
             next_renew: Instant::now(),
             generation: self.placement.generation(),
+            subscribed_before: false,
         };
         let Some(inbox) = self.mesh.link() else { return };
         while !self.stop.load(Ordering::Acquire) {
@@ -638,11 +641,16 @@ impl State<'_> {
         }
     }
 
+    /// Asks every other node to report its members to their rooms' owners again.
+    fn resync(&mut self) {
+        add(&self.link.stats.resyncs_out, 1);
+        self.send_to(&self.link.channels.all(), Body::Resync(relay::Resync {}), 0);
+    }
+
     /// The live set changed: rooms may have moved here or away. Every node reports its
     /// members again (see `relay::Resync`): this node's shards do so on their own.
     fn placement_changed(&mut self) {
-        add(&self.link.stats.resyncs_out, 1);
-        self.send_to(&self.link.channels.all(), Body::Resync(relay::Resync {}), 0);
+        self.resync();
         let rooms: Vec<RoomName> = self.local.keys().cloned().collect();
         for room in &rooms {
             self.resubscribe(room);
@@ -675,12 +683,18 @@ impl State<'_> {
         let mut messages = Vec::new();
         let mut at = 0;
         let mut malformed = false;
+        let (mut refused, mut resubscribed) = (None, false);
         loop {
             match resp::parse(&sub.buf[at..], PAYLOAD_MAX) {
                 Ok(Some((value, used))) => {
                     at += used;
-                    if let Some(m) = resp::message(value) {
-                        messages.push(m);
+                    match resp::push(value) {
+                        Push::Message(channel, payload) => messages.push((channel, payload)),
+                        Push::Subscribed(channel) => {
+                            resubscribed |= channel == self.link.channels.node(&self.link.me).as_bytes();
+                        }
+                        Push::Error(e) => refused = Some(e),
+                        Push::Other => {}
                     }
                 }
                 Ok(None) => break,
@@ -694,10 +708,26 @@ impl State<'_> {
         if malformed {
             add(&self.link.stats.malformed, 1);
         }
-        if alive && !malformed {
+        if alive && !malformed && refused.is_none() {
             self.sub = Some(sub);
         } else {
+            // An error reply (refused AUTH, too many clients, no permission) would leave the
+            // connection open and deaf: closed and tried again like a broken one.
+            if let Some(e) = refused
+                && self.link.stats.errors.load(Ordering::Relaxed) == 0
+            {
+                eprintln!("barrage: cluster link: the subscriber was refused: {e}");
+            }
             self.drop_sub();
+        }
+        // Subscribed again after a break: what was published to this node meanwhile (other
+        // nodes' presence reports among it) is lost, so every node reports again.
+        if resubscribed {
+            if self.subscribed_before {
+                self.resync();
+                self.mail_every_shard(|| HostMail::Resync);
+            }
+            self.subscribed_before = true;
         }
         for (channel, payload) in messages {
             add(&self.link.stats.received, 1);

@@ -123,17 +123,38 @@ fn number(line: &[u8]) -> Result<i64, Malformed> {
     std::str::from_utf8(line).ok().and_then(|s| s.parse().ok()).ok_or(Malformed)
 }
 
-/// A pushed pub/sub message: (channel, payload); None for anything else (confirmations).
-pub fn message(v: Value) -> Option<(Vec<u8>, Vec<u8>)> {
-    let Value::Array(items) = v else { return None };
+/// What a subscriber connection is pushed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// A published message: (channel, payload).
+    Message(Vec<u8>, Vec<u8>),
+    /// A `SUBSCRIBE` took effect for this channel.
+    Subscribed(Vec<u8>),
+    /// An error reply (refused authentication, too many clients, no permission).
+    Error(String),
+    /// Anything else (other confirmations).
+    Other,
+}
+
+pub fn push(v: Value) -> Push {
+    let items = match v {
+        Value::Array(items) => items,
+        Value::Error(e) => return Push::Error(e),
+        _ => return Push::Other,
+    };
     let mut it = items.into_iter();
     match (it.next(), it.next(), it.next()) {
         (Some(Value::Bulk(Some(kind))), Some(Value::Bulk(Some(channel))), Some(Value::Bulk(Some(payload))))
             if kind == b"message" =>
         {
-            Some((channel, payload))
+            Push::Message(channel, payload)
         }
-        _ => None,
+        (Some(Value::Bulk(Some(kind))), Some(Value::Bulk(Some(channel))), Some(Value::Int(_)))
+            if kind == b"subscribe" =>
+        {
+            Push::Subscribed(channel)
+        }
+        _ => Push::Other,
     }
 }
 
@@ -193,12 +214,19 @@ mod tests {
 
     #[test]
     fn messages_and_bounds() {
-        let push = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nabc\r\n";
-        let (v, n) = parse(push, 1 << 10).unwrap().unwrap();
-        assert_eq!(n, push.len());
-        assert_eq!(message(v), Some((b"ch".to_vec(), b"abc".to_vec())));
+        let pushed = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nabc\r\n";
+        let (v, n) = parse(pushed, 1 << 10).unwrap().unwrap();
+        assert_eq!(n, pushed.len());
+        assert_eq!(push(v), Push::Message(b"ch".to_vec(), b"abc".to_vec()));
         let confirm = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
-        assert_eq!(message(parse(confirm, 1 << 10).unwrap().unwrap().0), None);
+        assert_eq!(push(parse(confirm, 1 << 10).unwrap().unwrap().0), Push::Subscribed(b"ch".to_vec()));
+        let gone = b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n";
+        assert_eq!(push(parse(gone, 1 << 10).unwrap().unwrap().0), Push::Other);
+        let refused = b"-ERR max number of clients reached\r\n";
+        assert_eq!(
+            push(parse(refused, 1 << 10).unwrap().unwrap().0),
+            Push::Error("ERR max number of clients reached".into())
+        );
         assert_eq!(parse(b"$100\r\n", 10), Err(Malformed), "longer than allowed");
         assert_eq!(parse(b"?x\r\n", 10), Err(Malformed));
         assert_eq!(command(&[b"SUBSCRIBE", b"a"]), b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n");
