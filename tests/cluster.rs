@@ -809,3 +809,44 @@ fn a_refused_subscriber_is_not_a_working_link() {
     assert_eq!(a.metric("barrage_cluster_link_up"), 0);
     eventually("the heartbeat works: only the subscriber is refused", || live(&a).len() == 1);
 }
+
+/// Bans are enforced where a user joins, from each node's replicas of the owners' lists. A
+/// node that joins the cluster after a ban learns it too (the owners replicate again when a
+/// node's view of the cluster changes or its subscriber comes back).
+#[test]
+fn a_node_that_joins_later_refuses_users_banned_before() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    for gw in [&a, &b] {
+        eventually("two nodes", || live(gw).len() == 2);
+    }
+    // A room that stays where it is when c joins (a room moving to c is loaded there, lists
+    // and all).
+    let three = barrage::cluster::members::Members::read(
+        "t",
+        ["a", "b", "c"].iter().map(|id| (id.to_string(), 2, None)).collect(),
+        1,
+    );
+    let room = &(0..).map(|i| format!("banned{i}")).find(|r| three.owner_of(r).is_some_and(|n| n.id != "c")).unwrap();
+    let owner = owner_of(&a, room);
+    let owner_gw = if owner == "a" { &a } else { &b };
+    let (s, body) = http(owner_gw.api, "POST", &format!("/v1/rooms/{room}/bans"), Some(r#"{"user":"mallory"}"#), &[]);
+    assert_eq!(s, 200, "{body}");
+    let c = node(&redis, "c");
+    for gw in [&a, &b, &c] {
+        eventually("three nodes", || live(gw).len() == 3);
+    }
+    let url = c.url(&format!("?room={room}&token={}", common::token("mallory")));
+    eventually("c refuses the banned user", || {
+        let mut m = Client::connect(&url, None);
+        m.welcome();
+        match m.recv() {
+            server_frame::Frame::Error(e) => e.code == 403,
+            _ => false,
+        }
+    });
+    // Others still join there.
+    let mut ok = Client::connect(&c.url(&format!("?room={room}&token={}", common::token("trent"))), None);
+    ok.welcome();
+    c.wait_online(room, 1);
+}

@@ -230,8 +230,6 @@ struct State<'a> {
     backoff: Duration,
     next_renew: Instant,
     generation: u64,
-    /// This node's channel was subscribed once already (a later confirmation follows a break).
-    subscribed_before: bool,
 }
 
 impl Link {
@@ -256,7 +254,6 @@ impl Link {
             backoff: BACKOFF_MIN,
             next_renew: Instant::now(),
             generation: self.placement.generation(),
-            subscribed_before: false,
         };
         let Some(inbox) = self.mesh.link() else { return };
         while !self.stop.load(Ordering::Acquire) {
@@ -720,14 +717,13 @@ impl State<'_> {
             }
             self.drop_sub();
         }
-        // Subscribed again after a break: what was published to this node meanwhile (other
-        // nodes' presence reports among it) is lost, so every node reports again.
+        // Subscribed (again): what was published to this node before (other nodes' presence
+        // reports, ban replicas) is lost, so every node reports and replicates again — at start
+        // too, since the first resync (the node's first read of the set) may have gone out
+        // before the node listened.
         if resubscribed {
-            if self.subscribed_before {
-                self.resync();
-                self.mail_every_shard(|| HostMail::Resync);
-            }
-            self.subscribed_before = true;
+            self.resync();
+            self.mail_every_shard(|| HostMail::Resync);
         }
         for (channel, payload) in messages {
             add(&self.link.stats.received, 1);

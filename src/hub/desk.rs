@@ -308,6 +308,15 @@ impl Desk {
         self.owner.drop_if_unused(room);
     }
 
+    /// Another node's view of the cluster changed (it joined, saw one leave, or its subscriber
+    /// came back from a break): it may lack the bans and whitelists of the rooms owned here,
+    /// which it learnt only as they were set or loaded. Every node is told them again.
+    pub fn resync(&mut self, now: Now) {
+        for room in self.owner.moderated() {
+            self.replicate_lists(&room, now);
+        }
+    }
+
     /// Every shard learns a loaded room's bans and whitelist (joins are checked there), and a
     /// banned user who joined while the room was loading is closed.
     fn replicate_lists(&mut self, room: &RoomName, now: Now) {

@@ -306,6 +306,11 @@ impl Hub {
     fn dispatch(&mut self, mail: Mail, now: Now) {
         match mail {
             Mail::Owner(m) => self.desk.handle_mail(m, now, &self.post),
+            // Both halves answer a resync: members are reported again, lists replicated again.
+            Mail::Host(HostMail::Resync) => {
+                self.host.handle_mail(HostMail::Resync, now);
+                self.desk.resync(now);
+            }
             Mail::Host(m) => self.host.handle_mail(m, now),
         }
     }

@@ -9,7 +9,7 @@ use super::mail::{Origin, OwnerMail, Reply};
 use super::*;
 use crate::ids::{UnixMs, UserId};
 use crate::proto::{ClientFrame, Join, Message, Send, ServerFrame, client_frame, server_frame};
-use crate::room::moderation::ModerationError;
+use crate::room::moderation::{List, ModerationError};
 use crate::room::owner::{self, ModAction};
 use crate::room::{Priority, RoomName};
 use crate::shard::mesh::Mesh;
@@ -1144,4 +1144,49 @@ fn a_resync_reports_every_room_again() {
     let mut again = presence_reports(&mut h, now);
     again.sort();
     assert_eq!(again, first, "reported again as they stand");
+}
+
+/// In a cluster, a resync also has the owners tell every shard and the link (every other
+/// node) their rooms' bans and whitelists again: a node that joined later, or whose subscriber
+/// was away, learnt only what was set or loaded while it listened.
+#[test]
+fn a_resync_replicates_the_owners_lists_again() {
+    let c = config(|_| {});
+    let placement = crate::cluster::placement::Placement::new("me", 1);
+    let mut h = Hub::new(HubConfig::new(&c, ShardId(0), 1).with_placement(placement));
+    let room = RoomName::parse("r", 64).unwrap();
+    let now = at(0);
+    for (user, action) in [("spammer", ModAction::Ban { until_ms: None }), ("vip", ModAction::Whitelist)] {
+        let (tx, rx) = sync_channel(1);
+        let mail = OwnerMail::Moderate {
+            room: room.clone(),
+            user: UserId::new(user),
+            action,
+            reason: "x".into(),
+            origin: Origin::Api(Reply(tx)),
+        };
+        h.handle_mail(mail.into(), now);
+        assert_eq!(rx.try_recv().expect("answered"), Ok(()));
+    }
+    let replicas = |h: &mut Hub| {
+        let mut got = Vec::new();
+        h.flush_mail(&mut |to, m| {
+            if let Mail::Host(HostMail::Replicate { user, list, add: true, .. }) = m {
+                got.push((to, user.as_str().to_owned(), list));
+            }
+            Ok(())
+        });
+        got.sort_by(|a, b| (a.0.0, &a.1).cmp(&(b.0.0, &b.1)));
+        got
+    };
+    let link = ShardId(1);
+    let first = replicas(&mut h);
+    assert_eq!(
+        first,
+        vec![(link, "spammer".to_owned(), List::Ban), (link, "vip".to_owned(), List::Whitelist)],
+        "set once: the link carries them to the other nodes"
+    );
+    assert!(replicas(&mut h).is_empty());
+    h.handle_mail(HostMail::Resync.into(), now);
+    assert_eq!(replicas(&mut h), first, "told again after a resync");
 }

@@ -602,6 +602,11 @@ impl Owner {
         Ok(())
     }
 
+    /// Rooms with moderation entries (expired ones count until swept).
+    pub fn moderated(&self) -> Vec<RoomName> {
+        self.rooms.iter().filter(|(_, r)| !r.moderation.is_empty()).map(|(name, _)| name.clone()).collect()
+    }
+
     /// A room's moderation lists (empty for an unknown room).
     pub fn moderation(&self, room: &RoomName, now: UnixMs) -> ModerationLists {
         let Some(r) = self.rooms.get(room) else { return ModerationLists::default() };
