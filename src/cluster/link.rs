@@ -638,7 +638,8 @@ impl State<'_> {
         }
     }
 
-    /// Asks every other node to report its members to their rooms' owners again.
+    /// Asks every other node to report its members to their rooms' owners again, and its
+    /// owners to send their rooms' bans and whitelists out again.
     fn resync(&mut self) {
         add(&self.link.stats.resyncs_out, 1);
         self.send_to(&self.link.channels.all(), Body::Resync(relay::Resync {}), 0);

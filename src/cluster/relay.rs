@@ -88,10 +88,12 @@ pub enum Body {
     Resync(Resync),
 }
 
-/// "Report your members to their rooms' owners again": sent by a node whose view of the live
-/// set changed. Nodes see a change at different times, and a presence report that reached a
+/// "Report your members to their rooms' owners again, and replicate your rooms' lists again":
+/// sent by a node whose view of the live set changed or whose subscriber is (again)
+/// subscribed. Nodes see a change at different times, and a presence report that reached a
 /// node while its view was older went to the room's old owner (gone with a dead node); the
-/// new owner's view changing last is the moment everyone's reports reach it.
+/// new owner's view changing last is the moment everyone's reports reach it. A node that
+/// joins, or whose subscriber was away, missed bans set meanwhile.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Resync {}
 
