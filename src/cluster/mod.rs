@@ -271,7 +271,7 @@ impl Cluster {
             (
                 "barrage_cluster_resyncs_total{way=\"out\"}",
                 "counter",
-                "Changes of this node's view of the live set announced to the others (out), and other nodes' announcements taken (in): every room's members are reported to its owner again and owners send their bans and whitelists out again.",
+                "Resyncs this node asked for (out: its view of the live set changed, or its subscriber subscribed again) and took from other nodes (in): every room's members are reported to its owner again and owners send their bans and whitelists out again.",
                 get(&l.resyncs_out),
             ),
             ("barrage_cluster_resyncs_total{way=\"in\"}", "counter", "", get(&l.resyncs_in)),
