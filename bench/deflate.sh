@@ -56,10 +56,7 @@ for r in $(seq "$REPEAT"); do
         peer=(--path "/sub?room=r0" --no-welcome --publish-path "/pub?room=r0" --publish-every-ms 50 --publish-file "$OUT/fixture/peer.txt")
         ;;
     esac
-    nice -n 10 taskset -c 0,1 ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$MEMBERS" --room r0 \
-      --source "127.0.0.$((30 + n))" --read --hold-s $((DURATION_S + 4)) "${client[@]}" "${peer[@]}" > "$OUT/$mode-$r.hold.json" 2> "$OUT/$mode-$r.hold.err" &
-    holder=$!
-    for _ in $(seq 600); do [[ -s "$OUT/$mode-$r.hold.json" ]] || ! kill -0 "$holder" 2> /dev/null && break; sleep 0.2; done
+    start_holder "$OUT/$mode-$r" "$((30 + n))" "${client[@]}" "${peer[@]}"
     barrage=1; [[ $mode == uwsjs* ]] && barrage=0
     if (( barrage )); then
       # The publisher: one fixture batch every 50 ms over one keep-alive connection.

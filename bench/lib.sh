@@ -28,3 +28,15 @@ await_line() {
 round_modes() {
   if (( $1 % 2 == 0 )); then echo "$2" | tr ' ' '\n' | tac | tr '\n' ' '; else echo "$2"; fi
 }
+
+# One room's members held by `barrage-load hold --read` in the background (pid in $holder),
+# waited for until they are all in (its report written) or it gives up. $1: output prefix
+# ($1.hold.json, $1.hold.err); $2: the last octet of its source address; the rest: more flags.
+start_holder() {
+  local out=$1 octet=$2
+  shift 2
+  nice -n 10 taskset -c 0,1 ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$MEMBERS" --room r0 \
+    --source "127.0.0.$octet" --read --hold-s $((DURATION_S + 4)) "$@" > "$out.hold.json" 2> "$out.hold.err" &
+  holder=$!
+  for _ in $(seq 600); do [[ -s "$out.hold.json" ]] || ! kill -0 "$holder" 2> /dev/null && break; sleep 0.2; done
+}

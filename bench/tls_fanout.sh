@@ -60,10 +60,7 @@ for r in $(seq "$REPEAT"); do
         peer=(--path "/sub?room=r0" --no-welcome --publish-path "/pub?room=r0" --publish-every-ms 50 --publish-bytes "$FRAME_BYTES")
         ;;
     esac
-    nice -n 10 taskset -c 0,1 ./target/release/barrage-load hold --ws "127.0.0.1:$PORT" --connections "$MEMBERS" --room r0 \
-      --source "127.0.0.$((10 + n))" --read --hold-s $((DURATION_S + 4)) "${ca[@]}" "${peer[@]}" > "$OUT/$mode-$r.hold.json" 2> "$OUT/$mode-$r.hold.err" &
-    holder=$!
-    for _ in $(seq 600); do [[ -s "$OUT/$mode-$r.hold.json" ]] || ! kill -0 "$holder" 2> /dev/null && break; sleep 0.2; done
+    start_holder "$OUT/$mode-$r" "$((10 + n))" "${ca[@]}" "${peer[@]}"
     sleep 1
     barrage=0; [[ $mode == plain || $mode == tls ]] && barrage=1
     c0=$(cpu "$gw"); t0=$(date +%s.%N)
